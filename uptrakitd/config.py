@@ -1,0 +1,278 @@
+"""Typed, validated settings from flags, the TOML file and the store (SPEC §1, §7)."""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+INFO_FORMATS = ("auto", "kv", "xfcc", "traefik")
+PKI_HTTP_MODES = ("listener", "external")
+LOG_FORMATS = ("text", "json")
+DEFAULT_HTTPS_LISTEN = r"tcp:8443:interface=\:\:"
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; `field` names it, the message says why in one line."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.reason = message
+
+
+def parse_network(value: str, field_name: str = "trusted_proxies") -> IPNetwork:
+    """Parse an IP or CIDR (bare IP = /32 or /128); IPv4-mapped IPv6 folds to IPv4."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(field_name, f"not an IP address or CIDR: {value!r}")
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(field_name, f"not an IP address or CIDR: {value!r}") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped and net.prefixlen >= 96:
+        net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+    return net
+
+
+def normalize_pki_addr(value: str | None, field_name: str = "pki_addr") -> str | None:
+    """Validate a PKI base URL (http/https with a host); drop the trailing slash."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(field_name, "must be a string URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(field_name, f"URL scheme must be http:// or https://, got {value!r}")
+    if not parts.hostname:
+        raise ConfigError(field_name, f"URL has no host: {value!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(field_name, "URL must not have a query or fragment")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(field_name, f"URL has an invalid port: {value!r}") from None
+    return value.rstrip("/")
+
+
+def _header(value: Any, field_name: str, optional: bool = True) -> str | None:
+    if value is None or (optional and value == ""):
+        return None
+    if not isinstance(value, str) or not _HEADER_NAME.match(value):
+        raise ConfigError(field_name, f"not a valid HTTP header name: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """Runtime network settings (SPEC §7): which peers are proxies and which headers they send."""
+
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    real_ip_header: str = "X-Forwarded-For"
+    forwarded_client_cert_info_header: str | None = None
+    forwarded_client_cert_info_format: str = "auto"
+    forwarded_client_cert_pem_header: str | None = None
+    forwarded_client_verify_header: str | None = None
+    pki_addr: str | None = None
+
+    FIELDS = ("trusted_proxies", "real_ip_header", "forwarded_client_cert_info_header",
+              "forwarded_client_cert_info_format", "forwarded_client_cert_pem_header",
+              "forwarded_client_verify_header", "pki_addr")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape used by the API and the store."""
+        return {
+            "trusted_proxies": [str(n) for n in self.trusted_proxies],
+            "real_ip_header": self.real_ip_header,
+            "forwarded_client_cert_info_header": self.forwarded_client_cert_info_header,
+            "forwarded_client_cert_info_format": self.forwarded_client_cert_info_format,
+            "forwarded_client_cert_pem_header": self.forwarded_client_cert_pem_header,
+            "forwarded_client_verify_header": self.forwarded_client_verify_header,
+            "pki_addr": self.pki_addr,
+        }
+
+    def updated(self, changes: Mapping[str, Any]) -> NetworkSettings:
+        """Return a copy with `changes` applied; validates every field first, raises ConfigError."""
+        unknown = sorted(set(changes) - set(self.FIELDS))
+        if unknown:
+            raise ConfigError(unknown[0], "unknown setting")
+        new: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key == "trusted_proxies":
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, (list, tuple)):
+                    raise ConfigError(key, "must be a list of IPs or CIDRs")
+                new[key] = tuple(dict.fromkeys(parse_network(v, key) for v in value))
+            elif key == "real_ip_header":
+                if value in (None, ""):
+                    raise ConfigError(key, "must not be empty")
+                new[key] = _header(value, key, optional=False)
+            elif key == "forwarded_client_cert_info_format":
+                if value not in INFO_FORMATS:
+                    raise ConfigError(key, f"must be one of {', '.join(INFO_FORMATS)}")
+                new[key] = value
+            elif key == "pki_addr":
+                new[key] = normalize_pki_addr(value, key)
+            else:
+                new[key] = _header(value, key)
+        return replace(self, **new)
+
+    def trusts_everything(self) -> bool:
+        """True when 0.0.0.0/0 or ::/0 is trusted: anyone can claim any identity via headers."""
+        return any(n.prefixlen == 0 for n in self.trusted_proxies)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon is started with, validated (SPEC §1)."""
+
+    data_dir: Path = Path("./uptrakit-data")
+    https_listen: str = DEFAULT_HTTPS_LISTEN
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    network_given: frozenset[str] = frozenset()
+    pki_http: str | None = None
+    pki_listen: str | None = None
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    san: tuple[str, ...] = ()
+    trust_domain: str = "uptrakit.local"
+    force_settings_override: bool = False
+    log_format: str = "text"
+    config_path: Path | None = None
+
+    def pki_listen_endpoint(self) -> str | None:
+        """Endpoint string for the plain-HTTP PKI listener, derived from pki_addr when not given."""
+        if self.pki_http != "listener":
+            return None
+        if self.pki_listen:
+            return self.pki_listen
+        parts = urlsplit(self.network.pki_addr or "")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname or "127.0.0.1"
+        return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+_TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki"}
+_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read and flatten the TOML file into flag names; unknown keys are errors (typos matter)."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in _TOP_KEYS:
+            raise ConfigError(key, f"unknown key in {path}")
+        if key == "network":
+            if not isinstance(value, dict):
+                raise ConfigError("network", "must be a table")
+            for nkey, nvalue in value.items():
+                if nkey not in NetworkSettings.FIELDS:
+                    raise ConfigError(f"network.{nkey}", f"unknown key in {path}")
+                flat[f"network.{nkey}"] = nvalue
+        elif key == "pki":
+            if not isinstance(value, dict):
+                raise ConfigError("pki", "must be a table")
+            for pkey, pvalue in value.items():
+                if pkey not in _PKI_KEYS:
+                    raise ConfigError(f"pki.{pkey}", f"unknown key in {path}")
+                flat[pkey] = pvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def _readable_file(value: Any, name: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, "must be a file path")
+    path = Path(value)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(name, f"cannot read {path}: {e.strerror}") from None
+    return path
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, "must be a non-empty string")
+    return value
+
+
+def _san(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not isinstance(value, str) or not _DNS_NAME.match(value):
+        raise ConfigError("san", f"not a DNS name or IP address: {value!r}")
+    return value.lower()
+
+
+def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> Settings:
+    """Merge flags over the config file over defaults, validating everything (flag > file)."""
+    merged: dict[str, Any] = {}
+    if config_path:
+        merged.update(read_config_file(Path(config_path)))
+    for key, value in flags.items():
+        if value is None or value == [] or value is False:
+            continue
+        if key in ("trusted_proxies", "san"):
+            merged["network.trusted_proxies" if key == "trusted_proxies" else "san"] = list(value)
+        elif key in NetworkSettings.FIELDS:
+            merged[f"network.{key}"] = value
+        else:
+            merged[key] = value
+
+    network_changes = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("network.")}
+    network = NetworkSettings().updated(network_changes)
+    kw: dict[str, Any] = {"network": network, "network_given": frozenset(network_changes)}
+    if "data_dir" in merged:
+        kw["data_dir"] = Path(_string(merged["data_dir"], "data_dir"))
+    if "https_listen" in merged:
+        kw["https_listen"] = _string(merged["https_listen"], "https_listen")
+    if "pki_http" in merged:
+        if merged["pki_http"] not in PKI_HTTP_MODES:
+            raise ConfigError("pki_http", f"must be one of {', '.join(PKI_HTTP_MODES)}")
+        kw["pki_http"] = merged["pki_http"]
+    if "pki_listen" in merged:
+        kw["pki_listen"] = _string(merged["pki_listen"], "pki_listen")
+    if "log_format" in merged:
+        if merged["log_format"] not in LOG_FORMATS:
+            raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+        kw["log_format"] = merged["log_format"]
+    if "trust_domain" in merged:
+        td = _string(merged["trust_domain"], "trust_domain").lower()
+        if not _DNS_NAME.match(td) or td.startswith("*"):
+            raise ConfigError("trust_domain", f"not a valid SPIFFE trust domain: {td!r}")
+        kw["trust_domain"] = td
+    if "san" in merged:
+        sans = merged["san"] if isinstance(merged["san"], list) else [merged["san"]]
+        kw["san"] = tuple(dict.fromkeys(_san(s) for s in sans))
+    if ("ca_cert" in merged) != ("ca_key" in merged):
+        raise ConfigError("ca_cert", "--ca-cert and --ca-key must be given together (both or neither)")
+    if "ca_cert" in merged:
+        kw["ca_cert"] = _readable_file(merged["ca_cert"], "ca_cert")
+        kw["ca_key"] = _readable_file(merged["ca_key"], "ca_key")
+    if kw.get("pki_http") and network.pki_addr is None:
+        raise ConfigError("pki_http", "--pki-http requires --pki-addr")
+    if kw.get("pki_listen") and kw.get("pki_http") != "listener":
+        raise ConfigError("pki_listen", "--pki-listen only makes sense with --pki-http listener")
+    kw["force_settings_override"] = bool(merged.get("force_settings_override", False))
+    kw["config_path"] = Path(config_path) if config_path else None
+    return Settings(**kw)

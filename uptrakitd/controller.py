@@ -1,0 +1,214 @@
+"""The running daemon: wires store, PKI, identity and the listeners; start/stop/reload as a service."""
+from __future__ import annotations
+
+import datetime
+import signal
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from . import store as store_mod
+from .boot import Booted, ServiceCertSettings, put_setting, token_hash
+from .config import ConfigError, NetworkSettings, build_settings
+from .metrics import Metrics
+from .pki.crl import CrlPublisher
+from .pki.issue import renewal_window
+from .pki.ocsp import OcspResponder
+from .pki.service import PkiService
+from .trust.tls import SwappableServerContext
+from .web.root import build_sites
+
+log = Logger()
+
+
+class Controller(MultiService):
+    """uptrakitd as a Twisted service."""
+
+    def __init__(self, booted: Booted, reactor: Any, flags: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.booted = booted
+        self.settings = booted.settings
+        self.flags = dict(flags or {})
+        self.network: NetworkSettings = booted.network
+        self.service_certs: ServiceCertSettings = booted.service_certs
+        self.admin_tokens = dict(booted.admin_tokens)
+        self.metrics = Metrics()
+        self.store = store_mod.Store(self.settings.data_dir / "uptrakit.sqlite3", reactor)
+        self.store_ok = True
+        self.ports: list[Any] = []
+        self._timers: list[LoopingCall] = []
+        now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
+
+        crls = CrlPublisher(booted.authority, self.store, self.settings.data_dir, reactor, self.to_thread)
+        crls.publish_sync(crls.build_sync(booted.crl_numbers, now))
+        ocsp = OcspResponder(booted.authority, reactor)
+        ocsp.observers.append(lambda answer: self.metrics.ocsp_responses.labels(answer.status).inc())
+        self.tls = SwappableServerContext()
+        self.pki = PkiService(booted.authority, self.store, reactor, self.to_thread, crls, ocsp, self.tls,
+                              self.settings.data_dir, booted.server_cert, booted.server_key,
+                              lambda: self.network.pki_addr, booted.hostname, self.settings.san,
+                              self.settings.trust_domain)
+        self.pki.install_tls()
+        self.metrics.ca_generation.set_function(lambda: self.pki.authority.active().generation)
+        self.https_site, self.pki_site = build_sites(self)
+
+    def to_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Run CPU-heavy or blocking work in the reactor's thread pool."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args, **kw)
+
+    # -- decisions used by the web layer -------------------------------------------------------
+
+    def check_admin(self, token: str) -> bool | None:
+        """True: admin; False: known token without admin permission; None: unknown token."""
+        perms = self.admin_tokens.get(token_hash(token))
+        if perms is None:
+            return None
+        return "admin" in perms
+
+    def renewal_window_hours(self) -> int:
+        sc = self.service_certs
+        window = renewal_window(datetime.timedelta(hours=sc.lifetime_hours), sc.renewal_window_hours)
+        return max(1, int(window.total_seconds() // 3600))
+
+    @inlineCallbacks
+    def update_service_certs(self, changes: dict[str, Any]) -> Any:
+        """Store then apply new service-certificate settings."""
+        new = ServiceCertSettings(changes.get("lifetime_hours", self.service_certs.lifetime_hours),
+                                  changes.get("renewal_window_hours", self.service_certs.renewal_window_hours))
+        yield self.store.run(put_setting, "service_certificates",
+                             {"lifetime_hours": new.lifetime_hours, "renewal_window_hours": new.renewal_window_hours})
+        self.service_certs = new
+
+    @inlineCallbacks
+    def update_network(self, changes: dict[str, Any]) -> Any:
+        """Validate, store, then apply network settings (SPEC §7); raises ConfigError naming the field."""
+        new = self.network.updated(changes)
+        yield self.store.run(put_setting, "network", new.to_json())
+        self.apply_network(new)
+        return new
+
+    def apply_network(self, new: NetworkSettings) -> None:
+        """Use `new` from the next request on."""
+        if new.trusts_everything():
+            log.warn("network.trusted_proxies trusts every address: ANY client can claim any identity "
+                     "through forwarded headers")
+        self.network = new
+
+    def readiness(self) -> dict[str, str]:
+        now = self.pki.now()
+        active = self.pki.authority.active()
+        ca = "ok" if not active.expired(now) and active.key is not None else "active CA unusable"
+        crl = "ok"
+        for generation in (c.generation for c in self.pki.authority.served(now)):
+            published = self.pki.crls.current.get(generation)
+            if published is None or now > published.this_update + self.pki.crls.validity:
+                crl = f"CRL of generation {generation} missing or stale"
+        return {"database": "ok" if self.store_ok else "unavailable", "ca": ca, "crl": crl}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+        self._listen(self.settings.https_listen, TLSMemoryBIOFactory(self.tls, False, self.https_site), "HTTPS")
+        pki_endpoint = self.settings.pki_listen_endpoint()
+        if pki_endpoint:
+            self._listen(pki_endpoint, self.pki_site, "plain-HTTP PKI")
+        self._every(3600, self._hourly_crl, "hourly CRL rebuild", now=False)
+        self._every(86400, self.pki.check_daily, "daily CA/server certificate check", now=True)
+        self._warn_about_setup()
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def _warn_about_setup(self) -> None:
+        net = self.network
+        if net.trusts_everything():
+            log.warn("network.trusted_proxies contains 0.0.0.0/0 or ::/0: ANY client can claim any identity "
+                     "through forwarded headers")
+        if net.pki_addr and net.pki_addr.startswith("http://") and self.settings.pki_http is None:
+            log.warn("pki_addr {addr} is http:// but --pki-http is unset: nothing here serves the PKI over "
+                     "plain HTTP (use --pki-http listener, or --pki-http external if something else does)",
+                     addr=net.pki_addr)
+        log.info("admin token file: {path}", path=str(self.booted.admin_token_path.resolve()))
+
+    def _every(self, seconds: float, fn: Any, what: str, now: bool) -> None:
+        def run() -> Any:
+            d = fn()
+            if d is not None:
+                d.addErrback(lambda f: log.failure("{what} failed", f, what=what))
+        loop = LoopingCall(run)
+        loop.clock = self.reactor
+        loop.start(seconds, now=now)
+        self._timers.append(loop)
+
+    def _hourly_crl(self) -> Any:
+        return self.pki.crls.rebuild()
+
+    def _listen(self, description: str, factory: Any, what: str) -> None:
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            self._fatal(f"invalid {what} endpoint {description!r}: {e}")
+            return
+        d = endpoint.listen(factory)
+
+        def listening(port: Any) -> None:
+            self.ports.append(port)
+            log.info("{what} listening on {address}", what=what, address=str(port.getHost()))
+
+        d.addCallbacks(listening, lambda f: self._fatal(f"cannot listen for {what} on {description}: "
+                                                         f"{f.getErrorMessage()}"))
+
+    def _fatal(self, message: str) -> None:
+        log.critical("{message}", message=message)
+        sys.stderr.write(f"uptrakitd: error: {message}\n")
+        self.exit_status = 1
+        import os
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        for loop in self._timers:
+            if loop.running:
+                loop.stop()
+        yield DeferredList([port.stopListening() for port in self.ports])
+        yield super().stopService()
+        self.store.close()
+        log.info("uptrakitd stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply changed runtime settings, or reject the whole file."""
+        if self.settings.config_path is None:
+            log.info("SIGHUP: no --config file to re-read")
+            return
+        try:
+            fresh = build_settings(self.flags, str(self.settings.config_path))
+        except ConfigError as e:
+            log.error("SIGHUP: config file rejected, nothing changed: {error}", error=str(e))
+            return
+        changed = {k: getattr(fresh.network, k) for k in fresh.network_given
+                   if getattr(fresh.network, k) != getattr(self.settings.network, k)}
+        restart = [k for k in ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san",
+                               "trust_domain", "log_format") if getattr(fresh, k) != getattr(self.settings, k)]
+        for key in restart:
+            log.warn("SIGHUP: {key} changed in the config file; it takes effect after a restart", key=key)
+        self.settings = fresh
+        if not changed:
+            log.info("SIGHUP: config re-read, no runtime setting changed")
+            return
+        as_json = NetworkSettings().updated(changed).to_json()
+        d = self.update_network({k: as_json[k] for k in changed})
+        d.addCallbacks(lambda _: log.info("SIGHUP: applied {keys}", keys=", ".join(sorted(changed))),
+                       lambda f: log.failure("SIGHUP: could not apply settings", f))

@@ -1,0 +1,27 @@
+"""Prometheus metrics, one registry per daemon (so several daemons can live in one test process)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    """The daemon's counters and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ocsp_responses = Counter("uptrakit_ocsp_responses", "OCSP responses by status",
+                                      ["status"], registry=self.registry)
+        self.revocations = Counter("uptrakit_revocations", "Certificates revoked, by reason",
+                                   ["reason"], registry=self.registry)
+        self.headers_removed = Counter("uptrakit_forwarded_headers_removed",
+                                       "Untrusted forwarded headers removed, by header family",
+                                       ["family"], registry=self.registry)
+        self.identity_decisions = Counter("uptrakit_identity_decisions", "Identity decisions by source and outcome",
+                                          ["source", "outcome"], registry=self.registry)
+        self.ca_generation = Gauge("uptrakit_ca_active_generation", "Active CA generation", registry=self.registry)
+        self.tls_context_installs = Counter("uptrakit_tls_context_installs", "TLS contexts installed",
+                                            registry=self.registry)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        return generate_latest(self.registry)

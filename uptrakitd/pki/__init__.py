@@ -1,0 +1,1 @@
+"""The managed private CA: issuance, revocation, OCSP, CRLs, rotation (SPEC §4)."""

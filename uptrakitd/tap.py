@@ -1,0 +1,110 @@
+"""`twistd uptrakit`: command-line options and makeService (wiring only)."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IServiceCollection
+from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.python import usage
+
+from .config import DEFAULT_HTTPS_LISTEN, ConfigError, build_settings
+
+
+class Options(usage.Options):
+    """uptrakitd options; every flag also has a key in the TOML config file (SPEC §1)."""
+
+    synopsis = "[options]"
+    longdesc = ("Run the Uptrakit controller security edge: private CA, OCSP/CRL, identity resolution "
+                "(mTLS or trusted-proxy headers) and the service WebSocket channel. With no options it "
+                "keeps its state in ./uptrakit-data and serves HTTPS on port 8443.")
+
+    optParameters = [
+        ["config", "c", None, "TOML config file with the same keys as these flags (flag > file > stored > default)."],
+        ["data-dir", None, None, "State directory: database, CA keys, CRL files (default ./uptrakit-data)."],
+        ["https-listen", None, None,
+         f"Twisted endpoint string for HTTPS; TLS is applied by uptrakitd (default {DEFAULT_HTTPS_LISTEN}; "
+         "e.g. systemd:domain=INET6:index=0 or haproxy:tcp:8443)."],
+        ["real-ip-header", None, None, "Header with the client address, read only from trusted proxies "
+                                       "(default X-Forwarded-For; also Forwarded, X-Real-IP, ...)."],
+        ["forwarded-client-cert-info-header", None, None,
+         "Structured client-cert info header from a trusted proxy (e.g. X-Forwarded-Client-Cert-Info, "
+         "X-Forwarded-Client-Cert for Envoy, X-Forwarded-Tls-Client-Cert-Info for Traefik)."],
+        ["forwarded-client-cert-pem-header", None, None,
+         "Header carrying the client certificate itself (URL-encoded PEM, base64 DER or RFC 9440)."],
+        ["pki-addr", None, None, "Base URL embedded in certificates (AIA OCSP + caIssuers, CDP); http:// or "
+                                 "https://. Changing it needs a CA rotation."],
+        ["pki-http", None, None, "'listener': also serve the PKI routes over plain HTTP on the --pki-addr "
+                                 "host/port (or --pki-listen); 'external': something else serves them. "
+                                 "Requires --pki-addr."],
+        ["pki-listen", None, None, "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."],
+        ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
+        ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
+        ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
+        ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line)."],
+    ]
+    optFlags = [
+        ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["trusted_proxies"] = []
+        self["san"] = []
+
+    def opt_trusted_proxy(self, value: str) -> None:
+        """IP or CIDR (v4 or v6) of a reverse proxy whose forwarded headers are trusted; repeatable."""
+        self["trusted_proxies"].append(value)
+
+    def opt_san(self, value: str) -> None:
+        """Extra DNS name or IP address for the server certificate; repeatable."""
+        self["san"].append(value)
+
+
+def flags_from_options(options: Any) -> dict[str, Any]:
+    """Flag values given on the command line, keyed by config name."""
+    keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
+            "forwarded-client-cert-pem-header", "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
+            "trust-domain", "log-format"]
+    flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
+    flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
+    flags["san"] = list(options.get("san", []))
+    if options.get("force-settings-override"):
+        flags["force_settings_override"] = True
+    return flags
+
+
+class _LogSetup:
+    """Lets makeService choose the log observer twistd installs (for --log-format json)."""
+
+
+def makeService(options: Any) -> Any:
+    """Validate settings, prepare state, return the Controller. Errors: one line, exit status 2."""
+    from twisted.internet import reactor
+
+    from .boot import StartupError, boot
+    from .controller import Controller
+
+    flags = flags_from_options(options)
+    try:
+        settings = build_settings(flags, options.get("config"))
+        booted = boot(settings)
+    except (ConfigError, StartupError) as e:
+        sys.stderr.write(f"uptrakitd: error: {e}\n")
+        raise SystemExit(2)
+    controller = Controller(booted, reactor, flags)
+    if settings.log_format == "json":
+        _use_json_logs(controller)
+    return controller
+
+
+def _use_json_logs(service: Any) -> None:
+    original = service.setServiceParent
+
+    def set_parent(parent: Any) -> Any:
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
+        elif IServiceCollection.providedBy(parent):
+            pass
+        return original(parent)
+    service.setServiceParent = set_parent

@@ -1,0 +1,73 @@
+"""The HTTPS listener's TLS context: client certificates requested, verified against our CAs and CRLs.
+
+The context is swapped as a whole when the trusted CAs, the CRLs or the server certificate change;
+a connection keeps the context it was accepted with.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: Iterable[x509.Certificate],
+                  crls: Iterable[x509.CertificateRevocationList]) -> SSL.Context:
+    """A TLS >= 1.2 server context asking (not requiring) a client certificate, with CRL checks."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    # No resumption: a resumed session would skip the certificate check against the newest CRL.
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_session_id(b"uptrakitd")
+    ctx.use_certificate(crypto.X509.from_cryptography(server_cert))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(server_key))
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    cas = list(trusted_cas)
+    for ca in cas:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    for crl in crls:
+        store.add_crl(crl)
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
+    ctx.set_verify(SSL.VERIFY_PEER, _verify)
+    return ctx
+
+
+def _verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    if not ok:
+        log.info("TLS client certificate refused at depth {depth}: {reason}",
+                 depth=depth, reason=crypto.X509StoreContextError.__name__ if errno is None else
+                 _verify_reason(errno))
+    return bool(ok)
+
+
+def _verify_reason(errno: int) -> str:
+    from OpenSSL._util import ffi, lib
+    try:
+        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode()
+    except Exception:
+        return f"verify error {errno}"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SwappableServerContext:
+    """Connection creator whose context can be replaced at runtime without touching open connections."""
+
+    def __init__(self, context: SSL.Context | None = None) -> None:
+        self.context = context
+        self.generation = 0
+
+    def install(self, context: SSL.Context) -> None:
+        """Use `context` for every connection accepted from now on."""
+        self.context = context
+        self.generation += 1
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.context, None)

@@ -1,0 +1,1 @@
+"""The HTTP resource tree (SPEC §2, §6)."""

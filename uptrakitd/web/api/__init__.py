@@ -1,0 +1,1 @@
+"""Admin and diagnostic JSON APIs."""

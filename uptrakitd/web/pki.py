@@ -1,0 +1,81 @@
+"""Public PKI routes: CA bundle, CRLs, OCSP (served on HTTPS and on the plain-HTTP PKI listener)."""
+from __future__ import annotations
+
+import email.utils
+import hashlib
+from typing import Any
+
+from ..errors import BadRequest, NotFound, PayloadTooLarge
+from ..pki.ocsp import MAX_REQUEST_BYTES, OcspDecodeError, decode_get_path
+from .router import Response, Route, route
+
+OCSP_GET = r"(?:/api/v1/pki)?(?:/[^?]*)?/ocsp/(?P<encoded>.+)"
+
+
+class PkiRoutes:
+    """Handlers for the PKI routes; `controller` gives authority, CRLs and the OCSP responder."""
+
+    def __init__(self, controller: Any) -> None:
+        self.c = controller
+
+    def routes(self) -> list[Route]:
+        return [
+            route("GET", r"/api/v1/pki/ca\.crt", self.ca_bundle),
+            route("GET", r"/api/v1/pki/ca\.crl", self.crl_bundle),
+            route("GET", r"/api/v1/pki/crl/(?P<generation>[0-9]{1,6})\.crl", self.crl_der),
+            route("POST", r"/api/v1/pki/ocsp", self.ocsp_post),
+            route("GET", OCSP_GET, self.ocsp_get),
+        ]
+
+    def ca_bundle(self, request: Any) -> Response:
+        body = self.c.pki.authority.bundle_pem(self.c.pki.now())
+        return _conditional(request, Response(body, "application/x-pem-file"))
+
+    def crl_bundle(self, request: Any) -> Response:
+        crls = self.c.pki.crls
+        newest = max(c.this_update for c in crls.current.values())
+        return _conditional(request, Response(crls.bundle_pem(), "application/x-pem-file",
+                                              headers={"Last-Modified": _http_date(newest)}))
+
+    def crl_der(self, request: Any, generation: str) -> Response:
+        crl = self.c.pki.crls.current.get(int(generation))
+        if crl is None:
+            raise NotFound(f"no CRL is served for CA generation {int(generation)}", "crl_not_found")
+        return _conditional(request, Response(crl.der, "application/pkix-crl",
+                                              headers={"Last-Modified": _http_date(crl.this_update)}))
+
+    def ocsp_post(self, request: Any) -> Response:
+        body = request.content.read(MAX_REQUEST_BYTES + 1) if request.content is not None else b""
+        if len(body) > MAX_REQUEST_BYTES:
+            raise PayloadTooLarge("OCSP request larger than 64 KiB")
+        return self._answer(body)
+
+    def ocsp_get(self, request: Any, encoded: str) -> Response:
+        # request.path keeps percent-escapes and '/', which is what the encoded request needs.
+        raw = request.uri.decode("latin-1").split("?", 1)[0]
+        encoded = raw.split("/ocsp/", 1)[1]
+        try:
+            der = decode_get_path(encoded)
+        except OcspDecodeError as e:
+            raise BadRequest(str(e), "malformed_ocsp_request") from None
+        if len(der) > MAX_REQUEST_BYTES:
+            raise PayloadTooLarge("OCSP request larger than 64 KiB")
+        return self._answer(der)
+
+    def _answer(self, der: bytes) -> Response:
+        answer = self.c.pki.ocsp.answer(der)
+        return Response(answer.der, "application/ocsp-response", headers=dict(answer.headers))
+
+
+def _http_date(when: Any) -> str:
+    return email.utils.format_datetime(when, usegmt=True)
+
+
+def _conditional(request: Any, response: Response) -> Response:
+    etag = '"' + hashlib.sha256(response.body).hexdigest()[:32] + '"'
+    response.headers["ETag"] = etag
+    response.headers.setdefault("Cache-Control", "no-cache")
+    inm = request.getHeader(b"if-none-match")
+    if inm and etag in [t.strip() for t in inm.decode("latin-1").split(",")]:
+        return Response(b"", response.content_type, 304, response.headers)
+    return response

@@ -1,0 +1,149 @@
+"""A small JSON router: one place maps errors to statuses, checks admin tokens, answers 404/405."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ..errors import Forbidden, NotFound, PayloadTooLarge, Unauthorized, UptrakitError
+
+log = Logger()
+MAX_JSON_BODY = 256 * 1024
+
+
+@dataclass
+class Response:
+    """A non-JSON answer (PEM, DER, text) with its status and headers."""
+
+    body: bytes
+    content_type: str
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    """METHOD + path regex -> handler(request, **groups); `admin` routes need an admin bearer token."""
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Callable[..., Any]
+    admin: bool = False
+
+
+def route(method: str, path: str, handler: Callable[..., Any], admin: bool = False) -> Route:
+    """Build a Route; `path` is a regex matched against the whole request path."""
+    return Route(method, re.compile(path), handler, admin)
+
+
+def json_body(request: Any) -> dict[str, Any]:
+    """The request body as a JSON object, or BadRequest/PayloadTooLarge."""
+    from ..errors import BadRequest
+    raw = request.content.read(MAX_JSON_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_JSON_BODY:
+        raise PayloadTooLarge("request body is too large")
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON", "invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object", "invalid_json")
+    return value
+
+
+def bearer_token(request: Any) -> str | None:
+    """The token of an `Authorization: Bearer …` header, if any."""
+    header = request.getHeader(b"authorization")
+    if not header:
+        return None
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class Router(Resource):
+    """Dispatches every path itself (isLeaf) so routes, 404, 405 and errors are decided in one place."""
+
+    isLeaf = True
+
+    def __init__(self, routes: list[Route], check_admin: Callable[[str], bool | None] | None = None) -> None:
+        super().__init__()
+        self.routes = routes
+        self.check_admin = check_admin
+
+    def render(self, request: Any) -> Any:
+        path = request.path.decode("latin-1")
+        method = request.method.decode("latin-1")
+        matched = [(r, m) for r in self.routes if (m := r.pattern.fullmatch(path))]
+        if not matched:
+            return self._write_error(request, NotFound(f"no route for {path[:200]}"))
+        allowed = sorted({r.method for r, _ in matched} | ({"HEAD"} if any(r.method == "GET" for r, _ in matched) else set()))
+        lookup = "GET" if method == "HEAD" else method
+        chosen = next(((r, m) for r, m in matched if r.method == lookup), None)
+        if chosen is None:
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+            return self._write_error(request, UptrakitError(f"method {method} not allowed", "method_not_allowed"),
+                                     status=405)
+        r, m = chosen
+        if r.admin:
+            token = bearer_token(request)
+            if token is None:
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="uptrakitd"')
+                return self._write_error(request, Unauthorized("admin token required (Authorization: Bearer …)"))
+            verdict = self.check_admin(token) if self.check_admin else None
+            if verdict is None:
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="uptrakitd", error="invalid_token"')
+                return self._write_error(request, Unauthorized("admin token not recognized"))
+            if verdict is False:
+                return self._write_error(request, Forbidden("this token lacks the admin permission"))
+        d = maybeDeferred(r.handler, request, **m.groupdict())
+        d.addCallbacks(lambda result: self._write_result(request, result),
+                       lambda failure: self._write_failure(request, failure))
+        return NOT_DONE_YET
+
+    def _write_result(self, request: Any, result: Any) -> None:
+        if request._disconnected or request.finished:
+            return
+        if isinstance(result, Response):
+            request.setResponseCode(result.status)
+            request.setHeader(b"Content-Type", result.content_type.encode())
+            for name, value in result.headers.items():
+                request.setHeader(name.encode(), value.encode())
+            body = result.body
+        else:
+            status = 200
+            if isinstance(result, tuple):
+                status, result = result
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", b"application/json")
+            body = json.dumps(result).encode() + b"\n"
+        request.setHeader(b"Cache-Control", request.responseHeaders.getRawHeaders(b"cache-control", [b"no-store"])[0])
+        request.write(body if request.method != b"HEAD" else b"")
+        request.finish()
+
+    def _write_failure(self, request: Any, failure: Failure) -> None:
+        if request._disconnected or request.finished:
+            return
+        if failure.check(UptrakitError):
+            body = self._write_error(request, failure.value)
+        else:
+            log.failure("unexpected error answering {method} {path}", failure,
+                        method=request.method.decode("latin-1"), path=request.path.decode("latin-1")[:200])
+            body = self._write_error(request, UptrakitError("internal error", "internal_error"), status=500)
+        request.write(body)
+        request.finish()
+
+    def _write_error(self, request: Any, error: UptrakitError, status: int | None = None) -> bytes:
+        request.setResponseCode(status or error.status)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        body = json.dumps({"error": error.message, "code": error.code}).encode() + b"\n"
+        return b"" if request.method == b"HEAD" else body
