@@ -26,6 +26,7 @@ from . import store as store_mod
 from .config import ConfigError, NetworkSettings, Settings
 from .files import atomic_write, ensure_private_dir
 from .pki import records
+from .services import load_services
 from .pki.authority import Authority
 from .pki.ca import CaError, CaGeneration, create_ca, embedded_urls, key_pem, load_external_ca, pki_urls
 from .pki.issue import SERVER_RENEW_WHEN_LEFT, issue_server_certificate, server_names
@@ -59,6 +60,7 @@ class Booted:
     service_certs: ServiceCertSettings = field(default_factory=ServiceCertSettings)
     hostname: str = ""
     admin_tokens: dict[str, list[str]] = field(default_factory=dict)
+    services: list[Any] = field(default_factory=list)
 
 
 def token_hash(token: str) -> str:
@@ -103,11 +105,12 @@ def boot(settings: Settings, now: datetime.datetime | None = None) -> Booted:
         atomic_write(data_dir / "pki" / "ca.crt", authority.bundle_pem(now), mode=0o644)
         admin_tokens = {h: json.loads(p) for h, p in conn.execute(
             "SELECT token_hash, permissions FROM admin_tokens WHERE revoked_at IS NULL")}
+        services = load_services(conn)
     finally:
         conn.close()
     return Booted(settings=settings, network=network, authority=authority, server_cert=server_cert,
                   server_key=server_key, crl_numbers=numbers, admin_token_path=token_path,
-                  service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens)
+                  service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services)
 
 
 def _network_settings(conn: sqlite3.Connection, settings: Settings) -> NetworkSettings:

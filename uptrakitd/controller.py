@@ -21,7 +21,9 @@ from .metrics import Metrics
 from .pki.crl import CrlPublisher
 from .pki.issue import renewal_window
 from .pki.ocsp import OcspResponder
+from .pki.issue import load_csr
 from .pki.service import PkiService
+from .services import ServiceRecord, insert_service
 from .trust.tls import SwappableServerContext
 from .web.root import build_sites
 
@@ -40,6 +42,7 @@ class Controller(MultiService):
         self.network: NetworkSettings = booted.network
         self.service_certs: ServiceCertSettings = booted.service_certs
         self.admin_tokens = dict(booted.admin_tokens)
+        self.service_records: dict[str, ServiceRecord] = {s.id: s for s in booted.services}
         self.metrics = Metrics()
         self.store = store_mod.Store(self.settings.data_dir / "uptrakit.sqlite3", reactor)
         self.store_ok = True
@@ -72,6 +75,27 @@ class Controller(MultiService):
         if perms is None:
             return None
         return "admin" in perms
+
+    @inlineCallbacks
+    def create_service(self, kind: str, hostname: str, status: str = "approved", **kw: Any) -> Any:
+        """Create and remember a service; fires with its ServiceRecord."""
+        record = yield self.store.run(insert_service, kind, hostname, status, **kw)
+        self.service_records[record.id] = record
+        return record
+
+    @inlineCallbacks
+    def issue_certificate(self, service_id: str, csr_pem: str | bytes) -> Any:
+        """Check the CSR and sign it for an approved service; fires with Issued (CsrRejected/NotFound else)."""
+        from .errors import Forbidden, NotFound
+        service = self.service_records.get(service_id)
+        if service is None:
+            raise NotFound("unknown service", "service_not_found")
+        if service.status != "approved":
+            raise Forbidden(f"service is {service.status}, not approved", "service_not_approved")
+        csr = load_csr(csr_pem)
+        hours = service.cert_lifetime_hours or self.service_certs.lifetime_hours
+        issued = yield self.pki.issue_for_service(csr, service_id, service.kind, datetime.timedelta(hours=hours))
+        return issued
 
     def renewal_window_hours(self) -> int:
         sc = self.service_certs

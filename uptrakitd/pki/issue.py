@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..errors import BadRequest
 from .ca import CaGeneration, pki_urls, url_extensions
 
 SERVER_LIFETIME = datetime.timedelta(days=90)
@@ -21,8 +22,10 @@ BACKDATE = datetime.timedelta(minutes=5)
 ORGANIZATION = {"agent": "Uptrakit Agent", "mqtt": "Uptrakit MQTT"}
 
 
-class CsrRejected(ValueError):
+class CsrRejected(BadRequest, ValueError):
     """A CSR that cannot be signed; the message tells the service why."""
+
+    code = "invalid_csr"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""uptrakitd tests (trial)."""

@@ -1,0 +1,254 @@
+"""Test helpers: a real controller on 127.0.0.1, real processes, TLS clients trusting our CA."""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.trial.unittest import SkipTest
+from twisted.web.client import Agent
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+DATA = Path(__file__).parent / "data"
+E2E_REQUIRED = os.environ.get("UPTRAKIT_E2E_REQUIRED") == "1"
+
+
+def require_program(name: str, install_hint: str) -> str:
+    """Path of a program the test needs; skip (or fail under UPTRAKIT_E2E_REQUIRED=1) when missing."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} not found: install it ({install_hint})"
+    if E2E_REQUIRED:
+        raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
+    raise SkipTest(message)
+
+
+def flags_for(tmp: str, **extra: Any) -> dict[str, Any]:
+    """Flags for a controller in `tmp` listening on an ephemeral 127.0.0.1 port."""
+    flags: dict[str, Any] = {"data_dir": str(Path(tmp) / "data"),
+                             "https_listen": r"tcp:0:interface=127.0.0.1"}
+    flags.update(extra)
+    return flags
+
+
+@inlineCallbacks
+def start_controller(testcase: Any, tmp: str | None = None, config: str | None = None, **extra: Any) -> Any:
+    """Boot and start a real Controller on the global reactor; stopped at test cleanup."""
+    from uptrakitd.boot import boot
+    from uptrakitd.config import build_settings
+    from uptrakitd.controller import Controller
+    tmp = tmp or testcase.mktemp()
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    flags = flags_for(tmp, **extra)
+    settings = build_settings(flags, config)
+    controller = Controller(boot(settings), reactor, flags)
+    controller.startService()
+    testcase.addCleanup(controller.stopService)
+    yield _until(lambda: len(controller.ports) >= 1 + bool(settings.pki_listen_endpoint()))
+    controller.tmp = tmp
+    return controller
+
+
+def _until(predicate: Any, timeout: float = 5.0) -> Deferred:
+    from twisted.internet.task import deferLater
+    start = reactor.seconds()
+
+    @inlineCallbacks
+    def loop() -> Any:
+        while not predicate():
+            if reactor.seconds() - start > timeout:
+                raise AssertionError("condition not reached in time")
+            yield deferLater(reactor, 0.01, lambda: None)
+    return loop()
+
+
+wait_until = _until
+
+
+def https_port(controller: Any) -> int:
+    return controller.ports[0].getHost().port
+
+
+def admin_token(controller: Any) -> str:
+    return (controller.settings.data_dir / "admin.token").read_text().strip()
+
+
+def ca_pem(controller: Any) -> bytes:
+    return controller.pki.authority.bundle_pem(controller.pki.now())
+
+
+@implementer(IPolicyForHTTPS)
+class TrustPolicy:
+    """Trust exactly the given CA bundle; optionally present a client certificate."""
+
+    def __init__(self, ca_bundle: bytes, client_cert_pem: bytes | None = None, client_key_pem: bytes | None = None):
+        certs = x509.load_pem_x509_certificates(ca_bundle)
+        self.trust = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs])
+        self.client = None
+        if client_cert_pem:
+            self.client = ssl.PrivateCertificate.loadPEM(client_key_pem + client_cert_pem)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.optionsForClientTLS("localhost", trustRoot=self.trust, clientCertificate=self.client)
+
+
+def https_client(controller: Any, cert_pem: bytes | None = None, key_pem: bytes | None = None,
+                 ca: bytes | None = None) -> Any:
+    """A treq client for the controller's HTTPS listener (optionally with a client certificate)."""
+    import treq
+    agent = Agent(reactor, contextFactory=TrustPolicy(ca or ca_pem(controller), cert_pem, key_pem))
+    return treq.client.HTTPClient(agent)
+
+
+def url(controller: Any, path: str) -> str:
+    return f"https://127.0.0.1:{https_port(controller)}{path}"
+
+
+@inlineCallbacks
+def request_json(controller: Any, method: str, path: str, body: Any = None, token: str | None = "admin",
+                 client: Any = None, headers: dict[str, str] | None = None) -> Any:
+    """(status, json) of an HTTPS request; token="admin" uses the bootstrap admin token."""
+    import json
+    import treq
+    client = client or https_client(controller)
+    hdrs = dict(headers or {})
+    if token == "admin":
+        token = admin_token(controller)
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    resp = yield client.request(method, url(controller, path), data=data, headers=hdrs)
+    content = yield treq.content(resp)
+    try:
+        parsed = json.loads(content) if content else None
+    except ValueError:
+        parsed = content
+    return resp.code, parsed
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self, stdin: bytes | None, done: Deferred) -> None:
+        self.stdin, self.done, self.out, self.err = stdin, done, [], []
+
+    def connectionMade(self) -> None:
+        if self.stdin:
+            self.transport.write(self.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Any) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        if code is None:
+            code = -(getattr(reason.value, "signal", 0) or 0)
+        self.done.callback((b"".join(self.out), b"".join(self.err), code))
+
+
+def run(*argv: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> Deferred:
+    """Run a program without blocking the reactor (stdin given then closed); (stdout, stderr, exit code)."""
+    done: Deferred = Deferred()
+    reactor.spawnProcess(_Collect(stdin, done), argv[0], list(argv), env=env if env is not None else dict(os.environ))
+    return done
+
+
+def make_csr(common_name: str, key: Any = None, uri: str | None = None) -> tuple[bytes, bytes]:
+    """(csr_pem, key_pem) for a fresh P-256 key (or the one given)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+    if uri:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                                        critical=False)
+    csr = builder.sign(key, hashes.SHA256())
+    return (csr.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def foreign_ca_and_leaf(cn: str = "intruder") -> tuple[bytes, bytes, bytes]:
+    """(ca_pem, leaf_cert_pem, leaf_key_pem) from a throw-away CA that is not ours."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Foreign CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return (ca.public_bytes(pem), leaf.public_bytes(pem),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def blocking_tls_socket(port: int, ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None,
+                        tmp: str = "/tmp") -> Any:
+    """A connected Python ssl socket (run it in a thread: it blocks)."""
+    import socket
+    import ssl as pyssl
+    import tempfile
+    ctx = pyssl.create_default_context(cadata=ca_pem.decode())
+    if cert_pem:
+        with tempfile.NamedTemporaryFile("wb", dir=tmp, suffix=".pem", delete=False) as f:
+            f.write(key_pem + cert_pem)
+        ctx.load_cert_chain(f.name)
+        os.unlink(f.name)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def blocking_get(sock: Any, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One keep-alive HTTP/1.1 GET on an open socket; (status, body)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the response head")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = None
+    chunked = False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+        if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while not body.endswith(b"0\r\n\r\n"):
+            body += sock.recv(65536)
+        out, rest = b"", body
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        return status, out
+    while length is not None and len(body) < length:
+        body += sock.recv(65536)
+    return status, body
