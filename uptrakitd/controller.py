@@ -204,6 +204,10 @@ class Controller(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
+        # twistd re-raises SIGTERM after a clean shutdown (exit 143); the contract is exit 0 for a
+        # SIGTERM we handled completely, so forget the captured signal.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
         for loop in self._timers:
             if loop.running:
                 loop.stop()

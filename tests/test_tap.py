@@ -1,0 +1,189 @@
+"""`twistd -n uptrakit` as operators run it: --help, one-line errors, restarts, kill -9, SIGHUP, SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.tap import Options
+
+from .helpers import run
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon(ProcessProtocol):
+    """A twistd child whose output we watch for a line."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred = Deferred()
+        self.waiters: list[tuple[bytes, Deferred]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def _check(self) -> None:
+        for needle, d in list(self.waiters):
+            if needle in self.output:
+                self.waiters.remove((needle, d))
+                d.callback(None)
+
+    def wait_for(self, needle: bytes, timeout: float = 20) -> Deferred:
+        d: Deferred = Deferred()
+        self.waiters.append((needle, d))
+        self._check()
+        return d.addTimeout(timeout, reactor)
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+def start_daemon(testcase: TestCase, *args: str, cwd: str) -> Daemon:
+    proto = Daemon()
+    transport = reactor.spawnProcess(proto, TWISTD, [TWISTD, "--pidfile=", "-n", "uptrakit", *args], env=env(),
+                                     path=cwd)
+
+    def cleanup():
+        if not proto.ended.called:
+            transport.signalProcess("KILL")
+            return proto.ended
+    testcase.addCleanup(cleanup)
+    proto.transport = transport
+    return proto
+
+
+class OptionsTests(TestCase):
+    def test_help_documents_every_flag(self):
+        text = str(Options())
+        for flag in ["--config", "--data-dir", "--https-listen", "--trusted-proxy", "--real-ip-header",
+                     "--forwarded-client-cert-info-header", "--forwarded-client-cert-pem-header", "--pki-addr",
+                     "--pki-http", "--pki-listen", "--ca-cert", "--ca-key", "--san", "--trust-domain",
+                     "--force-settings-override", "--log-format"]:
+            self.assertIn(flag, text)
+
+    def test_repeatable_flags(self):
+        o = Options()
+        o.parseOptions(["--trusted-proxy", "10.0.0.1", "--trusted-proxy", "::1", "--san", "a.example"])
+        self.assertEqual(o["trusted_proxies"], ["10.0.0.1", "::1"])
+        self.assertEqual(o["san"], ["a.example"])
+
+
+class TwistdTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def assertRefusedAtStart(self, *args: str, fragment: str):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        out, err, code = yield run(TWISTD, "--pidfile=", "-n", "uptrakit", *args, env=env())
+        lines = [l for l in err.decode().splitlines() if l.strip()]
+        self.assertNotEqual(code, 0)
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("uptrakitd: error:", lines[0])
+        self.assertIn(fragment, lines[0])
+
+    @inlineCallbacks
+    def test_misconfigurations_are_one_line_and_nonzero(self):
+        d = self.mktemp()
+        yield self.assertRefusedAtStart("--data-dir", d, "--trusted-proxy", "10.0.0.0/40", fragment="10.0.0.0/40")
+        yield self.assertRefusedAtStart("--data-dir", d, "--pki-addr", "ftp://x", fragment="http:// or https://")
+        yield self.assertRefusedAtStart("--data-dir", d, "--pki-http", "listener", fragment="requires --pki-addr")
+        yield self.assertRefusedAtStart("--data-dir", d, "--ca-cert", "/etc/hostname", fragment="together")
+        yield self.assertRefusedAtStart("--data-dir", d, "--ca-cert", "/nope", "--ca-key", "/nope",
+                                        fragment="cannot read")
+        yield self.assertRefusedAtStart("--config", "/nonexistent.toml", fragment="cannot read")
+
+    @inlineCallbacks
+    def test_serves_restarts_with_same_ca_and_stops_cleanly_on_sigterm(self):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
+                              cwd=cwd)
+        yield daemon.wait_for(b"listening on")
+        ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
+        out, err, code = yield run("/usr/bin/curl", "-sS", "--cacert", str(ca), f"https://localhost:{port}/healthz")
+        self.assertEqual(out, b"ok")
+        first_line = daemon.output.splitlines()[0]
+        self.assertIsInstance(json.loads(first_line), dict)
+        self.assertNotIn((Path(cwd) / "uptrakit-data" / "admin.token").read_text().strip().encode(), daemon.output)
+        fingerprint = ca.read_bytes()
+        daemon.transport.signalProcess("TERM")
+        code = yield daemon.ended
+        self.assertEqual(code, 0)
+        again = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
+        yield again.wait_for(b"listening on")
+        self.assertEqual(ca.read_bytes(), fingerprint)
+        again.transport.signalProcess("TERM")
+        yield again.ended
+
+    @inlineCallbacks
+    def test_kill_9_during_first_start_never_breaks_the_next_start(self):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        for delay in (0.3, 0.6, 0.9):
+            daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
+            yield deferLater(reactor, delay, lambda: None)
+            if not daemon.ended.called:
+                daemon.transport.signalProcess("KILL")
+            yield daemon.ended
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
+        yield daemon.wait_for(b"listening on")
+        ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
+        out, _, _ = yield run("/usr/bin/curl", "-sS", "--cacert", str(ca), f"https://localhost:{port}/healthz")
+        self.assertEqual(out, b"ok")
+        daemon.transport.signalProcess("TERM")
+        yield daemon.ended
+
+    @inlineCallbacks
+    def test_sighup_applies_valid_config_and_rejects_invalid_whole(self):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        config = Path(cwd) / "uptrakit.toml"
+        config.write_text('[network]\nreal_ip_header = "X-Real-IP"\n')
+        daemon = start_daemon(self, "--config", str(config), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
+                              cwd=cwd)
+        yield daemon.wait_for(b"listening on")
+        config.write_text('[network]\nreal_ip_header = "Forwarded"\ntrusted_proxies = ["bogus"]\n')
+        daemon.transport.signalProcess("HUP")
+        yield daemon.wait_for(b"config file rejected, nothing changed")
+        config.write_text('[network]\nreal_ip_header = "Forwarded"\n')
+        daemon.transport.signalProcess("HUP")
+        yield daemon.wait_for(b"SIGHUP: applied real_ip_header")
+        token = (Path(cwd) / "uptrakit-data" / "admin.token").read_text().strip()
+        ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
+        out, _, _ = yield run("/usr/bin/curl", "-sS", "--cacert", str(ca), "-H", f"Authorization: Bearer {token}",
+                              f"https://localhost:{port}/api/v1/settings/network")
+        if b"no route" not in out:  # the network settings API lands with the identity work
+            self.assertEqual(json.loads(out)["real_ip_header"], "Forwarded")
+        daemon.transport.signalProcess("TERM")
+        code = yield daemon.ended
+        self.assertEqual(code, 0)
