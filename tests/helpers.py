@@ -252,3 +252,10 @@ def blocking_get(sock: Any, path: str, headers: dict[str, str] | None = None) ->
     while length is not None and len(body) < length:
         body += sock.recv(65536)
     return status, body
+
+
+def plain_http_client() -> Any:
+    """A treq client without persistent connections (nothing left open after a test)."""
+    import treq
+    from twisted.web.client import HTTPConnectionPool
+    return treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))

@@ -212,6 +212,9 @@ class Controller(MultiService):
             if loop.running:
                 loop.stop()
         yield DeferredList([port.stopListening() for port in self.ports])
+        running = self.pki.crls.stop()
+        if running is not None:
+            yield running
         yield super().stopService()
         self.store.close()
         log.info("uptrakitd stopped")

@@ -102,6 +102,7 @@ class CrlPublisher:
         self._scheduled: Any = None
         self._running: Deferred | None = None
         self._dirty = False
+        self._stopped = False
 
     def publish_sync(self, crls: list[PublishedCrl]) -> None:
         """Install CRLs built at start-up (before the reactor runs)."""
@@ -121,9 +122,18 @@ class CrlPublisher:
     def bundle_etag(self) -> str:
         return '"' + hashlib.sha256(self.bundle_pem()).hexdigest()[:32] + '"'
 
+    def stop(self) -> Deferred | None:
+        """Cancel a pending rebuild; returns the running one (if any) to wait for."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        self._dirty = False
+        self._stopped = True
+        return self._running
+
     def request_rebuild(self) -> None:
         """Ask for a rebuild soon; several requests close together give one rebuild."""
-        if self._scheduled is not None and self._scheduled.active():
+        if self._stopped or (self._scheduled is not None and self._scheduled.active()):
             return
         self._scheduled = self.clock.callLater(self.coalesce_seconds, self._scheduled_rebuild)
 

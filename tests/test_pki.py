@@ -1,0 +1,362 @@
+"""PKI end to end, judged by openssl: issuance, revocation, OCSP, CRLs, rotation (SPEC §4)."""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+from pathlib import Path
+from urllib.parse import quote
+
+import treq
+
+from .helpers import plain_http_client
+
+plain = plain_http_client()
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.serials import format_serial
+
+from .helpers import (blocking_get, blocking_tls_socket, ca_pem, https_client, https_port, make_csr, request_json,
+                      require_program, run, start_controller, url, wait_until)
+from .test_tap import free_port
+
+
+@inlineCallbacks
+def new_leaf(c, kind="agent"):
+    service = yield c.create_service(kind, "host")
+    csr, key = make_csr(service.id)
+    issued = yield c.issue_certificate(service.id, csr)
+    return issued, key, service
+
+
+class OpensslOcspCrlTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        self.openssl = require_program("openssl", "apt-get install openssl")
+        self.pki_port = free_port()
+        self.c = yield start_controller(self, pki_addr=f"http://127.0.0.1:{self.pki_port}", pki_http="listener")
+        self.dir = Path(self.c.tmp)
+        (self.dir / "ca.pem").write_bytes(self.c.pki.authority.active().pem)
+
+    def write(self, name, data):
+        (self.dir / name).write_bytes(data)
+        return str(self.dir / name)
+
+    @inlineCallbacks
+    def ocsp(self, leaf_path, *extra):
+        out, err, code = yield run(self.openssl, "ocsp", "-issuer", str(self.dir / "ca.pem"), "-cert", leaf_path,
+                                   "-url", f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ocsp",
+                                   "-CAfile", str(self.dir / "ca.pem"), *extra)
+        return out.decode() + err.decode()
+
+    @inlineCallbacks
+    def test_openssl_ocsp_good_then_revoked_with_and_without_nonce(self):
+        issued, _, _ = yield new_leaf(self.c)
+        leaf = self.write("leaf.pem", issued.pem)
+        out = yield self.ocsp(leaf)
+        self.assertIn(f"{leaf}: good", out)
+        self.assertIn("Response verify OK", out)
+        out = yield self.ocsp(leaf, "-no_nonce")
+        self.assertIn(f"{leaf}: good", out)
+        status, body = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
+                                          {"reason": "keyCompromise"})
+        self.assertEqual(status, 200, body)
+        out = yield self.ocsp(leaf)
+        self.assertIn(f"{leaf}: revoked", out)
+        self.assertIn("Reason: keyCompromise", out)
+        out = yield self.ocsp(leaf, "-no_nonce")
+        self.assertIn(f"{leaf}: revoked", out)
+
+    @inlineCallbacks
+    def test_nginx_get_form_is_answered_with_cache_headers(self):
+        issued, _, _ = yield new_leaf(self.c)
+        ca = self.c.pki.authority.active().cert
+        req = ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca, hashes.SHA1()).build()
+        der = req.public_bytes(serialization.Encoding.DER)
+        encoded = quote(base64.b64encode(der).decode(), safe="")
+        # nginx: HTTP/1.0, only Host, percent-escaped standard base64, SHA-1 CertID, no nonce.
+        raw = f"GET /api/v1/pki/ocsp/{encoded} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        response = yield self.raw_http(raw)
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        self.assertIn(b"content-type: application/ocsp-response", head.lower())
+        self.assertRegex(head.decode().lower(), r"cache-control: max-age=\d+, public, no-transform, must-revalidate")
+        for h in (b"last-modified:", b"expires:", b"etag:"):
+            self.assertIn(h, head.lower())
+        parsed = ocsp.load_der_ocsp_response(body)
+        self.assertEqual(parsed.certificate_status, ocsp.OCSPCertStatus.GOOD)
+        self.assertEqual(parsed.serial_number, issued.serial)
+        self.assertEqual(parsed.responder_key_hash, x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest)
+        self.assertEqual(parsed.next_update_utc - parsed.this_update_utc, datetime.timedelta(hours=1))
+        ca.public_key().verify(parsed.signature, parsed.tbs_response_bytes,
+                               __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(
+                                   parsed.signature_hash_algorithm))
+        # unescaped '/', base64url without padding and a path prefix all decode to the same request
+        b64 = base64.b64encode(der).decode()
+        for form in (f"/api/v1/pki/ocsp/{b64}", f"/api/v1/pki/ocsp/{base64.urlsafe_b64encode(der).decode().rstrip('=')}",
+                     f"/prefix/ocsp/{encoded}"):
+            response = yield self.raw_http(f"GET {form} HTTP/1.0\r\n\r\n".encode())
+            self.assertEqual(ocsp.load_der_ocsp_response(response.partition(b"\r\n\r\n")[2]).certificate_status,
+                             ocsp.OCSPCertStatus.GOOD, form)
+
+    def raw_http(self, request: bytes):
+        import socket
+
+        def go():
+            with socket.create_connection(("127.0.0.1", self.pki_port), timeout=10) as s:
+                s.sendall(request)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                return data
+        return deferToThread(go)
+
+    @inlineCallbacks
+    def test_unknown_unauthorized_and_malformed(self):
+        from .helpers import foreign_ca_and_leaf
+        issued, _, _ = yield new_leaf(self.c)
+        ca = self.c.pki.authority.active().cert
+        # a serial of our CA that we never issued -> unknown
+        fake = x509.load_pem_x509_certificate(issued.pem)
+        builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+            hashlib.sha1(ca.subject.public_bytes()).digest(),
+            hashlib.sha1(ca.public_key().public_bytes(serialization.Encoding.X962,
+                                                      serialization.PublicFormat.UncompressedPoint)).digest(),
+            12345, hashes.SHA1())
+        resp = yield self.post(builder.build().public_bytes(serialization.Encoding.DER))
+        self.assertEqual(resp.certificate_status, ocsp.OCSPCertStatus.UNKNOWN)
+        # a foreign issuer -> unauthorized
+        fca, fleaf, _ = foreign_ca_and_leaf()
+        req = ocsp.OCSPRequestBuilder().add_certificate(x509.load_pem_x509_certificate(fleaf),
+                                                        x509.load_pem_x509_certificate(fca), hashes.SHA256()).build()
+        resp = yield self.post(req.public_bytes(serialization.Encoding.DER))
+        self.assertEqual(resp.response_status, ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        # garbage -> malformedRequest, still HTTP 200 + application/ocsp-response
+        resp = yield self.post(b"\x30\x03garbage")
+        self.assertEqual(resp.response_status, ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        # SHA-256 CertID for a real leaf -> good
+        req = ocsp.OCSPRequestBuilder().add_certificate(fake, ca, hashes.SHA256()).build()
+        resp = yield self.post(req.public_bytes(serialization.Encoding.DER))
+        self.assertEqual(resp.certificate_status, ocsp.OCSPCertStatus.GOOD)
+
+    @inlineCallbacks
+    def post(self, body: bytes):
+        r = yield plain.post(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ocsp", data=body,
+                            headers={"Content-Type": "application/ocsp-request"})
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/ocsp-response"])
+        content = yield treq.content(r)
+        return ocsp.load_der_ocsp_response(content)
+
+    @inlineCallbacks
+    def test_oversized_ocsp_body_is_413(self):
+        r = yield plain.post(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ocsp", data=b"\0" * (65 * 1024))
+        self.assertEqual(r.code, 413)
+        yield treq.content(r)
+
+    @inlineCallbacks
+    def test_plain_listener_serves_only_pki_routes(self):
+        for path, code in [("/healthz", 200), ("/api/v1/pki/ca.crt", 200), ("/api/v1/pki/ca.crl", 200),
+                           ("/api/v1/pki/crl/1.crl", 200), ("/api/v1/settings/pki", 404), ("/readyz", 404),
+                           ("/metrics", 404)]:
+            r = yield plain.get(f"http://127.0.0.1:{self.pki_port}{path}")
+            yield treq.content(r)
+            self.assertEqual(r.code, code, path)
+
+    @inlineCallbacks
+    def test_crl_lists_revoked_serial_and_openssl_verify_refuses_it(self):
+        revoked, _, _ = yield new_leaf(self.c)
+        good, _, _ = yield new_leaf(self.c)
+        before = self.c.pki.crls.current[1].number
+        start = reactor.seconds()
+        status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(revoked.serial).lower()}"
+                                       "/revoke", {"reason": "keyCompromise"})
+        self.assertEqual(status, 200)
+        yield wait_until(lambda: self.c.pki.crls.current[1].number > before, timeout=2.0)
+        self.assertLess(reactor.seconds() - start, 2.0)
+        r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/crl/1.crl")
+        self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/pkix-crl"])
+        der = yield treq.content(r)
+        crl_der = self.write("crl.der", der)
+        out, err, code = yield run(self.openssl, "crl", "-inform", "DER", "-in", crl_der, "-noout", "-text")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Serial Number: {format_serial(revoked.serial)}", out.decode())
+        self.assertIn("Key Compromise", out.decode())
+        self.assertNotIn(format_serial(good.serial), out.decode())
+        r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ca.crl")
+        pem = yield treq.content(r)
+        self.assertEqual(pem, (Path(self.c.tmp) / "data" / "pki" / "ca.crl").read_bytes())
+        crl_pem = self.write("crl.pem", pem)
+        out, err, code = yield run(self.openssl, "verify", "-crl_check", "-CAfile", str(self.dir / "ca.pem"),
+                                   "-CRLfile", crl_pem, self.write("revoked.pem", revoked.pem))
+        self.assertNotEqual(code, 0)
+        self.assertIn("certificate revoked", (out + err).decode())
+        out, err, code = yield run(self.openssl, "verify", "-crl_check", "-CAfile", str(self.dir / "ca.pem"),
+                                   "-CRLfile", crl_pem, self.write("good.pem", good.pem))
+        self.assertEqual(code, 0, out + err)
+
+    @inlineCallbacks
+    def test_revoked_client_certificate_is_refused_by_tls_listener(self):
+        issued, key, _ = yield new_leaf(self.c)
+        yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke", {})
+        before = self.c.tls.generation
+        yield wait_until(lambda: self.c.tls.generation > before, timeout=2.0)
+
+        def get():
+            with blocking_tls_socket(https_port(self.c), ca_pem(self.c), issued.pem, key) as s:
+                return blocking_get(s, "/healthz")
+        import ssl
+        yield self.assertFailure(deferToThread(get), ssl.SSLError, ConnectionError, OSError)
+
+    @inlineCallbacks
+    def test_etag_and_if_none_match(self):
+        r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ca.crl")
+        yield treq.content(r)
+        etag = r.headers.getRawHeaders("etag")[0]
+        self.assertTrue(r.headers.getRawHeaders("last-modified"))
+        r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ca.crl", headers={"If-None-Match": etag})
+        body = yield treq.content(r)
+        self.assertEqual((r.code, body), (304, b""))
+
+    @inlineCallbacks
+    def test_crl_numbers_are_monotonic_and_persisted(self):
+        numbers = [self.c.pki.crls.current[1].number]
+        for _ in range(3):
+            yield self.c.pki.crls.rebuild()
+            numbers.append(self.c.pki.crls.current[1].number)
+        self.assertEqual(numbers, sorted(set(numbers)))
+        crl = x509.load_der_x509_crl(self.c.pki.crls.current[1].der)
+        self.assertEqual(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number, numbers[-1])
+        self.assertEqual(crl.next_update_utc - crl.last_update_utc, datetime.timedelta(hours=24))
+        crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+
+
+class RevocationApiTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_errors(self):
+        c = yield start_controller(self)
+        issued, _, service = yield new_leaf(c)
+        serial = format_serial(issued.serial)
+        status, body = yield request_json(c, "POST", "/api/v1/certificates/ZZZ/revoke", {})
+        self.assertEqual((status, body["code"]), (400, "invalid_serial"))
+        status, body = yield request_json(c, "POST", "/api/v1/certificates/ABCDEF/revoke", {})
+        self.assertEqual((status, body["code"]), (404, "certificate_not_found"))
+        status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "bored"})
+        self.assertEqual((status, body["code"]), (400, "invalid_reason"))
+        status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", b"{not json")
+        self.assertEqual((status, body["code"]), (400, "invalid_json"))
+        status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {}, token=None)
+        self.assertEqual(status, 401)
+        status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {}, token="upt_wrong")
+        self.assertEqual(status, 401)
+        self.assertFalse(c.pki.authority.records[issued.serial].revoked)
+        # colons and lower case are accepted; a second revocation is a conflict
+        colon = ":".join(serial[i:i + 2] for i in range(0, len(serial), 2)).lower()
+        status, body = yield request_json(c, "POST", f"/api/v1/certificates/{colon}/revoke", {"reason": "superseded"})
+        self.assertEqual((status, body["serial"], body["reason"]), (200, serial, "superseded"))
+        status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {})
+        self.assertEqual((status, body["code"]), (409, "already_revoked"))
+        status, body = yield request_json(c, "GET", f"/api/v1/certificates?service_id={service.id}")
+        self.assertEqual(status, 200)
+        self.assertEqual([(x["serial"], x["status"]) for x in body["certificates"]], [(serial, "revoked")])
+        status, body = yield request_json(c, "GET", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 405)
+
+    @inlineCallbacks
+    def test_revocation_is_durable_before_the_answer(self):
+        import sqlite3
+        c = yield start_controller(self)
+        issued, _, _ = yield new_leaf(c)
+        yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
+                           {"reason": "keyCompromise"})
+        db = sqlite3.connect(c.settings.data_dir / "uptrakit.sqlite3")
+        row = db.execute("SELECT revocation_reason, revoked_at FROM certificates WHERE serial = ?",
+                         (format_serial(issued.serial),)).fetchone()
+        db.close()
+        self.assertEqual(row[0], "keyCompromise")
+        self.assertIsNotNone(row[1])
+
+
+class IssuanceTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_service_certificate_profile(self):
+        c = yield start_controller(self, pki_addr="https://pki.example", trust_domain="corp.example")
+        issued, _, service = yield new_leaf(c, "mqtt")
+        cert = issued.cert
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, service.id)
+        self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value, "Uptrakit MQTT")
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.UniformResourceIdentifier),
+                         [f"spiffe://corp.example/service/{service.id}"])
+        self.assertEqual(list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value),
+                         [ExtendedKeyUsageOID.CLIENT_AUTH])
+        self.assertFalse(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        self.assertTrue(cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature)
+        self.assertGreaterEqual(cert.serial_number.bit_length(), 64)
+        self.assertEqual(cert.not_valid_after_utc - cert.not_valid_before_utc,
+                         datetime.timedelta(hours=168, minutes=5))
+        cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        self.assertEqual(cdp[0].full_name[0].value, "https://pki.example/api/v1/pki/crl/1.crl")
+
+    @inlineCallbacks
+    def test_csr_checks(self):
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from uptrakitd.pki.issue import CsrRejected
+        c = yield start_controller(self)
+        service = yield c.create_service("agent", "h")
+        bad = [
+            (make_csr("not-the-service-id")[0], "common name"),
+            (make_csr(service.id, uri="spiffe://uptrakit.local/service/other")[0], "SPIFFE"),
+            (make_csr(service.id, key=ec.generate_private_key(ec.SECP521R1()))[0], "curve"),
+            (make_csr(service.id, key=rsa.generate_private_key(65537, 1024))[0], "too small"),
+            (b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "not a PEM"),
+            (b"", "not a PEM"),
+        ]
+        for csr, fragment in bad:
+            failure = yield self.assertFailure(c.issue_certificate(service.id, csr), CsrRejected)
+            self.assertIn(fragment, str(failure))
+        # a CSR whose signature does not verify
+        good, _ = make_csr(service.id)
+        req = x509.load_pem_x509_csr(good)
+        der = bytearray(req.public_bytes(serialization.Encoding.DER))
+        der[-5] ^= 0x55
+        tampered = b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der)) + \
+            b"-----END CERTIFICATE REQUEST-----\n"
+        yield self.assertFailure(c.issue_certificate(service.id, tampered), CsrRejected)
+        ok = yield c.issue_certificate(service.id, make_csr(service.id, uri=f"spiffe://uptrakit.local/service/{service.id}")[0])
+        self.assertEqual(ok.ca_generation, 1)
+
+    @inlineCallbacks
+    def test_lifetime_setting_and_per_service_override(self):
+        c = yield start_controller(self)
+        status, body = yield request_json(c, "PUT", "/api/v1/settings/service-certificates", {"lifetime_hours": 48})
+        self.assertEqual((status, body["lifetime_hours"], body["renewal_window_hours"]), (200, 48, 9))
+        issued, _, service = yield new_leaf(c)
+        self.assertEqual(issued.cert.not_valid_after_utc - issued.cert.not_valid_before_utc,
+                         datetime.timedelta(hours=48, minutes=5))
+        service.cert_lifetime_hours = 2
+        again = yield c.issue_certificate(service.id, make_csr(service.id)[0])
+        self.assertEqual(again.cert.not_valid_after_utc - again.cert.not_valid_before_utc,
+                         datetime.timedelta(hours=2, minutes=5))
+        for bad in ({"lifetime_hours": 0}, {"lifetime_hours": "1"}, {"renewal_window_hours": -1}, {"x": 1}):
+            status, body = yield request_json(c, "PUT", "/api/v1/settings/service-certificates", bad)
+            self.assertEqual(status, 400, bad)
+        status, body = yield request_json(c, "GET", "/api/v1/settings/pki")
+        self.assertEqual(body["service_certificates"]["lifetime_hours"], 48)
+        self.assertEqual(body["active_ca"]["generation"], 1)
+        self.assertIsNone(body["previous_ca"])
+        self.assertEqual(body["active_ca"]["crl_number"], c.pki.crls.current[1].number)
