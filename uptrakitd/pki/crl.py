@@ -71,7 +71,10 @@ def build_crl(ca: CaGeneration, records: Iterable[CertRecord], number: int, now:
         if entry is None:
             entry = cache[key] = _entry(r)
         revoked.append(entry)
-    ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:
+        ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:  # external CAs may lack it
+        ski = x509.SubjectKeyIdentifier.from_public_key(ca.cert.public_key())
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=ca.cert.subject, last_update=now, next_update=now + validity,
         extensions=[], revoked_certificates=revoked)

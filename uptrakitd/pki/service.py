@@ -122,6 +122,11 @@ class PkiService:
             bundle = self.authority.bundle_pem(now)
             yield self.to_thread(atomic_write, self.data_dir / "pki" / "ca.crt", bundle, 0o644)
             yield self.crls.rebuild()
+            trusted = self.authority.trusted(now)
+            if self.server_cert.issuer not in [t.cert.subject for t in trusted]:
+                # Its issuer just left the trusted set. Re-issue from the *previous* CA, which both the
+                # services that follow this rotation and those one rotation behind still trust.
+                yield self.reissue_server_certificate(trusted[-1])
             ca = self.authority.active()
             result = {"generation": generation, "fingerprint": ca.fingerprint,
                       "not_after": ca.not_after.isoformat(), "ca_bundle_hash": self.authority.bundle_hash(now),
@@ -154,9 +159,9 @@ class PkiService:
             yield self.reissue_server_certificate()
 
     @inlineCallbacks
-    def reissue_server_certificate(self) -> Any:
-        """A new server certificate from the active CA, recorded before it is written and used."""
-        issued, key = issue_server_certificate(self.authority.active(), self.hostname, self.sans,
+    def reissue_server_certificate(self, ca: CaGeneration | None = None) -> Any:
+        """A new server certificate (from the active CA unless told), recorded before it is written and used."""
+        issued, key = issue_server_certificate(ca or self.authority.active(), self.hostname, self.sans,
                                                self.pki_addr(), self.now())
         record = yield self.store.run(records.insert_certificate, issued, None, "server")
         self.authority.add_record(record)

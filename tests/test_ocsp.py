@@ -1,0 +1,115 @@
+"""The OCSP responder in memory: any bytes get a well-formed OCSP response; GET decoding; caching."""
+from __future__ import annotations
+
+import base64
+import datetime
+from urllib.parse import quote
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from hypothesis import given, settings, strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.authority import Authority, CertRecord
+from uptrakitd.pki.ca import CaGeneration, create_ca
+from uptrakitd.pki.issue import issue_client_certificate
+from uptrakitd.pki.ocsp import OcspDecodeError, OcspResponder, decode_get_path
+
+from .helpers import make_csr
+
+NOW = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+def responder():
+    cert, key = create_ca(1, None, NOW - datetime.timedelta(days=1))
+    ca = CaGeneration(1, cert, key)
+    authority = Authority()
+    authority.add_generation(ca)
+    sid = "3f0b3c1e-7a4e-4b8e-9a51-0d1e2f3a4b5c"
+    issued = issue_client_certificate(ca, x509.load_pem_x509_csr(make_csr(sid)[0]), sid, "agent", "uptrakit.local",
+                                      datetime.timedelta(hours=1), None, NOW)
+    authority.add_record(CertRecord(issued.serial, sid, "client", 1, 0, 2**40))
+    clock = Clock()
+    clock.advance(NOW.timestamp())
+    return OcspResponder(authority, clock), ca, issued
+
+
+R, CA, ISSUED = responder()
+
+
+def request_der(serial=None, alg=hashes.SHA1(), nonce=None, ca=None, issued=None):
+    ca, issued = ca or CA, issued or ISSUED
+    if serial is None:
+        builder = ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca.cert, alg)
+    else:
+        good = ocsp.load_der_ocsp_request(request_der(alg=alg, ca=ca, issued=issued))
+        builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(good.issuer_name_hash, good.issuer_key_hash,
+                                                                    serial, alg)
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+class ResponderTests(TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=600))
+    def test_random_bytes_get_a_well_formed_response(self, data):
+        answer = R.answer(data)
+        parsed = ocsp.load_der_ocsp_response(answer.der)
+        self.assertIsInstance(parsed.response_status, ocsp.OCSPResponseStatus)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.integers(min_value=1, max_value=2**159), st.sampled_from([hashes.SHA1(), hashes.SHA256()]),
+           st.one_of(st.none(), st.binary(min_size=1, max_size=32)))
+    def test_valid_but_odd_requests_are_answered(self, serial, alg, nonce):
+        parsed = ocsp.load_der_ocsp_response(R.answer(request_der(serial, alg, nonce)).der)
+        self.assertEqual(parsed.response_status, ocsp.OCSPResponseStatus.SUCCESSFUL)
+        expected = ocsp.OCSPCertStatus.GOOD if serial == ISSUED.serial else ocsp.OCSPCertStatus.UNKNOWN
+        self.assertEqual(parsed.certificate_status, expected)
+        if nonce is not None:
+            self.assertEqual(parsed.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce, nonce)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=300), st.integers(min_value=0, max_value=3))
+    def test_mutated_requests_never_crash(self, noise, where):
+        der = bytearray(request_der())
+        for i, b in enumerate(noise[:8]):
+            der[(where * 17 + i * 7) % len(der)] ^= b
+        ocsp.load_der_ocsp_response(R.answer(bytes(der)).der)
+
+    def test_nonce_gets_no_store_and_no_nonce_is_cached(self):
+        r, ca, issued = responder()
+        a = r.answer(request_der(nonce=b"12345678", ca=ca, issued=issued))
+        self.assertEqual(a.headers["Cache-Control"], "no-store")
+        first = r.answer(request_der(ca=ca, issued=issued))
+        second = r.answer(request_der(ca=ca, issued=issued))
+        self.assertEqual(first.der, second.der, "served from the cache")
+        self.assertIn("max-age=3600", first.headers["Cache-Control"])
+
+    def test_revocation_invalidates_cache(self):
+        r, ca, issued = responder()
+        self.assertEqual(r.answer(request_der(ca=ca, issued=issued)).status, "good")
+        record = r.authority.records[issued.serial]
+        record.revoked_at, record.reason = int(NOW.timestamp()), "keyCompromise"
+        r.invalidate(issued.serial)
+        answer = r.answer(request_der(ca=ca, issued=issued))
+        parsed = ocsp.load_der_ocsp_response(answer.der)
+        self.assertEqual(parsed.certificate_status, ocsp.OCSPCertStatus.REVOKED)
+        self.assertEqual(parsed.revocation_reason, x509.ReasonFlags.key_compromise)
+
+
+class GetPathTests(TestCase):
+    def test_forms(self):
+        der = request_der()
+        b64 = base64.b64encode(der).decode()
+        for form in (quote(b64, safe=""), b64, b64.rstrip("="), base64.urlsafe_b64encode(der).decode().rstrip("=")):
+            self.assertEqual(decode_get_path(form), der, form)
+
+    @given(st.text(max_size=200))
+    def test_garbage_raises_only_decode_error(self, text):
+        try:
+            decode_get_path(text)
+        except OcspDecodeError:
+            pass

@@ -1,0 +1,128 @@
+"""CA rotation (SPEC §4.6): new generation active, previous trusted, the one before dropped."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.errors import BadRequest, Conflict
+
+from .helpers import (blocking_get, blocking_tls_socket, https_client, https_port, plain_http_client, request_json,
+                      start_controller, url)
+from .test_pki import new_leaf
+
+
+def handshake_ok(c, bundle, leaf_pem, key):
+    def go():
+        with blocking_tls_socket(https_port(c), bundle, leaf_pem, key) as s:
+            return blocking_get(s, "/healthz")[0]
+    return deferToThread(go)
+
+
+class RotationTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_rotation_keeps_previous_trusted_and_drops_the_one_before(self):
+        c = yield start_controller(self)
+        g1_leaf, g1_key, _ = yield new_leaf(c)
+        old_fp = c.pki.authority.active().fingerprint
+
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["generation"], 2)
+        self.assertNotEqual(body["fingerprint"], old_fp)
+        self.assertEqual(body["notified"], 0)
+        client = https_client(c, ca=c.pki.authority.bundle_pem(c.pki.now()))
+        import treq
+        r = yield client.get(url(c, "/api/v1/pki/ca.crt"))
+        served = yield treq.content(r)
+        self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/x-pem-file"])
+        self.assertEqual(hashlib.sha256(served).hexdigest(), body["ca_bundle_hash"])
+        certs = x509.load_pem_x509_certificates(served)
+        self.assertEqual([cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value.split()[3]
+                          for cert in certs], ["G2", "G1"])
+        self.assertEqual((Path(c.settings.data_dir) / "pki" / "ca.crt").read_bytes(), served)
+
+        g2_leaf, g2_key, _ = yield new_leaf(c)
+        self.assertEqual(g2_leaf.ca_generation, 2)
+        g2_leaf.cert.verify_directly_issued_by(certs[0])
+        self.assertEqual(c.pki.server_cert.issuer, certs[1].subject, "a rotation does not re-issue the server cert")
+        self.assertEqual((yield handshake_ok(c, served, g1_leaf.pem, g1_key)), 200)
+        self.assertEqual((yield handshake_ok(c, served, g2_leaf.pem, g2_key)), 200)
+        # generation-1 leaves still get OCSP answers from generation 1
+        req = ocsp.OCSPRequestBuilder().add_certificate(g1_leaf.cert, certs[1], hashes.SHA1()).build()
+        answer = c.pki.ocsp.answer(req.public_bytes(serialization.Encoding.DER))
+        self.assertEqual(answer.status, "good")
+
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(body["generation"], 3)
+        bundle = c.pki.authority.bundle_pem(c.pki.now())
+        self.assertEqual(len(x509.load_pem_x509_certificates(bundle)), 2)
+        yield self.assertFailure(handshake_ok(c, bundle, g1_leaf.pem, g1_key), ssl.SSLError, ConnectionError,
+                                 OSError)
+        self.assertEqual((yield handshake_ok(c, bundle, g2_leaf.pem, g2_key)), 200)
+        # the server certificate survives the first rotation (services one rotation behind verify it) and is
+        # re-issued by the previous CA (G2) once its issuer (G1) leaves the trusted set
+        self.assertEqual(c.pki.server_cert.issuer, certs[0].subject)
+        self.assertEqual((yield handshake_ok(c, served, g2_leaf.pem, g2_key)), 200)
+        # every unexpired generation's CRL is still served, active first in the bundle
+        plain = plain_http_client()
+        self.assertEqual(sorted(c.pki.crls.current), [1, 2, 3])
+        crls = x509.load_pem_x509_crls(c.pki.crls.bundle_pem()) if hasattr(x509, "load_pem_x509_crls") else None
+        if crls is not None:
+            self.assertEqual([crl.issuer for crl in crls][0], c.pki.authority.active().cert.subject)
+        status, body = yield request_json(c, "GET", "/api/v1/settings/pki")
+        self.assertEqual((body["active_ca"]["generation"], body["previous_ca"]["generation"]), (3, 2))
+
+    @inlineCallbacks
+    def test_concurrent_rotation_is_409(self):
+        c = yield start_controller(self)
+        first = c.pki.rotate()
+        second = c.pki.rotate()
+        failure = yield self.assertFailure(second, Conflict)
+        self.assertEqual(failure.status, 409)
+        result = yield first
+        self.assertEqual(result["generation"], 2)
+
+    @inlineCallbacks
+    def test_external_ca_rotation_is_400(self):
+        from .helpers import foreign_ca_and_leaf
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        key = ec.generate_private_key(ec.SECP384R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Operator CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now)
+                .not_valid_after(now + datetime.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(key, hashes.SHA384()))
+        (tmp / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp / "ca.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+        c = yield start_controller(self, tmp=str(tmp), ca_cert=str(tmp / "ca.pem"), ca_key=str(tmp / "ca.key"))
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual((status, body["code"]), (400, "external_ca"))
+        leaf, _, _ = yield new_leaf(c)
+        leaf.cert.verify_directly_issued_by(cert)
+
+    @inlineCallbacks
+    def test_auto_rotation_when_less_than_183_days_left(self):
+        c = yield start_controller(self)
+        yield c.pki.check_daily()
+        self.assertEqual(c.pki.authority.active().generation, 1)
+        expires = c.pki.authority.active().not_after
+        c.pki.now = lambda: expires - datetime.timedelta(days=182)
+        yield c.pki.check_daily()
+        self.assertEqual(c.pki.authority.active().generation, 2)
