@@ -208,8 +208,7 @@ class OpensslOcspCrlTests(TestCase):
     def test_revoked_client_certificate_is_refused_by_tls_listener(self):
         issued, key, _ = yield new_leaf(self.c)
         yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke", {})
-        before = self.c.tls.generation
-        yield wait_until(lambda: self.c.tls.generation > before, timeout=2.0)
+        # refused at once: the handshake checks the records, it does not wait for the next CRL
 
         def get():
             with blocking_tls_socket(https_port(self.c), ca_pem(self.c), issued.pem, key) as s:

@@ -95,7 +95,7 @@ class ContextSwapTests(TestCase):
         from cryptography import x509
         foreign_ca, _, _ = foreign_ca_and_leaf()
         c.tls.install(build_context(c.pki.server_cert, c.pki.server_key,
-                                    [x509.load_pem_x509_certificate(foreign_ca)], []))
+                                    [x509.load_pem_x509_certificate(foreign_ca)]))
         status, body = yield deferToThread(blocking_get, sock, "/healthz")
         self.assertEqual((status, body), (200, b"ok"), "the open connection keeps its context")
 

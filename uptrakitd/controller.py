@@ -59,6 +59,7 @@ class Controller(MultiService):
                               self.settings.data_dir, booted.server_cert, booted.server_key,
                               lambda: self.network.pki_addr, booted.hostname, self.settings.san,
                               self.settings.trust_domain)
+        self.pki.tls_installed.append(self.metrics.tls_context_installs.inc)
         self.pki.install_tls()
         self.metrics.ca_generation.set_function(lambda: self.pki.authority.active().generation)
         self.https_site, self.pki_site = build_sites(self)
@@ -147,6 +148,8 @@ class Controller(MultiService):
         if pki_endpoint:
             self._listen(pki_endpoint, self.pki_site, "plain-HTTP PKI")
         self._every(3600, self._hourly_crl, "hourly CRL rebuild", now=False)
+        self.reactor.callWhenRunning(
+            lambda: self.pki.crls.warm().addErrback(lambda f: log.failure("CRL worker warm-up failed", f)))
         self._every(86400, self.pki.check_daily, "daily CA/server certificate check", now=True)
         self._warn_about_setup()
         if hasattr(signal, "SIGHUP"):

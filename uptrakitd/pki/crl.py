@@ -1,9 +1,15 @@
-"""CRLs: one per served CA generation, rebuilt off the reactor thread, coalesced, published atomically."""
+"""CRLs: one per served CA generation, signed in a worker process, coalesced, published atomically.
+
+Encoding and signing a 100 000-entry CRL are single calls into cryptography's Rust code that hold
+the GIL for 100-250 ms each, so a thread would still stall the reactor; a worker process does not.
+"""
 from __future__ import annotations
 
 import datetime
 import hashlib
-from dataclasses import dataclass
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -30,6 +36,7 @@ REASONS = {
     "aACompromise": x509.ReasonFlags.aa_compromise,
 }
 GRACE_SECONDS = 86400
+Entry = tuple[int, int, str]  # (serial, revoked_at, reason)
 
 
 @dataclass(frozen=True)
@@ -37,57 +44,88 @@ class PublishedCrl:
     """One signed CRL as served."""
 
     generation: int
-    crl: x509.CertificateRevocationList
     der: bytes
     pem: bytes
     number: int
     this_update: datetime.datetime
     entries: int
+    etag: str = field(default="")
+
+    @property
+    def crl(self) -> x509.CertificateRevocationList:
+        return x509.load_der_x509_crl(self.der)
 
 
-def _entry(record: CertRecord) -> x509.RevokedCertificate:
-    builder = (x509.RevokedCertificateBuilder()
-               .serial_number(record.serial)
-               .revocation_date(datetime.datetime.fromtimestamp(record.revoked_at, datetime.timezone.utc)))
-    reason = REASONS.get(record.reason or "unspecified", x509.ReasonFlags.unspecified)
-    if reason is not x509.ReasonFlags.unspecified:
-        builder = builder.add_extension(x509.CRLReason(reason), critical=False)
+def revoked_entries(records: Iterable[CertRecord], generation: int, now_ts: int) -> list[Entry]:
+    """Revoked certificates of one CA whose notAfter is not more than 24 h in the past."""
+    cutoff = now_ts - GRACE_SECONDS
+    return [(r.serial, r.revoked_at, r.reason or "unspecified") for r in records
+            if r.ca_generation == generation and r.revoked_at is not None and r.not_after >= cutoff]
+
+
+def _entry(serial: int, revoked_at: int, reason: str) -> x509.RevokedCertificate:
+    builder = (x509.RevokedCertificateBuilder().serial_number(serial)
+               .revocation_date(datetime.datetime.fromtimestamp(revoked_at, datetime.timezone.utc)))
+    flag = REASONS.get(reason, x509.ReasonFlags.unspecified)
+    if flag is not x509.ReasonFlags.unspecified:
+        builder = builder.add_extension(x509.CRLReason(flag), critical=False)
     return builder.build()
 
 
-def build_crl(ca: CaGeneration, records: Iterable[CertRecord], number: int, now: datetime.datetime,
-              validity: datetime.timedelta, cache: dict[tuple[int, int], x509.RevokedCertificate]) -> PublishedCrl:
-    """Sign the CRL of one CA. Entries: its revoked certificates not expired by more than 24 h.
-
-    `cache` keeps built entries between rebuilds (building 100 000 of them is the slow part).
-    """
-    cutoff = int(now.timestamp()) - GRACE_SECONDS
+def sign_crl(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entry], number: int, now_ts: float,
+             validity_seconds: int, cache: dict[Entry, x509.RevokedCertificate]) -> tuple[bytes, bytes]:
+    """Sign one CA's CRL; returns (DER, PEM). `cache` keeps built entries between rebuilds."""
+    cert = x509.load_der_x509_certificate(ca_cert_der)
+    key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    ca = CaGeneration(0, cert, key)
     revoked = []
-    for r in records:
-        if r.ca_generation != ca.generation or r.revoked_at is None or r.not_after < cutoff:
-            continue
-        key = (ca.generation, r.serial)
-        entry = cache.get(key)
-        if entry is None:
-            entry = cache[key] = _entry(r)
-        revoked.append(entry)
+    for e in entries:
+        built = cache.get(e)
+        if built is None:
+            built = cache[e] = _entry(*e)
+        revoked.append(built)
     try:
-        ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:  # external CAs may lack it
-        ski = x509.SubjectKeyIdentifier.from_public_key(ca.cert.public_key())
+        ski = x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
+    now = datetime.datetime.fromtimestamp(int(now_ts), datetime.timezone.utc)
     builder = x509.CertificateRevocationListBuilder(
-        issuer_name=ca.cert.subject, last_update=now, next_update=now + validity,
+        issuer_name=cert.subject, last_update=now, next_update=now + datetime.timedelta(seconds=validity_seconds),
         extensions=[], revoked_certificates=revoked)
     builder = builder.add_extension(x509.CRLNumber(number), critical=False)
-    builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-    crl = builder.sign(ca.key, ca.signing_hash())
-    return PublishedCrl(ca.generation, crl, crl.public_bytes(serialization.Encoding.DER),
-                        crl.public_bytes(serialization.Encoding.PEM), number, now, len(revoked))
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                                    critical=False)
+    crl = builder.sign(key, ca.signing_hash())
+    return crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM)
+
+
+_WORKER_CACHES: dict[bytes, dict[Entry, x509.RevokedCertificate]] = {}
+
+
+def sign_crl_in_worker(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entry], number: int, now_ts: float,
+                       validity_seconds: int) -> tuple[bytes, bytes]:
+    """sign_crl with a per-CA entry cache that lives as long as the worker process."""
+    key = hashlib.sha256(ca_cert_der).digest()
+    old = _WORKER_CACHES.get(key, {})
+    fresh = {e: old[e] for e in entries if e in old}
+    result = sign_crl(ca_cert_der, ca_key_pem, entries, number, now_ts, validity_seconds, fresh)
+    _WORKER_CACHES[key] = fresh
+    return result
+
+
+def _ca_material(ca: CaGeneration) -> tuple[bytes, bytes]:
+    from .ca import key_pem
+    return ca.cert.public_bytes(serialization.Encoding.DER), key_pem(ca.key)
+
+
+def _published(generation: int, der: bytes, pem: bytes, number: int, now: datetime.datetime,
+               entries: int) -> PublishedCrl:
+    return PublishedCrl(generation, der, pem, number, now, entries,
+                        '"' + hashlib.sha256(der).hexdigest()[:32] + '"')
 
 
 class CrlPublisher:
-    """Keeps the served CRLs current: rebuilds off-thread, coalesces bursts, persists numbers and file."""
+    """Keeps the served CRLs current: rebuilds in a worker process, coalesces bursts, persists numbers."""
 
     def __init__(self, authority: Authority, store: Any, data_dir: Path, clock: Any,
                  to_thread: Callable[..., Deferred], validity: datetime.timedelta = datetime.timedelta(hours=24),
@@ -100,39 +138,56 @@ class CrlPublisher:
         self.validity = validity
         self.coalesce_seconds = coalesce_seconds
         self.current: dict[int, PublishedCrl] = {}
+        self.bundle = b""
+        self.bundle_etag = '""'
         self.observers: list[Callable[[], Any]] = []
-        self._cache: dict[tuple[int, int], x509.RevokedCertificate] = {}
+        self._executor: ProcessPoolExecutor | None = None
         self._scheduled: Any = None
         self._running: Deferred | None = None
         self._dirty = False
         self._stopped = False
 
-    def publish_sync(self, crls: list[PublishedCrl]) -> None:
-        """Install CRLs built at start-up (before the reactor runs)."""
+    def _publish(self, crls: list[PublishedCrl]) -> bytes:
         self.current = {c.generation: c for c in crls}
-        atomic_write(self.path, self.bundle_pem(), mode=0o644)
+        self.bundle = b"".join(self.current[g].pem for g in sorted(self.current, reverse=True))
+        self.bundle_etag = '"' + hashlib.sha256(self.bundle).hexdigest()[:32] + '"'
+        return self.bundle
+
+    def publish_sync(self, crls: list[PublishedCrl]) -> None:
+        """Install CRLs built at start-up (before the reactor runs) and write the file."""
+        atomic_write(self.path, self._publish(crls), mode=0o644)
 
     def build_sync(self, numbers: dict[int, int], now: datetime.datetime) -> list[PublishedCrl]:
         """Build every served CRL in the calling thread (start-up only)."""
+        out = []
         records = list(self.authority.records.values())
-        return [build_crl(ca, records, numbers[ca.generation], now, self.validity, self._cache)
-                for ca in self.authority.served(now)]
+        for ca in self.authority.served(now):
+            entries = revoked_entries(records, ca.generation, int(now.timestamp()))
+            der, pem = sign_crl(*_ca_material(ca), entries, numbers[ca.generation], now.timestamp(),
+                                int(self.validity.total_seconds()), {})
+            out.append(_published(ca.generation, der, pem, numbers[ca.generation],
+                                  now.replace(microsecond=0), len(entries)))
+        return out
 
     def bundle_pem(self) -> bytes:
         """Every served CA's CRL as PEM, active first (what nginx/HAProxy/Envoy load)."""
-        return b"".join(self.current[g].pem for g in sorted(self.current, reverse=True))
-
-    def bundle_etag(self) -> str:
-        return '"' + hashlib.sha256(self.bundle_pem()).hexdigest()[:32] + '"'
+        return self.bundle
 
     def stop(self) -> Deferred | None:
-        """Cancel a pending rebuild; returns the running one (if any) to wait for."""
+        """Cancel a pending rebuild, retire the worker; returns the running rebuild (if any) to wait for."""
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
         self._dirty = False
         self._stopped = True
-        return self._running
+        running = self._running
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            if running is not None:
+                running.addBoth(lambda r: (executor.shutdown(wait=False), r)[1])
+            else:
+                executor.shutdown(wait=False)
+        return running
 
     def request_rebuild(self) -> None:
         """Ask for a rebuild soon; several requests close together give one rebuild."""
@@ -148,7 +203,7 @@ class CrlPublisher:
         """Rebuild now (or right after the running rebuild); fires when the new CRLs are served."""
         if self._running is not None:
             self._dirty = True
-            d = Deferred()
+            d: Deferred = Deferred()
             self._running.addBoth(lambda r: (d.callback(None), r)[1])
             return d
         self._running = self._rebuild()
@@ -161,19 +216,39 @@ class CrlPublisher:
             return result
         return self._running.addBoth(done)
 
+    def _sign(self, ca: CaGeneration, entries: list[Entry], number: int, now: datetime.datetime) -> Deferred:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        future = self._executor.submit(sign_crl_in_worker, *_ca_material(ca), entries, number, now.timestamp(),
+                                       int(self.validity.total_seconds()))
+        return self.to_thread(future.result)
+
+    @inlineCallbacks
+    def warm(self) -> Any:
+        """Start the worker and fill its entry cache, so the first rebuild after start is a warm one."""
+        now = datetime.datetime.fromtimestamp(int(self.clock.seconds()), datetime.timezone.utc)
+        records = list(self.authority.records.values())
+        for ca in self.authority.served(now):
+            entries = yield self.to_thread(revoked_entries, records, ca.generation, int(now.timestamp()))
+            if entries and not self._stopped:
+                current = self.current.get(ca.generation)
+                yield self._sign(ca, entries, current.number if current else 0, now)
+
     @inlineCallbacks
     def _rebuild(self) -> Any:
         from .records import next_crl_number
-        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+        now = datetime.datetime.fromtimestamp(int(self.clock.seconds()), datetime.timezone.utc)
         served = self.authority.served(now)
         numbers = yield self.store.run(lambda conn: {ca.generation: next_crl_number(conn, ca.generation)
                                                      for ca in served})
         records = list(self.authority.records.values())  # snapshot taken on the reactor thread
         started = self.clock.seconds()
-        crls = yield self.to_thread(lambda: [build_crl(ca, records, numbers[ca.generation], now,
-                                                       self.validity, self._cache) for ca in served])
-        self.current = {c.generation: c for c in crls}
-        bundle = self.bundle_pem()
+        crls = []
+        for ca in served:
+            entries = yield self.to_thread(revoked_entries, records, ca.generation, int(now.timestamp()))
+            der, pem = yield self._sign(ca, entries, numbers[ca.generation], now)
+            crls.append(_published(ca.generation, der, pem, numbers[ca.generation], now, len(entries)))
+        bundle = self._publish(crls)
         yield self.to_thread(atomic_write, self.path, bundle, 0o644)
         log.info("CRLs rebuilt: {summary} in {seconds:.2f}s",
                  summary=", ".join(f"G{c.generation} #{c.number} ({c.entries} entries)" for c in crls),

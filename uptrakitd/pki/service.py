@@ -47,7 +47,7 @@ class PkiService:
         self.rotation_observers: list[Callable[[dict], Any]] = []
         self.revocation_observers: list[Callable[[CertRecord], Any]] = []
         self._rotating = False
-        crls.observers.append(self.install_tls)
+        self.tls_installed: list[Callable[[], Any]] = []
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
@@ -56,9 +56,16 @@ class PkiService:
         """Build and install a TLS context for the current server cert, trusted CAs and CRLs."""
         now = self.now()
         trusted = self.authority.trusted(now)
-        crls = [self.crls.current[ca.generation].crl for ca in trusted if ca.generation in self.crls.current]
-        self.tls.install(build_context(self.server_cert, self.server_key, [ca.cert for ca in trusted], crls))
+        self.tls.install(build_context(self.server_cert, self.server_key, [ca.cert for ca in trusted],
+                                       self.is_revoked))
+        for observer in self.tls_installed:
+            observer()
         log.debug("TLS context installed (trusted CA generations {gens})", gens=[ca.generation for ca in trusted])
+
+    def is_revoked(self, serial: int) -> bool:
+        """True for a serial we issued and revoked (checked at every TLS handshake)."""
+        record = self.authority.records.get(serial)
+        return record is not None and record.revoked_at is not None
 
     @inlineCallbacks
     def issue_for_service(self, csr: x509.CertificateSigningRequest, service_id: str, kind: str,
@@ -127,6 +134,8 @@ class PkiService:
                 # Its issuer just left the trusted set. Re-issue from the *previous* CA, which both the
                 # services that follow this rotation and those one rotation behind still trust.
                 yield self.reissue_server_certificate(trusted[-1])
+            else:
+                self.install_tls()
             ca = self.authority.active()
             result = {"generation": generation, "fingerprint": ca.fingerprint,
                       "not_after": ca.not_after.isoformat(), "ca_bundle_hash": self.authority.bundle_hash(now),

@@ -35,14 +35,14 @@ class PkiRoutes:
         crls = self.c.pki.crls
         newest = max(c.this_update for c in crls.current.values())
         return _conditional(request, Response(crls.bundle_pem(), "application/x-pem-file",
-                                              headers={"Last-Modified": _http_date(newest)}))
+                                              headers={"Last-Modified": _http_date(newest)}), crls.bundle_etag)
 
     def crl_der(self, request: Any, generation: str) -> Response:
         crl = self.c.pki.crls.current.get(int(generation))
         if crl is None:
             raise NotFound(f"no CRL is served for CA generation {int(generation)}", "crl_not_found")
         return _conditional(request, Response(crl.der, "application/pkix-crl",
-                                              headers={"Last-Modified": _http_date(crl.this_update)}))
+                                              headers={"Last-Modified": _http_date(crl.this_update)}), crl.etag)
 
     def ocsp_post(self, request: Any) -> Response:
         body = request.content.read(MAX_REQUEST_BYTES + 1) if request.content is not None else b""
@@ -71,8 +71,8 @@ def _http_date(when: Any) -> str:
     return email.utils.format_datetime(when, usegmt=True)
 
 
-def _conditional(request: Any, response: Response) -> Response:
-    etag = '"' + hashlib.sha256(response.body).hexdigest()[:32] + '"'
+def _conditional(request: Any, response: Response, etag: str | None = None) -> Response:
+    etag = etag or '"' + hashlib.sha256(response.body).hexdigest()[:32] + '"'
     response.headers["ETag"] = etag
     response.headers.setdefault("Cache-Control", "no-cache")
     inm = request.getHeader(b"if-none-match")

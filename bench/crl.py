@@ -1,0 +1,147 @@
+"""CRL benchmark: revoke-call latency and CRL rebuild time at 1k/10k/100k revoked entries, and the
+longest reactor stall during a 100k rebuild compared with an idle reference window.
+
+Run: .venv/bin/python bench/crl.py      (takes about a minute; prints figures, asserts nothing)
+Targets (issue 3): revoke p99 < 50 ms at 100k; reactor stall < 100 ms during the rebuild.
+"""
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.internet import reactor, task  # noqa: E402
+from twisted.internet.defer import inlineCallbacks  # noqa: E402
+
+from uptrakitd.boot import boot  # noqa: E402
+from uptrakitd.config import build_settings  # noqa: E402
+from uptrakitd.controller import Controller  # noqa: E402
+from uptrakitd.pki.authority import CertRecord  # noqa: E402
+from uptrakitd.pki.serials import format_serial  # noqa: E402
+
+SIZES = [1_000, 10_000, 100_000]
+REVOKES_PER_SIZE = 200
+
+
+def add_revoked(controller: Controller, count: int, service_id: str) -> None:
+    """Bulk-load `count` revoked records of generation 1 (synthetic serials; the CRL only needs those)."""
+    now = int(time.time())
+    rows, records = [], []
+    for _ in range(count):
+        serial = random.getrandbits(120) | (1 << 119)
+        records.append(CertRecord(serial, service_id, "client", 1, now - 60, now + 86400, now - 30, "keyCompromise"))
+        rows.append((format_serial(serial), service_id, "client", 1, now - 60, now + 86400, "-", now, now - 30,
+                     "keyCompromise"))
+    import sqlite3
+    db = sqlite3.connect(controller.settings.data_dir / "uptrakit.sqlite3")
+    db.executemany("INSERT INTO certificates (serial, service_id, purpose, ca_generation, not_before, not_after, "
+                   "cert_pem, issued_at, revoked_at, revocation_reason) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+    db.commit()
+    db.close()
+    for r in records:
+        controller.pki.authority.add_record(r)
+
+
+def add_live(controller: Controller, count: int, service_id: str) -> list[int]:
+    now = int(time.time())
+    serials, rows = [], []
+    for _ in range(count):
+        serial = random.getrandbits(120) | (1 << 119)
+        serials.append(serial)
+        controller.pki.authority.add_record(CertRecord(serial, service_id, "client", 1, now - 60, now + 86400))
+        rows.append((format_serial(serial), service_id, "client", 1, now - 60, now + 86400, "-", now))
+    import sqlite3
+    db = sqlite3.connect(controller.settings.data_dir / "uptrakit.sqlite3")
+    db.executemany("INSERT INTO certificates (serial, service_id, purpose, ca_generation, not_before, not_after, "
+                   "cert_pem, issued_at) VALUES (?,?,?,?,?,?,?,?)", rows)
+    db.commit()
+    db.close()
+    return serials
+
+
+class StallMeter:
+    """Ticks every 5 ms on the reactor and remembers the longest gap between ticks."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.longest = 0.0
+        self.loop = task.LoopingCall(self.tick)
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
+
+    def start(self) -> None:
+        self.last, self.longest = time.perf_counter(), 0.0
+        self.loop.start(0.005)
+
+    def stop(self) -> float:
+        self.loop.stop()
+        return self.longest
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+@inlineCallbacks
+def main() -> None:
+    tmp = tempfile.mkdtemp(prefix="uptrakit-bench-")
+    settings = build_settings({"data_dir": os.path.join(tmp, "data"), "https_listen": "tcp:0:interface=127.0.0.1"})
+    controller = Controller(boot(settings), reactor, {})
+    controller.startService()
+    service = yield controller.create_service("agent", "bench")
+    loaded = 0
+    print(f"{'revoked':>8} {'revoke p50 ms':>14} {'revoke p99 ms':>14} {'rebuild cold s':>15} {'rebuild warm s':>15}"
+          f" {'CRL bytes':>10}")
+    stall_line = ""
+    for size in SIZES:
+        add_revoked(controller, size - loaded - REVOKES_PER_SIZE if size > loaded + REVOKES_PER_SIZE else 0,
+                    service.id)
+        loaded = size - REVOKES_PER_SIZE
+        live = add_live(controller, REVOKES_PER_SIZE, service.id)
+        latencies = []
+        for serial in live:
+            start = time.perf_counter()
+            yield controller.pki.revoke(serial, "keyCompromise")
+            latencies.append((time.perf_counter() - start) * 1000)
+        loaded = size
+        controller.pki.crls.stop()
+        controller.pki.crls._stopped = False
+        meter = StallMeter()
+        if size == SIZES[-1]:
+            meter.start()
+            yield task.deferLater(reactor, 0.5, lambda: None)
+            idle_stall = meter.stop()
+            meter = StallMeter()
+            meter.start()
+        start = time.perf_counter()
+        yield controller.pki.crls.rebuild()
+        cold = time.perf_counter() - start
+        if size == SIZES[-1]:
+            rebuild_stall = meter.stop()
+            stall_line = (f"100k rebuild: longest reactor stall {rebuild_stall * 1000:.1f} ms "
+                          f"(idle reference window {idle_stall * 1000:.1f} ms, ratio {rebuild_stall / idle_stall:.1f}x)")
+        start = time.perf_counter()
+        yield controller.pki.crls.rebuild()
+        warm = time.perf_counter() - start
+        crl = controller.pki.crls.current[1]
+        assert crl.entries >= size, (crl.entries, size)
+        print(f"{size:>8} {statistics.median(latencies):>14.2f} {pct(latencies, 99):>14.2f} {cold:>15.2f} "
+              f"{warm:>15.2f} {len(crl.der):>10}")
+    print(stall_line)
+    yield controller.stopService()
+    reactor.stop()
+
+
+if __name__ == "__main__":
+    reactor.callWhenRunning(lambda: main().addErrback(lambda f: (f.printTraceback(), reactor.stop())))
+    reactor.run()
