@@ -203,7 +203,7 @@ def foreign_ca_and_leaf(cn: str = "intruder") -> tuple[bytes, bytes, bytes]:
 
 
 def blocking_tls_socket(port: int, ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None,
-                        tmp: str = "/tmp") -> Any:
+                        tmp: str = "/tmp", source: str | None = None) -> Any:
     """A connected Python ssl socket (run it in a thread: it blocks)."""
     import socket
     import ssl as pyssl
@@ -214,7 +214,8 @@ def blocking_tls_socket(port: int, ca_pem: bytes, cert_pem: bytes | None = None,
             f.write(key_pem + cert_pem)
         ctx.load_cert_chain(f.name)
         os.unlink(f.name)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                   source_address=(source, 0) if source else None)
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 

@@ -24,6 +24,7 @@ from .pki.ocsp import OcspResponder
 from .pki.issue import load_csr
 from .pki.service import PkiService
 from .services import ServiceRecord, insert_service
+from .trust.identity import IdentityResolver
 from .trust.tls import SwappableServerContext
 from .web.root import build_sites
 
@@ -62,6 +63,8 @@ class Controller(MultiService):
         self.pki.tls_installed.append(self.metrics.tls_context_installs.inc)
         self.pki.install_tls()
         self.metrics.ca_generation.set_function(lambda: self.pki.authority.active().generation)
+        self.resolve_request = IdentityResolver(lambda: self.network, booted.authority, self.service_records,
+                                                self.settings.trust_domain, reactor, self.metrics)
         self.https_site, self.pki_site = build_sites(self)
 
     def to_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:

@@ -1,9 +1,24 @@
 """The §3 decision: who is this request? Direct mTLS first, then a trusted proxy's headers, else nobody."""
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.logger import Logger
+
+from ..config import NetworkSettings
+from ..pki.authority import Authority
+from .dn import common_name
+from .headers import ForwardedClientCert, MalformedHeader, parse_cert_header, parse_info_header
+from .proxies import is_trusted, resolve_client_ip
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -49,3 +64,291 @@ def peer_ip_of(request: Any) -> str:
         return canonical_ip(host)
     except ValueError:
         return "0.0.0.0"
+
+
+# -- header removal (SPEC §3.3) -----------------------------------------------------------------
+
+_IDENTITY_EXACT = {
+    "x-forwarded-client-cert": "xfcc",
+    "x-forwarded-client-cert-info": "client-cert-info",
+    "x-forwarded-tls-client-cert": "traefik",
+    "x-forwarded-tls-client-cert-info": "traefik",
+    "client-cert": "rfc9440",
+    "client-cert-chain": "rfc9440",
+    "x-forwarded-proto": "forwarded-proto-host",
+    "x-forwarded-host": "forwarded-proto-host",
+    "origin": "origin",
+}
+_IDENTITY_PREFIXES = (("x-ssl-client-", "x-ssl-client"), ("x-client-cert", "x-client-cert"),
+                      ("ssl-client-", "ssl-client"))
+_REAL_IP = {"x-forwarded-for", "forwarded", "x-real-ip", "true-client-ip", "cf-connecting-ip"}
+
+
+def normalize_header_name(name: str | bytes) -> str:
+    """Lower case with `_` folded to `-`, so `X_SSL_Client_Cert` matches `x-ssl-client-cert`."""
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    return name.strip().lower().replace("_", "-")
+
+
+def header_family(name: str, configured: Iterable[str | None], real_ip_header: str,
+                  include_real_ip: bool) -> str | None:
+    """The §3.3 family a header belongs to, or None when it may pass."""
+    n = normalize_header_name(name)
+    if n in {normalize_header_name(c) for c in configured if c}:
+        return "configured"
+    if n in _IDENTITY_EXACT:
+        return _IDENTITY_EXACT[n]
+    for prefix, family in _IDENTITY_PREFIXES:
+        if n.startswith(prefix):
+            return family
+    if include_real_ip and (n in _REAL_IP or n == normalize_header_name(real_ip_header)):
+        return "real-ip"
+    return None
+
+
+def remove_headers(headers: Any, configured: Iterable[str | None], real_ip_header: str,
+                   include_real_ip: bool) -> list[str]:
+    """Remove every §3.3 header from a twisted Headers object; returns the families removed (one each)."""
+    configured = list(configured)
+    removed = []
+    for raw_name, values in list(headers.getAllRawHeaders()):
+        family = header_family(raw_name.decode("latin-1"), configured, real_ip_header, include_real_ip)
+        if family is not None:
+            headers.removeHeader(raw_name)
+            removed.extend([family] * max(1, len(values)))
+    return removed
+
+
+# -- verification (SPEC §3.4) ---------------------------------------------------------------------
+
+class Rejected(Exception):
+    """Evidence that does not establish an identity; the message is the short reason whoami shows."""
+
+
+def _uuid(text: str | None) -> str | None:
+    if not text:
+        return None
+    try:
+        return str(uuid.UUID(text)) if len(text) == 36 else None
+    except ValueError:
+        return None
+
+
+def _service_id_of(cert: x509.Certificate, trust_domain: str) -> str | None:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        prefix = f"spiffe://{trust_domain}/service/"
+        for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith(prefix):
+                return _uuid(uri[len(prefix):])
+    except (x509.ExtensionNotFound, ValueError):
+        pass
+    try:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    return _uuid(str(cns[0].value)) if len(cns) == 1 else None
+
+
+def verify_certificate(cert: x509.Certificate, authority: Authority, services: Mapping[str, Any],
+                       trust_domain: str, now: datetime.datetime, check_chain: bool = True) -> Identity:
+    """Identity from a certificate: issued by a trusted CA, valid now, clientAuth, in our records, not revoked."""
+    ca = None
+    for candidate in authority.trusted(now):
+        if candidate.cert.subject == cert.issuer:
+            if check_chain:
+                try:
+                    cert.verify_directly_issued_by(candidate.cert)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+            ca = candidate
+            break
+    if ca is None:
+        raise Rejected("certificate not issued by a trusted CA")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise Rejected("certificate expired or not yet valid")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+            raise Rejected("certificate lacks the clientAuth usage")
+    except x509.ExtensionNotFound:
+        raise Rejected("certificate lacks the clientAuth usage") from None
+    record = authority.records.get(cert.serial_number)
+    if record is None or record.purpose != "client" or record.ca_generation != ca.generation:
+        raise Rejected("certificate not recognized")
+    if record.revoked_at is not None:
+        raise Rejected("certificate revoked")
+    service_id = _service_id_of(cert, trust_domain)
+    if service_id is None or service_id != record.service_id or service_id not in services:
+        raise Rejected("certificate does not match our records")
+    return Identity(service_id, record.serial, ca.generation)
+
+
+def verify_info(info: ForwardedClientCert, authority: Authority, services: Mapping[str, Any],
+                now: datetime.datetime) -> Identity:
+    """Identity from Subject/Issuer/SerialNumber alone, checked against the trusted CAs and our records."""
+    missing = [name for name, value in (("Subject", info.subject), ("Issuer", info.issuer),
+                                        ("SerialNumber", info.serial)) if value is None]
+    if missing:
+        raise Rejected(f"info header lacks {', '.join(missing)}")
+    issuer_cn = common_name(info.issuer)
+    ca = authority.ca_for_issuer_cn(issuer_cn, now) if issuer_cn else None
+    if ca is None:
+        raise Rejected("issuer CN does not match a trusted CA")
+    service_id = _uuid(common_name(info.subject))
+    if service_id is None or service_id not in services:
+        raise Rejected("subject CN is not a known service")
+    record = authority.records.get(info.serial)
+    if record is None or record.purpose != "client" or record.service_id != service_id \
+            or record.ca_generation != ca.generation:
+        raise Rejected("serial not issued to this service by this CA")
+    if record.revoked_at is not None:
+        raise Rejected("certificate revoked")
+    if not record.not_before <= now.timestamp() <= record.not_after:
+        raise Rejected("certificate expired or not yet valid")
+    return Identity(service_id, record.serial, ca.generation)
+
+
+# -- the decision (SPEC §3.1) ---------------------------------------------------------------------
+
+class IdentityResolver:
+    """Runs before any resource: strips what cannot be trusted, then decides who the request is."""
+
+    def __init__(self, network: Callable[[], NetworkSettings], authority: Authority,
+                 services: Mapping[str, Any], trust_domain: str, clock: Any, metrics: Any = None) -> None:
+        self.network = network
+        self.authority = authority
+        self.services = services
+        self.trust_domain = trust_domain
+        self.clock = clock
+        self.metrics = metrics
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+
+    def __call__(self, request: Any) -> RequestContext:
+        net = self.network()
+        peer = peer_ip_of(request)
+        trusted = is_trusted(peer, net.trusted_proxies)
+        headers = request.requestHeaders
+        configured = [net.forwarded_client_cert_info_header, net.forwarded_client_cert_pem_header,
+                      net.forwarded_client_verify_header]
+        peer_cert = _peer_certificate(request)
+        client_ip, proxy_ip = peer, None
+        if trusted:
+            proxy_ip = peer
+            client_ip = resolve_client_ip(peer, net.real_ip_header,
+                                          [v.decode("latin-1") for v in
+                                           headers.getRawHeaders(net.real_ip_header.encode(), [])],
+                                          net.trusted_proxies)
+        if peer_cert is not None:
+            self._count_removed(remove_headers(headers, configured, net.real_ip_header, include_real_ip=not trusted))
+            return self._decide(peer, client_ip, proxy_ip, "mtls", lambda: verify_certificate(
+                peer_cert, self.authority, self.services, self.trust_domain, self.now(), check_chain=False))
+        if not trusted:
+            removed = remove_headers(headers, configured, net.real_ip_header, include_real_ip=True)
+            self._count_removed(removed)
+            self._count("none", "absent")
+            identity_headers = [f for f in removed if f not in ("real-ip", "origin", "forwarded-proto-host")]
+            reason = f"client certificate headers ignored: {peer} is not a trusted proxy" if identity_headers else None
+            return RequestContext(peer, peer, rejected=reason)
+        return self._from_proxy(request, net, peer, client_ip)
+
+    def _from_proxy(self, request: Any, net: NetworkSettings, peer: str, client_ip: str) -> RequestContext:
+        headers = request.requestHeaders
+        if net.forwarded_client_verify_header:
+            verdict = headers.getRawHeaders(net.forwarded_client_verify_header.encode(), [])
+            if verdict and verdict[-1].strip() != b"SUCCESS":
+                self._count("none", "rejected")
+                return RequestContext(peer, client_ip, peer, None, "none",
+                                      "proxy reports client certificate verification did not succeed")
+        reasons = []
+        if net.forwarded_client_cert_info_header:
+            try:
+                value = _single(headers, net.forwarded_client_cert_info_header)
+                if value is not None:
+                    info = parse_info_header(value, net.forwarded_client_cert_info_format)
+                    if info.cert_der is not None:
+                        cert = _load_der(info.cert_der)
+                        source = "proxy-cert"
+                        check = lambda: verify_certificate(cert, self.authority, self.services,  # noqa: E731
+                                                           self.trust_domain, self.now())
+                    else:
+                        source = "proxy-info"
+                        check = lambda: verify_info(info, self.authority, self.services, self.now())  # noqa: E731
+                    context = self._decide(peer, client_ip, peer, source, check)
+                    if context.identity is not None:
+                        return context
+                    reasons.append(context.rejected)
+            except (MalformedHeader, Rejected) as e:
+                log.info("info header from {peer} unusable: {reason}", peer=peer, reason=str(e))
+                reasons.append(f"info header unusable: {e}")
+                self._count("proxy-info", "rejected")
+        if net.forwarded_client_cert_pem_header:
+            try:
+                value = _single(headers, net.forwarded_client_cert_pem_header)
+                if value is not None:
+                    cert = _load_der(parse_cert_header(value))
+                    context = self._decide(peer, client_ip, peer, "proxy-cert", lambda: verify_certificate(
+                        cert, self.authority, self.services, self.trust_domain, self.now()))
+                    if context.identity is not None:
+                        return context
+                    reasons.append(context.rejected)
+            except (MalformedHeader, Rejected) as e:
+                log.info("certificate header from {peer} unusable: {reason}", peer=peer, reason=str(e))
+                reasons.append(f"certificate header unusable: {e}")
+                self._count("proxy-cert", "rejected")
+        if not reasons:
+            self._count("none", "absent")
+        return RequestContext(peer, client_ip, peer, None, "none", "; ".join(r for r in reasons if r) or None)
+
+    def _decide(self, peer: str, client_ip: str, proxy_ip: str | None, source: str,
+                check: Callable[[], Identity]) -> RequestContext:
+        try:
+            identity = check()
+        except Rejected as e:
+            log.info("identity from {source} rejected for {client}: {reason}", source=source, client=client_ip,
+                     reason=str(e))
+            self._count(source, "rejected")
+            return RequestContext(peer, client_ip, proxy_ip, None, "none", str(e))
+        self._count(source, "accepted")
+        return RequestContext(peer, client_ip, proxy_ip, identity, source, None)
+
+    def _count(self, source: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.identity_decisions.labels(source, outcome).inc()
+
+    def _count_removed(self, families: list[str]) -> None:
+        if self.metrics is not None:
+            for family in families:
+                self.metrics.headers_removed.labels(family).inc()
+
+
+def _single(headers: Any, name: str) -> str | None:
+    """The one value of a header; several copies are ambiguous and rejected."""
+    values = headers.getRawHeaders(name.encode(), [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise MalformedHeader("header sent more than once")
+    return values[0].decode("latin-1")
+
+
+def _load_der(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise MalformedHeader("not a DER certificate") from None
+
+
+def _peer_certificate(request: Any) -> x509.Certificate | None:
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        cert = get()
+    except Exception:
+        return None
+    return cert.to_cryptography() if cert is not None else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .api.identity import IdentityRoutes
 from .api.pki_admin import PkiAdminRoutes
 from .api.status import StatusRoutes
 from .pki import PkiRoutes
@@ -14,7 +15,8 @@ def build_sites(controller: Any) -> tuple[IdentifyingSite, IdentifyingSite]:
     """(https_site, pki_site) for a Controller."""
     status = StatusRoutes(controller)
     pki = PkiRoutes(controller)
-    https_routes = status.routes() + PkiAdminRoutes(controller).routes() + pki.routes()
+    https_routes = (status.routes() + IdentityRoutes(controller).routes() + PkiAdminRoutes(controller).routes()
+                    + pki.routes())
     for extra in getattr(controller, "extra_routes", lambda: [])():
         https_routes.append(extra)
     https = IdentifyingSite(Router(https_routes, controller.check_admin),

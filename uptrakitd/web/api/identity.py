@@ -1,0 +1,54 @@
+"""`/api/v1/whoami` (SPEC §3.5) and the runtime network settings (SPEC §7)."""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from ...config import ConfigError
+from ...errors import BadRequest
+from ...pki.ca import embedded_urls, pki_urls
+from ...pki.serials import format_serial
+from ..router import Route, json_body, route
+
+
+class IdentityRoutes:
+    """whoami and GET/PUT settings/network."""
+
+    def __init__(self, controller: Any) -> None:
+        self.c = controller
+
+    def routes(self) -> list[Route]:
+        return [
+            route("GET", r"/api/v1/whoami", self.whoami),
+            route("GET", r"/api/v1/settings/network", self.get_network, admin=True),
+            route("PUT", r"/api/v1/settings/network", self.put_network, admin=True),
+        ]
+
+    def whoami(self, request: Any) -> dict:
+        ctx = request.context
+        identity = None
+        if ctx.identity is not None:
+            identity = {"service_id": ctx.identity.service_id, "serial": format_serial(ctx.identity.serial),
+                        "ca_generation": ctx.identity.ca_generation}
+        return {"peer_ip": ctx.peer_ip, "client_ip": ctx.client_ip, "proxy_ip": ctx.proxy_ip,
+                "via_trusted_proxy": ctx.via_trusted_proxy, "identity": identity,
+                "identity_source": ctx.identity_source, "rejected": ctx.rejected}
+
+    def get_network(self, request: Any) -> dict:
+        return self.c.network.to_json()
+
+    @inlineCallbacks
+    def put_network(self, request: Any) -> Any:
+        body = json_body(request)
+        try:
+            new = yield self.c.update_network(body)
+        except ConfigError as e:
+            raise BadRequest(str(e), "invalid_setting") from None
+        result = new.to_json()
+        active = self.c.pki.authority.active()
+        if "pki_addr" in body and not active.external and \
+                embedded_urls(active.cert) != pki_urls(new.pki_addr, active.generation):
+            result["pki_addr_warning"] = ("pki_addr changed: certificates keep the old URLs until you rotate the CA "
+                                          "(POST /api/v1/settings/rotate-ca)")
+        return result
