@@ -17,7 +17,8 @@ class IdentifiedRequest(Request):
     context: RequestContext
 
     def process(self) -> None:
-        resolver: Callable[[Any], RequestContext] | None = getattr(self.site, "resolver", None)
+        # Request.process() sets self.site itself; before it, the site is only known to the channel.
+        resolver: Callable[[Any], RequestContext] | None = getattr(self.channel.site, "resolver", None)
         try:
             self.context = resolver(self) if resolver else _anonymous(self)
         except Exception:

@@ -1,0 +1,242 @@
+"""Who is this request? (SPEC §3) End to end over real sockets, plus properties of the stripping rules."""
+from __future__ import annotations
+
+import base64
+import json
+from urllib.parse import quote, quote_plus
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings, strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
+
+from uptrakitd.config import NetworkSettings
+from uptrakitd.pki.authority import Authority
+from uptrakitd.pki.serials import format_serial
+from uptrakitd.trust.identity import IdentityResolver, header_family
+
+from .helpers import (blocking_get, blocking_tls_socket, ca_pem, foreign_ca_and_leaf, https_port, request_json,
+                      start_controller)
+from .test_pki import new_leaf
+
+PROXY = "127.0.0.2"
+CLIENT = "127.0.0.1"
+
+
+def rfc2253(name: x509.Name) -> str:
+    return name.rfc4514_string()
+
+
+class EndToEndTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        self.c = yield start_controller(self, trusted_proxies=[PROXY])
+        self.leaf, self.key, self.service = yield new_leaf(self.c)
+        self.pem = self.leaf.pem
+        self.der = self.leaf.cert.public_bytes(serialization.Encoding.DER)
+
+    def whoami(self, source=CLIENT, headers=None, cert=None, key=None):
+        def go():
+            with blocking_tls_socket(https_port(self.c), ca_pem(self.c), cert, key, source=source) as s:
+                return blocking_get(s, "/api/v1/whoami", headers)
+        d = deferToThread(go)
+        d.addCallback(lambda r: json.loads(r[1]))
+        return d
+
+    def configure(self, **fields):
+        return request_json(self.c, "PUT", "/api/v1/settings/network", fields)
+
+    def assertIdentity(self, answer, source):
+        self.assertEqual(answer["identity_source"], source, answer)
+        self.assertEqual(answer["identity"], {"service_id": self.service.id,
+                                              "serial": format_serial(self.leaf.serial), "ca_generation": 1})
+        self.assertIsNone(answer["rejected"])
+
+    def assertNoIdentity(self, answer, reason_fragment):
+        self.assertIsNone(answer["identity"], answer)
+        self.assertEqual(answer["identity_source"], "none")
+        self.assertIn(reason_fragment, answer["rejected"] or "")
+
+    @inlineCallbacks
+    def test_direct_mtls_wins_and_ignores_headers(self):
+        other, _, _ = yield new_leaf(self.c)
+        yield self.configure(forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        answer = yield self.whoami(CLIENT, {"X-SSL-Client-Cert": base64.b64encode(
+            other.cert.public_bytes(serialization.Encoding.DER)).decode()}, self.pem, self.key)
+        self.assertIdentity(answer, "mtls")
+        self.assertEqual((answer["peer_ip"], answer["client_ip"], answer["proxy_ip"]), (CLIENT, CLIENT, None))
+        self.assertFalse(answer["via_trusted_proxy"])
+
+    @inlineCallbacks
+    def test_every_certificate_header_format_through_a_trusted_proxy(self):
+        yield self.configure(forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        b64 = base64.b64encode(self.der).decode()
+        for name, value in [("nginx $ssl_client_escaped_cert", quote(self.pem.decode(), safe="-_.~")),
+                            ("HAProxy/Caddy base64 DER", b64), ("Traefik chain", b64 + "," + b64),
+                            ("RFC 9440", f":{b64}:")]:
+            answer = yield self.whoami(PROXY, {"X-SSL-Client-Cert": value, "X-Forwarded-For": "203.0.113.9"})
+            self.assertIdentity(answer, "proxy-cert")
+            self.assertEqual((answer["client_ip"], answer["proxy_ip"]), ("203.0.113.9", PROXY), name)
+        yield self.configure(forwarded_client_cert_info_header="X-Forwarded-Client-Cert",
+                             forwarded_client_cert_pem_header="")
+        xfcc = f'By=spiffe://proxy;Hash=abc;Cert="{quote(self.pem.decode(), safe="-_.~")}";Subject="{rfc2253(self.leaf.cert.subject)}"'
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert": xfcc})
+        self.assertIdentity(answer, "proxy-cert")
+
+    @inlineCallbacks
+    def test_structured_info_through_a_trusted_proxy(self):
+        cert = self.leaf.cert
+        yield self.configure(forwarded_client_cert_info_header="X-Forwarded-Client-Cert-Info")
+        kv = (f'Subject="{rfc2253(cert.subject)}";Issuer="{rfc2253(cert.issuer)}";'
+              f'SerialNumber="{format_serial(cert.serial_number)}"')
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv})
+        self.assertIdentity(answer, "proxy-info")
+        slash = (f'Subject="/O=Uptrakit Agent/CN={self.service.id}";Issuer="/O=Uptrakit/CN='
+                 f'{self.c.pki.authority.active().common_name}";SerialNumber="{format_serial(cert.serial_number).lower()}"')
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": slash})
+        self.assertIdentity(answer, "proxy-info")
+        yield self.configure(forwarded_client_cert_info_header="X-Forwarded-Tls-Client-Cert-Info")
+        traefik = quote_plus(f'Subject="{rfc2253(cert.subject)}";Issuer="{rfc2253(cert.issuer)}";'
+                             f'SerialNumber="{cert.serial_number}";NB="1";NA="2"')
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Tls-Client-Cert-Info": traefik})
+        self.assertIdentity(answer, "proxy-info")
+
+    @inlineCallbacks
+    def test_forgeries_get_no_identity_and_whoami_says_why(self):
+        cert = self.leaf.cert
+        yield self.configure(forwarded_client_cert_info_header="X-Forwarded-Client-Cert-Info",
+                             forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+
+        def kv(subject=None, issuer=None, serial=None):
+            return {"X-Forwarded-Client-Cert-Info":
+                    f'Subject="{subject or rfc2253(cert.subject)}";Issuer="{issuer or rfc2253(cert.issuer)}";'
+                    f'SerialNumber="{serial or format_serial(cert.serial_number)}"'}
+        answer = yield self.whoami(PROXY, kv(issuer="CN=Uptrakit Internal CA G1 00000000,O=Uptrakit"))
+        self.assertNoIdentity(answer, "issuer CN does not match a trusted CA")
+        answer = yield self.whoami(PROXY, kv(serial="0123456789ABCDEF"))
+        self.assertNoIdentity(answer, "serial not issued to this service")
+        answer = yield self.whoami(PROXY, kv(subject="CN=00000000-0000-4000-8000-000000000000"))
+        self.assertNoIdentity(answer, "subject CN is not a known service")
+        _, foreign, _ = foreign_ca_and_leaf(self.service.id)
+        answer = yield self.whoami(PROXY, {"X-SSL-Client-Cert": base64.b64encode(
+            x509.load_pem_x509_certificate(foreign).public_bytes(serialization.Encoding.DER)).decode()})
+        self.assertNoIdentity(answer, "certificate not issued by a trusted CA")
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": 'Hash=1;Subject="CN=x"'})
+        self.assertNoIdentity(answer, "lacks")
+        answer = yield self.whoami(PROXY, {"X-SSL-Client-Cert": "%%%garbage"})
+        self.assertNoIdentity(answer, "unusable")
+        # the very same good headers from an untrusted address: stripped, and whoami says so
+        answer = yield self.whoami(CLIENT, dict(kv(), **{"X-Forwarded-For": "203.0.113.9"}))
+        self.assertNoIdentity(answer, "not a trusted proxy")
+        self.assertEqual((answer["client_ip"], answer["proxy_ip"]), (CLIENT, None))
+        # revoked: refused at once
+        yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(cert.serial_number)}/revoke", {})
+        answer = yield self.whoami(PROXY, kv())
+        self.assertNoIdentity(answer, "certificate revoked")
+
+    @inlineCallbacks
+    def test_verify_header_and_previous_ca(self):
+        cert = self.leaf.cert
+        yield self.configure(forwarded_client_cert_info_header="X-Forwarded-Client-Cert-Info",
+                             forwarded_client_verify_header="X-SSL-Client-Verify")
+        kv = (f'Subject="{rfc2253(cert.subject)}";Issuer="{rfc2253(cert.issuer)}";'
+              f'SerialNumber="{format_serial(cert.serial_number)}"')
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "FAILED:x"})
+        self.assertNoIdentity(answer, "verification did not succeed")
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "SUCCESS"})
+        self.assertIdentity(answer, "proxy-info")
+        yield self.c.pki.rotate()
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "SUCCESS"})
+        self.assertIdentity(answer, "proxy-info")  # generation 1 is the previous CA: still trusted
+        yield self.c.pki.rotate()
+        answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "SUCCESS"})
+        self.assertNoIdentity(answer, "issuer CN does not match a trusted CA")
+
+    @inlineCallbacks
+    def test_network_settings_api(self):
+        status, body = yield self.configure(trusted_proxies=["10.0.0.0/8", "nonsense"])
+        self.assertEqual((status, body["code"]), (400, "invalid_setting"))
+        self.assertIn("trusted_proxies", body["error"])
+        status, body = yield request_json(self.c, "GET", "/api/v1/settings/network")
+        self.assertEqual(body["trusted_proxies"], ["127.0.0.2/32"])
+        status, body = yield self.configure(pki_addr="http://pki.example")
+        self.assertEqual(status, 200)
+        self.assertIn("rotate the CA", body["pki_addr_warning"])
+        # applied to the next request, no restart: 127.0.0.2 stops being trusted
+        yield self.configure(trusted_proxies=[])
+        answer = yield self.whoami(PROXY, {"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual((answer["client_ip"], answer["proxy_ip"]), (PROXY, None))
+        status, body = yield request_json(self.c, "PUT", "/api/v1/settings/network", b"[1, 2]")
+        self.assertEqual(status, 400)
+        status, body = yield request_json(self.c, "PUT", "/api/v1/settings/network", {"unknown_field": 1})
+        self.assertEqual(status, 400)
+
+    @inlineCallbacks
+    def test_forwarded_for_walk_end_to_end(self):
+        answer = yield self.whoami(PROXY, {"X-Forwarded-For": "203.0.113.5, 127.0.0.2"})
+        self.assertEqual(answer["client_ip"], "203.0.113.5")
+        answer = yield self.whoami(PROXY, {"X-Forwarded-For": "6.6.6.6, 198.51.100.4"})
+        self.assertEqual(answer["client_ip"], "198.51.100.4")
+        self.assertTrue(answer["via_trusted_proxy"])
+
+
+# -- properties of the stripping rules (in memory) ------------------------------------------------
+
+class FakeRequest:
+    def __init__(self, peer: str, headers: Headers):
+        self.requestHeaders = headers
+        self.peer = peer
+        self.channel = None
+
+    def getClientAddress(self):
+        return IPv4Address("TCP", self.peer, 40000)
+
+
+FAMILY_NAMES = ["X-Forwarded-Client-Cert", "X-Forwarded-Client-Cert-Info", "X-Forwarded-Tls-Client-Cert",
+                "X-Forwarded-Tls-Client-Cert-Info", "X-SSL-Client-Cert", "X-SSL-Client-S-DN", "X-Client-Cert",
+                "X-Client-Cert-Chain", "SSL-Client-Cert", "Client-Cert", "Client-Cert-Chain", "X-Forwarded-Proto",
+                "X-Forwarded-Host", "Origin", "X-Forwarded-For", "Forwarded", "X-Real-IP", "X-My-Cert-Info"]
+NAME = st.one_of(st.sampled_from(FAMILY_NAMES), st.text(alphabet="abcXYZ-_", min_size=1, max_size=12))
+
+
+def mangle(name: str, data) -> str:
+    name = "".join(c.upper() if data.draw(st.booleans()) else c.lower() for c in name)
+    return name.replace("-", "_") if data.draw(st.booleans()) else name
+
+
+class StrippingPropertyTests(TestCase):
+    def resolver(self, network):
+        return IdentityResolver(lambda: network, Authority(), {}, "uptrakit.local", Clock())
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.data(), st.lists(st.tuples(NAME, st.text(max_size=50)), max_size=12))
+    def test_untrusted_peer_gets_no_identity_and_no_forwarded_header_survives(self, data, headers):
+        network = NetworkSettings().updated({"trusted_proxies": ["10.0.0.0/8"],
+                                             "forwarded_client_cert_info_header": "X-My-Cert-Info"})
+        h = Headers()
+        for name, value in headers:
+            try:
+                h.addRawHeader(mangle(name, data), value.encode("utf-8"))
+            except ValueError:
+                continue
+        request = FakeRequest("192.0.2.1", h)
+        context = self.resolver(network)(request)
+        self.assertIsNone(context.identity)
+        self.assertEqual((context.client_ip, context.proxy_ip), ("192.0.2.1", None))
+        for raw, _ in h.getAllRawHeaders():
+            self.assertIsNone(header_family(raw.decode("latin-1"), ["X-My-Cert-Info"], "X-Forwarded-For", True),
+                              raw)
+
+    def test_trusted_proxy_without_evidence_keeps_its_headers(self):
+        network = NetworkSettings().updated({"trusted_proxies": ["10.0.0.0/8"]})
+        h = Headers({b"X-Forwarded-For": [b"203.0.113.1"], b"X-SSL-Client-Cert": [b"junk"]})
+        context = self.resolver(network)(FakeRequest("10.1.1.1", h))
+        self.assertEqual((context.client_ip, context.proxy_ip, context.identity), ("203.0.113.1", "10.1.1.1", None))
+        self.assertTrue(h.hasHeader(b"X-Forwarded-For"))
