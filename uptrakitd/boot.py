@@ -6,7 +6,6 @@ name them, so `kill -9` at any point leaves a state the next start completes.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ from .config import ConfigError, NetworkSettings, Settings
 from .files import atomic_write, ensure_private_dir
 from .pki import records
 from .services import load_services
+from .tokens import token_hash
 from .pki.authority import Authority
 from .pki.ca import CaError, CaGeneration, create_ca, embedded_urls, key_pem, load_external_ca, pki_urls
 from .pki.issue import SERVER_RENEW_WHEN_LEFT, issue_server_certificate, server_names
@@ -61,11 +61,6 @@ class Booted:
     hostname: str = ""
     admin_tokens: dict[str, list[str]] = field(default_factory=dict)
     services: list[Any] = field(default_factory=list)
-
-
-def token_hash(token: str) -> str:
-    """SHA-256 hex of a high-entropy token: what the store keeps instead of the token."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def get_setting(conn: sqlite3.Connection, key: str) -> Any:

@@ -15,7 +15,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from . import store as store_mod
-from .boot import Booted, ServiceCertSettings, put_setting, token_hash
+from .boot import Booted, ServiceCertSettings, put_setting
+from .tokens import token_hash
+from .channel.registry import ChannelHub
 from .config import ConfigError, NetworkSettings, build_settings
 from .metrics import Metrics
 from .pki.crl import CrlPublisher
@@ -65,6 +67,7 @@ class Controller(MultiService):
         self.metrics.ca_generation.set_function(lambda: self.pki.authority.active().generation)
         self.resolve_request = IdentityResolver(lambda: self.network, booted.authority, self.service_records,
                                                 self.settings.trust_domain, reactor, self.metrics)
+        self.hub = ChannelHub(self, reactor)
         self.https_site, self.pki_site = build_sites(self)
 
     def to_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -146,6 +149,7 @@ class Controller(MultiService):
     def startService(self) -> None:
         super().startService()
         self.store.start()
+        self.hub.start()
         self._listen(self.settings.https_listen, TLSMemoryBIOFactory(self.tls, False, self.https_site), "HTTPS")
         pki_endpoint = self.settings.pki_listen_endpoint()
         if pki_endpoint:
@@ -217,6 +221,7 @@ class Controller(MultiService):
         for loop in self._timers:
             if loop.running:
                 loop.stop()
+        yield self.hub.stop()
         yield DeferredList([port.stopListening() for port in self.ports])
         running = self.pki.crls.stop()
         if running is not None:

@@ -26,10 +26,11 @@ class ServiceRecord:
     last_seen_at: int | None = None
     cert_lifetime_hours: int | None = None
     ping_interval_seconds: int | None = None
+    enrollment_secret_hash: str | None = None
 
 
 _COLUMNS = ("id, kind, hostname, status, created_at, friendly_name, capabilities, ip_address, proxy_ip, "
-            "identity_source, last_seen_at, cert_lifetime_hours, ping_interval_seconds")
+            "identity_source, last_seen_at, cert_lifetime_hours, ping_interval_seconds, enrollment_secret_hash")
 
 
 def load_services(conn: sqlite3.Connection) -> list[ServiceRecord]:
@@ -48,7 +49,7 @@ def insert_service(conn: sqlite3.Connection, kind: str, hostname: str, status: s
     """Create a service with a new UUID."""
     record = ServiceRecord(id=str(uuid.uuid4()), kind=kind, hostname=hostname, status=status,
                            created_at=int(time.time()), friendly_name=friendly_name,
-                           capabilities=list(capabilities or []))
+                           capabilities=list(capabilities or []), enrollment_secret_hash=enrollment_secret_hash)
     conn.execute("INSERT INTO services (id, kind, hostname, friendly_name, status, capabilities, created_at, "
                  "enrollment_secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  (record.id, kind, hostname, friendly_name, status, json.dumps(record.capabilities),
@@ -65,7 +66,8 @@ def record_connection(conn: sqlite3.Connection, service_id: str, ip_address: str
 
 def update_fields(conn: sqlite3.Connection, service_id: str, **fields: Any) -> None:
     """Update named columns of one service."""
-    allowed = {"status", "cert_lifetime_hours", "ping_interval_seconds", "enrollment_secret_hash", "last_seen_at"}
+    allowed = {"status", "cert_lifetime_hours", "ping_interval_seconds", "enrollment_secret_hash", "last_seen_at",
+               "friendly_name"}
     assert set(fields) <= allowed, fields
     assignments = ", ".join(f"{k} = ?" for k in fields)
     conn.execute(f"UPDATE services SET {assignments} WHERE id = ?", (*fields.values(), service_id))

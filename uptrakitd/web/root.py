@@ -5,6 +5,7 @@ from typing import Any
 
 from .api.identity import IdentityRoutes
 from .api.pki_admin import PkiAdminRoutes
+from .api.services import ServiceRoutes
 from .api.status import StatusRoutes
 from .pki import PkiRoutes
 from .router import Router, route
@@ -16,11 +17,14 @@ def build_sites(controller: Any) -> tuple[IdentifyingSite, IdentifyingSite]:
     status = StatusRoutes(controller)
     pki = PkiRoutes(controller)
     https_routes = (status.routes() + IdentityRoutes(controller).routes() + PkiAdminRoutes(controller).routes()
-                    + pki.routes())
+                    + ServiceRoutes(controller).routes() + pki.routes())
     for extra in getattr(controller, "extra_routes", lambda: [])():
         https_routes.append(extra)
-    https = IdentifyingSite(Router(https_routes, controller.check_admin),
-                            resolver=getattr(controller, "resolve_request", None))
+    router = Router(https_routes, controller.check_admin)
+    hub = getattr(controller, "hub", None)
+    if hub is not None:
+        router.resources.update(hub.resources)
+    https = IdentifyingSite(router, resolver=getattr(controller, "resolve_request", None))
     pki_routes = [route("GET", r"/healthz", status.healthz)] + pki.routes()
     plain = IdentifyingSite(Router(pki_routes))
     return https, plain

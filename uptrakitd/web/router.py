@@ -78,10 +78,18 @@ class Router(Resource):
         super().__init__()
         self.routes = routes
         self.check_admin = check_admin
+        self.resources: dict[str, Resource] = {}
 
     def render(self, request: Any) -> Any:
         path = request.path.decode("latin-1")
         method = request.method.decode("latin-1")
+        resource = self.resources.get(path)
+        if resource is not None:  # WebSocket endpoints take over the connection themselves
+            if method != "GET":
+                request.setHeader(b"Allow", b"GET")
+                return self._write_error(request, UptrakitError(f"method {method} not allowed",
+                                                                "method_not_allowed"), status=405)
+            return resource.render(request)
         matched = [(r, m) for r in self.routes if (m := r.pattern.fullmatch(path))]
         if not matched:
             return self._write_error(request, NotFound(f"no route for {path[:200]}"))

@@ -8,6 +8,7 @@ from twisted.internet.defer import inlineCallbacks
 from ...errors import BadRequest
 from ...pki.serials import BadSerial, format_serial, parse_serial
 from ..router import Route, json_body, route
+from .services import iso
 
 
 class PkiAdminRoutes:
@@ -85,7 +86,7 @@ class PkiAdminRoutes:
         record = yield self.c.pki.revoke(number, reason)
         self.c.metrics.revocations.labels(reason).inc()
         return {"serial": format_serial(record.serial), "revoked": True, "reason": record.reason,
-                "revoked_at": record.revoked_at, "service_id": record.service_id}
+                "revoked_at": iso(record.revoked_at), "service_id": record.service_id}
 
     def list_certificates(self, request: Any) -> dict:
         wanted = request.args.get(b"service_id", [None])[0]
@@ -97,7 +98,7 @@ class PkiAdminRoutes:
                 continue
             status = "revoked" if r.revoked_at else ("expired" if r.not_after < now else "valid")
             out.append({"serial": format_serial(r.serial), "service_id": r.service_id, "purpose": r.purpose,
-                        "ca_generation": r.ca_generation, "not_before": r.not_before, "not_after": r.not_after,
-                        "status": status, "revoked_at": r.revoked_at, "revocation_reason": r.reason})
-        out.sort(key=lambda c: c["not_before"])
+                        "ca_generation": r.ca_generation, "not_before": iso(r.not_before), "not_after": iso(r.not_after),
+                        "status": status, "revoked_at": iso(r.revoked_at), "revocation_reason": r.reason})
+        out.sort(key=lambda c: (c["not_before"], c["serial"]))
         return {"certificates": out}

@@ -1,0 +1,1 @@
+"""The service channel: Autobahn WebSockets for agents and MQTT services (SPEC §5)."""

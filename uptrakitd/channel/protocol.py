@@ -1,0 +1,174 @@
+"""One service's WebSocket: envelope, limits and the state machine's transport side (SPEC §5)."""
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.logger import Logger
+
+from ..trust.identity import RequestContext
+from . import wire
+
+log = Logger()
+OUTBOUND_CAP = 1024 * 1024
+RATE_PER_SECOND = 50.0
+RATE_BURST = 100.0
+ENROLL_TIMEOUT = 30.0
+MAX_UNKNOWN_IN_A_ROW = 10
+
+
+def buffered_bytes(transport: Any) -> int:
+    """Bytes written but not yet accepted by the kernel, summed down a TLS/TCP transport chain."""
+    total, seen = 0, 0
+    while transport is not None and seen < 6:
+        total += getattr(transport, "_tempDataLen", 0) or 0
+        data = getattr(transport, "dataBuffer", None)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            total += len(data) - (getattr(transport, "offset", 0) or 0)
+        pending = getattr(transport, "_appSendBuffer", None)
+        if pending:
+            total += sum(len(p) for p in pending)
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return total
+
+
+class TokenBucket:
+    """≤ rate messages per second with a burst allowance."""
+
+    def __init__(self, clock: Any, rate: float = RATE_PER_SECOND, burst: float = RATE_BURST) -> None:
+        self.clock, self.rate, self.burst = clock, rate, burst
+        self.tokens, self.stamp = burst, clock.seconds()
+
+    def take(self) -> bool:
+        now = self.clock.seconds()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class ServiceChannelProtocol(WebSocketServerProtocol):
+    """Frames in and out for one service; decisions are the hub's."""
+
+    kind: str = "agent"
+    hub: Any = None
+    context: RequestContext | None = None
+
+    def onConnect(self, request: Any) -> None:
+        self.state = "connecting"
+        self.service_id: str | None = None
+        self.serial: int | None = None
+        self.in_seq = 1
+        self.out_seq = 1
+        self.unknown_in_row = 0
+        self.closing = False
+        self.bucket = TokenBucket(self.hub.clock)
+        self.enroll_timer: Any = None
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        self.bearer = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        return None
+
+    def onOpen(self) -> None:
+        self.hub.opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.closing:
+            return
+        if not self.bucket.take():
+            self.close(wire.RATE_LIMITED)
+            return
+        if isBinary:
+            self.violation(wire.ProtocolViolation("binary_frame", "frames must be JSON text"))
+            return
+        try:
+            message = wire.decode(payload, self.in_seq)
+        except wire.ProtocolViolation as e:
+            self.violation(e)
+            return
+        self.in_seq += 1
+        try:
+            self.hub.received(self, message)
+        except wire.ProtocolViolation as e:
+            self.violation(e)
+        except Exception:
+            log.failure("channel message handling failed for {service}", service=self.service_id)
+            self.send("error", code="internal_error", message="the controller could not handle this message")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.enroll_timer is not None and self.enroll_timer.active():
+            self.enroll_timer.cancel()
+        if self.hub is not None and getattr(self, "state", None) is not None:
+            self.hub.closed(self, code, reason)
+
+    def violation(self, error: wire.ProtocolViolation) -> None:
+        """Tell the service what was wrong, then close."""
+        log.info("channel protocol error from {client} ({service}): {reason}",
+                 client=self.context.client_ip if self.context else "-", service=self.service_id, reason=str(error))
+        self.send("error", code=error.code, message=str(error))
+        self.close(wire.PROTOCOL_ERROR)
+
+    def send(self, kind: str, **payload: Any) -> bool:
+        """Send one message with the next seq; a socket over its outbound cap is dropped instead."""
+        if self.closing or self.state == "connecting":
+            return False
+        if self.over_cap():
+            return False
+        frame = wire.encode(kind, self.out_seq, **payload)
+        self.out_seq += 1
+        self.sendMessage(frame, isBinary=False)
+        return True
+
+    def send_prepared(self, prepared: Any) -> bool:
+        """Send a frame framed once for many sockets (its seq was chosen for this socket's next one)."""
+        if self.closing or self.over_cap():
+            return False
+        self.out_seq += 1
+        self.sendPreparedMessage(prepared)
+        return True
+
+    def over_cap(self) -> bool:
+        """Disconnect a service that stopped reading rather than let its buffer grow (SPEC §5)."""
+        if buffered_bytes(self.transport) <= OUTBOUND_CAP:
+            return False
+        log.warn("service {service} at {client} stopped reading ({size} bytes queued): disconnecting",
+                 service=self.service_id, client=self.context.client_ip if self.context else "-",
+                 size=buffered_bytes(self.transport))
+        self.closing = True
+        self.hub.metrics_slow_consumer()
+        # A close frame would queue behind the data it cannot drain: drop the connection.
+        self.dropConnection(abort=True)
+        return True
+
+    def close(self, reason: str, code: int = wire.POLICY_VIOLATION) -> None:
+        """Close with a reason from SPEC §5."""
+        if self.closing:
+            return
+        self.closing = True
+        self.sendClose(code, reason)
+
+
+class ServiceChannelFactory(WebSocketServerFactory):
+    """One endpoint (`agent` or `mqtt`); protocols learn the request's RequestContext from the resource."""
+
+    protocol = ServiceChannelProtocol
+
+    def __init__(self, kind: str, hub: Any) -> None:
+        super().__init__()
+        self.kind = kind
+        self.hub = hub
+        self.next_context: RequestContext | None = None
+        self.setProtocolOptions(
+            maxFramePayloadSize=wire.MAX_FRAME, maxMessagePayloadSize=wire.MAX_FRAME,
+            autoPingInterval=30, autoPingTimeout=60, openHandshakeTimeout=30, closeHandshakeTimeout=5,
+            perMessageCompressionAccept=lambda offers: None, failByDrop=False)
+
+    def buildProtocol(self, addr: Any) -> ServiceChannelProtocol:
+        proto = super().buildProtocol(addr)
+        proto.kind = self.kind
+        proto.hub = self.hub
+        proto.context, self.next_context = self.next_context, None
+        return proto
