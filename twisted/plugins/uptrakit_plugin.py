@@ -7,3 +7,10 @@ uptrakit = ServiceMaker(
     "Uptrakit controller security edge (identity, private CA, OCSP/CRL, service channel)",
     "uptrakit",
 )
+
+uptrakit_agent = ServiceMaker(
+    "uptrakit-agent",
+    "uptrakitd.agent.tap",
+    "Reference Uptrakit service client: enrolls, renews, follows CA rotations",
+    "uptrakit-agent",
+)

@@ -58,7 +58,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
     context: RequestContext | None = None
 
     def onConnect(self, request: Any) -> None:
-        self.state = "connecting"
+        self.phase = "connecting"
         self.service_id: str | None = None
         self.serial: int | None = None
         self.in_seq = 1
@@ -101,7 +101,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.enroll_timer is not None and self.enroll_timer.active():
             self.enroll_timer.cancel()
-        if self.hub is not None and getattr(self, "state", None) is not None:
+        if self.hub is not None and getattr(self, "phase", None) is not None:
             self.hub.closed(self, code, reason)
 
     def violation(self, error: wire.ProtocolViolation) -> None:
@@ -113,7 +113,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
 
     def send(self, kind: str, **payload: Any) -> bool:
         """Send one message with the next seq; a socket over its outbound cap is dropped instead."""
-        if self.closing or self.state == "connecting":
+        if self.closing or self.phase == "connecting" or self.state != self.STATE_OPEN:
             return False
         if self.over_cap():
             return False
@@ -124,7 +124,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
 
     def send_prepared(self, prepared: Any) -> bool:
         """Send a frame framed once for many sockets (its seq was chosen for this socket's next one)."""
-        if self.closing or self.over_cap():
+        if self.closing or self.state != self.STATE_OPEN or self.over_cap():
             return False
         self.out_seq += 1
         self.sendPreparedMessage(prepared)
@@ -145,10 +145,12 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
 
     def close(self, reason: str, code: int = wire.POLICY_VIOLATION) -> None:
         """Close with a reason from SPEC §5."""
-        if self.closing:
+        if self.closing or self.state != self.STATE_OPEN:
             return
         self.closing = True
-        self.sendClose(code, reason)
+        # sendClose() only admits 1000 and 3000-4999; the contract's 1008/1001 go through sendCloseFrame,
+        # which builds the same frame without that application-level check.
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
 
 class ServiceChannelFactory(WebSocketServerFactory):

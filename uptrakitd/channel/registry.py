@@ -44,6 +44,7 @@ class ChannelHub:
         self._renewal_asked: set[int] = set()
         self._renewal_loop: LoopingCall | None = None
         self.slow_consumers = 0
+        self.enroll_timeout = ENROLL_TIMEOUT
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ class ChannelHub:
             self._renewal_loop.stop()
         waits = []
         for proto in list(self.sockets):
-            if proto.state != "connecting" and not proto.closing:
+            if proto.phase != "connecting" and not proto.closing:
                 proto.send("server_restarting", reason=reason)
                 d: Deferred = Deferred()
                 proto.on_gone = d
@@ -81,14 +82,14 @@ class ChannelHub:
         if ctx is not None and ctx.identity is not None:
             self._authenticate(proto)
         elif ctx is not None and ctx.rejected and not ctx.rejected.startswith("client certificate headers ignored"):
-            proto.state = "rejected"
+            proto.phase = "rejected"
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
             proto.close(wire.CERT_NOT_RECOGNIZED)
         elif proto.bearer is not None:
             self._resume_enrollment(proto)
         else:
-            proto.state = "anonymous"
-            proto.enroll_timer = self.clock.callLater(ENROLL_TIMEOUT, self._enroll_timeout, proto)
+            proto.phase = "anonymous"
+            proto.enroll_timer = self.clock.callLater(self.enroll_timeout, self._enroll_timeout, proto)
 
     def closed(self, proto: ServiceChannelProtocol, code: int | None, reason: str | None) -> None:
         self.sockets.discard(proto)
@@ -99,29 +100,29 @@ class ChannelHub:
             gone.callback(None)
 
     def _enroll_timeout(self, proto: ServiceChannelProtocol) -> None:
-        if proto.state == "anonymous":
+        if proto.phase == "anonymous":
             proto.close(wire.ENROLLMENT_TIMEOUT)
 
     def _authenticate(self, proto: ServiceChannelProtocol) -> None:
         identity = proto.context.identity
         service = self.c.service_records.get(identity.service_id)
         if service is None or service.kind != proto.kind:
-            proto.state = "rejected"
+            proto.phase = "rejected"
             proto.close(wire.CERT_NOT_RECOGNIZED)
             return
         if service.status == "deactivated":
-            proto.state = "rejected"
+            proto.phase = "rejected"
             proto.close(wire.SERVICE_DEACTIVATED)
             return
         if service.status != "approved":
-            proto.state = "rejected"
+            proto.phase = "rejected"
             proto.close(wire.SERVICE_NOT_APPROVED)
             return
         old = self.connected.get(service.id)
         if old is not None and old is not proto:
             old.close(wire.SUPERSEDED)
             self.connected.pop(service.id, None)
-        proto.state = "authenticated"
+        proto.phase = "authenticated"
         proto.service_id, proto.serial = service.id, identity.serial
         self.connected[service.id] = proto
         self._record_connection(proto, service)
@@ -138,10 +139,10 @@ class ChannelHub:
         service = next((s for s in self.c.service_records.values()
                         if s.enrollment_secret_hash and secrets.compare_digest(s.enrollment_secret_hash, wanted)), None)
         if service is None or service.kind != proto.kind:
-            proto.state = "rejected"
+            proto.phase = "rejected"
             proto.close(wire.SECRET_NOT_RECOGNIZED)
             return
-        proto.state = "enrolled"
+        proto.phase = "enrolled"
         proto.service_id = service.id
         self._record_connection(proto, service)
 
@@ -162,7 +163,7 @@ class ChannelHub:
             ("enrolled", "request_certificate"): self._on_request_certificate,
             ("authenticated", "ping"): self._on_ping,
             ("authenticated", "renew_certificate"): self._on_renew,
-        }.get((proto.state, message["type"]))
+        }.get((proto.phase, message["type"]))
         if handler is None:
             proto.unknown_in_row += 1
             if proto.unknown_in_row >= MAX_UNKNOWN_IN_A_ROW:
@@ -201,11 +202,11 @@ class ChannelHub:
             status = "approved" if record["auto_approve"] else "pending"
             return services_mod.insert_service(conn, proto.kind, hostname, status, friendly_name=friendly,
                                                capabilities=caps, enrollment_secret_hash=tokens.token_hash(secret))
-        proto.state = "enrolling"
+        proto.phase = "enrolling"
         try:
             service = yield self.c.store.run(enroll)
         except tokens.TokenRejected as e:
-            proto.state = "anonymous"
+            proto.phase = "anonymous"
             log.info("enrollment from {client} refused: {reason}", client=proto.context.client_ip, reason=str(e))
             proto.send("error", code="enrollment_refused", message=str(e))
             return
@@ -213,7 +214,7 @@ class ChannelHub:
         self.c.service_records[service.id] = service
         if proto.enroll_timer is not None and proto.enroll_timer.active():
             proto.enroll_timer.cancel()
-        proto.state, proto.service_id = "enrolled", service.id
+        proto.phase, proto.service_id = "enrolled", service.id
         self._record_connection(proto, service)
         log.info("service {service} ({kind}, {host}) enrolled from {client}, status {status}", service=service.id,
                  kind=service.kind, host=hostname, client=proto.context.client_ip, status=service.status)
@@ -267,7 +268,7 @@ class ChannelHub:
         """Send to every authenticated service; framed once per distinct next seq. Returns how many."""
         groups: dict[int, list[ServiceChannelProtocol]] = defaultdict(list)
         for proto in (targets if targets is not None else list(self.connected.values())):
-            if proto.state == "authenticated" and not proto.closing:
+            if proto.phase == "authenticated" and not proto.closing:
                 groups[proto.out_seq].append(proto)
         sent = 0
         factory = self.factories["agent"]
@@ -280,7 +281,7 @@ class ChannelHub:
 
     def on_rotation(self, result: dict[str, Any]) -> int:
         """PKI rotation hook: new bundle, then ask everyone to renew."""
-        targets = [p for p in self.connected.values() if p.state == "authenticated"]
+        targets = [p for p in self.connected.values() if p.phase == "authenticated"]
         self.broadcast("ca_bundle_updated", targets, ca_bundle_pem=result["ca_bundle_pem"],
                        ca_bundle_hash=result["ca_bundle_hash"])
         return self.broadcast("request_cert_renewal", targets, reason="ca_rotation")

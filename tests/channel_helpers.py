@@ -1,0 +1,50 @@
+"""Helpers for channel tests: tokens, reference agents, an independent `websockets` client."""
+from __future__ import annotations
+
+import json
+import ssl
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+
+from uptrakitd.agent.client import ServiceAgent
+
+from .helpers import ca_pem, https_port, request_json
+
+
+@inlineCallbacks
+def enrollment_token(c: Any, **fields: Any) -> Any:
+    status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", dict({"name": "test"}, **fields))
+    assert status == 201, body
+    return body["token"]
+
+
+def start_agent(testcase: Any, c: Any, token: str | None, kind: str = "agent", state_dir: str | None = None,
+                **kw: Any) -> ServiceAgent:
+    agent = ServiceAgent(reactor, f"wss://localhost:{https_port(c)}", state_dir or testcase.mktemp(), kind=kind,
+                         enrollment_token=token, ca_cert=ca_pem(c), backoff=kw.pop("backoff", (0.05, 0.5)), **kw)
+    agent.startService()
+    testcase.addCleanup(lambda: agent.stopService() if agent.running else None)
+    return agent
+
+
+@inlineCallbacks
+def service_json(c: Any, service_id: str) -> Any:
+    status, body = yield request_json(c, "GET", f"/api/v1/services/{service_id}")
+    assert status == 200, body
+    return body
+
+
+def ws_ssl(c: Any, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca_pem(c).decode())
+    if cert_pem:
+        with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as f:
+            f.write(key_pem + cert_pem)
+        ctx.load_cert_chain(f.name)
+    return ctx
+
+
+def frame(kind: str, seq: int, **payload: Any) -> str:
+    return json.dumps({"protocol_version": 1, "seq": seq, "type": kind, **payload})

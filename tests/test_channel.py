@@ -1,0 +1,205 @@
+"""The service channel end to end: real sockets, reference agents and an independent client (SPEC §5)."""
+from __future__ import annotations
+
+import json
+
+from cryptography import x509
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.serials import format_serial
+
+from .channel_helpers import enrollment_token, frame, service_json, start_agent, ws_ssl
+from .helpers import https_port, make_csr, request_json, start_controller, wait_until
+
+
+class EnrollmentTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_agent_and_mqtt_enroll_get_certificates_and_reconnect_with_mtls(self):
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        for kind in ("agent", "mqtt"):
+            agent = start_agent(self, c, token, kind=kind)
+            settings = yield agent.wait_for("service_settings")
+            self.assertEqual(settings["ca_bundle_hash"], agent.state.bundle_hash())
+            self.assertEqual(agent.mode_in_use, "mtls")
+            body = yield service_json(c, agent.service_id)
+            self.assertEqual((body["kind"], body["status"], body["connected"]), (kind, "approved", True))
+            self.assertEqual((body["ip_address"], body["proxy_ip"], body["identity_source"]),
+                             ("127.0.0.1", None, "mtls"))
+            cert = agent.state.certificate()
+            self.assertEqual(body["certificate"]["serial"], format_serial(cert.serial_number))
+            self.assertEqual(body["certificate"]["ca_generation"], 1)
+            self.assertEqual(cert.subject.rfc4514_string().split(",")[-1], f"CN={agent.service_id}")
+        status, body = yield request_json(c, "GET", "/api/v1/services?kind=mqtt&connected=true")
+        self.assertEqual([s["kind"] for s in body["services"]], ["mqtt"])
+        status, body = yield request_json(c, "GET", "/api/v1/services?kind=bogus")
+        self.assertEqual(status, 400)
+
+    @inlineCallbacks
+    def test_ip_address_through_a_trusted_peer_with_x_forwarded_for(self):
+        c = yield start_controller(self, trusted_proxies=["127.0.0.2"])
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token, bind_address="127.0.0.2",
+                            extra_headers={"X-Forwarded-For": "198.51.100.23"})
+        yield agent.wait_for("service_settings")
+        body = yield service_json(c, agent.service_id)
+        self.assertEqual((body["ip_address"], body["proxy_ip"]), ("198.51.100.23", "127.0.0.2"))
+        # the same header from an untrusted address is ignored
+        other = start_agent(self, c, token, extra_headers={"X-Forwarded-For": "198.51.100.99"})
+        yield other.wait_for("service_settings")
+        body = yield service_json(c, other.service_id)
+        self.assertEqual((body["ip_address"], body["proxy_ip"]), ("127.0.0.1", None))
+
+    @inlineCallbacks
+    def test_token_rules_and_pending_approval(self):
+        c = yield start_controller(self)
+        token = yield enrollment_token(c, kind="mqtt", max_uses=1, auto_approve=False)
+        wrong_kind = start_agent(self, c, token, kind="agent")
+        error = yield wrong_kind.wait_for("error")
+        self.assertIn("mqtt", error["message"])
+        yield wrong_kind.stopService()
+        agent = start_agent(self, c, token, kind="mqtt")
+        enrolled = yield agent.wait_for("enrolled")
+        self.assertEqual(enrolled["status"], "pending")
+        used_up = start_agent(self, c, token, kind="mqtt")
+        error = yield used_up.wait_for("error")
+        self.assertIn("used up", error["message"])
+        yield used_up.stopService()
+        status, body = yield request_json(c, "GET", "/api/v1/enrollment-tokens")
+        self.assertEqual(body["tokens"][0]["uses"], 1)
+        self.assertNotIn("token", body["tokens"][0])
+        status, _ = yield request_json(c, "POST", f"/api/v1/services/{agent.service_id}/approve")
+        self.assertEqual(status, 200)
+        # the agent keeps coming back with its enrollment secret and now gets a certificate
+        yield agent.wait_for("service_settings", timeout=20)
+        status, body = yield request_json(c, "POST", f"/api/v1/services/{agent.service_id}/approve")
+        self.assertEqual((status, body["code"]), (409, "not_pending"))
+
+
+class IndependentClientTests(TestCase):
+    """The `websockets` library, not our agent, talks to the channel."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_websockets_client_full_flow_and_garbage(self):
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+
+        def enroll_and_certify():
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                ws.send(frame("enroll", 1, hostname="ws-host", enrollment_token=token, capabilities=["x"]))
+                enrolled = json.loads(ws.recv(timeout=10))
+                csr, key = make_csr(enrolled["service_id"])
+                ws.send(frame("request_certificate", 2, csr_pem=csr.decode()))
+                cert = json.loads(ws.recv(timeout=10))
+                return enrolled, cert, key
+        enrolled, cert, key = yield deferToThread(enroll_and_certify)
+        self.assertEqual((enrolled["type"], enrolled["seq"], enrolled["status"]), ("enrolled", 1, "approved"))
+        self.assertEqual((cert["type"], cert["seq"]), ("certificate", 2))
+        x509.load_pem_x509_certificate(cert["cert_pem"].encode())
+
+        def authenticated_session():
+            with connect(url, ssl=ws_ssl(c, cert["cert_pem"].encode(), key)) as ws:
+                settings = json.loads(ws.recv(timeout=10))
+                ws.send(frame("ping", 1, service_ts=123))
+                pong = json.loads(ws.recv(timeout=10))
+                ws.send(frame("no_such_type", 2))
+                ws.send("{not json")
+                error = json.loads(ws.recv(timeout=10))
+                try:
+                    ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return settings, pong, error, closed.rcvd.code, closed.rcvd.reason
+        settings, pong, error, code, reason = yield deferToThread(authenticated_session)
+        self.assertEqual(settings["type"], "service_settings")
+        self.assertEqual(settings["trust_domain"], "uptrakit.local")
+        self.assertEqual((pong["type"], pong["service_ts"]), ("pong", 123))
+        self.assertEqual((error["type"], error["code"]), ("error", "invalid_json"))
+        self.assertEqual((code, reason), (1008, "protocol error"))
+        body = yield service_json(c, enrolled["service_id"])
+        self.assertEqual(body["capabilities"], ["x"])
+        self.assertIsNotNone(body["last_seen_at"])
+        # the enrollment secret was invalidated by the certificate
+        def reuse_secret():
+            with connect(url, ssl=ws_ssl(c),
+                         additional_headers={"Authorization": f"Bearer {enrolled['enrollment_secret']}"}) as ws:
+                try:
+                    ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return closed.rcvd.code, closed.rcvd.reason
+        code, reason = yield deferToThread(reuse_secret)
+        self.assertEqual((code, reason), (1008, "enrollment secret not recognized"))
+
+    @inlineCallbacks
+    def test_bad_envelopes_are_errors_then_close(self):
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+        c = yield start_controller(self)
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+        cases = [(frame("enroll", 2), "bad_seq"), (json.dumps({"protocol_version": 2, "seq": 1, "type": "x"}),
+                                                   "unsupported_version"),
+                 (json.dumps([1, 2]), "invalid_envelope"), (b"\x00\x01", "binary_frame"),
+                 (frame("enroll", 1, hostname=5, enrollment_token="t"), "invalid_message")]
+
+        def attempt(payload):
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                ws.send(payload)
+                error = json.loads(ws.recv(timeout=10))
+                try:
+                    ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return error["code"], closed.rcvd.code, closed.rcvd.reason
+        for payload, code in cases:
+            got = yield deferToThread(attempt, payload)
+            self.assertEqual(got, (code, 1008, "protocol error"), payload)
+
+        def ten_unknown():
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                for seq in range(1, 11):
+                    ws.send(frame("mystery", seq))
+                error = json.loads(ws.recv(timeout=10))
+                try:
+                    ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return error["code"], closed.rcvd.reason
+        got = yield deferToThread(ten_unknown)
+        self.assertEqual(got, ("unknown_types", "protocol error"))
+
+    @inlineCallbacks
+    def test_rate_limit_and_enrollment_timeout(self):
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+        c = yield start_controller(self)
+        c.hub.enroll_timeout = 0.5
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+
+        def flood():
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                try:
+                    for seq in range(1, 400):
+                        ws.send(frame("mystery_but_valid", seq) if seq % 5 else frame("x", seq))
+                    while True:
+                        ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return closed.rcvd.reason if closed.rcvd else None
+
+        def idle():
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                try:
+                    ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return closed.rcvd.reason
+        reason = yield deferToThread(flood)
+        self.assertIn(reason, ("rate limit exceeded", "protocol error"))
+        reason = yield deferToThread(idle)
+        self.assertEqual(reason, "enrollment timeout")

@@ -1,0 +1,1 @@
+"""The reference Uptrakit service client (`twistd -n uptrakit-agent`)."""

@@ -1,0 +1,359 @@
+"""The reference service client: enroll, get a certificate, connect with mTLS, renew, follow rotations."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import random
+import socket
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.application.service import Service
+from twisted.internet import endpoints, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.client import Agent as HttpAgent, readBody
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from ..channel import wire
+from .state import AgentState, new_key_and_csr
+
+log = Logger()
+STOP_REASONS = {wire.CERT_REVOKED, wire.SERVICE_DEACTIVATED}
+
+
+class AgentError(Exception):
+    """The agent cannot go on (nothing to authenticate with, revoked, ...)."""
+
+
+def _trust(pems: list[bytes]) -> Any:
+    certs = []
+    for pem in pems:
+        for cert in x509.load_pem_x509_certificates(pem):
+            certs.append(ssl.Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)))
+    if not certs:
+        raise AgentError("no CA certificate to verify the controller with (give --ca-cert)")
+    return ssl.trustRootFromCertificates(certs)
+
+
+@implementer(IPolicyForHTTPS)
+class _Policy:
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self.options
+
+
+class AgentProtocol(WebSocketClientProtocol):
+    """Frames for the agent; all decisions are in ServiceAgent."""
+
+    agent: "ServiceAgent"
+
+    def onOpen(self) -> None:
+        self.in_seq = 1
+        self.out_seq = 1
+        self.agent.opened(self)
+
+    def send(self, kind: str, **payload: Any) -> None:
+        self.sendMessage(wire.encode(kind, self.out_seq, **payload), isBinary=False)
+        self.out_seq += 1
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = wire.decode(payload, self.in_seq)
+        except wire.ProtocolViolation as e:
+            log.error("controller sent a bad frame ({reason}); reconnecting", reason=str(e))
+            self.sendClose(1002)
+            return
+        self.in_seq += 1
+        self.agent.received(self, message)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.agent.closed(self, code, reason)
+
+
+class ServiceAgent(Service):
+    """A Twisted service that keeps one service connected to the controller."""
+
+    def __init__(self, reactor: Any, controller: str, state_dir: Any, kind: str = "agent",
+                 enrollment_token: str | None = None, ca_cert: bytes | None = None, hostname: str | None = None,
+                 friendly_name: str | None = None, server_ca: bytes | None = None,
+                 bind_address: str | None = None, extra_headers: dict[str, str] | None = None,
+                 backoff: tuple[float, float] = (1.0, 60.0)) -> None:
+        parts = urlsplit(controller)
+        if parts.scheme not in ("wss", "https") or not parts.hostname:
+            raise AgentError("--controller must be wss://host[:port] (or https://)")
+        self.reactor = reactor
+        self.host, self.port = parts.hostname, parts.port or 443
+        self.kind = kind
+        self.state = AgentState(state_dir)
+        self.enrollment_token = enrollment_token
+        self.initial_ca = ca_cert
+        self.server_ca = server_ca
+        self.hostname = hostname or socket.gethostname()
+        self.friendly_name = friendly_name
+        self.bind_address = bind_address
+        self.extra_headers = dict(extra_headers or {})
+        self.backoff = backoff
+        self.failures = 0
+        self.proto: AgentProtocol | None = None
+        self.pending_key: bytes | None = None
+        self.settings: dict[str, Any] = {}
+        self.stopped_reason: str | None = None
+        self.events: list[tuple[str, Any]] = []
+        self.observers: list[Callable[[str, Any], None]] = []
+        self._retry: Any = None
+        self._ping: LoopingCall | None = None
+        self._connecting: Deferred | None = None
+
+    # -- helpers for operators' logs and tests ---------------------------------------------------
+
+    def event(self, name: str, detail: Any = None) -> None:
+        self.events.append((name, detail))
+        for observer in list(self.observers):
+            observer(name, detail)
+
+    def wait_for(self, name: str, predicate: Callable[[Any], bool] = lambda d: True, timeout: float = 30) -> Deferred:
+        """Fires with the detail of the next event `name` that satisfies predicate."""
+        d: Deferred = Deferred()
+
+        def watch(event: str, detail: Any) -> None:
+            if event == name and not d.called and predicate(detail):
+                self.observers.remove(watch)
+                d.callback(detail)
+        self.observers.append(watch)
+        return d.addTimeout(timeout, self.reactor)
+
+    @property
+    def service_id(self) -> str | None:
+        return self.state.service().get("service_id")
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.connect()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._stop_ping()
+        if self.proto is not None and self.proto.transport is not None:
+            d: Deferred = Deferred()
+            self.observers.append(lambda e, _: e == "disconnected" and not d.called and d.callback(None))
+            self.proto.sendClose(1000)
+            return d.addTimeout(5, self.reactor, onTimeoutCancel=lambda *_: None)
+        return None
+
+    def mode(self) -> str:
+        if self.state.identity_pem() and self.state.certificate() is not None:
+            return "mtls"
+        if self.state.service().get("enrollment_secret"):
+            return "bearer"
+        if self.enrollment_token:
+            return "anonymous"
+        raise AgentError("not enrolled and no --enrollment-token given")
+
+    def tls_options(self, with_client_cert: bool) -> Any:
+        roots = [p for p in (self.state.bundle() or self.initial_ca, self.server_ca) if p]
+        client = None
+        if with_client_cert:
+            client = ssl.PrivateCertificate.loadPEM(self.state.identity_pem())
+        return ssl.optionsForClientTLS(self.host, trustRoot=_trust(roots), clientCertificate=client)
+
+    def connect(self) -> None:
+        if not self.running or self.stopped_reason:
+            return
+        try:
+            mode = self.mode()
+            options = self.tls_options(mode == "mtls")
+        except (AgentError, ValueError) as e:
+            log.critical("agent cannot connect: {error}", error=str(e))
+            self.stopped_reason = str(e)
+            self.event("stopped", str(e))
+            return
+        headers = dict(self.extra_headers)
+        if mode == "bearer":
+            headers["Authorization"] = f"Bearer {self.state.service()['enrollment_secret']}"
+        url = f"wss://{self.host}:{self.port}/api/v1/ws/{self.kind}"
+        factory = WebSocketClientFactory(url, headers=headers)
+        factory.protocol = AgentProtocol
+        factory.setProtocolOptions(autoPingInterval=30, autoPingTimeout=60, perMessageCompressionOffers=[])
+        agent = self
+
+        def build(addr: Any) -> AgentProtocol:
+            proto = WebSocketClientFactory.buildProtocol(factory, addr)
+            proto.agent = agent
+            return proto
+        factory.buildProtocol = build
+        tcp = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10,
+                                           bindAddress=(self.bind_address, 0) if self.bind_address else None)
+        endpoint = endpoints.wrapClientTLS(options, tcp)
+        self.mode_in_use = mode
+        self.event("connecting", mode)
+        d = endpoint.connect(factory)
+        d.addErrback(self._connect_failed)
+
+    def _connect_failed(self, failure: Any) -> None:
+        log.info("could not reach the controller: {error}", error=failure.getErrorMessage())
+        self.event("connect_failed", failure.getErrorMessage())
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self, immediately: bool = False) -> None:
+        if not self.running or self.stopped_reason:
+            return
+        if self._retry is not None and self._retry.active():
+            return
+        if immediately:
+            delay = 0.05
+        else:
+            base, cap = self.backoff
+            delay = min(cap, base * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.5)
+            self.failures += 1
+        self._retry = self.reactor.callLater(delay, self.connect)
+
+    # -- session -------------------------------------------------------------------------------
+
+    def opened(self, proto: AgentProtocol) -> None:
+        self.proto = proto
+        self.event("open", self.mode_in_use)
+        if self.mode_in_use == "anonymous":
+            proto.send("enroll", hostname=self.hostname, friendly_name=self.friendly_name,
+                       enrollment_token=self.enrollment_token, capabilities=[])
+        elif self.mode_in_use == "bearer":
+            self._request_certificate(proto)
+
+    def _request_certificate(self, proto: AgentProtocol) -> None:
+        self.pending_key, csr = new_key_and_csr(self.service_id, self.settings.get("trust_domain"))
+        proto.send("request_certificate", csr_pem=csr.decode())
+
+    def renew(self, reason: str = "") -> None:
+        """Send a CSR for a fresh key; the controller answers `certificate` and closes the socket."""
+        if self.proto is None or self.mode_in_use != "mtls":
+            return
+        self.pending_key, csr = new_key_and_csr(self.service_id, self.settings.get("trust_domain"))
+        log.info("renewing the certificate ({reason})", reason=reason or "requested")
+        self.proto.send("renew_certificate", csr_pem=csr.decode())
+
+    def received(self, proto: AgentProtocol, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        handler = getattr(self, f"_on_{kind}", None)
+        self.event(kind, message)
+        if handler is not None:
+            try:
+                handler(proto, message)
+            except Exception:
+                log.failure("agent could not handle {kind}", kind=kind)
+
+    def _on_enrolled(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        self.state.save_service(service_id=m["service_id"], enrollment_secret=m["enrollment_secret"],
+                                kind=self.kind)
+        log.info("enrolled as {service} (status {status})", service=m["service_id"], status=m["status"])
+        if m["status"] == "approved":
+            self.mode_in_use = "bearer"
+            self._request_certificate(proto)
+        else:
+            # Waiting for an operator: come back (with backoff) and ask again with the enrollment secret.
+            proto.sendClose(1000)
+
+    def _on_certificate(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        if self.pending_key is None:
+            log.error("unexpected certificate (no CSR outstanding)")
+            return
+        self.state.save_identity(self.pending_key, m["cert_pem"].encode())
+        self.state.save_bundle(m["ca_bundle_pem"].encode())
+        self.pending_key = None
+        self.state.save_service(enrollment_secret=None)
+        log.info("stored a new certificate valid until {when}",
+                 when=datetime.datetime.fromtimestamp(m["not_after"] / 1000, datetime.timezone.utc).isoformat())
+        if self.mode_in_use != "mtls":
+            proto.sendClose(1000)  # reconnect with the certificate
+
+    @inlineCallbacks
+    def _on_service_settings(self, proto: AgentProtocol, m: dict[str, Any]) -> Any:
+        self.settings = m
+        self.failures = 0
+        self._start_ping(proto, m.get("ping_interval", 30))
+        if m.get("ca_bundle_hash") != self.state.bundle_hash():
+            log.info("CA bundle changed while we were away: fetching it")
+            try:
+                yield self.fetch_bundle(m["ca_bundle_hash"])
+            except Exception as e:
+                log.error("could not fetch the CA bundle: {error}", error=str(e))
+                return
+            active = x509.load_pem_x509_certificates(self.state.bundle())[0]
+            cert = self.state.certificate()
+            if cert is not None and cert.issuer != active.subject:
+                self.renew("ca_rotation")
+                return
+        cert = self.state.certificate()
+        window = datetime.timedelta(hours=m.get("renewal_window_hours", 24))
+        if cert is not None and cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) <= window:
+            self.renew("expiring")
+
+    @inlineCallbacks
+    def fetch_bundle(self, expected_hash: str) -> Any:
+        """GET /api/v1/pki/ca.crt with the trust we hold; stored only when it hashes as announced."""
+        http = HttpAgent(self.reactor, contextFactory=_Policy(self.tls_options(False)))
+        response = yield http.request(b"GET", f"https://{self.host}:{self.port}/api/v1/pki/ca.crt".encode())
+        body = yield readBody(response)
+        if response.code != 200 or hashlib.sha256(body).hexdigest() != expected_hash:
+            raise AgentError("fetched CA bundle does not match the announced hash")
+        self.state.save_bundle(body)
+        self.event("bundle_fetched", expected_hash)
+
+    def _on_ca_bundle_updated(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        pem = m["ca_bundle_pem"].encode()
+        if hashlib.sha256(pem).hexdigest() != m["ca_bundle_hash"]:
+            log.error("ca_bundle_updated: the bundle does not match its hash; ignored")
+            return
+        self.state.save_bundle(pem)
+        log.info("stored the new CA bundle {hash}", hash=m["ca_bundle_hash"][:16])
+
+    def _on_request_cert_renewal(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        self.renew(m.get("reason", ""))
+
+    def _on_error(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        log.error("controller error {code}: {message}", code=m.get("code"), message=m.get("message"))
+
+    def _start_ping(self, proto: AgentProtocol, interval: float) -> None:
+        self._stop_ping()
+
+        def ping() -> None:
+            if self.proto is proto and proto.transport is not None:
+                proto.send("ping", service_ts=int(self.reactor.seconds() * 1000))
+        self._ping = LoopingCall(ping)
+        self._ping.clock = self.reactor
+        self._ping.start(max(1, interval), now=False)
+
+    def _stop_ping(self) -> None:
+        if self._ping is not None and self._ping.running:
+            self._ping.stop()
+        self._ping = None
+
+    def closed(self, proto: AgentProtocol, code: int | None, reason: str | None) -> None:
+        if self.proto is proto:
+            self.proto = None
+            self._stop_ping()
+        self.event("disconnected", (code, reason))
+        if reason in STOP_REASONS:
+            log.critical("the controller closed the connection: {reason}; stopping", reason=reason)
+            self.stopped_reason = reason
+            self.event("stopped", reason)
+            return
+        try:
+            have_certificate = self.mode() == "mtls"
+        except AgentError:
+            have_certificate = False
+        if reason == wire.CERT_ROTATED or (code == 1000 and have_certificate):
+            self._schedule_reconnect(immediately=True)
+        else:
+            self._schedule_reconnect()
