@@ -214,6 +214,8 @@ class Controller(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
+        if not self.running:
+            return
         # twistd re-raises SIGTERM after a clean shutdown (exit 143); the contract is exit 0 for a
         # SIGTERM we handled completely, so forget the captured signal.
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:

@@ -61,9 +61,13 @@ class AgentProtocol(WebSocketClientProtocol):
         self.out_seq = 1
         self.agent.opened(self)
 
-    def send(self, kind: str, **payload: Any) -> None:
+    def send(self, kind: str, **payload: Any) -> bool:
+        if self.state != self.STATE_OPEN:
+            log.debug("not sending {kind}: the connection is closing", kind=kind)
+            return False
         self.sendMessage(wire.encode(kind, self.out_seq, **payload), isBinary=False)
         self.out_seq += 1
+        return True
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -237,8 +241,8 @@ class ServiceAgent(Service):
 
     def renew(self, reason: str = "") -> None:
         """Send a CSR for a fresh key; the controller answers `certificate` and closes the socket."""
-        if self.proto is None or self.mode_in_use != "mtls":
-            return
+        if self.proto is None or self.mode_in_use != "mtls" or self.pending_key is not None:
+            return  # one renewal at a time: the controller closes the socket once it answers
         self.pending_key, csr = new_key_and_csr(self.service_id, self.settings.get("trust_domain"))
         log.info("renewing the certificate ({reason})", reason=reason or "requested")
         self.proto.send("renew_certificate", csr_pem=csr.decode())
@@ -267,6 +271,13 @@ class ServiceAgent(Service):
     def _on_certificate(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
         if self.pending_key is None:
             log.error("unexpected certificate (no CSR outstanding)")
+            return
+        cert = x509.load_pem_x509_certificate(m["cert_pem"].encode())
+        key = serialization.load_pem_private_key(self.pending_key, password=None)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+                key.public_key().public_bytes(serialization.Encoding.DER, spki):
+            log.error("the certificate received is not for the key we generated; ignored")
             return
         self.state.save_identity(self.pending_key, m["cert_pem"].encode())
         self.state.save_bundle(m["ca_bundle_pem"].encode())
@@ -340,6 +351,7 @@ class ServiceAgent(Service):
         self._ping = None
 
     def closed(self, proto: AgentProtocol, code: int | None, reason: str | None) -> None:
+        self.pending_key = None
         if self.proto is proto:
             self.proto = None
             self._stop_ping()

@@ -1,0 +1,195 @@
+"""Channel operations at scale: rotation with 50 agents, catch-up, revocation, slow consumers."""
+from __future__ import annotations
+
+import json
+import time
+
+from cryptography import x509
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.channel.protocol import OUTBOUND_CAP, buffered_bytes
+from uptrakitd.pki.serials import format_serial
+
+from .channel_helpers import enrollment_token, frame, service_json, start_agent, ws_ssl
+from .helpers import https_port, make_csr, request_json, start_controller, wait_until
+
+
+def issuer_generation(agent) -> int:
+    cn = agent.state.certificate().issuer.rfc4514_string()
+    return int(cn.split("Uptrakit Internal CA G")[1].split()[0])
+
+
+class RotationTests(TestCase):
+    timeout = 180
+
+    @inlineCallbacks
+    def test_rotation_with_50_agents_and_one_offline(self):
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        agents = [start_agent(self, c, token, backoff=(0.2, 2.0)) for _ in range(50)]
+        yield gatherResults([a.wait_for("service_settings", timeout=90) for a in agents])
+        offline = start_agent(self, c, token)
+        yield offline.wait_for("service_settings")
+        yield offline.stopService()
+        order = {id(a): [] for a in agents}
+        for a in agents:
+            a.observers.append(lambda name, detail, a=a: order[id(a)].append(name)
+                               if name in ("ca_bundle_updated", "request_cert_renewal") else None)
+        renewed = [a.wait_for("service_settings", lambda d: True, timeout=120) for a in agents]
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["notified"], 50)
+        yield gatherResults(renewed)
+        for a in agents:
+            self.assertEqual(order[id(a)][:2], ["ca_bundle_updated", "request_cert_renewal"])
+            self.assertEqual(a.state.bundle_hash(), body["ca_bundle_hash"])
+        yield wait_until(lambda: all(a.proto is not None and issuer_generation(a) == 2 for a in agents), timeout=60)
+        status, services = yield request_json(c, "GET", "/api/v1/services?connected=true")
+        self.assertEqual(len(services["services"]), 50)
+        self.assertTrue(all(s["certificate"]["ca_generation"] == 2 for s in services["services"]))
+        # superseded generation-1 certificates were revoked
+        old = [r for r in c.pki.authority.records.values() if r.purpose == "client" and r.ca_generation == 1
+               and r.service_id != offline.service_id]
+        self.assertTrue(old and all(r.reason == "superseded" for r in old))
+        # the offline agent comes back with its generation-1 certificate, notices the hash, fetches and renews
+        self.assertNotEqual(offline.state.bundle_hash(), body["ca_bundle_hash"])
+        fetched = offline.wait_for("bundle_fetched", timeout=30)
+        offline.startService()
+        got = yield fetched
+        self.assertEqual(got, body["ca_bundle_hash"])
+        yield wait_until(lambda: issuer_generation(offline) == 2 and offline.proto is not None, timeout=30)
+        self.assertEqual(offline.state.bundle_hash(), body["ca_bundle_hash"])
+
+
+class LifecycleTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_revocation_closes_the_socket_within_a_second_and_the_agent_stops(self):
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token)
+        yield agent.wait_for("service_settings")
+        stopped = agent.wait_for("stopped", timeout=5)
+        serial = format_serial(agent.state.certificate().serial_number)
+        started = time.monotonic()
+        status, _ = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        self.assertEqual(status, 200)
+        reason = yield stopped
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(reason, "certificate revoked")
+        body = yield service_json(c, agent.service_id)
+        self.assertFalse(body["connected"])
+
+    @inlineCallbacks
+    def test_deactivation_revokes_and_closes(self):
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token, kind="mqtt")
+        yield agent.wait_for("service_settings")
+        stopped = agent.wait_for("stopped", timeout=5)
+        status, body = yield request_json(c, "DELETE", f"/api/v1/services/{agent.service_id}")
+        self.assertEqual((status, body["status"], body["certificate"]), (200, "deactivated", None))
+        reason = yield stopped
+        self.assertIn(reason, ("service deactivated", "certificate revoked"))
+        status, certs = yield request_json(c, "GET", f"/api/v1/certificates?service_id={agent.service_id}")
+        self.assertTrue(all(x["revocation_reason"] == "cessationOfOperation" for x in certs["certificates"]))
+
+    @inlineCallbacks
+    def test_new_connection_supersedes_and_shutdown_says_restarting(self):
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token)
+        yield agent.wait_for("service_settings")
+        identity = agent.state.identity_pem()
+        key = identity[:identity.index(b"-----BEGIN CERTIFICATE-----")]
+        cert = identity[len(key):]
+        superseded = agent.wait_for("disconnected")
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+        ws = yield deferToThread(connect, url, ssl=ws_ssl(c, cert, key))
+        self.addCleanup(ws.close)
+        first = yield deferToThread(ws.recv, 10)
+        self.assertEqual(json.loads(first)["type"], "service_settings")
+        code, reason = yield superseded
+        self.assertEqual((code, reason), (1008, "superseded by new connection"))
+        yield agent.stopService()
+
+        def rest():
+            messages = []
+            try:
+                while True:
+                    messages.append(json.loads(ws.recv(timeout=10)))
+            except ConnectionClosed as closed:
+                return messages, closed.rcvd.code
+        pending = deferToThread(rest)
+        yield c.stopService()
+        messages, code = yield pending
+        self.assertEqual([m["type"] for m in messages], ["server_restarting"])
+        self.assertEqual(code, 1001)
+
+    @inlineCallbacks
+    def test_renewal_window_request_and_renew_flow(self):
+        c = yield start_controller(self)
+        status, _ = yield request_json(c, "PUT", "/api/v1/settings/service-certificates",
+                                       {"lifetime_hours": 10, "renewal_window_hours": 11})
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token)
+        first = yield agent.wait_for("certificate")
+        rotated = yield agent.wait_for("disconnected", lambda d: d[1] == "certificate rotated", timeout=20)
+        self.assertEqual(rotated, (1008, "certificate rotated"))
+        yield agent.wait_for("service_settings")
+        self.assertNotEqual(agent.state.certificate().public_bytes(__import__(
+            "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.PEM).decode(),
+            first["cert_pem"])
+
+
+class SlowConsumerTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_socket_that_never_reads_is_dropped_and_memory_stays_flat(self):
+        import socket
+        import ssl
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token)
+        yield agent.wait_for("service_settings")
+        yield agent.stopService()
+        identity = agent.state.identity_pem()
+        key = identity[:identity.index(b"-----BEGIN CERTIFICATE-----")]
+        cert = identity[len(key):]
+        ctx = ws_ssl(c, cert, key)
+
+        def open_and_stop_reading():
+            raw = socket.create_connection(("127.0.0.1", https_port(c)))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      b"Sec-WebSocket-Version: 13\r\n\r\n")
+            s.recv(1024)
+            return s
+        sock = yield deferToThread(open_and_stop_reading)
+        self.addCleanup(sock.close)
+        yield wait_until(lambda: agent.service_id in c.hub.connected)
+        proto = c.hub.connected[agent.service_id]
+        payload = "x" * 60000
+        largest = 0
+        sent = 0
+        for _ in range(2000):
+            if not proto.send("ca_bundle_updated", ca_bundle_pem=payload, ca_bundle_hash="0" * 64):
+                break
+            sent += 1
+            largest = max(largest, buffered_bytes(proto.transport))
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertTrue(proto.closing, "the slow consumer was not disconnected")
+        self.assertLessEqual(largest, OUTBOUND_CAP + 70000)
+        self.assertGreater(sent, 10)
+        yield wait_until(lambda: agent.service_id not in c.hub.connected)
+        self.assertEqual(c.hub.slow_consumers, 1)
