@@ -22,8 +22,8 @@ def enrollment_token(c: Any, **fields: Any) -> Any:
 
 
 def start_agent(testcase: Any, c: Any, token: str | None, kind: str = "agent", state_dir: str | None = None,
-                **kw: Any) -> ServiceAgent:
-    agent = ServiceAgent(reactor, f"wss://localhost:{https_port(c)}", state_dir or testcase.mktemp(), kind=kind,
+                port: int | None = None, **kw: Any) -> ServiceAgent:
+    agent = ServiceAgent(reactor, f"wss://localhost:{port or https_port(c)}", state_dir or testcase.mktemp(), kind=kind,
                          enrollment_token=token, ca_cert=ca_pem(c), backoff=kw.pop("backoff", (0.05, 0.5)), **kw)
     agent.startService()
     testcase.addCleanup(lambda: agent.stopService() if agent.running else None)

@@ -259,9 +259,12 @@ class IdentityResolver:
         headers = request.requestHeaders
         if net.forwarded_client_verify_header:
             verdict = headers.getRawHeaders(net.forwarded_client_verify_header.encode(), [])
-            if verdict and verdict[-1].strip() != b"SUCCESS":
-                self._count("none", "rejected")
-                return RequestContext(peer, client_ip, peer, None, "none",
+            value = verdict[-1].strip() if verdict else b""
+            if value != b"SUCCESS":
+                # nginx says NONE when no certificate was presented: no identity, but nothing was rejected
+                no_cert = value in (b"", b"NONE")
+                self._count("none", "absent" if no_cert else "rejected")
+                return RequestContext(peer, client_ip, peer, None, "none", None if no_cert else
                                       "proxy reports client certificate verification did not succeed")
         reasons = []
         if net.forwarded_client_cert_info_header:
@@ -332,7 +335,9 @@ def _single(headers: Any, name: str) -> str | None:
         return None
     if len(values) > 1:
         raise MalformedHeader("header sent more than once")
-    return values[0].decode("latin-1")
+    value = values[0].decode("latin-1")
+    # proxies send an empty value when the client presented no certificate: that is "no evidence"
+    return value if value.strip() else None
 
 
 def _load_der(der: bytes) -> x509.Certificate:

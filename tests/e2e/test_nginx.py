@@ -1,0 +1,96 @@
+"""nginx (Debian package) in front of the controller: mTLS, headers, OCSP, CRL, rotation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.serials import format_serial
+
+from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
+from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, refresh_pki_files,
+                      render, status_with_cert, write_pki_files)
+
+
+@inlineCallbacks
+def start_nginx(testcase, c, template="nginx/nginx.conf", **extra):
+    nginx = require_program("nginx", "apt-get install nginx-light")
+    prefix = Path(testcase.mktemp()).resolve()
+    prefix.mkdir(parents=True)
+    files = write_pki_files(c, prefix / "pki")
+    port = free_port()
+    values = dict(files, PREFIX=prefix, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
+                  UPSTREAM=f"127.0.0.1:{https_port(c)}",
+                  OCSP_RESPONDER=f"{c.network.pki_addr}/api/v1/pki/ocsp", **extra)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render(CONFIGS / template, values))
+    proxy = RunningProxy(testcase, "nginx", [nginx, "-p", str(prefix), "-c", str(conf)], port)
+    yield proxy.start()
+    proxy.files, proxy.prefix, proxy.conf = files, prefix, conf
+    return proxy
+
+
+@inlineCallbacks
+def controller_for_nginx(testcase):
+    pki_port = free_port()
+    c = yield start_controller(testcase, trusted_proxies=[PROXY_ADDR], forwarded_client_cert_pem_header="X-SSL-Client-Cert",
+                               pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener")
+    yield request_json(c, "PUT", "/api/v1/settings/network",
+                       {"forwarded_client_verify_header": "X-SSL-Client-Verify"})
+    return c
+
+
+class NginxTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_agent_through_nginx_with_ocsp(self):
+        c = yield controller_for_nginx(self)
+        nginx = yield start_nginx(self, c)
+        agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
+        cert, key = agent_identity(agent)
+        status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 200)
+        before = c.metrics.ocsp_responses.labels("good")._value.get()
+        self.assertGreater(before, 0, "nginx asked the controller's OCSP responder")
+        serial = format_serial(agent.state.certificate().serial_number)
+        stopped = agent.wait_for("disconnected", timeout=10)
+        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        start = reactor.seconds()
+        yield stopped
+        status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 400, "nginx refuses the revoked certificate (its 'SSL certificate error' page)")
+        self.assertLess(reactor.seconds() - start, 5)
+        self.assertGreater(c.metrics.ocsp_responses.labels("revoked")._value.get(), 0)
+        self.assertIn(b"revoked", (nginx.prefix / "error.log").read_bytes())
+
+    @inlineCallbacks
+    def test_crl_file_and_rotation(self):
+        c = yield controller_for_nginx(self)
+        nginx = yield start_nginx(self, c, template="nginx/nginx-crl.conf")
+        agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
+        other = yield check_proxy(self, c, nginx.port, "proxy-cert")
+        cert, key = agent_identity(other)
+        serial = format_serial(other.state.certificate().serial_number)
+        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield other.stopService()
+        yield wait_until(lambda: c.pki.crls.current[1].entries >= 1, timeout=3)
+        refresh_pki_files(c, nginx.files)   # the documented timer: fetch ca.crl, then reload
+        nginx.signal("HUP")
+        yield deferLater(reactor, 1.0, lambda: None)
+        status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 400, "nginx refuses the certificate listed in the refreshed CRL")
+        # rotation + the documented steps (new ca.crt and ca.crl, reload): renewed agents keep working
+        renewed = agent.wait_for("service_settings", timeout=60)
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        refresh_pki_files(c, nginx.files)
+        nginx.signal("HUP")
+        yield renewed
+        yield wait_until(lambda: agent.proto is not None and "G2" in agent.state.certificate().issuer.rfc4514_string(),
+                         timeout=60)
+        cert, key = agent_identity(agent)
+        status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 200)
