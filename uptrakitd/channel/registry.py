@@ -132,7 +132,11 @@ class ChannelHub:
                    trust_domain=self.c.settings.trust_domain)
         log.info("service {service} ({kind}) connected from {client} via {source}", service=service.id,
                  kind=service.kind, client=proto.context.client_ip, source=proto.context.identity_source)
-        self._maybe_ask_renewal(proto)
+        if identity.ca_generation != self.c.pki.authority.active().generation:
+            # It missed (or lost the answer to) the renewal a rotation asked for: ask again.
+            proto.send("request_cert_renewal", reason="ca_rotation")
+        else:
+            self._maybe_ask_renewal(proto)
 
     def _resume_enrollment(self, proto: ServiceChannelProtocol) -> None:
         wanted = tokens.token_hash(proto.bearer)

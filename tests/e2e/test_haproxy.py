@@ -1,0 +1,93 @@
+"""HAProxy (Debian package) in front of the controller: mTLS, headers, CRL via the runtime API, rotation."""
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.serials import format_serial
+
+from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
+from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, refresh_pki_files,
+                      render, status_with_cert, write_pki_files)
+
+
+def runtime_api(sock_path: str, *commands: str) -> str:
+    """Send commands to HAProxy's stats socket (what `socat stdio unix:admin.sock` does)."""
+    out = []
+    for command in commands:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(sock_path)
+            s.sendall(command.encode() + b"\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            out.append(data.decode())
+    return "\n".join(out)
+
+
+@inlineCallbacks
+def start_haproxy(testcase, c):
+    haproxy = require_program("haproxy", "apt-get install haproxy")
+    prefix = Path(testcase.mktemp()).resolve()
+    prefix.mkdir(parents=True)
+    files = write_pki_files(c, prefix / "pki")
+    port = free_port()
+    short = tempfile.mkdtemp(prefix="upt-haproxy-")  # unix socket paths are limited to ~100 bytes
+    testcase.addCleanup(shutil.rmtree, short, True)
+    conf = prefix / "haproxy.cfg"
+    conf.write_text(render(CONFIGS / "haproxy/haproxy.cfg", dict(files, RUNTIME_SOCKET=f"{short}/admin.sock",
+                                                                  LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
+                                                                  UPSTREAM=f"127.0.0.1:{https_port(c)}")))
+    proxy = RunningProxy(testcase, "haproxy", [haproxy, "-db", "-f", str(conf)], port)
+    yield proxy.start()
+    proxy.files, proxy.socket = files, f"{short}/admin.sock"
+    return proxy
+
+
+class HaproxyTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_agent_through_haproxy_crl_runtime_update_and_rotation(self):
+        c = yield start_controller(self, trusted_proxies=[PROXY_ADDR],
+                                   forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        yield request_json(c, "PUT", "/api/v1/settings/network",
+                           {"forwarded_client_verify_header": "X-SSL-Client-Verify"})
+        proxy = yield start_haproxy(self, c)
+        agent = yield check_proxy(self, c, proxy.port, "proxy-cert")
+        victim = yield check_proxy(self, c, proxy.port, "proxy-cert")
+        cert, key = agent_identity(victim)
+        yield victim.stopService()
+        status = yield status_with_cert(proxy.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 200)
+        serial = format_serial(victim.state.certificate().serial_number)
+        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield wait_until(lambda: c.pki.crls.current[1].entries >= 1, timeout=3)
+        # the documented runtime update: no reload, no dropped connections
+        crl = (c.settings.data_dir / "pki" / "ca.crl").read_text()
+        sock = proxy.socket
+        answer = yield deferToThread(runtime_api, sock, f"set ssl crl-file {proxy.files['CRL_FILE']} <<\n{crl}\n",
+                                     f"commit ssl crl-file {proxy.files['CRL_FILE']}")
+        self.assertIn("Success", answer)
+        status = yield status_with_cert(proxy.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 0, "HAProxy refuses the revoked certificate at the handshake")
+        self.assertIsNotNone(agent.proto, "the other agent's connection survived the CRL update")
+        # rotation + documented steps (new ca.crt and ca.crl, reload): renewed agents keep working
+        renewed = agent.wait_for("service_settings", timeout=60)
+        yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        refresh_pki_files(c, proxy.files)
+        yield proxy.restart()
+        yield renewed
+        yield wait_until(lambda: agent.proto is not None and "G2" in agent.state.certificate().issuer.rfc4514_string(),
+                         timeout=60)
+        cert, key = agent_identity(agent)
+        status = yield status_with_cert(proxy.port, ca_pem(c), cert, key)
+        self.assertEqual(status, 200)
