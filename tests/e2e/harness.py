@@ -189,3 +189,20 @@ def status_with_cert(port: int, ca: bytes, cert: bytes, key: bytes) -> Deferred:
         except (OSError, ConnectionError):
             return 0
     return deferToThread(go)
+
+
+@inlineCallbacks
+def rotate_and_follow(testcase: Any, c: Any, agent: Any, proxy_port: int, files: dict[str, str],
+                      documented_steps: Any) -> Any:
+    """Rotate the CA, apply the guide's proxy steps, and check the agent renews and keeps working."""
+    status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+    testcase.assertEqual(status, 200, body)
+    refresh_pki_files(c, files)
+    yield documented_steps()
+    yield wait_until(lambda: agent.proto is not None and agent.state.certificate() is not None
+                     and "G2" in agent.state.certificate().issuer.rfc4514_string(), timeout=90)
+    cert, key = agent_identity(agent)
+    status = yield status_with_cert(proxy_port, ca_pem(c), cert, key)
+    testcase.assertEqual(status, 200)
+    answer = yield whoami(proxy_port, ca_pem(c), AGENT_ADDR, cert, key)
+    testcase.assertEqual(answer["identity"]["ca_generation"], 2)

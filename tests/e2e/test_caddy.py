@@ -11,7 +11,7 @@ from uptrakitd.pki.serials import format_serial
 
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller
 from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, render, whoami,
-                      write_pki_files, AGENT_ADDR)
+                      write_pki_files, AGENT_ADDR, rotate_and_follow)
 
 
 class CaddyTests(TestCase):
@@ -34,6 +34,7 @@ class CaddyTests(TestCase):
         proxy = RunningProxy(self, "caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"], port,
                              env=env)
         yield proxy.start()
+        survivor = yield check_proxy(self, c, port, "proxy-cert")
         agent = yield check_proxy(self, c, port, "proxy-cert")
         cert, key = agent_identity(agent)
         stopped = agent.wait_for("stopped", timeout=10)
@@ -44,3 +45,5 @@ class CaddyTests(TestCase):
         answer = yield whoami(port, ca_pem(c), AGENT_ADDR, cert, key)
         self.assertIsNone(answer["identity"])
         self.assertIn("certificate revoked", answer["rejected"])
+        # rotation: new ca.crt for Caddy's trust pool, then restart (no admin API in this config)
+        yield rotate_and_follow(self, c, survivor, port, files, proxy.restart)

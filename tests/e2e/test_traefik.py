@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller
 from .harness import (AGENT_ADDR, CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, render,
-                      whoami, write_pki_files)
+                      rotate_and_follow, whoami, write_pki_files)
 
 
 class TraefikTests(TestCase):
@@ -31,6 +33,7 @@ class TraefikTests(TestCase):
         (prefix / "traefik.yml").write_text(render(CONFIGS / "traefik/traefik.yml", values))
         proxy = RunningProxy(self, "traefik", [traefik, f"--configFile={prefix / 'traefik.yml'}"], port, cwd=str(prefix))
         yield proxy.start()
+        survivor = yield check_proxy(self, c, port, "proxy-cert")
         agent = yield check_proxy(self, c, port, "proxy-cert")
         cert, key = agent_identity(agent)
         stopped = agent.wait_for("stopped", timeout=10)
@@ -40,3 +43,10 @@ class TraefikTests(TestCase):
         answer = yield whoami(port, ca_pem(c), AGENT_ADDR, cert, key)
         self.assertIsNone(answer["identity"])
         self.assertIn("certificate revoked", answer["rejected"])
+
+        def touch_dynamic_config():
+            # the file provider re-reads dynamic.yml (and with it the CA files) when it changes
+            dynamic = prefix / "dynamic.yml"
+            dynamic.write_text(dynamic.read_text() + "\n# ca.crt refreshed\n")
+            return deferLater(reactor, 2, lambda: None)
+        yield rotate_and_follow(self, c, survivor, port, files, touch_dynamic_config)
