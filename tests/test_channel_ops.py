@@ -105,7 +105,8 @@ class LifecycleTests(TestCase):
         from websockets.sync.client import connect
         c = yield start_controller(self)
         token = yield enrollment_token(c)
-        agent = start_agent(self, c, token)
+        # a long backoff: once superseded, the agent must not come back and supersede the test's client
+        agent = start_agent(self, c, token, backoff=(30, 60))
         yield agent.wait_for("service_settings")
         identity = agent.state.identity_pem()
         key = identity[:identity.index(b"-----BEGIN CERTIFICATE-----")]

@@ -76,12 +76,15 @@ class Controller(MultiService):
 
     # -- decisions used by the web layer -------------------------------------------------------
 
-    def check_admin(self, token: str) -> bool | None:
-        """True: admin; False: known token without admin permission; None: unknown token."""
+    def check_admin(self, token: str, method: str = "GET") -> bool | None:
+        """True: allowed; False: a known token without the permission; None: unknown token.
+
+        `admin` may do everything; `read` may use the admin GET routes.
+        """
         perms = self.admin_tokens.get(token_hash(token))
         if perms is None:
             return None
-        return "admin" in perms
+        return "admin" in perms or ("read" in perms and method in ("GET", "HEAD"))
 
     @inlineCallbacks
     def create_service(self, kind: str, hostname: str, status: str = "approved", **kw: Any) -> Any:

@@ -365,6 +365,10 @@ class ServiceAgent(Service):
             have_certificate = self.mode() == "mtls"
         except AgentError:
             have_certificate = False
+        if reason == wire.SUPERSEDED:
+            # another process holds this identity: come back slowly rather than fight over the socket
+            log.error("another connection with this service's certificate replaced ours")
+            self.failures = max(self.failures, 10)
         if reason == wire.CERT_ROTATED or (code == 1000 and have_certificate):
             self._schedule_reconnect(immediately=True)
         else:

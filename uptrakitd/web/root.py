@@ -6,6 +6,7 @@ from typing import Any
 from .api.identity import IdentityRoutes
 from .api.pki_admin import PkiAdminRoutes
 from .api.services import ServiceRoutes
+from .ui_routes import UiRoutes
 from .api.status import StatusRoutes
 from .pki import PkiRoutes
 from .router import Router, route
@@ -17,7 +18,7 @@ def build_sites(controller: Any) -> tuple[IdentifyingSite, IdentifyingSite]:
     status = StatusRoutes(controller)
     pki = PkiRoutes(controller)
     https_routes = (status.routes() + IdentityRoutes(controller).routes() + PkiAdminRoutes(controller).routes()
-                    + ServiceRoutes(controller).routes() + pki.routes())
+                    + ServiceRoutes(controller).routes() + UiRoutes().routes() + pki.routes())
     for extra in getattr(controller, "extra_routes", lambda: [])():
         https_routes.append(extra)
     router = Router(https_routes, controller.check_admin)

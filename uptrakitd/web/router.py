@@ -74,7 +74,7 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, routes: list[Route], check_admin: Callable[[str], bool | None] | None = None) -> None:
+    def __init__(self, routes: list[Route], check_admin: Callable[[str, str], bool | None] | None = None) -> None:
         super().__init__()
         self.routes = routes
         self.check_admin = check_admin
@@ -106,12 +106,12 @@ class Router(Resource):
             if token is None:
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="uptrakitd"')
                 return self._write_error(request, Unauthorized("admin token required (Authorization: Bearer …)"))
-            verdict = self.check_admin(token) if self.check_admin else None
+            verdict = self.check_admin(token, lookup) if self.check_admin else None
             if verdict is None:
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="uptrakitd", error="invalid_token"')
                 return self._write_error(request, Unauthorized("admin token not recognized"))
             if verdict is False:
-                return self._write_error(request, Forbidden("this token lacks the admin permission"))
+                return self._write_error(request, Forbidden(f"this token may not {method} here"))
         d = maybeDeferred(r.handler, request, **m.groupdict())
         d.addCallbacks(lambda result: self._write_result(request, result),
                        lambda failure: self._write_failure(request, failure))

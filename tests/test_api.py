@@ -1,0 +1,102 @@
+"""The admin HTTP API: auth, tokens, services fields, errors, the UI files (SPEC §6)."""
+from __future__ import annotations
+
+import treq
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from .helpers import https_client, request_json, start_controller, url
+
+
+class ApiTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_admin_tokens_permissions_and_revocation(self):
+        c = yield start_controller(self)
+        status, body = yield request_json(c, "POST", "/api/v1/admin-tokens", {"name": "ci", "permissions": ["read"]})
+        self.assertEqual(status, 201)
+        read_only = body["token"]
+        status, body = yield request_json(c, "GET", "/api/v1/services", token=read_only)
+        self.assertEqual(status, 200)
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca", token=read_only)
+        self.assertEqual((status, body["code"]), (403, "forbidden"))
+        self.assertEqual(c.pki.authority.active().generation, 1)
+        status, body = yield request_json(c, "POST", "/api/v1/admin-tokens", {"name": "ops"})
+        ops_id, ops = body["id"], body["token"]
+        status, body = yield request_json(c, "GET", "/api/v1/services", token=ops)
+        self.assertEqual((status, body), (200, {"services": []}))
+        status, body = yield request_json(c, "GET", "/api/v1/admin-tokens")
+        self.assertEqual([t["name"] for t in body["tokens"]], ["bootstrap", "ci", "ops"])
+        self.assertTrue(all("token" not in t for t in body["tokens"]))
+        status, _ = yield request_json(c, "DELETE", f"/api/v1/admin-tokens/{ops_id}")
+        self.assertEqual(status, 200)
+        status, _ = yield request_json(c, "GET", "/api/v1/services", token=ops)
+        self.assertEqual(status, 401)
+        status, body = yield request_json(c, "POST", "/api/v1/admin-tokens", {"name": "x", "permissions": ["root"]})
+        self.assertEqual(status, 400)
+
+    @inlineCallbacks
+    def test_enrollment_tokens_and_service_fields(self):
+        c = yield start_controller(self)
+        status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens",
+                                          {"name": "lab", "kind": "agent", "max_uses": 2, "expires_in_seconds": 600})
+        self.assertEqual(status, 201)
+        self.assertTrue(body["token"].startswith("upt_"))
+        self.assertEqual((body["kind"], body["max_uses"], body["uses"], body["auto_approve"]), ("agent", 2, 0, True))
+        for bad in ({}, {"name": ""}, {"name": "x", "kind": "printer"}, {"name": "x", "max_uses": 0},
+                    {"name": "x", "auto_approve": "yes"}, {"name": "x", "surprise": 1}):
+            status, err = yield request_json(c, "POST", "/api/v1/enrollment-tokens", bad)
+            self.assertEqual(status, 400, bad)
+            self.assertEqual(set(err), {"error", "code"})
+        status, _ = yield request_json(c, "DELETE", f"/api/v1/enrollment-tokens/{body['id']}")
+        self.assertEqual(status, 200)
+        status, _ = yield request_json(c, "DELETE", f"/api/v1/enrollment-tokens/{body['id']}")
+        self.assertEqual(status, 404)
+        service = yield c.create_service("mqtt", "bridge-1", friendly_name="Bridge")
+        status, body = yield request_json(c, "PUT", f"/api/v1/services/{service.id}",
+                                          {"cert_lifetime_hours": 24, "ping_interval_seconds": 15})
+        self.assertEqual(status, 200)
+        expected = {"id", "kind", "hostname", "friendly_name", "status", "capabilities", "ip_address", "proxy_ip",
+                    "identity_source", "connected", "last_seen_at", "created_at", "certificate"}
+        self.assertTrue(expected <= set(body))
+        self.assertEqual((body["cert_lifetime_hours"], body["ping_interval_seconds"]), (24, 15))
+        status, body = yield request_json(c, "PUT", f"/api/v1/services/{service.id}", {"cert_lifetime_hours": 0})
+        self.assertEqual(status, 400)
+        status, body = yield request_json(c, "GET", "/api/v1/services/00000000-0000-0000-0000-000000000000")
+        self.assertEqual((status, body["code"]), (404, "service_not_found"))
+
+    @inlineCallbacks
+    def test_unknown_routes_methods_and_bodies(self):
+        c = yield start_controller(self)
+        status, body = yield request_json(c, "GET", "/api/v1/nope")
+        self.assertEqual((status, body["code"]), (404, "not_found"))
+        client = https_client(c)
+        r = yield client.request("DELETE", url(c, "/api/v1/settings/network"),
+                                 headers={"Authorization": "Bearer x"})
+        yield treq.content(r)
+        self.assertEqual(r.code, 405)
+        self.assertEqual(r.headers.getRawHeaders("allow"), ["GET, HEAD, PUT"])
+        status, body = yield request_json(c, "PUT", "/api/v1/settings/service-certificates", b"x" * 300000)
+        self.assertEqual(status, 413)
+        status, body = yield request_json(c, "GET", "/readyz", token=None)
+        self.assertEqual(body, {"status": "ready", "checks": {"database": "ok", "ca": "ok", "crl": "ok"}})
+        r = yield client.get(url(c, "/metrics"))
+        text = yield treq.text_content(r)
+        self.assertIn("uptrakit_ca_active_generation 1.0", text)
+
+    @inlineCallbacks
+    def test_ui_is_served_with_a_strict_policy(self):
+        c = yield start_controller(self)
+        client = https_client(c)
+        r = yield client.get(url(c, "/ui/"))
+        html = yield treq.text_content(r)
+        self.assertEqual(r.code, 200)
+        self.assertIn("Rotate CA", html)
+        self.assertIn("script-src 'self'", r.headers.getRawHeaders("content-security-policy")[0])
+        r = yield client.get(url(c, "/ui/app.js"))
+        js = yield treq.text_content(r)
+        self.assertIn("/api/v1/settings/rotate-ca", js)
+        r = yield client.get(url(c, "/ui/../admin.token"))
+        yield treq.content(r)
+        self.assertEqual(r.code, 404)
