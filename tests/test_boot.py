@@ -125,6 +125,17 @@ class FirstStartTests(TestCase):
             boot(settings_in(self.tmp, pki_addr="http://new.example", force_settings_override=True))
         self.assertIn("rotate the CA", str(cm.exception))
 
+    def test_stored_network_settings_win_unless_forced(self):
+        first = boot(settings_in(self.tmp, real_ip_header="X-Real-IP"))
+        self.assertEqual(first.network.real_ip_header, "X-Real-IP")
+        second = boot(settings_in(self.tmp, real_ip_header="Forwarded"))
+        self.assertEqual(second.network.real_ip_header, "X-Real-IP", "the stored runtime setting wins")
+        third = boot(settings_in(self.tmp, real_ip_header="Forwarded", force_settings_override=True))
+        self.assertEqual(third.network.real_ip_header, "Forwarded")
+        fourth = boot(settings_in(self.tmp))
+        self.assertEqual(fourth.network.real_ip_header, "Forwarded", "the override was stored")
+        self.assertEqual(stat.S_IMODE(os.stat(self.data / "uptrakit.sqlite3").st_mode), 0o600)
+
     def test_missing_ca_key_is_a_clear_error(self):
         boot(settings_in(self.tmp))
         (self.data / "pki" / "ca-1.key").unlink()

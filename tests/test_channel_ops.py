@@ -194,3 +194,44 @@ class SlowConsumerTests(TestCase):
         self.assertGreater(sent, 10)
         yield wait_until(lambda: agent.service_id not in c.hub.connected)
         self.assertEqual(c.hub.slow_consumers, 1)
+
+
+class AgentTwistdTests(TestCase):
+    """`twistd -n uptrakit-agent` as an operator runs it, against a real controller."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_twistd_agent_enrolls_and_connects(self):
+        import os
+        import sys
+        from pathlib import Path
+        from .helpers import ca_pem
+        from .test_tap import Daemon, env
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        tmp = Path(os.path.abspath(self.mktemp()))
+        tmp.mkdir()
+        (tmp / "ca.crt").write_bytes(ca_pem(c))
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        proto = Daemon()
+        transport = reactor.spawnProcess(proto, twistd, [
+            twistd, "--pidfile=", "-n", "uptrakit-agent", "--controller", f"wss://localhost:{https_port(c)}",
+            "--enrollment-token", token, "--state-dir", str(tmp / "state"), "--ca-cert", str(tmp / "ca.crt"),
+            "--kind", "mqtt", "--hostname", "bridge-7"], env=env(), path=str(tmp))
+        self.addCleanup(lambda: None if proto.ended.called else (transport.signalProcess("TERM"), proto.ended)[1])
+        try:
+            yield wait_until(lambda: any(s.hostname == "bridge-7" and s.id in c.hub.connected
+                                         for s in c.service_records.values()), timeout=30)
+        except AssertionError:
+            self.fail(proto.output.decode(errors="replace")[-3000:])
+        service = next(s for s in c.service_records.values() if s.hostname == "bridge-7")
+        self.assertEqual((service.kind, service.identity_source), ("mqtt", "mtls"))
+        self.assertEqual(oct((tmp / "state" / "identity.pem").stat().st_mode & 0o777), "0o600")
+        self.assertNotIn(token.encode(), proto.output)
+        transport.signalProcess("TERM")
+        yield proto.ended
+        out, err, code = yield __import__("tests.helpers", fromlist=["run"]).run(
+            twistd, "--pidfile=", "-n", "uptrakit-agent", "--state-dir", str(tmp / "x"), env=env())
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"--controller is required", out + err)

@@ -84,10 +84,14 @@ def boot(settings: Settings, now: datetime.datetime | None = None) -> Booted:
         ensure_private_dir(data_dir / "pki")
     except OSError as e:
         raise StartupError(f"cannot use data dir {data_dir}: {e.strerror}") from None
+    db_path = data_dir / "uptrakit.sqlite3"
     try:
-        conn = store_mod.open_and_migrate(data_dir / "uptrakit.sqlite3")
+        conn = store_mod.open_and_migrate(db_path)
     except store_mod.StoreError as e:
         raise StartupError(str(e)) from None
+    for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
+        if path.exists():
+            os.chmod(path, 0o600)  # token hashes and certificate records: nobody else's business
     try:
         network = store_mod.transaction(conn, _network_settings, settings)
         authority = _load_authority(conn, settings, network, now)

@@ -91,3 +91,30 @@ class HaproxyTests(TestCase):
         cert, key = agent_identity(agent)
         status = yield status_with_cert(proxy.port, ca_pem(c), cert, key)
         self.assertEqual(status, 200)
+
+
+class PassthroughTests(TestCase):
+    """HAProxy `mode tcp` + PROXY protocol: mTLS end to end, the agent's real address recorded."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_tcp_passthrough_with_proxy_protocol(self):
+        from uptrakitd import tokens
+        from ..channel_helpers import start_agent
+        from .harness import AGENT_ADDR
+        haproxy = require_program("haproxy", "apt-get install haproxy")
+        c = yield start_controller(self, https_listen=r"haproxy:tcp:0:interface=127.0.0.1")
+        record = yield c.store.run(tokens.create_enrollment_token, "passthrough", None, None, None, True)
+        prefix = Path(self.mktemp()).resolve()
+        prefix.mkdir(parents=True)
+        port = free_port()
+        conf = prefix / "haproxy.cfg"
+        conf.write_text(render(CONFIGS / "haproxy/haproxy-passthrough.cfg",
+                               dict(LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port, UPSTREAM=f"127.0.0.1:{https_port(c)}")))
+        proxy = RunningProxy(self, "haproxy", [haproxy, "-db", "-f", str(conf)], port)
+        yield proxy.start()
+        agent = start_agent(self, c, record["token"], bind_address=AGENT_ADDR, port=port)
+        yield agent.wait_for("service_settings", timeout=30)
+        service = c.service_records[agent.service_id]
+        self.assertEqual((service.identity_source, service.ip_address, service.proxy_ip), ("mtls", AGENT_ADDR, None))

@@ -48,6 +48,14 @@ class NginxTests(TestCase):
 
     @inlineCallbacks
     def test_agent_through_nginx_with_ocsp(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+        self.ocsp_log = []
+
+        def observe(event):
+            if event.get("log_namespace") == "uptrakitd.pki.ocsp":
+                self.ocsp_log.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         c = yield controller_for_nginx(self)
         nginx = yield start_nginx(self, c)
         agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
@@ -65,6 +73,7 @@ class NginxTests(TestCase):
         self.assertEqual(status, 400, "nginx refuses the revoked certificate (its 'SSL certificate error' page)")
         self.assertLess(reactor.seconds() - start, 5)
         self.assertGreater(c.metrics.ocsp_responses.labels("revoked")._value.get(), 0)
+        self.assertIn(f"OCSP: revoked for serial {serial.lstrip('0')}", "\n".join(self.ocsp_log))
         self.assertIn(b"revoked", (nginx.prefix / "error.log").read_bytes())
 
     @inlineCallbacks

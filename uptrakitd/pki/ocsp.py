@@ -84,6 +84,8 @@ class OcspResponder:
         except Exception:  # the responder must answer garbage with malformedRequest, never a 500
             log.failure("OCSP request could not be answered")
             result = self._unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR, "malformed")
+        log.info("OCSP: {status} for serial {serial}", status=result.status,
+                 serial=format(result.serial, "X") if result.serial is not None else "-")
         for observer in self.observers:
             observer(result)
         return result
