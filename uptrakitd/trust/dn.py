@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from .split import split_outside_quotes
+
 _CN_TYPES = {"cn", "commonname", "2.5.4.3", "oid.2.5.4.3"}
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 
@@ -36,33 +38,8 @@ def _unescape_rfc2253(value: str) -> str | None:
         return None
 
 
-def _split_unescaped(text: str, separators: str) -> list[str] | None:
-    """Split on separators that are neither escaped nor inside double quotes."""
-    parts, current, i, quoted = [], [], 0, False
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            if i + 1 >= len(text):
-                return None
-            current.append(text[i:i + 2])
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        if ch in separators and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    if quoted:
-        return None
-    parts.append("".join(current))
-    return parts
-
-
 def _rfc2253_cns(dn: str) -> list[str] | None:
-    attributes = _split_unescaped(dn, ",+;")
+    attributes = split_outside_quotes(dn, ",+;", escapes="anywhere")
     if attributes is None:
         return None
     cns = []

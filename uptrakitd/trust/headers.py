@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, unquote_plus
 
+from .split import split_outside_quotes
+
 MAX_HEADER = 64 * 1024
 INFO_FORMATS = ("auto", "kv", "xfcc", "traefik")
 _XFCC_KEYS = {"by", "hash", "cert", "chain", "subject", "uri", "dns"}
@@ -51,6 +53,15 @@ def _b64_der(text: str) -> bytes:
 
 def parse_cert_header(value: str) -> bytes:
     """The leaf certificate's DER from a PEM-carrying header (RFC 9440, PEM, base64 DER, Traefik list)."""
+    try:
+        return _parse_cert_header(value)
+    except MalformedHeader:
+        raise
+    except (ValueError, UnicodeError, TypeError, IndexError) as e:
+        raise MalformedHeader(f"unparseable certificate header ({type(e).__name__})") from None
+
+
+def _parse_cert_header(value: str) -> bytes:
     if not isinstance(value, str):
         raise MalformedHeader("header value must be text")
     if len(value) > MAX_HEADER:
@@ -82,24 +93,9 @@ def _valid_percent(text: str) -> bool:
 
 
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    parts, current, quoted, i = [], [], False, 0
-    while i < len(text):
-        ch = text[i]
-        if quoted and ch == "\\" and i + 1 < len(text):
-            current.append(text[i:i + 2])
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        if ch == sep and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    if quoted:
+    parts = split_outside_quotes(text, sep, escapes="quoted")
+    if parts is None:
         raise MalformedHeader("unterminated quoted value")
-    parts.append("".join(current))
     return parts
 
 

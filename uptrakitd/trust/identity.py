@@ -267,44 +267,41 @@ class IdentityResolver:
                 return RequestContext(peer, client_ip, peer, None, "none", None if no_cert else
                                       "proxy reports client certificate verification did not succeed")
         reasons = []
-        if net.forwarded_client_cert_info_header:
+        attempts = [("info header", "proxy-info", net.forwarded_client_cert_info_header, self._info_evidence),
+                    ("certificate header", "proxy-cert", net.forwarded_client_cert_pem_header, self._cert_evidence)]
+        for label, label_source, name, evidence in attempts:
+            if not name:
+                continue
             try:
-                value = _single(headers, net.forwarded_client_cert_info_header)
-                if value is not None:
-                    info = parse_info_header(value, net.forwarded_client_cert_info_format)
-                    if info.cert_der is not None:
-                        cert = _load_der(info.cert_der)
-                        source = "proxy-cert"
-                        check = lambda: verify_certificate(cert, self.authority, self.services,  # noqa: E731
-                                                           self.trust_domain, self.now())
-                    else:
-                        source = "proxy-info"
-                        check = lambda: verify_info(info, self.authority, self.services, self.now())  # noqa: E731
-                    context = self._decide(peer, client_ip, peer, source, check)
-                    if context.identity is not None:
-                        return context
-                    reasons.append(context.rejected)
+                value = _single(headers, name)
+                if value is None:
+                    continue
+                source, check = evidence(value, net)
+                context = self._decide(peer, client_ip, peer, source, check)
+                if context.identity is not None:
+                    return context
+                reasons.append(context.rejected)
             except (MalformedHeader, Rejected) as e:
-                log.info("info header from {peer} unusable: {reason}", peer=peer, reason=str(e))
-                reasons.append(f"info header unusable: {e}")
-                self._count("proxy-info", "rejected")
-        if net.forwarded_client_cert_pem_header:
-            try:
-                value = _single(headers, net.forwarded_client_cert_pem_header)
-                if value is not None:
-                    cert = _load_der(parse_cert_header(value))
-                    context = self._decide(peer, client_ip, peer, "proxy-cert", lambda: verify_certificate(
-                        cert, self.authority, self.services, self.trust_domain, self.now()))
-                    if context.identity is not None:
-                        return context
-                    reasons.append(context.rejected)
-            except (MalformedHeader, Rejected) as e:
-                log.info("certificate header from {peer} unusable: {reason}", peer=peer, reason=str(e))
-                reasons.append(f"certificate header unusable: {e}")
-                self._count("proxy-cert", "rejected")
+                log.info("{label} from {peer} unusable: {reason}", label=label, peer=peer, reason=str(e))
+                reasons.append(f"{label} unusable: {e}")
+                self._count(label_source, "rejected")
         if not reasons:
             self._count("none", "absent")
         return RequestContext(peer, client_ip, peer, None, "none", "; ".join(r for r in reasons if r) or None)
+
+    def _info_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
+        info = parse_info_header(value, net.forwarded_client_cert_info_format)
+        if info.cert_der is not None:  # XFCC Cert= wins over Subject=
+            return self._cert_evidence_der(info.cert_der)
+        return "proxy-info", lambda: verify_info(info, self.authority, self.services, self.now())
+
+    def _cert_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
+        return self._cert_evidence_der(parse_cert_header(value))
+
+    def _cert_evidence_der(self, der: bytes) -> tuple[str, Callable[[], Identity]]:
+        cert = _load_der(der)
+        return "proxy-cert", lambda: verify_certificate(cert, self.authority, self.services, self.trust_domain,
+                                                        self.now())
 
     def _decide(self, peer: str, client_ip: str, proxy_ip: str | None, source: str,
                 check: Callable[[], Identity]) -> RequestContext:

@@ -6,6 +6,7 @@ import re
 from typing import Iterable, Sequence
 
 from ..config import IPNetwork
+from .split import split_outside_quotes
 
 SINGLE_ADDRESS_HEADERS = {"x-real-ip", "true-client-ip", "cf-connecting-ip"}
 _PORT_V4 = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$")
@@ -60,17 +61,8 @@ def forwarded_for_values(header: str) -> list[str | None]:
 
 
 def _split_quoted(text: str, sep: str) -> list[str]:
-    parts, current, quoted = [], [], False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        if ch == sep and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
+    # an unterminated quote leaves one element that will not parse as an address: garbage
+    return split_outside_quotes(text, sep, escapes="none") or [text]
 
 
 def resolve_client_ip(peer_ip: str, header_name: str, values: Sequence[str],
