@@ -4,16 +4,14 @@ from __future__ import annotations
 import json
 
 from cryptography import x509
-from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
 from .channel_helpers import enrollment_token, frame, service_json, start_agent, ws_ssl
-from .helpers import https_port, make_csr, request_json, start_controller, wait_until
+from .helpers import https_port, make_csr, request_json, start_controller
 
 
 class EnrollmentTests(TestCase):

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import time
 
-from cryptography import x509
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -14,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.channel.protocol import OUTBOUND_CAP, buffered_bytes
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import enrollment_token, frame, service_json, start_agent, ws_ssl
-from .helpers import https_port, make_csr, request_json, start_controller, wait_until
+from .channel_helpers import enrollment_token, service_json, start_agent, ws_ssl
+from .helpers import https_port, request_json, start_controller, wait_until
 
 
 def issuer_generation(agent) -> int:
@@ -156,7 +155,6 @@ class SlowConsumerTests(TestCase):
     @inlineCallbacks
     def test_a_socket_that_never_reads_is_dropped_and_memory_stays_flat(self):
         import socket
-        import ssl
         c = yield start_controller(self)
         token = yield enrollment_token(c)
         agent = start_agent(self, c, token)

@@ -16,15 +16,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .helpers import (blocking_get, blocking_tls_socket, ca_pem, https_client, https_port, make_csr, request_json,
-                      require_program, run, start_controller, url, wait_until)
+from .helpers import (blocking_get, blocking_tls_socket, ca_pem, https_port, make_csr, request_json,
+                      require_program, run, start_controller, wait_until)
 from .test_tap import free_port
 
 

@@ -74,10 +74,6 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     return flags
 
 
-class _LogSetup:
-    """Lets makeService choose the log observer twistd installs (for --log-format json)."""
-
-
 def makeService(options: Any) -> Any:
     """Validate settings, prepare state, return the Controller. Errors: one line, exit status 2."""
     from twisted.internet import reactor
@@ -99,6 +95,7 @@ def makeService(options: Any) -> Any:
 
 
 def _use_json_logs(service: Any) -> None:
+    # twistd asks the application for an ILogObserver before installing its own text observer.
     original = service.setServiceParent
 
     def set_parent(parent: Any) -> Any:

@@ -39,8 +39,8 @@ def create_enrollment_token(conn: sqlite3.Connection, name: str, kind: str | Non
     token = new_token("upt_")
     now = int(time.time())
     record_id = str(uuid.uuid4())
-    conn.execute(f"INSERT INTO enrollment_tokens (id, name, kind, token_hash, max_uses, expires_at, auto_approve, "
-                 f"created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.execute("INSERT INTO enrollment_tokens (id, name, kind, token_hash, max_uses, expires_at, auto_approve, "
+                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  (record_id, name, kind, token_hash(token), max_uses, now + expires_in if expires_in else None,
                   int(auto_approve), now))
     row = conn.execute(f"SELECT {_ENROLL_COLS} FROM enrollment_tokens WHERE id = ?", (record_id,)).fetchone()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 from pathlib import Path
 from typing import Any

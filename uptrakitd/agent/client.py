@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import random
 import socket
 from typing import Any, Callable

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import secrets
 from collections import defaultdict
 from typing import Any
@@ -317,6 +316,3 @@ class ChannelHub:
         if record.not_after - self.clock.seconds() <= window:
             self._renewal_asked.add(record.serial)
             proto.send("request_cert_renewal", reason="expiring")
-
-    def bundle_hash_for(self, pem: bytes) -> str:
-        return hashlib.sha256(pem).hexdigest()

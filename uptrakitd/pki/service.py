@@ -16,7 +16,7 @@ from . import records
 from .authority import Authority, CertRecord
 from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca, key_pem
 from .crl import REASONS, CrlPublisher
-from .issue import Issued, issue_client_certificate, issue_server_certificate
+from .issue import issue_client_certificate, issue_server_certificate
 from .ocsp import OcspResponder
 from .serials import format_serial
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
 
 from .router import Response, Route, route
 
