@@ -139,9 +139,14 @@ class OpensslOcspCrlTests(TestCase):
                                                         x509.load_pem_x509_certificate(fca), hashes.SHA256()).build()
         resp = yield self.post(req.public_bytes(serialization.Encoding.DER))
         self.assertEqual(resp.response_status, ocsp.OCSPResponseStatus.UNAUTHORIZED)
-        # garbage -> malformedRequest, still HTTP 200 + application/ocsp-response
+        # garbage -> malformedRequest, still HTTP 200 + application/ocsp-response, for POST and GET
         resp = yield self.post(b"\x30\x03garbage")
         self.assertEqual(resp.response_status, ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ocsp/%%%not-base64!!")
+        body = yield treq.content(r)
+        self.assertEqual((r.code, r.headers.getRawHeaders("content-type")), (200, ["application/ocsp-response"]))
+        self.assertEqual(ocsp.load_der_ocsp_response(body).response_status,
+                         ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         # SHA-256 CertID for a real leaf -> good
         req = ocsp.OCSPRequestBuilder().add_certificate(fake, ca, hashes.SHA256()).build()
         resp = yield self.post(req.public_bytes(serialization.Encoding.DER))

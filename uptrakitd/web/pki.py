@@ -5,7 +5,7 @@ import email.utils
 import hashlib
 from typing import Any
 
-from ..errors import BadRequest, NotFound, PayloadTooLarge
+from ..errors import NotFound, PayloadTooLarge
 from ..pki.ocsp import MAX_REQUEST_BYTES, OcspDecodeError, decode_get_path
 from .router import Response, Route, route
 
@@ -56,8 +56,8 @@ class PkiRoutes:
         encoded = raw.split("/ocsp/", 1)[1]
         try:
             der = decode_get_path(encoded)
-        except OcspDecodeError as e:
-            raise BadRequest(str(e), "malformed_ocsp_request") from None
+        except OcspDecodeError:
+            der = b""  # answered like any garbage: an OCSP malformedRequest response, HTTP 200
         if len(der) > MAX_REQUEST_BYTES:
             raise PayloadTooLarge("OCSP request larger than 64 KiB")
         return self._answer(der)
