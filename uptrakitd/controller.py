@@ -151,6 +151,9 @@ class Controller(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if hasattr(signal, "SIGHUP"):
+            # before listening: whoever sees the "listening" line may send SIGHUP at once
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         self.store.start()
         self.hub.start()
         self._listen(self.settings.https_listen, TLSMemoryBIOFactory(self.tls, False, self.https_site), "HTTPS")
@@ -162,8 +165,6 @@ class Controller(MultiService):
             lambda: self.pki.crls.warm().addErrback(lambda f: log.failure("CRL worker warm-up failed", f)))
         self._every(86400, self.pki.check_daily, "daily CA/server certificate check", now=True)
         self._warn_about_setup()
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
     def _warn_about_setup(self) -> None:
         net = self.network
