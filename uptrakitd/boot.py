@@ -225,7 +225,8 @@ def _load_authority(conn: sqlite3.Connection, settings: Settings, network: Netwo
 
 
 def _server_certificate(conn: sqlite3.Connection, settings: Settings, authority: Authority,
-                        network: NetworkSettings, hostname: str, now: datetime.datetime) -> tuple[x509.Certificate, Any]:
+                        network: NetworkSettings, hostname: str,
+                        now: datetime.datetime) -> tuple[x509.Certificate, Any]:
     pki_dir = settings.data_dir / "pki"
     cert_path, key_path = pki_dir / "server.crt", pki_dir / "server.key"
     reason = _server_cert_problem(cert_path, key_path, authority, settings, hostname, now)

@@ -129,6 +129,13 @@ def refresh_pki_files(c: Any, files: dict[str, str]) -> None:
     Path(files["CRL_FILE"]).write_bytes((c.settings.data_dir / "pki" / "ca.crl").read_bytes())
 
 
+def connected_with_generation(c: Any, agent: Any, generation: int) -> bool:
+    """True once the controller holds the agent's socket authenticated with a certificate of `generation`."""
+    proto = c.hub.connected.get(agent.service_id)
+    identity = proto.context.identity if proto is not None and proto.context is not None else None
+    return identity is not None and identity.ca_generation == generation and not proto.closing
+
+
 def agent_identity(agent: Any) -> tuple[bytes, bytes]:
     pem = agent.state.identity_pem()
     split = pem.index(b"-----BEGIN CERTIFICATE-----")
@@ -198,8 +205,7 @@ def rotate_and_follow(testcase: Any, c: Any, agent: Any, proxy_port: int, files:
     testcase.assertEqual(status, 200, body)
     refresh_pki_files(c, files)
     yield documented_steps()
-    yield wait_until(lambda: agent.proto is not None and agent.state.certificate() is not None
-                     and "G2" in agent.state.certificate().issuer.rfc4514_string(), timeout=90)
+    yield wait_until(lambda: connected_with_generation(c, agent, 2), timeout=90)
     cert, key = agent_identity(agent)
     status = yield status_with_cert(proxy_port, ca_pem(c), cert, key)
     testcase.assertEqual(status, 200)

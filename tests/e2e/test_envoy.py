@@ -9,8 +9,8 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.pki.serials import format_serial
 
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
-from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, refresh_pki_files,
-                      render, status_with_cert, write_pki_files)
+from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
+                      refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
 
 
 class EnvoyTests(TestCase):
@@ -47,7 +47,6 @@ class EnvoyTests(TestCase):
         refresh_pki_files(c, files)
         yield proxy.restart()
         yield renewed
-        yield wait_until(lambda: agent.proto is not None and "G2" in agent.state.certificate().issuer.rfc4514_string(),
-                         timeout=60)
+        yield wait_until(lambda: connected_with_generation(c, agent, 2), timeout=60)
         cert, key = agent_identity(agent)
         self.assertEqual((yield status_with_cert(port, ca_pem(c), cert, key)), 200)

@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.pki.serials import format_serial
 
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
-from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, refresh_pki_files,
-                      render, status_with_cert, write_pki_files)
+from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
+                      refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
 
 
 def runtime_api(sock_path: str, *commands: str) -> str:
@@ -84,8 +84,7 @@ class HaproxyTests(TestCase):
         refresh_pki_files(c, proxy.files)
         yield proxy.restart()
         yield renewed
-        yield wait_until(lambda: agent.proto is not None and "G2" in agent.state.certificate().issuer.rfc4514_string(),
-                         timeout=60)
+        yield wait_until(lambda: connected_with_generation(c, agent, 2), timeout=60)
         cert, key = agent_identity(agent)
         status = yield status_with_cert(proxy.port, ca_pem(c), cert, key)
         self.assertEqual(status, 200)

@@ -123,7 +123,8 @@ class OcspResponder:
         if cached is not None:
             resp_der, this_update, next_update = cached
             if now < this_update + (next_update - this_update) / 2:
-                return self._with_headers(resp_der, this_update, next_update, nonce, serial, self._status_of(serial, ca))
+                return self._with_headers(resp_der, this_update, next_update, nonce, serial,
+                                          self._status_of(serial, ca))
         record = self.authority.records.get(serial)
         kwargs: dict[str, Any] = {}
         if record is None or record.ca_generation != ca.generation:

@@ -93,7 +93,8 @@ class Router(Resource):
         matched = [(r, m) for r in self.routes if (m := r.pattern.fullmatch(path))]
         if not matched:
             return self._write_error(request, NotFound(f"no route for {path[:200]}"))
-        allowed = sorted({r.method for r, _ in matched} | ({"HEAD"} if any(r.method == "GET" for r, _ in matched) else set()))
+        methods = {r.method for r, _ in matched}
+        allowed = sorted(methods | ({"HEAD"} if "GET" in methods else set()))
         lookup = "GET" if method == "HEAD" else method
         chosen = next(((r, m) for r, m in matched if r.method == lookup), None)
         if chosen is None:

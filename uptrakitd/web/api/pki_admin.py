@@ -98,7 +98,8 @@ class PkiAdminRoutes:
                 continue
             status = "revoked" if r.revoked_at else ("expired" if r.not_after < now else "valid")
             out.append({"serial": format_serial(r.serial), "service_id": r.service_id, "purpose": r.purpose,
-                        "ca_generation": r.ca_generation, "not_before": iso(r.not_before), "not_after": iso(r.not_after),
+                        "ca_generation": r.ca_generation, "not_before": iso(r.not_before),
+                        "not_after": iso(r.not_after),
                         "status": status, "revoked_at": iso(r.revoked_at), "revocation_reason": r.reason})
         out.sort(key=lambda c: (c["not_before"], c["serial"]))
         return {"certificates": out}
