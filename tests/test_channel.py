@@ -179,17 +179,25 @@ class IndependentClientTests(TestCase):
         from websockets.sync.client import connect
         c = yield start_controller(self)
         c.hub.enroll_timeout = 0.5
+        token = yield enrollment_token(c)
+        agent = start_agent(self, c, token, backoff=(30, 60))
+        yield agent.wait_for("service_settings")
+        yield agent.stopService()
+        identity = agent.state.identity_pem()
+        split = identity.index(b"-----BEGIN CERTIFICATE-----")
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
 
         def flood():
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with connect(url, ssl=ws_ssl(c, identity[split:], identity[:split])) as ws:
+                pongs = 0
                 try:
-                    for seq in range(1, 400):
-                        ws.send(frame("mystery_but_valid", seq) if seq % 5 else frame("x", seq))
+                    for seq in range(1, 400):  # valid pings, far faster than 50/s
+                        ws.send(frame("ping", seq, service_ts=seq))
                     while True:
-                        ws.recv(timeout=10)
+                        if json.loads(ws.recv(timeout=10))["type"] == "pong":
+                            pongs += 1
                 except ConnectionClosed as closed:
-                    return closed.rcvd.reason if closed.rcvd else None
+                    return pongs, closed.rcvd.code if closed.rcvd else None, closed.rcvd.reason if closed.rcvd else None
 
         def idle():
             with connect(url, ssl=ws_ssl(c)) as ws:
@@ -197,7 +205,9 @@ class IndependentClientTests(TestCase):
                     ws.recv(timeout=10)
                 except ConnectionClosed as closed:
                     return closed.rcvd.reason
-        reason = yield deferToThread(flood)
-        self.assertIn(reason, ("rate limit exceeded", "protocol error"))
+        pongs, code, reason = yield deferToThread(flood)
+        self.assertEqual((code, reason), (1008, "rate limit exceeded"))
+        self.assertGreaterEqual(pongs, 90)   # the burst allowance was served
+        self.assertLess(pongs, 399)
         reason = yield deferToThread(idle)
         self.assertEqual(reason, "enrollment timeout")

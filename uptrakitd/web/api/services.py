@@ -145,10 +145,11 @@ class ServiceRoutes:
             yield self.c.store.run(services_mod.update_fields, service.id, status="deactivated",
                                    enrollment_secret_hash=None)
             service.status, service.enrollment_secret_hash = "deactivated", None
+            # close first, so the service learns why ("service deactivated", not "certificate revoked")
+            self.c.hub.close_service(service.id, wire.SERVICE_DEACTIVATED)
             for record in list(self.c.pki.authority.records.values()):
                 if record.service_id == service.id and record.revoked_at is None:
                     yield self.c.pki.revoke(record.serial, "cessationOfOperation")
-            self.c.hub.close_service(service.id, wire.SERVICE_DEACTIVATED)
         return self._describe(service, self._current_certificates())
 
     @inlineCallbacks
