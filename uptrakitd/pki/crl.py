@@ -147,15 +147,20 @@ class CrlPublisher:
         self._dirty = False
         self._stopped = False
 
+    @staticmethod
+    def _bundle_of(crls: list[PublishedCrl]) -> bytes:
+        return b"".join(c.pem for c in sorted(crls, key=lambda c: c.generation, reverse=True))
+
     def _publish(self, crls: list[PublishedCrl]) -> bytes:
         self.current = {c.generation: c for c in crls}
-        self.bundle = b"".join(self.current[g].pem for g in sorted(self.current, reverse=True))
+        self.bundle = self._bundle_of(crls)
         self.bundle_etag = '"' + hashlib.sha256(self.bundle).hexdigest()[:32] + '"'
         return self.bundle
 
     def publish_sync(self, crls: list[PublishedCrl]) -> None:
-        """Install CRLs built at start-up (before the reactor runs) and write the file."""
-        atomic_write(self.path, self._publish(crls), mode=0o644)
+        """Write the file, then serve the CRLs built at start-up (before the reactor runs)."""
+        atomic_write(self.path, self._bundle_of(crls), mode=0o644)
+        self._publish(crls)
 
     def build_sync(self, numbers: dict[int, int], now: datetime.datetime) -> list[PublishedCrl]:
         """Build every served CRL in the calling thread (start-up only)."""
@@ -248,8 +253,9 @@ class CrlPublisher:
             entries = yield self.to_thread(revoked_entries, records, ca.generation, int(now.timestamp()))
             der, pem = yield self._sign(ca, entries, numbers[ca.generation], now)
             crls.append(_published(ca.generation, der, pem, numbers[ca.generation], now, len(entries)))
-        bundle = self._publish(crls)
-        yield self.to_thread(atomic_write, self.path, bundle, 0o644)
+        # the file first: whoever sees the new CRLs served (a test, a proxy's timer) finds them on disk too
+        yield self.to_thread(atomic_write, self.path, self._bundle_of(crls), 0o644)
+        self._publish(crls)
         log.info("CRLs rebuilt: {summary} in {seconds:.2f}s",
                  summary=", ".join(f"G{c.generation} #{c.number} ({c.entries} entries)" for c in crls),
                  seconds=self.clock.seconds() - started)
