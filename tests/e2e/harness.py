@@ -16,6 +16,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from uptrakitd.pki.serials import format_serial
+
 from ..channel_helpers import enrollment_token, service_json, start_agent
 from ..helpers import blocking_get, blocking_tls_socket, ca_pem, https_port, request_json, wait_until
 
@@ -211,3 +213,23 @@ def rotate_and_follow(testcase: Any, c: Any, agent: Any, proxy_port: int, files:
     testcase.assertEqual(status, 200)
     answer = yield whoami(proxy_port, ca_pem(c), AGENT_ADDR, cert, key)
     testcase.assertEqual(answer["identity"]["ca_generation"], 2)
+
+
+def proxy_prefix(testcase: Any, c: Any) -> tuple[Path, dict[str, str], int]:
+    """(directory, PKI files, listen port) for a proxy under test."""
+    prefix = Path(testcase.mktemp()).resolve()
+    prefix.mkdir(parents=True)
+    return prefix, write_pki_files(c, prefix / "pki"), free_port()
+
+
+@inlineCallbacks
+def check_controller_side_revocation(testcase: Any, c: Any, agent: Any, proxy_port: int) -> Any:
+    """For proxies without CRL/OCSP: revoke, then the controller closes the agent and refuses the serial."""
+    cert, key = agent_identity(agent)
+    stopped = agent.wait_for("stopped", timeout=10)
+    serial = format_serial(agent.state.certificate().serial_number)
+    yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+    testcase.assertEqual((yield stopped), "certificate revoked")
+    answer = yield whoami(proxy_port, ca_pem(c), AGENT_ADDR, cert, key)
+    testcase.assertIsNone(answer["identity"])
+    testcase.assertIn("certificate revoked", answer["rejected"])

