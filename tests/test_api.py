@@ -100,3 +100,36 @@ class ApiTests(TestCase):
         r = yield client.get(url(c, "/ui/../admin.token"))
         yield treq.content(r)
         self.assertEqual(r.code, 404)
+
+
+HOSTILE_BODIES = [b"", b"null", b"[]", b"\"text\"", b"1e999", b"{\"a\":", b"\xff\xfe", b"{}" * 3,
+                  b"{\"name\": null}", b"{\"name\": 12}", b"{\"name\": [\"x\"]}", b"{\"name\": \"\\u0000\"}",
+                  b"{\"lifetime_hours\": 1e308}", b"{\"lifetime_hours\": -1}", b"{\"lifetime_hours\": true}",
+                  b"{\"trusted_proxies\": \"not-a-cidr\"}", b"{\"trusted_proxies\": [null]}",
+                  b"{\"trusted_proxies\": [[\"10.0.0.0/8\"]]}", b"{\"real_ip_header\": \"bad header\"}",
+                  b"{\"pki_addr\": \"javascript:alert(1)\"}", b"{\"forwarded_client_cert_info_format\": 3}",
+                  b"{\"reason\": {\"nested\": 1}}", b"{\"max_uses\": 99999999999999999999999}",
+                  b"{\"expires_in_seconds\": \"soon\"}", b"{\"permissions\": \"admin\"}",
+                  b"{\"cert_lifetime_hours\": 1.5}", b"{\"ping_interval_seconds\": 1}",
+                  b"[" * 5000 + b"]" * 5000]
+
+
+class HostileBodyTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_no_body_yields_a_500_or_changes_settings(self):
+        c = yield start_controller(self)
+        service = yield c.create_service("agent", "h")
+        before = (c.network, c.service_certs, c.pki.authority.active().generation)
+        targets = [("PUT", "/api/v1/settings/network"), ("PUT", "/api/v1/settings/service-certificates"),
+                   ("POST", "/api/v1/enrollment-tokens"), ("POST", "/api/v1/admin-tokens"),
+                   ("PUT", f"/api/v1/services/{service.id}"), ("POST", "/api/v1/certificates/ABCD/revoke")]
+        for method, path in targets:
+            for body in HOSTILE_BODIES:
+                status, answer = yield request_json(c, method, path, body)
+                self.assertLess(status, 500, (method, path, body[:40]))
+                if status >= 400:
+                    self.assertEqual(set(answer), {"error", "code"}, (method, path, body[:40]))
+        self.assertEqual((c.network, c.service_certs, c.pki.authority.active().generation), before)
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_revocations_total") or 0, 0)

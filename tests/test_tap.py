@@ -185,3 +185,54 @@ class TwistdTests(TestCase):
         daemon.transport.signalProcess("TERM")
         code = yield daemon.ended
         self.assertEqual(code, 0)
+
+
+class DurabilityTests(TestCase):
+    """Nothing acknowledged is lost on kill -9."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_acknowledged_revocation_survives_kill_9(self):
+        from cryptography import x509 as _x509
+
+        from uptrakitd.agent.client import ServiceAgent
+        from uptrakitd.pki.serials import format_serial
+        curl = require_program("curl", "apt-get install curl")
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        args = ("--https-listen", f"tcp:{port}:interface=127.0.0.1")
+        daemon = start_daemon(self, *args, cwd=cwd)
+        yield daemon.wait_for(b"listening on")
+        data = Path(cwd) / "uptrakit-data"
+        token = (data / "admin.token").read_text().strip()
+        ca = str(data / "pki" / "ca.crt")
+
+        def api(method, path, body=None):
+            argv = [curl, "-sS", "--cacert", ca, "-X", method, "-H", f"Authorization: Bearer {token}"]
+            if body is not None:
+                argv += ["-d", json.dumps(body)]
+            return run(*argv, f"https://localhost:{port}{path}").addCallback(lambda r: json.loads(r[0]))
+        created = yield api("POST", "/api/v1/enrollment-tokens", {"name": "durability"})
+        agent = ServiceAgent(reactor, f"wss://localhost:{port}", os.path.join(cwd, "agent"),
+                             enrollment_token=created["token"], ca_cert=Path(ca).read_bytes(), backoff=(30, 60))
+        agent.startService()
+        self.addCleanup(lambda: agent.stopService() if agent.running else None)
+        yield agent.wait_for("service_settings", timeout=30)
+        serial = format_serial(agent.state.certificate().serial_number)
+        yield agent.stopService()
+        answer = yield api("POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        self.assertTrue(answer["revoked"])
+        daemon.transport.signalProcess("KILL")   # right after the acknowledgement
+        yield daemon.ended
+        again = start_daemon(self, *args, cwd=cwd)
+        yield again.wait_for(b"listening on")
+        listed = yield api("GET", f"/api/v1/certificates?service_id={agent.service_id}")
+        mine = [c_ for c_ in listed["certificates"] if c_["serial"] == serial]
+        self.assertEqual((mine[0]["status"], mine[0]["revocation_reason"]), ("revoked", "keyCompromise"))
+        crl_blocks = (data / "pki" / "ca.crl").read_bytes()
+        crl = _x509.load_pem_x509_crl(crl_blocks)
+        self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(int(serial, 16)))
+        again.transport.signalProcess("TERM")
+        yield again.ended

@@ -53,7 +53,7 @@ def json_body(request: Any) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("request body is not valid JSON", "invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", "invalid_json")
