@@ -94,6 +94,15 @@ class BuildSettingsTests(TestCase):
         self.assertRefused("network.trusted_proxy", {}, self.write('[network]\ntrusted_proxy = []\n'))
 
 
+class ShippedFilesTests(TestCase):
+    def test_sample_config_is_valid(self):
+        sample = Path(__file__).resolve().parent.parent / "etc" / "uptrakit.toml"
+        s = build_settings({}, str(sample))
+        self.assertEqual(s.data_dir, Path("/var/lib/uptrakitd"))
+        self.assertEqual(s.san, ("controller.example.org",))
+        self.assertEqual(s.network.real_ip_header, "X-Forwarded-For")
+
+
 class NetworkSettingsTests(TestCase):
     def test_update_validates_everything_first(self) -> None:
         base = NetworkSettings()
