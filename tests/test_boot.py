@@ -135,6 +135,19 @@ class FirstStartTests(TestCase):
         self.assertEqual(fourth.network.real_ip_header, "Forwarded", "the override was stored")
         self.assertEqual(stat.S_IMODE(os.stat(self.data / "uptrakit.sqlite3").st_mode), 0o600)
 
+    def test_invalid_stored_network_settings_refused_then_repaired_by_the_override(self):
+        boot(settings_in(self.tmp))
+        db = sqlite3.connect(self.data / "uptrakit.sqlite3")
+        db.execute("""UPDATE settings SET value = '{"trusted_proxies": ["nonsense"]}' WHERE key = 'network'""")
+        db.commit()
+        db.close()
+        with self.assertRaises(StartupError) as cm:
+            boot(settings_in(self.tmp))
+        self.assertIn("--force-settings-override", str(cm.exception))
+        repaired = boot(settings_in(self.tmp, trusted_proxies=["10.0.0.0/8"], force_settings_override=True))
+        self.assertEqual([str(n) for n in repaired.network.trusted_proxies], ["10.0.0.0/8"])
+        self.assertEqual(boot(settings_in(self.tmp)).network.trusted_proxies, repaired.network.trusted_proxies)
+
     def test_missing_ca_key_is_a_clear_error(self):
         boot(settings_in(self.tmp))
         (self.data / "pki" / "ca-1.key").unlink()

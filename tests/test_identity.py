@@ -240,3 +240,39 @@ class StrippingPropertyTests(TestCase):
         context = self.resolver(network)(FakeRequest("10.1.1.1", h))
         self.assertEqual((context.client_ip, context.proxy_ip, context.identity), ("203.0.113.1", "10.1.1.1", None))
         self.assertTrue(h.hasHeader(b"X-Forwarded-For"))
+
+
+class ChannelEvidenceTests(TestCase):
+    """What the WebSocket handshake does with each identity decision (SPEC §3 feeding §5)."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_close_reason_follows_the_decision(self):
+        import socket as socketlib
+
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        from .channel_helpers import ws_ssl
+        c = yield start_controller(self, trusted_proxies=[PROXY], forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        c.hub.enroll_timeout = 0.5
+        leaf, _, _ = yield new_leaf(c)
+        good = base64.b64encode(leaf.cert.public_bytes(serialization.Encoding.DER)).decode()
+        _, foreign, _ = foreign_ca_and_leaf()
+        bad = base64.b64encode(x509.load_pem_x509_certificate(foreign).public_bytes(serialization.Encoding.DER)).decode()
+
+        def close_reason(source, header):
+            sock = socketlib.create_connection(("127.0.0.1", https_port(c)), timeout=10, source_address=(source, 0))
+            with connect(f"wss://localhost:{https_port(c)}/api/v1/ws/agent", sock=sock, ssl=ws_ssl(c),
+                         server_hostname="localhost", additional_headers={"X-SSL-Client-Cert": header}) as ws:
+                try:
+                    while True:
+                        ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return closed.rcvd.reason
+        self.assertEqual((yield deferToThread(close_reason, PROXY, bad)), "certificate not recognized")
+        # from an untrusted peer the header is stripped: an anonymous socket that must enroll
+        self.assertEqual((yield deferToThread(close_reason, CLIENT, good)), "enrollment timeout")
+        yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(leaf.serial)}/revoke", {})
+        self.assertEqual((yield deferToThread(close_reason, PROXY, good)), "certificate revoked")

@@ -28,8 +28,9 @@ from .pki import records
 from .services import load_services
 from .tokens import token_hash
 from .pki.authority import Authority
-from .pki.ca import CaError, CaGeneration, create_ca, embedded_urls, key_pem, load_external_ca, pki_urls
-from .pki.issue import SERVER_RENEW_WHEN_LEFT, issue_server_certificate, server_names
+from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, key_pem, load_external_ca, pki_urls,
+                     same_public_key)
+from .pki.issue import issue_server_certificate, server_cert_due, server_names
 
 log = Logger()
 
@@ -114,32 +115,32 @@ def boot(settings: Settings, now: datetime.datetime | None = None) -> Booted:
 
 def _network_settings(conn: sqlite3.Connection, settings: Settings) -> NetworkSettings:
     stored = get_setting(conn, "network")
-    if stored is None:
-        put_setting(conn, "network", settings.network.to_json())
-        return settings.network
+    if stored is None or settings.force_settings_override:
+        if stored is not None:
+            log.warn("network settings from flags/config replace the stored ones (--force-settings-override)")
+        merged = settings.network if stored is None else _stored_or_default(stored).updated(
+            {k: settings.network.to_json()[k] for k in settings.network_given})
+        put_setting(conn, "network", merged.to_json())
+        return merged
     try:
         current = NetworkSettings().updated(stored)
     except ConfigError as e:
-        raise StartupError(f"stored network settings are invalid ({e}); fix them with --force-settings-override")
-    given = {k: getattr(settings.network, k) for k in settings.network_given}
-    differing = {k: v for k, v in given.items() if getattr(current, k) != v}
-    if not differing:
-        return current
-    if settings.force_settings_override:
-        for key in sorted(differing):
-            log.warn("network.{key}: flag/config value overrides the stored setting (--force-settings-override)",
-                     key=key)
-        current = current.updated({k: NetworkSettings().updated({k: v}).to_json()[k]
-                                   for k, v in differing.items()})
-        put_setting(conn, "network", current.to_json())
-        return current
-    for key in sorted(differing):
+        raise StartupError(f"stored network settings are invalid ({e}); start once with "
+                           "--force-settings-override and the right flags") from None
+    given, have = settings.network.to_json(), current.to_json()
+    for key in sorted(k for k in settings.network_given if given[k] != have[k]):
         log.warn("network.{key}: flag/config value {given!r} differs from the stored runtime setting "
                  "{stored!r}; the stored one is used (change it with PUT /api/v1/settings/network or "
-                 "start with --force-settings-override)",
-                 key=key, given=NetworkSettings().updated({key: getattr(settings.network, key)}).to_json()[key],
-                 stored=current.to_json()[key])
+                 "start with --force-settings-override)", key=key, given=given[key], stored=have[key])
     return current
+
+
+def _stored_or_default(stored: Any) -> NetworkSettings:
+    """The stored settings, or the defaults when they no longer validate (only with the override)."""
+    try:
+        return NetworkSettings().updated(stored)
+    except ConfigError:
+        return NetworkSettings()
 
 
 def _service_cert_settings(conn: sqlite3.Connection) -> ServiceCertSettings:
@@ -243,11 +244,6 @@ def _server_certificate(conn: sqlite3.Connection, settings: Settings, authority:
     return issued.cert, key
 
 
-def server_cert_due(cert: x509.Certificate, now: datetime.datetime) -> bool:
-    """True when the server certificate has 30 days or less left."""
-    return cert.not_valid_after_utc - now <= SERVER_RENEW_WHEN_LEFT
-
-
 def _server_cert_problem(cert_path: Path, key_path: Path, authority: Authority, settings: Settings,
                          hostname: str, now: datetime.datetime) -> str | None:
     if not cert_path.exists() or not key_path.exists():
@@ -257,9 +253,7 @@ def _server_cert_problem(cert_path: Path, key_path: Path, authority: Authority, 
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (ValueError, TypeError, OSError):
         return "stored server certificate unreadable"
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (cert.public_key().public_bytes(serialization.Encoding.DER, pub)
-            != key.public_key().public_bytes(serialization.Encoding.DER, pub)):
+    if not same_public_key(cert.public_key(), key.public_key()):
         return "stored server key does not match"
     if not any(_signed_by(cert, ca.cert) for ca in authority.trusted(now)):
         return "stored server certificate not signed by a trusted CA"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import signal
+from dataclasses import replace
 import sys
 from typing import Any
 
@@ -121,10 +122,13 @@ class Controller(MultiService):
                              {"lifetime_hours": new.lifetime_hours, "renewal_window_hours": new.renewal_window_hours})
         self.service_certs = new
 
-    @inlineCallbacks
     def update_network(self, changes: dict[str, Any]) -> Any:
-        """Validate, store, then apply network settings (SPEC §7); raises ConfigError naming the field."""
-        new = self.network.updated(changes)
+        """Validate (ConfigError naming the field), store, then apply network settings (SPEC §7)."""
+        return self.store_network(self.network.updated(changes))
+
+    @inlineCallbacks
+    def store_network(self, new: NetworkSettings) -> Any:
+        """Store validated network settings, then use them from the next request on."""
         yield self.store.run(put_setting, "network", new.to_json())
         self.apply_network(new)
         return new
@@ -256,7 +260,6 @@ class Controller(MultiService):
         if not changed:
             log.info("SIGHUP: config re-read, no runtime setting changed")
             return
-        as_json = NetworkSettings().updated(changed).to_json()
-        d = self.update_network({k: as_json[k] for k in changed})
+        d = self.store_network(replace(self.network, **changed))
         d.addCallbacks(lambda _: log.info("SIGHUP: applied {keys}", keys=", ".join(sorted(changed))),
                        lambda f: log.failure("SIGHUP: could not apply settings", f))

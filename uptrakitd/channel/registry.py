@@ -80,10 +80,10 @@ class ChannelHub:
         ctx = proto.context
         if ctx is not None and ctx.identity is not None:
             self._authenticate(proto)
-        elif ctx is not None and ctx.rejected and not ctx.rejected.startswith("client certificate headers ignored"):
+        elif ctx is not None and ctx.rejected_code in ("revoked", "invalid"):
             proto.phase = "rejected"
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
-            proto.close(wire.CERT_REVOKED if ctx.rejected == "certificate revoked" else wire.CERT_NOT_RECOGNIZED)
+            proto.close(wire.CERT_REVOKED if ctx.rejected_code == "revoked" else wire.CERT_NOT_RECOGNIZED)
         elif proto.bearer is not None:
             self._resume_enrollment(proto)
         else:

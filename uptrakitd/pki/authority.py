@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from cryptography.hazmat.primitives import serialization
 
@@ -51,6 +50,7 @@ class Authority:
 
     generations: dict[int, CaGeneration] = field(default_factory=dict)
     records: dict[int, CertRecord] = field(default_factory=dict)
+    by_service: dict[str, list[CertRecord]] = field(default_factory=dict)
     _certid_index: dict[tuple[str, bytes, bytes], int] = field(default_factory=dict)
 
     def add_generation(self, ca: CaGeneration) -> None:
@@ -60,8 +60,15 @@ class Authority:
             self._certid_index[key] = ca.generation
 
     def add_record(self, record: CertRecord) -> None:
-        """Remember a certificate we issued."""
+        """Remember a certificate we issued (indexed by serial and by service)."""
         self.records[record.serial] = record
+        if record.service_id is not None:
+            self.by_service.setdefault(record.service_id, []).append(record)
+
+    def current_for(self, service_id: str, now_ts: float) -> CertRecord | None:
+        """The newest unrevoked, unexpired certificate of a service."""
+        live = [r for r in self.by_service.get(service_id, ()) if r.revoked_at is None and r.not_after > now_ts]
+        return max(live, key=lambda r: r.not_before, default=None)
 
     def active(self) -> CaGeneration:
         """The CA that signs new certificates."""
@@ -105,8 +112,3 @@ class Authority:
             if ca.common_name == cn:
                 return ca
         return None
-
-    def revoked_in(self, generation: int, now_ts: int, grace: int = 86400) -> Iterable[CertRecord]:
-        """Revoked records of a generation whose notAfter is not more than `grace` seconds past."""
-        return [r for r in self.records.values()
-                if r.ca_generation == generation and r.revoked_at is not None and r.not_after >= now_ts - grace]

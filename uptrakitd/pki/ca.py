@@ -142,6 +142,12 @@ def create_ca(generation: int, pki_addr: str | None, now: datetime.datetime) -> 
     return builder.sign(key, hashes.SHA384()), key
 
 
+def same_public_key(a: Any, b: Any) -> bool:
+    """True when two public keys (of a certificate, CSR or private key) are the same key."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(serialization.Encoding.DER, spki) == b.public_bytes(serialization.Encoding.DER, spki)
+
+
 def key_pem(key: Any) -> bytes:
     """Unencrypted PKCS#8 PEM (the file is 0600 in a 0700 directory)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -164,8 +170,6 @@ def load_external_ca(cert_pem: bytes, key_pem_bytes: bytes) -> tuple[x509.Certif
         raise CaError("--ca-cert has no basicConstraints CA:true") from None
     if not bc.ca:
         raise CaError("--ca-cert is not a CA certificate (basicConstraints CA:false)")
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (cert.public_key().public_bytes(serialization.Encoding.DER, pub)
-            != key.public_key().public_bytes(serialization.Encoding.DER, pub)):
+    if not same_public_key(cert.public_key(), key.public_key()):
         raise CaError("--ca-key does not match --ca-cert")
     return cert, key

@@ -109,6 +109,11 @@ def issue_server_certificate(ca: CaGeneration, hostname: str, extra_sans: Iterab
     return Issued(cert, cert.serial_number, ca.generation), key
 
 
+def server_cert_due(cert: x509.Certificate, now: datetime.datetime) -> bool:
+    """True when the server certificate has 30 days or less left."""
+    return cert.not_valid_after_utc - now <= SERVER_RENEW_WHEN_LEFT
+
+
 def spiffe_id(trust_domain: str, service_id: str) -> str:
     """The SPIFFE URI of a service."""
     return f"spiffe://{trust_domain}/service/{service_id}"

@@ -16,7 +16,7 @@ from . import records
 from .authority import Authority, CertRecord
 from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca, key_pem
 from .crl import REASONS, CrlPublisher
-from .issue import issue_client_certificate, issue_server_certificate
+from .issue import issue_client_certificate, issue_server_certificate, server_cert_due
 from .ocsp import OcspResponder
 from .serials import format_serial
 
@@ -158,7 +158,6 @@ class PkiService:
     @inlineCallbacks
     def check_daily(self) -> Any:
         """Auto-rotate when < 183 days remain; re-issue the server certificate when <= 30 days remain."""
-        from ..boot import server_cert_due
         now = self.now()
         active = self.authority.active()
         if not active.external and active.not_after - now < AUTO_ROTATE_WHEN_LEFT and not self._rotating:

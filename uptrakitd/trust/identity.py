@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -16,7 +15,7 @@ from ..config import NetworkSettings
 from ..pki.authority import Authority
 from .dn import common_name
 from .headers import ForwardedClientCert, MalformedHeader, parse_cert_header, parse_info_header
-from .proxies import is_trusted, resolve_client_ip
+from .proxies import is_trusted, parse_address, resolve_client_ip
 
 log = Logger()
 
@@ -40,30 +39,20 @@ class RequestContext:
     identity: Identity | None = None
     identity_source: str = "none"  # mtls | proxy-cert | proxy-info | none
     rejected: str | None = None
+    # why there is no identity, for code (rejected is for people): None (no evidence), "ignored"
+    # (identity headers from an untrusted peer), "revoked", "invalid" (any other refused evidence)
+    rejected_code: str | None = None
 
     @property
     def via_trusted_proxy(self) -> bool:
         return self.proxy_ip is not None
 
 
-def canonical_ip(value: str) -> str:
-    """The ipaddress string form; IPv4-mapped IPv6 folded to IPv4; scope ids dropped."""
-    addr = ipaddress.ip_address(value.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return str(addr)
-
-
 def peer_ip_of(request: Any) -> str:
     """The TCP peer address of a twisted.web request (as the PROXY protocol reports it, if used)."""
     address = request.getClientAddress()
     host = getattr(address, "host", None)
-    if not host:
-        return "0.0.0.0"
-    try:
-        return canonical_ip(host)
-    except ValueError:
-        return "0.0.0.0"
+    return (parse_address(host) if host else None) or "0.0.0.0"
 
 
 # -- header removal (SPEC §3.3) -----------------------------------------------------------------
@@ -125,6 +114,10 @@ def remove_headers(headers: Any, configured: Iterable[str | None], real_ip_heade
 class Rejected(Exception):
     """Evidence that does not establish an identity; the message is the short reason whoami shows."""
 
+    def __init__(self, reason: str, code: str = "invalid") -> None:
+        super().__init__(reason)
+        self.code = code
+
 
 def _uuid(text: str | None) -> str | None:
     if not text:
@@ -178,7 +171,7 @@ def verify_certificate(cert: x509.Certificate, authority: Authority, services: M
     if record is None or record.purpose != "client" or record.ca_generation != ca.generation:
         raise Rejected("certificate not recognized")
     if record.revoked_at is not None:
-        raise Rejected("certificate revoked")
+        raise Rejected("certificate revoked", "revoked")
     service_id = _service_id_of(cert, trust_domain)
     if service_id is None or service_id != record.service_id or service_id not in services:
         raise Rejected("certificate does not match our records")
@@ -204,7 +197,7 @@ def verify_info(info: ForwardedClientCert, authority: Authority, services: Mappi
             or record.ca_generation != ca.generation:
         raise Rejected("serial not issued to this service by this CA")
     if record.revoked_at is not None:
-        raise Rejected("certificate revoked")
+        raise Rejected("certificate revoked", "revoked")
     if not record.not_before <= now.timestamp() <= record.not_after:
         raise Rejected("certificate expired or not yet valid")
     return Identity(service_id, record.serial, ca.generation)
@@ -252,7 +245,7 @@ class IdentityResolver:
             self._count("none", "absent")
             identity_headers = [f for f in removed if f not in ("real-ip", "origin", "forwarded-proto-host")]
             reason = f"client certificate headers ignored: {peer} is not a trusted proxy" if identity_headers else None
-            return RequestContext(peer, peer, rejected=reason)
+            return RequestContext(peer, peer, rejected=reason, rejected_code="ignored" if reason else None)
         return self._from_proxy(request, net, peer, client_ip)
 
     def _from_proxy(self, request: Any, net: NetworkSettings, peer: str, client_ip: str) -> RequestContext:
@@ -264,9 +257,12 @@ class IdentityResolver:
                 # nginx says NONE when no certificate was presented: no identity, but nothing was rejected
                 no_cert = value in (b"", b"NONE")
                 self._count("none", "absent" if no_cert else "rejected")
-                return RequestContext(peer, client_ip, peer, None, "none", None if no_cert else
-                                      "proxy reports client certificate verification did not succeed")
-        reasons = []
+                if no_cert:
+                    return RequestContext(peer, client_ip, peer)
+                return RequestContext(peer, client_ip, peer, rejected="proxy reports client certificate "
+                                      "verification did not succeed", rejected_code="invalid")
+        reasons: list[str] = []
+        codes: set[str] = set()
         attempts = [("info header", "proxy-info", net.forwarded_client_cert_info_header, self._info_evidence),
                     ("certificate header", "proxy-cert", net.forwarded_client_cert_pem_header, self._cert_evidence)]
         for label, label_source, name, evidence in attempts:
@@ -281,13 +277,16 @@ class IdentityResolver:
                 if context.identity is not None:
                     return context
                 reasons.append(context.rejected)
+                codes.add(context.rejected_code)
             except (MalformedHeader, Rejected) as e:
+                codes.add(getattr(e, "code", "invalid"))
                 log.info("{label} from {peer} unusable: {reason}", label=label, peer=peer, reason=str(e))
                 reasons.append(f"{label} unusable: {e}")
                 self._count(label_source, "rejected")
         if not reasons:
             self._count("none", "absent")
-        return RequestContext(peer, client_ip, peer, None, "none", "; ".join(r for r in reasons if r) or None)
+        return RequestContext(peer, client_ip, peer, rejected="; ".join(r for r in reasons if r) or None,
+                              rejected_code=("revoked" if "revoked" in codes else "invalid") if reasons else None)
 
     def _info_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
         info = parse_info_header(value, net.forwarded_client_cert_info_format)
@@ -311,7 +310,7 @@ class IdentityResolver:
             log.info("identity from {source} rejected for {client}: {reason}", source=source, client=client_ip,
                      reason=str(e))
             self._count(source, "rejected")
-            return RequestContext(peer, client_ip, proxy_ip, None, "none", str(e))
+            return RequestContext(peer, client_ip, proxy_ip, rejected=str(e), rejected_code=e.code)
         self._count(source, "accepted")
         return RequestContext(peer, client_ip, proxy_ip, identity, source, None)
 

@@ -1,6 +1,7 @@
 """A small JSON router: one place maps errors to statuses, checks admin tokens, answers 404/405."""
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from dataclasses import dataclass, field
@@ -57,6 +58,25 @@ def json_body(request: Any) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON", "invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", "invalid_json")
+    return value
+
+
+def iso(ts: int | float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC (the HTTP API's timestamp form)."""
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def int_field(body: dict[str, Any], name: str, low: int, high: int, nullable: bool = True) -> int | None:
+    """An integer body field within [low, high] (None when absent, or null if allowed); BadRequest else."""
+    from ..errors import BadRequest
+    if name not in body or (body[name] is None and nullable):
+        return None
+    value = body[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"{name}: must be an integer from {low} to {high}" + (" (or null)" if nullable else ""),
+                         "invalid_field")
     return value
 
 
@@ -134,7 +154,8 @@ class Router(Resource):
             request.setResponseCode(status)
             request.setHeader(b"Content-Type", b"application/json")
             body = json.dumps(result).encode() + b"\n"
-        request.setHeader(b"Cache-Control", request.responseHeaders.getRawHeaders(b"cache-control", [b"no-store"])[0])
+        if not request.responseHeaders.hasHeader(b"cache-control"):
+            request.setHeader(b"Cache-Control", b"no-store")
         request.write(body if request.method != b"HEAD" else b"")
         request.finish()
 

@@ -1,7 +1,6 @@
 """Services, enrollment tokens and admin tokens (SPEC §6)."""
 from __future__ import annotations
 
-import datetime
 import uuid
 from typing import Any
 
@@ -12,27 +11,9 @@ from ... import tokens
 from ...channel import wire
 from ...errors import BadRequest, Conflict, NotFound
 from ...pki.serials import format_serial
-from ..router import Route, json_body, route
+from ..router import Route, int_field, iso, json_body, route
 
 UUID = r"[0-9a-fA-F-]{36}"
-
-
-def iso(ts: int | float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC (the HTTP API's timestamp form)."""
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
-    if name not in body:
-        return None
-    value = body[name]
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise BadRequest(f"{name}: must be an integer from {low} to {high} (or null)", "invalid_field")
-    return value
 
 
 class ServiceRoutes:
@@ -60,17 +41,8 @@ class ServiceRoutes:
 
     # -- services ------------------------------------------------------------------------------
 
-    def _current_certificates(self) -> dict[str, Any]:
-        now = self.c.pki.clock.seconds()
-        best: dict[str, Any] = {}
-        for r in self.c.pki.authority.records.values():
-            if r.service_id and r.revoked_at is None and r.not_after > now:
-                if r.service_id not in best or r.not_before > best[r.service_id].not_before:
-                    best[r.service_id] = r
-        return best
-
-    def _describe(self, s: Any, certs: dict[str, Any]) -> dict[str, Any]:
-        cert = certs.get(s.id)
+    def _describe(self, s: Any) -> dict[str, Any]:
+        cert = self.c.pki.authority.current_for(s.id, self.c.pki.clock.seconds())
         return {"id": s.id, "kind": s.kind, "hostname": s.hostname, "friendly_name": s.friendly_name,
                 "status": s.status, "capabilities": list(s.capabilities), "ip_address": s.ip_address,
                 "proxy_ip": s.proxy_ip, "identity_source": s.identity_source,
@@ -102,18 +74,17 @@ class ServiceRoutes:
             raise BadRequest("status: must be pending, approved, rejected or deactivated", "invalid_filter")
         if connected is not None and connected not in ("true", "false"):
             raise BadRequest("connected: must be true or false", "invalid_filter")
-        certs = self._current_certificates()
         out = []
         for s in sorted(self.c.service_records.values(), key=lambda s: (s.created_at, s.id)):
             if kind and s.kind != kind or status and s.status != status:
                 continue
             if connected is not None and (s.id in self.c.hub.connected) != (connected == "true"):
                 continue
-            out.append(self._describe(s, certs))
+            out.append(self._describe(s))
         return {"services": out}
 
     def get_service(self, request: Any, service_id: str) -> dict:
-        return self._describe(self._service(service_id), self._current_certificates())
+        return self._describe(self._service(service_id))
 
     @inlineCallbacks
     def put_service(self, request: Any, service_id: str) -> Any:
@@ -124,9 +95,9 @@ class ServiceRoutes:
             raise BadRequest(f"{sorted(unknown)[0]}: not a writable field", "invalid_field")
         changes: dict[str, Any] = {}
         if "cert_lifetime_hours" in body:
-            changes["cert_lifetime_hours"] = _int_field(body, "cert_lifetime_hours", 1, 730 * 24)
+            changes["cert_lifetime_hours"] = int_field(body, "cert_lifetime_hours", 1, 730 * 24)
         if "ping_interval_seconds" in body:
-            changes["ping_interval_seconds"] = _int_field(body, "ping_interval_seconds", 5, 3600)
+            changes["ping_interval_seconds"] = int_field(body, "ping_interval_seconds", 5, 3600)
         if "friendly_name" in body:
             if body["friendly_name"] is not None and (not isinstance(body["friendly_name"], str)
                                                       or len(body["friendly_name"]) > 200):
@@ -136,7 +107,7 @@ class ServiceRoutes:
             yield self.c.store.run(services_mod.update_fields, service.id, **changes)
             for key, value in changes.items():
                 setattr(service, key, value)
-        return self._describe(service, self._current_certificates())
+        return self._describe(service)
 
     @inlineCallbacks
     def deactivate(self, request: Any, service_id: str) -> Any:
@@ -147,10 +118,10 @@ class ServiceRoutes:
             service.status, service.enrollment_secret_hash = "deactivated", None
             # close first, so the service learns why ("service deactivated", not "certificate revoked")
             self.c.hub.close_service(service.id, wire.SERVICE_DEACTIVATED)
-            for record in list(self.c.pki.authority.records.values()):
-                if record.service_id == service.id and record.revoked_at is None:
+            for record in list(self.c.pki.authority.by_service.get(service.id, ())):
+                if record.revoked_at is None:
                     yield self.c.pki.revoke(record.serial, "cessationOfOperation")
-        return self._describe(service, self._current_certificates())
+        return self._describe(service)
 
     @inlineCallbacks
     def _set_status(self, service_id: str, status: str) -> Any:
@@ -161,7 +132,7 @@ class ServiceRoutes:
         service.status = status
         if status == "rejected":
             self.c.hub.close_service(service.id, wire.SERVICE_NOT_APPROVED)
-        return self._describe(service, self._current_certificates())
+        return self._describe(service)
 
     def approve(self, request: Any, service_id: str) -> Any:
         return self._set_status(service_id, "approved")
@@ -183,8 +154,8 @@ class ServiceRoutes:
         kind = body.get("kind")
         if kind is not None and kind not in ("agent", "mqtt"):
             raise BadRequest("kind: must be agent or mqtt (or omitted for both)", "invalid_field")
-        max_uses = _int_field(body, "max_uses", 1, 1_000_000)
-        expires = _int_field(body, "expires_in_seconds", 1, 10 * 365 * 86400)
+        max_uses = int_field(body, "max_uses", 1, 1_000_000)
+        expires = int_field(body, "expires_in_seconds", 1, 10 * 365 * 86400)
         auto_approve = body.get("auto_approve", True)
         if not isinstance(auto_approve, bool):
             raise BadRequest("auto_approve: must be true or false", "invalid_field")
