@@ -37,6 +37,13 @@ def service_json(c: Any, service_id: str) -> Any:
     return body
 
 
+def agent_identity(agent: Any) -> tuple[bytes, bytes]:
+    """(cert_pem, key_pem) the agent holds."""
+    pem = agent.state.identity_pem()
+    split = pem.index(b"-----BEGIN CERTIFICATE-----")
+    return pem[split:], pem[:split]
+
+
 def ws_ssl(c: Any, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cadata=ca_pem(c).decode())
     if cert_pem:

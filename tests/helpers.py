@@ -140,9 +140,16 @@ def request_json(controller: Any, method: str, path: str, body: Any = None, toke
     return resp.code, parsed
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self, stdin: bytes | None, done: Deferred) -> None:
-        self.stdin, self.done, self.out, self.err = stdin, done, [], []
+class WatchedProcess(ProcessProtocol):
+    """A child process: its output (stdout+stderr and separately), its exit code, waits for a line."""
+
+    def __init__(self, stdin: bytes | None = None) -> None:
+        self.stdin = stdin
+        self.output = b""
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.ended: Deferred = Deferred()
+        self._waiters: list[tuple[bytes, Deferred]] = []
 
     def connectionMade(self) -> None:
         if self.stdin:
@@ -151,22 +158,53 @@ class _Collect(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.out.append(data)
+        self._got(data)
 
     def errReceived(self, data: bytes) -> None:
         self.err.append(data)
+        self._got(data)
+
+    def _got(self, data: bytes) -> None:
+        self.output += data
+        for needle, d in list(self._waiters):
+            if needle in self.output:
+                self._waiters.remove((needle, d))
+                d.callback(None)
+
+    def wait_for(self, needle: bytes, timeout: float = 20) -> Deferred:
+        """Fires once `needle` has appeared in the output."""
+        d: Deferred = Deferred()
+        self._waiters.append((needle, d))
+        self._got(b"")
+        return d.addTimeout(timeout, reactor)
 
     def processEnded(self, reason: Any) -> None:
         code = getattr(reason.value, "exitCode", None)
         if code is None:
             code = -(getattr(reason.value, "signal", 0) or 0)
-        self.done.callback((b"".join(self.out), b"".join(self.err), code))
+        self.ended.callback(code)
+
+
+def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
+          stdin: bytes | None = None) -> WatchedProcess:
+    """Start a program without blocking the reactor; the WatchedProcess has `.transport`."""
+    proto = WatchedProcess(stdin)
+    reactor.spawnProcess(proto, argv[0], list(argv), env=env if env is not None else dict(os.environ), path=cwd)
+    return proto
 
 
 def run(*argv: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> Deferred:
-    """Run a program without blocking the reactor (stdin given then closed); (stdout, stderr, exit code)."""
-    done: Deferred = Deferred()
-    reactor.spawnProcess(_Collect(stdin, done), argv[0], list(argv), env=env if env is not None else dict(os.environ))
-    return done
+    """Run a program to its end (stdin given then closed); fires with (stdout, stderr, exit code)."""
+    proto = spawn(list(argv), env=env, stdin=stdin)
+    return proto.ended.addCallback(lambda code: (b"".join(proto.out), b"".join(proto.err), code))
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_csr(common_name: str, key: Any = None, uri: str | None = None) -> tuple[bytes, bytes]:
@@ -262,3 +300,25 @@ def plain_http_client() -> Any:
     import treq
     from twisted.web.client import HTTPConnectionPool
     return treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+def tls_refusal(port: int, ca: bytes, cert_pem: bytes, key_pem: bytes, source: str | None = None) -> Deferred:
+    """Fires with the TLS alert text when the server refuses this client certificate.
+
+    Fails the test when the request goes through, and when the failure is not a TLS alert (a
+    refused or dropped TCP connection must not pass for a certificate check).
+    """
+    import ssl as pyssl
+    from twisted.internet.threads import deferToThread
+
+    def attempt() -> str:
+        try:
+            with blocking_tls_socket(port, ca, cert_pem, key_pem, source=source) as s:
+                status, _ = blocking_get(s, "/healthz")
+        except pyssl.SSLError as e:
+            text = str(e).lower()
+            if "alert" not in text:
+                raise AssertionError(f"TLS failed, but not with an alert from the server: {e}")
+            return text
+        raise AssertionError(f"the server accepted the certificate (HTTP {status})")
+    return deferToThread(attempt)

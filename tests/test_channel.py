@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import enrollment_token, frame, service_json, start_agent, ws_ssl
+from .channel_helpers import agent_identity, enrollment_token, frame, service_json, start_agent, ws_ssl
 from .helpers import https_port, make_csr, request_json, start_controller
 
 
@@ -183,12 +183,11 @@ class IndependentClientTests(TestCase):
         agent = start_agent(self, c, token, backoff=(30, 60))
         yield agent.wait_for("service_settings")
         yield agent.stopService()
-        identity = agent.state.identity_pem()
-        split = identity.index(b"-----BEGIN CERTIFICATE-----")
+        cert, key = agent_identity(agent)
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
 
         def flood():
-            with connect(url, ssl=ws_ssl(c, identity[split:], identity[:split])) as ws:
+            with connect(url, ssl=ws_ssl(c, cert, key)) as ws:
                 pongs = 0
                 try:
                     for seq in range(1, 400):  # valid pings, far faster than 50/s

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.channel.protocol import OUTBOUND_CAP, buffered_bytes
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import enrollment_token, service_json, start_agent, ws_ssl
+from .channel_helpers import agent_identity, enrollment_token, service_json, start_agent, ws_ssl
 from .helpers import https_port, request_json, start_controller, wait_until
 
 
@@ -107,9 +107,7 @@ class LifecycleTests(TestCase):
         # a long backoff: once superseded, the agent must not come back and supersede the test's client
         agent = start_agent(self, c, token, backoff=(30, 60))
         yield agent.wait_for("service_settings")
-        identity = agent.state.identity_pem()
-        key = identity[:identity.index(b"-----BEGIN CERTIFICATE-----")]
-        cert = identity[len(key):]
+        cert, key = agent_identity(agent)
         superseded = agent.wait_for("disconnected")
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
         ws = yield deferToThread(connect, url, ssl=ws_ssl(c, cert, key))
@@ -160,9 +158,7 @@ class SlowConsumerTests(TestCase):
         agent = start_agent(self, c, token)
         yield agent.wait_for("service_settings")
         yield agent.stopService()
-        identity = agent.state.identity_pem()
-        key = identity[:identity.index(b"-----BEGIN CERTIFICATE-----")]
-        cert = identity[len(key):]
+        cert, key = agent_identity(agent)
         ctx = ws_ssl(c, cert, key)
 
         def open_and_stop_reading():
@@ -205,18 +201,19 @@ class AgentTwistdTests(TestCase):
         import sys
         from pathlib import Path
         from .helpers import ca_pem
-        from .test_tap import Daemon, env
+        from .helpers import spawn
+        from .test_tap import env
         c = yield start_controller(self)
         token = yield enrollment_token(c)
         tmp = Path(os.path.abspath(self.mktemp()))
         tmp.mkdir()
         (tmp / "ca.crt").write_bytes(ca_pem(c))
         twistd = str(Path(sys.executable).with_name("twistd"))
-        proto = Daemon()
-        transport = reactor.spawnProcess(proto, twistd, [
+        proto = spawn([
             twistd, "--pidfile=", "-n", "uptrakit-agent", "--controller", f"wss://localhost:{https_port(c)}",
             "--enrollment-token", token, "--state-dir", str(tmp / "state"), "--ca-cert", str(tmp / "ca.crt"),
-            "--kind", "mqtt", "--hostname", "bridge-7"], env=env(), path=str(tmp))
+            "--kind", "mqtt", "--hostname", "bridge-7"], env=env(), cwd=str(tmp))
+        transport = proto.transport
         self.addCleanup(lambda: None if proto.ended.called else (transport.signalProcess("TERM"), proto.ended)[1])
         try:
             yield wait_until(lambda: any(s.hostname == "bridge-7" and s.id in c.hub.connected

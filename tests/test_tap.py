@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.tap import Options
 
-from .helpers import require_program, run
+from .helpers import WatchedProcess, free_port, require_program, run, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -27,53 +25,14 @@ def env() -> dict[str, str]:
     return e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon(ProcessProtocol):
-    """A twistd child whose output we watch for a line."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred = Deferred()
-        self.waiters: list[tuple[bytes, Deferred]] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        self._check()
-
-    errReceived = outReceived
-
-    def _check(self) -> None:
-        for needle, d in list(self.waiters):
-            if needle in self.output:
-                self.waiters.remove((needle, d))
-                d.callback(None)
-
-    def wait_for(self, needle: bytes, timeout: float = 20) -> Deferred:
-        d: Deferred = Deferred()
-        self.waiters.append((needle, d))
-        self._check()
-        return d.addTimeout(timeout, reactor)
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(getattr(reason.value, "exitCode", None))
-
-
-def start_daemon(testcase: TestCase, *args: str, cwd: str) -> Daemon:
-    proto = Daemon()
-    transport = reactor.spawnProcess(proto, TWISTD, [TWISTD, "--pidfile=", "-n", "uptrakit", *args], env=env(),
-                                     path=cwd)
+def start_daemon(testcase: TestCase, *args: str, cwd: str) -> WatchedProcess:
+    proto = spawn([TWISTD, "--pidfile=", "-n", "uptrakit", *args], env=env(), cwd=cwd)
 
     def cleanup():
         if not proto.ended.called:
-            transport.signalProcess("KILL")
+            proto.transport.signalProcess("KILL")
             return proto.ended
     testcase.addCleanup(cleanup)
-    proto.transport = transport
     return proto
 
 

@@ -157,7 +157,7 @@ class Settings:
         parts = urlsplit(self.network.pki_addr or "")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = parts.hostname or "127.0.0.1"
-        return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+        return f"tcp:{port}:interface=" + host.replace(":", "\\:")  # endpoint strings escape ":"
 
 
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki"}

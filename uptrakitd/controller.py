@@ -12,7 +12,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from . import store as store_mod
@@ -70,6 +70,12 @@ class Controller(MultiService):
                                                 self.settings.trust_domain, reactor, self.metrics)
         self.hub = ChannelHub(self, reactor)
         self.https_site, self.pki_site = build_sites(self)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd asks the application for an ILogObserver before installing its own text observer
+        if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
+        return super().setServiceParent(parent)
 
     def to_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:
         """Run CPU-heavy or blocking work in the reactor's thread pool."""

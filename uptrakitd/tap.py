@@ -4,8 +4,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.application.service import IServiceCollection
-from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 
 from .config import DEFAULT_HTTPS_LISTEN, ConfigError, build_settings
@@ -88,20 +86,4 @@ def makeService(options: Any) -> Any:
     except (ConfigError, StartupError) as e:
         sys.stderr.write(f"uptrakitd: error: {e}\n")
         raise SystemExit(2)
-    controller = Controller(booted, reactor, flags)
-    if settings.log_format == "json":
-        _use_json_logs(controller)
-    return controller
-
-
-def _use_json_logs(service: Any) -> None:
-    # twistd asks the application for an ILogObserver before installing its own text observer.
-    original = service.setServiceParent
-
-    def set_parent(parent: Any) -> Any:
-        if hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
-        elif IServiceCollection.providedBy(parent):
-            pass
-        return original(parent)
-    service.setServiceParent = set_parent
+    return Controller(booted, reactor, flags)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from uptrakitd.pki.serials import format_serial
 
-from ..channel_helpers import enrollment_token, service_json, start_agent
-from ..helpers import blocking_get, blocking_tls_socket, ca_pem, https_port, request_json, wait_until
+from ..channel_helpers import agent_identity, enrollment_token, service_json, start_agent
+from ..helpers import (WatchedProcess, blocking_get, blocking_tls_socket, ca_pem, free_port, https_port,
+                       request_json, spawn, wait_until)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "etc" / "proxies"
 AGENT_ADDR = "127.0.0.5"      # where agents and clients connect from
 OUTSIDER = "127.0.0.9"        # an untrusted address talking to the controller directly
 PROXY_ADDR = "127.0.0.1"      # the proxies reach the controller from here: the trusted proxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render(template: Path, values: dict[str, Any]) -> str:
@@ -42,20 +35,6 @@ def render(template: Path, values: dict[str, Any]) -> str:
     return text
 
 
-class _Output(ProcessProtocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Deferred = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.data += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
-
-
 class RunningProxy:
     """A proxy process started from a rendered config; stopped at test cleanup."""
 
@@ -63,15 +42,11 @@ class RunningProxy:
                  cwd: str | None = None) -> None:
         self.testcase, self.name, self.argv, self.port = testcase, name, argv, port
         self.env, self.cwd = env, cwd
-        self.output = _Output()
-        self.transport: Any = None
+        self.output: WatchedProcess | None = None
 
     @inlineCallbacks
     def start(self, timeout: float = 20) -> Any:
-        self.output = _Output()
-        self.transport = reactor.spawnProcess(self.output, self.argv[0], self.argv,
-                                              env=self.env if self.env is not None else dict(os.environ),
-                                              path=self.cwd)
+        self.output = spawn(self.argv, env=self.env, cwd=self.cwd)
         self.testcase.addCleanup(self.stop)
         deadline = reactor.seconds() + timeout
         while True:
@@ -79,17 +54,18 @@ class RunningProxy:
             if ok:
                 return self
             if self.output.ended.called or reactor.seconds() > deadline:
-                raise AssertionError(f"{self.name} did not start:\n{self.output.data.decode(errors='replace')[-3000:]}")
+                raise AssertionError(f"{self.name} did not start:\n{self.output.output.decode(errors='replace')[-3000:]}")
             yield deferLater(reactor, 0.1, lambda: None)
 
     def signal(self, name: str) -> None:
-        self.transport.signalProcess(name)
+        self.output.transport.signalProcess(name)
 
     def stop(self) -> Any:
-        if self.transport is not None and not self.output.ended.called:
-            self.transport.signalProcess("TERM")
-            later = reactor.callLater(5, lambda: None if self.output.ended.called else self.transport.signalProcess("KILL"))
-            return self.output.ended.addBoth(lambda r: later.cancel() if later.active() else None)
+        proc = self.output
+        if proc is not None and not proc.ended.called:
+            proc.transport.signalProcess("TERM")
+            later = reactor.callLater(5, lambda: None if proc.ended.called else proc.transport.signalProcess("KILL"))
+            return proc.ended.addBoth(lambda r: later.cancel() if later.active() else None)
         return None
 
     @inlineCallbacks
@@ -138,12 +114,6 @@ def connected_with_generation(c: Any, agent: Any, generation: int) -> bool:
     return identity is not None and identity.ca_generation == generation and not proto.closing
 
 
-def agent_identity(agent: Any) -> tuple[bytes, bytes]:
-    pem = agent.state.identity_pem()
-    split = pem.index(b"-----BEGIN CERTIFICATE-----")
-    return pem[split:], pem[:split]
-
-
 def whoami(port: int, ca: bytes, source: str, cert: bytes | None = None, key: bytes | None = None,
            headers: dict[str, str] | None = None) -> Deferred:
     """GET /api/v1/whoami over TLS from `source` (blocking client in a thread)."""
@@ -189,13 +159,21 @@ def forged_headers(cert_pem: bytes, der: bytes) -> dict[str, str]:
 
 
 def status_with_cert(port: int, ca: bytes, cert: bytes, key: bytes) -> Deferred:
-    """HTTP status of GET /healthz through the proxy with this client certificate; 0 when TLS fails."""
+    """HTTP status of GET /healthz through the proxy with this client certificate; 0 when the proxy
+    refuses it with a TLS alert (or closes right after the handshake). A proxy that is not
+    listening raises instead, so it cannot pass for a refusal."""
+    import ssl
+
     def go() -> int:
         try:
             with blocking_tls_socket(port, ca, cert, key, source=AGENT_ADDR) as s:
                 return blocking_get(s, "/healthz")[0]
-        except (OSError, ConnectionError):
-            return 0
+        except ssl.SSLError as e:
+            if "alert" in str(e).lower() or "eof" in str(e).lower():
+                return 0
+            raise
+        except ConnectionResetError:
+            return 0  # refused after a TLS 1.3 handshake that the client thought complete
     return deferToThread(go)
 
 

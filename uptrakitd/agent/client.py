@@ -110,7 +110,6 @@ class ServiceAgent(Service):
         self.pending_key: bytes | None = None
         self.settings: dict[str, Any] = {}
         self.stopped_reason: str | None = None
-        self.events: list[tuple[str, Any]] = []
         self.observers: list[Callable[[str, Any], None]] = []
         self._retry: Any = None
         self._ping: LoopingCall | None = None
@@ -119,7 +118,7 @@ class ServiceAgent(Service):
     # -- helpers for operators' logs and tests ---------------------------------------------------
 
     def event(self, name: str, detail: Any = None) -> None:
-        self.events.append((name, detail))
+        """Tell observers (tests, embedding programs) what happened; nothing is kept."""
         for observer in list(self.observers):
             observer(name, detail)
 

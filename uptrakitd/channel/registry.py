@@ -305,6 +305,8 @@ class ChannelHub:
                 p.close(reason)
 
     def check_renewals(self) -> None:
+        # forget requests for certificates no longer connected (renewed, revoked, gone)
+        self._renewal_asked &= {p.serial for p in self.connected.values()}
         for proto in list(self.connected.values()):
             self._maybe_ask_renewal(proto)
 
