@@ -81,6 +81,11 @@ class ApiTests(TestCase):
         self.assertEqual(status, 413)
         status, body = yield request_json(c, "GET", "/readyz", token=None)
         self.assertEqual(body, {"status": "ready", "checks": {"database": "ok", "ca": "ok", "crl": "ok"}})
+        c.store.close()  # the database goes away under a running daemon
+        status, body = yield request_json(c, "GET", "/readyz", token=None)
+        self.assertEqual((status, body["status"]), (503, "not_ready"))
+        self.assertTrue(body["checks"]["database"].startswith("unavailable"))
+        self.assertEqual(body["checks"]["ca"], "ok")
         r = yield client.get(url(c, "/metrics"))
         text = yield treq.text_content(r)
         self.assertIn("uptrakit_ca_active_generation 1.0", text)

@@ -49,7 +49,6 @@ class Controller(MultiService):
         self.service_records: dict[str, ServiceRecord] = {s.id: s for s in booted.services}
         self.metrics = Metrics()
         self.store = store_mod.Store(self.settings.data_dir / "uptrakit.sqlite3", reactor)
-        self.store_ok = True
         self.ports: list[Any] = []
         self._timers: list[LoopingCall] = []
         now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
@@ -146,7 +145,15 @@ class Controller(MultiService):
                      "through forwarded headers")
         self.network = new
 
-    def readiness(self) -> dict[str, str]:
+    @inlineCallbacks
+    def readiness(self) -> Any:
+        """The /readyz checks: the store answers a query, the active CA is usable, CRLs are fresh."""
+        try:
+            yield self.store.run(lambda conn: conn.execute("SELECT COUNT(*) FROM ca_generations").fetchone()
+                                 ).addTimeout(2, self.reactor)
+            database = "ok"
+        except Exception as e:
+            database = f"unavailable ({type(e).__name__})"
         now = self.pki.now()
         active = self.pki.authority.active()
         ca = "ok" if not active.expired(now) and active.key is not None else "active CA unusable"
@@ -155,7 +162,7 @@ class Controller(MultiService):
             published = self.pki.crls.current.get(generation)
             if published is None or now > published.this_update + self.pki.crls.validity:
                 crl = f"CRL of generation {generation} missing or stale"
-        return {"database": "ok" if self.store_ok else "unavailable", "ca": ca, "crl": crl}
+        return {"database": database, "ca": ca, "crl": crl}
 
     # -- lifecycle --------------------------------------------------------------------------
 

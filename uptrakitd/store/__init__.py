@@ -108,6 +108,7 @@ class Store:
         self._pool = adbapi.ConnectionPool(
             "sqlite3", str(self.path), cp_min=1, cp_max=1, check_same_thread=False,
             isolation_level=None, cp_openfun=_configure, cp_reactor=reactor)
+        self._closed = False
 
     def run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
         """Run fn(conn, *args) in the store thread inside one transaction; commit when it returns."""
@@ -118,8 +119,10 @@ class Store:
         self._pool.start()
 
     def close(self) -> None:
-        """Stop the thread after pending work."""
-        self._pool.close()
+        """Stop the thread after pending work (once; later calls do nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
 
 
 def _in_transaction(conn: Any, fn: Callable[..., Any], args: tuple, kw: dict) -> Any:

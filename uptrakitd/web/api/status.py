@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import inlineCallbacks
+
 from ..router import Response, Route, route
 
 
@@ -19,8 +21,9 @@ class StatusRoutes:
     def healthz(self, request: Any) -> Response:
         return Response(b"ok", "text/plain; charset=utf-8")
 
+    @inlineCallbacks
     def readyz(self, request: Any) -> Any:
-        checks = self.c.readiness()
+        checks = yield self.c.readiness()
         ready = all(v == "ok" for v in checks.values())
         return (200 if ready else 503), {"status": "ready" if ready else "not_ready", "checks": checks}
 
