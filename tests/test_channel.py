@@ -34,6 +34,7 @@ class EnrollmentTests(TestCase):
             self.assertEqual(body["certificate"]["serial"], format_serial(cert.serial_number))
             self.assertEqual(body["certificate"]["ca_generation"], 1)
             self.assertEqual(cert.subject.rfc4514_string().split(",")[-1], f"CN={agent.service_id}")
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_services_connected"), 2)
         status, body = yield request_json(c, "GET", "/api/v1/services?kind=mqtt&connected=true")
         self.assertEqual([s["kind"] for s in body["services"]], ["mqtt"])
         status, body = yield request_json(c, "GET", "/api/v1/services?kind=bogus")

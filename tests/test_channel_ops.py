@@ -188,6 +188,7 @@ class SlowConsumerTests(TestCase):
         self.assertGreater(sent, 10)
         yield wait_until(lambda: agent.service_id not in c.hub.connected)
         self.assertEqual(c.hub.slow_consumers, 1)
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_channel_slow_consumers_total"), 1)
 
 
 class AgentTwistdTests(TestCase):

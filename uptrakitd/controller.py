@@ -68,6 +68,7 @@ class Controller(MultiService):
         self.resolve_request = IdentityResolver(lambda: self.network, booted.authority, self.service_records,
                                                 self.settings.trust_domain, reactor, self.metrics)
         self.hub = ChannelHub(self, reactor)
+        self.metrics.services_connected.set_function(lambda: len(self.hub.connected))
         self.https_site, self.pki_site = build_sites(self)
 
     def setServiceParent(self, parent: Any) -> Any:

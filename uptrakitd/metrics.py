@@ -19,6 +19,10 @@ class Metrics:
         self.identity_decisions = Counter("uptrakit_identity_decisions", "Identity decisions by source and outcome",
                                           ["source", "outcome"], registry=self.registry)
         self.ca_generation = Gauge("uptrakit_ca_active_generation", "Active CA generation", registry=self.registry)
+        self.services_connected = Gauge("uptrakit_services_connected", "Authenticated service sockets",
+                                        registry=self.registry)
+        self.slow_consumers = Counter("uptrakit_channel_slow_consumers", "Sockets dropped for not reading",
+                                      registry=self.registry)
         self.tls_context_installs = Counter("uptrakit_tls_context_installs", "TLS contexts installed",
                                             registry=self.registry)
 

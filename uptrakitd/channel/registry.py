@@ -72,6 +72,7 @@ class ChannelHub:
 
     def metrics_slow_consumer(self) -> None:
         self.slow_consumers += 1
+        self.c.metrics.slow_consumers.inc()
 
     # -- connection events ---------------------------------------------------------------------
 
