@@ -31,6 +31,15 @@ def start_agent(testcase: Any, c: Any, token: str | None, kind: str = "agent", s
 
 
 @inlineCallbacks
+def connected_agent(testcase: Any, c: Any, **kw: Any) -> Any:
+    """A reference agent enrolled with a fresh token and authenticated (service_settings received)."""
+    token = yield enrollment_token(c)
+    agent = start_agent(testcase, c, token, **kw)
+    yield agent.wait_for("service_settings")
+    return agent
+
+
+@inlineCallbacks
 def service_json(c: Any, service_id: str) -> Any:
     status, body = yield request_json(c, "GET", f"/api/v1/services/{service_id}")
     assert status == 200, body

@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import agent_identity, enrollment_token, frame, service_json, start_agent, ws_ssl
+from .channel_helpers import agent_identity, connected_agent, enrollment_token, frame, service_json, start_agent, ws_ssl
 from .helpers import https_port, make_csr, request_json, start_controller
 
 
@@ -180,9 +180,7 @@ class IndependentClientTests(TestCase):
         from websockets.sync.client import connect
         c = yield start_controller(self)
         c.hub.enroll_timeout = 0.5
-        token = yield enrollment_token(c)
-        agent = start_agent(self, c, token, backoff=(30, 60))
-        yield agent.wait_for("service_settings")
+        agent = yield connected_agent(self, c, backoff=(30, 60))
         yield agent.stopService()
         cert, key = agent_identity(agent)
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.channel.protocol import OUTBOUND_CAP, buffered_bytes
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import agent_identity, enrollment_token, service_json, start_agent, ws_ssl
+from .channel_helpers import agent_identity, connected_agent, enrollment_token, service_json, start_agent, ws_ssl
 from .helpers import https_port, request_json, start_controller, wait_until
 
 
@@ -70,9 +70,7 @@ class LifecycleTests(TestCase):
     @inlineCallbacks
     def test_revocation_closes_the_socket_within_a_second_and_the_agent_stops(self):
         c = yield start_controller(self)
-        token = yield enrollment_token(c)
-        agent = start_agent(self, c, token)
-        yield agent.wait_for("service_settings")
+        agent = yield connected_agent(self, c)
         stopped = agent.wait_for("stopped", timeout=5)
         serial = format_serial(agent.state.certificate().serial_number)
         started = time.monotonic()
@@ -87,9 +85,7 @@ class LifecycleTests(TestCase):
     @inlineCallbacks
     def test_deactivation_revokes_and_closes(self):
         c = yield start_controller(self)
-        token = yield enrollment_token(c)
-        agent = start_agent(self, c, token, kind="mqtt")
-        yield agent.wait_for("service_settings")
+        agent = yield connected_agent(self, c, kind="mqtt")
         stopped = agent.wait_for("stopped", timeout=5)
         status, body = yield request_json(c, "DELETE", f"/api/v1/services/{agent.service_id}")
         self.assertEqual((status, body["status"], body["certificate"]), (200, "deactivated", None))
@@ -103,10 +99,8 @@ class LifecycleTests(TestCase):
         from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
         c = yield start_controller(self)
-        token = yield enrollment_token(c)
         # a long backoff: once superseded, the agent must not come back and supersede the test's client
-        agent = start_agent(self, c, token, backoff=(30, 60))
-        yield agent.wait_for("service_settings")
+        agent = yield connected_agent(self, c, backoff=(30, 60))
         cert, key = agent_identity(agent)
         superseded = agent.wait_for("disconnected")
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
@@ -154,9 +148,7 @@ class SlowConsumerTests(TestCase):
     def test_a_socket_that_never_reads_is_dropped_and_memory_stays_flat(self):
         import socket
         c = yield start_controller(self)
-        token = yield enrollment_token(c)
-        agent = start_agent(self, c, token)
-        yield agent.wait_for("service_settings")
+        agent = yield connected_agent(self, c)
         yield agent.stopService()
         cert, key = agent_identity(agent)
         ctx = ws_ssl(c, cert, key)
