@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
@@ -13,8 +14,9 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.channel.protocol import OUTBOUND_CAP, buffered_bytes
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import agent_identity, connected_agent, enrollment_token, service_json, start_agent, ws_ssl
-from .helpers import https_port, request_json, start_controller, wait_until
+from .channel_helpers import (agent_identity, connected_agent, enrollment_token, frame, service_json, start_agent,
+                              ws_ssl)
+from .helpers import https_port, make_csr, request_json, start_controller, wait_until
 
 
 def issuer_generation(agent) -> int:
@@ -50,10 +52,11 @@ class RotationTests(TestCase):
         status, services = yield request_json(c, "GET", "/api/v1/services?connected=true")
         self.assertEqual(len(services["services"]), 50)
         self.assertTrue(all(s["certificate"]["ca_generation"] == 2 for s in services["services"]))
-        # superseded generation-1 certificates were revoked
+        # generation-1 certificates are revoked (superseded) once their services came back on generation 2
         old = [r for r in c.pki.authority.records.values() if r.purpose == "client" and r.ca_generation == 1
                and r.service_id != offline.service_id]
-        self.assertTrue(old and all(r.reason == "superseded" for r in old))
+        self.assertEqual(len(old), 50)
+        yield wait_until(lambda: all(r.reason == "superseded" for r in old), timeout=10)
         # the offline agent comes back with its generation-1 certificate, notices the hash, fetches and renews
         self.assertNotEqual(offline.state.bundle_hash(), body["ca_bundle_hash"])
         fetched = offline.wait_for("bundle_fetched", timeout=30)
@@ -223,3 +226,41 @@ class AgentTwistdTests(TestCase):
             twistd, "--pidfile=", "-n", "uptrakit-agent", "--state-dir", str(tmp / "x"), env=env())
         self.assertNotEqual(code, 0)
         self.assertIn(b"--controller is required", out + err)
+
+
+class LostRenewalTests(TestCase):
+    """A renewal answer that never reaches the service must not lock it out."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_old_certificate_stays_valid_until_the_new_one_is_used(self):
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+        c = yield start_controller(self)
+        agent = yield connected_agent(self, c, backoff=(30, 60))
+        yield agent.stopService()
+        old_cert, old_key = agent_identity(agent)
+        old_serial = x509.load_pem_x509_certificate(old_cert).serial_number
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+
+        def renew_and_lose_the_answer():
+            csr, new_key = make_csr(agent.service_id)
+            with connect(url, ssl=ws_ssl(c, old_cert, old_key)) as ws:
+                json.loads(ws.recv(timeout=10))                       # service_settings
+                ws.send(frame("renew_certificate", 1, csr_pem=csr.decode()))
+                answer = json.loads(ws.recv(timeout=10))              # certificate: "lost" by the caller
+                try:
+                    ws.recv(timeout=10)
+                except ConnectionClosed as closed:
+                    return answer["cert_pem"].encode(), new_key, closed.rcvd.reason
+
+        def session(cert, key):
+            with connect(url, ssl=ws_ssl(c, cert, key)) as ws:
+                return json.loads(ws.recv(timeout=10))["type"]
+        new_cert, new_key, reason = yield deferToThread(renew_and_lose_the_answer)
+        self.assertEqual(reason, "certificate rotated")
+        self.assertIsNone(c.pki.authority.records[old_serial].revoked_at)
+        self.assertEqual((yield deferToThread(session, old_cert, old_key)), "service_settings")
+        self.assertEqual((yield deferToThread(session, new_cert, new_key)), "service_settings")
+        yield wait_until(lambda: c.pki.authority.records[old_serial].reason == "superseded", timeout=5)

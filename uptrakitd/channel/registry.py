@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from .. import services as services_mod
 from .. import tokens
-from ..errors import UptrakitError
+from ..errors import Conflict, UptrakitError
 from ..pki.serials import format_serial
 from . import wire
 from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactory, ServiceChannelProtocol
@@ -126,6 +126,7 @@ class ChannelHub:
         proto.service_id, proto.serial = service.id, identity.serial
         self.connected[service.id] = proto
         self._record_connection(proto, service)
+        self._supersede_older(service.id, identity.serial)
         proto.send("service_settings", ping_interval=service.ping_interval_seconds or DEFAULT_PING_INTERVAL,
                    renewal_window_hours=self.c.renewal_window_hours(),
                    ca_bundle_hash=self.c.pki.authority.bundle_hash(self.c.pki.now()),
@@ -137,6 +138,20 @@ class ChannelHub:
             proto.send("request_cert_renewal", reason="ca_rotation")
         else:
             self._maybe_ask_renewal(proto)
+
+    def _supersede_older(self, service_id: str, serial: int) -> None:
+        """A service that authenticates with a certificate no longer needs the ones issued before it.
+
+        Newer ones are left alone: an answer that was lost on the way is useless without the key the
+        service discarded, and revoking on issue would lock out a service whose answer was lost.
+        """
+        issued = self.c.pki.authority.by_service.get(service_id, [])  # in issue order
+        position = next((i for i, r in enumerate(issued) if r.serial == serial), 0)
+        for record in issued[:position]:
+            if record.revoked_at is None and record.purpose == "client":
+                self.c.pki.revoke(record.serial, "superseded").addErrback(
+                    lambda f, s=record.serial: None if f.check(Conflict) else
+                    log.failure("could not supersede {serial}", f, serial=format_serial(s)))
 
     def _resume_enrollment(self, proto: ServiceChannelProtocol) -> None:
         wanted = tokens.token_hash(proto.bearer)
@@ -260,10 +275,10 @@ class ChannelHub:
         self._send_certificate(proto, issued)
         proto.close(wire.CERT_ROTATED)
         self._renewal_asked.discard(old_serial)
-        record = self.c.pki.authority.records.get(old_serial)
-        if record is not None and record.revoked_at is None:
-            yield self.c.pki.revoke(old_serial, "superseded")
-        log.info("service {service} renewed: {old} superseded by {new}", service=proto.service_id,
+        # The old certificate is revoked when the service comes back with the new one (see
+        # _supersede_older), not now: if the answer is lost on the way (a proxy closing the socket
+        # before flushing it, here), revoking now would lock the service out for good.
+        log.info("service {service} renewed: {new} issued to replace {old}", service=proto.service_id,
                  old=format_serial(old_serial), new=format_serial(issued.serial))
 
     # -- pushes --------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def mark_revoked(conn: sqlite3.Connection, serial: int, revoked_at: int, reason:
 def load_records(conn: sqlite3.Connection) -> list[CertRecord]:
     """Every certificate record, for the in-memory index."""
     rows = conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
-                        "revocation_reason FROM certificates")
+                        "revocation_reason FROM certificates ORDER BY issued_at, rowid")
     return [CertRecord(parse_serial(s), sid, p, g, nb, na, ra, rr) for s, sid, p, g, nb, na, ra, rr in rows]
 
 
