@@ -46,20 +46,28 @@ def flags_for(tmp: str, **extra: Any) -> dict[str, Any]:
 
 @inlineCallbacks
 def start_controller(testcase: Any, tmp: str | None = None, config: str | None = None, **extra: Any) -> Any:
-    """Boot and start a real Controller on the global reactor; stopped at test cleanup."""
+    """Boot and start a real daemon (the whole service tree) on the global reactor; stopped at cleanup."""
     from uptrakitd.boot import boot
     from uptrakitd.config import build_settings
-    from uptrakitd.controller import Controller
+    from uptrakitd.daemon import build_daemon
     tmp = tmp or testcase.mktemp()
     Path(tmp).mkdir(parents=True, exist_ok=True)
     flags = flags_for(tmp, **extra)
     settings = build_settings(flags, config)
-    controller = Controller(boot(settings), reactor, flags)
+    controller = build_daemon(boot(settings), reactor, flags)
     controller.startService()
     testcase.addCleanup(controller.stopService)
-    yield _until(lambda: len(controller.ports) >= 1 + bool(settings.pki_listen_endpoint()))
+    yield _until(lambda: len(controller.listening_ports()) >= 1 + bool(settings.pki_listen_endpoint()))
     controller.tmp = tmp
     return controller
+
+
+@inlineCallbacks
+def enrolled_service(controller: Any, kind: str = "agent", hostname: str = "host-1", **kw: Any) -> Any:
+    """A service enrolled through the directory with a fresh enrollment token; fires with its record."""
+    token = yield controller.enrollment_tokens.create("test")
+    service, _secret = yield controller.directory.enroll(kind, hostname, token["token"], **kw)
+    return service
 
 
 def _until(predicate: Any, timeout: float = 5.0) -> Deferred:
@@ -79,7 +87,7 @@ wait_until = _until
 
 
 def https_port(controller: Any) -> int:
-    return controller.ports[0].getHost().port
+    return controller.listening_ports()[0].getHost().port
 
 
 def admin_token(controller: Any) -> str:
@@ -87,7 +95,7 @@ def admin_token(controller: Any) -> str:
 
 
 def ca_pem(controller: Any) -> bytes:
-    return controller.pki.authority.bundle_pem(controller.pki.now())
+    return controller.ca.bundle_pem()
 
 
 @implementer(IPolicyForHTTPS)

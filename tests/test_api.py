@@ -5,7 +5,7 @@ import treq
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from .helpers import https_client, request_json, start_controller, url
+from .helpers import enrolled_service, https_client, request_json, start_controller, url
 
 
 class ApiTests(TestCase):
@@ -21,7 +21,7 @@ class ApiTests(TestCase):
         self.assertEqual(status, 200)
         status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca", token=read_only)
         self.assertEqual((status, body["code"]), (403, "forbidden"))
-        self.assertEqual(c.pki.authority.active().generation, 1)
+        self.assertEqual(c.ca.state.active().generation, 1)
         status, body = yield request_json(c, "POST", "/api/v1/admin-tokens", {"name": "ops"})
         ops_id, ops = body["id"], body["token"]
         status, body = yield request_json(c, "GET", "/api/v1/services", token=ops)
@@ -53,7 +53,7 @@ class ApiTests(TestCase):
         self.assertEqual(status, 200)
         status, _ = yield request_json(c, "DELETE", f"/api/v1/enrollment-tokens/{body['id']}")
         self.assertEqual(status, 404)
-        service = yield c.create_service("mqtt", "bridge-1", friendly_name="Bridge")
+        service = yield enrolled_service(c, "mqtt", "bridge-1", friendly_name="Bridge")
         status, body = yield request_json(c, "PUT", f"/api/v1/services/{service.id}",
                                           {"cert_lifetime_hours": 24, "ping_interval_seconds": 15})
         self.assertEqual(status, 200)
@@ -125,8 +125,8 @@ class HostileBodyTests(TestCase):
     @inlineCallbacks
     def test_no_body_yields_a_500_or_changes_settings(self):
         c = yield start_controller(self)
-        service = yield c.create_service("agent", "h")
-        before = (c.network, c.service_certs, c.pki.authority.active().generation)
+        service = yield enrolled_service(c, "agent", "h")
+        before = (c.runtime.network, c.runtime.service_certs, c.ca.state.active().generation)
         targets = [("PUT", "/api/v1/settings/network"), ("PUT", "/api/v1/settings/service-certificates"),
                    ("POST", "/api/v1/enrollment-tokens"), ("POST", "/api/v1/admin-tokens"),
                    ("PUT", f"/api/v1/services/{service.id}"), ("POST", "/api/v1/certificates/ABCD/revoke")]
@@ -136,5 +136,5 @@ class HostileBodyTests(TestCase):
                 self.assertLess(status, 500, (method, path, body[:40]))
                 if status >= 400:
                     self.assertEqual(set(answer), {"error", "code"}, (method, path, body[:40]))
-        self.assertEqual((c.network, c.service_certs, c.pki.authority.active().generation), before)
+        self.assertEqual((c.runtime.network, c.runtime.service_certs, c.ca.state.active().generation), before)
         self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_revocations_total") or 0, 0)

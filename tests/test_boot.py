@@ -13,7 +13,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.boot import StartupError, boot, token_hash
+from uptrakitd.boot import StartupError, boot
+from uptrakitd.tokens import token_hash
 from uptrakitd.config import build_settings
 
 from .helpers import require_program, run
@@ -41,11 +42,11 @@ class FirstStartTests(TestCase):
         hashes_stored = [r[0] for r in db.execute("SELECT token_hash FROM admin_tokens")]
         self.assertEqual(hashes_stored, [token_hash(token)])
         self.assertNotIn(token, (self.data / "uptrakit.sqlite3").read_bytes().decode("latin-1"))
-        self.assertEqual(booted.authority.active().generation, 1)
+        self.assertEqual(booted.state.active().generation, 1)
 
     def test_ca_properties(self):
         booted = boot(settings_in(self.tmp, pki_addr="http://pki.example:8080/"))
-        ca = booted.authority.active().cert
+        ca = booted.state.active().cert
         key = ca.public_key()
         self.assertIsInstance(key.curve, ec.SECP384R1)
         self.assertEqual(ca.signature_hash_algorithm.name, "sha384")
@@ -70,7 +71,7 @@ class FirstStartTests(TestCase):
         self.assertEqual(cdp[0].full_name[0].value, "http://pki.example:8080/api/v1/pki/crl/1.crl")
 
     def test_no_urls_without_pki_addr(self):
-        ca = boot(settings_in(self.tmp)).authority.active().cert
+        ca = boot(settings_in(self.tmp)).state.active().cert
         self.assertRaises(x509.ExtensionNotFound, ca.extensions.get_extension_for_class, x509.AuthorityInformationAccess)
 
     def test_server_certificate_properties(self):
@@ -78,8 +79,8 @@ class FirstStartTests(TestCase):
         cert = booted.server_cert
         self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "Uptrakit Controller")
         self.assertIsInstance(cert.public_key().curve, ec.SECP256R1)
-        self.assertEqual(cert.issuer, booted.authority.active().cert.subject)
-        cert.verify_directly_issued_by(booted.authority.active().cert)
+        self.assertEqual(cert.issuer, booted.state.active().cert.subject)
+        cert.verify_directly_issued_by(booted.state.active().cert)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns = sans.get_values_for_type(x509.DNSName)
         ips = [str(i) for i in sans.get_values_for_type(x509.IPAddress)]
@@ -89,22 +90,22 @@ class FirstStartTests(TestCase):
         self.assertEqual((cert.not_valid_after_utc - cert.not_valid_before_utc).days, 90)
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         self.assertIn(ExtendedKeyUsageOID.SERVER_AUTH, eku)
-        self.assertIn(cert.serial_number, booted.authority.records)
+        self.assertIn(cert.serial_number, booted.state.records)
 
     def test_restart_reuses_ca_server_cert_and_token(self):
         first = boot(settings_in(self.tmp))
         token = (self.data / "admin.token").read_bytes()
         second = boot(settings_in(self.tmp))
-        self.assertEqual(first.authority.active().fingerprint, second.authority.active().fingerprint)
+        self.assertEqual(first.state.active().fingerprint, second.state.active().fingerprint)
         self.assertEqual(first.server_cert.serial_number, second.server_cert.serial_number)
         self.assertEqual(token, (self.data / "admin.token").read_bytes())
-        self.assertEqual(list(second.authority.generations), [1])
+        self.assertEqual(list(second.state.generations), [1])
 
     def test_new_san_reissues_server_certificate_from_same_ca(self):
         first = boot(settings_in(self.tmp))
         second = boot(settings_in(self.tmp, san=["new.example"]))
         self.assertNotEqual(first.server_cert.serial_number, second.server_cert.serial_number)
-        self.assertEqual(first.authority.active().fingerprint, second.authority.active().fingerprint)
+        self.assertEqual(first.state.active().fingerprint, second.state.active().fingerprint)
 
     def test_server_certificate_near_expiry_is_reissued(self):
         first = boot(settings_in(self.tmp))
@@ -116,7 +117,7 @@ class FirstStartTests(TestCase):
         (self.data / "pki").mkdir(parents=True)
         (self.data / "pki" / "ca-1.key").write_bytes(b"half a key")
         booted = boot(settings_in(self.tmp))
-        self.assertEqual(booted.authority.active().generation, 1)
+        self.assertEqual(booted.state.active().generation, 1)
 
     def test_pki_addr_disagreeing_with_stored_ca_is_refused(self):
         boot(settings_in(self.tmp, pki_addr="http://old.example"))

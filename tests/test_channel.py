@@ -179,7 +179,7 @@ class IndependentClientTests(TestCase):
         from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
         c = yield start_controller(self)
-        c.hub.enroll_timeout = 0.5
+        c.channel.enroll_timeout = 0.5
         agent = yield connected_agent(self, c, backoff=(30, 60))
         yield agent.stopService()
         cert, key = agent_identity(agent)

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from uptrakitd.config import NetworkSettings
-from uptrakitd.pki.authority import Authority
+from uptrakitd.pki.state import CaState as Authority
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.trust.identity import IdentityResolver, header_family
 
@@ -99,7 +99,7 @@ class EndToEndTests(TestCase):
         answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv})
         self.assertIdentity(answer, "proxy-info")
         slash = (f'Subject="/O=Uptrakit Agent/CN={self.service.id}";Issuer="/O=Uptrakit/CN='
-                 f'{self.c.pki.authority.active().common_name}";SerialNumber="{format_serial(cert.serial_number).lower()}"')
+                 f'{self.c.ca.state.active().common_name}";SerialNumber="{format_serial(cert.serial_number).lower()}"')
         answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": slash})
         self.assertIdentity(answer, "proxy-info")
         yield self.configure(forwarded_client_cert_info_header="X-Forwarded-Tls-Client-Cert-Info")
@@ -152,10 +152,10 @@ class EndToEndTests(TestCase):
         self.assertNoIdentity(answer, "verification did not succeed")
         answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "SUCCESS"})
         self.assertIdentity(answer, "proxy-info")
-        yield self.c.pki.rotate()
+        yield self.c.ca.rotate()
         answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "SUCCESS"})
         self.assertIdentity(answer, "proxy-info")  # generation 1 is the previous CA: still trusted
-        yield self.c.pki.rotate()
+        yield self.c.ca.rotate()
         answer = yield self.whoami(PROXY, {"X-Forwarded-Client-Cert-Info": kv, "X-SSL-Client-Verify": "SUCCESS"})
         self.assertNoIdentity(answer, "issuer CN does not match a trusted CA")
 
@@ -256,7 +256,7 @@ class ChannelEvidenceTests(TestCase):
 
         from .channel_helpers import ws_ssl
         c = yield start_controller(self, trusted_proxies=[PROXY], forwarded_client_cert_pem_header="X-SSL-Client-Cert")
-        c.hub.enroll_timeout = 0.5
+        c.channel.enroll_timeout = 0.5
         leaf, _, _ = yield new_leaf(c)
         good = base64.b64encode(leaf.cert.public_bytes(serialization.Encoding.DER)).decode()
         _, foreign, _ = foreign_ca_and_leaf()

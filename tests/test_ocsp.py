@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.authority import Authority, CertRecord
+from uptrakitd.pki.state import CaState as Authority, CertRecord
 from uptrakitd.pki.ca import CaGeneration, create_ca
 from uptrakitd.pki.issue import issue_client_certificate
 from uptrakitd.pki.ocsp import OcspDecodeError, OcspResponder, decode_get_path
@@ -91,7 +91,7 @@ class ResponderTests(TestCase):
     def test_revocation_invalidates_cache(self):
         r, ca, issued = responder()
         self.assertEqual(r.answer(request_der(ca=ca, issued=issued)).status, "good")
-        record = r.authority.records[issued.serial]
+        record = r.state.records[issued.serial]
         record.revoked_at, record.reason = int(NOW.timestamp()), "keyCompromise"
         r.invalidate(issued.serial)
         answer = r.answer(request_der(ca=ca, issued=issued))

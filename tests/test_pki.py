@@ -22,15 +22,15 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .helpers import (free_port, tls_refusal, ca_pem, https_port, make_csr, request_json,
+from .helpers import (enrolled_service, free_port, tls_refusal, ca_pem, https_port, make_csr, request_json,
                       require_program, run, start_controller, wait_until)
 
 
 @inlineCallbacks
 def new_leaf(c, kind="agent"):
-    service = yield c.create_service(kind, "host")
+    service = yield enrolled_service(c, kind, "host")
     csr, key = make_csr(service.id)
-    issued = yield c.issue_certificate(service.id, csr)
+    issued = yield c.directory.issue_certificate(service.id, csr)
     return issued, key, service
 
 
@@ -43,7 +43,7 @@ class OpensslOcspCrlTests(TestCase):
         self.pki_port = free_port()
         self.c = yield start_controller(self, pki_addr=f"http://127.0.0.1:{self.pki_port}", pki_http="listener")
         self.dir = Path(self.c.tmp)
-        (self.dir / "ca.pem").write_bytes(self.c.pki.authority.active().pem)
+        (self.dir / "ca.pem").write_bytes(self.c.ca.state.active().pem)
 
     def write(self, name, data):
         (self.dir / name).write_bytes(data)
@@ -77,7 +77,7 @@ class OpensslOcspCrlTests(TestCase):
     @inlineCallbacks
     def test_nginx_get_form_is_answered_with_cache_headers(self):
         issued, _, _ = yield new_leaf(self.c)
-        ca = self.c.pki.authority.active().cert
+        ca = self.c.ca.state.active().cert
         req = ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca, hashes.SHA1()).build()
         der = req.public_bytes(serialization.Encoding.DER)
         encoded = quote(base64.b64encode(der).decode(), safe="")
@@ -122,7 +122,7 @@ class OpensslOcspCrlTests(TestCase):
     def test_unknown_unauthorized_and_malformed(self):
         from .helpers import foreign_ca_and_leaf
         issued, _, _ = yield new_leaf(self.c)
-        ca = self.c.pki.authority.active().cert
+        ca = self.c.ca.state.active().cert
         # a serial of our CA that we never issued -> unknown
         fake = x509.load_pem_x509_certificate(issued.pem)
         builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
@@ -179,12 +179,12 @@ class OpensslOcspCrlTests(TestCase):
     def test_crl_lists_revoked_serial_and_openssl_verify_refuses_it(self):
         revoked, _, _ = yield new_leaf(self.c)
         good, _, _ = yield new_leaf(self.c)
-        before = self.c.pki.crls.current[1].number
+        before = self.c.crls.current[1].number
         start = reactor.seconds()
         status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(revoked.serial).lower()}"
                                        "/revoke", {"reason": "keyCompromise"})
         self.assertEqual(status, 200)
-        yield wait_until(lambda: self.c.pki.crls.current[1].number > before, timeout=2.0)
+        yield wait_until(lambda: self.c.crls.current[1].number > before, timeout=2.0)
         self.assertLess(reactor.seconds() - start, 2.0)
         r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/crl/1.crl")
         self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/pkix-crl"])
@@ -234,12 +234,12 @@ class OpensslOcspCrlTests(TestCase):
 
     @inlineCallbacks
     def test_crl_numbers_are_monotonic_and_persisted(self):
-        numbers = [self.c.pki.crls.current[1].number]
+        numbers = [self.c.crls.current[1].number]
         for _ in range(3):
-            yield self.c.pki.crls.rebuild()
-            numbers.append(self.c.pki.crls.current[1].number)
+            yield self.c.crls.rebuild()
+            numbers.append(self.c.crls.current[1].number)
         self.assertEqual(numbers, sorted(set(numbers)))
-        crl = x509.load_der_x509_crl(self.c.pki.crls.current[1].der)
+        crl = x509.load_der_x509_crl(self.c.crls.current[1].der)
         self.assertEqual(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number, numbers[-1])
         self.assertEqual(crl.next_update_utc - crl.last_update_utc, datetime.timedelta(hours=24))
         crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
@@ -265,7 +265,7 @@ class RevocationApiTests(TestCase):
         self.assertEqual(status, 401)
         status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {}, token="upt_wrong")
         self.assertEqual(status, 401)
-        self.assertFalse(c.pki.authority.records[issued.serial].revoked)
+        self.assertFalse(c.ca.state.records[issued.serial].revoked)
         # colons and lower case are accepted; a second revocation is a conflict
         colon = ":".join(serial[i:i + 2] for i in range(0, len(serial), 2)).lower()
         status, body = yield request_json(c, "POST", f"/api/v1/certificates/{colon}/revoke", {"reason": "superseded"})
@@ -322,7 +322,7 @@ class IssuanceTests(TestCase):
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
         from uptrakitd.pki.issue import CsrRejected
         c = yield start_controller(self)
-        service = yield c.create_service("agent", "h")
+        service = yield enrolled_service(c, "agent", "h")
         bad = [
             (make_csr("not-the-service-id")[0], "common name"),
             (make_csr(service.id, uri="spiffe://uptrakit.local/service/other")[0], "SPIFFE"),
@@ -332,7 +332,7 @@ class IssuanceTests(TestCase):
             (b"", "not a PEM"),
         ]
         for csr, fragment in bad:
-            failure = yield self.assertFailure(c.issue_certificate(service.id, csr), CsrRejected)
+            failure = yield self.assertFailure(c.directory.issue_certificate(service.id, csr), CsrRejected)
             self.assertIn(fragment, str(failure))
         # a CSR whose signature does not verify
         good, _ = make_csr(service.id)
@@ -341,8 +341,8 @@ class IssuanceTests(TestCase):
         der[-5] ^= 0x55
         tampered = b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der)) + \
             b"-----END CERTIFICATE REQUEST-----\n"
-        yield self.assertFailure(c.issue_certificate(service.id, tampered), CsrRejected)
-        ok = yield c.issue_certificate(service.id, make_csr(service.id, uri=f"spiffe://uptrakit.local/service/{service.id}")[0])
+        yield self.assertFailure(c.directory.issue_certificate(service.id, tampered), CsrRejected)
+        ok = yield c.directory.issue_certificate(service.id, make_csr(service.id, uri=f"spiffe://uptrakit.local/service/{service.id}")[0])
         self.assertEqual(ok.ca_generation, 1)
 
     @inlineCallbacks
@@ -353,8 +353,8 @@ class IssuanceTests(TestCase):
         issued, _, service = yield new_leaf(c)
         self.assertEqual(issued.cert.not_valid_after_utc - issued.cert.not_valid_before_utc,
                          datetime.timedelta(hours=48, minutes=5))
-        service.cert_lifetime_hours = 2
-        again = yield c.issue_certificate(service.id, make_csr(service.id)[0])
+        yield c.directory.update(service.id, {"cert_lifetime_hours": 2})
+        again = yield c.directory.issue_certificate(service.id, make_csr(service.id)[0])
         self.assertEqual(again.cert.not_valid_after_utc - again.cert.not_valid_before_utc,
                          datetime.timedelta(hours=2, minutes=5))
         for bad in ({"lifetime_hours": 0}, {"lifetime_hours": "1"}, {"renewal_window_hours": -1}, {"x": 1}):
@@ -364,4 +364,4 @@ class IssuanceTests(TestCase):
         self.assertEqual(body["service_certificates"]["lifetime_hours"], 48)
         self.assertEqual(body["active_ca"]["generation"], 1)
         self.assertIsNone(body["previous_ca"])
-        self.assertEqual(body["active_ca"]["crl_number"], c.pki.crls.current[1].number)
+        self.assertEqual(body["active_ca"]["crl_number"], c.crls.current[1].number)

@@ -35,14 +35,14 @@ class RotationTests(TestCase):
     def test_rotation_keeps_previous_trusted_and_drops_the_one_before(self):
         c = yield start_controller(self)
         g1_leaf, g1_key, _ = yield new_leaf(c)
-        old_fp = c.pki.authority.active().fingerprint
+        old_fp = c.ca.state.active().fingerprint
 
         status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
         self.assertEqual(status, 200, body)
         self.assertEqual(body["generation"], 2)
         self.assertNotEqual(body["fingerprint"], old_fp)
         self.assertEqual(body["notified"], 0)
-        client = https_client(c, ca=c.pki.authority.bundle_pem(c.pki.now()))
+        client = https_client(c, ca=c.ca.state.bundle_pem(c.ca.now()))
         import treq
         r = yield client.get(url(c, "/api/v1/pki/ca.crt"))
         served = yield treq.content(r)
@@ -56,38 +56,38 @@ class RotationTests(TestCase):
         g2_leaf, g2_key, _ = yield new_leaf(c)
         self.assertEqual(g2_leaf.ca_generation, 2)
         g2_leaf.cert.verify_directly_issued_by(certs[0])
-        self.assertEqual(c.pki.server_cert.issuer, certs[1].subject, "a rotation does not re-issue the server cert")
+        self.assertEqual(c.server_cert.cert.issuer, certs[1].subject, "a rotation does not re-issue the server cert")
         self.assertEqual((yield handshake_ok(c, served, g1_leaf.pem, g1_key)), 200)
         self.assertEqual((yield handshake_ok(c, served, g2_leaf.pem, g2_key)), 200)
         # generation-1 leaves still get OCSP answers from generation 1
         req = ocsp.OCSPRequestBuilder().add_certificate(g1_leaf.cert, certs[1], hashes.SHA1()).build()
-        answer = c.pki.ocsp.answer(req.public_bytes(serialization.Encoding.DER))
+        answer = c.ocsp.answer(req.public_bytes(serialization.Encoding.DER))
         self.assertEqual(answer.status, "good")
 
         status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
         self.assertEqual(body["generation"], 3)
-        bundle = c.pki.authority.bundle_pem(c.pki.now())
+        bundle = c.ca.state.bundle_pem(c.ca.now())
         self.assertEqual(len(x509.load_pem_x509_certificates(bundle)), 2)
         alert = yield tls_refusal(https_port(c), bundle, g1_leaf.pem, g1_key)
         self.assertIn("unknown ca", alert)
         self.assertEqual((yield handshake_ok(c, bundle, g2_leaf.pem, g2_key)), 200)
         # the server certificate survives the first rotation (services one rotation behind verify it) and is
         # re-issued by the previous CA (G2) once its issuer (G1) leaves the trusted set
-        self.assertEqual(c.pki.server_cert.issuer, certs[0].subject)
+        self.assertEqual(c.server_cert.cert.issuer, certs[0].subject)
         self.assertEqual((yield handshake_ok(c, served, g2_leaf.pem, g2_key)), 200)
         # every unexpired generation's CRL is still served, active first in the PEM bundle
-        self.assertEqual(sorted(c.pki.crls.current), [1, 2, 3])
-        blocks = c.pki.crls.bundle_pem().split(b"-----END X509 CRL-----")[:-1]
+        self.assertEqual(sorted(c.crls.current), [1, 2, 3])
+        blocks = c.crls.bundle_pem().split(b"-----END X509 CRL-----")[:-1]
         issuers = [x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n").issuer for b in blocks]
-        self.assertEqual(issuers, [c.pki.authority.generations[g].cert.subject for g in (3, 2, 1)])
+        self.assertEqual(issuers, [c.ca.state.generations[g].cert.subject for g in (3, 2, 1)])
         status, body = yield request_json(c, "GET", "/api/v1/settings/pki")
         self.assertEqual((body["active_ca"]["generation"], body["previous_ca"]["generation"]), (3, 2))
 
     @inlineCallbacks
     def test_concurrent_rotation_is_409(self):
         c = yield start_controller(self)
-        first = c.pki.rotate()
-        second = c.pki.rotate()
+        first = c.ca.rotate()
+        second = c.ca.rotate()
         failure = yield self.assertFailure(second, Conflict)
         self.assertEqual(failure.status, 409)
         result = yield first
@@ -117,9 +117,9 @@ class RotationTests(TestCase):
     @inlineCallbacks
     def test_auto_rotation_when_less_than_183_days_left(self):
         c = yield start_controller(self)
-        yield c.pki.check_daily()
-        self.assertEqual(c.pki.authority.active().generation, 1)
-        expires = c.pki.authority.active().not_after
-        c.pki.now = lambda: expires - datetime.timedelta(days=182)
-        yield c.pki.check_daily()
-        self.assertEqual(c.pki.authority.active().generation, 2)
+        yield c.ca.check_expiry()
+        self.assertEqual(c.ca.state.active().generation, 1)
+        expires = c.ca.state.active().not_after
+        c.ca.now = lambda: expires - datetime.timedelta(days=182)
+        yield c.ca.check_expiry()
+        self.assertEqual(c.ca.state.active().generation, 2)

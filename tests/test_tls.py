@@ -8,18 +8,18 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.trust.tls import build_context
+from uptrakitd.listen.tls import build_context
 
 from .helpers import (tls_refusal, blocking_get, blocking_tls_socket, ca_pem, foreign_ca_and_leaf, https_port, make_csr, run,
-                      require_program, start_controller)
+                      enrolled_service, require_program, start_controller)
 
 
 @inlineCallbacks
 def issue_client(controller, kind="agent"):
     """(cert_pem, key_pem, service) for a new approved service."""
-    service = yield controller.create_service(kind, "host-1")
+    service = yield enrolled_service(controller, kind)
     csr, key = make_csr(service.id)
-    issued = yield controller.issue_certificate(service.id, csr)
+    issued = yield controller.directory.issue_certificate(service.id, csr)
     return issued.pem, key, service
 
 
@@ -91,14 +91,14 @@ class ContextSwapTests(TestCase):
         # New context that trusts only a foreign CA: our client certificate no longer chains.
         from cryptography import x509
         foreign_ca, _, _ = foreign_ca_and_leaf()
-        c.tls.install(build_context(c.pki.server_cert, c.pki.server_key,
+        c.tls.install(build_context(c.server_cert.cert, c.server_cert.key,
                                     [x509.load_pem_x509_certificate(foreign_ca)]))
         status, body = yield deferToThread(blocking_get, sock, "/healthz")
         self.assertEqual((status, body), (200, b"ok"), "the open connection keeps its context")
 
         alert = yield tls_refusal(port, ca, cert, key)
         self.assertIn("unknown ca", alert)
-        c.pki.install_tls()
+        c.server_cert.install()
 
         def again():
             with blocking_tls_socket(port, ca, cert, key) as s:

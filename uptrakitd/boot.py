@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +24,15 @@ from twisted.logger import Logger
 
 from . import store as store_mod
 from .config import ConfigError, NetworkSettings, Settings
+from .directory import ServiceRecord, load_services
 from .files import atomic_write, ensure_private_dir
-from .pki import records
-from .services import load_services
-from .tokens import token_hash
-from .pki.authority import Authority
-from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, key_pem, load_external_ca, pki_urls,
-                     same_public_key)
+from .pki.ca import CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, pki_urls, same_public_key
+from .pki.files import PkiFiles
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
+from .pki.state import CaState, insert_generation, insert_issued, load_records
+from .runtime_settings import ServiceCertSettings
+from .store import ca_generations, settings as stored_settings, tokens as stored_tokens
+from .tokens import token_hash
 
 log = Logger()
 
@@ -39,21 +41,17 @@ class StartupError(Exception):
     """The daemon cannot start; the message is the one line the operator sees."""
 
 
-@dataclass
-class ServiceCertSettings:
-    """Runtime settings for service certificates (SPEC §4.2)."""
-
-    lifetime_hours: int = 168
-    renewal_window_hours: int | None = None
+class FaultInjected(Exception):
+    """Raised by a test's fault hook to stop start-up at a named step, like a crash would."""
 
 
 @dataclass
 class Booted:
-    """Everything start-up produced, handed to the running service."""
+    """Everything start-up produced, handed to the running daemon."""
 
     settings: Settings
     network: NetworkSettings
-    authority: Authority
+    state: CaState
     server_cert: x509.Certificate
     server_key: Any
     crl_numbers: dict[int, int]
@@ -61,23 +59,21 @@ class Booted:
     service_certs: ServiceCertSettings = field(default_factory=ServiceCertSettings)
     hostname: str = ""
     admin_tokens: dict[str, list[str]] = field(default_factory=dict)
-    services: list[Any] = field(default_factory=list)
+    services: list[ServiceRecord] = field(default_factory=list)
 
 
-def get_setting(conn: sqlite3.Connection, key: str) -> Any:
-    """A stored runtime setting (JSON), or None."""
-    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-    return json.loads(row[0]) if row else None
+STEPS = ("data_dir", "database", "network", "ca_key_written", "ca", "server_cert_recorded", "server_cert",
+         "admin_token_written", "admin_token", "crl_numbers", "bundle")
 
 
-def put_setting(conn: sqlite3.Connection, key: str, value: Any) -> None:
-    """Store a runtime setting (JSON)."""
-    conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
-                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+def boot(settings: Settings, now: datetime.datetime | None = None,
+         fault: Any = None) -> Booted:
+    """Prepare the data dir and all state; raises StartupError with one clear line.
 
-
-def boot(settings: Settings, now: datetime.datetime | None = None) -> Booted:
-    """Prepare the data dir and all state; raises StartupError with one clear line."""
+    `fault(step)` is called after each step in STEPS (tests raise there to simulate a crash at a
+    precise point; nothing else passes it).
+    """
+    reached = fault or (lambda step: None)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     data_dir = settings.data_dir
     try:
@@ -85,6 +81,8 @@ def boot(settings: Settings, now: datetime.datetime | None = None) -> Booted:
         ensure_private_dir(data_dir / "pki")
     except OSError as e:
         raise StartupError(f"cannot use data dir {data_dir}: {e.strerror}") from None
+    reached("data_dir")
+    files = PkiFiles(data_dir)
     db_path = data_dir / "uptrakit.sqlite3"
     try:
         conn = store_mod.open_and_migrate(db_path)
@@ -93,34 +91,42 @@ def boot(settings: Settings, now: datetime.datetime | None = None) -> Booted:
     for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # token hashes and certificate records: nobody else's business
+    reached("database")
     try:
         network = store_mod.transaction(conn, _network_settings, settings)
-        authority = _load_authority(conn, settings, network, now)
-        service_certs = _service_cert_settings(conn)
+        reached("network")
+        state = _load_ca_state(conn, settings, files, network, now, reached)
+        reached("ca")
+        service_certs = ServiceCertSettings.from_json(store_mod.transaction(conn, stored_settings.get,
+                                                                            "service_certificates"))
         hostname = socket.gethostname()
-        server_cert, server_key = _server_certificate(conn, settings, authority, network, hostname, now)
-        token_path = _admin_token(conn, data_dir)
-        numbers = store_mod.transaction(conn, lambda c: {ca.generation: records.next_crl_number(c, ca.generation)
-                                                         for ca in authority.served(now)})
-        atomic_write(data_dir / "pki" / "ca.crt", authority.bundle_pem(now), mode=0o644)
-        admin_tokens = {h: json.loads(p) for h, p in conn.execute(
-            "SELECT token_hash, permissions FROM admin_tokens WHERE revoked_at IS NULL")}
-        services = load_services(conn)
+        server_cert, server_key = _server_certificate(conn, settings, files, state, network, hostname, now, reached)
+        reached("server_cert")
+        token_path = _admin_token(conn, data_dir, reached)
+        reached("admin_token")
+        numbers = store_mod.transaction(conn, ca_generations.next_crl_numbers,
+                                        [ca.generation for ca in state.served(now)])
+        reached("crl_numbers")
+        files.write_bundle(state.bundle_pem(now))
+        reached("bundle")
+        admin_tokens = {row["token_hash"]: json.loads(row["permissions"])
+                        for row in store_mod.transaction(conn, stored_tokens.active_admin_tokens)}
+        services = store_mod.transaction(conn, load_services)
     finally:
         conn.close()
-    return Booted(settings=settings, network=network, authority=authority, server_cert=server_cert,
+    return Booted(settings=settings, network=network, state=state, server_cert=server_cert,
                   server_key=server_key, crl_numbers=numbers, admin_token_path=token_path,
                   service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services)
 
 
 def _network_settings(conn: sqlite3.Connection, settings: Settings) -> NetworkSettings:
-    stored = get_setting(conn, "network")
+    stored = stored_settings.get(conn, "network")
     if stored is None or settings.force_settings_override:
         if stored is not None:
             log.warn("network settings from flags/config replace the stored ones (--force-settings-override)")
         merged = settings.network if stored is None else _stored_or_default(stored).updated(
             {k: settings.network.to_json()[k] for k in settings.network_given})
-        put_setting(conn, "network", merged.to_json())
+        stored_settings.put(conn, "network", merged.to_json())
         return merged
     try:
         current = NetworkSettings().updated(stored)
@@ -143,35 +149,29 @@ def _stored_or_default(stored: Any) -> NetworkSettings:
         return NetworkSettings()
 
 
-def _service_cert_settings(conn: sqlite3.Connection) -> ServiceCertSettings:
-    stored = get_setting(conn, "service_certificates") or {}
-    return ServiceCertSettings(lifetime_hours=int(stored.get("lifetime_hours", 168)),
-                               renewal_window_hours=stored.get("renewal_window_hours"))
-
-
-def _load_key(path: Path) -> Any:
+def _load_key(files: PkiFiles, name: str) -> Any:
     try:
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return files.load_ca_key(name)
     except (OSError, ValueError, TypeError) as e:
-        raise StartupError(f"cannot load CA key {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise StartupError(f"cannot load CA key {files.dir / name}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _load_authority(conn: sqlite3.Connection, settings: Settings, network: NetworkSettings,
-                    now: datetime.datetime) -> Authority:
-    authority = Authority()
-    pki_dir = settings.data_dir / "pki"
-    stored = records.load_generations(conn)
-    for generation, cert_pem, key_file, external, _number in stored:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, network: NetworkSettings,
+                   now: datetime.datetime, reached: Any) -> CaState:
+    state = CaState()
+    stored = store_mod.transaction(conn, ca_generations.load_all)
+    for row in stored:
+        generation, external = row["generation"], bool(row["external"])
+        cert = x509.load_pem_x509_certificate(row["cert_pem"].encode())
         if external:
             if settings.ca_cert is None:
-                if generation == stored[-1][0]:
+                if generation == stored[-1]["generation"]:
                     raise StartupError("the active CA is external; start with --ca-cert and --ca-key")
                 continue  # an old external generation whose key we do not hold: not loaded
             key = None
         else:
-            key = _load_key(pki_dir / key_file)
-        authority.generations[generation] = CaGeneration(generation, cert, key, external)
+            key = _load_key(files, row["key_file"])
+        state.generations[generation] = CaGeneration(generation, cert, key, external)
 
     if settings.ca_cert is not None:
         try:
@@ -179,35 +179,33 @@ def _load_authority(conn: sqlite3.Connection, settings: Settings, network: Netwo
         except CaError as e:
             raise StartupError(str(e)) from None
         fp = cert.fingerprint(hashes.SHA256())
-        match = [g for g, ca in authority.generations.items()
+        match = [g for g, ca in state.generations.items()
                  if ca.external and ca.cert.fingerprint(hashes.SHA256()) == fp]
         if match:
             generation = match[0]
         else:
-            generation = max(authority.generations, default=0) + 1
-            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-            store_mod.transaction(conn, records.insert_generation, generation, cert, pem,
-                                  str(settings.ca_key), True)
+            generation = max(state.generations, default=0) + 1
+            store_mod.transaction(conn, insert_generation, CaGeneration(generation, cert, key, True),
+                                  str(settings.ca_key), int(time.time()))
             log.info("using external CA {cn} as generation {generation}",
                      cn=cert.subject.rfc4514_string(), generation=generation)
-        for g in list(authority.generations):
-            if authority.generations[g].external and authority.generations[g].key is None:
-                del authority.generations[g]
-        authority.generations[generation] = CaGeneration(generation, cert, key, True)
-        if generation != max(authority.generations):
+        for g in list(state.generations):
+            if state.generations[g].external and state.generations[g].key is None:
+                del state.generations[g]
+        state.generations[generation] = CaGeneration(generation, cert, key, True)
+        if generation != max(state.generations):
             raise StartupError("the external CA is older than the active managed CA; refusing to downgrade")
-    elif not authority.generations:
+    elif not state.generations:
         cert, key = create_ca(1, network.pki_addr, now)
-        key_file = "ca-1.key"
-        atomic_write(pki_dir / key_file, key_pem(key), mode=0o600)
-        store_mod.transaction(conn, records.insert_generation, 1, cert,
-                              cert.public_bytes(serialization.Encoding.PEM).decode(), key_file, False)
-        authority.generations[1] = CaGeneration(1, cert, key, False)
-        log.info("created managed CA generation 1: {cn}", cn=authority.generations[1].common_name)
+        key_file = files.write_ca_key(1, key)
+        reached("ca_key_written")
+        state.generations[1] = CaGeneration(1, cert, key, False)
+        store_mod.transaction(conn, insert_generation, state.generations[1], key_file, int(time.time()))
+        log.info("created managed CA generation 1: {cn}", cn=state.generations[1].common_name)
 
-    for ca in list(authority.generations.values()):
-        authority.add_generation(ca)
-    active = authority.active()
+    for ca in list(state.generations.values()):
+        state.add_generation(ca)
+    active = state.active()
     if active.expired(now):
         raise StartupError(f"the active CA (generation {active.generation}) expired on "
                            f"{active.not_after.isoformat()}")
@@ -220,31 +218,30 @@ def _load_authority(conn: sqlite3.Connection, settings: Settings, network: Netwo
                 f"active CA (generation {active.generation}: {have['ocsp'] if have else 'no URLs'}); "
                 "rotate the CA: start with the previous address, PUT the new pki_addr to "
                 "/api/v1/settings/network, POST /api/v1/settings/rotate-ca, then restart with the new flag")
-    for record in records.load_records(conn):
-        authority.add_record(record)
-    return authority
+    for record in store_mod.transaction(conn, load_records):
+        state.add_record(record)
+    return state
 
 
-def _server_certificate(conn: sqlite3.Connection, settings: Settings, authority: Authority,
-                        network: NetworkSettings, hostname: str,
-                        now: datetime.datetime) -> tuple[x509.Certificate, Any]:
-    pki_dir = settings.data_dir / "pki"
-    cert_path, key_path = pki_dir / "server.crt", pki_dir / "server.key"
-    reason = _server_cert_problem(cert_path, key_path, authority, settings, hostname, now)
+def _server_certificate(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, state: CaState,
+                        network: NetworkSettings, hostname: str, now: datetime.datetime,
+                        reached: Any) -> tuple[x509.Certificate, Any]:
+    cert_path, key_path = files.server_cert_path, files.server_key_path
+    reason = _server_cert_problem(cert_path, key_path, state, settings, hostname, now)
     if reason is None:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         return cert, serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    issued, key = issue_server_certificate(authority.active(), hostname, settings.san, network.pki_addr, now)
+    issued, key = issue_server_certificate(state.active(), hostname, settings.san, network.pki_addr, now)
     # Record first: a certificate on disk that the records lack would get OCSP "unknown".
-    record = store_mod.transaction(conn, records.insert_certificate, issued, None, "server")
-    authority.add_record(record)
-    atomic_write(key_path, key_pem(key), mode=0o600)
-    atomic_write(cert_path, issued.pem, mode=0o644)
+    record = store_mod.transaction(conn, insert_issued, issued, None, "server", int(time.time()))
+    state.add_record(record)
+    reached("server_cert_recorded")
+    files.write_server(issued.cert, key)
     log.info("issued server certificate {serial} ({reason})", serial=format(issued.serial, "X"), reason=reason)
     return issued.cert, key
 
 
-def _server_cert_problem(cert_path: Path, key_path: Path, authority: Authority, settings: Settings,
+def _server_cert_problem(cert_path: Path, key_path: Path, state: CaState, settings: Settings,
                          hostname: str, now: datetime.datetime) -> str | None:
     if not cert_path.exists() or not key_path.exists():
         return "first start"
@@ -255,7 +252,7 @@ def _server_cert_problem(cert_path: Path, key_path: Path, authority: Authority, 
         return "stored server certificate unreadable"
     if not same_public_key(cert.public_key(), key.public_key()):
         return "stored server key does not match"
-    if not any(_signed_by(cert, ca.cert) for ca in authority.trusted(now)):
+    if not any(_signed_by(cert, ca.cert) for ca in state.trusted(now)):
         return "stored server certificate not signed by a trusted CA"
     if server_cert_due(cert, now):
         return "30 days or less left"
@@ -276,17 +273,16 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
-def _admin_token(conn: sqlite3.Connection, data_dir: Path) -> Path:
+def _admin_token(conn: sqlite3.Connection, data_dir: Path, reached: Any) -> Path:
     path = data_dir / "admin.token"
-    count = conn.execute("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL").fetchone()[0]
-    if count:
+    if store_mod.transaction(conn, stored_tokens.active_admin_tokens):
         if not path.exists():
             log.info("admin token file {path} is gone; the stored admin token(s) still work", path=str(path))
         return path
     token = "upt_admin_" + secrets.token_urlsafe(32)
     atomic_write(path, (token + "\n").encode(), mode=0o600)
-    store_mod.transaction(conn, lambda c: c.execute(
-        "INSERT INTO admin_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, strftime('%s','now'))",
-        (str(uuid.uuid4()), "bootstrap", token_hash(token))))
+    reached("admin_token_written")
+    store_mod.transaction(conn, stored_tokens.insert_admin_token, str(uuid.uuid4()), "bootstrap", token_hash(token),
+                          json.dumps(["admin"]), int(time.time()))
     log.info("wrote the bootstrap admin token to {path} (mode 0600)", path=str(os.path.abspath(path)))
     return path

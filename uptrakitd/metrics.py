@@ -23,6 +23,9 @@ class Metrics:
                                         registry=self.registry)
         self.slow_consumers = Counter("uptrakit_channel_slow_consumers", "Sockets dropped for not reading",
                                       registry=self.registry)
+        self.event_subscriber_failures = Counter("uptrakit_event_subscriber_failures",
+                                                 "Event subscribers that raised, by event", ["event"],
+                                                 registry=self.registry)
         self.tls_context_installs = Counter("uptrakit_tls_context_installs", "TLS contexts installed",
                                             registry=self.registry)
 

@@ -73,11 +73,11 @@ def flags_from_options(options: Any) -> dict[str, Any]:
 
 
 def makeService(options: Any) -> Any:
-    """Validate settings, prepare state, return the Controller. Errors: one line, exit status 2."""
+    """Validate settings, prepare state, return the service tree. Errors: one line, exit status 2."""
     from twisted.internet import reactor
 
     from .boot import StartupError, boot
-    from .controller import Controller
+    from .daemon import build_daemon
 
     flags = flags_from_options(options)
     try:
@@ -86,4 +86,4 @@ def makeService(options: Any) -> Any:
     except (ConfigError, StartupError) as e:
         sys.stderr.write(f"uptrakitd: error: {e}\n")
         raise SystemExit(2)
-    return Controller(booted, reactor, flags)
+    return build_daemon(booted, reactor, flags, handle_sigterm=True)

@@ -109,7 +109,7 @@ def refresh_pki_files(c: Any, files: dict[str, str]) -> None:
 
 def connected_with_generation(c: Any, agent: Any, generation: int) -> bool:
     """True once the controller holds the agent's socket authenticated with a certificate of `generation`."""
-    proto = c.hub.connected.get(agent.service_id)
+    proto = c.channel.connected.get(agent.service_id)
     identity = proto.context.identity if proto is not None and proto.context is not None else None
     return identity is not None and identity.ca_generation == generation and not proto.closing
 

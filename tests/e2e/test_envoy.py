@@ -37,7 +37,7 @@ class EnvoyTests(TestCase):
         yield victim.stopService()
         serial = format_serial(victim.state.certificate().serial_number)
         yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
-        yield wait_until(lambda: c.pki.crls.current[1].entries >= 1, timeout=3)
+        yield wait_until(lambda: c.crls.current[1].entries >= 1, timeout=3)
         refresh_pki_files(c, files)
         yield proxy.restart()
         status = yield status_with_cert(port, ca_pem(c), cert, key)

@@ -68,7 +68,7 @@ class HaproxyTests(TestCase):
         self.assertEqual(status, 200)
         serial = format_serial(victim.state.certificate().serial_number)
         yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
-        yield wait_until(lambda: c.pki.crls.current[1].entries >= 1, timeout=3)
+        yield wait_until(lambda: c.crls.current[1].entries >= 1, timeout=3)
         # the documented runtime update: no reload, no dropped connections
         crl = (c.settings.data_dir / "pki" / "ca.crl").read_text()
         sock = proxy.socket
@@ -97,12 +97,11 @@ class PassthroughTests(TestCase):
 
     @inlineCallbacks
     def test_tcp_passthrough_with_proxy_protocol(self):
-        from uptrakitd import tokens
         from ..channel_helpers import start_agent
         from .harness import AGENT_ADDR
         haproxy = require_program("haproxy", "apt-get install haproxy")
         c = yield start_controller(self, https_listen=r"haproxy:tcp:0:interface=127.0.0.1")
-        record = yield c.store.run(tokens.create_enrollment_token, "passthrough", None, None, None, True)
+        record = yield c.enrollment_tokens.create("passthrough")
         prefix = Path(self.mktemp()).resolve()
         prefix.mkdir(parents=True)
         port = free_port()
@@ -113,5 +112,5 @@ class PassthroughTests(TestCase):
         yield proxy.start()
         agent = start_agent(self, c, record["token"], bind_address=AGENT_ADDR, port=port)
         yield agent.wait_for("service_settings", timeout=30)
-        service = c.service_records[agent.service_id]
+        service = c.directory.get(agent.service_id)
         self.assertEqual((service.identity_source, service.ip_address, service.proxy_ip), ("mtls", AGENT_ADDR, None))

@@ -24,7 +24,7 @@ def start_nginx(testcase, c, template="nginx/nginx.conf", **extra):
     port = free_port()
     values = dict(files, PREFIX=prefix, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
                   UPSTREAM=f"127.0.0.1:{https_port(c)}",
-                  OCSP_RESPONDER=f"{c.network.pki_addr}/api/v1/pki/ocsp", **extra)
+                  OCSP_RESPONDER=f"{c.runtime.network.pki_addr}/api/v1/pki/ocsp", **extra)
     conf = prefix / "nginx.conf"
     conf.write_text(render(CONFIGS / template, values))
     proxy = RunningProxy(testcase, "nginx", [nginx, "-p", str(prefix), "-c", str(conf)], port)
@@ -86,7 +86,7 @@ class NginxTests(TestCase):
         serial = format_serial(other.state.certificate().serial_number)
         yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
         yield other.stopService()
-        yield wait_until(lambda: c.pki.crls.current[1].entries >= 1, timeout=3)
+        yield wait_until(lambda: c.crls.current[1].entries >= 1, timeout=3)
         refresh_pki_files(c, nginx.files)   # the documented timer: fetch ca.crl, then reload
         nginx.signal("HUP")
         yield deferLater(reactor, 1.0, lambda: None)

@@ -28,7 +28,7 @@ class NginxProxyManagerTests(TestCase):
         files = write_pki_files(c, prefix / "pki")
         port = free_port()
         values = dict(files, PREFIX=prefix, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port, UPSTREAM_HOST="127.0.0.1",
-                      UPSTREAM_PORT=https_port(c), OCSP_RESPONDER=f"{c.network.pki_addr}/api/v1/pki/ocsp",
+                      UPSTREAM_PORT=https_port(c), OCSP_RESPONDER=f"{c.runtime.network.pki_addr}/api/v1/pki/ocsp",
                       ADVANCED=prefix / "advanced.conf")
         (prefix / "advanced.conf").write_text(render(CONFIGS / "nginx-proxy-manager/advanced.conf", values))
         (prefix / "conf.d" / "include" / "proxy.conf").write_text((DATA / "npm" / "proxy.conf").read_text())

@@ -1,9 +1,10 @@
 """One service's WebSocket: envelope, limits and the state machine's transport side (SPEC §5)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..trust.identity import RequestContext
@@ -50,11 +51,29 @@ class TokenBucket:
         return True
 
 
+class Decider(Protocol):
+    """What a socket needs from the hub (uptrakitd.channel.hub.ChannelHub implements it)."""
+
+    clock: IReactorTime
+
+    def opened(self, proto: ServiceChannelProtocol) -> None: ...
+
+    def received(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> None: ...
+
+    def closed(self, proto: ServiceChannelProtocol) -> None: ...
+
+    def slow_consumer_dropped(self) -> None: ...
+
+
 class ServiceChannelProtocol(WebSocketServerProtocol):
-    """Frames in and out for one service; decisions are the hub's."""
+    """Frames in and out for one service, and its state; decisions are the hub's.
+
+    phase: connecting -> anonymous -> enrolling -> enrolled (bearer) ; or authenticated (identity);
+    rejected when the hub refuses it. Only the methods below change it.
+    """
 
     kind: str = "agent"
-    hub: Any = None
+    hub: Decider
     context: RequestContext | None = None
 
     def onConnect(self, request: Any) -> None:
@@ -67,6 +86,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
         self.closing = False
         self.bucket = TokenBucket(self.hub.clock)
         self.enroll_timer: Any = None
+        self.on_gone: Any = None
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         self.bearer = token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -74,6 +94,45 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.hub.opened(self)
+
+    # -- state, as the hub decides it ----------------------------------------------------------
+
+    def become_anonymous(self, enroll_timer: Any = None) -> None:
+        """No identity yet: the first message must be `enroll` (before `enroll_timer` fires)."""
+        self.phase = "anonymous"
+        if enroll_timer is not None:
+            self.enroll_timer = enroll_timer
+
+    def become_enrolling(self) -> None:
+        """An `enroll` is being handled."""
+        self.phase = "enrolling"
+
+    def become_enrolled(self, service_id: str) -> None:
+        """Enrolled (bearer or fresh `enrolled`): may request its first certificate."""
+        self._cancel_enroll_timer()
+        self.phase, self.service_id = "enrolled", service_id
+
+    def become_authenticated(self, service_id: str, serial: int) -> None:
+        """Authenticated by a certificate (SPEC §3)."""
+        self.phase, self.service_id, self.serial = "authenticated", service_id, serial
+
+    def refuse(self, reason: str) -> None:
+        """Not allowed in: close with a reason from SPEC §5."""
+        self.phase = "rejected"
+        self.close(reason)
+
+    def count_unknown(self) -> int:
+        """One more unknown message in a row; returns how many."""
+        self.unknown_in_row += 1
+        return self.unknown_in_row
+
+    def reset_unknown(self) -> None:
+        """A known message ends the run of unknown ones."""
+        self.unknown_in_row = 0
+
+    def _cancel_enroll_timer(self) -> None:
+        if self.enroll_timer is not None and self.enroll_timer.active():
+            self.enroll_timer.cancel()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.closing:
@@ -99,10 +158,12 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
             self.send("error", code="internal_error", message="the controller could not handle this message")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self.enroll_timer is not None and self.enroll_timer.active():
-            self.enroll_timer.cancel()
-        if self.hub is not None and getattr(self, "phase", None) is not None:
-            self.hub.closed(self, code, reason)
+        if getattr(self, "phase", None) is None:  # closed before onConnect
+            return
+        self._cancel_enroll_timer()
+        self.hub.closed(self)
+        if self.on_gone is not None and not self.on_gone.called:
+            self.on_gone.callback(None)
 
     def violation(self, error: wire.ProtocolViolation) -> None:
         """Tell the service what was wrong, then close."""
@@ -138,7 +199,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
                  service=self.service_id, client=self.context.client_ip if self.context else "-",
                  size=buffered_bytes(self.transport))
         self.closing = True
-        self.hub.metrics_slow_consumer()
+        self.hub.slow_consumer_dropped()
         # A close frame would queue behind the data it cannot drain: drop the connection.
         self.dropConnection(abort=True)
         return True
@@ -158,7 +219,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
 
     protocol = ServiceChannelProtocol
 
-    def __init__(self, kind: str, hub: Any) -> None:
+    def __init__(self, kind: str, hub: Decider) -> None:
         super().__init__()
         self.kind = kind
         self.hub = hub

@@ -1,114 +1,186 @@
-"""In-memory PKI state kept in step with the store: CA generations and every certificate we issued."""
+"""The CA as the running daemon uses it: issue, revoke, rotate. Every change is committed first.
+
+What follows from a change (OCSP cache, CRL rebuild, TLS context, service sockets) is not done
+here: the CA publishes `CertificateRevoked` / `CaRotated` on the event bus and the components that
+care subscribe (see uptrakitd.daemon for who, and in which order).
+"""
 from __future__ import annotations
 
 import datetime
-import hashlib
-from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-from .ca import CaGeneration
+from ..errors import BadRequest, Conflict, NotFound
+from ..events import CaRotated, CertificateRevoked, EventBus
+from ..metrics import Metrics
+from ..store import Store, certificates
+from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca
+from .crl import REASONS
+from .files import PkiFiles
+from .issue import Issued, issue_client_certificate, issue_server_certificate
+from .serials import format_serial, parse_serial
+from .state import CaState, CertRecord, insert_generation, insert_issued
+
+log = Logger()
 
 
-@dataclass(slots=True)
-class CertRecord:
-    """What we know about one certificate we issued (mutable only by revocation)."""
+class CertificateAuthority:
+    """Issue, revoke and rotate against the in-memory CaState and the store, then announce it."""
 
-    serial: int
-    service_id: str | None
-    purpose: str
-    ca_generation: int
-    not_before: int
-    not_after: int
-    revoked_at: int | None = None
-    reason: str | None = None
+    def __init__(self, state: CaState, store: Store, bus: EventBus, metrics: Metrics, files: PkiFiles,
+                 clock: IReactorTime, run_blocking: Callable[..., Deferred],
+                 pki_addr: Callable[[], str | None], trust_domain: str) -> None:
+        self.state = state
+        self.store = store
+        self.bus = bus
+        self.metrics = metrics
+        self.files = files
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.pki_addr = pki_addr
+        self.trust_domain = trust_domain
+        self._rotating = False
+
+    def now(self) -> datetime.datetime:
+        """The clock's time as an aware UTC datetime."""
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+
+    def bundle_pem(self) -> bytes:
+        """The trusted CA bundle, active first (the bytes served, pushed and hashed)."""
+        return self.state.bundle_pem(self.now())
+
+    def bundle_hash(self) -> str:
+        """Lowercase hex SHA-256 of bundle_pem()."""
+        return self.state.bundle_hash(self.now())
+
+    # -- issuing -------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def issue_for_service(self, csr: x509.CertificateSigningRequest, service_id: str, kind: str,
+                          lifetime: datetime.timedelta) -> Any:
+        """Sign a checked CSR with the active CA and record it; fires with Issued."""
+        ca = self.state.active()
+        issued = issue_client_certificate(ca, csr, service_id, kind, self.trust_domain, lifetime,
+                                          self.pki_addr(), self.now())
+        yield self._record(issued, service_id, "client")
+        log.info("issued certificate {serial} to service {service_id} (CA G{generation}, until {not_after})",
+                 serial=format_serial(issued.serial), service_id=service_id, generation=ca.generation,
+                 not_after=issued.cert.not_valid_after_utc.isoformat())
+        return issued
+
+    @inlineCallbacks
+    def issue_server_certificate(self, hostname: str, sans: Iterable[str], ca: CaGeneration | None = None) -> Any:
+        """A recorded server certificate from `ca` (default: the active CA); fires with (Issued, key)."""
+        issued, key = issue_server_certificate(ca or self.state.active(), hostname, tuple(sans), self.pki_addr(),
+                                               self.now())
+        # recorded before anyone uses it: a certificate the records lack would get OCSP "unknown"
+        yield self._record(issued, None, "server")
+        return issued, key
+
+    @inlineCallbacks
+    def _record(self, issued: Issued, service_id: str | None, purpose: str) -> Any:
+        record = yield self.store.run(insert_issued, issued, service_id, purpose, int(self.clock.seconds()))
+        self.state.add_record(record)
+        return record
+
+    # -- revoking ------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def revoke(self, serial: int, reason: str) -> Any:
+        """Revoke durably, then announce it (OCSP, CRL, TLS and sockets follow); fires with the CertRecord."""
+        if reason not in REASONS:
+            raise BadRequest(f"unknown revocation reason {reason!r}; one of {', '.join(REASONS)}",
+                             "invalid_reason")
+        record = self.state.records.get(serial)
+        if record is None:
+            raise NotFound(f"no certificate with serial {format_serial(serial)}", "certificate_not_found")
+        if record.revoked_at is not None:
+            raise Conflict(f"certificate {format_serial(serial)} is already revoked", "already_revoked")
+        revoked_at = int(self.clock.seconds())
+        yield self.store.run(certificates.mark_revoked, format_serial(serial), revoked_at, reason)
+        yield self.apply_revocations([format_serial(serial)], revoked_at, reason)
+        return record
+
+    def apply_revocations(self, serials: list[str], revoked_at: int, reason: str) -> Deferred:
+        """Make revocations that are already committed effective here: records, metrics, the event."""
+        events = []
+        for serial in serials:
+            record = self.state.records.get(parse_serial(serial))
+            if record is None or record.revoked_at is not None:
+                continue
+            record.revoked_at, record.reason = revoked_at, reason
+            self.metrics.revocations.labels(reason).inc()
+            log.info("revoked {serial} ({reason})", serial=serial, reason=reason)
+            events.append(CertificateRevoked(record.serial, record.service_id, record.ca_generation, reason,
+                                             revoked_at))
+        return _in_order([lambda e=e: self.bus.publish(e) for e in events])
+
+    def supersede_older(self, service_id: str, serial: int) -> None:
+        """A service that authenticates with a certificate no longer needs the ones issued before it.
+
+        Newer ones are left alone: an answer that was lost on the way is useless without the key the
+        service discarded, and revoking on issue would lock out a service whose answer was lost.
+        """
+        issued = self.state.by_service.get(service_id, [])  # in issue order
+        position = next((i for i, r in enumerate(issued) if r.serial == serial), 0)
+        for record in issued[:position]:
+            if record.revoked_at is None and record.purpose == "client":
+                self.revoke(record.serial, "superseded").addErrback(
+                    lambda f, s=record.serial: None if f.check(Conflict) else
+                    log.failure("could not supersede {serial}", f, serial=format_serial(s)))
+
+    # -- rotation ------------------------------------------------------------------------------
 
     @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
+    def rotating(self) -> bool:
+        """True while a rotation runs."""
+        return self._rotating
 
+    @inlineCallbacks
+    def rotate(self) -> Any:
+        """Create generation n+1, make it active, then announce it (SPEC §4.6); fires with the API's answer."""
+        active = self.state.active()
+        if active.external:
+            raise BadRequest("the CA is external (--ca-cert/--ca-key); rotate it outside uptrakitd",
+                             "external_ca")
+        if self._rotating:
+            raise Conflict("a CA rotation is already running", "rotation_in_progress")
+        self._rotating = True
+        try:
+            generation = active.generation + 1
+            cert, key = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now())
+            ca = CaGeneration(generation, cert, key, False)
+            key_file = yield self.run_blocking(self.files.write_ca_key, generation, key)
+            yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()))
+            self.state.add_generation(ca)
+            yield self.run_blocking(self.files.write_bundle, self.bundle_pem())
+            log.info("rotated the CA: generation {generation} ({cn}) is active, G{previous} stays trusted",
+                     generation=generation, cn=ca.common_name, previous=active.generation)
+            bundle_hash = self.bundle_hash()
+            # subscribers: CRLs rebuilt, TLS context swapped, then services told (they answer how many)
+            results = yield self.bus.publish(CaRotated(generation, active.generation, bundle_hash))
+            return {"generation": generation, "fingerprint": ca.fingerprint, "not_after": ca.not_after.isoformat(),
+                    "ca_bundle_hash": bundle_hash, "notified": sum(r for r in results if isinstance(r, int))}
+        finally:
+            self._rotating = False
 
-def _certid_hashes(ca: CaGeneration) -> list[tuple[str, bytes, bytes]]:
-    name_der = ca.cert.subject.public_bytes()
-    key_bits = ca.cert.public_key().public_bytes(serialization.Encoding.X962,
-                                                 serialization.PublicFormat.UncompressedPoint) \
-        if hasattr(ca.cert.public_key(), "curve") else _raw_key_bits(ca)
-    out = []
-    for alg in ("sha1", "sha256", "sha384", "sha512"):
-        out.append((alg, hashlib.new(alg, name_der).digest(), hashlib.new(alg, key_bits).digest()))
-    return out
-
-
-def _raw_key_bits(ca: CaGeneration) -> bytes:
-    # issuerKeyHash is over the subjectPublicKey BIT STRING contents; for RSA that is the PKCS#1 DER.
-    return ca.cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
-
-
-@dataclass
-class Authority:
-    """CA generations (highest = active) and the certificate records, with lookups for hot paths."""
-
-    generations: dict[int, CaGeneration] = field(default_factory=dict)
-    records: dict[int, CertRecord] = field(default_factory=dict)
-    by_service: dict[str, list[CertRecord]] = field(default_factory=dict)
-    _certid_index: dict[tuple[str, bytes, bytes], int] = field(default_factory=dict)
-
-    def add_generation(self, ca: CaGeneration) -> None:
-        """Make a CA generation known (the highest one is active)."""
-        self.generations[ca.generation] = ca
-        for key in _certid_hashes(ca):
-            self._certid_index[key] = ca.generation
-
-    def add_record(self, record: CertRecord) -> None:
-        """Remember a certificate we issued (indexed by serial and by service)."""
-        self.records[record.serial] = record
-        if record.service_id is not None:
-            self.by_service.setdefault(record.service_id, []).append(record)
-
-    def current_for(self, service_id: str, now_ts: float) -> CertRecord | None:
-        """The newest unrevoked, unexpired certificate of a service."""
-        live = [r for r in self.by_service.get(service_id, ()) if r.revoked_at is None and r.not_after > now_ts]
-        return max(live, key=lambda r: r.not_before, default=None)
-
-    def active(self) -> CaGeneration:
-        """The CA that signs new certificates."""
-        return self.generations[max(self.generations)]
-
-    def previous(self, now: datetime.datetime) -> CaGeneration | None:
-        """The generation just before the active one, while it has not expired."""
-        active = self.active().generation
-        below = [g for g in self.generations if g < active]
-        if not below:
+    def check_expiry(self) -> Deferred | None:
+        """Daily: rotate automatically when the active CA has less than 183 days left."""
+        active = self.state.active()
+        if active.external or self._rotating or active.not_after - self.now() >= AUTO_ROTATE_WHEN_LEFT:
             return None
-        prev = self.generations[max(below)]
-        return None if prev.expired(now) else prev
+        log.info("active CA expires {when}: rotating automatically", when=active.not_after.isoformat())
+        return self.rotate()
 
-    def trusted(self, now: datetime.datetime) -> list[CaGeneration]:
-        """{active, previous}, active first."""
-        prev = self.previous(now)
-        return [self.active()] + ([prev] if prev else [])
 
-    def served(self, now: datetime.datetime) -> list[CaGeneration]:
-        """Every generation whose CRL is still served: not expired, active first, newest first."""
-        return [self.generations[g] for g in sorted(self.generations, reverse=True)
-                if not self.generations[g].expired(now)]
+@inlineCallbacks
+def _in_order(steps: list[Callable[[], Deferred]]) -> Any:
+    for step in steps:
+        yield step()
 
-    def bundle_pem(self, now: datetime.datetime) -> bytes:
-        """The CA bundle: PEM of the trusted CAs, active first; hashed and pushed as these exact bytes."""
-        return b"".join(ca.pem for ca in self.trusted(now))
 
-    def bundle_hash(self, now: datetime.datetime) -> str:
-        """Lowercase hex SHA-256 of bundle_pem()."""
-        return hashlib.sha256(self.bundle_pem(now)).hexdigest()
-
-    def ca_for_certid(self, algorithm: str, name_hash: bytes, key_hash: bytes) -> CaGeneration | None:
-        """The CA an OCSP CertID names (both hashes must match), or None when it is not ours."""
-        gen = self._certid_index.get((algorithm, name_hash, key_hash))
-        return self.generations.get(gen) if gen is not None else None
-
-    def ca_for_issuer_cn(self, cn: str, now: datetime.datetime) -> CaGeneration | None:
-        """The trusted CA (active or previous) whose CN is exactly `cn`."""
-        for ca in self.trusted(now):
-            if ca.common_name == cn:
-                return ca
-        return None
+__all__ = ["CertificateAuthority", "CertRecord"]

@@ -10,18 +10,18 @@ import hashlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..files import atomic_write
-from .authority import Authority, CertRecord
+from ..store import Store, ca_generations
 from .ca import CaGeneration, key_pem
-from .records import next_crl_number
+from .files import PkiFiles
+from .state import CaState, CertRecord
 
 log = Logger()
 
@@ -125,22 +125,25 @@ def _published(generation: int, der: bytes, pem: bytes, number: int, now: dateti
 
 
 class CrlPublisher:
-    """Keeps the served CRLs current: rebuilds in a worker process, coalesces bursts, persists numbers."""
+    """Keeps the served CRLs current: rebuilds in a worker process, coalesces bursts, persists numbers.
 
-    def __init__(self, authority: Authority, store: Any, data_dir: Path, clock: Any,
-                 to_thread: Callable[..., Deferred], validity: datetime.timedelta = datetime.timedelta(hours=24),
-                 coalesce_seconds: float = 0.5) -> None:
-        self.authority = authority
+    Subscribes (through the composition root) to `CertificateRevoked` (a rebuild soon) and
+    `CaRotated` (a rebuild now, finished before the rotation is announced).
+    """
+
+    def __init__(self, state: CaState, store: Store, files: PkiFiles, clock: IReactorTime,
+                 run_blocking: Callable[..., Deferred],
+                 validity: datetime.timedelta = datetime.timedelta(hours=24), coalesce_seconds: float = 0.5) -> None:
+        self.state = state
         self.store = store
-        self.path = Path(data_dir) / "pki" / "ca.crl"
+        self.files = files
         self.clock = clock
-        self.to_thread = to_thread
+        self.run_blocking = run_blocking
         self.validity = validity
         self.coalesce_seconds = coalesce_seconds
         self.current: dict[int, PublishedCrl] = {}
         self.bundle = b""
         self.bundle_etag = '""'
-        self.observers: list[Callable[[], Any]] = []
         self._executor: ProcessPoolExecutor | None = None
         self._scheduled: Any = None
         self._running: Deferred | None = None
@@ -157,26 +160,27 @@ class CrlPublisher:
         # the bundle's ETag from the members' (already hashed off the reactor), not a hash of 5 MB here
         self.bundle_etag = '"' + hashlib.sha256("".join(c.etag for c in crls).encode()).hexdigest()[:32] + '"'
 
-    def publish_sync(self, crls: list[PublishedCrl]) -> None:
-        """Write the file, then serve the CRLs built at start-up (before the reactor runs)."""
-        atomic_write(self.path, self._bundle_of(crls), mode=0o644)
-        self._publish(crls)
-
-    def build_sync(self, numbers: dict[int, int], now: datetime.datetime) -> list[PublishedCrl]:
-        """Build every served CRL in the calling thread (start-up only)."""
+    def publish_at_start(self, numbers: dict[int, int], now: datetime.datetime) -> None:
+        """Build every served CRL in the calling thread, write the file, serve them (start-up only)."""
         out = []
-        records = list(self.authority.records.values())
-        for ca in self.authority.served(now):
+        records = list(self.state.records.values())
+        for ca in self.state.served(now):
             entries = revoked_entries(records, ca.generation, int(now.timestamp()))
             der, pem = sign_crl(*_ca_material(ca), entries, numbers[ca.generation], now.timestamp(),
                                 int(self.validity.total_seconds()), {})
             out.append(_published(ca.generation, der, pem, numbers[ca.generation],
                                   now.replace(microsecond=0), len(entries)))
-        return out
+        self.files.write_crls(self._bundle_of(out))
+        self._publish(out)
 
     def bundle_pem(self) -> bytes:
         """Every served CA's CRL as PEM, active first (what nginx/HAProxy/Envoy load)."""
         return self.bundle
+
+    def stale(self, now: datetime.datetime) -> list[int]:
+        """Generations whose CRL should be served but is missing or past its validity."""
+        return [ca.generation for ca in self.state.served(now)
+                if (crl := self.current.get(ca.generation)) is None or now > crl.this_update + self.validity]
 
     def stop(self) -> Deferred | None:
         """Cancel a pending rebuild, retire the worker; returns the running rebuild (if any) to wait for."""
@@ -193,6 +197,14 @@ class CrlPublisher:
             else:
                 executor.shutdown(wait=False)
         return running
+
+    def on_revoked(self, event: Any) -> None:
+        """CertificateRevoked: rebuild soon."""
+        self.request_rebuild()
+
+    def on_ca_rotated(self, event: Any) -> Deferred:
+        """CaRotated: rebuild now; fires when the new CRLs are served."""
+        return self.rebuild()
 
     def request_rebuild(self) -> None:
         """Ask for a rebuild soon; several requests close together give one rebuild."""
@@ -226,15 +238,15 @@ class CrlPublisher:
             self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         future = self._executor.submit(sign_crl_in_worker, *_ca_material(ca), entries, number, now.timestamp(),
                                        int(self.validity.total_seconds()))
-        return self.to_thread(future.result)
+        return self.run_blocking(future.result)
 
     @inlineCallbacks
     def warm(self) -> Any:
         """Start the worker and fill its entry cache, so the first rebuild after start is a warm one."""
         now = datetime.datetime.fromtimestamp(int(self.clock.seconds()), datetime.timezone.utc)
-        records = list(self.authority.records.values())
-        for ca in self.authority.served(now):
-            entries = yield self.to_thread(revoked_entries, records, ca.generation, int(now.timestamp()))
+        records = list(self.state.records.values())
+        for ca in self.state.served(now):
+            entries = yield self.run_blocking(revoked_entries, records, ca.generation, int(now.timestamp()))
             if entries and not self._stopped:
                 current = self.current.get(ca.generation)
                 yield self._sign(ca, entries, current.number if current else 0, now)
@@ -242,26 +254,20 @@ class CrlPublisher:
     @inlineCallbacks
     def _rebuild(self) -> Any:
         now = datetime.datetime.fromtimestamp(int(self.clock.seconds()), datetime.timezone.utc)
-        served = self.authority.served(now)
-        numbers = yield self.store.run(lambda conn: {ca.generation: next_crl_number(conn, ca.generation)
-                                                     for ca in served})
-        records = list(self.authority.records.values())  # snapshot taken on the reactor thread
+        served = self.state.served(now)
+        numbers = yield self.store.run(ca_generations.next_crl_numbers, [ca.generation for ca in served])
+        records = list(self.state.records.values())  # snapshot taken on the reactor thread
         started = self.clock.seconds()
         crls = []
         for ca in served:
-            entries = yield self.to_thread(revoked_entries, records, ca.generation, int(now.timestamp()))
+            entries = yield self.run_blocking(revoked_entries, records, ca.generation, int(now.timestamp()))
             der, pem = yield self._sign(ca, entries, numbers[ca.generation], now)
-            published = yield self.to_thread(_published, ca.generation, der, pem, numbers[ca.generation], now,
-                                             len(entries))
+            published = yield self.run_blocking(_published, ca.generation, der, pem, numbers[ca.generation], now,
+                                                len(entries))
             crls.append(published)
         # the file first: whoever sees the new CRLs served (a test, a proxy's timer) finds them on disk too
-        yield self.to_thread(atomic_write, self.path, self._bundle_of(crls), 0o644)
+        yield self.run_blocking(self.files.write_crls, self._bundle_of(crls))
         self._publish(crls)
         log.info("CRLs rebuilt: {summary} in {seconds:.2f}s",
                  summary=", ".join(f"G{c.generation} #{c.number} ({c.entries} entries)" for c in crls),
                  seconds=self.clock.seconds() - started)
-        for observer in list(self.observers):
-            try:
-                observer()
-            except Exception:
-                log.failure("CRL observer failed")

@@ -7,20 +7,22 @@ import datetime
 import email.utils
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .authority import Authority
+from .state import CaState
 from .crl import REASONS
 
 log = Logger()
 
 MAX_REQUEST_BYTES = 64 * 1024
+OCSP_VALIDITY = datetime.timedelta(hours=1)  # nextUpdate - thisUpdate
 _HASH_NAMES = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
 
@@ -58,13 +60,21 @@ def _http_date(when: datetime.datetime) -> str:
 class OcspResponder:
     """Answers OCSP requests from the in-memory records; keeps signed nonce-less responses."""
 
-    def __init__(self, authority: Authority, clock: Any,
-                 validity: datetime.timedelta = datetime.timedelta(hours=1)) -> None:
-        self.authority = authority
+    def __init__(self, state: CaState, clock: IReactorTime, counter: Any = None,
+                 validity: datetime.timedelta = OCSP_VALIDITY) -> None:
+        self.state = state
         self.clock = clock
         self.validity = validity
+        self._counter = counter  # a prometheus Counter labelled by status, or None
         self._cache: dict[tuple[int, int, str], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
-        self.observers: list[Callable[[OcspAnswer], Any]] = []
+
+    def on_revoked(self, event: Any) -> None:
+        """CertificateRevoked: the cached answer for that serial is wrong now."""
+        self.invalidate(event.serial)
+
+    def on_ca_rotated(self, event: Any) -> None:
+        """CaRotated: forget every cached answer."""
+        self.invalidate()
 
     def invalidate(self, serial: int | None = None) -> None:
         """Forget cached responses: for one serial (revocation) or all (CA change)."""
@@ -86,8 +96,8 @@ class OcspResponder:
             result = self._unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR, "malformed")
         log.info("OCSP: {status} for serial {serial}", status=result.status,
                  serial=format(result.serial, "X") if result.serial is not None else "-")
-        for observer in self.observers:
-            observer(result)
+        if self._counter is not None:
+            self._counter.labels(result.status).inc()
         return result
 
     def _unsuccessful(self, status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
@@ -112,7 +122,7 @@ class OcspResponder:
         except (ValueError, TypeError):
             return self._unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed")
         alg_name = _HASH_NAMES.get(algorithm.name)
-        ca = self.authority.ca_for_certid(alg_name, name_hash, key_hash) if alg_name else None
+        ca = self.state.ca_for_certid(alg_name, name_hash, key_hash) if alg_name else None
         if ca is None:
             log.info("OCSP request for serial {serial:X} of an issuer that is not ours: unauthorized",
                      serial=serial)
@@ -125,7 +135,7 @@ class OcspResponder:
             if now < this_update + (next_update - this_update) / 2:
                 return self._with_headers(resp_der, this_update, next_update, nonce, serial,
                                           self._status_of(serial, ca))
-        record = self.authority.records.get(serial)
+        record = self.state.records.get(serial)
         kwargs: dict[str, Any] = {}
         if record is None or record.ca_generation != ca.generation:
             status, label = ocsp.OCSPCertStatus.UNKNOWN, "unknown"
@@ -149,7 +159,7 @@ class OcspResponder:
         return self._with_headers(resp_der, now, next_update, nonce, serial, label)
 
     def _status_of(self, serial: int, ca: Any) -> str:
-        record = self.authority.records.get(serial)
+        record = self.state.records.get(serial)
         if record is None or record.ca_generation != ca.generation:
             return "unknown"
         return "revoked" if record.revoked_at is not None else "good"

@@ -4,15 +4,17 @@ from __future__ import annotations
 import datetime
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Container, Iterable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..config import NetworkSettings
-from ..pki.authority import Authority
+from ..metrics import Metrics
+from ..pki.state import CaState
 from .dn import common_name
 from .headers import ForwardedClientCert, MalformedHeader, parse_cert_header, parse_info_header
 from .proxies import is_trusted, parse_address, resolve_client_ip
@@ -144,7 +146,7 @@ def _service_id_of(cert: x509.Certificate, trust_domain: str) -> str | None:
     return _uuid(str(cns[0].value)) if len(cns) == 1 else None
 
 
-def verify_certificate(cert: x509.Certificate, authority: Authority, services: Mapping[str, Any],
+def verify_certificate(cert: x509.Certificate, authority: CaState, services: Container[str],
                        trust_domain: str, now: datetime.datetime, check_chain: bool = True) -> Identity:
     """Identity from a certificate: issued by a trusted CA, valid now, clientAuth, in our records, not revoked."""
     ca = None
@@ -178,7 +180,7 @@ def verify_certificate(cert: x509.Certificate, authority: Authority, services: M
     return Identity(service_id, record.serial, ca.generation)
 
 
-def verify_info(info: ForwardedClientCert, authority: Authority, services: Mapping[str, Any],
+def verify_info(info: ForwardedClientCert, authority: CaState, services: Container[str],
                 now: datetime.datetime) -> Identity:
     """Identity from Subject/Issuer/SerialNumber alone, checked against the trusted CAs and our records."""
     missing = [name for name, value in (("Subject", info.subject), ("Issuer", info.issuer),
@@ -208,8 +210,8 @@ def verify_info(info: ForwardedClientCert, authority: Authority, services: Mappi
 class IdentityResolver:
     """Runs before any resource: strips what cannot be trusted, then decides who the request is."""
 
-    def __init__(self, network: Callable[[], NetworkSettings], authority: Authority,
-                 services: Mapping[str, Any], trust_domain: str, clock: Any, metrics: Any = None) -> None:
+    def __init__(self, network: Callable[[], NetworkSettings], authority: CaState,
+                 services: Container[str], trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None) -> None:
         self.network = network
         self.authority = authority
         self.services = services

@@ -6,17 +6,21 @@ import hashlib
 from typing import Any
 
 from ..errors import NotFound, PayloadTooLarge
-from ..pki.ocsp import MAX_REQUEST_BYTES, OcspDecodeError, decode_get_path
+from ..pki.authority import CertificateAuthority
+from ..pki.crl import CrlPublisher
+from ..pki.ocsp import MAX_REQUEST_BYTES, OcspDecodeError, OcspResponder, decode_get_path
 from .router import Response, Route, route
 
 OCSP_GET = r"(?:/api/v1/pki)?(?:/[^?]*)?/ocsp/(?P<encoded>.+)"
 
 
 class PkiRoutes:
-    """Handlers for the PKI routes; `controller` gives authority, CRLs and the OCSP responder."""
+    """Handlers for the public PKI routes."""
 
-    def __init__(self, controller: Any) -> None:
-        self.c = controller
+    def __init__(self, ca: CertificateAuthority, crls: CrlPublisher, ocsp: OcspResponder) -> None:
+        self.ca = ca
+        self.crls = crls
+        self.ocsp = ocsp
 
     def routes(self) -> list[Route]:
         return [
@@ -28,17 +32,17 @@ class PkiRoutes:
         ]
 
     def ca_bundle(self, request: Any) -> Response:
-        body = self.c.pki.authority.bundle_pem(self.c.pki.now())
+        body = self.ca.bundle_pem()
         return _conditional(request, Response(body, "application/x-pem-file"))
 
     def crl_bundle(self, request: Any) -> Response:
-        crls = self.c.pki.crls
+        crls = self.crls
         newest = max(c.this_update for c in crls.current.values())
         return _conditional(request, Response(crls.bundle_pem(), "application/x-pem-file",
                                               headers={"Last-Modified": _http_date(newest)}), crls.bundle_etag)
 
     def crl_der(self, request: Any, generation: str) -> Response:
-        crl = self.c.pki.crls.current.get(int(generation))
+        crl = self.crls.current.get(int(generation))
         if crl is None:
             raise NotFound(f"no CRL is served for CA generation {int(generation)}", "crl_not_found")
         return _conditional(request, Response(crl.der, "application/pkix-crl",
@@ -63,7 +67,7 @@ class PkiRoutes:
         return self._answer(der)
 
     def _answer(self, der: bytes) -> Response:
-        answer = self.c.pki.ocsp.answer(der)
+        answer = self.ocsp.answer(der)
         return Response(answer.der, "application/ocsp-response", headers=dict(answer.headers))
 
 

@@ -1,31 +1,19 @@
-"""Builds the HTTPS site (everything) and the plain-HTTP PKI site (PKI routes and /healthz only)."""
+"""The two sites: HTTPS (every route, the channel endpoints, identity resolution) and plain-HTTP PKI."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from .api.identity import IdentityRoutes
-from .api.pki_admin import PkiAdminRoutes
-from .api.services import ServiceRoutes
-from .ui_routes import UiRoutes
-from .api.status import StatusRoutes
-from .pki import PkiRoutes
-from .router import Router, route
+from twisted.web.resource import Resource
+
+from ..trust.identity import RequestContext
+from .router import Route, Router
 from .site import IdentifyingSite
 
 
-def build_sites(controller: Any) -> tuple[IdentifyingSite, IdentifyingSite]:
-    """(https_site, pki_site) for a Controller."""
-    status = StatusRoutes(controller)
-    pki = PkiRoutes(controller)
-    https_routes = (status.routes() + IdentityRoutes(controller).routes() + PkiAdminRoutes(controller).routes()
-                    + ServiceRoutes(controller).routes() + UiRoutes().routes() + pki.routes())
-    for extra in getattr(controller, "extra_routes", lambda: [])():
-        https_routes.append(extra)
-    router = Router(https_routes, controller.check_admin)
-    hub = getattr(controller, "hub", None)
-    if hub is not None:
-        router.resources.update(hub.resources)
-    https = IdentifyingSite(router, resolver=getattr(controller, "resolve_request", None))
-    pki_routes = [route("GET", r"/healthz", status.healthz)] + pki.routes()
-    plain = IdentifyingSite(Router(pki_routes))
-    return https, plain
+def build_sites(https_routes: list[Route], pki_routes: list[Route], endpoints: dict[str, Resource],
+                resolver: Callable[[Any], RequestContext],
+                check_admin: Callable[[str, str], bool | None]) -> tuple[IdentifyingSite, IdentifyingSite]:
+    """(https_site, pki_site). The PKI site serves only `pki_routes`, without identity resolution."""
+    router = Router(https_routes, check_admin)
+    router.resources.update(endpoints)
+    return IdentifyingSite(router, resolver=resolver), IdentifyingSite(Router(pki_routes))

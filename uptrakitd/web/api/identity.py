@@ -9,44 +9,49 @@ from ...config import ConfigError
 from ...errors import BadRequest
 from ...pki.ca import embedded_urls, pki_urls
 from ...pki.serials import format_serial
+from ...pki.state import CaState
+from ...runtime_settings import RuntimeSettings
 from ..router import Route, json_body, route
 
 
-class IdentityRoutes:
-    """whoami and GET/PUT settings/network."""
+def whoami(request: Any) -> dict:
+    """Who uptrakitd thinks the request is, and why (never header values)."""
+    ctx = request.context
+    identity = None
+    if ctx.identity is not None:
+        identity = {"service_id": ctx.identity.service_id, "serial": format_serial(ctx.identity.serial),
+                    "ca_generation": ctx.identity.ca_generation}
+    return {"peer_ip": ctx.peer_ip, "client_ip": ctx.client_ip, "proxy_ip": ctx.proxy_ip,
+            "via_trusted_proxy": ctx.via_trusted_proxy, "identity": identity,
+            "identity_source": ctx.identity_source, "rejected": ctx.rejected}
 
-    def __init__(self, controller: Any) -> None:
-        self.c = controller
+
+class NetworkSettingsRoutes:
+    """GET/PUT settings/network."""
+
+    def __init__(self, runtime: RuntimeSettings, state: CaState) -> None:
+        self.runtime = runtime
+        self.state = state
 
     def routes(self) -> list[Route]:
         return [
-            route("GET", r"/api/v1/whoami", self.whoami),
+            route("GET", r"/api/v1/whoami", whoami),
             route("GET", r"/api/v1/settings/network", self.get_network, admin=True),
             route("PUT", r"/api/v1/settings/network", self.put_network, admin=True),
         ]
 
-    def whoami(self, request: Any) -> dict:
-        ctx = request.context
-        identity = None
-        if ctx.identity is not None:
-            identity = {"service_id": ctx.identity.service_id, "serial": format_serial(ctx.identity.serial),
-                        "ca_generation": ctx.identity.ca_generation}
-        return {"peer_ip": ctx.peer_ip, "client_ip": ctx.client_ip, "proxy_ip": ctx.proxy_ip,
-                "via_trusted_proxy": ctx.via_trusted_proxy, "identity": identity,
-                "identity_source": ctx.identity_source, "rejected": ctx.rejected}
-
     def get_network(self, request: Any) -> dict:
-        return self.c.network.to_json()
+        return self.runtime.network.to_json()
 
     @inlineCallbacks
     def put_network(self, request: Any) -> Any:
         body = json_body(request)
         try:
-            new = yield self.c.update_network(body)
+            new = yield self.runtime.update_network(body)
         except ConfigError as e:
             raise BadRequest(str(e), "invalid_setting") from None
         result = new.to_json()
-        active = self.c.pki.authority.active()
+        active = self.state.active()
         if "pki_addr" in body and not active.external and \
                 embedded_urls(active.cert) != pki_urls(new.pki_addr, active.generation):
             result["pki_addr_warning"] = ("pki_addr changed: certificates keep the old URLs until you rotate the CA "

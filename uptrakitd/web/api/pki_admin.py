@@ -7,45 +7,48 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from ...errors import BadRequest
+from ...offload import in_thread
+from ...pki.authority import CertificateAuthority
+from ...pki.crl import CrlPublisher
+from ...pki.ocsp import OCSP_VALIDITY
 from ...pki.serials import BadSerial, format_serial, parse_serial
+from ...runtime_settings import RuntimeSettings
 from ..router import Response, Route, int_field, iso, json_body, route
 
 
-class PkiAdminRoutes:
-    """Handlers for the admin side of SPEC §4 and §6."""
+class PkiSettingsRoutes:
+    """GET settings/pki and PUT settings/service-certificates."""
 
-    def __init__(self, controller: Any) -> None:
-        self.c = controller
+    def __init__(self, ca: CertificateAuthority, crls: CrlPublisher, runtime: RuntimeSettings) -> None:
+        self.ca = ca
+        self.crls = crls
+        self.runtime = runtime
 
     def routes(self) -> list[Route]:
         return [
             route("GET", r"/api/v1/settings/pki", self.pki_settings, admin=True),
             route("PUT", r"/api/v1/settings/service-certificates", self.put_service_certs, admin=True),
-            route("POST", r"/api/v1/settings/rotate-ca", self.rotate, admin=True),
-            route("POST", r"/api/v1/certificates/(?P<serial>[^/]+)/revoke", self.revoke, admin=True),
-            route("GET", r"/api/v1/certificates", self.list_certificates, admin=True),
         ]
 
     def pki_settings(self, request: Any) -> dict:
-        pki = self.c.pki
-        now = pki.now()
+        now = self.ca.now()
         def describe(ca: Any) -> dict | None:
             if ca is None:
                 return None
-            crl = pki.crls.current.get(ca.generation)
+            crl = self.crls.current.get(ca.generation)
             return {"generation": ca.generation, "cn": ca.common_name, "fingerprint": ca.fingerprint,
                     "not_after": ca.not_after.isoformat(), "external": ca.external,
                     "crl_number": crl.number if crl else None,
                     "crl_age_seconds": int((now - crl.this_update).total_seconds()) if crl else None,
                     "crl_entries": crl.entries if crl else None}
-        sc = self.c.service_certs
-        return {"active_ca": describe(pki.authority.active()), "previous_ca": describe(pki.authority.previous(now)),
-                "ca_bundle_hash": pki.authority.bundle_hash(now),
-                "service_certificates": {"lifetime_hours": sc.lifetime_hours,
-                                         "renewal_window_hours": self.c.renewal_window_hours()},
-                "ocsp_validity_seconds": int(pki.ocsp.validity.total_seconds()),
-                "crl_validity_seconds": int(pki.crls.validity.total_seconds()),
-                "trust_domain": pki.trust_domain, "pki_addr": self.c.network.pki_addr}
+        state = self.ca.state
+        return {"active_ca": describe(state.active()), "previous_ca": describe(state.previous(now)),
+                "ca_bundle_hash": self.ca.bundle_hash(),
+                "service_certificates": {"lifetime_hours": self.runtime.service_certs.lifetime_hours,
+                                         "renewal_window_hours": self.runtime.renewal_window_hours()},
+                "ocsp_validity_seconds": int(OCSP_VALIDITY.total_seconds()),
+                "crl_validity_seconds": int(self.crls.validity.total_seconds()),
+                "trust_domain": self.ca.trust_domain, "pki_addr": self.runtime.network.pki_addr}
 
     @inlineCallbacks
     def put_service_certs(self, request: Any) -> Any:
@@ -58,14 +61,25 @@ class PkiAdminRoutes:
             changes["lifetime_hours"] = int_field(body, "lifetime_hours", 1, 730 * 24, nullable=False)
         if "renewal_window_hours" in body:
             changes["renewal_window_hours"] = int_field(body, "renewal_window_hours", 1, 730 * 24)
-        yield self.c.update_service_certs(changes)
-        return {"lifetime_hours": self.c.service_certs.lifetime_hours,
-                "renewal_window_hours": self.c.renewal_window_hours()}
+        new = yield self.runtime.update_service_certs(changes)
+        return {"lifetime_hours": new.lifetime_hours, "renewal_window_hours": self.runtime.renewal_window_hours()}
 
-    @inlineCallbacks
+
+class CertificateRoutes:
+    """Rotation, revocation and the certificate list."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self.ca = ca
+
+    def routes(self) -> list[Route]:
+        return [
+            route("POST", r"/api/v1/settings/rotate-ca", self.rotate, admin=True),
+            route("POST", r"/api/v1/certificates/(?P<serial>[^/]+)/revoke", self.revoke, admin=True),
+            route("GET", r"/api/v1/certificates", self.list_certificates, admin=True),
+        ]
+
     def rotate(self, request: Any) -> Any:
-        result = yield self.c.pki.rotate()
-        return {k: v for k, v in result.items() if k != "ca_bundle_pem"}
+        return self.ca.rotate()
 
     @inlineCallbacks
     def revoke(self, request: Any, serial: str) -> Any:
@@ -77,19 +91,18 @@ class PkiAdminRoutes:
         reason = body.get("reason", "unspecified")
         if not isinstance(reason, str):
             raise BadRequest("reason must be a string", "invalid_reason")
-        record = yield self.c.pki.revoke(number, reason)
-        self.c.metrics.revocations.labels(reason).inc()
+        record = yield self.ca.revoke(number, reason)
         return {"serial": format_serial(record.serial), "revoked": True, "reason": record.reason,
                 "revoked_at": iso(record.revoked_at), "service_id": record.service_id}
 
     def list_certificates(self, request: Any) -> Any:
         wanted = request.args.get(b"service_id", [None])[0]
-        authority = self.c.pki.authority
+        state = self.ca.state
         if wanted:
-            records = list(authority.by_service.get(wanted.decode("utf-8", "replace"), ()))
+            records = list(state.by_service.get(wanted.decode("utf-8", "replace"), ()))
         else:
-            records = list(authority.records.values())  # snapshot; formatting 100 000 happens off the reactor
-        return self.c.to_thread(_certificates_json, records, int(self.c.pki.clock.seconds()))
+            records = list(state.records.values())  # snapshot; formatting 100 000 happens off the reactor
+        return in_thread(self.ca.clock, _certificates_json, records, int(self.ca.clock.seconds()))
 
 
 def _certificates_json(records: list[Any], now: int) -> Response:

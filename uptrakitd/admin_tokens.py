@@ -1,0 +1,55 @@
+"""Admin API tokens and their roles: `admin` may do everything, `read` may use the admin GET routes."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from .store import Store, tokens as stored
+from .tokens import new_token, token_hash
+
+ROLES = ("admin", "read")
+
+
+class AdminTokenRegistry:
+    """Owns the admin tokens: hashes and permissions in memory, in step with the store."""
+
+    def __init__(self, store: Store, active: dict[str, list[str]]) -> None:
+        self.store = store
+        self._permissions = dict(active)  # token hash -> permissions
+
+    def check(self, token: str, method: str = "GET") -> bool | None:
+        """True: allowed; False: a known token without the permission; None: unknown token."""
+        perms = self._permissions.get(token_hash(token))
+        if perms is None:
+            return None
+        return "admin" in perms or ("read" in perms and method in ("GET", "HEAD"))
+
+    @inlineCallbacks
+    def create(self, name: str, permissions: list[str]) -> Any:
+        """A new token; fires with its record including the plaintext `token` (shown once)."""
+        token = new_token("upt_admin_")
+        record = {"id": str(uuid.uuid4()), "name": name, "permissions": list(permissions),
+                  "created_at": int(time.time())}
+        yield self.store.run(stored.insert_admin_token, record["id"], name, token_hash(token),
+                             json.dumps(record["permissions"]), record["created_at"])
+        self._permissions[token_hash(token)] = record["permissions"]
+        return dict(record, token=token)
+
+    @inlineCallbacks
+    def list(self) -> Any:
+        """Every token (without secrets); fires with a list of dicts."""
+        rows = yield self.store.run(stored.list_admin_tokens)
+        return [dict(row, permissions=json.loads(row["permissions"])) for row in rows]
+
+    @inlineCallbacks
+    def revoke(self, token_id: str) -> Any:
+        """Revoke one token; fires with False when it is unknown or already revoked."""
+        digest = yield self.store.run(stored.revoke_admin_token, token_id, int(time.time()))
+        if digest is None:
+            return False
+        self._permissions.pop(digest, None)
+        return True

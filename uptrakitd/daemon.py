@@ -1,0 +1,175 @@
+"""The composition root: builds every component once, wires them, and returns the service tree.
+
+This module is wiring only. The tree's order is the start order (and, reversed, the stop order):
+
+    signals -> store -> crl-worker -> hourly CRL, daily CA check, daily server-certificate check
+            -> channel (+ renewal check) -> HTTPS listener -> plain-HTTP PKI listener
+
+Event subscriptions are made here too, in the order their effects must happen (see events.py).
+"""
+from __future__ import annotations
+
+import datetime
+import sys
+from functools import partial
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from .admin_tokens import AdminTokenRegistry
+from .boot import Booted
+from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
+from .config import Settings
+from .directory import ServiceDirectory
+from .enrollment import EnrollmentTokens
+from .events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
+from .lifecycle import Hooks, OrderedServices, PeriodicJob, SignalHandlers
+from .listen.endpoint import ListenerService
+from .listen.server_cert import ServerCertificate
+from .listen.tls import SwappableServerContext
+from .metrics import Metrics
+from .offload import in_thread
+from .pki.authority import CertificateAuthority
+from .pki.crl import CrlPublisher
+from .pki.files import PkiFiles
+from .pki.ocsp import OcspResponder
+from .readiness import Readiness
+from .reload import ConfigReloader
+from .runtime_settings import RuntimeSettings
+from .store import Store
+from .trust.identity import IdentityResolver
+from .web.api.identity import NetworkSettingsRoutes
+from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
+from .web.api.services import ServiceRoutes
+from .web.api.status import StatusRoutes, healthz
+from .web.api.tokens import TokenRoutes
+from .web.pki import PkiRoutes
+from .web.root import build_sites
+from .web.router import route
+from .web.ui_routes import UiRoutes
+
+log = Logger()
+HOUR, DAY = 3600, 86400
+
+
+class Daemon(OrderedServices):
+    """uptrakitd as a Twisted service tree; its attributes name the components (for tests and tools)."""
+
+    settings: Settings
+    store: Store
+    bus: EventBus
+    metrics: Metrics
+    ca: CertificateAuthority
+    crls: CrlPublisher
+    ocsp: OcspResponder
+    server_cert: ServerCertificate
+    tls: SwappableServerContext
+    runtime: RuntimeSettings
+    directory: ServiceDirectory
+    enrollment_tokens: EnrollmentTokens
+    admin_tokens: AdminTokenRegistry
+    channel: ChannelHub
+    readiness: Readiness
+    reloader: ConfigReloader
+    https: ListenerService
+    pki_listener: ListenerService | None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd asks the application for an ILogObserver before installing its own text observer
+        if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
+        return super().setServiceParent(parent)
+
+    def listening_ports(self) -> list[Any]:
+        """The bound ports, HTTPS first (empty until the listeners started)."""
+        return [s.port for s in (self.https, self.pki_listener) if s is not None and s.port is not None]
+
+
+def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = None,
+                 handle_sigterm: bool = False) -> Daemon:
+    """Wire every component for `booted` state on `reactor`; nothing runs until startService()."""
+    settings = booted.settings
+    d = Daemon()
+    d.settings = settings
+    run_blocking = partial(in_thread, reactor)
+    d.metrics = metrics = Metrics()
+    d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
+    d.store = store = Store(settings.data_dir / "uptrakit.sqlite3", reactor)
+    d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
+    files = PkiFiles(settings.data_dir)
+    state = booted.state
+
+    d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
+    crls.publish_at_start(booted.crl_numbers, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
+    d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses)
+    d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
+                                     settings.trust_domain)
+    d.tls = tls = SwappableServerContext()
+    d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
+                                                    (booted.hostname, settings.san), run_blocking,
+                                                    on_install=metrics.tls_context_installs.inc)
+    server_cert.install()
+    metrics.ca_generation.set_function(lambda: state.active().generation)
+
+    d.directory = directory = ServiceDirectory(store, ca, runtime, bus, reactor, booted.services)
+    d.enrollment_tokens = enrollment_tokens = EnrollmentTokens(store)
+    d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
+    d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain)
+    metrics.services_connected.set_function(lambda: len(channel.connected))
+    d.readiness = readiness = Readiness(store, ca, crls)
+    d.reloader = reloader = ConfigReloader(flags or {}, settings, runtime)
+
+    # effects of a revocation: OCSP, CRL, the socket that used the certificate
+    bus.subscribe(CertificateRevoked, ocsp.on_revoked)
+    bus.subscribe(CertificateRevoked, crls.on_revoked)
+    bus.subscribe(CertificateRevoked, channel.on_revoked)
+    # effects of a rotation, in this order: OCSP cache, CRLs, TLS context, then the services are told
+    bus.subscribe(CaRotated, ocsp.on_ca_rotated)
+    bus.subscribe(CaRotated, crls.on_ca_rotated)
+    bus.subscribe(CaRotated, server_cert.on_ca_rotated)
+    bus.subscribe(CaRotated, channel.on_ca_rotated)
+    bus.subscribe(ServiceChanged, channel.on_service_changed)
+
+    resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics)
+    pki_routes = PkiRoutes(ca, crls, ocsp).routes()
+    https_routes = (StatusRoutes(readiness, metrics).routes() + NetworkSettingsRoutes(runtime, state).routes()
+                    + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
+                    + ServiceRoutes(directory, channel, ca).routes()
+                    + TokenRoutes(enrollment_tokens, admin_tokens).routes() + UiRoutes().routes() + pki_routes)
+    https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
+                                       channel.resources, resolver, admin_tokens.check)
+
+    SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
+    Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
+    Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls), stop=crls.stop).setServiceParent(d)
+    PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
+    PeriodicJob("daily CA check", DAY, ca.check_expiry, reactor, run_at_start=True).setServiceParent(d)
+    PeriodicJob("daily server certificate check", DAY, server_cert.check_due, reactor,
+                run_at_start=True).setServiceParent(d)
+    Hooks("channel", stop=channel.stop).setServiceParent(d)
+    PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
+    d.https = ListenerService(reactor, settings.https_listen, TLSMemoryBIOFactory(tls, False, https_site), "HTTPS")
+    d.https.setServiceParent(d)
+    d.pki_listener = None
+    if (pki_endpoint := settings.pki_listen_endpoint()) is not None:
+        d.pki_listener = ListenerService(reactor, pki_endpoint, pki_site, "plain-HTTP PKI")
+        d.pki_listener.setServiceParent(d)
+    Hooks("setup warnings", start=partial(_warn_about_setup, booted)).setServiceParent(d)
+    return d
+
+
+def _warm(crls: CrlPublisher) -> None:
+    crls.warm().addErrback(lambda f: log.failure("CRL worker warm-up failed", f))
+
+
+def _warn_about_setup(booted: Booted) -> None:
+    net, settings = booted.network, booted.settings
+    if net.trusts_everything():
+        log.warn("network.trusted_proxies contains 0.0.0.0/0 or ::/0: ANY client can claim any identity "
+                 "through forwarded headers")
+    if net.pki_addr and net.pki_addr.startswith("http://") and settings.pki_http is None:
+        log.warn("pki_addr {addr} is http:// but --pki-http is unset: nothing here serves the PKI over "
+                 "plain HTTP (use --pki-http listener, or --pki-http external if something else does)",
+                 addr=net.pki_addr)
+    log.info("admin token file: {path}", path=str(booted.admin_token_path.resolve()))

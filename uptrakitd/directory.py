@@ -1,0 +1,205 @@
+"""The services directory: every enrolled service (agents, MQTT bridges), enrollment, approval,
+deactivation and certificate issuance for them. The in-memory records and the store change here
+and nowhere else."""
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .enrollment import consume_enrollment_token
+from .errors import Conflict, Forbidden, NotFound
+from .events import EventBus, ServiceChanged
+from .pki.authority import CertificateAuthority
+from .pki.issue import load_csr
+from .runtime_settings import RuntimeSettings
+from .store import Store, certificates, services as stored
+from .tokens import new_token, token_hash
+
+log = Logger()
+DEACTIVATION_REASON = "cessationOfOperation"
+
+
+@dataclass(slots=True)
+class ServiceRecord:
+    """One service as the controller knows it (in memory, in step with the store)."""
+
+    id: str
+    kind: str
+    hostname: str
+    status: str
+    created_at: int
+    friendly_name: str | None = None
+    capabilities: list[str] = field(default_factory=list)
+    ip_address: str | None = None
+    proxy_ip: str | None = None
+    identity_source: str | None = None
+    last_seen_at: int | None = None
+    cert_lifetime_hours: int | None = None
+    ping_interval_seconds: int | None = None
+    enrollment_secret_hash: str | None = None
+
+
+def load_services(conn: Any) -> list[ServiceRecord]:
+    """Store operation: every service as a ServiceRecord."""
+    return [ServiceRecord(**row) for row in stored.load_all(conn)]
+
+
+def _enroll(conn: Any, record: ServiceRecord, token: str, now: float) -> ServiceRecord:
+    token_record = consume_enrollment_token(conn, token, record.kind, now)
+    record.status = "approved" if token_record["auto_approve"] else "pending"
+    stored.insert(conn, record.id, record.kind, record.hostname, record.status, record.created_at,
+                  record.friendly_name, record.capabilities, record.enrollment_secret_hash)
+    return record
+
+
+def _deactivate(conn: Any, service_id: str, revoked_at: int) -> list[str]:
+    # one transaction: a crash leaves the service either active with valid certificates, or
+    # deactivated with every certificate revoked — never deactivated with valid ones
+    stored.update_fields(conn, service_id, status="deactivated", enrollment_secret_hash=None)
+    return certificates.revoke_all_of_service(conn, service_id, revoked_at, DEACTIVATION_REASON)
+
+
+class ServiceDirectory:
+    """Owns the service records; every change is committed, applied in memory, then announced."""
+
+    def __init__(self, store: Store, ca: CertificateAuthority, runtime: RuntimeSettings, bus: EventBus,
+                 clock: IReactorTime, records: list[ServiceRecord]) -> None:
+        self.store = store
+        self.ca = ca
+        self.runtime = runtime
+        self.bus = bus
+        self.clock = clock
+        self._records = {r.id: r for r in records}
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, service_id: str) -> ServiceRecord | None:
+        """The service with this id (any case, canonical UUID), or None."""
+        try:
+            return self._records.get(str(uuid.UUID(service_id)))
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+    def require(self, service_id: str) -> ServiceRecord:
+        """get(), or NotFound."""
+        service = self.get(service_id)
+        if service is None:
+            raise NotFound("no such service", "service_not_found")
+        return service
+
+    def __contains__(self, service_id: object) -> bool:
+        return service_id in self._records
+
+    def __iter__(self) -> Iterator[ServiceRecord]:
+        return iter(list(self._records.values()))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def find_by_enrollment_secret(self, secret: str) -> ServiceRecord | None:
+        """The service still waiting for its first certificate with this enrollment secret."""
+        wanted = token_hash(secret)
+        return next((s for s in self._records.values()
+                     if s.enrollment_secret_hash and secrets.compare_digest(s.enrollment_secret_hash, wanted)), None)
+
+    # -- changing ------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def enroll(self, kind: str, hostname: str, token: str, friendly_name: str | None = None,
+               capabilities: list[str] | None = None) -> Any:
+        """Create a service with an enrollment token; fires with (ServiceRecord, enrollment secret).
+
+        TokenRejected when the token cannot be used (nothing is created then).
+        """
+        secret = new_token("upt_es_")
+        record = ServiceRecord(id=str(uuid.uuid4()), kind=kind, hostname=hostname, status="pending",
+                               created_at=int(time.time()), friendly_name=friendly_name,
+                               capabilities=list(capabilities or []), enrollment_secret_hash=token_hash(secret))
+        record = yield self.store.run(_enroll, record, token, time.time())
+        self._records[record.id] = record
+        return record, secret
+
+    @inlineCallbacks
+    def issue_certificate(self, service_id: str, csr_pem: str | bytes, first: bool = False) -> Any:
+        """Check the CSR and sign it for an approved service; fires with Issued.
+
+        `first`: the certificate that ends enrollment; the enrollment secret stops working.
+        """
+        service = self.require(service_id)
+        if service.status != "approved":
+            raise Forbidden(f"service is {service.status}, not approved", "service_not_approved")
+        csr = load_csr(csr_pem)
+        issued = yield self.ca.issue_for_service(csr, service.id, service.kind,
+                                                 self.runtime.lifetime_for(service.cert_lifetime_hours))
+        if first:
+            yield self.store.run(stored.update_fields, service.id, enrollment_secret_hash=None)
+            service.enrollment_secret_hash = None
+        return issued
+
+    @inlineCallbacks
+    def update(self, service_id: str, changes: dict[str, Any]) -> Any:
+        """Change writable fields (lifetime, ping interval, friendly name); fires with the record."""
+        service = self.require(service_id)
+        if changes:
+            yield self.store.run(stored.update_fields, service.id, **changes)
+            for key, value in changes.items():
+                setattr(service, key, value)
+        return service
+
+    def approve(self, service_id: str) -> Any:
+        """pending -> approved; fires with the record (Conflict when not pending)."""
+        return self._decide(service_id, "approved")
+
+    def reject(self, service_id: str) -> Any:
+        """pending -> rejected (its socket is closed); fires with the record."""
+        return self._decide(service_id, "rejected")
+
+    @inlineCallbacks
+    def _decide(self, service_id: str, status: str) -> Any:
+        service = self.require(service_id)
+        if service.status != "pending":
+            raise Conflict(f"service is {service.status}, not pending", "not_pending")
+        yield self.store.run(stored.update_fields, service.id, status=status)
+        service.status = status
+        yield self.bus.publish(ServiceChanged(service.id, status))
+        return service
+
+    @inlineCallbacks
+    def deactivate(self, service_id: str) -> Any:
+        """Deactivate and revoke every certificate of the service, in one transaction; fires with the record.
+
+        Idempotent: deactivating again revokes whatever is still valid (nothing, normally).
+        """
+        service = self.require(service_id)
+        revoked_at = int(self.clock.seconds())
+        serials = yield self.store.run(_deactivate, service.id, revoked_at)
+        was = service.status
+        service.status, service.enrollment_secret_hash = "deactivated", None
+        if was != "deactivated":
+            log.info("service {service} deactivated", service=service.id)
+            # announced before the revocations, so its socket is closed with "service deactivated"
+            yield self.bus.publish(ServiceChanged(service.id, "deactivated"))
+        yield self.ca.apply_revocations(serials, revoked_at, DEACTIVATION_REASON)
+        return service
+
+    def record_connection(self, service: ServiceRecord, client_ip: str, proxy_ip: str | None, source: str) -> None:
+        """Note (in memory at once, durably soon) where a service connected from and how."""
+        now = int(self.clock.seconds())
+        service.ip_address, service.proxy_ip = client_ip, proxy_ip
+        service.identity_source, service.last_seen_at = source, now
+        self.store.run(stored.record_connection, service.id, client_ip, proxy_ip, source, now).addErrback(
+            lambda f: log.failure("could not record the connection of {service}", f, service=service.id))
+
+    def touch(self, service: ServiceRecord) -> None:
+        """Note that a service was seen now (a ping)."""
+        now = int(self.clock.seconds())
+        service.last_seen_at = now
+        self.store.run(stored.update_fields, service.id, last_seen_at=now).addErrback(
+            lambda f: log.failure("could not record last_seen_at", f))

@@ -1,0 +1,63 @@
+"""Enrollment tokens (SPEC §6): the plaintext shown once, stored hashed, checked when a service enrolls."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from .store import Store, tokens as stored
+from .tokens import new_token, token_hash
+
+
+class TokenRejected(Exception):
+    """An enrollment token that cannot be used; the message says why (never the token)."""
+
+
+def check_enrollment_token(record: dict[str, Any] | None, kind: str, now: float) -> dict[str, Any]:
+    """The token's record when it may enroll a service of `kind` now; TokenRejected otherwise."""
+    if record is None:
+        raise TokenRejected("enrollment token not recognized")
+    if record["revoked_at"] is not None:
+        raise TokenRejected("enrollment token revoked")
+    if record["expires_at"] is not None and record["expires_at"] < now:
+        raise TokenRejected("enrollment token expired")
+    if record["max_uses"] is not None and record["uses"] >= record["max_uses"]:
+        raise TokenRejected("enrollment token used up")
+    if record["kind"] is not None and record["kind"] != kind:
+        raise TokenRejected(f"enrollment token is for {record['kind']} services")
+    return record
+
+
+def consume_enrollment_token(conn: Any, token: str, kind: str, now: float) -> dict[str, Any]:
+    """Store operation: check a presented token and count one use, in the caller's transaction."""
+    record = check_enrollment_token(stored.find_enrollment_token(conn, token_hash(token)), kind, now)
+    stored.count_enrollment_use(conn, record["id"])
+    return record
+
+
+class EnrollmentTokens:
+    """Create, list and revoke enrollment tokens."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @inlineCallbacks
+    def create(self, name: str, kind: str | None = None, max_uses: int | None = None,
+               expires_in: int | None = None, auto_approve: bool = True) -> Any:
+        """A new token; fires with its record plus the plaintext `token` (shown once)."""
+        token = new_token("upt_")
+        now = int(time.time())
+        record = yield self.store.run(stored.insert_enrollment_token, str(uuid.uuid4()), name, kind,
+                                      token_hash(token), max_uses, now + expires_in if expires_in else None,
+                                      auto_approve, now)
+        return dict(record, token=token)
+
+    def list(self) -> Any:
+        """Every token (without secrets); fires with a list of dicts."""
+        return self.store.run(stored.list_enrollment_tokens)
+
+    def revoke(self, token_id: str) -> Any:
+        """Revoke one token; fires with False when it is unknown or already revoked."""
+        return self.store.run(stored.revoke_enrollment_token, token_id, int(time.time()))

@@ -1,0 +1,29 @@
+"""CA generations: certificate, key file name, CRL number."""
+from __future__ import annotations
+
+import sqlite3
+
+
+def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every stored CA, oldest first: generation, cert_pem, key_file, external, crl_number."""
+    return conn.execute("SELECT generation, cert_pem, key_file, external, crl_number "
+                        "FROM ca_generations ORDER BY generation").fetchall()
+
+
+def insert(conn: sqlite3.Connection, generation: int, cert_pem: str, key_file: str, not_after: int,
+           external: bool, created_at: int) -> None:
+    """Record a CA generation (its key file is already on disk)."""
+    conn.execute("INSERT INTO ca_generations (generation, cert_pem, key_file, not_after, external, created_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?)", (generation, cert_pem, key_file, not_after, int(external), created_at))
+
+
+def next_crl_number(conn: sqlite3.Connection, generation: int) -> int:
+    """Increment and return the persisted CRL number of a generation (monotonic across restarts)."""
+    conn.execute("UPDATE ca_generations SET crl_number = crl_number + 1 WHERE generation = ?", (generation,))
+    return int(conn.execute("SELECT crl_number FROM ca_generations WHERE generation = ?",
+                            (generation,)).fetchone()[0])
+
+
+def next_crl_numbers(conn: sqlite3.Connection, generations: list[int]) -> dict[int, int]:
+    """next_crl_number for several generations in one transaction."""
+    return {g: next_crl_number(conn, g) for g in generations}

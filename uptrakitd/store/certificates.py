@@ -1,0 +1,35 @@
+"""Issued certificates and their revocation. Serials are stored as uppercase hex."""
+from __future__ import annotations
+
+import sqlite3
+
+
+def insert(conn: sqlite3.Connection, serial: str, service_id: str | None, purpose: str, ca_generation: int,
+           not_before: int, not_after: int, cert_pem: str, issued_at: int) -> None:
+    """Record an issued certificate."""
+    conn.execute("INSERT INTO certificates (serial, service_id, purpose, ca_generation, not_before, not_after, "
+                 "cert_pem, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (serial, service_id, purpose, ca_generation, not_before, not_after, cert_pem, issued_at))
+
+
+def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every certificate record in issue order: serial, service_id, purpose, ca_generation, not_before,
+    not_after, revoked_at, revocation_reason."""
+    return conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
+                        "revocation_reason FROM certificates ORDER BY issued_at, rowid").fetchall()
+
+
+def mark_revoked(conn: sqlite3.Connection, serial: str, revoked_at: int, reason: str) -> bool:
+    """Revoke one certificate; False when it was already revoked or is unknown."""
+    cur = conn.execute("UPDATE certificates SET revoked_at = ?, revocation_reason = ? "
+                       "WHERE serial = ? AND revoked_at IS NULL", (revoked_at, reason, serial))
+    return cur.rowcount == 1
+
+
+def revoke_all_of_service(conn: sqlite3.Connection, service_id: str, revoked_at: int, reason: str) -> list[str]:
+    """Revoke every unrevoked certificate of a service; returns their serials."""
+    serials = [row["serial"] for row in conn.execute(
+        "SELECT serial FROM certificates WHERE service_id = ? AND revoked_at IS NULL", (service_id,))]
+    conn.execute("UPDATE certificates SET revoked_at = ?, revocation_reason = ? "
+                 "WHERE service_id = ? AND revoked_at IS NULL", (revoked_at, reason, service_id))
+    return serials

@@ -1,0 +1,175 @@
+"""SQLite: versioned migrations (with a copy of the file taken first), one writer thread (SPEC §8)."""
+from __future__ import annotations
+
+import re
+import sqlite3
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger()
+_MIGRATION_NAME = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
+Migration = tuple[int, str, str]
+
+
+class StoreError(Exception):
+    """The database cannot be opened or migrated."""
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit that returned is on disk, so an acknowledged write survives kill -9 and power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+
+
+def migrations() -> list[Migration]:
+    """All schema files as (version, name, sql), in order."""
+    found = []
+    for entry in resources.files("uptrakitd.store").joinpath("schema").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort()
+    return found
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the database (0 for a new one)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def backup_path(db_path: Path, version: int) -> Path:
+    """Where the copy of a database at schema `version` is kept before it is migrated further."""
+    return db_path.with_name(f"{db_path.name}.v{version}.bak")
+
+
+def migrate(conn: sqlite3.Connection, known: list[Migration] | None = None,
+            backup_to: Path | None = None) -> list[str]:
+    """Apply pending migrations, each in its own transaction; returns the names applied.
+
+    When a database that already has a schema is about to change, a consistent copy of it is
+    written to `backup_to` first (SQLite's online backup), so a failed upgrade can be undone.
+    """
+    current = schema_version(conn)
+    known = migrations() if known is None else known
+    newest = known[-1][0] if known else 0
+    if current > newest:
+        raise StoreError(f"database schema version {current} is newer than this uptrakitd ({newest}); "
+                         "refusing to run an older release against it")
+    pending = [m for m in known if m[0] > current]
+    if pending and current > 0 and backup_to is not None:
+        copy = sqlite3.connect(str(backup_to))
+        try:
+            conn.backup(copy)
+        finally:
+            copy.close()
+        backup_to.chmod(0o600)
+        log.info("copied the database (schema {version}) to {path} before migrating", version=current,
+                 path=str(backup_to))
+    applied = []
+    for version, name, sql in pending:
+        try:
+            conn.execute("BEGIN")
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version:d}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"migration {name} failed: {e}") from None
+        applied.append(name)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    # executescript() would COMMIT on its own; split (comment-aware) so a migration is one transaction.
+    out, current = [], ""
+    for line in sql.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip() and not all(l.strip().startswith("--") or not l.strip() for l in current.splitlines()):
+        raise StoreError("migration ends with an incomplete statement")
+    return out
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A configured connection in autocommit mode (we issue BEGIN/COMMIT ourselves)."""
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        _configure(conn)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open database {path}: {e}") from None
+    return conn
+
+
+def open_and_migrate(path: Path) -> sqlite3.Connection:
+    """Open the database for the synchronous start-up phase, migrating it first."""
+    conn = connect(path)
+    applied = migrate(conn, backup_to=backup_path(path, schema_version(conn)))
+    for name in applied:
+        log.info("applied schema migration {name}", name=name)
+    return conn
+
+
+def transaction(conn: sqlite3.Connection, operation: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run operation(conn, *args) in one transaction: committed when it returns, rolled back when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = operation(conn, *args, **kw)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def ping(conn: sqlite3.Connection) -> None:
+    """A query that needs the database to answer (readiness)."""
+    conn.execute("SELECT COUNT(*) FROM ca_generations").fetchone()
+
+
+class Store:
+    """The Deferred API over one SQLite connection used from one thread: writes never block the reactor."""
+
+    def __init__(self, path: Path, reactor: IReactorFromThreads) -> None:
+        self.path = Path(path)
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="uptrakitd-store")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
+        """Run operation(conn, *args) in the store thread inside one transaction; fires with its result."""
+        if self._closed:
+            return fail(StoreError("the store is closed"))
+        return deferToThreadPool(self._reactor, self._pool, self._in_thread, operation, args, kw)
+
+    def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
+        if self._conn is None:
+            self._conn = connect(self.path)
+        return transaction(self._conn, operation, *args, **kw)
+
+    def start(self) -> None:
+        """Start the store thread."""
+        self._pool.start()
+
+    def close(self) -> None:
+        """Finish pending work, stop the thread, close the connection (once; later calls do nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.stop()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

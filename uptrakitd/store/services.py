@@ -1,0 +1,46 @@
+"""Enrolled services (agents and MQTT bridges)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+COLUMNS = ("id", "kind", "hostname", "status", "created_at", "friendly_name", "capabilities", "ip_address",
+           "proxy_ip", "identity_source", "last_seen_at", "cert_lifetime_hours", "ping_interval_seconds",
+           "enrollment_secret_hash")
+WRITABLE = frozenset({"status", "cert_lifetime_hours", "ping_interval_seconds", "enrollment_secret_hash",
+                      "last_seen_at", "friendly_name"})
+
+
+def load_all(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every service as a dict of COLUMNS (capabilities decoded)."""
+    out = []
+    for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services"):
+        values = dict(row)
+        values["capabilities"] = json.loads(values["capabilities"] or "[]")
+        out.append(values)
+    return out
+
+
+def insert(conn: sqlite3.Connection, service_id: str, kind: str, hostname: str, status: str, created_at: int,
+           friendly_name: str | None, capabilities: list[str], enrollment_secret_hash: str | None) -> None:
+    """Create a service row."""
+    conn.execute("INSERT INTO services (id, kind, hostname, friendly_name, status, capabilities, created_at, "
+                 "enrollment_secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (service_id, kind, hostname, friendly_name, status, json.dumps(capabilities), created_at,
+                  enrollment_secret_hash))
+
+
+def record_connection(conn: sqlite3.Connection, service_id: str, ip_address: str, proxy_ip: str | None,
+                      identity_source: str, seen_at: int) -> None:
+    """Durably note where a service connected from and how it was identified."""
+    conn.execute("UPDATE services SET ip_address = ?, proxy_ip = ?, identity_source = ?, last_seen_at = ? "
+                 "WHERE id = ?", (ip_address, proxy_ip, identity_source, seen_at, service_id))
+
+
+def update_fields(conn: sqlite3.Connection, service_id: str, **fields: Any) -> None:
+    """Update named columns of one service (only the WRITABLE ones)."""
+    if not set(fields) <= WRITABLE:
+        raise ValueError(f"not writable: {sorted(set(fields) - WRITABLE)}")
+    assignments = ", ".join(f"{k} = ?" for k in fields)
+    conn.execute(f"UPDATE services SET {assignments} WHERE id = ?", (*fields.values(), service_id))
