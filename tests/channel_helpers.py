@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import ssl
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 from uptrakitd.agent.client import ServiceAgent
 
@@ -19,6 +19,19 @@ def enrollment_token(c: Any, **fields: Any) -> Any:
     status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", dict({"name": "test"}, **fields))
     assert status == 201, body
     return body["token"]
+
+
+def next_event(agent: ServiceAgent, name: str, predicate: Callable[[Any], bool] = lambda d: True,
+               timeout: float = 30) -> Deferred:
+    """Fires with the detail of the agent's next event `name` that satisfies predicate (via its observers)."""
+    d: Deferred = Deferred()
+
+    def watch(event: str, detail: Any) -> None:
+        if event == name and not d.called and predicate(detail):
+            agent.observers.remove(watch)
+            d.callback(detail)
+    agent.observers.append(watch)
+    return d.addTimeout(timeout, reactor)
 
 
 def start_agent(testcase: Any, c: Any, token: str | None, kind: str = "agent", state_dir: str | None = None,
@@ -35,7 +48,7 @@ def connected_agent(testcase: Any, c: Any, **kw: Any) -> Any:
     """A reference agent enrolled with a fresh token and authenticated (service_settings received)."""
     token = yield enrollment_token(c)
     agent = start_agent(testcase, c, token, **kw)
-    yield agent.wait_for("service_settings")
+    yield next_event(agent, "service_settings")
     return agent
 
 
@@ -64,3 +77,15 @@ def ws_ssl(c: Any, cert_pem: bytes | None = None, key_pem: bytes | None = None) 
 
 def frame(kind: str, seq: int, **payload: Any) -> str:
     return json.dumps({"protocol_version": 1, "seq": seq, "type": kind, **payload})
+
+
+def until_closed(ws: Any, timeout: float = 10) -> tuple[list[dict[str, Any]], int | None, str | None]:
+    """Read a `websockets` sync connection until the server closes it: (messages, close code, reason)."""
+    from websockets.exceptions import ConnectionClosed
+    messages = []
+    try:
+        while True:
+            messages.append(json.loads(ws.recv(timeout=timeout)))
+    except ConnectionClosed as closed:
+        rcvd = closed.rcvd
+        return messages, rcvd.code if rcvd else None, rcvd.reason if rcvd else None

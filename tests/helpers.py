@@ -21,6 +21,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
 E2E_REQUIRED = os.environ.get("UPTRAKIT_E2E_REQUIRED") == "1"
 
 
@@ -34,6 +35,13 @@ def require_program(name: str, install_hint: str) -> str:
     if E2E_REQUIRED:
         raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
     raise SkipTest(message)
+
+
+def env() -> dict[str, str]:
+    """The environment for a child twistd: this checkout first on PYTHONPATH."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
 
 
 def flags_for(tmp: str, **extra: Any) -> dict[str, Any]:
@@ -68,6 +76,15 @@ def enrolled_service(controller: Any, kind: str = "agent", hostname: str = "host
     token = yield controller.enrollment_tokens.create("test")
     service, _secret = yield controller.directory.enroll(kind, hostname, token["token"], **kw)
     return service
+
+
+@inlineCallbacks
+def new_leaf(controller: Any, kind: str = "agent") -> Any:
+    """(Issued, key_pem, service) for a freshly enrolled service's first certificate."""
+    service = yield enrolled_service(controller, kind, "host")
+    csr, key = make_csr(service.id)
+    issued = yield controller.directory.issue_certificate(service.id, csr)
+    return issued, key, service
 
 
 def _until(predicate: Any, timeout: float = 5.0) -> Deferred:

@@ -10,7 +10,8 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .channel_helpers import agent_identity, connected_agent, enrollment_token, frame, service_json, start_agent, ws_ssl
+from .channel_helpers import (agent_identity, connected_agent, enrollment_token, frame, next_event, service_json,
+                              start_agent, until_closed, ws_ssl)
 from .helpers import https_port, make_csr, request_json, start_controller
 
 
@@ -23,7 +24,7 @@ class EnrollmentTests(TestCase):
         token = yield enrollment_token(c)
         for kind in ("agent", "mqtt"):
             agent = start_agent(self, c, token, kind=kind)
-            settings = yield agent.wait_for("service_settings")
+            settings = yield next_event(agent, "service_settings")
             self.assertEqual(settings["ca_bundle_hash"], agent.state.bundle_hash())
             self.assertEqual(agent.mode_in_use, "mtls")
             body = yield service_json(c, agent.service_id)
@@ -46,12 +47,12 @@ class EnrollmentTests(TestCase):
         token = yield enrollment_token(c)
         agent = start_agent(self, c, token, bind_address="127.0.0.2",
                             extra_headers={"X-Forwarded-For": "198.51.100.23"})
-        yield agent.wait_for("service_settings")
+        yield next_event(agent, "service_settings")
         body = yield service_json(c, agent.service_id)
         self.assertEqual((body["ip_address"], body["proxy_ip"]), ("198.51.100.23", "127.0.0.2"))
         # the same header from an untrusted address is ignored
         other = start_agent(self, c, token, extra_headers={"X-Forwarded-For": "198.51.100.99"})
-        yield other.wait_for("service_settings")
+        yield next_event(other, "service_settings")
         body = yield service_json(c, other.service_id)
         self.assertEqual((body["ip_address"], body["proxy_ip"]), ("127.0.0.1", None))
 
@@ -60,14 +61,14 @@ class EnrollmentTests(TestCase):
         c = yield start_controller(self)
         token = yield enrollment_token(c, kind="mqtt", max_uses=1, auto_approve=False)
         wrong_kind = start_agent(self, c, token, kind="agent")
-        error = yield wrong_kind.wait_for("error")
+        error = yield next_event(wrong_kind, "error")
         self.assertIn("mqtt", error["message"])
         yield wrong_kind.stopService()
         agent = start_agent(self, c, token, kind="mqtt")
-        enrolled = yield agent.wait_for("enrolled")
+        enrolled = yield next_event(agent, "enrolled")
         self.assertEqual(enrolled["status"], "pending")
         used_up = start_agent(self, c, token, kind="mqtt")
-        error = yield used_up.wait_for("error")
+        error = yield next_event(used_up, "error")
         self.assertIn("used up", error["message"])
         yield used_up.stopService()
         status, body = yield request_json(c, "GET", "/api/v1/enrollment-tokens")
@@ -76,7 +77,7 @@ class EnrollmentTests(TestCase):
         status, _ = yield request_json(c, "POST", f"/api/v1/services/{agent.service_id}/approve")
         self.assertEqual(status, 200)
         # the agent keeps coming back with its enrollment secret and now gets a certificate
-        yield agent.wait_for("service_settings", timeout=20)
+        yield next_event(agent, "service_settings", timeout=20)
         status, body = yield request_json(c, "POST", f"/api/v1/services/{agent.service_id}/approve")
         self.assertEqual((status, body["code"]), (409, "not_pending"))
 
@@ -88,7 +89,6 @@ class IndependentClientTests(TestCase):
 
     @inlineCallbacks
     def test_websockets_client_full_flow_and_garbage(self):
-        from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
         c = yield start_controller(self)
         token = yield enrollment_token(c)
@@ -114,11 +114,8 @@ class IndependentClientTests(TestCase):
                 pong = json.loads(ws.recv(timeout=10))
                 ws.send(frame("no_such_type", 2))
                 ws.send("{not json")
-                error = json.loads(ws.recv(timeout=10))
-                try:
-                    ws.recv(timeout=10)
-                except ConnectionClosed as closed:
-                    return settings, pong, error, closed.rcvd.code, closed.rcvd.reason
+                rest, code, reason = until_closed(ws)
+                return settings, pong, rest[0], code, reason
         settings, pong, error, code, reason = yield deferToThread(authenticated_session)
         self.assertEqual(settings["type"], "service_settings")
         self.assertEqual(settings["trust_domain"], "uptrakit.local")
@@ -132,16 +129,12 @@ class IndependentClientTests(TestCase):
         def reuse_secret():
             with connect(url, ssl=ws_ssl(c),
                          additional_headers={"Authorization": f"Bearer {enrolled['enrollment_secret']}"}) as ws:
-                try:
-                    ws.recv(timeout=10)
-                except ConnectionClosed as closed:
-                    return closed.rcvd.code, closed.rcvd.reason
+                return until_closed(ws)[1:]
         code, reason = yield deferToThread(reuse_secret)
         self.assertEqual((code, reason), (1008, "enrollment secret not recognized"))
 
     @inlineCallbacks
     def test_bad_envelopes_are_errors_then_close(self):
-        from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
         c = yield start_controller(self)
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
@@ -153,11 +146,8 @@ class IndependentClientTests(TestCase):
         def attempt(payload):
             with connect(url, ssl=ws_ssl(c)) as ws:
                 ws.send(payload)
-                error = json.loads(ws.recv(timeout=10))
-                try:
-                    ws.recv(timeout=10)
-                except ConnectionClosed as closed:
-                    return error["code"], closed.rcvd.code, closed.rcvd.reason
+                messages, code, reason = until_closed(ws)
+                return messages[0]["code"], code, reason
         for payload, code in cases:
             got = yield deferToThread(attempt, payload)
             self.assertEqual(got, (code, 1008, "protocol error"), payload)
@@ -166,11 +156,8 @@ class IndependentClientTests(TestCase):
             with connect(url, ssl=ws_ssl(c)) as ws:
                 for seq in range(1, 11):
                     ws.send(frame("mystery", seq))
-                error = json.loads(ws.recv(timeout=10))
-                try:
-                    ws.recv(timeout=10)
-                except ConnectionClosed as closed:
-                    return error["code"], closed.rcvd.reason
+                messages, _, reason = until_closed(ws)
+                return messages[0]["code"], reason
         got = yield deferToThread(ten_unknown)
         self.assertEqual(got, ("unknown_types", "protocol error"))
 
@@ -187,22 +174,17 @@ class IndependentClientTests(TestCase):
 
         def flood():
             with connect(url, ssl=ws_ssl(c, cert, key)) as ws:
-                pongs = 0
                 try:
                     for seq in range(1, 400):  # valid pings, far faster than 50/s
                         ws.send(frame("ping", seq, service_ts=seq))
-                    while True:
-                        if json.loads(ws.recv(timeout=10))["type"] == "pong":
-                            pongs += 1
-                except ConnectionClosed as closed:
-                    return pongs, closed.rcvd.code if closed.rcvd else None, closed.rcvd.reason if closed.rcvd else None
+                except ConnectionClosed:
+                    pass  # closed while we were still sending: the replies before the close are still read
+                messages, code, reason = until_closed(ws)
+                return sum(m["type"] == "pong" for m in messages), code, reason
 
         def idle():
             with connect(url, ssl=ws_ssl(c)) as ws:
-                try:
-                    ws.recv(timeout=10)
-                except ConnectionClosed as closed:
-                    return closed.rcvd.reason
+                return until_closed(ws)[2]
         pongs, code, reason = yield deferToThread(flood)
         self.assertEqual((code, reason), (1008, "rate limit exceeded"))
         self.assertGreaterEqual(pongs, 90)   # the burst allowance was served

@@ -21,8 +21,8 @@ from uptrakitd.pki.serials import format_serial
 from uptrakitd.trust.identity import IdentityResolver, header_family
 
 from .helpers import (blocking_get, blocking_tls_socket, ca_pem, foreign_ca_and_leaf, https_port, request_json,
-                      start_controller)
-from .test_pki import new_leaf
+                      new_leaf, start_controller)
+
 
 PROXY = "127.0.0.2"
 CLIENT = "127.0.0.1"
@@ -251,10 +251,9 @@ class ChannelEvidenceTests(TestCase):
     def test_close_reason_follows_the_decision(self):
         import socket as socketlib
 
-        from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
 
-        from .channel_helpers import ws_ssl
+        from .channel_helpers import until_closed, ws_ssl
         c = yield start_controller(self, trusted_proxies=[PROXY], forwarded_client_cert_pem_header="X-SSL-Client-Cert")
         c.channel.enroll_timeout = 0.5
         leaf, _, _ = yield new_leaf(c)
@@ -266,11 +265,7 @@ class ChannelEvidenceTests(TestCase):
             sock = socketlib.create_connection(("127.0.0.1", https_port(c)), timeout=10, source_address=(source, 0))
             with connect(f"wss://localhost:{https_port(c)}/api/v1/ws/agent", sock=sock, ssl=ws_ssl(c),
                          server_hostname="localhost", additional_headers={"X-SSL-Client-Cert": header}) as ws:
-                try:
-                    while True:
-                        ws.recv(timeout=10)
-                except ConnectionClosed as closed:
-                    return closed.rcvd.reason
+                return until_closed(ws)[2]
         self.assertEqual((yield deferToThread(close_reason, PROXY, bad)), "certificate not recognized")
         # from an untrusted peer the header is stripped: an anonymous socket that must enroll
         self.assertEqual((yield deferToThread(close_reason, CLIENT, good)), "enrollment timeout")

@@ -22,16 +22,8 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .helpers import (enrolled_service, free_port, tls_refusal, ca_pem, https_port, make_csr, request_json,
+from .helpers import (enrolled_service, free_port, new_leaf, tls_refusal, ca_pem, https_port, make_csr, request_json,
                       require_program, run, start_controller, wait_until)
-
-
-@inlineCallbacks
-def new_leaf(c, kind="agent"):
-    service = yield enrolled_service(c, kind, "host")
-    csr, key = make_csr(service.id)
-    issued = yield c.directory.issue_certificate(service.id, csr)
-    return issued, key, service
 
 
 class OpensslOcspCrlTests(TestCase):

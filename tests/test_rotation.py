@@ -17,8 +17,8 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.errors import Conflict
 
 from .helpers import (tls_refusal, blocking_get, blocking_tls_socket, https_client, https_port, request_json,
-                      start_controller, url)
-from .test_pki import new_leaf
+                      new_leaf, start_controller, url)
+
 
 
 def handshake_ok(c, bundle, leaf_pem, key):

@@ -13,16 +13,11 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.tap import Options
 
-from .helpers import WatchedProcess, free_port, require_program, run, spawn
+from .channel_helpers import next_event
+from .helpers import WatchedProcess, env, free_port, require_program, run, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
 
 
 def start_daemon(testcase: TestCase, *args: str, cwd: str) -> WatchedProcess:
@@ -178,7 +173,7 @@ class DurabilityTests(TestCase):
                              enrollment_token=created["token"], ca_cert=Path(ca).read_bytes(), backoff=(30, 60))
         agent.startService()
         self.addCleanup(lambda: agent.stopService() if agent.running else None)
-        yield agent.wait_for("service_settings", timeout=30)
+        yield next_event(agent, "service_settings", timeout=30)
         serial = format_serial(agent.state.certificate().serial_number)
         yield agent.stopService()
         answer = yield api("POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})

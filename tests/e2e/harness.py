@@ -16,9 +16,9 @@ from twisted.internet.threads import deferToThread
 
 from uptrakitd.pki.serials import format_serial
 
-from ..channel_helpers import agent_identity, enrollment_token, service_json, start_agent
+from ..channel_helpers import next_event, agent_identity, enrollment_token, service_json, start_agent
 from ..helpers import (WatchedProcess, blocking_get, blocking_tls_socket, ca_pem, free_port, https_port,
-                       request_json, spawn, wait_until)
+                       request_json, spawn, start_controller, wait_until)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "etc" / "proxies"
@@ -129,7 +129,7 @@ def check_proxy(testcase: Any, c: Any, proxy_port: int, expected_source: str) ->
     """The acceptance every proxy must pass; returns the connected agent."""
     token = yield enrollment_token(c)
     agent = start_agent(testcase, c, token, bind_address=AGENT_ADDR, port=proxy_port)
-    yield agent.wait_for("service_settings", timeout=40)
+    yield next_event(agent, "service_settings", timeout=40)
     body = yield service_json(c, agent.service_id)
     testcase.assertEqual((body["identity_source"], body["ip_address"], body["proxy_ip"], body["connected"]),
                          (expected_source, AGENT_ADDR, PROXY_ADDR, True))
@@ -204,10 +204,21 @@ def proxy_prefix(testcase: Any, c: Any) -> tuple[Path, dict[str, str], int]:
 def check_controller_side_revocation(testcase: Any, c: Any, agent: Any, proxy_port: int) -> Any:
     """For proxies without CRL/OCSP: revoke, then the controller closes the agent and refuses the serial."""
     cert, key = agent_identity(agent)
-    stopped = agent.wait_for("stopped", timeout=10)
+    stopped = next_event(agent, "stopped", timeout=10)
     serial = format_serial(agent.state.certificate().serial_number)
     yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
     testcase.assertEqual((yield stopped), "certificate revoked")
     answer = yield whoami(proxy_port, ca_pem(c), AGENT_ADDR, cert, key)
     testcase.assertIsNone(answer["identity"])
     testcase.assertIn("certificate revoked", answer["rejected"])
+
+
+@inlineCallbacks
+def controller_for_nginx(testcase: Any) -> Any:
+    """A controller trusting the proxy address, nginx's headers, and a plain-HTTP PKI listener for ssl_ocsp."""
+    pki_port = free_port()
+    c = yield start_controller(testcase, trusted_proxies=[PROXY_ADDR], forwarded_client_cert_pem_header="X-SSL-Client-Cert",
+                               pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener")
+    yield request_json(c, "PUT", "/api/v1/settings/network",
+                       {"forwarded_client_verify_header": "X-SSL-Client-Verify"})
+    return c

@@ -8,6 +8,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
+from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
 from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
                       refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
@@ -42,7 +43,7 @@ class EnvoyTests(TestCase):
         yield proxy.restart()
         status = yield status_with_cert(port, ca_pem(c), cert, key)
         self.assertEqual(status, 0, "Envoy refuses the certificate listed in the refreshed CRL")
-        renewed = agent.wait_for("service_settings", timeout=60)
+        renewed = next_event(agent, "service_settings", timeout=60)
         yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
         refresh_pki_files(c, files)
         yield proxy.restart()

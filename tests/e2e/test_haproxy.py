@@ -12,6 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
+from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
 from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
                       refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
@@ -79,7 +80,7 @@ class HaproxyTests(TestCase):
         self.assertEqual(status, 0, "HAProxy refuses the revoked certificate at the handshake")
         self.assertIsNotNone(agent.proto, "the other agent's connection survived the CRL update")
         # rotation + documented steps (new ca.crt and ca.crl, reload): renewed agents keep working
-        renewed = agent.wait_for("service_settings", timeout=60)
+        renewed = next_event(agent, "service_settings", timeout=60)
         yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
         refresh_pki_files(c, proxy.files)
         yield proxy.restart()
@@ -111,6 +112,6 @@ class PassthroughTests(TestCase):
         proxy = RunningProxy(self, "haproxy", [haproxy, "-db", "-f", str(conf)], port)
         yield proxy.start()
         agent = start_agent(self, c, record["token"], bind_address=AGENT_ADDR, port=port)
-        yield agent.wait_for("service_settings", timeout=30)
+        yield next_event(agent, "service_settings", timeout=30)
         service = c.directory.get(agent.service_id)
         self.assertEqual((service.identity_source, service.ip_address, service.proxy_ip), ("mtls", AGENT_ADDR, None))

@@ -10,8 +10,10 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
+from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
-from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
+from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, controller_for_nginx,
+                      free_port, PROXY_ADDR,
                       refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
 
 
@@ -31,16 +33,6 @@ def start_nginx(testcase, c, template="nginx/nginx.conf", **extra):
     yield proxy.start()
     proxy.files, proxy.prefix, proxy.conf = files, prefix, conf
     return proxy
-
-
-@inlineCallbacks
-def controller_for_nginx(testcase):
-    pki_port = free_port()
-    c = yield start_controller(testcase, trusted_proxies=[PROXY_ADDR], forwarded_client_cert_pem_header="X-SSL-Client-Cert",
-                               pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener")
-    yield request_json(c, "PUT", "/api/v1/settings/network",
-                       {"forwarded_client_verify_header": "X-SSL-Client-Verify"})
-    return c
 
 
 class NginxTests(TestCase):
@@ -65,13 +57,11 @@ class NginxTests(TestCase):
         before = c.metrics.ocsp_responses.labels("good")._value.get()
         self.assertGreater(before, 0, "nginx asked the controller's OCSP responder")
         serial = format_serial(agent.state.certificate().serial_number)
-        stopped = agent.wait_for("disconnected", timeout=10)
+        stopped = next_event(agent, "disconnected", timeout=10)
         yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
-        start = reactor.seconds()
         yield stopped
         status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
         self.assertEqual(status, 400, "nginx refuses the revoked certificate (its 'SSL certificate error' page)")
-        self.assertLess(reactor.seconds() - start, 5)
         self.assertGreater(c.metrics.ocsp_responses.labels("revoked")._value.get(), 0)
         self.assertIn(f"OCSP: revoked for serial {serial.lstrip('0')}", "\n".join(self.ocsp_log))
         self.assertIn(b"revoked", (nginx.prefix / "error.log").read_bytes())
@@ -93,7 +83,7 @@ class NginxTests(TestCase):
         status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
         self.assertEqual(status, 400, "nginx refuses the certificate listed in the refreshed CRL")
         # rotation + the documented steps (new ca.crt and ca.crl, reload): renewed agents keep working
-        renewed = agent.wait_for("service_settings", timeout=60)
+        renewed = next_event(agent, "service_settings", timeout=60)
         status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
         refresh_pki_files(c, nginx.files)
         nginx.signal("HUP")

@@ -10,10 +10,10 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
+from ..channel_helpers import next_event
 from ..helpers import DATA, ca_pem, https_port, request_json, require_program
-from .harness import (CONFIGS, RunningProxy, agent_identity, check_proxy, free_port, render, rotate_and_follow,
-                      status_with_cert, write_pki_files)
-from .test_nginx import controller_for_nginx
+from .harness import (CONFIGS, RunningProxy, agent_identity, check_proxy, controller_for_nginx, free_port, render,
+                      rotate_and_follow, status_with_cert, write_pki_files)
 
 
 class NginxProxyManagerTests(TestCase):
@@ -39,7 +39,7 @@ class NginxProxyManagerTests(TestCase):
         survivor = yield check_proxy(self, c, port, "proxy-cert")
         agent = yield check_proxy(self, c, port, "proxy-cert")
         cert, key = agent_identity(agent)
-        stopped = agent.wait_for("disconnected", timeout=10)
+        stopped = next_event(agent, "disconnected", timeout=10)
         serial = format_serial(agent.state.certificate().serial_number)
         yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
         yield stopped

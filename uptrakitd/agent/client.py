@@ -122,17 +122,6 @@ class ServiceAgent(Service):
         for observer in list(self.observers):
             observer(name, detail)
 
-    def wait_for(self, name: str, predicate: Callable[[Any], bool] = lambda d: True, timeout: float = 30) -> Deferred:
-        """Fires with the detail of the next event `name` that satisfies predicate."""
-        d: Deferred = Deferred()
-
-        def watch(event: str, detail: Any) -> None:
-            if event == name and not d.called and predicate(detail):
-                self.observers.remove(watch)
-                d.callback(detail)
-        self.observers.append(watch)
-        return d.addTimeout(timeout, self.reactor)
-
     @property
     def service_id(self) -> str | None:
         return self.state.service().get("service_id")
