@@ -169,3 +169,35 @@ class OpensslJudgeTests(TestCase):
                                    str(pki / "server.crt"))
         self.assertEqual(code, 0, err)
         self.assertIn(b": OK", out)
+
+
+class CrashPointTests(TestCase):
+    """A first start interrupted after any step (as `kill -9` would) never breaks the next start."""
+
+    def test_every_step_of_first_start(self):
+        from uptrakitd.boot import STEPS, FaultInjected
+        from uptrakitd.pki.state import load_records
+        from uptrakitd import store
+        for step in STEPS:
+            tmp = self.mktemp()
+            Path(tmp).mkdir()
+
+            def crash(reached, step=step):
+                if reached == step:
+                    raise FaultInjected(step)
+            with self.assertRaises(FaultInjected, msg=step):
+                boot(settings_in(tmp), fault=crash)
+            booted = boot(settings_in(tmp))
+            data = Path(tmp) / "data"
+            ca = booted.state.active()
+            self.assertEqual(ca.generation, 1, step)
+            self.assertEqual(ca.cert.public_key(), ca.key.public_key(), step)
+            conn = store.connect(data / "uptrakit.sqlite3")
+            recorded = {r.serial for r in store.transaction(conn, load_records)}
+            self.assertIn(booted.server_cert.serial_number, recorded, f"{step}: server certificate not recorded")
+            token = (data / "admin.token").read_text().strip()
+            hashes_stored = [r[0] for r in conn.execute("SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL")]
+            conn.close()
+            self.assertIn(token_hash(token), hashes_stored, f"{step}: the token on disk does not work")
+            self.assertEqual((data / "pki" / "ca.crt").read_bytes(), booted.state.bundle_pem(
+                datetime.datetime.now(datetime.timezone.utc)), step)

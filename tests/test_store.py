@@ -51,10 +51,32 @@ class MigrationTests(TestCase):
     def test_async_store_commits_durably(self) -> None:
         path = self.db()
         store.open_and_migrate(path).close()
-        s = store.Store(path, reactor)
+        s = store.SqliteStore(path, reactor)
         s.start()
         self.addCleanup(s.close)
         yield s.run(lambda c: c.execute("INSERT INTO settings (key, value) VALUES ('k', '\"v\"')"))
         other = store.connect(path)
         self.assertEqual(other.execute("SELECT value FROM settings WHERE key='k'").fetchone()[0], '"v"')
         other.close()
+
+    def test_a_copy_of_the_database_is_taken_before_it_is_migrated(self) -> None:
+        path = self.db()
+        conn = store.open_and_migrate(path)
+        conn.execute("INSERT INTO settings (key, value) VALUES ('kept', '1')")
+        version = store.schema_version(conn)
+        later = store.migrations() + [(version + 1, f"{version + 1:03d}-extra.sql",
+                                       "CREATE TABLE extra (id INTEGER PRIMARY KEY);")]
+        self.assertEqual(store.migrate(conn, later, backup_to=store.backup_path(path, version)),
+                         [f"{version + 1:03d}-extra.sql"])
+        conn.close()
+        copy = store.connect(store.backup_path(path, version))
+        self.assertEqual(store.schema_version(copy), version)
+        self.assertEqual(copy.execute("SELECT value FROM settings WHERE key = 'kept'").fetchone()[0], "1")
+        self.assertIsNone(copy.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone())
+        copy.close()
+        self.assertEqual(oct(store.backup_path(path, version).stat().st_mode & 0o777), "0o600")
+
+    def test_a_new_database_needs_no_copy(self) -> None:
+        path = self.db()
+        store.open_and_migrate(path).close()
+        self.assertFalse(store.backup_path(path, 0).exists())

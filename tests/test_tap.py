@@ -8,7 +8,6 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.tap import Options
@@ -39,6 +38,48 @@ class OptionsTests(TestCase):
                      "--pki-http", "--pki-listen", "--ca-cert", "--ca-key", "--san", "--trust-domain",
                      "--force-settings-override", "--log-format"]:
             self.assertIn(flag, text)
+
+    def test_every_flag_reaches_the_settings(self):
+        import ipaddress
+        from uptrakitd.config import build_settings
+        from uptrakitd.tap import flags_from_options
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        (tmp / "ca.pem").write_text("x")
+        (tmp / "ca.key").write_text("x")
+        (tmp / "c.toml").write_text('log_format = "text"\n')
+        cases = [
+            (["--data-dir", str(tmp / "d")], lambda s: s.data_dir, tmp / "d"),
+            (["--https-listen", "tcp:9443"], lambda s: s.https_listen, "tcp:9443"),
+            (["--trusted-proxy", "10.0.0.1", "--trusted-proxy", "fd00::/8"], lambda s: s.network.trusted_proxies,
+             (ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("fd00::/8"))),
+            (["--real-ip-header", "X-Real-IP"], lambda s: s.network.real_ip_header, "X-Real-IP"),
+            (["--forwarded-client-cert-info-header", "X-Info"],
+             lambda s: s.network.forwarded_client_cert_info_header, "X-Info"),
+            (["--forwarded-client-cert-pem-header", "X-Cert"],
+             lambda s: s.network.forwarded_client_cert_pem_header, "X-Cert"),
+            (["--pki-addr", "http://pki.example:8080/"], lambda s: s.network.pki_addr, "http://pki.example:8080"),
+            (["--pki-addr", "http://p.example", "--pki-http", "external"], lambda s: s.pki_http, "external"),
+            (["--pki-addr", "http://p.example", "--pki-http", "listener", "--pki-listen", "tcp:8081"],
+             lambda s: s.pki_listen_endpoint(), "tcp:8081"),
+            (["--ca-cert", str(tmp / "ca.pem"), "--ca-key", str(tmp / "ca.key")],
+             lambda s: (s.ca_cert, s.ca_key), (tmp / "ca.pem", tmp / "ca.key")),
+            (["--san", "a.example", "--san", "10.1.2.3"], lambda s: s.san, ("a.example", "10.1.2.3")),
+            (["--trust-domain", "Corp.Example"], lambda s: s.trust_domain, "corp.example"),
+            (["--force-settings-override"], lambda s: s.force_settings_override, True),
+            (["--log-format", "json"], lambda s: s.log_format, "json"),
+            (["--config", str(tmp / "c.toml")], lambda s: s.config_path, tmp / "c.toml"),
+        ]
+        covered = set()
+        for argv, get, expected in cases:
+            options = Options()
+            options.parseOptions(argv)
+            settings = build_settings(flags_from_options(options), options.get("config"))
+            self.assertEqual(get(settings), expected, argv)
+            covered |= {a for a in argv if a.startswith("--")}
+        documented = {f"--{name}" for name, *_ in Options.optParameters + Options.optFlags}
+        documented |= {"--trusted-proxy", "--san"}
+        self.assertEqual(covered, documented, "a flag without a round-trip case")
 
     def test_repeatable_flags(self):
         o = Options()
@@ -97,16 +138,16 @@ class TwistdTests(TestCase):
         yield again.ended
 
     @inlineCallbacks
-    def test_kill_9_during_first_start_never_breaks_the_next_start(self):
+    def test_kill_9_right_after_the_ca_is_created_never_breaks_the_next_start(self):
+        # Every step of first start is covered in-process (test_boot.CrashPointTests); this is the
+        # real signal once, at a point we know the process reached: the CA exists, nothing after it.
         cwd = os.path.abspath(self.mktemp())
         Path(cwd).mkdir()
         port = free_port()
-        for delay in (0.3, 0.6, 0.9):
-            daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
-            yield deferLater(reactor, delay, lambda: None)
-            if not daemon.ended.called:
-                daemon.transport.signalProcess("KILL")
-            yield daemon.ended
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
+        yield daemon.wait_for(b"created managed CA generation 1")
+        daemon.transport.signalProcess("KILL")
+        self.assertEqual((yield daemon.ended), -9)
         daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
         yield daemon.wait_for(b"listening on")
         ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"

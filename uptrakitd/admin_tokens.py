@@ -32,12 +32,11 @@ class AdminTokenRegistry:
     def create(self, name: str, permissions: list[str]) -> Any:
         """A new token; fires with its record including the plaintext `token` (shown once)."""
         token = new_token("upt_admin_")
-        record = {"id": str(uuid.uuid4()), "name": name, "permissions": list(permissions),
-                  "created_at": int(time.time())}
-        yield self.store.run(stored.insert_admin_token, record["id"], name, token_hash(token),
-                             json.dumps(record["permissions"]), record["created_at"])
-        self._permissions[token_hash(token)] = record["permissions"]
-        return dict(record, token=token)
+        token_id, perms, created_at = str(uuid.uuid4()), list(permissions), int(time.time())
+        yield self.store.run(stored.insert_admin_token, token_id, name, token_hash(token), json.dumps(perms),
+                             created_at)
+        self._permissions[token_hash(token)] = perms
+        return {"id": token_id, "name": name, "permissions": perms, "created_at": created_at, "token": token}
 
     @inlineCallbacks
     def list(self) -> Any:

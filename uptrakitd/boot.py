@@ -173,7 +173,7 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
             key = _load_key(files, row["key_file"])
         state.generations[generation] = CaGeneration(generation, cert, key, external)
 
-    if settings.ca_cert is not None:
+    if settings.ca_cert is not None and settings.ca_key is not None:
         try:
             cert, key = load_external_ca(settings.ca_cert.read_bytes(), settings.ca_key.read_bytes())
         except CaError as e:

@@ -37,7 +37,7 @@ from .pki.ocsp import OcspResponder
 from .readiness import Readiness
 from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
-from .store import Store
+from .store import SqliteStore
 from .trust.identity import IdentityResolver
 from .web.api.identity import NetworkSettingsRoutes
 from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
@@ -57,7 +57,7 @@ class Daemon(OrderedServices):
     """uptrakitd as a Twisted service tree; its attributes name the components (for tests and tools)."""
 
     settings: Settings
-    store: Store
+    store: SqliteStore
     bus: EventBus
     metrics: Metrics
     ca: CertificateAuthority
@@ -95,7 +95,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     run_blocking = partial(in_thread, reactor)
     d.metrics = metrics = Metrics()
     d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
-    d.store = store = Store(settings.data_dir / "uptrakit.sqlite3", reactor)
+    d.store = store = SqliteStore(settings.data_dir / "uptrakit.sqlite3", reactor)
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
     files = PkiFiles(settings.data_dir)
     state = booted.state

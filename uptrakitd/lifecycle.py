@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -62,6 +62,14 @@ class PeriodicJob(Service):
         return None
 
 
+class _Reactor(Protocol):
+    def callFromThread(self, fn: Callable[..., Any], *args: Any) -> None: ...
+
+    def callWhenRunning(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
 class SignalHandlers(Service):
     """SIGHUP reloads; with `handle_term`, SIGTERM stops the reactor as a completed, clean shutdown.
 
@@ -70,7 +78,7 @@ class SignalHandlers(Service):
     twistd then exits 0 after a clean stop instead of re-raising the signal (exit 143).
     """
 
-    def __init__(self, reactor: Any, reload: Callable[[], Any], handle_term: bool = False) -> None:
+    def __init__(self, reactor: _Reactor, reload: Callable[[], Any], handle_term: bool = False) -> None:
         self.setName("signals")
         self.reactor = reactor
         self.reload = reload
@@ -94,8 +102,7 @@ class SignalHandlers(Service):
 
     def _terminate(self, signum: int, frame: Any) -> None:
         log.info("SIGTERM: shutting down")
-        reactor: IReactorCore = self.reactor
-        reactor.callFromThread(reactor.stop)
+        self.reactor.callFromThread(self.reactor.stop)
 
     def stopService(self) -> Any:
         super().stopService()

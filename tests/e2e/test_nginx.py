@@ -11,9 +11,9 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
-from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
+from ..helpers import ca_pem, https_port, request_json, require_program, wait_until
 from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, controller_for_nginx,
-                      free_port, PROXY_ADDR,
+                      free_port,
                       refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
 
 

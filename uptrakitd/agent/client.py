@@ -5,7 +5,7 @@ import datetime
 import hashlib
 import random
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -139,7 +139,11 @@ class ServiceAgent(Service):
         self._stop_ping()
         if self.proto is not None and self.proto.transport is not None:
             d: Deferred = Deferred()
-            self.observers.append(lambda e, _: e == "disconnected" and not d.called and d.callback(None))
+
+            def gone(event: str, detail: Any) -> None:
+                if event == "disconnected" and not d.called:
+                    d.callback(None)
+            self.observers.append(gone)
             self.proto.sendClose(1000)
             return d.addTimeout(5, self.reactor, onTimeoutCancel=lambda *_: None)
         return None
@@ -181,10 +185,10 @@ class ServiceAgent(Service):
         agent = self
 
         def build(addr: Any) -> AgentProtocol:
-            proto = WebSocketClientFactory.buildProtocol(factory, addr)
+            proto = cast(AgentProtocol, WebSocketClientFactory.buildProtocol(factory, addr))
             proto.agent = agent
             return proto
-        factory.buildProtocol = build
+        factory.buildProtocol = build  # type: ignore[method-assign]
         tcp = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10,
                                            bindAddress=(self.bind_address, 0) if self.bind_address else None)
         endpoint = endpoints.wrapClientTLS(options, tcp)
@@ -223,14 +227,14 @@ class ServiceAgent(Service):
             self._request_certificate(proto)
 
     def _request_certificate(self, proto: AgentProtocol) -> None:
-        self.pending_key, csr = new_key_and_csr(self.service_id, self.settings.get("trust_domain"))
+        self.pending_key, csr = new_key_and_csr(self.service_id or "", self.settings.get("trust_domain"))
         proto.send("request_certificate", csr_pem=csr.decode())
 
     def renew(self, reason: str = "") -> None:
         """Send a CSR for a fresh key; the controller answers `certificate` and closes the socket."""
         if self.proto is None or self.mode_in_use != "mtls" or self.pending_key is not None:
             return  # one renewal at a time: the controller closes the socket once it answers
-        self.pending_key, csr = new_key_and_csr(self.service_id, self.settings.get("trust_domain"))
+        self.pending_key, csr = new_key_and_csr(self.service_id or "", self.settings.get("trust_domain"))
         log.info("renewing the certificate ({reason})", reason=reason or "requested")
         self.proto.send("renew_certificate", csr_pem=csr.decode())
 
@@ -287,7 +291,7 @@ class ServiceAgent(Service):
             except Exception as e:
                 log.error("could not fetch the CA bundle: {error}", error=str(e))
                 return
-            active = x509.load_pem_x509_certificates(self.state.bundle())[0]
+            active = x509.load_pem_x509_certificates(self.state.bundle() or b"")[0]
             cert = self.state.certificate()
             if cert is not None and cert.issuer != active.subject:
                 self.renew("ca_rotation")

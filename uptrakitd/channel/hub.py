@@ -22,6 +22,7 @@ from ..metrics import Metrics
 from ..pki.authority import CertificateAuthority
 from ..pki.serials import format_serial
 from ..runtime_settings import RuntimeSettings
+from ..trust.identity import Identity
 from . import wire
 from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactory, ServiceChannelProtocol
 
@@ -84,13 +85,13 @@ class ChannelHub:
     def opened(self, proto: ServiceChannelProtocol) -> None:
         self.sockets.add(proto)
         ctx = proto.context
-        if ctx is not None and ctx.identity is not None:
-            self._authenticate(proto)
-        elif ctx is not None and ctx.rejected_code in ("revoked", "invalid"):
+        if ctx.identity is not None:
+            self._authenticate(proto, ctx.identity)
+        elif ctx.rejected_code in ("revoked", "invalid"):
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
             proto.refuse(wire.CERT_REVOKED if ctx.rejected_code == "revoked" else wire.CERT_NOT_RECOGNIZED)
         elif proto.bearer is not None:
-            self._resume_enrollment(proto)
+            self._resume_enrollment(proto, proto.bearer)
         else:
             proto.become_anonymous(self.clock.callLater(self.enroll_timeout, self._enroll_timeout, proto))
 
@@ -103,8 +104,7 @@ class ChannelHub:
         if proto.phase == "anonymous":
             proto.close(wire.ENROLLMENT_TIMEOUT)
 
-    def _authenticate(self, proto: ServiceChannelProtocol) -> None:
-        identity = proto.context.identity
+    def _authenticate(self, proto: ServiceChannelProtocol, identity: Identity) -> None:
         service = self.directory.get(identity.service_id)
         if service is None or service.kind != proto.kind:
             proto.refuse(wire.CERT_NOT_RECOGNIZED)
@@ -134,8 +134,8 @@ class ChannelHub:
         else:
             self._maybe_ask_renewal(proto)
 
-    def _resume_enrollment(self, proto: ServiceChannelProtocol) -> None:
-        service = self.directory.find_by_enrollment_secret(proto.bearer)
+    def _resume_enrollment(self, proto: ServiceChannelProtocol, bearer: str) -> None:
+        service = self.directory.find_by_enrollment_secret(bearer)
         if service is None or service.kind != proto.kind:
             proto.refuse(wire.SECRET_NOT_RECOGNIZED)
             return
@@ -198,7 +198,7 @@ class ChannelHub:
     @inlineCallbacks
     def _on_request_certificate(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
         csr = wire.field(message, "csr_pem", str)
-        service = self.directory.require(proto.service_id)
+        service = self.directory.require(_service_id(proto))
         if service.status != "approved":
             proto.send("error", code="service_not_approved", message=f"service is {service.status}")
             proto.close(wire.SERVICE_NOT_APPROVED)
@@ -213,15 +213,15 @@ class ChannelHub:
     def _on_ping(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> None:
         service_ts = wire.field(message, "service_ts", (int, float))
         proto.send("pong", service_ts=service_ts, controller_ts=int(self.clock.seconds() * 1000))
-        service = self.directory.get(proto.service_id)
+        service = self.directory.get(_service_id(proto))
         if service is not None:
             self.directory.touch(service)
 
     @inlineCallbacks
     def _on_renew(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
         csr = wire.field(message, "csr_pem", str)
-        old_serial = proto.serial
-        issued = yield self.directory.issue_certificate(proto.service_id, csr)
+        old_serial = proto.serial or 0
+        issued = yield self.directory.issue_certificate(_service_id(proto), csr)
         self._send_certificate(proto, issued)
         proto.close(wire.CERT_ROTATED)
         self._renewal_asked.discard(old_serial)
@@ -281,9 +281,16 @@ class ChannelHub:
             self._maybe_ask_renewal(proto)
 
     def _maybe_ask_renewal(self, proto: ServiceChannelProtocol) -> None:
-        record = self.ca.state.records.get(proto.serial)
+        record = self.ca.state.records.get(proto.serial or 0)
         if record is None or record.serial in self._renewal_asked:
             return
         if record.not_after - self.clock.seconds() <= self.runtime.renewal_window_hours() * 3600:
             self._renewal_asked.add(record.serial)
             proto.send("request_cert_renewal", reason="expiring")
+
+
+def _service_id(proto: ServiceChannelProtocol) -> str:
+    """The service a socket in an enrolled or authenticated phase belongs to."""
+    if proto.service_id is None:
+        raise wire.ProtocolViolation("invalid_state", "no service is attached to this socket")
+    return proto.service_id

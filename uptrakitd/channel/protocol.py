@@ -1,7 +1,7 @@
 """One service's WebSocket: envelope, limits and the state machine's transport side (SPEC §5)."""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import IReactorTime
@@ -37,7 +37,7 @@ def buffered_bytes(transport: Any) -> int:
 class TokenBucket:
     """≤ rate messages per second with a burst allowance."""
 
-    def __init__(self, clock: Any, rate: float = RATE_PER_SECOND, burst: float = RATE_BURST) -> None:
+    def __init__(self, clock: IReactorTime, rate: float = RATE_PER_SECOND, burst: float = RATE_BURST) -> None:
         self.clock, self.rate, self.burst = clock, rate, burst
         self.tokens, self.stamp = burst, clock.seconds()
 
@@ -74,7 +74,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
 
     kind: str = "agent"
     hub: Decider
-    context: RequestContext | None = None
+    context: RequestContext
 
     def onConnect(self, request: Any) -> None:
         self.phase = "connecting"
@@ -168,7 +168,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
     def violation(self, error: wire.ProtocolViolation) -> None:
         """Tell the service what was wrong, then close."""
         log.info("channel protocol error from {client} ({service}): {reason}",
-                 client=self.context.client_ip if self.context else "-", service=self.service_id, reason=str(error))
+                 client=self.context.client_ip, service=self.service_id, reason=str(error))
         self.send("error", code=error.code, message=str(error))
         self.close(wire.PROTOCOL_ERROR)
 
@@ -196,7 +196,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
         if buffered_bytes(self.transport) <= OUTBOUND_CAP:
             return False
         log.warn("service {service} at {client} stopped reading ({size} bytes queued): disconnecting",
-                 service=self.service_id, client=self.context.client_ip if self.context else "-",
+                 service=self.service_id, client=self.context.client_ip,
                  size=buffered_bytes(self.transport))
         self.closing = True
         self.hub.slow_consumer_dropped()
@@ -230,8 +230,10 @@ class ServiceChannelFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None, failByDrop=False)
 
     def buildProtocol(self, addr: Any) -> ServiceChannelProtocol:
-        proto = super().buildProtocol(addr)
+        proto = cast(ServiceChannelProtocol, super().buildProtocol(addr))
         proto.kind = self.kind
         proto.hub = self.hub
-        proto.context, self.next_context = self.next_context, None
+        # the resource hands over the request's context; without one (never on our tree) the peer is all we know
+        peer = getattr(addr, "host", None) or "0.0.0.0"
+        proto.context, self.next_context = self.next_context or RequestContext(peer, peer), None
         return proto

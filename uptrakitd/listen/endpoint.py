@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,14 +24,13 @@ class ListenerFailed(SystemExit):
 class ListenerService(StreamServerEndpointService):
     """StreamServerEndpointService that names what it serves and refuses to run without its port."""
 
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str) -> None:
+        self._endpoint_error: str | None = None
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             self._endpoint_error = f"invalid {what} endpoint {description!r}: {e}"
             endpoint = None
-        else:
-            self._endpoint_error = None
         super().__init__(endpoint, factory)
         self.reactor = reactor
         self.description = description

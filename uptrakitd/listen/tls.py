@@ -32,6 +32,8 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
     ctx.use_privatekey(crypto.PKey.from_cryptography_key(server_key))
     ctx.check_privatekey()
     store = ctx.get_cert_store()
+    if store is None:
+        raise RuntimeError("OpenSSL gave the new context no certificate store")
     cas = list(trusted_cas)
     for ca in cas:
         store.add_cert(crypto.X509.from_cryptography(ca))
@@ -72,4 +74,6 @@ class SwappableServerContext:
         self.generation += 1
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        if self.context is None:
+            raise RuntimeError("no TLS context installed yet")
         return SSL.Connection(self.context, None)

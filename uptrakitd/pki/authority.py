@@ -13,6 +13,7 @@ from cryptography import x509
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..errors import BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
@@ -117,7 +118,7 @@ class CertificateAuthority:
             log.info("revoked {serial} ({reason})", serial=serial, reason=reason)
             events.append(CertificateRevoked(record.serial, record.service_id, record.ca_generation, reason,
                                              revoked_at))
-        return _in_order([lambda e=e: self.bus.publish(e) for e in events])
+        return _publish_in_order(self.bus, events)
 
     def supersede_older(self, service_id: str, serial: int) -> None:
         """A service that authenticates with a certificate no longer needs the ones issued before it.
@@ -129,9 +130,7 @@ class CertificateAuthority:
         position = next((i for i, r in enumerate(issued) if r.serial == serial), 0)
         for record in issued[:position]:
             if record.revoked_at is None and record.purpose == "client":
-                self.revoke(record.serial, "superseded").addErrback(
-                    lambda f, s=record.serial: None if f.check(Conflict) else
-                    log.failure("could not supersede {serial}", f, serial=format_serial(s)))
+                self.revoke(record.serial, "superseded").addErrback(_superseded_failed, record.serial)
 
     # -- rotation ------------------------------------------------------------------------------
 
@@ -177,10 +176,15 @@ class CertificateAuthority:
         return self.rotate()
 
 
+def _superseded_failed(failure: Failure, serial: int) -> None:
+    if not failure.check(Conflict):  # revoked meanwhile: nothing to do
+        log.failure("could not supersede {serial}", failure, serial=format_serial(serial))
+
+
 @inlineCallbacks
-def _in_order(steps: list[Callable[[], Deferred]]) -> Any:
-    for step in steps:
-        yield step()
+def _publish_in_order(bus: EventBus, events: list[Any]) -> Any:
+    for event in events:
+        yield bus.publish(event)
 
 
 __all__ = ["CertificateAuthority", "CertRecord"]

@@ -10,7 +10,7 @@ import hashlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -96,7 +96,7 @@ def sign_crl(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entry], number
     builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
                                     critical=False)
-    crl = builder.sign(key, ca.signing_hash())
+    crl = builder.sign(cast(Any, key), cast(Any, ca.signing_hash()))
     return crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM)
 
 
@@ -193,7 +193,10 @@ class CrlPublisher:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             if running is not None:
-                running.addBoth(lambda r: (executor.shutdown(wait=False), r)[1])
+                def retire(result: Any) -> Any:
+                    executor.shutdown(wait=False)
+                    return result
+                running.addBoth(retire)
             else:
                 executor.shutdown(wait=False)
         return running
@@ -221,7 +224,11 @@ class CrlPublisher:
         if self._running is not None:
             self._dirty = True
             d: Deferred = Deferred()
-            self._running.addBoth(lambda r: (d.callback(None), r)[1])
+
+            def after(result: Any) -> Any:
+                d.callback(None)
+                return result
+            self._running.addBoth(after)
             return d
         self._running = self._rebuild()
 

@@ -5,7 +5,7 @@ import datetime
 import ipaddress
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -76,7 +76,7 @@ def _has(cert: x509.Certificate, ext: type) -> bool:
 
 
 def _sign(builder: x509.CertificateBuilder, ca: CaGeneration) -> x509.Certificate:
-    return builder.sign(ca.key, ca.signing_hash())
+    return builder.sign(ca.key, cast(Any, ca.signing_hash()))
 
 
 def server_names(hostname: str, extra: Iterable[str]) -> list[x509.GeneralName]:

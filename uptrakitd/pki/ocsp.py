@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
+from prometheus_client import Counter
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from twisted.internet.interfaces import IReactorTime
@@ -60,13 +61,13 @@ def _http_date(when: datetime.datetime) -> str:
 class OcspResponder:
     """Answers OCSP requests from the in-memory records; keeps signed nonce-less responses."""
 
-    def __init__(self, state: CaState, clock: IReactorTime, counter: Any = None,
+    def __init__(self, state: CaState, clock: IReactorTime, counter: Counter | None = None,
                  validity: datetime.timedelta = OCSP_VALIDITY) -> None:
         self.state = state
         self.clock = clock
         self.validity = validity
-        self._counter = counter  # a prometheus Counter labelled by status, or None
-        self._cache: dict[tuple[int, int, str], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
+        self._counter = counter  # labelled by status
+        self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
 
     def on_revoked(self, event: Any) -> None:
         """CertificateRevoked: the cached answer for that serial is wrong now."""

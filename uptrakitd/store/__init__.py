@@ -15,8 +15,23 @@ connection that takes `?` parameters and returns rows addressable by column name
 """
 from __future__ import annotations
 
-from .database import (Store, StoreError, backup_path, connect, migrate, migrations, open_and_migrate, ping,
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred
+
+from .database import (SqliteStore, StoreError, backup_path, connect, migrate, migrations, open_and_migrate, ping,
                        schema_version, transaction)
 
-__all__ = ["Store", "StoreError", "backup_path", "connect", "migrate", "migrations", "open_and_migrate", "ping",
+
+class Store(Protocol):
+    """What the daemon needs of a database (SqliteStore is the implementation; see the module docstring)."""
+
+    def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+__all__ = ["SqliteStore", "Store", "StoreError", "backup_path", "connect", "migrate", "migrations", "open_and_migrate", "ping",
            "schema_version", "transaction"]

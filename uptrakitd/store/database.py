@@ -139,8 +139,8 @@ def ping(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT COUNT(*) FROM ca_generations").fetchone()
 
 
-class Store:
-    """The Deferred API over one SQLite connection used from one thread: writes never block the reactor."""
+class SqliteStore:
+    """The Store over one SQLite connection used from one thread: writes never block the reactor."""
 
     def __init__(self, path: Path, reactor: IReactorFromThreads) -> None:
         self.path = Path(path)

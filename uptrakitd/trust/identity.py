@@ -185,7 +185,7 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Contain
     """Identity from Subject/Issuer/SerialNumber alone, checked against the trusted CAs and our records."""
     missing = [name for name, value in (("Subject", info.subject), ("Issuer", info.issuer),
                                         ("SerialNumber", info.serial)) if value is None]
-    if missing:
+    if missing or info.subject is None or info.issuer is None or info.serial is None:
         raise Rejected(f"info header lacks {', '.join(missing)}")
     issuer_cn = common_name(info.issuer)
     ca = authority.ca_for_issuer_cn(issuer_cn, now) if issuer_cn else None
@@ -278,8 +278,8 @@ class IdentityResolver:
                 context = self._decide(peer, client_ip, peer, source, check)
                 if context.identity is not None:
                     return context
-                reasons.append(context.rejected)
-                codes.add(context.rejected_code)
+                reasons.append(context.rejected or "rejected")
+                codes.add(context.rejected_code or "invalid")
             except (MalformedHeader, Rejected) as e:
                 codes.add(getattr(e, "code", "invalid"))
                 log.info("{label} from {peer} unusable: {reason}", label=label, peer=peer, reason=str(e))

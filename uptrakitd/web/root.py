@@ -1,16 +1,15 @@
 """The two sites: HTTPS (every route, the channel endpoints, identity resolution) and plain-HTTP PKI."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from twisted.web.resource import Resource
 
 from ..trust.identity import RequestContext
 from .router import Route, Router
 from .site import IdentifyingSite
 
 
-def build_sites(https_routes: list[Route], pki_routes: list[Route], endpoints: dict[str, Resource],
+def build_sites(https_routes: list[Route], pki_routes: list[Route], endpoints: Mapping[str, Any],
                 resolver: Callable[[Any], RequestContext],
                 check_admin: Callable[[str, str], bool | None]) -> tuple[IdentifyingSite, IdentifyingSite]:
     """(https_site, pki_site). The PKI site serves only `pki_routes`, without identity resolution."""

@@ -162,7 +162,7 @@ class Router(Resource):
     def _write_failure(self, request: Any, failure: Failure) -> None:
         if request._disconnected or request.finished:
             return
-        if failure.check(UptrakitError):
+        if isinstance(failure.value, UptrakitError):
             body = self._write_error(request, failure.value)
         else:
             log.failure("unexpected error answering {method} {path}", failure,

@@ -18,7 +18,8 @@ class IdentifiedRequest(Request):
 
     def process(self) -> None:
         # Request.process() sets self.site itself; before it, the site is only known to the channel.
-        resolver: Callable[[Any], RequestContext] | None = getattr(self.channel.site, "resolver", None)
+        resolver: Callable[[Any], RequestContext] | None = getattr(getattr(self.channel, "site", None), "resolver",
+                                                                   None)
         try:
             self.context = resolver(self) if resolver else _anonymous(self)
         except Exception:

@@ -1,0 +1,42 @@
+"""The composition root: what the service tree contains, in which order, and which job runs what."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.boot import boot
+from uptrakitd.config import build_settings
+from uptrakitd.daemon import DAY, HOUR, build_daemon
+from uptrakitd.lifecycle import PeriodicJob
+
+from .helpers import flags_for
+
+
+class TreeTests(TestCase):
+    def daemon(self, **extra):
+        tmp = self.mktemp()
+        Path(tmp).mkdir()
+        flags = flags_for(tmp, **extra)
+        return build_daemon(boot(build_settings(flags)), reactor, flags)
+
+    def test_start_order_is_the_tree_order(self):
+        d = self.daemon(pki_addr="http://127.0.0.1:1", pki_http="listener")
+        self.assertEqual([s.name for s in d], [
+            "signals", "store", "crl-worker", "hourly CRL rebuild", "daily CA check",
+            "daily server certificate check", "channel", "renewal check", "HTTPS", "plain-HTTP PKI",
+            "setup warnings"])
+
+    def test_periodic_jobs_run_the_right_work_at_the_right_interval(self):
+        d = self.daemon()
+        expected = {"hourly CRL rebuild": (HOUR, d.crls.rebuild, False),
+                    "daily CA check": (DAY, d.ca.check_expiry, True),
+                    "daily server certificate check": (DAY, d.server_cert.check_due, True),
+                    "renewal check": (60, d.channel.check_renewals, False)}
+        jobs = {s.name: s for s in d if isinstance(s, PeriodicJob)}
+        self.assertEqual(set(jobs), set(expected))
+        for name, (interval, work, at_start) in expected.items():
+            job = jobs[name]
+            self.assertEqual((job.interval, job.job, job.run_at_start), (interval, work, at_start), name)
+            self.assertIs(job.clock, reactor)

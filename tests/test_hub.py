@@ -1,0 +1,126 @@
+"""The channel hub's state machine with fake sockets, a Clock and a real (in-memory) store: no network."""
+from __future__ import annotations
+
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.channel import wire
+from uptrakitd.channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
+from uptrakitd.events import CaRotated, CertificateRevoked, ServiceChanged
+from uptrakitd.lifecycle import PeriodicJob
+from uptrakitd.metrics import Metrics
+from uptrakitd.trust.identity import Identity, RequestContext
+
+from .fakes import FakeSocket, make_directory, make_pki
+from .helpers import make_csr
+
+
+class HubTests(TestCase):
+    def setUp(self):
+        self.ca, self.store, self.bus = make_pki(self.mktemp())
+        self.clock = self.ca.clock
+        self.directory, self.runtime, self.token = make_directory(self.ca, self.store, self.bus, lifetime_hours=10)
+        self.hub = ChannelHub(self.directory, self.ca, self.runtime, Metrics(), self.clock, "uptrakit.local")
+        self.bus.subscribe(CertificateRevoked, self.hub.on_revoked)
+        self.bus.subscribe(CaRotated, self.hub.on_ca_rotated)
+        self.bus.subscribe(ServiceChanged, self.hub.on_service_changed)
+
+    def anonymous(self, **kw):
+        sock = FakeSocket(RequestContext("127.0.0.5", "127.0.0.5"), **kw)
+        self.hub.opened(sock)
+        return sock
+
+    def enrolled_with_certificate(self):
+        """(service id, serial) of a service that enrolled and got its first certificate over a socket."""
+        sock = self.anonymous()
+        self.hub.received(sock, {"type": "enroll", "hostname": "h1", "enrollment_token": self.token})
+        service_id = sock.sent[-1][1]["service_id"]
+        self.hub.received(sock, {"type": "request_certificate", "csr_pem": make_csr(service_id)[0].decode()})
+        self.assertEqual(sock.kinds(), ["enrolled", "certificate"])
+        serial = max(r.serial for r in self.ca.state.by_service[service_id])
+        return service_id, serial
+
+    def authenticated(self, service_id, serial):
+        sock = FakeSocket(RequestContext("127.0.0.5", "127.0.0.5", identity=Identity(service_id, serial, 1),
+                                         identity_source="mtls"))
+        self.hub.opened(sock)
+        return sock
+
+    def test_anonymous_socket_must_enroll_before_the_timeout(self):
+        sock = self.anonymous()
+        self.assertEqual(sock.phase, "anonymous")
+        self.clock.advance(self.hub.enroll_timeout - 1)
+        self.assertFalse(sock.closing)
+        self.clock.advance(1)
+        self.assertEqual(sock.closed_with, wire.ENROLLMENT_TIMEOUT)
+
+    def test_enrollment_then_certificate_ends_the_secret(self):
+        sock = self.anonymous()
+        self.hub.received(sock, {"type": "enroll", "hostname": "h1", "enrollment_token": self.token})
+        kind, enrolled = sock.sent[-1]
+        self.assertEqual((kind, enrolled["status"], sock.phase), ("enrolled", "approved", "enrolled"))
+        self.assertIs(self.directory.find_by_enrollment_secret(enrolled["enrollment_secret"]).id,
+                      enrolled["service_id"])
+        self.clock.advance(self.hub.enroll_timeout)
+        self.assertFalse(sock.closing, "an enrolled socket is past the enrollment timeout")
+        self.hub.received(sock, {"type": "request_certificate",
+                                 "csr_pem": make_csr(enrolled["service_id"])[0].decode()})
+        self.assertEqual(sock.kinds()[-1], "certificate")
+        self.assertIsNone(self.directory.find_by_enrollment_secret(enrolled["enrollment_secret"]))
+
+    def test_a_refused_token_leaves_the_socket_anonymous(self):
+        sock = self.anonymous()
+        self.hub.received(sock, {"type": "enroll", "hostname": "h1", "enrollment_token": "upt_wrong"})
+        self.assertEqual(sock.sent[-1], ("error", {"code": "enrollment_refused",
+                                                   "message": "enrollment token not recognized"}))
+        self.assertEqual((sock.phase, len(self.directory)), ("anonymous", 0))
+
+    def test_authentication_supersedes_and_refuses_by_status(self):
+        service_id, serial = self.enrolled_with_certificate()
+        first = self.authenticated(service_id, serial)
+        self.assertEqual(first.kinds(), ["service_settings"])
+        second = self.authenticated(service_id, serial)
+        self.assertEqual(first.closed_with, wire.SUPERSEDED)
+        self.assertIs(self.hub.connected[service_id], second)
+        self.successResultOf(self.directory.deactivate(service_id))
+        self.assertEqual(second.closed_with, wire.SERVICE_DEACTIVATED, "deactivation closes with its own reason")
+        self.assertEqual(self.authenticated(service_id, serial).closed_with, wire.SERVICE_DEACTIVATED)
+        stranger = FakeSocket(RequestContext("1.2.3.4", "1.2.3.4", identity=Identity(
+            "00000000-0000-4000-8000-000000000000", 1, 1), identity_source="mtls"))
+        self.hub.opened(stranger)
+        self.assertEqual(stranger.closed_with, wire.CERT_NOT_RECOGNIZED)
+
+    def test_revocation_closes_the_socket_that_used_the_certificate(self):
+        service_id, serial = self.enrolled_with_certificate()
+        sock = self.authenticated(service_id, serial)
+        self.successResultOf(self.ca.revoke(serial, "keyCompromise"))
+        self.assertEqual(sock.closed_with, wire.CERT_REVOKED)
+
+    def test_renewal_requests_come_from_the_periodic_check_once_per_certificate(self):
+        service_id, serial = self.enrolled_with_certificate()
+        sock = self.authenticated(service_id, serial)
+        job = PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, self.hub.check_renewals, self.clock)
+        job.startService()
+        self.addCleanup(job.stopService)
+        window = self.runtime.renewal_window_hours() * 3600          # 2 h for a 10 h lifetime
+        not_after = self.ca.state.records[serial].not_after
+        self.clock.pump([RENEWAL_CHECK_SECONDS] * int((not_after - window - self.clock.seconds()) // 60 - 1))
+        self.assertNotIn("request_cert_renewal", sock.kinds())
+        self.clock.pump([RENEWAL_CHECK_SECONDS] * 5)
+        self.assertEqual(sock.kinds().count("request_cert_renewal"), 1)
+        self.clock.pump([RENEWAL_CHECK_SECONDS] * 30)
+        self.assertEqual(sock.kinds().count("request_cert_renewal"), 1, "asked once per certificate")
+
+    def test_rotation_tells_every_authenticated_socket_bundle_then_renewal(self):
+        service_id, serial = self.enrolled_with_certificate()
+        sock = self.authenticated(service_id, serial)
+        anonymous = self.anonymous()
+        result = self.successResultOf(self.ca.rotate())
+        self.assertEqual(result["notified"], 1)
+        self.assertEqual(sock.kinds(), ["service_settings", "ca_bundle_updated", "request_cert_renewal"])
+        self.assertEqual(anonymous.kinds(), [])
+
+    def test_ten_unknown_messages_in_a_row_are_a_protocol_violation(self):
+        sock = self.anonymous()
+        for _ in range(9):
+            self.hub.received(sock, {"type": "mystery"})
+        self.assertRaises(wire.ProtocolViolation, self.hub.received, sock, {"type": "mystery"})
