@@ -21,15 +21,15 @@ from twisted.internet.defer import inlineCallbacks  # noqa: E402
 
 from uptrakitd.boot import boot  # noqa: E402
 from uptrakitd.config import build_settings  # noqa: E402
-from uptrakitd.controller import Controller  # noqa: E402
-from uptrakitd.pki.authority import CertRecord  # noqa: E402
+from uptrakitd.daemon import Daemon, build_daemon  # noqa: E402
+from uptrakitd.pki.state import CertRecord  # noqa: E402
 from uptrakitd.pki.serials import format_serial  # noqa: E402
 
 SIZES = [1_000, 10_000, 100_000]
 REVOKES_PER_SIZE = 200
 
 
-def add_revoked(controller: Controller, count: int, service_id: str) -> None:
+def add_revoked(controller: Daemon, count: int, service_id: str) -> None:
     """Bulk-load `count` revoked records of generation 1 (synthetic serials; the CRL only needs those)."""
     now = int(time.time())
     rows, records = [], []
@@ -45,16 +45,16 @@ def add_revoked(controller: Controller, count: int, service_id: str) -> None:
     db.commit()
     db.close()
     for r in records:
-        controller.pki.authority.add_record(r)
+        controller.ca.state.add_record(r)
 
 
-def add_live(controller: Controller, count: int, service_id: str) -> list[int]:
+def add_live(controller: Daemon, count: int, service_id: str) -> list[int]:
     now = int(time.time())
     serials, rows = [], []
     for _ in range(count):
         serial = random.getrandbits(120) | (1 << 119)
         serials.append(serial)
-        controller.pki.authority.add_record(CertRecord(serial, service_id, "client", 1, now - 60, now + 86400))
+        controller.ca.state.add_record(CertRecord(serial, service_id, "client", 1, now - 60, now + 86400))
         rows.append((format_serial(serial), service_id, "client", 1, now - 60, now + 86400, "-", now))
     import sqlite3
     db = sqlite3.connect(controller.settings.data_dir / "uptrakit.sqlite3")
@@ -96,9 +96,10 @@ def pct(values: list[float], p: float) -> float:
 def main() -> None:
     tmp = tempfile.mkdtemp(prefix="uptrakit-bench-")
     settings = build_settings({"data_dir": os.path.join(tmp, "data"), "https_listen": "tcp:0:interface=127.0.0.1"})
-    controller = Controller(boot(settings), reactor, {})
+    controller = build_daemon(boot(settings), reactor, {})
     controller.startService()
-    service = yield controller.create_service("agent", "bench")
+    token = yield controller.enrollment_tokens.create("bench")
+    service, _ = yield controller.directory.enroll("agent", "bench", token["token"])
     loaded = 0
     print(f"{'revoked':>8} {'revoke p50 ms':>14} {'revoke p99 ms':>14} {'rebuild cold s':>15} {'rebuild warm s':>15}"
           f" {'CRL bytes':>10}")
@@ -111,11 +112,11 @@ def main() -> None:
         latencies = []
         for serial in live:
             start = time.perf_counter()
-            yield controller.pki.revoke(serial, "keyCompromise")
+            yield controller.ca.revoke(serial, "keyCompromise")
             latencies.append((time.perf_counter() - start) * 1000)
         loaded = size
-        controller.pki.crls.stop()
-        controller.pki.crls._stopped = False
+        controller.crls.stop()
+        controller.crls._stopped = False
         meter = StallMeter()
         if size == SIZES[-1]:
             meter.start()
@@ -124,16 +125,16 @@ def main() -> None:
             meter = StallMeter()
             meter.start()
         start = time.perf_counter()
-        yield controller.pki.crls.rebuild()
+        yield controller.crls.rebuild()
         cold = time.perf_counter() - start
         if size == SIZES[-1]:
             rebuild_stall = meter.stop()
             stall_line = (f"100k rebuild: longest reactor stall {rebuild_stall * 1000:.1f} ms "
                           f"(idle reference window {idle_stall * 1000:.1f} ms, ratio {rebuild_stall / idle_stall:.1f}x)")
         start = time.perf_counter()
-        yield controller.pki.crls.rebuild()
+        yield controller.crls.rebuild()
         warm = time.perf_counter() - start
-        crl = controller.pki.crls.current[1]
+        crl = controller.crls.current[1]
         assert crl.entries >= size, (crl.entries, size)
         print(f"{size:>8} {statistics.median(latencies):>14.2f} {pct(latencies, 99):>14.2f} {cold:>15.2f} "
               f"{warm:>15.2f} {len(crl.der):>10}")
