@@ -69,6 +69,9 @@ class OptionsTests(TestCase):
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),
             (["--config", str(tmp / "c.toml")], lambda s: s.config_path, tmp / "c.toml"),
+            (["--max-connections", "100", "--max-connections-per-ip", "7", "--request-head-timeout", "2.5"],
+             lambda s: (s.limits.max_connections, s.limits.max_connections_per_ip, s.limits.request_head_timeout),
+             (100, 7, 2.5)),
         ]
         covered = set()
         for argv, get, expected in cases:

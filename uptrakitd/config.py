@@ -131,6 +131,15 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What one unauthenticated host, and everyone together, may hold open (docs/security.md)."""
+
+    max_connections: int = 4096            # per listener, every peer together
+    max_connections_per_ip: int = 64       # not yet authenticated, per source address; trusted proxies exempt
+    request_head_timeout: float = 10.0     # seconds from accept (or the next request's first byte) to a full head
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon is started with, validated (SPEC §1)."""
 
@@ -147,6 +156,7 @@ class Settings:
     force_settings_override: bool = False
     log_format: str = "text"
     config_path: Path | None = None
+    limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pki_listen_endpoint(self) -> str | None:
         """Endpoint string for the plain-HTTP PKI listener, derived from pki_addr when not given."""
@@ -160,7 +170,10 @@ class Settings:
         return f"tcp:{port}:interface=" + host.replace(":", "\\:")  # endpoint strings escape ":"
 
 
-_TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki"}
+_LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 1_000_000),
+               "request_head_timeout": (0.1, 3600)}
+_TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
+             *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
 
 
@@ -206,6 +219,18 @@ def _readable_file(value: Any, name: str) -> Path:
     except OSError as e:
         raise ConfigError(name, f"cannot read {path}: {e.strerror}") from None
     return path
+
+
+def _number(value: Any, name: str, low: float, high: float, integer: bool) -> Any:
+    """A number from a flag (string) or the TOML file, within [low, high]."""
+    try:
+        number = (int(value) if integer else float(value)) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not low <= number <= high:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(name, f"must be {kind} from {low:g} to {high:g}, got {value!r}")
+    return number
 
 
 def _string(value: Any, name: str) -> str:
@@ -256,6 +281,12 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         if merged["log_format"] not in LOG_FORMATS:
             raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
         kw["log_format"] = merged["log_format"]
+    limits: dict[str, Any] = {}
+    for key, (low, high) in _LIMIT_KEYS.items():
+        if key in merged:
+            limits[key] = _number(merged[key], key, low, high, integer=key != "request_head_timeout")
+    if limits:
+        kw["limits"] = ConnectionLimits(**limits)
     if "trust_domain" in merged:
         td = _string(merged["trust_domain"], "trust_domain").lower()
         if not _DNS_NAME.match(td) or td.startswith("*"):

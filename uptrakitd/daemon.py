@@ -26,6 +26,7 @@ from .enrollment import EnrollmentTokens
 from .events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
 from .lifecycle import Hooks, OrderedServices, PeriodicJob, SignalHandlers
 from .listen.endpoint import ListenerService
+from .listen.guard import ConnectionGuard
 from .listen.server_cert import ServerCertificate
 from .listen.tls import SwappableServerContext
 from .metrics import Metrics
@@ -39,6 +40,7 @@ from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
 from .store import SqliteStore
 from .trust.identity import IdentityResolver
+from .trust.proxies import is_trusted
 from .web.api.identity import NetworkSettingsRoutes
 from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
 from .web.api.services import ServiceRoutes
@@ -138,7 +140,17 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                     + ServiceRoutes(directory, channel, ca).routes()
                     + TokenRoutes(enrollment_tokens, admin_tokens).routes() + UiRoutes().routes() + pki_routes)
     https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
-                                       channel.resources, resolver, admin_tokens.check)
+                                       channel.resources, resolver, admin_tokens.check,
+                                       settings.limits.request_head_timeout,
+                                       {"head_timeouts": metrics.http_head_timeouts,
+                                        "bodies_refused": metrics.http_bodies_refused})
+
+    def guarded(factory: Any, what: str) -> ConnectionGuard:
+        guard = ConnectionGuard(factory, what, settings.limits,
+                                lambda ip: is_trusted(ip, runtime.network.trusted_proxies),
+                                metrics.connections_refused, reactor)
+        metrics.connections_open.labels(what).set_function(lambda: guard.open)
+        return guard
 
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
@@ -149,11 +161,13 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                 run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
-    d.https = ListenerService(reactor, settings.https_listen, TLSMemoryBIOFactory(tls, False, https_site), "HTTPS")
+    d.https = ListenerService(reactor, settings.https_listen,
+                              guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS")
     d.https.setServiceParent(d)
     d.pki_listener = None
     if (pki_endpoint := settings.pki_listen_endpoint()) is not None:
-        d.pki_listener = ListenerService(reactor, pki_endpoint, pki_site, "plain-HTTP PKI")
+        d.pki_listener = ListenerService(reactor, pki_endpoint, guarded(pki_site, "plain-HTTP PKI"),
+                                         "plain-HTTP PKI")
         d.pki_listener.setServiceParent(d)
     Hooks("setup warnings", start=partial(_warn_about_setup, booted)).setServiceParent(d)
     return d

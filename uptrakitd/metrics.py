@@ -26,6 +26,15 @@ class Metrics:
         self.event_subscriber_failures = Counter("uptrakit_event_subscriber_failures",
                                                  "Event subscribers that raised, by event", ["event"],
                                                  registry=self.registry)
+        self.connections_refused = Counter("uptrakit_connections_refused", "Connections refused at accept, by "
+                                           "listener and cap (global, per_ip)", ["listener", "reason"],
+                                           registry=self.registry)
+        self.connections_open = Gauge("uptrakit_connections_open", "Open connections by listener", ["listener"],
+                                      registry=self.registry)
+        self.http_head_timeouts = Counter("uptrakit_http_head_timeouts", "Connections closed for not sending a "
+                                          "complete request head in time", registry=self.registry)
+        self.http_bodies_refused = Counter("uptrakit_http_bodies_refused", "Requests refused (413) for a body "
+                                           "larger than the route takes", registry=self.registry)
         self.tls_context_installs = Counter("uptrakit_tls_context_installs", "TLS contexts installed",
                                             registry=self.registry)
 

@@ -11,7 +11,7 @@ from .runtime_settings import RuntimeSettings
 
 log = Logger()
 RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain",
-                "log_format")
+                "log_format", "limits")
 
 
 class ConfigReloader:

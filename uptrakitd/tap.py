@@ -40,6 +40,13 @@ class Options(usage.Options):
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
         ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line)."],
+        ["max-connections", None, None, "Open connections per listener, all peers together (default 4096); "
+                                        "past it new connections are refused and logged."],
+        ["max-connections-per-ip", None, None,
+         "Connections one source address may hold before it authenticates with a client certificate "
+         "(default 64); trusted proxies are exempt."],
+        ["request-head-timeout", None, None, "Seconds a connection has to send a complete request head "
+                                             "(default 10; the TLS handshake counts)."],
     ]
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
@@ -63,7 +70,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
-            "trust-domain", "log-format"]
+            "trust-domain", "log-format", "max-connections", "max-connections-per-ip", "request-head-timeout"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))

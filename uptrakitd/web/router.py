@@ -14,9 +14,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ..errors import Forbidden, NotFound, PayloadTooLarge, Unauthorized, UptrakitError
+from .site import MAX_JSON_BODY
 
 log = Logger()
-MAX_JSON_BODY = 256 * 1024
 
 
 @dataclass
@@ -109,6 +109,12 @@ class Router(Resource):
                 request.setHeader(b"Allow", b"GET")
                 return self._write_error(request, UptrakitError(f"method {method} not allowed",
                                                                 "method_not_allowed"), status=405)
+            if b"websocket" not in (request.getHeader(b"upgrade") or b"").lower():
+                # answer in JSON like every route (Autobahn would send an HTML page naming its version)
+                request.setHeader(b"Upgrade", b"websocket")
+                return self._write_error(request, UptrakitError("this is a WebSocket endpoint: send an Upgrade "
+                                                                "request (see docs/protocol.md)", "upgrade_required"),
+                                         status=426)
             return resource.render(request)
         matched = [(r, m) for r in self.routes if (m := r.pattern.fullmatch(path))]
         if not matched:

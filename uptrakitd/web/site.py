@@ -1,20 +1,60 @@
-"""twisted.web Site whose requests learn who they are (SPEC §3) before any resource sees them."""
+"""twisted.web Site whose requests learn who they are (SPEC §3) before any resource sees them, and
+whose connections must send a request head in time and cannot send a body larger than its route takes."""
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
+from prometheus_client import Counter
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from ..listen.guard import mark_authenticated
+from ..pki.ocsp import MAX_REQUEST_BYTES
 from ..trust.identity import RequestContext, peer_ip_of
 
 log = Logger()
+MAX_JSON_BODY = 256 * 1024
+DEFAULT_BODY_LIMIT = 64 * 1024
+SERVER_HEADER = b"uptrakitd"
+LINGER_SECONDS = 2.0  # after a refused body, how long the answer may take to reach a client still sending
+
+
+def body_limit(method: bytes, path: bytes) -> int:
+    """The largest request body a route takes; anything larger is refused (413) while it arrives."""
+    path = path.split(b"?", 1)[0]
+    if path.startswith(b"/api/v1/ws/"):
+        return 0  # a WebSocket upgrade carries no body
+    if method == b"POST" and path == b"/api/v1/pki/ocsp":
+        return MAX_REQUEST_BYTES
+    if path.startswith(b"/api/v1/"):
+        return MAX_JSON_BODY
+    return DEFAULT_BODY_LIMIT
 
 
 class IdentifiedRequest(Request):
     """A request that carries `context` (RequestContext); headers that cannot be trusted are removed."""
 
     context: RequestContext
+    body_limit = DEFAULT_BODY_LIMIT
+    _body_seen = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        # chunked bodies have no Content-Length to check up front: count while they arrive
+        self._body_seen += len(data)
+        if self._body_seen > self.body_limit:
+            refuse = getattr(self.channel, "refuse_body", None)
+            if refuse is not None:
+                refuse(self.body_limit)
+                return
+        super().handleContentChunk(data)
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        # no version disclosure: Twisted would announce "TwistedWeb/<version>"
+        if (name.lower() if isinstance(name, bytes) else name.lower().encode()) == b"server":
+            value = SERVER_HEADER
+        super().setHeader(name, value)
 
     def process(self) -> None:
         # Request.process() sets self.site itself; before it, the site is only known to the channel.
@@ -25,6 +65,8 @@ class IdentifiedRequest(Request):
         except Exception:
             log.failure("identity resolution failed; treating the request as anonymous")
             self.context = _anonymous(self)
+        if self.context.identity_source == "mtls":
+            mark_authenticated(getattr(self.channel, "transport", None))
         super().process()
 
 
@@ -33,15 +75,112 @@ def _anonymous(request: Any) -> RequestContext:
     return RequestContext(peer_ip=peer, client_ip=peer)
 
 
+class GuardedChannel(HTTPChannel):
+    """HTTP/1.1 channel with a deadline for each request head and per-route body limits.
+
+    Twisted's idle timeout is reset by every byte, so one byte every few seconds would hold a socket
+    forever; the head deadline counts from the connection's start (the TLS handshake included) or
+    from the first byte of the next request on a kept-alive connection.
+    """
+
+    head_timeout = 10.0
+    counters: dict[str, Counter] = {}
+    _head_timer: Any = None
+    _request_line: bytes | None = None
+    _refused = False
+    _linger: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.callLater(self.head_timeout, self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        self._count("head_timeouts")
+        log.debug("closing a connection that sent no complete request head in {seconds}s", seconds=self.head_timeout)
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # whatever a refused client still sends
+        if self.line_mode and self._request_line is None and self._head_timer is None:
+            self._arm()  # the first byte of the next request on a kept-alive connection
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._request_line is None and line:
+            self._request_line = line
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        parts = (self._request_line or b"").split(b" ")
+        self._request_line = None
+        limit = body_limit(parts[0], parts[1] if len(parts) > 1 else b"/")
+        self.requests[-1].body_limit = limit
+        if self.length is not None and self.length > limit:
+            self.refuse_body(limit)
+            return
+        super().allHeadersReceived()
+
+    def refuse_body(self, limit: int) -> None:
+        """Answer 413 and close, without reading the rest of the body."""
+        self._count("bodies_refused")
+        body = json.dumps({"error": f"request body larger than this route takes ({limit} bytes)",
+                           "code": "payload_too_large"}).encode() + b"\n"
+        transport: Any = self.transport
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self._refused = True
+        self.loseConnection()  # HTTPChannel's: lets go of the transport's producer so TLS can close
+        # TLS waits for the client's close_notify, and a client still sending may never send one: what
+        # it sends is dropped unread (above), and after a short linger the connection is cut.
+        self._linger = self.callLater(LINGER_SECONDS, transport.abortConnection)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._disarm()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+    def _count(self, what: str) -> None:
+        counter = self.counters.get(what)
+        if counter is not None:
+            counter.inc()
+
+
 class IdentifyingSite(Site):
     """Site whose requests are resolved by `resolver` before the resource tree runs."""
 
     requestFactory = IdentifiedRequest
 
-    def __init__(self, resource: Any, resolver: Callable[[Any], RequestContext] | None = None, **kw: Any) -> None:
+    def __init__(self, resource: Any, resolver: Callable[[Any], RequestContext] | None = None,
+                 head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
+                 **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.resolver = resolver
         self.displayTracebacks = False
+        self.head_timeout = head_timeout
+        self.counters = counters or {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if isinstance(channel, GuardedChannel):
+            channel.head_timeout, channel.counters = self.head_timeout, self.counters
+        return channel
+
+    protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
 
     def log(self, request: Any) -> None:
         # Access log without header values (they may carry certificates or tokens).

@@ -1,0 +1,196 @@
+"""Attacks from unauthenticated hosts: slow heads, connection floods, huge bodies, version disclosure."""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from .helpers import (blocking_get, blocking_tls_socket, ca_pem, https_port, new_leaf, start_controller,
+                      wait_until)
+
+ATTACKER, OTHER, YET_ANOTHER = "127.0.0.9", "127.0.0.1", "127.0.0.11"
+
+
+def drip_socket(port: int, source: str) -> socket.socket:
+    """A TCP connection that sent one byte of a TLS ClientHello and nothing more."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(b"\x16")
+    return s
+
+
+def closed_by_server(s: socket.socket, timeout: float = 10) -> bool:
+    """True when the server closes (or resets) the connection within `timeout`."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(1024) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def refused_at_once(port: int, source: str) -> bool:
+    """True when a new connection from `source` is closed before it sends anything."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    try:
+        return closed_by_server(s, timeout=5)
+    finally:
+        s.close()
+
+
+def healthz_probes(port: int, ca: bytes, count: int) -> list[int]:
+    statuses = []
+    for _ in range(count):
+        with blocking_tls_socket(port, ca, source=OTHER) as s:
+            statuses.append(blocking_get(s, "/healthz")[0])
+    return statuses
+
+
+def raw_tls(port: int, ca: bytes) -> ssl.SSLSocket:
+    return blocking_tls_socket(port, ca)
+
+
+def response_head(s: ssl.SSLSocket) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+class SlowHeadTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_dripping_host_is_capped_and_timed_out_while_others_are_served(self):
+        c = yield start_controller(self, max_connections_per_ip=5, request_head_timeout=1.5)
+        port = https_port(c)
+        drips = yield deferToThread(lambda: [drip_socket(port, ATTACKER) for _ in range(5)])
+        self.addCleanup(lambda: [s.close() for s in drips])
+        yield wait_until(lambda: c.https.factory.unauthenticated[ATTACKER] == 5)
+        self.assertTrue((yield deferToThread(refused_at_once, port, ATTACKER)), "a sixth connection was accepted")
+        statuses = yield deferToThread(healthz_probes, port, ca_pem(c), 20)
+        self.assertEqual(statuses, [200] * 20, "another address is served while the attacker is at its cap")
+        closed = yield deferToThread(lambda: [closed_by_server(s) for s in drips])
+        self.assertEqual(closed, [True] * 5, "a head that never completes is cut off")
+        metrics = c.metrics.registry
+        self.assertEqual(metrics.get_sample_value("uptrakit_connections_refused_total",
+                                                  {"listener": "HTTPS", "reason": "per_ip"}), 1)
+        self.assertEqual(metrics.get_sample_value("uptrakit_http_head_timeouts_total"), 5)
+        yield wait_until(lambda: ATTACKER not in c.https.factory.unauthenticated)
+
+    @inlineCallbacks
+    def test_authenticated_connections_do_not_count_against_the_address(self):
+        c = yield start_controller(self, max_connections_per_ip=2)
+        port, ca = https_port(c), ca_pem(c)
+        issued, key, _ = yield new_leaf(c)
+
+        def hold_authenticated(n):
+            held = []
+            for _ in range(n):
+                s = blocking_tls_socket(port, ca, issued.pem, key, source=ATTACKER)
+                self.assertEqual(blocking_get(s, "/api/v1/whoami")[0], 200)
+                held.append(s)
+            return held
+        held = yield deferToThread(hold_authenticated, 4)
+        self.addCleanup(lambda: [s.close() for s in held])
+        drips = yield deferToThread(lambda: [drip_socket(port, ATTACKER) for _ in range(2)])
+        self.addCleanup(lambda: [s.close() for s in drips])
+        yield wait_until(lambda: c.https.factory.unauthenticated[ATTACKER] == 2)
+        self.assertTrue((yield deferToThread(refused_at_once, port, ATTACKER)))
+        self.assertEqual(c.https.factory.open, 6)
+
+    @inlineCallbacks
+    def test_the_global_cap_refuses_and_says_so(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+        lines = []
+        observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        c = yield start_controller(self, max_connections=3)
+        port = https_port(c)
+        held = yield deferToThread(lambda: [drip_socket(port, src) for src in (ATTACKER, OTHER, YET_ANOTHER)])
+        self.addCleanup(lambda: [s.close() for s in held])
+        yield wait_until(lambda: c.https.factory.open == 3)
+        self.assertTrue((yield deferToThread(refused_at_once, port, "127.0.0.12")))
+        self.assertTrue(any("the cap is 3 (max_connections)" in line for line in lines), lines[-5:])
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_connections_open", {"listener": "HTTPS"}), 3)
+
+
+class BodyLimitTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_body_on_the_websocket_route_is_refused_before_it_is_read(self):
+        c = yield start_controller(self)
+        port, ca = https_port(c), ca_pem(c)
+
+        def attempt():
+            with raw_tls(port, ca) as s:
+                s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\nContent-Length: 200000000\r\n\r\n")
+                head = response_head(s)   # no byte of the body was sent
+                return head, closed_by_server(s)
+        head, closed = yield deferToThread(attempt)
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertIn(b"payload_too_large", head + b"")
+        self.assertTrue(closed)
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_http_bodies_refused_total"), 1)
+
+    @inlineCallbacks
+    def test_a_chunked_body_is_cut_off_at_the_route_limit(self):
+        from uptrakitd.web.site import MAX_JSON_BODY
+        c = yield start_controller(self)
+        port, ca = https_port(c), ca_pem(c)
+
+        def attempt():
+            sent = 0
+            with raw_tls(port, ca) as s:
+                s.sendall(b"POST /api/v1/enrollment-tokens HTTP/1.1\r\nHost: localhost\r\n"
+                          b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+                chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+                for _ in range(2 * MAX_JSON_BODY // 0x10000):    # twice what the route takes
+                    s.sendall(chunk)
+                    sent += 0x10000
+                return response_head(s), closed_by_server(s)
+        head, closed = yield deferToThread(attempt)
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head[:200])
+        self.assertTrue(closed, "the connection stays open after the refusal")
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_http_bodies_refused_total"), 1)
+        yield wait_until(lambda: c.https.factory.open == 0)
+
+
+class DisclosureTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_no_version_in_server_and_json_for_a_plain_get_on_the_websocket_route(self):
+        c = yield start_controller(self)
+        port, ca = https_port(c), ca_pem(c)
+
+        def get(path):
+            with raw_tls(port, ca) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                return data
+        for path in ("/healthz", "/api/v1/ws/agent", "/nope"):
+            data = yield deferToThread(get, path)
+            head = data.split(b"\r\n\r\n")[0].lower()
+            self.assertIn(b"\r\nserver: uptrakitd\r\n", head + b"\r\n", path)
+            self.assertNotIn(b"twisted", data.lower(), path)
+            self.assertNotIn(b"autobahn", data.lower(), path)
+        data = yield deferToThread(get, "/api/v1/ws/agent")
+        self.assertTrue(data.startswith(b"HTTP/1.1 426 "), data[:100])
+        self.assertIn(b'"code": "upgrade_required"', data)
+
+
+del time

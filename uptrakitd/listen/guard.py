@@ -1,0 +1,112 @@
+"""Connection caps in front of a listener: no unauthenticated host can hold every socket.
+
+Every accepted TCP connection counts against the listener's global cap; a connection from an address
+that is not a trusted proxy also counts against that address's cap until it authenticates with a
+client certificate (the identity resolver marks it). Over a cap the connection is closed at once,
+before TLS, with a rate-limited log line and a metric.
+"""
+from __future__ import annotations
+
+from collections import Counter as Tally
+from typing import Any, Callable, cast
+
+from prometheus_client import Counter
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from ..config import ConnectionLimits
+from ..trust.proxies import parse_address
+
+log = Logger()
+LOG_EVERY_SECONDS = 10.0
+
+
+class GuardedConnection(ProtocolWrapper):
+    """One accepted connection; `mark_authenticated()` releases its per-address slot."""
+
+    peer_ip: str = ""
+    counted: bool = False
+
+    def mark_authenticated(self) -> None:
+        """The peer proved who it is (a verified client certificate)."""
+        self.factory.released(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.released(self)
+        self.factory.closed(self)
+        super().connectionLost(reason)
+
+
+class ConnectionGuard(WrappingFactory):
+    """WrappingFactory that refuses connections over the global or per-address cap."""
+
+    protocol = GuardedConnection
+
+    def __init__(self, wrapped: IProtocolFactory, what: str, limits: ConnectionLimits,
+                 trusted: Callable[[str], bool], refused: Counter, clock: IReactorTime) -> None:
+        super().__init__(wrapped)
+        self.what = what
+        self.limits = limits
+        self.trusted = trusted
+        self.refused = refused
+        self.clock = clock
+        self.open = 0
+        self.unauthenticated: Tally[str] = Tally()
+        self._last_log: dict[str, float] = {}
+        self._since_log: Tally[str] = Tally()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        ip = parse_address(getattr(addr, "host", "") or "") or "0.0.0.0"
+        if self.open >= self.limits.max_connections:
+            self._refuse("global", ip)
+            return None  # Twisted closes a connection its factory gives no protocol
+        counted = not self.trusted(ip)
+        if counted and self.unauthenticated[ip] >= self.limits.max_connections_per_ip:
+            self._refuse("per_ip", ip)
+            return None
+        proto = cast(GuardedConnection, super().buildProtocol(addr))
+        proto.peer_ip, proto.counted = ip, counted
+        self.open += 1
+        if counted:
+            self.unauthenticated[ip] += 1
+        return proto
+
+    def released(self, proto: GuardedConnection) -> None:
+        """Stop counting `proto` against its address (authenticated or gone)."""
+        if proto.counted:
+            proto.counted = False
+            self.unauthenticated[proto.peer_ip] -= 1
+            if self.unauthenticated[proto.peer_ip] <= 0:
+                del self.unauthenticated[proto.peer_ip]
+
+    def closed(self, proto: GuardedConnection) -> None:
+        """`proto` is gone."""
+        self.open -= 1
+
+    def _refuse(self, reason: str, ip: str) -> None:
+        self.refused.labels(self.what, reason).inc()
+        self._since_log[reason] += 1
+        now = self.clock.seconds()
+        if now - self._last_log.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
+            if reason == "global":
+                log.warn("{what}: {count} connection(s) refused: {open} open, the cap is {cap} (max_connections)",
+                         what=self.what, count=self._since_log[reason], open=self.open,
+                         cap=self.limits.max_connections)
+            else:
+                log.warn("{what}: {count} connection(s) refused: {peer} holds {cap} unauthenticated connections, "
+                         "the per-address cap (max_connections_per_ip)", what=self.what,
+                         count=self._since_log[reason], peer=ip, cap=self.limits.max_connections_per_ip)
+            self._last_log[reason] = now
+            self._since_log[reason] = 0
+
+
+def mark_authenticated(transport: Any) -> None:
+    """Find the GuardedConnection under a (TLS) transport chain and release its per-address slot."""
+    seen = 0
+    while transport is not None and seen < 6:
+        if isinstance(transport, GuardedConnection):
+            transport.mark_authenticated()
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
