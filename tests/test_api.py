@@ -116,7 +116,9 @@ HOSTILE_BODIES = [b"", b"null", b"[]", b"\"text\"", b"1e999", b"{\"a\":", b"\xff
                   b"{\"reason\": {\"nested\": 1}}", b"{\"max_uses\": 99999999999999999999999}",
                   b"{\"expires_in_seconds\": \"soon\"}", b"{\"permissions\": \"admin\"}",
                   b"{\"cert_lifetime_hours\": 1.5}", b"{\"ping_interval_seconds\": 1}",
-                  b"[" * 5000 + b"]" * 5000]
+                  b"[" * 5000 + b"]" * 5000,
+                  b"{\"name\": \"\\ud800\"}", b"{\"friendly_name\": \"x\\udfff\"}",
+                  b"{\"name\": \"ok\", \"kind\": \"\\udc00\"}"]
 
 
 class HostileBodyTests(TestCase):

@@ -141,7 +141,8 @@ class IndependentClientTests(TestCase):
         cases = [(frame("enroll", 2), "bad_seq"), (json.dumps({"protocol_version": 2, "seq": 1, "type": "x"}),
                                                    "unsupported_version"),
                  (json.dumps([1, 2]), "invalid_envelope"), (b"\x00\x01", "binary_frame"),
-                 (frame("enroll", 1, hostname=5, enrollment_token="t"), "invalid_message")]
+                 (frame("enroll", 1, hostname=5, enrollment_token="t"), "invalid_message"),
+                 (frame("enroll", 1, hostname="\ud800", enrollment_token="t"), "invalid_json")]
 
         def attempt(payload):
             with connect(url, ssl=ws_ssl(c)) as ws:

@@ -53,6 +53,17 @@ def request_der(serial=None, alg=hashes.SHA1(), nonce=None, ca=None, issued=None
 
 
 class ResponderTests(TestCase):
+    def test_a_negative_serial_is_a_malformed_request_not_an_internal_error(self):
+        der = request_der(serial=0x5A5A5A5A5A5A5A5A)
+        negative = der.replace(b"\x02\x08\x5a\x5a", b"\x02\x08\xda\x5a", 1)
+        self.assertNotEqual(negative, der)
+        self.assertLess(ocsp.load_der_ocsp_request(negative).serial_number, 0)
+        answer = R.answer(negative)
+        self.assertEqual(answer.status, "malformed")
+        self.assertEqual(ocsp.load_der_ocsp_response(answer.der).response_status,
+                         ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=600))
     def test_random_bytes_get_a_well_formed_response(self, data):

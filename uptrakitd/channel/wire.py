@@ -5,6 +5,8 @@ import json
 import re
 from typing import Any
 
+from ..jsontext import loads_strict
+
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1024 * 1024
 _TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -36,9 +38,9 @@ class ProtocolViolation(ValueError):
 def decode(payload: bytes, expected_seq: int) -> dict[str, Any]:
     """Parse and check one inbound frame: JSON object, protocol_version 1, the expected seq, a type."""
     try:
-        message = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ProtocolViolation("invalid_json", "frame is not valid JSON") from None
+        message = loads_strict(payload)
+    except ValueError as e:
+        raise ProtocolViolation("invalid_json", f"frame is not valid JSON: {e}") from None
     if not isinstance(message, dict):
         raise ProtocolViolation("invalid_envelope", "frame must be a JSON object")
     if message.get("protocol_version") != PROTOCOL_VERSION or isinstance(message.get("protocol_version"), bool):

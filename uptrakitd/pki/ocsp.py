@@ -115,6 +115,8 @@ class OcspResponder:
             return self._unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed")
         except Exception:  # unsupported hash algorithms and the like
             return self._unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed")
+        if serial < 0:  # RFC 5280 serials are positive; such a CertID names nothing we could have issued
+            return self._unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed")
         nonce = None
         try:
             for ext in request.extensions:

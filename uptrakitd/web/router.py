@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ..errors import Forbidden, NotFound, PayloadTooLarge, Unauthorized, UptrakitError
+from ..jsontext import loads_strict
 from .site import MAX_JSON_BODY
 
 log = Logger()
@@ -53,9 +54,9 @@ def json_body(request: Any) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BadRequest("request body is not valid JSON", "invalid_json") from None
+        value = loads_strict(raw)
+    except ValueError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", "invalid_json")
     return value
