@@ -112,6 +112,12 @@ class FakeSocket:
     def become_enrolled(self, service_id: str) -> None:
         self.phase, self.service_id = "enrolled", service_id
 
+    def become_certifying(self) -> None:
+        self.phase = "certifying"
+
+    def become_certified(self) -> None:
+        self.phase = "certified"
+
     def become_authenticated(self, service_id: str, serial: int) -> None:
         self.phase, self.service_id, self.serial = "authenticated", service_id, serial
 

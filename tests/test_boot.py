@@ -20,6 +20,13 @@ from uptrakitd.config import build_settings
 from .helpers import require_program, run
 
 
+def boot_once(settings, **kw):
+    """boot() as a start that ends: the data-dir lock is let go, so the next boot can take it."""
+    booted = boot(settings, **kw)
+    booted.lock.release()
+    return booted
+
+
 def settings_in(tmp: str, **flags):
     return build_settings({"data_dir": str(Path(tmp) / "data"), **flags})
 
@@ -31,7 +38,7 @@ class FirstStartTests(TestCase):
         self.data = Path(self.tmp) / "data"
 
     def test_creates_private_data_dir_store_ca_server_cert_and_token(self):
-        booted = boot(settings_in(self.tmp))
+        booted = boot_once(settings_in(self.tmp))
         self.assertEqual(stat.S_IMODE(os.stat(self.data).st_mode), 0o700)
         for name in ["pki/ca-1.key", "pki/server.key", "admin.token"]:
             self.assertEqual(stat.S_IMODE(os.stat(self.data / name).st_mode), 0o600, name)
@@ -45,7 +52,7 @@ class FirstStartTests(TestCase):
         self.assertEqual(booted.state.active().generation, 1)
 
     def test_ca_properties(self):
-        booted = boot(settings_in(self.tmp, pki_addr="http://pki.example:8080/"))
+        booted = boot_once(settings_in(self.tmp, pki_addr="http://pki.example:8080/"))
         ca = booted.state.active().cert
         key = ca.public_key()
         self.assertIsInstance(key.curve, ec.SECP384R1)
@@ -71,11 +78,11 @@ class FirstStartTests(TestCase):
         self.assertEqual(cdp[0].full_name[0].value, "http://pki.example:8080/api/v1/pki/crl/1.crl")
 
     def test_no_urls_without_pki_addr(self):
-        ca = boot(settings_in(self.tmp)).state.active().cert
+        ca = boot_once(settings_in(self.tmp)).state.active().cert
         self.assertRaises(x509.ExtensionNotFound, ca.extensions.get_extension_for_class, x509.AuthorityInformationAccess)
 
     def test_server_certificate_properties(self):
-        booted = boot(settings_in(self.tmp, san=["controller.example", "10.9.8.7"]))
+        booted = boot_once(settings_in(self.tmp, san=["controller.example", "10.9.8.7"]))
         cert = booted.server_cert
         self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "Uptrakit Controller")
         self.assertIsInstance(cert.public_key().curve, ec.SECP256R1)
@@ -93,67 +100,67 @@ class FirstStartTests(TestCase):
         self.assertIn(cert.serial_number, booted.state.records)
 
     def test_restart_reuses_ca_server_cert_and_token(self):
-        first = boot(settings_in(self.tmp))
+        first = boot_once(settings_in(self.tmp))
         token = (self.data / "admin.token").read_bytes()
-        second = boot(settings_in(self.tmp))
+        second = boot_once(settings_in(self.tmp))
         self.assertEqual(first.state.active().fingerprint, second.state.active().fingerprint)
         self.assertEqual(first.server_cert.serial_number, second.server_cert.serial_number)
         self.assertEqual(token, (self.data / "admin.token").read_bytes())
         self.assertEqual(list(second.state.generations), [1])
 
     def test_new_san_reissues_server_certificate_from_same_ca(self):
-        first = boot(settings_in(self.tmp))
-        second = boot(settings_in(self.tmp, san=["new.example"]))
+        first = boot_once(settings_in(self.tmp))
+        second = boot_once(settings_in(self.tmp, san=["new.example"]))
         self.assertNotEqual(first.server_cert.serial_number, second.server_cert.serial_number)
         self.assertEqual(first.state.active().fingerprint, second.state.active().fingerprint)
 
     def test_server_certificate_near_expiry_is_reissued(self):
-        first = boot(settings_in(self.tmp))
+        first = boot_once(settings_in(self.tmp))
         later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=61)
-        second = boot(settings_in(self.tmp), now=later)
+        second = boot_once(settings_in(self.tmp), now=later)
         self.assertNotEqual(first.server_cert.serial_number, second.server_cert.serial_number)
 
     def test_orphan_key_file_from_a_killed_first_start_is_harmless(self):
         (self.data / "pki").mkdir(parents=True)
         (self.data / "pki" / "ca-1.key").write_bytes(b"half a key")
-        booted = boot(settings_in(self.tmp))
+        booted = boot_once(settings_in(self.tmp))
         self.assertEqual(booted.state.active().generation, 1)
 
     def test_pki_addr_disagreeing_with_stored_ca_is_refused(self):
-        boot(settings_in(self.tmp, pki_addr="http://old.example"))
+        boot_once(settings_in(self.tmp, pki_addr="http://old.example"))
         with self.assertRaises(StartupError) as cm:
-            boot(settings_in(self.tmp, pki_addr="http://new.example", force_settings_override=True))
+            boot_once(settings_in(self.tmp, pki_addr="http://new.example", force_settings_override=True))
         self.assertIn("rotate the CA", str(cm.exception))
 
     def test_stored_network_settings_win_unless_forced(self):
-        first = boot(settings_in(self.tmp, real_ip_header="X-Real-IP"))
+        first = boot_once(settings_in(self.tmp, real_ip_header="X-Real-IP"))
         self.assertEqual(first.network.real_ip_header, "X-Real-IP")
-        second = boot(settings_in(self.tmp, real_ip_header="Forwarded"))
+        second = boot_once(settings_in(self.tmp, real_ip_header="Forwarded"))
         self.assertEqual(second.network.real_ip_header, "X-Real-IP", "the stored runtime setting wins")
-        third = boot(settings_in(self.tmp, real_ip_header="Forwarded", force_settings_override=True))
+        third = boot_once(settings_in(self.tmp, real_ip_header="Forwarded", force_settings_override=True))
         self.assertEqual(third.network.real_ip_header, "Forwarded")
-        fourth = boot(settings_in(self.tmp))
+        fourth = boot_once(settings_in(self.tmp))
         self.assertEqual(fourth.network.real_ip_header, "Forwarded", "the override was stored")
         self.assertEqual(stat.S_IMODE(os.stat(self.data / "uptrakit.sqlite3").st_mode), 0o600)
 
     def test_invalid_stored_network_settings_refused_then_repaired_by_the_override(self):
-        boot(settings_in(self.tmp))
+        boot_once(settings_in(self.tmp))
         db = sqlite3.connect(self.data / "uptrakit.sqlite3")
         db.execute("""UPDATE settings SET value = '{"trusted_proxies": ["nonsense"]}' WHERE key = 'network'""")
         db.commit()
         db.close()
         with self.assertRaises(StartupError) as cm:
-            boot(settings_in(self.tmp))
+            boot_once(settings_in(self.tmp))
         self.assertIn("--force-settings-override", str(cm.exception))
-        repaired = boot(settings_in(self.tmp, trusted_proxies=["10.0.0.0/8"], force_settings_override=True))
+        repaired = boot_once(settings_in(self.tmp, trusted_proxies=["10.0.0.0/8"], force_settings_override=True))
         self.assertEqual([str(n) for n in repaired.network.trusted_proxies], ["10.0.0.0/8"])
-        self.assertEqual(boot(settings_in(self.tmp)).network.trusted_proxies, repaired.network.trusted_proxies)
+        self.assertEqual(boot_once(settings_in(self.tmp)).network.trusted_proxies, repaired.network.trusted_proxies)
 
     def test_missing_ca_key_is_a_clear_error(self):
-        boot(settings_in(self.tmp))
+        boot_once(settings_in(self.tmp))
         (self.data / "pki" / "ca-1.key").unlink()
         with self.assertRaises(StartupError) as cm:
-            boot(settings_in(self.tmp))
+            boot_once(settings_in(self.tmp))
         self.assertIn("ca-1.key", str(cm.exception))
 
 
@@ -163,7 +170,7 @@ class OpensslJudgeTests(TestCase):
         openssl = require_program("openssl", "apt-get install openssl")
         tmp = self.mktemp()
         Path(tmp).mkdir()
-        boot(settings_in(tmp))
+        boot_once(settings_in(tmp))
         pki = Path(tmp) / "data" / "pki"
         out, err, code = yield run(openssl, "verify", "-CAfile", str(pki / "ca.crt"), "-purpose", "sslserver",
                                    str(pki / "server.crt"))
@@ -186,8 +193,8 @@ class CrashPointTests(TestCase):
                 if reached == step:
                     raise FaultInjected(step)
             with self.assertRaises(FaultInjected, msg=step):
-                boot(settings_in(tmp), fault=crash)
-            booted = boot(settings_in(tmp))
+                boot_once(settings_in(tmp), fault=crash)
+            booted = boot_once(settings_in(tmp))
             data = Path(tmp) / "data"
             ca = booted.state.active()
             self.assertEqual(ca.generation, 1, step)
@@ -201,3 +208,16 @@ class CrashPointTests(TestCase):
             self.assertIn(token_hash(token), hashes_stored, f"{step}: the token on disk does not work")
             self.assertEqual((data / "pki" / "ca.crt").read_bytes(), booted.state.bundle_pem(
                 datetime.datetime.now(datetime.timezone.utc)), step)
+
+
+class DataDirLockTests(TestCase):
+    def test_a_second_daemon_on_the_same_data_dir_is_refused_with_the_holders_pid(self):
+        tmp = self.mktemp()
+        Path(tmp).mkdir()
+        first = boot(settings_in(tmp))
+        self.addCleanup(first.lock.release)
+        with self.assertRaises(StartupError) as cm:
+            boot(settings_in(tmp))
+        self.assertIn(f"in use by another uptrakitd (PID {os.getpid()})", str(cm.exception))
+        first.lock.release()
+        boot_once(settings_in(tmp))

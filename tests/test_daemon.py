@@ -24,7 +24,7 @@ class TreeTests(TestCase):
     def test_start_order_is_the_tree_order(self):
         d = self.daemon(pki_addr="http://127.0.0.1:1", pki_http="listener")
         self.assertEqual([s.name for s in d], [
-            "signals", "store", "crl-worker", "hourly CRL rebuild", "daily CA check",
+            "signals", "data-dir lock", "store", "crl-worker", "hourly CRL rebuild", "daily CA check",
             "daily server certificate check", "channel", "renewal check", "HTTPS", "plain-HTTP PKI",
             "setup warnings"])
 

@@ -124,3 +124,24 @@ class HubTests(TestCase):
         for _ in range(9):
             self.hub.received(sock, {"type": "mystery"})
         self.assertRaises(wire.ProtocolViolation, self.hub.received, sock, {"type": "mystery"})
+
+    def test_one_enrollment_gives_one_certificate(self):
+        sock = self.anonymous()
+        self.hub.received(sock, {"type": "enroll", "hostname": "h1", "enrollment_token": self.token})
+        service_id = sock.sent[-1][1]["service_id"]
+        for _ in range(5):
+            self.hub.received(sock, {"type": "request_certificate", "csr_pem": make_csr(service_id)[0].decode()})
+        self.assertEqual(sock.kinds().count("certificate"), 1)
+        self.assertEqual(len(self.ca.state.by_service[service_id]), 1)
+
+    def test_a_service_cannot_pile_up_valid_certificates(self):
+        from uptrakitd.directory import MAX_VALID_CERTIFICATES
+        service_id, serial = self.enrolled_with_certificate()
+        sock = self.authenticated(service_id, serial)
+        for _ in range(MAX_VALID_CERTIFICATES + 2):   # renewals whose answers are "lost": never used
+            sock.closing = False
+            sock.phase = "authenticated"
+            self.hub.received(sock, {"type": "renew_certificate", "csr_pem": make_csr(service_id)[0].decode()})
+        self.assertEqual(self.ca.state.valid_client_certificates(service_id, self.clock.seconds()),
+                         MAX_VALID_CERTIFICATES)
+        self.assertEqual(sock.sent[-1][1]["code"], "too_many_certificates")

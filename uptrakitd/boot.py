@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from . import store as store_mod
 from .config import ConfigError, NetworkSettings, Settings
+from .datadir_lock import DataDirInUse, DataDirLock
 from .directory import ServiceRecord, load_services
 from .files import atomic_write, ensure_private_dir
 from .pki.ca import CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, pki_urls, same_public_key
@@ -50,6 +51,7 @@ class Booted:
     """Everything start-up produced, handed to the running daemon."""
 
     settings: Settings
+    lock: DataDirLock
     network: NetworkSettings
     state: CaState
     server_cert: x509.Certificate
@@ -81,6 +83,20 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
         ensure_private_dir(data_dir / "pki")
     except OSError as e:
         raise StartupError(f"cannot use data dir {data_dir}: {e.strerror}") from None
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+    except (DataDirInUse, OSError) as e:
+        raise StartupError(str(e)) from None
+    try:
+        return _boot(settings, now, reached, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDirLock) -> Booted:
+    data_dir = settings.data_dir
     reached("data_dir")
     files = PkiFiles(data_dir)
     db_path = data_dir / "uptrakit.sqlite3"
@@ -114,7 +130,7 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
         services = store_mod.transaction(conn, load_services)
     finally:
         conn.close()
-    return Booted(settings=settings, network=network, state=state, server_cert=server_cert,
+    return Booted(settings=settings, lock=lock, network=network, state=state, server_cert=server_cert,
                   server_key=server_key, crl_numbers=numbers, admin_token_path=token_path,
                   service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services)
 

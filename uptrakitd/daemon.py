@@ -2,7 +2,7 @@
 
 This module is wiring only. The tree's order is the start order (and, reversed, the stop order):
 
-    signals -> store -> crl-worker -> hourly CRL, daily CA check, daily server-certificate check
+    signals -> data-dir lock -> store -> crl-worker -> hourly CRL, daily CA check, daily server-certificate check
             -> channel (+ renewal check) -> HTTPS listener -> plain-HTTP PKI listener
 
 Event subscriptions are made here too, in the order their effects must happen (see events.py).
@@ -153,6 +153,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
         return guard
 
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
+    Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls), stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)

@@ -24,6 +24,9 @@ from .tokens import new_token, token_hash
 
 log = Logger()
 DEACTIVATION_REASON = "cessationOfOperation"
+# valid (unrevoked, unexpired) client certificates one service may hold: the one in use, a renewal
+# whose answer may have been lost, and a retry; using the newest revokes the others (supersede)
+MAX_VALID_CERTIFICATES = 3
 
 
 @dataclass(slots=True)
@@ -135,6 +138,10 @@ class ServiceDirectory:
         service = self.require(service_id)
         if service.status != "approved":
             raise Forbidden(f"service is {service.status}, not approved", "service_not_approved")
+        valid = self.ca.state.valid_client_certificates(service.id, self.clock.seconds())
+        if valid >= MAX_VALID_CERTIFICATES:
+            raise Conflict(f"service already holds {valid} valid certificates; connect with the newest one "
+                           "(older ones are revoked then) before asking for another", "too_many_certificates")
         csr = load_csr(csr_pem)
         issued = yield self.ca.issue_for_service(csr, service.id, service.kind,
                                                  self.runtime.lifetime_for(service.cert_lifetime_hours))

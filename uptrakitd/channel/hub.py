@@ -203,7 +203,15 @@ class ChannelHub:
             proto.send("error", code="service_not_approved", message=f"service is {service.status}")
             proto.close(wire.SERVICE_NOT_APPROVED)
             return
-        issued = yield self.directory.issue_certificate(service.id, csr, first=True)
+        # one certificate per enrollment: later requests on this socket are unknown messages, and the
+        # enrollment secret stops working once this one is issued
+        proto.become_certifying()
+        try:
+            issued = yield self.directory.issue_certificate(service.id, csr, first=True)
+        except Exception:
+            proto.become_enrolled(service.id)  # a refused CSR may be corrected and sent again
+            raise
+        proto.become_certified()
         self._send_certificate(proto, issued)
 
     def _send_certificate(self, proto: ServiceChannelProtocol, issued: Any) -> None:

@@ -112,6 +112,14 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
         self._cancel_enroll_timer()
         self.phase, self.service_id = "enrolled", service_id
 
+    def become_certifying(self) -> None:
+        """Its first certificate is being issued."""
+        self.phase = "certifying"
+
+    def become_certified(self) -> None:
+        """It has its first certificate: it must reconnect with it (mTLS) to do anything else."""
+        self.phase = "certified"
+
     def become_authenticated(self, service_id: str, serial: int) -> None:
         """Authenticated by a certificate (SPEC §3)."""
         self.phase, self.service_id, self.serial = "authenticated", service_id, serial

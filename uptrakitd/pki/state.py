@@ -75,6 +75,11 @@ class CaState:
         record = self.records.get(serial)
         return record is not None and record.revoked_at is not None
 
+    def valid_client_certificates(self, service_id: str, now_ts: float) -> int:
+        """How many unrevoked, unexpired client certificates a service holds."""
+        return sum(1 for r in self.by_service.get(service_id, ())
+                   if r.purpose == "client" and r.revoked_at is None and r.not_after > now_ts)
+
     def current_for(self, service_id: str, now_ts: float) -> CertRecord | None:
         """The newest unrevoked, unexpired certificate of a service."""
         live = [r for r in self.by_service.get(service_id, ()) if r.revoked_at is None and r.not_after > now_ts]
