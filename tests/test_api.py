@@ -5,7 +5,9 @@ import treq
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from .helpers import enrolled_service, https_client, request_json, start_controller, url
+from uptrakitd.pki.serials import format_serial
+
+from .helpers import enrolled_service, https_client, make_csr, request_json, start_controller, url
 
 
 class ApiTests(TestCase):
@@ -140,3 +142,30 @@ class HostileBodyTests(TestCase):
                     self.assertEqual(set(answer), {"error", "code"}, (method, path, body[:40]))
         self.assertEqual((c.runtime.network, c.runtime.service_certs, c.ca.state.active().generation), before)
         self.assertEqual([r for r in c.ca.state.records.values() if r.revoked_at is not None], [])
+
+
+class UnknownFieldTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_every_json_route_refuses_unknown_fields_and_changes_nothing(self):
+        c = yield start_controller(self)
+        service = yield enrolled_service(c, "agent", "h")
+        status, body = yield request_json(c, "POST", "/api/v1/admin-tokens", {"name": "viewer", "role": "read"})
+        self.assertEqual((status, body["code"]), (400, "invalid_field"))
+        self.assertIn("role", body["error"])
+        status, tokens = yield request_json(c, "GET", "/api/v1/admin-tokens")
+        self.assertEqual([t["name"] for t in tokens["tokens"]], ["bootstrap"], "no full-admin token was minted")
+        issued = yield c.directory.issue_certificate(service.id, make_csr(service.id)[0])
+        serial = format_serial(issued.serial)
+        for method, path, body in [
+                ("POST", "/api/v1/enrollment-tokens", {"name": "x", "uses": 1}),
+                ("PUT", f"/api/v1/services/{service.id}", {"lifetime": 1}),
+                ("PUT", "/api/v1/settings/network", {"trusted_proxy": ["10.0.0.1"]}),
+                ("PUT", "/api/v1/settings/service-certificates", {"lifetime": 1}),
+                ("POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise", "now": True}),
+                ("POST", "/api/v1/settings/rotate-ca", {"force": True})]:
+            status, answer = yield request_json(c, method, path, body)
+            self.assertEqual((status, answer["code"]), (400, "invalid_field"), path)
+        self.assertIsNone(c.ca.state.records[issued.serial].revoked_at)
+        self.assertEqual(c.ca.state.active().generation, 1)

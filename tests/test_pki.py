@@ -357,3 +357,21 @@ class IssuanceTests(TestCase):
         self.assertEqual(body["active_ca"]["generation"], 1)
         self.assertIsNone(body["previous_ca"])
         self.assertEqual(body["active_ca"]["crl_number"], c.crls.current[1].number)
+
+
+class PkiAddrTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_a_non_ascii_pki_addr_is_stored_as_an_a_label_and_issuance_keeps_working(self):
+        from uptrakitd.pki.ca import embedded_urls
+        c = yield start_controller(self)
+        status, body = yield request_json(c, "PUT", "/api/v1/settings/network",
+                                          {"pki_addr": "http://bücher.example:8080"})
+        self.assertEqual((status, body["pki_addr"]), (200, "http://xn--bcher-kva.example:8080"))
+        status, _ = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200)
+        issued, _, _ = yield new_leaf(c)
+        self.assertEqual(embedded_urls(issued.cert)["ocsp"], "http://xn--bcher-kva.example:8080/api/v1/pki/ocsp")
+        status, body = yield request_json(c, "PUT", "/api/v1/settings/network", {"pki_addr": "http://a..b"})
+        self.assertEqual((status, body["code"]), (400, "invalid_setting"))

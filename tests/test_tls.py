@@ -107,6 +107,27 @@ class ContextSwapTests(TestCase):
         self.assertEqual(status, 200)
 
     @inlineCallbacks
+    def test_tls_1_2_offers_only_ecdhe_aead_suites(self):
+        import socket
+        c = yield start_controller(self)
+
+        def handshake(cipher):
+            ctx = pyssl.SSLContext(pyssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = pyssl.CERT_NONE
+            ctx.maximum_version = pyssl.TLSVersion.TLSv1_2
+            ctx.set_ciphers(cipher)
+            try:
+                with ctx.wrap_socket(socket.create_connection(("127.0.0.1", https_port(c)))) as s:
+                    return s.cipher()[0]
+            except pyssl.SSLError as e:
+                return "refused" if "handshake failure" in str(e).lower() or "alert" in str(e).lower() else str(e)
+        for weak in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256"):
+            self.assertEqual((yield deferToThread(handshake, weak)), "refused", weak)
+        for strong in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+            self.assertEqual((yield deferToThread(handshake, strong)), strong)
+
+    @inlineCallbacks
     def test_tls_below_1_2_refused(self):
         c = yield start_controller(self)
 

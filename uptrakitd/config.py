@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,7 +59,31 @@ def normalize_pki_addr(value: str | None, field_name: str = "pki_addr") -> str |
         parts.port
     except ValueError:
         raise ConfigError(field_name, f"URL has an invalid port: {value!r}") from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(field_name, "URL must not carry a user or password")
+    host = parts.hostname
+    if not host.isascii():
+        # certificates carry URIs in ASCII: store the A-label form the CA will embed
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(field_name, f"host name cannot be written in ASCII (IDNA): {host!r}") from None
+        netloc = parts.netloc.replace(parts.netloc.split("@")[-1].split(":")[0], ascii_host, 1)
+        value = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    if not value.isascii():
+        raise ConfigError(field_name, "URL path must be ASCII (percent-encode it)")
+    host = urlsplit(value).hostname or ""
+    if not _is_ip(host) and (host.startswith("*") or not _DNS_NAME.match(host)):
+        raise ConfigError(field_name, f"URL host is not a valid host name or IP address: {host!r}")
     return value.rstrip("/")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _header(value: Any, field_name: str, optional: bool = True) -> str | None:

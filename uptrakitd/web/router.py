@@ -5,7 +5,7 @@ import datetime
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -45,8 +45,11 @@ def route(method: str, path: str, handler: Callable[..., Any], admin: bool = Fal
     return Route(method, re.compile(path), handler, admin)
 
 
-def json_body(request: Any) -> dict[str, Any]:
-    """The request body as a JSON object, or BadRequest/PayloadTooLarge."""
+def json_body(request: Any, allowed: Iterable[str]) -> dict[str, Any]:
+    """The request body as a JSON object with only `allowed` keys, or BadRequest/PayloadTooLarge.
+
+    An unknown key is an error, never ignored: a misspelt field must not silently take its default.
+    """
     from ..errors import BadRequest
     raw = request.content.read(MAX_JSON_BODY + 1) if request.content is not None else b""
     if len(raw) > MAX_JSON_BODY:
@@ -59,6 +62,10 @@ def json_body(request: Any) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", "invalid_json")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise BadRequest(f"{unknown[0][:100]}: unknown field (allowed: {', '.join(sorted(allowed)) or 'none'})",
+                         "invalid_field")
     return value
 
 

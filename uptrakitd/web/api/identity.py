@@ -5,7 +5,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from ...config import ConfigError
+from ...config import ConfigError, NetworkSettings
 from ...errors import BadRequest
 from ...pki.ca import embedded_urls, pki_urls
 from ...pki.serials import format_serial
@@ -45,7 +45,7 @@ class NetworkSettingsRoutes:
 
     @inlineCallbacks
     def put_network(self, request: Any) -> Any:
-        body = json_body(request)
+        body = json_body(request, NetworkSettings.FIELDS)
         try:
             new = yield self.runtime.update_network(body)
         except ConfigError as e:
