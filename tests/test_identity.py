@@ -75,6 +75,16 @@ class EndToEndTests(TestCase):
         self.assertFalse(answer["via_trusted_proxy"])
 
     @inlineCallbacks
+    def test_a_deactivated_service_has_no_identity_even_with_a_valid_certificate(self):
+        # the state an interrupted deactivation of an older release could leave: deactivated, not revoked
+        self.service.status = "deactivated"
+        yield self.configure(forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        answer = yield self.whoami(CLIENT, cert=self.pem, key=self.key)
+        self.assertNoIdentity(answer, "service deactivated")
+        answer = yield self.whoami(PROXY, {"X-SSL-Client-Cert": base64.b64encode(self.der).decode()})
+        self.assertNoIdentity(answer, "service deactivated")
+
+    @inlineCallbacks
     def test_every_certificate_header_format_through_a_trusted_proxy(self):
         yield self.configure(forwarded_client_cert_pem_header="X-SSL-Client-Cert")
         b64 = base64.b64encode(self.der).decode()

@@ -87,9 +87,10 @@ class ChannelHub:
         ctx = proto.context
         if ctx.identity is not None:
             self._authenticate(proto, ctx.identity)
-        elif ctx.rejected_code in ("revoked", "invalid"):
+        elif ctx.rejected_code in ("revoked", "deactivated", "invalid"):
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
-            proto.refuse(wire.CERT_REVOKED if ctx.rejected_code == "revoked" else wire.CERT_NOT_RECOGNIZED)
+            proto.refuse({"revoked": wire.CERT_REVOKED, "deactivated": wire.SERVICE_DEACTIVATED}.get(
+                ctx.rejected_code or "", wire.CERT_NOT_RECOGNIZED))
         elif proto.bearer is not None:
             self._resume_enrollment(proto, proto.bearer)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Container, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -42,7 +42,7 @@ class RequestContext:
     identity_source: str = "none"  # mtls | proxy-cert | proxy-info | none
     rejected: str | None = None
     # why there is no identity, for code (rejected is for people): None (no evidence), "ignored"
-    # (identity headers from an untrusted peer), "revoked", "invalid" (any other refused evidence)
+    # (identity headers from an untrusted peer), "revoked", "deactivated", "invalid" (anything else)
     rejected_code: str | None = None
 
     @property
@@ -113,6 +113,12 @@ def remove_headers(headers: Any, configured: Iterable[str | None], real_ip_heade
 
 # -- verification (SPEC §3.4) ---------------------------------------------------------------------
 
+class ServiceLookup(Protocol):
+    """The services directory as identity checks see it: a record (with `status`) by id, or None."""
+
+    def get(self, service_id: str) -> Any: ...
+
+
 class Rejected(Exception):
     """Evidence that does not establish an identity; the message is the short reason whoami shows."""
 
@@ -146,7 +152,7 @@ def _service_id_of(cert: x509.Certificate, trust_domain: str) -> str | None:
     return _uuid(str(cns[0].value)) if len(cns) == 1 else None
 
 
-def verify_certificate(cert: x509.Certificate, authority: CaState, services: Container[str],
+def verify_certificate(cert: x509.Certificate, authority: CaState, services: ServiceLookup,
                        trust_domain: str, now: datetime.datetime, check_chain: bool = True) -> Identity:
     """Identity from a certificate: issued by a trusted CA, valid now, clientAuth, in our records, not revoked."""
     ca = None
@@ -175,12 +181,22 @@ def verify_certificate(cert: x509.Certificate, authority: CaState, services: Con
     if record.revoked_at is not None:
         raise Rejected("certificate revoked", "revoked")
     service_id = _service_id_of(cert, trust_domain)
-    if service_id is None or service_id != record.service_id or service_id not in services:
+    if service_id is None or service_id != record.service_id or services.get(service_id) is None:
         raise Rejected("certificate does not match our records")
+    _require_active(services, service_id)
     return Identity(service_id, record.serial, ca.generation)
 
 
-def verify_info(info: ForwardedClientCert, authority: CaState, services: Container[str],
+def _require_active(services: ServiceLookup, service_id: str) -> None:
+    # defence in depth: deactivation revokes every certificate, but identity never rests on that alone
+    status = getattr(services.get(service_id), "status", None)
+    if status == "deactivated":
+        raise Rejected("service deactivated", "deactivated")
+    if status != "approved":
+        raise Rejected(f"service is {status}, not approved")
+
+
+def verify_info(info: ForwardedClientCert, authority: CaState, services: ServiceLookup,
                 now: datetime.datetime) -> Identity:
     """Identity from Subject/Issuer/SerialNumber alone, checked against the trusted CAs and our records."""
     missing = [name for name, value in (("Subject", info.subject), ("Issuer", info.issuer),
@@ -192,7 +208,7 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Contain
     if ca is None:
         raise Rejected("issuer CN does not match a trusted CA")
     service_id = _uuid(common_name(info.subject))
-    if service_id is None or service_id not in services:
+    if service_id is None or services.get(service_id) is None:
         raise Rejected("subject CN is not a known service")
     record = authority.records.get(info.serial)
     if record is None or record.purpose != "client" or record.service_id != service_id \
@@ -202,6 +218,7 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Contain
         raise Rejected("certificate revoked", "revoked")
     if not record.not_before <= now.timestamp() <= record.not_after:
         raise Rejected("certificate expired or not yet valid")
+    _require_active(services, service_id)
     return Identity(service_id, record.serial, ca.generation)
 
 
@@ -211,7 +228,7 @@ class IdentityResolver:
     """Runs before any resource: strips what cannot be trusted, then decides who the request is."""
 
     def __init__(self, network: Callable[[], NetworkSettings], authority: CaState,
-                 services: Container[str], trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None) -> None:
+                 services: ServiceLookup, trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None) -> None:
         self.network = network
         self.authority = authority
         self.services = services
@@ -288,7 +305,8 @@ class IdentityResolver:
         if not reasons:
             self._count("none", "absent")
         return RequestContext(peer, client_ip, peer, rejected="; ".join(r for r in reasons if r) or None,
-                              rejected_code=("revoked" if "revoked" in codes else "invalid") if reasons else None)
+                              rejected_code=next((c for c in ("revoked", "deactivated") if c in codes), "invalid")
+                              if reasons else None)
 
     def _info_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
         info = parse_info_header(value, net.forwarded_client_cert_info_format)
