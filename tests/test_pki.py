@@ -375,3 +375,36 @@ class PkiAddrTests(TestCase):
         self.assertEqual(embedded_urls(issued.cert)["ocsp"], "http://xn--bcher-kva.example:8080/api/v1/pki/ocsp")
         status, body = yield request_json(c, "PUT", "/api/v1/settings/network", {"pki_addr": "http://a..b"})
         self.assertEqual((status, body["code"]), (400, "invalid_setting"))
+
+
+class CrlFailureTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_a_failed_rebuild_is_retried_and_readiness_reports_the_lag_meanwhile(self):
+        import errno
+        c = yield start_controller(self)
+        c.crls.lag_grace = 0
+        issued, _, _ = yield new_leaf(c)
+        real, attempts = c.crls.files.write_crls, []
+
+        def disk_full_once(pem):
+            attempts.append(len(pem))
+            if len(attempts) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(pem)
+        c.crls.files.write_crls = disk_full_once
+        status, _ = yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke", {})
+        self.assertEqual(status, 200)
+        yield wait_until(lambda: len(attempts) == 1)
+        status, body = yield request_json(c, "GET", "/readyz", token=None)
+        self.assertEqual(status, 503)
+        self.assertIn("CRLs lack revocations", body["checks"]["crl"])
+        yield wait_until(lambda: any(r.serial_number == issued.serial for r in c.crls.current[1].crl), timeout=10)
+        self.assertEqual(len(attempts), 2, "retried once the disk had room again")
+        on_disk = x509.load_pem_x509_crl((c.settings.data_dir / "pki" / "ca.crl").read_bytes())
+        self.assertIsNotNone(on_disk.get_revoked_certificate_by_serial_number(issued.serial))
+        status, body = yield request_json(c, "GET", "/readyz", token=None)
+        self.assertEqual((status, body["checks"]["crl"]), (200, "ok"))
+        self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_crl_lag_seconds"), 0)
+        self.flushLoggedErrors(OSError)

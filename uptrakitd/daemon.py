@@ -104,6 +104,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
 
     d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
     crls.publish_at_start(booted.crl_numbers, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
+    metrics.crl_lag.set_function(crls.lag_seconds)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain)

@@ -35,6 +35,8 @@ class Metrics:
                                           "complete request head in time", registry=self.registry)
         self.http_bodies_refused = Counter("uptrakit_http_bodies_refused", "Requests refused (413) for a body "
                                            "larger than the route takes", registry=self.registry)
+        self.crl_lag = Gauge("uptrakit_crl_lag_seconds", "How far the served CRLs are behind the newest "
+                             "revocation (0 when they include it)", registry=self.registry)
         self.tls_context_installs = Counter("uptrakit_tls_context_installs", "TLS contexts installed",
                                             registry=self.registry)
 

@@ -32,5 +32,10 @@ class Readiness:
         active = self.ca.state.active()
         ca = "ok" if not active.expired(now) and active.key is not None else "active CA unusable"
         stale = self.crls.stale(now)
-        crl = "ok" if not stale else f"CRL of generation {stale[-1]} missing or stale"
+        if stale:
+            crl = f"CRL of generation {stale[-1]} missing or stale"
+        elif self.crls.behind(now):
+            crl = f"CRLs lack revocations of the last {self.crls.lag_seconds():.0f}s (rebuild failing?)"
+        else:
+            crl = "ok"
         return {"database": database, "ca": ca, "crl": crl}

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..store import Store, ca_generations
 from .ca import CaGeneration, key_pem
@@ -37,6 +38,7 @@ REASONS = {
     "aACompromise": x509.ReasonFlags.aa_compromise,
 }
 GRACE_SECONDS = 86400
+MAX_RETRY_SECONDS = 60.0
 Entry = tuple[int, int, str]  # (serial, revoked_at, reason)
 
 
@@ -133,7 +135,8 @@ class CrlPublisher:
 
     def __init__(self, state: CaState, store: Store, files: PkiFiles, clock: IReactorTime,
                  run_blocking: Callable[..., Deferred],
-                 validity: datetime.timedelta = datetime.timedelta(hours=24), coalesce_seconds: float = 0.5) -> None:
+                 validity: datetime.timedelta = datetime.timedelta(hours=24), coalesce_seconds: float = 0.5,
+                 lag_grace: float = 30.0) -> None:
         self.state = state
         self.store = store
         self.files = files
@@ -149,6 +152,10 @@ class CrlPublisher:
         self._running: Deferred | None = None
         self._dirty = False
         self._stopped = False
+        self._retry_delay = 0.0
+        self.lag_grace = lag_grace
+        self._revocations_seen = 0               # revocations announced since start
+        self._missing_since: float | None = None  # when the first one the served CRLs lack happened
 
     @staticmethod
     def _bundle_of(crls: list[PublishedCrl]) -> bytes:
@@ -182,6 +189,14 @@ class CrlPublisher:
         return [ca.generation for ca in self.state.served(now)
                 if (crl := self.current.get(ca.generation)) is None or now > crl.this_update + self.validity]
 
+    def lag_seconds(self) -> float:
+        """For how long the served CRLs have lacked a revocation (0 when they include every one)."""
+        return 0.0 if self._missing_since is None else max(0.0, self.clock.seconds() - self._missing_since)
+
+    def behind(self, now: datetime.datetime) -> bool:
+        """True when a revocation has been missing from the served CRLs for more than `lag_grace`."""
+        return self.lag_seconds() > self.lag_grace
+
     def stop(self) -> Deferred | None:
         """Cancel a pending rebuild, retire the worker; returns the running rebuild (if any) to wait for."""
         if self._scheduled is not None and self._scheduled.active():
@@ -203,6 +218,9 @@ class CrlPublisher:
 
     def on_revoked(self, event: Any) -> None:
         """CertificateRevoked: rebuild soon."""
+        self._revocations_seen += 1
+        if self._missing_since is None:
+            self._missing_since = self.clock.seconds()
         self.request_rebuild()
 
     def on_ca_rotated(self, event: Any) -> Deferred:
@@ -234,11 +252,23 @@ class CrlPublisher:
 
         def done(result: Any) -> Any:
             self._running = None
-            if self._dirty:
-                self._dirty = False
-                self.request_rebuild()
+            if isinstance(result, Failure):
+                self._retry_later()
+            else:
+                self._retry_delay = 0.0
+                if self._dirty:
+                    self._dirty = False
+                    self.request_rebuild()
             return result
         return self._running.addBoth(done)
+
+    def _retry_later(self) -> None:
+        # a failed rebuild (disk full, worker died) is retried with backoff until one succeeds
+        self._retry_delay = min(MAX_RETRY_SECONDS, max(1.0, self._retry_delay * 2))
+        if self._stopped or (self._scheduled is not None and self._scheduled.active()):
+            return
+        log.warn("CRL rebuild failed; retrying in {seconds:.0f}s", seconds=self._retry_delay)
+        self._scheduled = self.clock.callLater(self._retry_delay, self._scheduled_rebuild)
 
     def _sign(self, ca: CaGeneration, entries: list[Entry], number: int, now: datetime.datetime) -> Deferred:
         if self._executor is None:
@@ -264,7 +294,7 @@ class CrlPublisher:
         served = self.state.served(now)
         numbers = yield self.store.run(ca_generations.next_crl_numbers, [ca.generation for ca in served])
         records = list(self.state.records.values())  # snapshot taken on the reactor thread
-        started = self.clock.seconds()
+        covered, started = self._revocations_seen, self.clock.seconds()
         crls = []
         for ca in served:
             entries = yield self.run_blocking(revoked_entries, records, ca.generation, int(now.timestamp()))
@@ -275,6 +305,8 @@ class CrlPublisher:
         # the file first: whoever sees the new CRLs served (a test, a proxy's timer) finds them on disk too
         yield self.run_blocking(self.files.write_crls, self._bundle_of(crls))
         self._publish(crls)
+        # revocations that came in while this one was built are still missing: they count from its start
+        self._missing_since = None if covered == self._revocations_seen else started
         log.info("CRLs rebuilt: {summary} in {seconds:.2f}s",
                  summary=", ".join(f"G{c.generation} #{c.number} ({c.entries} entries)" for c in crls),
                  seconds=self.clock.seconds() - started)
