@@ -169,3 +169,26 @@ class UnknownFieldTests(TestCase):
             self.assertEqual((status, answer["code"]), (400, "invalid_field"), path)
         self.assertIsNone(c.ca.state.records[issued.serial].revoked_at)
         self.assertEqual(c.ca.state.active().generation, 1)
+
+
+class StorageFullTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_full_database_answers_503_storage_unavailable_and_readiness_says_not_writable(self):
+        c = yield start_controller(self)
+
+        def cap(conn):  # SQLite's own "database or disk is full", as on a full filesystem
+            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+        yield c.store.run(cap)
+        statuses = []
+        for i in range(400):
+            status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", {"name": f"{i:03d}" + "x" * 190})
+            statuses.append(status)
+            if status != 201:
+                break
+        self.assertEqual((statuses[-1], body["code"]), (503, "storage_unavailable"), statuses[-3:])
+        self.assertNotIn(500, statuses)
+        status, body = yield request_json(c, "GET", "/readyz", token=None)
+        self.assertEqual(status, 503)
+        self.assertTrue(body["checks"]["database"].startswith("not writable"), body)

@@ -41,3 +41,9 @@ class PayloadTooLarge(UptrakitError):
 
 class Unavailable(UptrakitError):
     status, code = 503, "unavailable"
+
+
+class StorageUnavailable(Unavailable):
+    """The database cannot be written (disk full, I/O error, closed): nothing was changed."""
+
+    code = "storage_unavailable"

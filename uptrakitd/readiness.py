@@ -7,9 +7,10 @@ from twisted.internet.defer import inlineCallbacks
 
 from .pki.authority import CertificateAuthority
 from .pki.crl import CrlPublisher
-from .store import Store, ping
+from .store import Store, read_probe, write_probe
 
 DATABASE_TIMEOUT = 2.0
+WRITE_PROBE_EVERY = 10.0  # seconds: a probe answered within this reuses the last write's result
 
 
 class Readiness:
@@ -19,15 +20,12 @@ class Readiness:
         self.store = store
         self.ca = ca
         self.crls = crls
+        self._last_probe: tuple[float, str] | None = None
 
     @inlineCallbacks
     def check(self) -> Any:
         """Fires with {"database", "ca", "crl"}: "ok" or what is wrong."""
-        try:
-            yield self.store.run(ping).addTimeout(DATABASE_TIMEOUT, self.ca.clock)
-            database = "ok"
-        except Exception as e:
-            database = f"unavailable ({type(e).__name__})"
+        database = yield self._database()
         now = self.ca.now()
         active = self.ca.state.active()
         ca = "ok" if not active.expired(now) and active.key is not None else "active CA unusable"
@@ -39,3 +37,20 @@ class Readiness:
         else:
             crl = "ok"
         return {"database": database, "ca": ca, "crl": crl}
+
+    @inlineCallbacks
+    def _database(self) -> Any:
+        # a read every time; a write (which fails on a full disk when reads still work) at most every 10 s
+        now = self.ca.clock.seconds()
+        try:
+            yield self.store.run(read_probe).addTimeout(DATABASE_TIMEOUT, self.ca.clock)
+        except Exception as e:
+            return f"unavailable ({getattr(e, 'message', None) or type(e).__name__})"
+        if self._last_probe is None or now - self._last_probe[0] >= WRITE_PROBE_EVERY:
+            try:
+                yield self.store.run(write_probe, int(now)).addTimeout(DATABASE_TIMEOUT, self.ca.clock)
+                result = "ok"
+            except Exception as e:
+                result = f"not writable ({getattr(e, 'message', None) or type(e).__name__})"
+            self._last_probe = (now, result)
+        return self._last_probe[1]

@@ -19,8 +19,8 @@ from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 
-from .database import (SqliteStore, StoreError, backup_path, connect, migrate, migrations, open_and_migrate, ping,
-                       schema_version, transaction)
+from .database import (SqliteStore, StoreError, backup_path, connect, migrate, migrations, open_and_migrate,
+                       read_probe, schema_version, transaction, write_probe)
 
 
 class Store(Protocol):
@@ -33,5 +33,5 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["SqliteStore", "Store", "StoreError", "backup_path", "connect", "migrate", "migrations", "open_and_migrate", "ping",
-           "schema_version", "transaction"]
+__all__ = ["SqliteStore", "Store", "StoreError", "backup_path", "connect", "migrate", "migrations", "open_and_migrate",
+           "read_probe", "schema_version", "transaction", "write_probe"]

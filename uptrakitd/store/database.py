@@ -13,6 +13,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from ..errors import StorageUnavailable
+
 log = Logger()
 _MIGRATION_NAME = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
 Migration = tuple[int, str, str]
@@ -134,9 +136,16 @@ def transaction(conn: sqlite3.Connection, operation: Callable[..., Any], *args: 
     return result
 
 
-def ping(conn: sqlite3.Connection) -> None:
-    """A query that needs the database to answer (readiness)."""
+def read_probe(conn: sqlite3.Connection) -> None:
+    """A query the database must answer (readiness)."""
     conn.execute("SELECT COUNT(*) FROM ca_generations").fetchone()
+
+
+def write_probe(conn: sqlite3.Connection, now: int) -> None:
+    """A write the database must accept (readiness): one row, updated in place."""
+    conn.execute("INSERT INTO health (id, checked_at, scratch) VALUES (1, ?, zeroblob(8192)) "
+                 "ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at, scratch = randomblob(8192)",
+                 (now,))
 
 
 class SqliteStore:
@@ -152,13 +161,19 @@ class SqliteStore:
     def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
         """Run operation(conn, *args) in the store thread inside one transaction; fires with its result."""
         if self._closed:
-            return fail(StoreError("the store is closed"))
+            return fail(StorageUnavailable("storage unavailable: the store is closed"))
         return deferToThreadPool(self._reactor, self._pool, self._in_thread, operation, args, kw)
 
     def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
-        if self._conn is None:
-            self._conn = connect(self.path)
-        return transaction(self._conn, operation, *args, **kw)
+        try:
+            if self._conn is None:
+                self._conn = connect(self.path)
+            return transaction(self._conn, operation, *args, **kw)
+        except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError, StoreError) as e:
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                raise  # a bug or a constraint: not the storage's fault
+            log.error("database write failed, answering 503: {error}", error=str(e))
+            raise StorageUnavailable(f"storage unavailable: {e}") from None
 
     def start(self) -> None:
         """Start the store thread."""
