@@ -192,3 +192,34 @@ class IndependentClientTests(TestCase):
         self.assertLess(pongs, 399)
         reason = yield deferToThread(idle)
         self.assertEqual(reason, "enrollment timeout")
+
+
+class FrameFloodTests(TestCase):
+    """Limits count frames and bytes, not only whole messages."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_one_byte_fragments_and_ping_floods_are_closed_for_rate(self):
+        from websockets.sync.client import connect
+        c = yield start_controller(self)
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+
+        def fragments():
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                try:
+                    ws.send(iter(["x"] * 5000))   # one message, 5,000 one-byte frames
+                except Exception:
+                    pass  # closed under us: the reason follows
+                return until_closed(ws)[1:]
+
+        def pings():
+            with connect(url, ssl=ws_ssl(c)) as ws:
+                try:
+                    for i in range(5000):
+                        ws.ping(str(i))
+                except Exception:
+                    pass
+                return until_closed(ws)[1:]
+        self.assertEqual((yield deferToThread(fragments)), (1008, "rate limit exceeded"))
+        self.assertEqual((yield deferToThread(pings)), (1008, "rate limit exceeded"))

@@ -14,6 +14,10 @@ log = Logger()
 OUTBOUND_CAP = 1024 * 1024
 RATE_PER_SECOND = 50.0
 RATE_BURST = 100.0
+# frames (data fragments and pings) and bytes are limited too: a flood of 1-byte fragments or pings
+# is one "message" or none at all, yet costs the reactor as much as thousands
+FRAMES_PER_SECOND, FRAME_BURST = 200.0, 400.0
+BYTES_PER_SECOND, BYTE_BURST = 1024.0 * 1024, 2.0 * 1024 * 1024
 ENROLL_TIMEOUT = 30.0
 MAX_UNKNOWN_IN_A_ROW = 10
 
@@ -41,13 +45,14 @@ class TokenBucket:
         self.clock, self.rate, self.burst = clock, rate, burst
         self.tokens, self.stamp = burst, clock.seconds()
 
-    def take(self) -> bool:
+    def take(self, amount: float = 1) -> bool:
+        """Spend `amount` tokens; False (and nothing spent) when there are not enough."""
         now = self.clock.seconds()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens < 1:
+        if self.tokens < amount:
             return False
-        self.tokens -= 1
+        self.tokens -= amount
         return True
 
 
@@ -85,6 +90,8 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
         self.unknown_in_row = 0
         self.closing = False
         self.bucket = TokenBucket(self.hub.clock)
+        self.frames = TokenBucket(self.hub.clock, FRAMES_PER_SECOND, FRAME_BURST)
+        self.bytes_in = TokenBucket(self.hub.clock, BYTES_PER_SECOND, BYTE_BURST)
         self.enroll_timer: Any = None
         self.on_gone: Any = None
         auth = request.headers.get("authorization", "")
@@ -94,6 +101,22 @@ class ServiceChannelProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.hub.opened(self)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._frame_allowed(length)  # over the limit: closing, and onMessage ignores what follows
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:
+        if self._frame_allowed(len(payload)):
+            super().onPing(payload)
+
+    def _frame_allowed(self, length: int) -> bool:
+        if self.closing or (self.frames.take() and self.bytes_in.take(length)):
+            return not self.closing
+        log.info("channel: {client} ({service}) sends frames or bytes too fast: closing",
+                 client=self.context.client_ip, service=self.service_id)
+        self.close(wire.RATE_LIMITED)
+        return False
 
     # -- state, as the hub decides it ----------------------------------------------------------
 
