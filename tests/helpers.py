@@ -218,9 +218,9 @@ def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = 
     return proto
 
 
-def run(*argv: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> Deferred:
+def run(*argv: str, stdin: bytes | None = None, env: dict[str, str] | None = None, cwd: str | None = None) -> Deferred:
     """Run a program to its end (stdin given then closed); fires with (stdout, stderr, exit code)."""
-    proto = spawn(list(argv), env=env, stdin=stdin)
+    proto = spawn(list(argv), env=env, stdin=stdin, cwd=cwd)
     return proto.ended.addCallback(lambda code: (b"".join(proto.out), b"".join(proto.err), code))
 
 

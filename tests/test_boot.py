@@ -28,7 +28,7 @@ def boot_once(settings, **kw):
 
 
 def settings_in(tmp: str, **flags):
-    return build_settings({"data_dir": str(Path(tmp) / "data"), **flags})
+    return build_settings({"data_dir": str(Path(tmp) / "data"), "https_listen": "tcp:0:interface=127.0.0.1", **flags})
 
 
 class FirstStartTests(TestCase):

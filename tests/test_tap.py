@@ -160,6 +160,61 @@ class TwistdTests(TestCase):
         yield daemon.ended
 
     @inlineCallbacks
+    def test_a_first_start_whose_pki_listener_cannot_bind_creates_nothing(self):
+        import socket
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        taken = busy.getsockname()[1]
+        https = f"tcp:{free_port()}:interface=127.0.0.1"
+        out, err, code = yield run(TWISTD, "--pidfile=", "-n", "uptrakit", "--https-listen", https,
+                                   "--pki-addr", f"http://127.0.0.1:{taken}", "--pki-http", "listener",
+                                   env=env(), cwd=cwd)
+        lines = [line for line in err.decode().splitlines() if line.strip()]
+        self.assertNotEqual(code, 0)
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("cannot listen for plain-HTTP PKI", lines[0])
+        self.assertIn("no CA or settings were created", lines[0])
+        self.assertFalse((Path(cwd) / "uptrakit-data" / "pki" / "ca-1.key").exists())
+        port = free_port()
+        daemon = start_daemon(self, "--https-listen", https, "--pki-addr", f"http://127.0.0.1:{port}",
+                              "--pki-http", "listener", cwd=cwd)
+        yield daemon.wait_for(b"plain-HTTP PKI listening on")
+        daemon.transport.signalProcess("TERM")
+        self.assertEqual((yield daemon.ended), 0)
+
+    @inlineCallbacks
+    def test_both_listeners_busy_on_a_later_start_is_one_line_and_exit_1(self):
+        import socket
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        https_port, pki_port = free_port(), free_port()
+        args = ("--https-listen", f"tcp:{https_port}:interface=127.0.0.1", "--pki-addr",
+                f"http://127.0.0.1:{pki_port}", "--pki-http", "listener")
+        daemon = start_daemon(self, *args, cwd=cwd)
+        yield daemon.wait_for(b"plain-HTTP PKI listening on")
+        daemon.transport.signalProcess("TERM")
+        yield daemon.ended
+        holders = []
+        for port in (https_port, pki_port):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+            self.addCleanup(s.close)
+            holders.append(s)
+        out, err, code = yield run(TWISTD, "--pidfile=", "-n", "uptrakit", *args, env=env(), cwd=cwd)
+        lines = [line for line in err.decode().splitlines() if line.strip()]
+        self.assertEqual(code, 1)
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("uptrakitd: error: cannot listen for HTTPS", lines[0])
+        self.assertNotIn(b"Traceback", out + err)
+        self.assertNotIn(b"ReactorNotRunning", out + err)
+
+    @inlineCallbacks
     def test_sighup_applies_valid_config_and_rejects_invalid_whole(self):
         cwd = os.path.abspath(self.mktemp())
         Path(cwd).mkdir()

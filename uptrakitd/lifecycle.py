@@ -73,9 +73,9 @@ class _Reactor(Protocol):
 class SignalHandlers(Service):
     """SIGHUP reloads; with `handle_term`, SIGTERM stops the reactor as a completed, clean shutdown.
 
-    SIGHUP is installed at once (before the listeners start: whoever sees the "listening" line may
-    send it). SIGTERM is taken over once the reactor runs (the reactor installs its own at start-up);
-    twistd then exits 0 after a clean stop instead of re-raising the signal (exit 143).
+    Both are installed before the listeners start (whoever sees the "listening" line may signal at
+    once), and SIGTERM again once the reactor runs (its start-up installs its own). twistd then exits
+    0 after a clean stop instead of re-raising the signal (exit 143).
     """
 
     def __init__(self, reactor: _Reactor, reload: Callable[[], Any], handle_term: bool = False) -> None:
@@ -87,14 +87,20 @@ class SignalHandlers(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._install(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self._install_now()
 
     def startService(self) -> None:
         super().startService()
-        if signal.SIGHUP not in self._previous:
-            self._install(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self._install_now()
         if self.handle_term:
+            # again once the reactor runs: its start-up installs its own SIGTERM handler over ours
             self.reactor.callWhenRunning(self._install, signal.SIGTERM, self._terminate)
+
+    def _install_now(self) -> None:
+        # before the listeners start: whoever sees the "listening" line may signal at once
+        self._install(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        if self.handle_term:
+            self._install(signal.SIGTERM, self._terminate)
 
     def _install(self, signum: int, handler: Any) -> None:
         self._previous.setdefault(signum, signal.getsignal(signum))

@@ -56,13 +56,11 @@ class ListenerService(StreamServerEndpointService):
         return port
 
     def _fail(self, message: str) -> None:
-        log.critical("{message}", message=message)
-        sys.stderr.write(f"uptrakitd: error: {message}\n")
+        _say(message)
         raise ListenerFailed(1)
 
     def _fail_later(self, message: str) -> None:
-        log.critical("{message}", message=message)
-        sys.stderr.write(f"uptrakitd: error: {message}\n")
+        _say(message)
         # The failure arrived after twistd handed control to the reactor, and twistd turns a normal
         # reactor stop into exit status 0: exiting from an after-shutdown trigger is the only way left
         # to report it (public API offers no exit status).
@@ -72,3 +70,11 @@ class ListenerService(StreamServerEndpointService):
     def stopService(self) -> Deferred:
         self.port = None
         return super().stopService()
+
+
+def _say(message: str) -> None:
+    log.critical("{message}", message=message)
+    # the process's real stderr: under twistd, sys.stderr is redirected into the log
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"uptrakitd: error: {message}\n")
+    stream.flush()
