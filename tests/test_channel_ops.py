@@ -194,10 +194,11 @@ class AgentTwistdTests(TestCase):
         tmp.mkdir()
         (tmp / "ca.crt").write_bytes(ca_pem(c))
         twistd = str(Path(sys.executable).with_name("twistd"))
+        (tmp / "token").write_text(token + "\n")
         proto = spawn([
             twistd, "--pidfile=", "-n", "uptrakit-agent", "--controller", f"wss://localhost:{https_port(c)}",
-            "--enrollment-token", token, "--state-dir", str(tmp / "state"), "--ca-cert", str(tmp / "ca.crt"),
-            "--kind", "mqtt", "--hostname", "bridge-7"], env=env(), cwd=str(tmp))
+            "--enrollment-token-file", str(tmp / "token"), "--state-dir", str(tmp / "state"),
+            "--ca-cert", str(tmp / "ca.crt"), "--kind", "mqtt", "--hostname", "bridge-7"], env=env(), cwd=str(tmp))
         transport = proto.transport
         self.addCleanup(lambda: None if proto.ended.called else (transport.signalProcess("TERM"), proto.ended)[1])
         try:
@@ -209,8 +210,25 @@ class AgentTwistdTests(TestCase):
         self.assertEqual((service.kind, service.identity_source), ("mqtt", "mtls"))
         self.assertEqual(oct((tmp / "state" / "identity.pem").stat().st_mode & 0o777), "0o600")
         self.assertNotIn(token.encode(), proto.output)
-        transport.signalProcess("TERM")
-        yield proto.ended
+        # deactivated: the agent stops, and says so with its exit status (systemd marks the unit failed)
+        status, _ = yield request_json(c, "DELETE", f"/api/v1/services/{service.id}")
+        self.assertEqual(status, 200)
+        code = yield proto.ended
+        self.assertEqual(code, 3, proto.output.decode(errors="replace")[-2000:])
+        self.assertIn(b"uptrakit-agent: stopped: service deactivated", proto.output)
+        # the token from the environment works the same way, and never shows in the process's output
+        other_token = yield enrollment_token(c)
+        second = spawn([
+            twistd, "--pidfile=", "-n", "uptrakit-agent", "--controller", f"wss://localhost:{https_port(c)}",
+            "--state-dir", str(tmp / "state2"), "--ca-cert", str(tmp / "ca.crt"), "--hostname", "bridge-8"],
+            env=dict(env(), UPTRAKIT_ENROLLMENT_TOKEN=other_token), cwd=str(tmp))
+        self.addCleanup(lambda: None if second.ended.called else (second.transport.signalProcess("TERM"),
+                                                                    second.ended)[1])
+        yield wait_until(lambda: any(s.hostname == "bridge-8" and s.id in c.channel.connected
+                                     for s in c.directory), timeout=30)
+        self.assertNotIn(other_token.encode(), second.output)
+        second.transport.signalProcess("TERM")
+        yield second.ended
         out, err, code = yield run(
             twistd, "--pidfile=", "-n", "uptrakit-agent", "--state-dir", str(tmp / "x"), env=env())
         self.assertNotEqual(code, 0)

@@ -89,7 +89,8 @@ class ServiceAgent(Service):
                  enrollment_token: str | None = None, ca_cert: bytes | None = None, hostname: str | None = None,
                  friendly_name: str | None = None, server_ca: bytes | None = None,
                  bind_address: str | None = None, extra_headers: dict[str, str] | None = None,
-                 backoff: tuple[float, float] = (1.0, 60.0)) -> None:
+                 backoff: tuple[float, float] = (1.0, 60.0),
+                 on_stop: Callable[[str], Any] | None = None) -> None:
         parts = urlsplit(controller)
         if parts.scheme not in ("wss", "https") or not parts.hostname:
             raise AgentError("--controller must be wss://host[:port] (or https://)")
@@ -98,6 +99,7 @@ class ServiceAgent(Service):
         self.kind = kind
         self.state = AgentState(state_dir)
         self.enrollment_token = enrollment_token
+        self.on_stop = on_stop  # called once with the reason when the agent gives up for good
         self.initial_ca = ca_cert
         self.server_ca = server_ca
         self.hostname = hostname or socket.gethostname()
@@ -172,8 +174,7 @@ class ServiceAgent(Service):
             options = self.tls_options(mode == "mtls")
         except (AgentError, ValueError) as e:
             log.critical("agent cannot connect: {error}", error=str(e))
-            self.stopped_reason = str(e)
-            self.event("stopped", str(e))
+            self._give_up(str(e))
             return
         headers = dict(self.extra_headers)
         if mode == "bearer":
@@ -252,6 +253,7 @@ class ServiceAgent(Service):
         self.state.save_service(service_id=m["service_id"], enrollment_secret=m["enrollment_secret"],
                                 kind=self.kind)
         log.info("enrolled as {service} (status {status})", service=m["service_id"], status=m["status"])
+        self.enrollment_token = None  # used: the enrollment secret in the state dir replaces it
         if m["status"] == "approved":
             self.mode_in_use = "bearer"
             self._request_certificate(proto)
@@ -336,6 +338,12 @@ class ServiceAgent(Service):
         self._ping.clock = self.reactor
         self._ping.start(max(1, interval), now=False)
 
+    def _give_up(self, reason: str) -> None:
+        self.stopped_reason = reason
+        self.event("stopped", reason)
+        if self.on_stop is not None:
+            self.on_stop(reason)
+
     def _stop_ping(self) -> None:
         if self._ping is not None and self._ping.running:
             self._ping.stop()
@@ -349,8 +357,7 @@ class ServiceAgent(Service):
         self.event("disconnected", (code, reason))
         if reason in STOP_REASONS:
             log.critical("the controller closed the connection: {reason}; stopping", reason=reason)
-            self.stopped_reason = reason
-            self.event("stopped", reason)
+            self._give_up(reason)
             return
         try:
             have_certificate = self.mode() == "mtls"

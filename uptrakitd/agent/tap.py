@@ -1,11 +1,15 @@
 """`twistd uptrakit-agent`: options and makeService for the reference service client."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.python import usage
+
+TOKEN_VARIABLE = "UPTRAKIT_ENROLLMENT_TOKEN"
+EXIT_STOPPED = 3  # revoked, deactivated, not approved, cannot connect: systemd sees a failure
 
 
 class Options(usage.Options):
@@ -19,7 +23,9 @@ class Options(usage.Options):
     optParameters = [
         ["controller", None, None, "Controller URL, wss://host[:port] (a proxy in front of it works too)."],
         ["state-dir", None, "./uptrakit-agent", "Directory for service.json, identity.pem and ca.pem (0700)."],
-        ["enrollment-token", None, None, "Enrollment token (upt_…) for the first start."],
+        ["enrollment-token", None, None, "Enrollment token (upt_…) for the first start. Visible in `ps`: prefer "
+                                         "--enrollment-token-file or the UPTRAKIT_ENROLLMENT_TOKEN variable."],
+        ["enrollment-token-file", None, None, "File whose first line is the enrollment token (read at start)."],
         ["kind", None, "agent", "Service kind: agent or mqtt."],
         ["ca-cert", None, None, "CA bundle to trust before the controller gave us one (the controller's ca.crt)."],
         ["server-ca", None, None, "Extra CA for the server certificate of a TLS-terminating proxy in front."],
@@ -32,6 +38,17 @@ class Options(usage.Options):
             raise usage.UsageError("--controller is required")
         if self["kind"] not in ("agent", "mqtt"):
             raise usage.UsageError("--kind must be agent or mqtt")
+        given = [s for s in ("enrollment-token", "enrollment-token-file") if self[s]]
+        if len(given) > 1:
+            raise usage.UsageError("give --enrollment-token or --enrollment-token-file, not both")
+        if self["enrollment-token-file"]:
+            token = (_read(self["enrollment-token-file"], "--enrollment-token-file") or b"").decode(
+                "utf-8", "replace").strip().splitlines()
+            if not token or not token[0].strip():
+                raise usage.UsageError(f"{self['enrollment-token-file']} holds no enrollment token")
+            self["enrollment-token"] = token[0].strip()
+        elif not self["enrollment-token"]:
+            self["enrollment-token"] = os.environ.pop(TOKEN_VARIABLE, None) or None
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -49,12 +66,23 @@ def makeService(options: Any) -> Any:
     from twisted.internet import reactor
 
     from .client import AgentError, ServiceAgent
+
+    def stopped(reason: str) -> None:
+        sys.stderr.write(f"uptrakit-agent: stopped: {reason}\n")
+        # twistd turns a normal reactor stop into exit status 0; an agent that gave up must not look
+        # like one that was asked to stop, so the exit status is set after the clean shutdown
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, EXIT_STOPPED)
+        reactor.callLater(0, reactor.stop)
+
+    token = options["enrollment-token"]
+    options["enrollment-token"] = None  # the agent keeps it only until it has enrolled
     try:
         return ServiceAgent(reactor, options["controller"], options["state-dir"], kind=options["kind"],
-                            enrollment_token=options["enrollment-token"],
+                            enrollment_token=token,
                             ca_cert=_read(options["ca-cert"], "--ca-cert"),
                             server_ca=_read(options["server-ca"], "--server-ca"),
-                            hostname=options["hostname"], friendly_name=options["friendly-name"])
+                            hostname=options["hostname"], friendly_name=options["friendly-name"],
+                            on_stop=stopped)
     except AgentError as e:
         sys.stderr.write(f"uptrakit-agent: error: {e}\n")
         raise SystemExit(2)
