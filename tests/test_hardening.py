@@ -1,9 +1,9 @@
 """Attacks from unauthenticated hosts: slow heads, connection floods, huge bodies, version disclosure."""
 from __future__ import annotations
 
+import json
 import socket
 import ssl
-import time
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -193,4 +193,46 @@ class DisclosureTests(TestCase):
         self.assertIn(b'"code": "upgrade_required"', data)
 
 
-del time
+
+
+class ProxyProtocolTests(TestCase):
+    """A PROXY-protocol listener believes PROXY headers only from its senders, and ignores cert headers."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_only_senders_may_claim_an_address_and_headers_are_not_identity(self):
+        import base64
+        from cryptography.hazmat.primitives import serialization
+        c = yield start_controller(self, https_listen=r"haproxy:tcp:0:interface=127.0.0.1",
+                                   proxy_protocol_senders=[OTHER], trusted_proxies=["10.0.0.5"],
+                                   forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        port, ca = https_port(c), ca_pem(c)
+        issued, _, _ = yield new_leaf(c)   # a victim's certificate: public, anyone may have it
+        header = base64.b64encode(issued.cert.public_bytes(serialization.Encoding.DER)).decode()
+
+        def whoami_via_proxy_header(source):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+            raw.sendall(f"PROXY TCP4 10.0.0.5 127.0.0.1 40000 {port}\r\n".encode())
+            ctx = ssl.create_default_context(cadata=ca.decode())
+            try:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    return blocking_get(s, "/api/v1/whoami", {"X-SSL-Client-Cert": header})
+            except (ssl.SSLError, ConnectionError, OSError) as e:
+                return type(e).__name__
+        # a client connecting directly and posing as the proxy is cut off before TLS
+        self.assertIn((yield deferToThread(whoami_via_proxy_header, ATTACKER)),
+                      ("SSLEOFError", "ConnectionResetError", "SSLError", "SSLZeroReturnError"))
+        self.assertEqual(c.metrics.registry.get_sample_value(
+            "uptrakit_connections_refused_total", {"listener": "HTTPS", "reason": "not_a_proxy_protocol_sender"}), 1)
+        # through the real sender: the PROXY address counts, the certificate header does not
+        status, body = yield deferToThread(whoami_via_proxy_header, OTHER)
+        answer = json.loads(body)
+        self.assertEqual((status, answer["peer_ip"], answer["identity"]), (200, "10.0.0.5", None))
+        self.assertFalse(answer["via_trusted_proxy"])
+
+    def test_a_proxy_protocol_listener_without_senders_is_refused_at_start(self):
+        from uptrakitd.config import ConfigError, build_settings
+        with self.assertRaises(ConfigError) as cm:
+            build_settings({"https_listen": "haproxy:tcp:8443"})
+        self.assertIn("--proxy-protocol-sender", str(cm.exception))

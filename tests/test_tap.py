@@ -69,6 +69,10 @@ class OptionsTests(TestCase):
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),
             (["--config", str(tmp / "c.toml")], lambda s: s.config_path, tmp / "c.toml"),
+            (["--https-listen", "haproxy:tcp:8443", "--proxy-protocol-sender", "10.0.0.5",
+              "--proxy-protocol-trust-headers"],
+             lambda s: (s.proxy_protocol_senders, s.proxy_protocol_trust_headers),
+             ((ipaddress.ip_network("10.0.0.5/32"),), True)),
             (["--max-connections", "100", "--max-connections-per-ip", "7", "--request-head-timeout", "2.5"],
              lambda s: (s.limits.max_connections, s.limits.max_connections_per_ip, s.limits.request_head_timeout),
              (100, 7, 2.5)),
@@ -81,7 +85,7 @@ class OptionsTests(TestCase):
             self.assertEqual(get(settings), expected, argv)
             covered |= {a for a in argv if a.startswith("--")}
         documented = {f"--{name}" for name, *_ in Options.optParameters + Options.optFlags}
-        documented |= {"--trusted-proxy", "--san"}
+        documented |= {"--trusted-proxy", "--san", "--proxy-protocol-sender"}
         self.assertEqual(covered, documented, "a flag without a round-trip case")
 
     def test_repeatable_flags(self):

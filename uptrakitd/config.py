@@ -178,6 +178,8 @@ class Settings:
     san: tuple[str, ...] = ()
     trust_domain: str = "uptrakit.local"
     force_settings_override: bool = False
+    proxy_protocol_senders: tuple[IPNetwork, ...] = ()
+    proxy_protocol_trust_headers: bool = False
     log_format: str = "text"
     config_path: Path | None = None
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
@@ -197,6 +199,7 @@ class Settings:
 _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 1_000_000),
                "request_head_timeout": (0.1, 3600)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
+             "proxy_protocol_senders", "proxy_protocol_trust_headers",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
 
@@ -273,6 +276,30 @@ def _san(value: str) -> str:
     return value.lower()
 
 
+def is_proxy_protocol(endpoint: str) -> bool:
+    """True for an endpoint string that expects a PROXY-protocol header first (`haproxy:...`)."""
+    return endpoint.startswith("haproxy:")
+
+
+def _proxy_protocol(merged: Mapping[str, Any], kw: dict[str, Any]) -> None:
+    senders = merged.get("proxy_protocol_senders", [])
+    if not isinstance(senders, list):
+        senders = [senders]
+    kw["proxy_protocol_senders"] = tuple(dict.fromkeys(parse_network(s, "proxy_protocol_senders") for s in senders))
+    trust = merged.get("proxy_protocol_trust_headers", False)
+    if not isinstance(trust, bool):
+        raise ConfigError("proxy_protocol_trust_headers", "must be true or false")
+    kw["proxy_protocol_trust_headers"] = trust
+    listener = kw.get("https_listen", DEFAULT_HTTPS_LISTEN)
+    if is_proxy_protocol(listener) and not kw["proxy_protocol_senders"]:
+        raise ConfigError("proxy_protocol_senders", "a PROXY-protocol listener (haproxy:...) needs "
+                          "--proxy-protocol-sender: the proxy addresses allowed to send PROXY headers (anyone "
+                          "else could claim any client address)")
+    if not is_proxy_protocol(listener) and (kw["proxy_protocol_senders"] or trust):
+        raise ConfigError("proxy_protocol_senders", "--proxy-protocol-sender and --proxy-protocol-trust-headers "
+                          "only make sense with a haproxy:... --https-listen")
+
+
 def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> Settings:
     """Merge flags over the config file over defaults, validating everything (flag > file)."""
     merged: dict[str, Any] = {}
@@ -281,8 +308,8 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     for key, value in flags.items():
         if value is None or value == [] or value is False:
             continue
-        if key in ("trusted_proxies", "san"):
-            merged["network.trusted_proxies" if key == "trusted_proxies" else "san"] = list(value)
+        if key in ("trusted_proxies", "san", "proxy_protocol_senders"):
+            merged["network.trusted_proxies" if key == "trusted_proxies" else key] = list(value)
         elif key in NetworkSettings.FIELDS:
             merged[f"network.{key}"] = value
         else:
@@ -329,5 +356,6 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     if kw.get("pki_listen") and kw.get("pki_http") != "listener":
         raise ConfigError("pki_listen", "--pki-listen only makes sense with --pki-http listener")
     kw["force_settings_override"] = bool(merged.get("force_settings_override", False))
+    _proxy_protocol(merged, kw)
     kw["config_path"] = Path(config_path) if config_path else None
     return Settings(**kw)

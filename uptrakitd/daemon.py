@@ -20,7 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from .admin_tokens import AdminTokenRegistry
 from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
-from .config import Settings
+from .config import Settings, is_proxy_protocol
 from .directory import ServiceDirectory
 from .enrollment import EnrollmentTokens
 from .events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
@@ -134,7 +134,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     bus.subscribe(CaRotated, channel.on_ca_rotated)
     bus.subscribe(ServiceChanged, channel.on_service_changed)
 
-    resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics)
+    proxy_protocol = is_proxy_protocol(settings.https_listen)
+    resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics,
+                                forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers)
     pki_routes = PkiRoutes(ca, crls, ocsp).routes()
     https_routes = (StatusRoutes(readiness, metrics).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
@@ -164,7 +166,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     Hooks("channel", stop=channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
     d.https = ListenerService(reactor, settings.https_listen,
-                              guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS")
+                              guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS",
+                              proxy_senders=lambda ip: is_trusted(ip, settings.proxy_protocol_senders),
+                              refuse_sender=lambda ip: metrics.connections_refused.labels(
+                                  "HTTPS", "not_a_proxy_protocol_sender").inc())
     d.https.setServiceParent(d)
     d.pki_listener = None
     if (pki_endpoint := settings.pki_listen_endpoint()) is not None:
@@ -188,4 +193,13 @@ def _warn_about_setup(booted: Booted) -> None:
         log.warn("pki_addr {addr} is http:// but --pki-http is unset: nothing here serves the PKI over "
                  "plain HTTP (use --pki-http listener, or --pki-http external if something else does)",
                  addr=net.pki_addr)
+    if is_proxy_protocol(settings.https_listen):
+        senders = ", ".join(str(n) for n in settings.proxy_protocol_senders)
+        if settings.proxy_protocol_trust_headers and net.trusted_proxies:
+            log.warn("PROXY-protocol listener with --proxy-protocol-trust-headers: a client whose PROXY-reported "
+                     "address is a --trusted-proxy may present client-certificate headers; accepted PROXY "
+                     "senders: {senders}", senders=senders)
+        else:
+            log.info("PROXY-protocol listener: PROXY headers accepted only from {senders}; forwarded "
+                     "client-certificate headers are ignored (identity comes from mTLS)", senders=senders)
     log.info("admin token file: {path}", path=str(booted.admin_token_path.resolve()))

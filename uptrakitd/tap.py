@@ -50,16 +50,23 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
+        ["proxy-protocol-trust-headers", None, "On a PROXY-protocol listener, still honour client-certificate "
+                                               "headers from --trusted-proxy addresses (off: only mTLS counts)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["trusted_proxies"] = []
         self["san"] = []
+        self["proxy_protocol_senders"] = []
 
     def opt_trusted_proxy(self, value: str) -> None:
         """IP or CIDR (v4 or v6) of a reverse proxy whose forwarded headers are trusted; repeatable."""
         self["trusted_proxies"].append(value)
+
+    def opt_proxy_protocol_sender(self, value: str) -> None:
+        """IP or CIDR allowed to send PROXY-protocol headers to a haproxy:... listener; repeatable, required there."""
+        self["proxy_protocol_senders"].append(value)
 
     def opt_san(self, value: str) -> None:
         """Extra DNS name or IP address for the server certificate; repeatable."""
@@ -74,8 +81,11 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))
+    flags["proxy_protocol_senders"] = list(options.get("proxy_protocol_senders", []))
     if options.get("force-settings-override"):
         flags["force_settings_override"] = True
+    if options.get("proxy-protocol-trust-headers"):
+        flags["proxy_protocol_trust_headers"] = True
     return flags
 
 

@@ -101,7 +101,8 @@ class PassthroughTests(TestCase):
         from ..channel_helpers import start_agent
         from .harness import AGENT_ADDR
         haproxy = require_program("haproxy", "apt-get install haproxy")
-        c = yield start_controller(self, https_listen=r"haproxy:tcp:0:interface=127.0.0.1")
+        c = yield start_controller(self, https_listen=r"haproxy:tcp:0:interface=127.0.0.1",
+                                   proxy_protocol_senders=["127.0.0.1"])
         record = yield c.enrollment_tokens.create("passthrough")
         prefix = Path(self.mktemp()).resolve()
         prefix.mkdir(parents=True)

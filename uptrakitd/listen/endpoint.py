@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from ..config import is_proxy_protocol
+from .guard import SendersOnlyEndpoint
 
 log = Logger()
 
@@ -24,10 +29,17 @@ class ListenerFailed(SystemExit):
 class ListenerService(StreamServerEndpointService):
     """StreamServerEndpointService that names what it serves and refuses to run without its port."""
 
-    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str) -> None:
+    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str,
+                 proxy_senders: Callable[[str], bool] | None = None,
+                 refuse_sender: Callable[[str], None] = lambda ip: None) -> None:
         self._endpoint_error: str | None = None
         try:
-            endpoint = endpoints.serverFromString(reactor, description)
+            if is_proxy_protocol(description) and proxy_senders is not None:
+                # our own PROXY wrapping, so the real TCP peer is checked before its PROXY header counts
+                inner = endpoints.serverFromString(reactor, description[len("haproxy:"):])
+                endpoint = proxyEndpoint(SendersOnlyEndpoint(inner, proxy_senders, refuse_sender))
+            else:
+                endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             self._endpoint_error = f"invalid {what} endpoint {description!r}: {e}"
             endpoint = None

@@ -11,9 +11,11 @@ from collections import Counter as Tally
 from typing import Any, Callable, cast
 
 from prometheus_client import Counter
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import implementer
 
 from ..config import ConnectionLimits
 from ..trust.proxies import parse_address
@@ -110,3 +112,43 @@ def mark_authenticated(transport: Any) -> None:
             return
         transport = getattr(transport, "transport", None)
         seen += 1
+
+
+class AcceptOnlyFrom(Factory):
+    """Hands connections from `allowed` peers to `wrapped`; closes every other one at once."""
+
+    def __init__(self, wrapped: IProtocolFactory, allowed: Callable[[str], bool], refuse: Callable[[str], None]) -> None:
+        self.wrapped = wrapped
+        self.allowed = allowed
+        self.refuse = refuse
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        ip = parse_address(getattr(addr, "host", "") or "") or "0.0.0.0"
+        if not self.allowed(ip):
+            self.refuse(ip)
+            return None
+        return self.wrapped.buildProtocol(addr)
+
+
+@implementer(IStreamServerEndpoint)
+class SendersOnlyEndpoint:
+    """An endpoint whose connections come only from the given peers (the PROXY-protocol senders).
+
+    Placed under Twisted's PROXY-protocol wrapper, it sees the real TCP peer before any PROXY header
+    is believed: a client that connects directly cannot claim to be somebody else.
+    """
+
+    def __init__(self, inner: IStreamServerEndpoint, allowed: Callable[[str], bool],
+                 refuse: Callable[[str], None]) -> None:
+        self.inner = inner
+        self.allowed = allowed
+        self.refuse = refuse
+
+    def listen(self, factory: IProtocolFactory) -> Any:
+        return self.inner.listen(AcceptOnlyFrom(factory, self.allowed, self.refuse))

@@ -228,13 +228,17 @@ class IdentityResolver:
     """Runs before any resource: strips what cannot be trusted, then decides who the request is."""
 
     def __init__(self, network: Callable[[], NetworkSettings], authority: CaState,
-                 services: ServiceLookup, trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None) -> None:
+                 services: ServiceLookup, trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None,
+                 forwarded_headers: bool = True) -> None:
         self.network = network
         self.authority = authority
         self.services = services
         self.trust_domain = trust_domain
         self.clock = clock
         self.metrics = metrics
+        # False on a PROXY-protocol listener: the peer address comes from a header, so no peer is a
+        # trusted proxy and only mTLS establishes an identity
+        self.forwarded_headers = forwarded_headers
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
@@ -242,7 +246,7 @@ class IdentityResolver:
     def __call__(self, request: Any) -> RequestContext:
         net = self.network()
         peer = peer_ip_of(request)
-        trusted = is_trusted(peer, net.trusted_proxies)
+        trusted = self.forwarded_headers and is_trusted(peer, net.trusted_proxies)
         headers = request.requestHeaders
         configured = [net.forwarded_client_cert_info_header, net.forwarded_client_cert_pem_header,
                       net.forwarded_client_verify_header]
