@@ -1,0 +1,200 @@
+"""Attacks from unauthenticated hosts against a real `twistd -n uptrakit`, with figures (asserts nothing).
+
+Run: .venv/bin/python bench/attack.py      (about a minute; loopback only: 127.0.0.1 and 127.0.0.9)
+
+1. Slow drip: 1,100 connections from 127.0.0.9 that send one TLS byte and then one byte every 2 s;
+   how many the daemon holds, how many it refuses, and /healthz from 127.0.0.1 meanwhile (p50/p99/max,
+   failures) against an idle reference run in the same script.
+2. Bodies: three parallel `GET /api/v1/ws/agent` with `Content-Length: 200000000`, each trying to send
+   20 MiB; the daemon's RSS before and after.
+3. Fuzz: every JSON route with hostile bodies (lone surrogates included); count of 5xx answers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTACKER = "127.0.0.9"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tls(port: int, ca: str, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=ca)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def request(port: int, ca: str, method: str, path: str, body: bytes = b"", token: str = "") -> int:
+    with tls(port, ca) as s:
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+        if token:
+            head += f"Authorization: Bearer {token}\r\n"
+        s.sendall(head.encode() + b"\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def probe_healthz(port: int, ca: str, count: int) -> tuple[list[float], int]:
+    times, failures = [], 0
+    for _ in range(count):
+        start = time.perf_counter()
+        try:
+            if request(port, ca, "GET", "/healthz") != 200:
+                failures += 1
+        except OSError:
+            failures += 1
+        times.append((time.perf_counter() - start) * 1000)
+        time.sleep(0.02)
+    return times, failures
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def drip(port: int, n: int, stop: threading.Event, counts: dict[str, int]) -> None:
+    socks = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(ATTACKER, 0))
+            s.sendall(b"\x16")
+            socks.append(s)
+        except OSError:
+            counts["connect_failed"] += 1
+    counts["opened"] = len(socks)
+    while not stop.wait(2):
+        for s in socks:
+            try:
+                s.sendall(b"\x03")
+            except OSError:
+                pass
+    for s in socks:
+        s.close()
+
+
+def metric(port: int, ca: str, name: str) -> float:
+    with tls(port, ca) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    total = 0.0
+    for line in data.decode().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def main() -> None:
+    tmp = tempfile.mkdtemp(prefix="uptrakit-attack-")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    daemon = subprocess.Popen([twistd, "--pidfile=", "-n", "uptrakit", "--https-listen",
+                               f"tcp:{port}:interface=127.0.0.1"], cwd=tmp, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ca = os.path.join(tmp, "uptrakit-data", "pki", "ca.crt")
+        for _ in range(100):
+            try:
+                if request(port, ca, "GET", "/healthz") == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        token = Path(tmp, "uptrakit-data", "admin.token").read_text().strip()
+
+        idle, idle_fail = probe_healthz(port, ca, 150)
+        stop, counts = threading.Event(), {"connect_failed": 0, "opened": 0}
+        attacker = threading.Thread(target=drip, args=(port, 1100, stop, counts))
+        attacker.start()
+        time.sleep(3)
+        held_at_probe = metric(port, ca, 'uptrakit_connections_open{listener="HTTPS"}') - 1
+        busy, busy_fail = probe_healthz(port, ca, 150)
+        time.sleep(max(0.0, 13 - 3 - sum(busy) / 1000))   # past the request-head deadline
+        held_later = metric(port, ca, 'uptrakit_connections_open{listener="HTTPS"}') - 1
+        refused = metric(port, ca, 'uptrakit_connections_refused_total{listener="HTTPS",reason="per_ip"}')
+        timeouts = metric(port, ca, "uptrakit_http_head_timeouts_total")
+        stop.set()
+        attacker.join()
+        print("slow drip from one address (1,100 connections, a byte every 2 s; per-address cap 64, head deadline 10 s):")
+        print(f"  connections the daemon holds: {held_at_probe:.0f} at 3 s, {held_later:.0f} at 13 s; refused at "
+              f"accept {refused:.0f}; cut for a slow head {timeouts:.0f}")
+        print(f"  /healthz from another address: idle p50 {statistics.median(idle):.1f} ms p99 {pct(idle, 99):.1f} ms "
+              f"max {max(idle):.1f} ms ({idle_fail} failed of {len(idle)}); under attack p50 "
+              f"{statistics.median(busy):.1f} ms p99 {pct(busy, 99):.1f} ms max {max(busy):.1f} ms "
+              f"({busy_fail} failed of {len(busy)}); p99 ratio {pct(busy, 99) / pct(idle, 99):.2f}x")
+
+        before = rss_kib(daemon.pid)
+        answers = []
+
+        def big_body() -> None:
+            try:
+                with tls(port, ca) as s:
+                    s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                              b"Sec-WebSocket-Version: 13\r\nContent-Length: 200000000\r\n\r\n")
+                    sent = 0
+                    try:
+                        while sent < 20 * 1024 * 1024:
+                            s.sendall(b"x" * 65536)
+                            sent += 65536
+                    except OSError:
+                        pass
+                    answers.append((s.recv(200).split(b"\r\n")[0].decode(errors="replace"), sent))
+            except OSError as e:
+                answers.append((type(e).__name__, 0))
+        threads = [threading.Thread(target=big_body) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = rss_kib(daemon.pid)
+        print("three 200 MB bodies on the WebSocket route:")
+        print(f"  answers {[a for a, _ in answers]}; bytes the clients got out before the close "
+              f"{[round(n / 1048576, 1) for _, n in answers]} MiB")
+        print(f"  daemon RSS {before / 1024:.0f} MiB before, {after / 1024:.0f} MiB after (+{(after - before) / 1024:.1f} MiB)")
+
+        hostile = [b"", b"null", b"[]", b"\"t\"", b"{\"a\":", b"\xff\xfe", b"{\"name\": \"\\ud800\"}",
+                   b"{\"name\": \"x\", \"kind\": \"\\udc00\"}", b"{\"friendly_name\": \"\\udfff\"}",
+                   b"{\"reason\": {\"x\": 1}}", b"{\"trusted_proxies\": [null]}", b"[" * 5000 + b"]" * 5000,
+                   b"{\"pki_addr\": \"http://b\\u00fccher..x\"}", b"{\"name\": \"v\", \"role\": \"read\"}",
+                   b"{\"lifetime_hours\": 1e308}", b"{\"max_uses\": 99999999999999999999}"]
+        routes = [("PUT", "/api/v1/settings/network"), ("PUT", "/api/v1/settings/service-certificates"),
+                  ("POST", "/api/v1/enrollment-tokens"), ("POST", "/api/v1/admin-tokens"),
+                  ("POST", "/api/v1/certificates/ABCD/revoke"), ("POST", "/api/v1/settings/rotate-ca"),
+                  ("PUT", "/api/v1/services/00000000-0000-4000-8000-000000000000")]
+        statuses = [request(port, ca, m, p, b, token) for m, p in routes for b in hostile]
+        print(f"fuzz of {len(routes)} JSON routes x {len(hostile)} hostile bodies: {len(statuses)} requests, "
+              f"{sum(s >= 500 for s in statuses)} answered 5xx, statuses {sorted(set(statuses))}")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
