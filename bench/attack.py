@@ -11,7 +11,6 @@ Run: .venv/bin/python bench/attack.py      (about a minute; loopback only: 127.0
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import ssl
