@@ -14,6 +14,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 INFO_FORMATS = ("auto", "kv", "xfcc", "traefik")
 PKI_HTTP_MODES = ("listener", "external")
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+ACCESS_LOG_MODES = ("off", "sampled", "all")
 DEFAULT_HTTPS_LISTEN = r"tcp:8443:interface=\:\:"
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -181,6 +183,9 @@ class Settings:
     proxy_protocol_senders: tuple[IPNetwork, ...] = ()
     proxy_protocol_trust_headers: bool = False
     log_format: str = "text"
+    log_level: str = "info"
+    access_log: str = "off"
+    metrics_require_auth: bool = False
     config_path: Path | None = None
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
@@ -199,7 +204,8 @@ class Settings:
 _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 1_000_000),
                "request_head_timeout": (0.1, 3600)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
-             "proxy_protocol_senders", "proxy_protocol_trust_headers",
+             "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
+             "metrics_require_auth",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
 
@@ -328,10 +334,15 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         kw["pki_http"] = merged["pki_http"]
     if "pki_listen" in merged:
         kw["pki_listen"] = _string(merged["pki_listen"], "pki_listen")
-    if "log_format" in merged:
-        if merged["log_format"] not in LOG_FORMATS:
-            raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
-        kw["log_format"] = merged["log_format"]
+    for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS), ("access_log", ACCESS_LOG_MODES)):
+        if key in merged:
+            if merged[key] not in allowed:
+                raise ConfigError(key, f"must be one of {', '.join(allowed)}")
+            kw[key] = merged[key]
+    if "metrics_require_auth" in merged:
+        if not isinstance(merged["metrics_require_auth"], bool):
+            raise ConfigError("metrics_require_auth", "must be true or false")
+        kw["metrics_require_auth"] = merged["metrics_require_auth"]
     limits: dict[str, Any] = {}
     for key, (low, high) in _LIMIT_KEYS.items():
         if key in merged:

@@ -38,6 +38,7 @@ from .pki.ocsp import OcspResponder
 from .readiness import Readiness
 from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
+from .status_metrics import state_families
 from .store import SqliteStore
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
@@ -111,7 +112,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.tls = tls = SwappableServerContext()
     d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
                                                     (booted.hostname, settings.san), run_blocking,
-                                                    on_install=metrics.tls_context_installs.inc)
+                                                    on_install=metrics.tls_context_installs.inc,
+                                                    on_refused=lambda reason: metrics.client_certificates_refused
+                                                    .labels(reason).inc())
     server_cert.install()
     metrics.ca_generation.set_function(lambda: state.active().generation)
 
@@ -120,6 +123,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
     d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain)
     metrics.services_connected.set_function(lambda: len(channel.connected))
+    metrics.watch(lambda: state_families(ca, crls, server_cert, channel, reactor))
     d.readiness = readiness = Readiness(store, ca, crls)
     d.reloader = reloader = ConfigReloader(flags or {}, settings, runtime)
 
@@ -138,7 +142,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics,
                                 forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers)
     pki_routes = PkiRoutes(ca, crls, ocsp).routes()
-    https_routes = (StatusRoutes(readiness, metrics).routes() + NetworkSettingsRoutes(runtime, state).routes()
+    https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
                     + ServiceRoutes(directory, channel, ca).routes()
                     + TokenRoutes(enrollment_tokens, admin_tokens).routes() + UiRoutes().routes() + pki_routes)
@@ -146,7 +150,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                        channel.resources, resolver, admin_tokens.check,
                                        settings.limits.request_head_timeout,
                                        {"head_timeouts": metrics.http_head_timeouts,
-                                        "bodies_refused": metrics.http_bodies_refused})
+                                        "bodies_refused": metrics.http_bodies_refused,
+                                        "http_requests": metrics.http_requests,
+                                        "tls_handshake_failures": metrics.tls_handshake_failures},
+                                       settings.access_log)
 
     def guarded(factory: Any, what: str) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,

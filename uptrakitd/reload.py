@@ -11,7 +11,8 @@ from .runtime_settings import RuntimeSettings
 
 log = Logger()
 RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain",
-                "log_format", "limits")
+                "log_format", "log_level", "access_log", "metrics_require_auth", "limits", "proxy_protocol_senders",
+                "proxy_protocol_trust_headers")
 
 
 class ConfigReloader:

@@ -39,7 +39,11 @@ class Options(usage.Options):
         ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
-        ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line)."],
+        ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line: time, level, logger, "
+                                   "message and the event's fields)."],
+        ["log-level", None, None, "Least severe level logged: debug, info (default), warn or error."],
+        ["access-log", None, None, "Log requests: off (default), sampled (1 in 100) or all. /metrics, /healthz "
+                                   "and /readyz only with 'all'."],
         ["max-connections", None, None, "Open connections per listener, all peers together (default 4096); "
                                         "past it new connections are refused and logged."],
         ["max-connections-per-ip", None, None,
@@ -50,6 +54,7 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
+        ["metrics-require-auth", None, "Serve /metrics only with an admin (or read) token."],
         ["proxy-protocol-trust-headers", None, "On a PROXY-protocol listener, still honour client-certificate "
                                                "headers from --trusted-proxy addresses (off: only mTLS counts)."],
     ]
@@ -68,6 +73,14 @@ class Options(usage.Options):
         """IP or CIDR allowed to send PROXY-protocol headers to a haproxy:... listener; repeatable, required there."""
         self["proxy_protocol_senders"].append(value)
 
+    def opt_version(self) -> None:
+        """Print uptrakitd's and Twisted's versions and exit."""
+        from twisted import copyright
+
+        from . import __version__
+        print(f"uptrakitd {__version__} (Twisted {copyright.version}, Python {sys.version.split()[0]})")
+        sys.exit(0)
+
     def opt_san(self, value: str) -> None:
         """Extra DNS name or IP address for the server certificate; repeatable."""
         self["san"].append(value)
@@ -77,13 +90,16 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
-            "trust-domain", "log-format", "max-connections", "max-connections-per-ip", "request-head-timeout"]
+            "trust-domain", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
+            "request-head-timeout"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))
     flags["proxy_protocol_senders"] = list(options.get("proxy_protocol_senders", []))
     if options.get("force-settings-override"):
         flags["force_settings_override"] = True
+    if options.get("metrics-require-auth"):
+        flags["metrics_require_auth"] = True
     if options.get("proxy-protocol-trust-headers"):
         flags["proxy_protocol_trust_headers"] = True
     return flags

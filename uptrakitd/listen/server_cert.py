@@ -24,7 +24,8 @@ class ServerCertificate:
 
     def __init__(self, ca: CertificateAuthority, files: PkiFiles, tls: SwappableServerContext,
                  cert: x509.Certificate, key: Any, names: tuple[str, tuple[str, ...]],
-                 run_blocking: Callable[..., Deferred], on_install: Callable[[], Any] = lambda: None) -> None:
+                 run_blocking: Callable[..., Deferred], on_install: Callable[[], Any] = lambda: None,
+                 on_refused: Callable[[str], Any] = lambda reason: None) -> None:
         self.ca = ca
         self.files = files
         self.tls = tls
@@ -33,11 +34,13 @@ class ServerCertificate:
         self.hostname, self.sans = names
         self.run_blocking = run_blocking
         self.on_install = on_install
+        self.on_refused = on_refused
 
     def install(self) -> None:
         """Build and install a TLS context for the current certificate and the trusted CAs."""
         trusted = self.ca.state.trusted(self.ca.now())
-        self.tls.install(build_context(self.cert, self.key, [c.cert for c in trusted], self.ca.state.is_revoked))
+        self.tls.install(build_context(self.cert, self.key, [c.cert for c in trusted], self.ca.state.is_revoked,
+                                       self.on_refused))
         self.on_install()
         log.debug("TLS context installed (trusted CA generations {gens})", gens=[c.generation for c in trusted])
 

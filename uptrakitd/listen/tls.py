@@ -22,7 +22,8 @@ TLS12_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECD
 
 
 def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: Iterable[x509.Certificate],
-                  is_revoked: Callable[[int], bool] = lambda serial: False) -> SSL.Context:
+                  is_revoked: Callable[[int], bool] = lambda serial: False,
+                  refused: Callable[[str], Any] = lambda reason: None) -> SSL.Context:
     """A TLS >= 1.2 server context asking (not requiring) a client certificate; revoked leaves refused."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -45,11 +46,14 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
 
     def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if not ok:
-            log.info("TLS client certificate refused at depth {depth}: {reason}", depth=depth,
-                     reason=_verify_reason(errno))
+            reason = _verify_reason(errno)
+            log.info("TLS client certificate refused at depth {depth}: {reason}", depth=depth, reason=reason)
+            refused("expired" if "expired" in reason else "not valid yet" if "not yet valid" in reason
+                    else "untrusted issuer" if "issuer" in reason or "unable to get" in reason else "invalid")
             return False
         if depth == 0 and is_revoked(cert.get_serial_number()):
             log.info("TLS client certificate refused: serial {serial:X} is revoked", serial=cert.get_serial_number())
+            refused("revoked")
             return False
         return True
     ctx.set_verify(SSL.VERIFY_PEER, verify)

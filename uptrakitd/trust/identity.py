@@ -265,9 +265,9 @@ class IdentityResolver:
         if not trusted:
             removed = remove_headers(headers, configured, net.real_ip_header, include_real_ip=True)
             self._count_removed(removed)
-            self._count("none", "absent")
             identity_headers = [f for f in removed if f not in ("real-ip", "origin", "forwarded-proto-host")]
             reason = f"client certificate headers ignored: {peer} is not a trusted proxy" if identity_headers else None
+            self._count("none", "ignored" if reason else "absent", "ignored" if reason else "")
             return RequestContext(peer, peer, rejected=reason, rejected_code="ignored" if reason else None)
         return self._from_proxy(request, net, peer, client_ip)
 
@@ -279,7 +279,7 @@ class IdentityResolver:
             if value != b"SUCCESS":
                 # nginx says NONE when no certificate was presented: no identity, but nothing was rejected
                 no_cert = value in (b"", b"NONE")
-                self._count("none", "absent" if no_cert else "rejected")
+                self._count("none", "absent" if no_cert else "rejected", "" if no_cert else "invalid")
                 if no_cert:
                     return RequestContext(peer, client_ip, peer)
                 return RequestContext(peer, client_ip, peer, rejected="proxy reports client certificate "
@@ -305,7 +305,7 @@ class IdentityResolver:
                 codes.add(getattr(e, "code", "invalid"))
                 log.info("{label} from {peer} unusable: {reason}", label=label, peer=peer, reason=str(e))
                 reasons.append(f"{label} unusable: {e}")
-                self._count(label_source, "rejected")
+                self._count(label_source, "rejected", getattr(e, "code", "invalid"))
         if not reasons:
             self._count("none", "absent")
         return RequestContext(peer, client_ip, peer, rejected="; ".join(r for r in reasons if r) or None,
@@ -333,14 +333,14 @@ class IdentityResolver:
         except Rejected as e:
             log.info("identity from {source} rejected for {client}: {reason}", source=source, client=client_ip,
                      reason=str(e))
-            self._count(source, "rejected")
+            self._count(source, "rejected", e.code)
             return RequestContext(peer, client_ip, proxy_ip, rejected=str(e), rejected_code=e.code)
         self._count(source, "accepted")
         return RequestContext(peer, client_ip, proxy_ip, identity, source, None)
 
-    def _count(self, source: str, outcome: str) -> None:
+    def _count(self, source: str, outcome: str, code: str = "") -> None:
         if self.metrics is not None:
-            self.metrics.identity_decisions.labels(source, outcome).inc()
+            self.metrics.identity_decisions.labels(source, outcome, code).inc()
 
     def _count_removed(self, families: list[str]) -> None:
         if self.metrics is not None:

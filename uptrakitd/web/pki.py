@@ -28,7 +28,7 @@ class PkiRoutes:
             route("GET", r"/api/v1/pki/ca\.crl", self.crl_bundle),
             route("GET", r"/api/v1/pki/crl/(?P<generation>[0-9]{1,6})\.crl", self.crl_der),
             route("POST", r"/api/v1/pki/ocsp", self.ocsp_post),
-            route("GET", OCSP_GET, self.ocsp_get),
+            route("GET", OCSP_GET, self.ocsp_get, label="/api/v1/pki/ocsp/{encoded}"),
         ]
 
     def ca_bundle(self, request: Any) -> Response:

@@ -38,11 +38,19 @@ class Route:
     pattern: re.Pattern[str]
     handler: Callable[..., Any]
     admin: bool = False
+    label: str = ""  # the route as metrics and access logs name it, e.g. /api/v1/services/{service_id}
 
 
-def route(method: str, path: str, handler: Callable[..., Any], admin: bool = False) -> Route:
+def route(method: str, path: str, handler: Callable[..., Any], admin: bool = False, label: str = "") -> Route:
     """Build a Route; `path` is a regex matched against the whole request path."""
-    return Route(method, re.compile(path), handler, admin)
+    return Route(method, re.compile(path), handler, admin, label or route_label(path))
+
+
+def route_label(path: str) -> str:
+    """A readable, bounded name for a route regex: named groups become {name}, escapes are undone."""
+    label = re.sub(r"\(\?P<(\w+)>(?:[^()]|\([^()]*\))*\)", r"{\1}", path)
+    label = re.sub(r"\(\?:[^()]*\)\??", "", label)
+    return label.replace("\\.", ".").replace("/?", "/")
 
 
 def json_body(request: Any, allowed: Iterable[str]) -> dict[str, Any]:
@@ -112,6 +120,7 @@ class Router(Resource):
         path = request.path.decode("latin-1")
         method = request.method.decode("latin-1")
         resource = self.resources.get(path)
+        request.route_label = path if resource is not None else "unmatched"
         if resource is not None:  # WebSocket endpoints take over the connection themselves
             if method != "GET":
                 request.setHeader(b"Allow", b"GET")
@@ -136,6 +145,7 @@ class Router(Resource):
             return self._write_error(request, UptrakitError(f"method {method} not allowed", "method_not_allowed"),
                                      status=405)
         r, m = chosen
+        request.route_label = r.label
         if r.admin:
             token = bearer_token(request)
             if token is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from OpenSSL import SSL
 from prometheus_client import Counter
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
@@ -18,7 +19,10 @@ log = Logger()
 MAX_JSON_BODY = 256 * 1024
 DEFAULT_BODY_LIMIT = 64 * 1024
 SERVER_HEADER = b"uptrakitd"
-LINGER_SECONDS = 2.0  # after a refused body, how long the answer may take to reach a client still sending
+LINGER_SECONDS = 2.0
+ACCESS_LOG_SAMPLE = 100  # "sampled": one request in this many
+QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})  # scraped and probed: logged only with "all"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # after a refused body, how long the answer may take to reach a client still sending
 
 
 def body_limit(method: bytes, path: bytes) -> int:
@@ -31,6 +35,22 @@ def body_limit(method: bytes, path: bytes) -> int:
     if path.startswith(b"/api/v1/"):
         return MAX_JSON_BODY
     return DEFAULT_BODY_LIMIT
+
+
+def handshake_failure(error: SSL.Error) -> str:
+    """A bounded label for why a TLS connection failed (OpenSSL's reason strings, grouped)."""
+    reasons = [str(e[-1]).lower() for e in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
+               if isinstance(e, tuple) and e]
+    text = " ".join(reasons)
+    for label, words in (("client certificate refused", ("certificate verify failed",)),
+                         ("plain http to the tls port", ("http request",)),
+                         ("protocol version", ("unsupported protocol", "wrong version number", "version too low")),
+                         ("no shared cipher", ("no shared cipher", "no suitable signature")),
+                         ("client alert", ("alert",)),
+                         ("connection closed during handshake", ("unexpected eof",))):
+        if any(w in text for w in words):
+            return label
+    return "other"
 
 
 class IdentifiedRequest(Request):
@@ -149,6 +169,10 @@ class GuardedChannel(HTTPChannel):
         self._linger = self.callLater(LINGER_SECONDS, transport.abortConnection)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if reason is not None and reason.check(SSL.Error):
+            failures = self.counters.get("tls_handshake_failures")
+            if failures is not None:
+                failures.labels(handshake_failure(reason.value)).inc()
         self._disarm()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
@@ -167,8 +191,10 @@ class IdentifyingSite(Site):
 
     def __init__(self, resource: Any, resolver: Callable[[Any], RequestContext] | None = None,
                  head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
-                 **kw: Any) -> None:
+                 access_log: str = "off", **kw: Any) -> None:
         super().__init__(resource, **kw)
+        self.access_log = access_log
+        self._seen = 0
         self.resolver = resolver
         self.displayTracebacks = False
         self.head_timeout = head_timeout
@@ -183,8 +209,18 @@ class IdentifyingSite(Site):
     protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
 
     def log(self, request: Any) -> None:
-        # Access log without header values (they may carry certificates or tokens).
+        route_name = getattr(request, "route_label", "unmatched")
+        method = request.method.decode("latin-1")
+        requests = self.counters.get("http_requests")
+        if requests is not None:
+            requests.labels(route_name, method if method in KNOWN_METHODS else "other", str(request.code)).inc()
+        if self.access_log == "off" or (self.access_log == "sampled" and route_name in QUIET_ROUTES):
+            return
+        self._seen += 1
+        if self.access_log == "sampled" and self._seen % ACCESS_LOG_SAMPLE:
+            return
+        # without header values (they may carry certificates or tokens) or the query string
         ctx = getattr(request, "context", None)
-        log.debug("{client} {method} {path} {code}", client=ctx.client_ip if ctx else "-",
-                  method=request.method.decode("latin-1"), path=request.path.decode("latin-1")[:200],
-                  code=request.code)
+        log.info("{client} {method} {path} {status}", client=ctx.client_ip if ctx else "-", method=method,
+                 path=request.path.decode("latin-1")[:200], route=route_name, status=request.code,
+                 identity_source=ctx.identity_source if ctx else "none")

@@ -18,13 +18,14 @@ def healthz(request: Any) -> Response:
 class StatusRoutes:
     """`/healthz`, `/readyz`, `/metrics`."""
 
-    def __init__(self, readiness: Readiness, metrics: Metrics) -> None:
+    def __init__(self, readiness: Readiness, metrics: Metrics, metrics_require_auth: bool = False) -> None:
         self.readiness = readiness
         self.metrics_registry = metrics
+        self.metrics_require_auth = metrics_require_auth
 
     def routes(self) -> list[Route]:
         return [route("GET", r"/healthz", healthz), route("GET", r"/readyz", self.readyz),
-                route("GET", r"/metrics", self.metrics)]
+                route("GET", r"/metrics", self.metrics, admin=self.metrics_require_auth)]
 
     @inlineCallbacks
     def readyz(self, request: Any) -> Any:
