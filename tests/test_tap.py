@@ -221,6 +221,66 @@ class TwistdTests(TestCase):
         self.assertNotIn(b"ReactorNotRunning", out + err)
 
     @inlineCallbacks
+    def test_every_json_log_line_is_a_record_a_pipeline_can_ingest(self):
+        import re
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
+                              "--log-level", "debug", "--access-log", "all", cwd=cwd)
+        yield daemon.wait_for(b"admin token file")
+        ca = str(Path(cwd) / "uptrakit-data" / "pki" / "ca.crt")
+        token = (Path(cwd) / "uptrakit-data" / "admin.token").read_text().strip()
+        curl = require_program("curl", "apt-get install curl")
+        base = f"https://localhost:{port}"
+        for args in (["/healthz"], ["/metrics"], ["-X", "POST", "-H", f"Authorization: Bearer {token}", "-d",
+                                                   '{"name": "x", "role": "read"}', "/api/v1/admin-tokens"],
+                     ["-X", "POST", "-H", f"Authorization: Bearer {token}", "/api/v1/certificates/ABCD/revoke"],
+                     ["-X", "POST", "-H", f"Authorization: Bearer {token}", "/api/v1/settings/rotate-ca"]):
+            yield run(curl, "-sS", "--cacert", ca, *args[:-1], base + args[-1])
+        yield run(curl, "-sS", "--cacert", ca, f"http://localhost:{port}/healthz")   # plain HTTP to TLS: a failure
+        daemon.transport.signalProcess("HUP")
+        yield daemon.wait_for(b"SIGHUP")
+        daemon.transport.signalProcess("TERM")
+        self.assertEqual((yield daemon.ended), 0)
+        lines = b"".join(daemon.out).decode().splitlines()
+        self.assertGreater(len(lines), 20)
+        records = []
+        for line in lines:
+            record = json.loads(line)
+            self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", line)
+            self.assertIn(record["level"], ("debug", "info", "warn", "error", "critical"), line)
+            self.assertIsInstance(record["logger"], str)
+            self.assertTrue(record["message"], line)
+            self.assertFalse([k for k in record if k.startswith("log_") or "__class_uuid__" in json.dumps(record[k])],
+                             line)
+            records.append(record)
+        access = [r for r in records if r.get("route") == "/healthz"]
+        self.assertEqual((access[0]["status"], access[0]["method"]), (200, "GET"))
+        self.assertTrue(any(r.get("route") == "/api/v1/settings/rotate-ca" and r["status"] == 200 for r in records))
+        self.assertTrue(any("rotated the CA" in r["message"] and r.get("generation") == 2 for r in records))
+        self.assertNotIn(token, "\n".join(lines))
+        self.assertFalse(re.search(r"upt_admin_[A-Za-z0-9_-]{20,}", "\n".join(lines)))
+
+    @inlineCallbacks
+    def test_info_level_and_default_access_log_keep_probes_out(self):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
+                              cwd=cwd)
+        yield daemon.wait_for(b"admin token file")
+        ca = str(Path(cwd) / "uptrakit-data" / "pki" / "ca.crt")
+        curl = require_program("curl", "apt-get install curl")
+        for path in ("/healthz", "/metrics", "/readyz", "/api/v1/whoami"):
+            yield run(curl, "-sS", "--cacert", ca, f"https://localhost:{port}{path}")
+        daemon.transport.signalProcess("TERM")
+        yield daemon.ended
+        records = [json.loads(line) for line in b"".join(daemon.out).decode().splitlines()]
+        self.assertEqual([r for r in records if r["level"] == "debug"], [])
+        self.assertEqual([r for r in records if "route" in r], [], "access log is off by default")
+
+    @inlineCallbacks
     def test_sighup_applies_valid_config_and_rejects_invalid_whole(self):
         cwd = os.path.abspath(self.mktemp())
         Path(cwd).mkdir()

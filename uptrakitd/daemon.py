@@ -14,7 +14,7 @@ import sys
 from functools import partial
 from typing import Any
 
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin_tokens import AdminTokenRegistry
@@ -29,6 +29,7 @@ from .listen.endpoint import ListenerService
 from .listen.guard import ConnectionGuard
 from .listen.server_cert import ServerCertificate
 from .listen.tls import SwappableServerContext
+from .logs import log_observer
 from .metrics import Metrics
 from .offload import in_thread
 from .pki.authority import CertificateAuthority
@@ -80,8 +81,9 @@ class Daemon(OrderedServices):
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd asks the application for an ILogObserver before installing its own text observer
-        if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator=""))
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, log_observer(self.settings.log_format, self.settings.log_level,
+                                                           sys.stdout))
         return super().setServiceParent(parent)
 
     def listening_ports(self) -> list[Any]:

@@ -1,0 +1,76 @@
+"""/metrics as Prometheus reads it (the official parser): what an alert needs is there, nothing doubled."""
+from __future__ import annotations
+
+import platform
+
+import treq
+import twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from .helpers import (ca_pem, foreign_ca_and_leaf, https_client, https_port, new_leaf, request_json, start_controller,
+                      tls_refusal, url)
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class MetricsTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def scrape(self, c, token=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        r = yield https_client(c).get(url(c, "/metrics"), headers=headers)
+        text = yield treq.text_content(r)
+        return r.code, text
+
+    @inlineCallbacks
+    def test_families_an_operator_alerts_on(self):
+        from uptrakitd import __version__
+        c = yield start_controller(self)
+        yield request_json(c, "GET", "/healthz", token=None)
+        _, foreign_cert, foreign_key = foreign_ca_and_leaf()
+        yield tls_refusal(https_port(c), ca_pem(c), foreign_cert, foreign_key)
+        issued, _, _ = yield new_leaf(c)
+        yield request_json(c, "POST", f"/api/v1/certificates/{issued.serial:X}/revoke", {"reason": "keyCompromise"})
+        status, text = yield self.scrape(c)
+        self.assertEqual(status, 200)
+        got = samples(text)
+        names = {name for name, _ in got}
+        self.assertEqual([n for n in names if n.endswith("_created")], [])
+        for required in ("process_open_fds", "process_max_fds", "process_resident_memory_bytes",
+                         "process_cpu_seconds_total", "uptrakit_crl_lag_seconds", "uptrakit_services_on_previous_ca",
+                         "uptrakit_ca_rotation_in_progress"):
+            self.assertIn(required, names)
+        self.assertEqual(got[("uptrakit_build_info", (("python", platform.python_version()),
+                                                      ("twisted", twisted.__version__), ("version", __version__)))], 1)
+        active = c.ca.state.active()
+        self.assertEqual(got[("uptrakit_ca_expiry_timestamp_seconds", (("generation", "1"), ("role", "active")))],
+                         active.not_after.timestamp())
+        self.assertEqual(got[("uptrakit_server_certificate_expiry_timestamp_seconds", ())],
+                         c.server_cert.not_after().timestamp())
+        self.assertLess(got[("uptrakit_crl_age_seconds", (("generation", "1"),))], 60)
+        self.assertGreaterEqual(got[("uptrakit_http_requests_total",
+                                     (("method", "GET"), ("route", "/healthz"), ("status", "200")))], 1)
+        self.assertEqual(got[("uptrakit_http_requests_total", (("method", "POST"),
+                              ("route", "/api/v1/certificates/{serial}/revoke"), ("status", "200")))], 1)
+        self.assertEqual(got[("uptrakit_tls_client_certificates_refused_total", (("reason", "untrusted issuer"),))], 1)
+        self.assertEqual(got[("uptrakit_revocations_total", (("reason", "keyCompromise"),))], 1)
+        self.assertIn(("uptrakit_identity_decisions_total", (("code", ""), ("outcome", "absent"), ("source", "none"))),
+                      got)
+
+    @inlineCallbacks
+    def test_metrics_can_require_a_token(self):
+        c = yield start_controller(self, metrics_require_auth=True)
+        status, _ = yield self.scrape(c)
+        self.assertEqual(status, 401)
+        status, text = yield self.scrape(c, (c.settings.data_dir / "admin.token").read_text().strip())
+        self.assertEqual(status, 200)
+        self.assertIn("uptrakit_build_info", text)

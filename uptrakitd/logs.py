@@ -1,0 +1,75 @@
+"""Log output: Twisted's text lines, or one JSON object per line that a log pipeline can ingest.
+
+A JSON line is `{"time": ISO 8601 UTC, "level", "logger", "message" (rendered), ...the event's own
+fields as plain JSON values}`; a failure adds `error` and `traceback`. Never Twisted's internal
+serialisation (`log_format` templates, class UUIDs, `log_flattened`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from typing import IO, Any
+
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
+                            textFileLogObserver)
+from zope.interface import implementer
+
+_LEGACY = {"message", "system", "isError", "printed", "why", "failure", "time", "format", "format_args"}
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if depth < 3 and isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    return str(value)[:500]
+
+
+def json_record(event: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object for one Twisted log event."""
+    when = datetime.datetime.fromtimestamp(event.get("log_time") or 0, datetime.timezone.utc)
+    level = event.get("log_level")
+    message = formatEvent(event)
+    if not message and isinstance(event.get("message"), tuple):
+        message = " ".join(str(m) for m in event["message"])
+    record: dict[str, Any] = {
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": getattr(level, "name", "info"),
+        "logger": str(event.get("log_namespace") or event.get("system") or "-"),
+        "message": message,
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY or key in record:
+            continue
+        record[key] = _plain(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["error"] = failure.getErrorMessage()
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+@implementer(ILogObserver)
+class JsonLineObserver:
+    """Writes json_record(event) + newline to a stream."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            line = json.dumps(json_record(event), ensure_ascii=False, separators=(",", ":"))
+        except Exception as e:  # a log line must never take the daemon down
+            line = json.dumps({"time": "", "level": "error", "logger": "uptrakitd.logs",
+                               "message": f"unserialisable log event: {e}"})
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def log_observer(log_format: str, log_level: str, stream: IO[str]) -> ILogObserver:
+    """The daemon's observer: text or JSON lines, dropping events below `log_level`."""
+    inner = JsonLineObserver(stream) if log_format == "json" else textFileLogObserver(stream)
+    return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[log_level])])
