@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from .helpers import (ca_pem, foreign_ca_and_leaf, https_client, https_port, new_leaf, request_json, start_controller,
-                      tls_refusal, url)
+from .helpers import (DATA, ROOT, ca_pem, foreign_ca_and_leaf, https_client, https_port, new_leaf, request_json,
+                      require_program, run, start_controller, tls_refusal, url)
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -74,3 +74,28 @@ class MetricsTests(TestCase):
         status, text = yield self.scrape(c, (c.settings.data_dir / "admin.token").read_text().strip())
         self.assertEqual(status, 200)
         self.assertIn("uptrakit_build_info", text)
+
+
+class AlertRulesTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_promtool_accepts_the_rules_and_their_unit_tests_pass(self):
+        promtool = require_program("promtool", "apt-get install prometheus")
+        rules = ROOT / "etc" / "prometheus" / "uptrakitd-alerts.yml"
+        out, err, code = yield run(promtool, "check", "rules", str(rules))
+        self.assertEqual(code, 0, out + err)
+        out, err, code = yield run(promtool, "test", "rules", str(DATA / "prometheus" / "alerts-test.yml"))
+        self.assertEqual(code, 0, out + err)
+
+    @inlineCallbacks
+    def test_every_metric_the_rules_use_is_exposed(self):
+        import re
+        used = set(re.findall(r"\buptrakit_\w+", (ROOT / "etc" / "prometheus" / "uptrakitd-alerts.yml").read_text()))
+        c = yield start_controller(self)
+        yield c.readiness.check()
+        yield request_json(c, "GET", "/api/v1/whoami", token=None)
+        r = yield https_client(c).get(url(c, "/metrics"))
+        exposed = {s.name for family in text_string_to_metric_families((yield treq.text_content(r)))
+                   for s in family.samples}
+        self.assertEqual(used - exposed, set())

@@ -125,8 +125,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
     d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain)
     metrics.services_connected.set_function(lambda: len(channel.connected))
-    metrics.watch(lambda: state_families(ca, crls, server_cert, channel, reactor))
+
     d.readiness = readiness = Readiness(store, ca, crls)
+    metrics.watch(lambda: state_families(ca, crls, server_cert, channel, readiness, reactor))
     d.reloader = reloader = ConfigReloader(flags or {}, settings, runtime)
 
     # effects of a revocation: OCSP, CRL, the socket that used the certificate
@@ -174,6 +175,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                 run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
+    PeriodicJob("readiness check", 30, readiness.check, reactor).setServiceParent(d)
     d.https = ListenerService(reactor, settings.https_listen,
                               guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS",
                               proxy_senders=lambda ip: is_trusted(ip, settings.proxy_protocol_senders),

@@ -21,6 +21,7 @@ class Readiness:
         self.ca = ca
         self.crls = crls
         self._last_probe: tuple[float, str] | None = None
+        self.last: dict[str, str] = {}  # the latest answer, for the uptrakit_ready gauge
 
     @inlineCallbacks
     def check(self) -> Any:
@@ -36,7 +37,8 @@ class Readiness:
             crl = f"CRLs lack revocations of the last {self.crls.lag_seconds():.0f}s (rebuild failing?)"
         else:
             crl = "ok"
-        return {"database": database, "ca": ca, "crl": crl}
+        self.last = {"database": database, "ca": ca, "crl": crl}
+        return self.last
 
     @inlineCallbacks
     def _database(self) -> Any:

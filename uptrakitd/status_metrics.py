@@ -11,10 +11,11 @@ from .listen.server_cert import ServerCertificate
 from .metrics import gauge
 from .pki.authority import CertificateAuthority
 from .pki.crl import CrlPublisher
+from .readiness import Readiness
 
 
 def state_families(ca: CertificateAuthority, crls: CrlPublisher, server_cert: ServerCertificate,
-                   channel: ChannelHub, clock: IReactorTime) -> Iterator[Any]:
+                   channel: ChannelHub, readiness: Readiness, clock: IReactorTime) -> Iterator[Any]:
     """Expiry of the trusted CAs and of the server certificate, CRL age and number, rotation progress."""
     now = clock.seconds()
     when = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
@@ -49,3 +50,9 @@ def state_families(ca: CertificateAuthority, crls: CrlPublisher, server_cert: Se
     rotating = gauge("uptrakit_ca_rotation_in_progress", "1 while a CA rotation runs")
     rotating.add_metric([], 1 if ca.rotating else 0)
     yield rotating
+    if readiness.last:
+        ready = gauge("uptrakit_ready", "1 when the latest readiness check (every 30 s, and each /readyz) "
+                      "passed, per check", ["check"])
+        for check, verdict in sorted(readiness.last.items()):
+            ready.add_metric([check], 1 if verdict == "ok" else 0)
+        yield ready
