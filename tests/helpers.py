@@ -62,7 +62,7 @@ def start_controller(testcase: Any, tmp: str | None = None, config: str | None =
     Path(tmp).mkdir(parents=True, exist_ok=True)
     flags = flags_for(tmp, **extra)
     settings = build_settings(flags, config)
-    controller = build_daemon(boot(settings), reactor, flags)
+    controller = build_daemon(boot(settings), reactor, flags, environ={})
     controller.startService()
     testcase.addCleanup(controller.stopService)
     yield _until(lambda: len(controller.listening_ports()) >= 1 + bool(settings.pki_listen_endpoint()))

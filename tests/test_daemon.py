@@ -26,7 +26,7 @@ class TreeTests(TestCase):
         self.assertEqual([s.name for s in d], [
             "signals", "data-dir lock", "store", "crl-worker", "hourly CRL rebuild", "daily CA check",
             "daily server certificate check", "channel", "renewal check", "readiness check", "HTTPS", "plain-HTTP PKI",
-            "setup warnings"])
+            "setup warnings", "systemd"])
 
     def test_periodic_jobs_run_the_right_work_at_the_right_interval(self):
         d = self.daemon()

@@ -10,9 +10,10 @@ Event subscriptions are made here too, in the order their effects must happen (s
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 from functools import partial
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -39,6 +40,7 @@ from .pki.ocsp import OcspResponder
 from .readiness import Readiness
 from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
+from .sdnotify import Notifier
 from .status_metrics import state_families
 from .store import SqliteStore
 from .trust.identity import IdentityResolver
@@ -92,7 +94,7 @@ class Daemon(OrderedServices):
 
 
 def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = None,
-                 handle_sigterm: bool = False) -> Daemon:
+                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None) -> Daemon:
     """Wire every component for `booted` state on `reactor`; nothing runs until startService()."""
     settings = booted.settings
     d = Daemon()
@@ -188,6 +190,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                          "plain-HTTP PKI")
         d.pki_listener.setServiceParent(d)
     Hooks("setup warnings", start=partial(_warn_about_setup, booted)).setServiceParent(d)
+    systemd = Notifier(os.environ if environ is None else environ)
+    Hooks("systemd", start=lambda: reactor.callWhenRunning(systemd.ready), stop=systemd.stopping).setServiceParent(d)
+    if systemd.watchdog_seconds:
+        PeriodicJob("systemd watchdog", systemd.watchdog_seconds / 2, systemd.watchdog, reactor).setServiceParent(d)
     return d
 
 
