@@ -16,7 +16,9 @@ from .helpers import ca_pem, https_port, request_json
 
 @inlineCallbacks
 def enrollment_token(c: Any, **fields: Any) -> Any:
-    status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", dict({"name": "test"}, **fields))
+    # tests enroll many services with one token: unlimited, never expiring, approved at once unless told
+    defaults = {"name": "test", "max_uses": None, "expires_in_seconds": None, "auto_approve": True}
+    status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", dict(defaults, **fields))
     assert status == 201, body
     return body["token"]
 

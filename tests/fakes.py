@@ -145,5 +145,5 @@ def make_directory(ca: CertificateAuthority, memory: MemoryStore, bus: EventBus,
     from uptrakitd.runtime_settings import RuntimeSettings, ServiceCertSettings
     runtime = RuntimeSettings(memory, bus, NetworkSettings(), ServiceCertSettings(lifetime_hours=lifetime_hours))
     directory = ServiceDirectory(memory, ca, runtime, bus, ca.clock, [])
-    token = EnrollmentTokens(memory).create("t", max_uses=None).result["token"]
+    token = EnrollmentTokens(memory).create("t", max_uses=None, expires_in=None, auto_approve=True).result["token"]
     return directory, runtime, token

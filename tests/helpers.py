@@ -73,7 +73,7 @@ def start_controller(testcase: Any, tmp: str | None = None, config: str | None =
 @inlineCallbacks
 def enrolled_service(controller: Any, kind: str = "agent", hostname: str = "host-1", **kw: Any) -> Any:
     """A service enrolled through the directory with a fresh enrollment token; fires with its record."""
-    token = yield controller.enrollment_tokens.create("test")
+    token = yield controller.enrollment_tokens.create("test", auto_approve=True)
     service, _secret = yield controller.directory.enroll(kind, hostname, token["token"], **kw)
     return service
 

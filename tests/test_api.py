@@ -45,7 +45,16 @@ class ApiTests(TestCase):
                                           {"name": "lab", "kind": "agent", "max_uses": 2, "expires_in_seconds": 600})
         self.assertEqual(status, 201)
         self.assertTrue(body["token"].startswith("upt_"))
-        self.assertEqual((body["kind"], body["max_uses"], body["uses"], body["auto_approve"]), ("agent", 2, 0, True))
+        self.assertEqual((body["kind"], body["max_uses"], body["uses"], body["auto_approve"]), ("agent", 2, 0, False))
+        # the defaults are the safe ones: one use, 24 h, the service waits for approval; null lifts a limit
+        status, default = yield request_json(c, "POST", "/api/v1/enrollment-tokens", {"name": "defaults"})
+        self.assertEqual((default["max_uses"], default["auto_approve"]), (1, False))
+        self.assertAlmostEqual(_epoch(default["expires_at"]) - _epoch(default["created_at"]), 86400, delta=2)
+        status, open_ended = yield request_json(c, "POST", "/api/v1/enrollment-tokens",
+                                                {"name": "fleet", "max_uses": None, "expires_in_seconds": None,
+                                                 "auto_approve": True})
+        self.assertEqual((open_ended["max_uses"], open_ended["expires_at"], open_ended["auto_approve"]),
+                         (None, None, True))
         for bad in ({}, {"name": ""}, {"name": "x", "kind": "printer"}, {"name": "x", "max_uses": 0},
                     {"name": "x", "auto_approve": "yes"}, {"name": "x", "surprise": 1}):
             status, err = yield request_json(c, "POST", "/api/v1/enrollment-tokens", bad)
@@ -121,6 +130,11 @@ HOSTILE_BODIES = [b"", b"null", b"[]", b"\"text\"", b"1e999", b"{\"a\":", b"\xff
                   b"[" * 5000 + b"]" * 5000,
                   b"{\"name\": \"\\ud800\"}", b"{\"friendly_name\": \"x\\udfff\"}",
                   b"{\"name\": \"ok\", \"kind\": \"\\udc00\"}"]
+
+
+def _epoch(iso_time: str) -> float:
+    import datetime
+    return datetime.datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 
 class HostileBodyTests(TestCase):

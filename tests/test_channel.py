@@ -68,8 +68,12 @@ class EnrollmentTests(TestCase):
         enrolled = yield next_event(agent, "enrolled")
         self.assertEqual(enrolled["status"], "pending")
         used_up = start_agent(self, c, token, kind="mqtt")
+        gave_up = next_event(used_up, "stopped")
         error = yield next_event(used_up, "error")
         self.assertIn("used up", error["message"])
+        reason = yield gave_up   # a used-up token will not start working: the agent says so and stops
+        self.assertEqual(reason, "enrollment refused: enrollment token used up: ask the operator for a new "
+                                 "enrollment token")
         yield used_up.stopService()
         status, body = yield request_json(c, "GET", "/api/v1/enrollment-tokens")
         self.assertEqual(body["tokens"][0]["uses"], 1)

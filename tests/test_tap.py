@@ -333,7 +333,7 @@ class DurabilityTests(TestCase):
             if body is not None:
                 argv += ["-d", json.dumps(body)]
             return run(*argv, f"https://localhost:{port}{path}").addCallback(lambda r: json.loads(r[0]))
-        created = yield api("POST", "/api/v1/enrollment-tokens", {"name": "durability"})
+        created = yield api("POST", "/api/v1/enrollment-tokens", {"name": "durability", "auto_approve": True})
         agent = ServiceAgent(reactor, f"wss://localhost:{port}", os.path.join(cwd, "agent"),
                              enrollment_token=created["token"], ca_cert=Path(ca).read_bytes(), backoff=(30, 60))
         agent.startService()

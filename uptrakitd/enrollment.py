@@ -11,6 +11,10 @@ from .store import Store, tokens as stored
 from .tokens import new_token, token_hash
 
 
+DEFAULT_MAX_USES = 1
+DEFAULT_EXPIRES_IN = 24 * 3600
+
+
 class TokenRejected(Exception):
     """An enrollment token that cannot be used; the message says why (never the token)."""
 
@@ -44,9 +48,12 @@ class EnrollmentTokens:
         self.store = store
 
     @inlineCallbacks
-    def create(self, name: str, kind: str | None = None, max_uses: int | None = None,
-               expires_in: int | None = None, auto_approve: bool = True) -> Any:
-        """A new token; fires with its record plus the plaintext `token` (shown once)."""
+    def create(self, name: str, kind: str | None = None, max_uses: int | None = DEFAULT_MAX_USES,
+               expires_in: int | None = DEFAULT_EXPIRES_IN, auto_approve: bool = False) -> Any:
+        """A new token; fires with its record plus the plaintext `token` (shown once).
+
+        By default one use within 24 h, and the service waits for approval; None means no limit.
+        """
         token = new_token("upt_")
         now = int(time.time())
         record = yield self.store.run(stored.insert_enrollment_token, str(uuid.uuid4()), name, kind,

@@ -103,7 +103,7 @@ class PassthroughTests(TestCase):
         haproxy = require_program("haproxy", "apt-get install haproxy")
         c = yield start_controller(self, https_listen=r"haproxy:tcp:0:interface=127.0.0.1",
                                    proxy_protocol_senders=["127.0.0.1"])
-        record = yield c.enrollment_tokens.create("passthrough")
+        record = yield c.enrollment_tokens.create("passthrough", auto_approve=True)
         prefix = Path(self.mktemp()).resolve()
         prefix.mkdir(parents=True)
         port = free_port()

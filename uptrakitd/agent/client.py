@@ -326,6 +326,13 @@ class ServiceAgent(Service):
         self.renew(m.get("reason", ""))
 
     def _on_error(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        if m.get("code") == "enrollment_refused":
+            # a token that is expired, used up, revoked or unknown will not start working: say so and stop
+            reason = f"{m.get('message')}: ask the operator for a new enrollment token"
+            log.critical("enrollment refused: {reason}", reason=reason)
+            self._give_up(f"enrollment refused: {reason}")
+            proto.sendClose(1000)
+            return
         log.error("controller error {code}: {message}", code=m.get("code"), message=m.get("message"))
 
     def _start_ping(self, proto: AgentProtocol, interval: float) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from ...admin_tokens import ROLES, AdminTokenRegistry
-from ...enrollment import EnrollmentTokens
+from ...enrollment import DEFAULT_EXPIRES_IN, DEFAULT_MAX_USES, EnrollmentTokens
 from ...errors import BadRequest, NotFound
 from ..router import Route, int_field, iso, json_body, route
 from .services import KINDS, UUID
@@ -48,9 +48,11 @@ class TokenRoutes:
         kind = body.get("kind")
         if kind is not None and kind not in KINDS:
             raise BadRequest("kind: must be agent or mqtt (or omitted for both)", "invalid_field")
-        max_uses = int_field(body, "max_uses", 1, 1_000_000)
-        expires = int_field(body, "expires_in_seconds", 1, 10 * 365 * 86400)
-        auto_approve = body.get("auto_approve", True)
+        # absent: the safe default (one use, 24 h); null: no limit, said on purpose
+        max_uses = int_field(body, "max_uses", 1, 1_000_000) if "max_uses" in body else DEFAULT_MAX_USES
+        expires = int_field(body, "expires_in_seconds", 1, 10 * 365 * 86400) if "expires_in_seconds" in body \
+            else DEFAULT_EXPIRES_IN
+        auto_approve = body.get("auto_approve", False)
         if not isinstance(auto_approve, bool):
             raise BadRequest("auto_approve: must be true or false", "invalid_field")
         record = yield self.enrollment.create(name, kind, max_uses, expires, auto_approve)
