@@ -281,7 +281,8 @@ class TwistdTests(TestCase):
         self.assertEqual([r for r in records if "route" in r], [], "access log is off by default")
 
     @inlineCallbacks
-    def test_sighup_applies_valid_config_and_rejects_invalid_whole(self):
+    def test_sighup_keeps_stored_settings_unless_the_file_is_authoritative(self):
+        # the same rule as at start: the stored runtime setting wins unless --force-settings-override
         cwd = os.path.abspath(self.mktemp())
         Path(cwd).mkdir()
         port = free_port()
@@ -289,6 +290,36 @@ class TwistdTests(TestCase):
         config.write_text('[network]\nreal_ip_header = "X-Real-IP"\n')
         daemon = start_daemon(self, "--config", str(config), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
                               cwd=cwd)
+        yield daemon.wait_for(b"listening on")
+        config.write_text('log_level = "warn"\nhttps_listen = "tcp:1"\n[network]\nreal_ip_header = "Forwarded"\n')
+        daemon.transport.signalProcess("HUP")
+        yield daemon.wait_for(b"but the stored runtime setting stays ('X-Real-IP')")
+        yield daemon.wait_for(b"https_listen changed in the config file, but --https-listen on the command line "
+                              b"overrides it")
+        yield daemon.wait_for(b"log_level changed in the config file; it takes effect after a restart")
+        token = (Path(cwd) / "uptrakit-data" / "admin.token").read_text().strip()
+        ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
+        out, _, _ = yield run(require_program("curl", "apt-get install curl"), "-sS", "--cacert", str(ca), "-H",
+                              f"Authorization: Bearer {token}", f"https://localhost:{port}/api/v1/settings/network")
+        self.assertEqual(json.loads(out)["real_ip_header"], "X-Real-IP")
+        daemon.transport.signalProcess("TERM")
+        self.assertEqual((yield daemon.ended), 0)
+        # restarted: the stored value still wins over the file, and the start says so
+        again = start_daemon(self, "--config", str(config), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
+                             cwd=cwd)
+        yield again.wait_for(b"the stored one is used")
+        again.transport.signalProcess("TERM")
+        yield again.ended
+
+    @inlineCallbacks
+    def test_sighup_applies_valid_config_and_rejects_invalid_whole(self):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        port = free_port()
+        config = Path(cwd) / "uptrakit.toml"
+        config.write_text('[network]\nreal_ip_header = "X-Real-IP"\n')
+        daemon = start_daemon(self, "--config", str(config), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
+                              "--force-settings-override", cwd=cwd)
         yield daemon.wait_for(b"listening on")
         config.write_text('[network]\nreal_ip_header = "Forwarded"\ntrusted_proxies = ["bogus"]\n')
         daemon.transport.signalProcess("HUP")
