@@ -28,7 +28,8 @@ from .datadir_lock import DataDirInUse, DataDirLock
 from .directory import ServiceRecord, load_services
 from .files import atomic_write, ensure_private_dir
 from .listen.preflight import CannotListen, check_bindable
-from .pki.ca import CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, pki_urls, same_public_key
+from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr,
+                     same_public_key)
 from .pki.files import PkiFiles
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
 from .pki.state import CaState, insert_generation, insert_issued, load_records
@@ -231,9 +232,8 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
         raise StartupError(f"the active CA (generation {active.generation}) expired on "
                            f"{active.not_after.isoformat()}")
     if not active.external and "pki_addr" in settings.network_given:
-        wanted = pki_urls(settings.network.pki_addr, active.generation)
         have = embedded_urls(active.cert)
-        if wanted != have:
+        if not same_pki_addr(active.cert, settings.network.pki_addr):
             raise StartupError(
                 f"--pki-addr {settings.network.pki_addr or '(none)'} disagrees with the URLs embedded in the "
                 f"active CA (generation {active.generation}: {have['ocsp'] if have else 'no URLs'}); "

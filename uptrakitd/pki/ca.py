@@ -32,9 +32,20 @@ def pki_urls(pki_addr: str | None, generation: int) -> dict[str, str] | None:
         return None
     return {
         "ocsp": f"{pki_addr}/api/v1/pki/ocsp",
-        "ca_issuers": f"{pki_addr}/api/v1/pki/ca.crt",
+        # RFC 5280 4.2.2.1: the issuer as one DER certificate (application/pkix-cert). CAs made before
+        # this embed /api/v1/pki/ca.crt (the PEM bundle), which is still served.
+        "ca_issuers": f"{pki_addr}/api/v1/pki/ca/{generation}.crt",
         "crl": f"{pki_addr}/api/v1/pki/crl/{generation}.crl",
     }
+
+
+def same_pki_addr(cert: x509.Certificate, pki_addr: str | None) -> bool:
+    """True when `cert` embeds URLs under `pki_addr` (compared by its OCSP URL; none without pki_addr)."""
+    have = embedded_urls(cert)
+    wanted = pki_urls(pki_addr, 0)
+    if have is None or wanted is None:
+        return have is None and wanted is None
+    return have.get("ocsp") == wanted["ocsp"]
 
 
 def url_extensions(urls: dict[str, str] | None) -> list[x509.ExtensionType]:

@@ -5,6 +5,8 @@ import email.utils
 import hashlib
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from ..errors import NotFound, PayloadTooLarge
 from ..pki.authority import CertificateAuthority
 from ..pki.crl import CrlPublisher
@@ -25,6 +27,7 @@ class PkiRoutes:
     def routes(self) -> list[Route]:
         return [
             route("GET", r"/api/v1/pki/ca\.crt", self.ca_bundle),
+            route("GET", r"/api/v1/pki/ca/(?P<generation>[0-9]{1,6})\.crt", self.ca_der),
             route("GET", r"/api/v1/pki/ca\.crl", self.crl_bundle),
             route("GET", r"/api/v1/pki/crl/(?P<generation>[0-9]{1,6})\.crl", self.crl_der),
             route("POST", r"/api/v1/pki/ocsp", self.ocsp_post),
@@ -34,6 +37,13 @@ class PkiRoutes:
     def ca_bundle(self, request: Any) -> Response:
         body = self.ca.bundle_pem()
         return _conditional(request, Response(body, "application/x-pem-file"))
+
+    def ca_der(self, request: Any, generation: str) -> Response:
+        """One CA generation's certificate, DER: what AIA caIssuers points to."""
+        ca = next((c for c in self.ca.state.served(self.ca.now()) if c.generation == int(generation)), None)
+        if ca is None:
+            raise NotFound(f"no CA generation {int(generation)} is served", "ca_not_found")
+        return _conditional(request, Response(ca.cert.public_bytes(Encoding.DER), "application/pkix-cert"))
 
     def crl_bundle(self, request: Any) -> Response:
         crls = self.crls

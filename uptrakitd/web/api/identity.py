@@ -7,7 +7,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from ...config import ConfigError, NetworkSettings
 from ...errors import BadRequest
-from ...pki.ca import embedded_urls, pki_urls
+from ...pki.ca import same_pki_addr
 from ...pki.serials import format_serial
 from ...pki.state import CaState
 from ...runtime_settings import RuntimeSettings
@@ -53,7 +53,7 @@ class NetworkSettingsRoutes:
         result = new.to_json()
         active = self.state.active()
         if "pki_addr" in body and not active.external and \
-                embedded_urls(active.cert) != pki_urls(new.pki_addr, active.generation):
+                not same_pki_addr(active.cert, new.pki_addr):
             result["pki_addr_warning"] = ("pki_addr changed: certificates keep the old URLs until you rotate the CA "
                                           "(POST /api/v1/settings/rotate-ca)")
         return result
