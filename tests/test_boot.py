@@ -73,7 +73,7 @@ class FirstStartTests(TestCase):
         aia = ca.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
         urls = {d.access_method: d.access_location.value for d in aia}
         self.assertEqual(urls[AuthorityInformationAccessOID.OCSP], "http://pki.example:8080/api/v1/pki/ocsp")
-        self.assertEqual(urls[AuthorityInformationAccessOID.CA_ISSUERS], "http://pki.example:8080/api/v1/pki/ca.crt")
+        self.assertEqual(urls[AuthorityInformationAccessOID.CA_ISSUERS], "http://pki.example:8080/api/v1/pki/ca/1.crt")
         cdp = ca.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
         self.assertEqual(cdp[0].full_name[0].value, "http://pki.example:8080/api/v1/pki/crl/1.crl")
 
