@@ -91,7 +91,9 @@ class ApiTests(TestCase):
         status, body = yield request_json(c, "PUT", "/api/v1/settings/service-certificates", b"x" * 300000)
         self.assertEqual(status, 413)
         status, body = yield request_json(c, "GET", "/readyz", token=None)
-        self.assertEqual(body, {"status": "ready", "checks": {"database": "ok", "ca": "ok", "crl": "ok"}})
+        from uptrakitd import __version__
+        self.assertEqual(body, {"status": "ready", "checks": {"database": "ok", "ca": "ok", "crl": "ok"},
+                                "version": __version__})
         c.store.close()  # the database goes away under a running daemon
         status, body = yield request_json(c, "GET", "/readyz", token=None)
         self.assertEqual((status, body["status"]), (503, "not_ready"))

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from ... import __version__
 from ...errors import BadRequest
 from ...offload import in_thread
 from ...pki.authority import CertificateAuthority
@@ -48,7 +49,8 @@ class PkiSettingsRoutes:
                                          "renewal_window_hours": self.runtime.renewal_window_hours()},
                 "ocsp_validity_seconds": int(OCSP_VALIDITY.total_seconds()),
                 "crl_validity_seconds": int(self.crls.validity.total_seconds()),
-                "trust_domain": self.ca.trust_domain, "pki_addr": self.runtime.network.pki_addr}
+                "trust_domain": self.ca.trust_domain, "pki_addr": self.runtime.network.pki_addr,
+                "version": __version__}
 
     @inlineCallbacks
     def put_service_certs(self, request: Any) -> Any:

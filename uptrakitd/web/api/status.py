@@ -5,6 +5,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from ... import __version__
 from ...metrics import Metrics
 from ...readiness import Readiness
 from ..router import Response, Route, route
@@ -31,7 +32,8 @@ class StatusRoutes:
     def readyz(self, request: Any) -> Any:
         checks = yield self.readiness.check()
         ready = all(v == "ok" for v in checks.values())
-        return (200 if ready else 503), {"status": "ready" if ready else "not_ready", "checks": checks}
+        return (200 if ready else 503), {"status": "ready" if ready else "not_ready", "checks": checks,
+                                         "version": __version__}
 
     def metrics(self, request: Any) -> Response:
         return Response(self.metrics_registry.render(), "text/plain; version=0.0.4; charset=utf-8")

@@ -60,6 +60,7 @@ async function loadPki() {
   row("CA bundle hash", p.ca_bundle_hash);
   row("Service certificates", `${p.service_certificates.lifetime_hours} h, renew ${p.service_certificates.renewal_window_hours} h before expiry`);
   row("PKI address", p.pki_addr);
+  row("uptrakitd version", p.version);
 }
 
 async function loadNetwork() {
