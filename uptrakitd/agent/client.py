@@ -21,6 +21,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ..channel import wire
+from ..channel.timers import use_plain_timers
 from .state import AgentState, new_key_and_csr
 
 log = Logger()
@@ -183,6 +184,7 @@ class ServiceAgent(Service):
         factory = WebSocketClientFactory(url, headers=headers)
         factory.protocol = AgentProtocol
         factory.setProtocolOptions(autoPingInterval=30, autoPingTimeout=60, perMessageCompressionOffers=[])
+        use_plain_timers(factory, self.reactor)
         agent = self
 
         def build(addr: Any) -> AgentProtocol:

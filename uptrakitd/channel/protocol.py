@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from ..trust.identity import RequestContext
 from . import wire
+from .timers import use_plain_timers
 
 log = Logger()
 OUTBOUND_CAP = 1024 * 1024
@@ -254,6 +255,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
         super().__init__()
         self.kind = kind
         self.hub = hub
+        use_plain_timers(self, hub.clock)
         self.next_context: RequestContext | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=wire.MAX_FRAME, maxMessagePayloadSize=wire.MAX_FRAME,
