@@ -85,6 +85,25 @@ class EndToEndTests(TestCase):
         self.assertNoIdentity(answer, "service deactivated")
 
     @inlineCallbacks
+    def test_a_cached_header_verification_follows_revocation_and_rotation(self):
+        yield self.configure(forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        header = {"X-SSL-Client-Cert": base64.b64encode(self.der).decode()}
+        for _ in range(3):
+            self.assertIdentity((yield self.whoami(PROXY, header)), "proxy-cert")
+        self.assertEqual((self.c.resolver.verified.misses, self.c.resolver.verified.hits), (1, 2),
+                         "the signature was checked once")
+        other, _, _ = yield new_leaf(self.c)
+        other_header = {"X-SSL-Client-Cert": base64.b64encode(other.cert.public_bytes(serialization.Encoding.DER))
+                        .decode()}
+        yield self.whoami(PROXY, other_header)
+        yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(other.serial)}/revoke", {})
+        self.assertNoIdentity((yield self.whoami(PROXY, other_header)), "certificate revoked")
+        for _ in range(2):   # generation 1 leaves the trusted set at the second rotation
+            status, _ = yield request_json(self.c, "POST", "/api/v1/settings/rotate-ca")
+            self.assertEqual(status, 200)
+        self.assertNoIdentity((yield self.whoami(PROXY, header)), "not issued by a trusted CA")
+
+    @inlineCallbacks
     def test_every_certificate_header_format_through_a_trusted_proxy(self):
         yield self.configure(forwarded_client_cert_pem_header="X-SSL-Client-Cert")
         b64 = base64.b64encode(self.der).decode()

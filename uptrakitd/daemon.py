@@ -77,6 +77,7 @@ class Daemon(OrderedServices):
     admin_tokens: AdminTokenRegistry
     channel: ChannelHub
     readiness: Readiness
+    resolver: IdentityResolver
     reloader: ConfigReloader
     https: ListenerService
     pki_listener: ListenerService | None
@@ -144,8 +145,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     bus.subscribe(ServiceChanged, channel.on_service_changed)
 
     proxy_protocol = is_proxy_protocol(settings.https_listen)
-    resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics,
+    d.resolver = resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics,
                                 forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers)
+    bus.subscribe(CertificateRevoked, resolver.verified.on_revoked)
+    bus.subscribe(CaRotated, resolver.verified.on_ca_rotated)
     pki_routes = PkiRoutes(ca, crls, ocsp).routes()
     https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()

@@ -85,6 +85,9 @@ class ServiceDirectory:
 
     def get(self, service_id: str) -> ServiceRecord | None:
         """The service with this id (any case, canonical UUID), or None."""
+        record = self._records.get(service_id)  # the canonical form: no parsing on the hot path
+        if record is not None:
+            return record
         try:
             return self._records.get(str(uuid.UUID(service_id)))
         except (ValueError, TypeError, AttributeError):

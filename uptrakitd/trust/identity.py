@@ -14,10 +14,12 @@ from twisted.logger import Logger
 
 from ..config import NetworkSettings
 from ..metrics import Metrics
+from ..pki.ca import CaGeneration
 from ..pki.state import CaState
 from .dn import common_name
 from .headers import ForwardedClientCert, MalformedHeader, parse_cert_header, parse_info_header
 from .proxies import is_trusted, parse_address, resolve_client_ip
+from .verified import Checked, VerifiedCertificates
 
 log = Logger()
 
@@ -152,10 +154,9 @@ def _service_id_of(cert: x509.Certificate, trust_domain: str) -> str | None:
     return _uuid(str(cns[0].value)) if len(cns) == 1 else None
 
 
-def verify_certificate(cert: x509.Certificate, authority: CaState, services: ServiceLookup,
-                       trust_domain: str, now: datetime.datetime, check_chain: bool = True) -> Identity:
-    """Identity from a certificate: issued by a trusted CA, valid now, clientAuth, in our records, not revoked."""
-    ca = None
+def signed_by_trusted(cert: x509.Certificate, authority: CaState, now: datetime.datetime,
+                      check_chain: bool = True) -> CaGeneration | None:
+    """The trusted CA generation that signed `cert` (the signature checked unless told not to), or None."""
     for candidate in authority.trusted(now):
         if candidate.cert.subject == cert.issuer:
             if check_chain:
@@ -163,24 +164,57 @@ def verify_certificate(cert: x509.Certificate, authority: CaState, services: Ser
                     cert.verify_directly_issued_by(candidate.cert)
                 except (ValueError, TypeError, InvalidSignature):
                     continue
-            ca = candidate
-            break
+            return candidate
+    return None
+
+
+def verify_certificate(cert: x509.Certificate, authority: CaState, services: ServiceLookup,
+                       trust_domain: str, now: datetime.datetime, check_chain: bool = True,
+                       issuer: CaGeneration | None = None) -> Identity:
+    """Identity from a certificate: issued by a trusted CA, valid now, clientAuth, in our records, not revoked.
+
+    `issuer`: the generation whose signature was already checked (the verified-certificate cache).
+    """
+    ca = issuer or signed_by_trusted(cert, authority, now, check_chain)
     if ca is None:
         raise Rejected("certificate not issued by a trusted CA")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    return check_facts(CertFacts.of(cert, trust_domain), ca, authority, services, now)
+
+
+@dataclass(frozen=True)
+class CertFacts:
+    """What identity needs from a certificate, read once (extensions are slow to parse per request)."""
+
+    serial: int
+    not_before: float
+    not_after: float
+    client_auth: bool
+    service_id: str | None
+
+    @classmethod
+    def of(cls, cert: x509.Certificate, trust_domain: str) -> CertFacts:
+        try:
+            client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(
+                x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            client_auth = False
+        return cls(cert.serial_number, cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp(),
+                   client_auth, _service_id_of(cert, trust_domain))
+
+
+def check_facts(facts: CertFacts, ca: CaGeneration, authority: CaState, services: ServiceLookup,
+                now: datetime.datetime) -> Identity:
+    """The live checks: valid now, clientAuth, issued by us to that service, not revoked, service active."""
+    if not facts.not_before <= now.timestamp() <= facts.not_after:
         raise Rejected("certificate expired or not yet valid")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-            raise Rejected("certificate lacks the clientAuth usage")
-    except x509.ExtensionNotFound:
-        raise Rejected("certificate lacks the clientAuth usage") from None
-    record = authority.records.get(cert.serial_number)
+    if not facts.client_auth:
+        raise Rejected("certificate lacks the clientAuth usage")
+    record = authority.records.get(facts.serial)
     if record is None or record.purpose != "client" or record.ca_generation != ca.generation:
         raise Rejected("certificate not recognized")
     if record.revoked_at is not None:
         raise Rejected("certificate revoked", "revoked")
-    service_id = _service_id_of(cert, trust_domain)
+    service_id = facts.service_id
     if service_id is None or service_id != record.service_id or services.get(service_id) is None:
         raise Rejected("certificate does not match our records")
     _require_active(services, service_id)
@@ -239,6 +273,7 @@ class IdentityResolver:
         # False on a PROXY-protocol listener: the peer address comes from a header, so no peer is a
         # trusted proxy and only mTLS establishes an identity
         self.forwarded_headers = forwarded_headers
+        self.verified = VerifiedCertificates()
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
@@ -319,12 +354,32 @@ class IdentityResolver:
         return "proxy-info", lambda: verify_info(info, self.authority, self.services, self.now())
 
     def _cert_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
-        return self._cert_evidence_der(parse_cert_header(value))
+        return self._checked_evidence(value, lambda: _load_der(parse_cert_header(value)))
 
     def _cert_evidence_der(self, der: bytes) -> tuple[str, Callable[[], Identity]]:
-        cert = _load_der(der)
-        return "proxy-cert", lambda: verify_certificate(cert, self.authority, self.services, self.trust_domain,
-                                                        self.now())
+        return self._checked_evidence(der, lambda: _load_der(der))
+
+    def _checked_evidence(self, key: str | bytes, load: Callable[[], x509.Certificate]) -> tuple[
+            str, Callable[[], Identity]]:
+        now = self.now()
+
+        def check() -> Checked:
+            try:
+                cert = load()
+            except MalformedHeader as e:
+                return Checked(None, None, e)
+            ca = signed_by_trusted(cert, self.authority, now)
+            return Checked(CertFacts.of(cert, self.trust_domain), ca.generation if ca else None)
+        checked = self.verified.get(key, check)
+        if checked.error is not None:
+            raise checked.error
+        facts = checked.cert
+        assert facts is not None
+        # the cached signature counts only while its CA is still trusted
+        issuer = next((c for c in self.authority.trusted(now) if c.generation == checked.issuer_generation), None)
+        if issuer is None:
+            return "proxy-cert", _reject("certificate not issued by a trusted CA")
+        return "proxy-cert", lambda: check_facts(facts, issuer, self.authority, self.services, now)
 
     def _decide(self, peer: str, client_ip: str, proxy_ip: str | None, source: str,
                 check: Callable[[], Identity]) -> RequestContext:
@@ -346,6 +401,12 @@ class IdentityResolver:
         if self.metrics is not None:
             for family in families:
                 self.metrics.headers_removed.labels(family).inc()
+
+
+def _reject(reason: str) -> Callable[[], Identity]:
+    def check() -> Identity:
+        raise Rejected(reason)
+    return check
 
 
 def _single(headers: Any, name: str) -> str | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from ..config import IPNetwork
@@ -13,6 +14,7 @@ _PORT_V4 = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$")
 _BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+(?:%[^\]]+)?)\](?::\d{1,5})?$")
 
 
+@lru_cache(maxsize=8192)  # pure, and called for every request's peer: most peers come back
 def parse_address(text: str) -> str | None:
     """Canonical address from `1.2.3.4`, `1.2.3.4:80`, `[v6]`, `[v6]:80` or a bare v6; None for garbage."""
     text = text.strip().strip('"').strip()

@@ -46,6 +46,13 @@ def route(method: str, path: str, handler: Callable[..., Any], admin: bool = Fal
     return Route(method, re.compile(path), handler, admin, label or route_label(path))
 
 
+def _finish(request: Any, body: bytes) -> None:
+    # a Content-Length instead of chunked encoding: fewer writes, and what OCSP clients expect
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    request.write(body if request.method != b"HEAD" else b"")
+    request.finish()
+
+
 def route_label(path: str) -> str:
     """A readable, bounded name for a route regex: named groups become {name}, escapes are undone."""
     label = re.sub(r"\(\?P<(\w+)>(?:[^()]|\([^()]*\))*\)", r"{\1}", path)
@@ -180,8 +187,7 @@ class Router(Resource):
             body = json.dumps(result).encode() + b"\n"
         if not request.responseHeaders.hasHeader(b"cache-control"):
             request.setHeader(b"Cache-Control", b"no-store")
-        request.write(body if request.method != b"HEAD" else b"")
-        request.finish()
+        _finish(request, body)
 
     def _write_failure(self, request: Any, failure: Failure) -> None:
         if request._disconnected or request.finished:
@@ -192,8 +198,7 @@ class Router(Resource):
             log.failure("unexpected error answering {method} {path}", failure,
                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1")[:200])
             body = self._write_error(request, UptrakitError("internal error", "internal_error"), status=500)
-        request.write(body)
-        request.finish()
+        _finish(request, body)
 
     def _write_error(self, request: Any, error: UptrakitError, status: int | None = None) -> bytes:
         request.setResponseCode(status or error.status)
