@@ -163,6 +163,7 @@ class ConnectionLimits:
     max_connections: int = 4096            # per listener, every peer together
     max_connections_per_ip: int = 64       # not yet authenticated, per source address; trusted proxies exempt
     request_head_timeout: float = 10.0     # seconds from accept (or the next request's first byte) to a full head
+    listen_backlog: int = 1024             # accept queue of TCP listeners that do not set backlog= themselves
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class Settings:
 
 
 _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 1_000_000),
-               "request_head_timeout": (0.1, 3600)}
+               "request_head_timeout": (0.1, 3600), "listen_backlog": (1, 65535)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
              "metrics_require_auth",

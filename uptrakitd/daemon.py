@@ -185,12 +185,13 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                               guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS",
                               proxy_senders=lambda ip: is_trusted(ip, settings.proxy_protocol_senders),
                               refuse_sender=lambda ip: metrics.connections_refused.labels(
-                                  "HTTPS", "not_a_proxy_protocol_sender").inc())
+                                  "HTTPS", "not_a_proxy_protocol_sender").inc(),
+                              backlog=settings.limits.listen_backlog)
     d.https.setServiceParent(d)
     d.pki_listener = None
     if (pki_endpoint := settings.pki_listen_endpoint()) is not None:
         d.pki_listener = ListenerService(reactor, pki_endpoint, guarded(pki_site, "plain-HTTP PKI"),
-                                         "plain-HTTP PKI")
+                                         "plain-HTTP PKI", backlog=settings.limits.listen_backlog)
         d.pki_listener.setServiceParent(d)
     Hooks("setup warnings", start=partial(_warn_about_setup, booted)).setServiceParent(d)
     systemd = Notifier(os.environ if environ is None else environ)

@@ -49,6 +49,9 @@ class Options(usage.Options):
         ["max-connections-per-ip", None, None,
          "Connections one source address may hold before it authenticates with a client certificate "
          "(default 64); trusted proxies are exempt."],
+        ["listen-backlog", None, None, "Accept queue of TCP listeners whose endpoint string sets no backlog= "
+                                       "(default 1024; Twisted's own is 50, which overflows when a fleet "
+                                       "reconnects at once)."],
         ["request-head-timeout", None, None, "Seconds a connection has to send a complete request head "
                                              "(default 10; the TLS handshake counts)."],
     ]
@@ -91,7 +94,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
-            "request-head-timeout"]
+            "request-head-timeout", "listen-backlog"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))

@@ -5,6 +5,7 @@ A listener that cannot bind ends the daemon with one clear line on stderr and a 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -22,6 +23,14 @@ from .guard import SendersOnlyEndpoint
 log = Logger()
 
 
+def with_backlog(description: str, backlog: int) -> str:
+    """A tcp (or haproxy:tcp) endpoint string with backlog= added when it has none; others unchanged."""
+    inner = description[len("haproxy:"):] if is_proxy_protocol(description) else description
+    if not inner.startswith("tcp:") or re.search(r"(^|:)backlog=", inner):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 class ListenerFailed(SystemExit):
     """A listener could not start; raised out of startService so twistd exits before running."""
 
@@ -31,8 +40,10 @@ class ListenerService(StreamServerEndpointService):
 
     def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str,
                  proxy_senders: Callable[[str], bool] | None = None,
-                 refuse_sender: Callable[[str], None] = lambda ip: None) -> None:
+                 refuse_sender: Callable[[str], None] = lambda ip: None, backlog: int | None = None) -> None:
         self._endpoint_error: str | None = None
+        if backlog is not None:
+            description = with_backlog(description, backlog)
         try:
             if is_proxy_protocol(description) and proxy_senders is not None:
                 # our own PROXY wrapping, so the real TCP peer is checked before its PROXY header counts
