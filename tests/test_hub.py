@@ -119,6 +119,20 @@ class HubTests(TestCase):
         self.assertEqual(sock.kinds(), ["service_settings", "ca_bundle_updated", "request_cert_renewal"])
         self.assertEqual(anonymous.kinds(), [])
 
+    def test_a_rotation_spreads_a_fleets_renewals_over_a_window_sized_to_it(self):
+        import json
+        from uptrakitd.channel.hub import renewal_spread
+        self.assertEqual([renewal_spread(n) for n in (1, 2, 100, 101, 5000, 10 ** 6)], [0, 1, 1, 2, 50, 600])
+        sockets = []
+        for _ in range(150):
+            service_id, serial = self.enrolled_with_certificate()
+            sockets.append(self.authenticated(service_id, serial))
+        self.successResultOf(self.ca.rotate())
+        asked = [json.loads(payload["payload"]) for s in sockets for kind, payload in s.sent if kind == "prepared"
+                 and json.loads(payload["payload"])["type"] == "request_cert_renewal"]
+        self.assertEqual({(m["reason"], m["within_seconds"]) for m in asked}, {("ca_rotation", 2)})
+        self.assertEqual(len(asked), 150)
+
     def test_ten_unknown_messages_in_a_row_are_a_protocol_violation(self):
         sock = self.anonymous()
         for _ in range(9):

@@ -115,6 +115,7 @@ class ServiceAgent(Service):
         self.stopped_reason: str | None = None
         self.observers: list[Callable[[str, Any], None]] = []
         self._retry: Any = None
+        self._renewal_timer: Any = None
         self._ping: LoopingCall | None = None
         self._connecting: Deferred | None = None
 
@@ -137,8 +138,9 @@ class ServiceAgent(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for timer in (self._retry, self._renewal_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         self._stop_ping()
         if self.proto is not None and self.proto.transport is not None:
             d: Deferred = Deferred()
@@ -325,6 +327,12 @@ class ServiceAgent(Service):
         log.info("stored the new CA bundle {hash}", hash=m["ca_bundle_hash"][:16])
 
     def _on_request_cert_renewal(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        within = m.get("within_seconds")
+        if isinstance(within, (int, float)) and not isinstance(within, bool) and within > 0:
+            # the controller paces a fleet's renewals: come at a random moment inside its window
+            delay = random.uniform(0, min(float(within), 3600.0))
+            self._renewal_timer = self.reactor.callLater(delay, self.renew, m.get("reason", ""))
+            return
         self.renew(m.get("reason", ""))
 
     def _on_error(self, proto: AgentProtocol, m: dict[str, Any]) -> None:

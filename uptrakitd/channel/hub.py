@@ -6,6 +6,7 @@ revocations, rotations and service changes from the event bus.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -28,6 +29,13 @@ from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactor
 
 log = Logger()
 DEFAULT_PING_INTERVAL = 30
+RENEWALS_PER_SECOND = 100      # what one reactor signs and reconnects without starving other work
+MAX_RENEWAL_SPREAD = 600
+
+
+def renewal_spread(services: int) -> int:
+    """Seconds over which `services` renewals asked at once should arrive (0: at once)."""
+    return min(MAX_RENEWAL_SPREAD, math.ceil(services / RENEWALS_PER_SECOND)) if services > 1 else 0
 RENEWAL_CHECK_SECONDS = 60
 
 
@@ -263,7 +271,10 @@ class ChannelHub:
         bundle = self.ca.bundle_pem()
         self.broadcast("ca_bundle_updated", targets, ca_bundle_pem=bundle.decode("ascii"),
                        ca_bundle_hash=event.bundle_hash)
-        return self.broadcast("request_cert_renewal", targets, reason="ca_rotation")
+        # every service asked at once would renew at once: each renewal is a CSR check, a signature, an
+        # fsync'd insert and a full mTLS reconnect. Spread them over a window the signing rate can take.
+        return self.broadcast("request_cert_renewal", targets, reason="ca_rotation",
+                              within_seconds=renewal_spread(len(targets)))
 
     def on_revoked(self, event: CertificateRevoked) -> None:
         """CertificateRevoked: close the socket that authenticated with it."""
