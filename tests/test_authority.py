@@ -58,3 +58,22 @@ class RevocationTests(TestCase):
         self.assertEqual(stored, {"keyCompromise", "superseded", "cessationOfOperation"})
         for reason in ("keyCompromise", "superseded", "cessationOfOperation"):
             self.assertEqual(ca.metrics.registry.get_sample_value("uptrakit_revocations_total", {"reason": reason}), 1)
+
+
+class PruningTests(TestCase):
+    def test_records_expired_a_day_ago_leave_memory_but_not_the_store(self):
+        ca, store, bus = make_pki(self.mktemp())
+        directory, runtime, token = make_directory(ca, store, bus, lifetime_hours=1)
+        service, _ = self.successResultOf(directory.enroll("agent", "h", token))
+        issued = self.successResultOf(directory.issue_certificate(service.id, make_csr(service.id)[0]))
+        job = PeriodicJob("daily record pruning", 86400, ca.prune_expired_records, ca.clock, run_at_start=True)
+        job.startService()
+        self.addCleanup(job.stopService)
+        self.assertIn(issued.serial, ca.state.records, "still valid: kept")
+        ca.clock.advance(86400)          # expired 23 h ago: still within the CRL's grace
+        self.assertIn(issued.serial, ca.state.records)
+        ca.clock.advance(86400)          # expired 47 h ago
+        self.assertNotIn(issued.serial, ca.state.records)
+        self.assertNotIn(service.id, ca.state.by_service)
+        self.assertEqual(store.conn.execute("SELECT COUNT(*) FROM certificates WHERE service_id = ?",
+                                            (service.id,)).fetchone()[0], 1)

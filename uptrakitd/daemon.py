@@ -178,6 +178,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     PeriodicJob("daily CA check", DAY, ca.check_expiry, reactor, run_at_start=True).setServiceParent(d)
     PeriodicJob("daily server certificate check", DAY, server_cert.check_due, reactor,
                 run_at_start=True).setServiceParent(d)
+    PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
     PeriodicJob("readiness check", 30, readiness.check, reactor).setServiceParent(d)

@@ -167,6 +167,14 @@ class CertificateAuthority:
         finally:
             self._rotating = False
 
+    def prune_expired_records(self) -> int:
+        """Daily: drop long-expired certificate records from memory; fires nothing, returns how many."""
+        gone = self.state.prune_expired(self.clock.seconds())
+        if gone:
+            log.info("forgot {count} certificate records expired more than a day ago (the store keeps them)",
+                     count=gone)
+        return gone
+
     def check_expiry(self) -> Deferred | None:
         """Daily: rotate automatically when the active CA has less than 183 days left."""
         active = self.state.active()

@@ -75,6 +75,23 @@ class CaState:
         record = self.records.get(serial)
         return record is not None and record.revoked_at is not None
 
+    def prune_expired(self, now_ts: float, grace: float = 86400) -> int:
+        """Forget (in memory only: the store keeps them) records expired more than `grace` ago.
+
+        CRLs stop listing a revoked certificate 24 h after it expires (SPEC §4.5), and nothing else
+        needs an expired record; without this every certificate ever issued stays in memory (~300 B).
+        """
+        cutoff = now_ts - grace
+        gone = [serial for serial, r in self.records.items() if r.not_after < cutoff and r.purpose == "client"]
+        for serial in gone:
+            record = self.records.pop(serial)
+            kept = [r for r in self.by_service.get(record.service_id or "", []) if r.serial != serial]
+            if kept:
+                self.by_service[record.service_id or ""] = kept
+            else:
+                self.by_service.pop(record.service_id or "", None)
+        return len(gone)
+
     def valid_client_certificates(self, service_id: str, now_ts: float) -> int:
         """How many unrevoked, unexpired client certificates a service holds."""
         return sum(1 for r in self.by_service.get(service_id, ())
