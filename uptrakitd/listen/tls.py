@@ -33,6 +33,8 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_session_id(b"uptrakitd")
+    # an idle connection (most agents, most of the time) gives its ~34 KB of read/write buffers back
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.use_certificate(crypto.X509.from_cryptography(server_cert))
     ctx.use_privatekey(crypto.PKey.from_cryptography_key(server_key))
     ctx.check_privatekey()

@@ -1,0 +1,259 @@
+"""A fleet of agents through enrollment, connection and a CA rotation, against a real `twistd -n uptrakit`.
+
+Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes about 3 minutes here)
+
+Load: asyncio + the `websockets` library in 4 processes on the same 2 cores as the daemon (so the stable
+figures are the daemon's CPU per operation and the ratios). Printed per phase: duration, errors, the
+daemon's CPU per operation, `/healthz` latency from another thread (p99 and worst) and listen-queue
+overflows (`nstat TcpExtListenOverflows`); then the daemon's memory per connected agent, and for the
+rotation the time from the API call until each agent had `ca_bundle_updated` and until it was back
+with a new-generation certificate.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROCESSES = 4
+CONCURRENCY = 64   # enrollments / connection attempts in flight per process
+
+
+def csr_for(service_id: str) -> tuple[str, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service_id)])).sign(key, hashes.SHA256()))
+    return (csr.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def frame(seq: int, kind: str, **payload) -> str:
+    return json.dumps({"protocol_version": 1, "seq": seq, "type": kind, **payload})
+
+
+class Agent:
+    def __init__(self, url: str, ca: str, token: str, workdir: str, index: int) -> None:
+        self.url, self.ca, self.token, self.index = url, ca, token, index
+        self.pem_path = os.path.join(workdir, f"agent-{index}.pem")
+        self.service_id = ""
+        self.generation = 1
+        self.bundle_at = 0.0
+        self.renewed_at = 0.0
+        self.errors: list[str] = []
+        self.ws = None
+        self.out_seq = 1
+
+    def context(self, with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca)
+        if with_cert:
+            ctx.load_cert_chain(self.pem_path)
+        return ctx
+
+    async def enroll(self) -> None:
+        from websockets.asyncio.client import connect
+        async with connect(self.url, ssl=self.context(False), open_timeout=60, max_size=2 ** 20) as ws:
+            await ws.send(frame(1, "enroll", hostname=f"bench-{self.index}", enrollment_token=self.token))
+            self.service_id = json.loads(await ws.recv())["service_id"]
+            csr, key = csr_for(self.service_id)
+            await ws.send(frame(2, "request_certificate", csr_pem=csr))
+            cert = json.loads(await ws.recv())["cert_pem"]
+        Path(self.pem_path).write_bytes(key + cert.encode())
+
+    async def connect(self) -> None:
+        from websockets.asyncio.client import connect
+        self.ws = await connect(self.url, ssl=self.context(True), open_timeout=60, ping_interval=None,
+                                max_size=2 ** 20)
+        self.out_seq = 1
+        settings = json.loads(await self.ws.recv())
+        assert settings["type"] == "service_settings", settings
+
+    async def follow_rotation(self, rotated_at: asyncio.Event) -> None:
+        """Wait for the bundle and the renewal request, renew, come back with the new certificate."""
+        within = 0.0
+        while True:
+            message = json.loads(await self.ws.recv())
+            if message["type"] == "ca_bundle_updated":
+                self.bundle_at = time.time()
+            elif message["type"] == "request_cert_renewal":
+                within = float(message.get("within_seconds") or 0)
+                break
+        await asyncio.sleep(random.uniform(0, within))
+        csr, key = csr_for(self.service_id)
+        await self.ws.send(frame(self.out_seq, "renew_certificate", csr_pem=csr))
+        self.out_seq += 1
+        while True:
+            message = json.loads(await self.ws.recv())
+            if message["type"] == "certificate":
+                break
+        try:
+            await self.ws.recv()   # the controller closes with "certificate rotated"
+        except Exception:
+            pass
+        Path(self.pem_path).write_bytes(key + message["cert_pem"].encode())
+        for attempt in range(5):
+            try:
+                await self.connect()
+                break
+            except Exception as e:   # noqa: BLE001 - counted, retried like an agent would
+                self.errors.append(f"reconnect: {type(e).__name__}")
+                await asyncio.sleep(1 + attempt)
+        self.renewed_at = time.time()
+
+
+async def run_worker(indices: list[int], url: str, ca: str, token: str, workdir: str, commands, results) -> None:
+    agents = [Agent(url, ca, token, workdir, i) for i in indices]
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def guarded(coro_fn, agent):
+        async with gate:
+            try:
+                await coro_fn(agent)
+            except Exception as e:  # noqa: BLE001
+                agent.errors.append(f"{coro_fn.__name__}: {type(e).__name__}: {e}"[:200])
+    loop = asyncio.get_running_loop()
+    for phase in ("enroll", "connect", "rotate"):
+        await loop.run_in_executor(None, commands.get)   # wait for the parent's go
+        if phase == "enroll":
+            await asyncio.gather(*(guarded(Agent.enroll, a) for a in agents))
+        elif phase == "connect":
+            await asyncio.gather(*(guarded(Agent.connect, a) for a in agents))
+        else:
+            await asyncio.gather(*(a.follow_rotation(asyncio.Event()) for a in agents if a.ws is not None),
+                                 return_exceptions=True)
+        results.put((phase, [(a.bundle_at, a.renewed_at, a.errors) for a in agents]))
+    for a in agents:
+        if a.ws is not None:
+            await a.ws.close()
+
+
+def worker(indices, url, ca, token, workdir, commands, results) -> None:
+    asyncio.run(run_worker(indices, url, ca, token, workdir, commands, results))
+
+
+def listen_overflows() -> int:
+    out = subprocess.run(["nstat", "-az", "TcpExtListenOverflows"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.startswith("TcpExtListenOverflows"):
+            return int(line.split()[1])
+    return 0
+
+
+class Prober(threading.Thread):
+    """GET /healthz every 50 ms over one keep-alive connection (the reactor's answer time); latencies in ms."""
+
+    def __init__(self, daemon) -> None:
+        super().__init__(daemon=True)
+        self.daemon_ = daemon
+        self.samples: list[float] = []
+        self.failures = 0
+        self.running = True
+
+    def run(self) -> None:
+        from common import keepalive_get
+        conn = None
+        while self.running:
+            start = time.perf_counter()
+            try:
+                conn = conn or self.daemon_.tls()
+                keepalive_get(conn, "/healthz")
+                self.samples.append((time.perf_counter() - start) * 1000)
+            except OSError:
+                self.failures += 1
+                conn = None
+            time.sleep(0.05)
+
+    def take(self) -> tuple[float, float, int]:
+        samples, self.samples = self.samples, []
+        failures, self.failures = self.failures, 0
+        if not samples:
+            return float("nan"), float("nan"), failures
+        samples.sort()
+        return samples[min(len(samples) - 1, int(0.99 * len(samples)))], samples[-1], failures
+
+
+def main() -> None:
+    from common import Daemon
+    agents = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    daemon = Daemon("--max-connections", str(agents * 2 + 100), "--max-connections-per-ip", str(agents * 2))
+    workdir = tempfile.mkdtemp(prefix="uptrakit-fleet-")
+    try:
+        status, token = daemon.request("POST", "/api/v1/enrollment-tokens", {"name": "fleet", "auto_approve": True,
+                                       "max_uses": None, "expires_in_seconds": None}, daemon.token)
+        url = f"wss://localhost:{daemon.port}/api/v1/ws/agent"
+        ctx = multiprocessing.get_context("spawn")
+        commands = [ctx.Queue() for _ in range(PROCESSES)]
+        results = ctx.Queue()
+        procs = [ctx.Process(target=worker, args=(list(range(i, agents, PROCESSES)), url, daemon.ca, token["token"],
+                                                  workdir, commands[i], results)) for i in range(PROCESSES)]
+        for p in procs:
+            p.start()
+        prober = Prober(daemon)
+        prober.start()
+        rss_idle = int(Path(f"/proc/{daemon.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+        print(f"{agents} agents, {PROCESSES} load processes on the same 2 cores")
+        print(f"{'phase':10} {'seconds':>8} {'errors':>7} {'CPU ms/agent':>13} {'healthz p99':>12} {'worst':>8} "
+              f"{'failed':>7} {'overflows':>10}")
+        collected = {}
+        for phase in ("enroll", "connect", "rotate"):
+            cpu, overflow, start = daemon.cpu_seconds(), listen_overflows(), time.time()
+            prober.take()
+            if phase == "rotate":
+                rotated_at = time.time()
+                for q in commands:
+                    q.put("go")
+                status, answer = daemon.request("POST", "/api/v1/settings/rotate-ca", None, daemon.token)
+                assert status == 200, answer
+            else:
+                for q in commands:
+                    q.put("go")
+            rows = []
+            for _ in procs:
+                _, part = results.get(timeout=900)
+                rows.extend(part)
+            seconds = time.time() - start
+            errors = sum(len(e) for _, _, e in rows)
+            p99, worst, failed = prober.take()
+            print(f"{phase:10} {seconds:8.1f} {errors:7d} {(daemon.cpu_seconds() - cpu) / agents * 1000:13.2f} "
+                  f"{p99:10.1f}ms {worst:6.0f}ms {failed:7d} {listen_overflows() - overflow:10d}")
+            if errors:
+                first = next(e for _, _, e in rows if e)
+                print(f"           first error: {first[0]}")
+            collected[phase] = rows
+            if phase == "connect":
+                rss = int(Path(f"/proc/{daemon.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+                print(f"           daemon RSS {rss_idle / 1024:.0f} MiB idle, {rss / 1024:.0f} MiB with {agents} "
+                      f"agents connected: {(rss - rss_idle) / agents:.1f} KiB per agent")
+        bundle = sorted(b - rotated_at for b, _, _ in collected["rotate"] if b)
+        renewed = sorted(r - rotated_at for _, r, _ in collected["rotate"] if r)
+
+        def pct(values, p):
+            return values[min(len(values) - 1, int(p / 100 * len(values)))] if values else float("nan")
+        print(f"rotation: ca_bundle_updated at {len(bundle)} agents, p50 {pct(bundle, 50):.2f} s p99 "
+              f"{pct(bundle, 99):.2f} s; back with a new-generation certificate: {len(renewed)} agents, p50 "
+              f"{pct(renewed, 50):.1f} s p99 {pct(renewed, 99):.1f} s max {renewed[-1] if renewed else float('nan'):.1f} s")
+        prober.running = False
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        daemon.stop()
+
+
+if __name__ == "__main__":
+    main()
