@@ -11,25 +11,16 @@ Run: .venv/bin/python bench/attack.py      (about a minute; loopback only: 127.0
 """
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 ATTACKER = "127.0.0.9"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -110,22 +101,10 @@ def metric(port: int, ca: str, name: str) -> float:
 
 
 def main() -> None:
-    tmp = tempfile.mkdtemp(prefix="uptrakit-attack-")
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    daemon = subprocess.Popen([twistd, "--pidfile=", "-n", "uptrakit", "--https-listen",
-                               f"tcp:{port}:interface=127.0.0.1"], cwd=tmp, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from common import Daemon
+    server = Daemon()
+    daemon, port, ca, token = server.proc, server.port, server.ca, server.token
     try:
-        ca = os.path.join(tmp, "uptrakit-data", "pki", "ca.crt")
-        for _ in range(100):
-            try:
-                if request(port, ca, "GET", "/healthz") == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        token = Path(tmp, "uptrakit-data", "admin.token").read_text().strip()
 
         idle, idle_fail = probe_healthz(port, ca, 150)
         stop, counts = threading.Event(), {"connect_failed": 0, "opened": 0}
@@ -191,8 +170,7 @@ def main() -> None:
         print(f"fuzz of {len(routes)} JSON routes x {len(hostile)} hostile bodies: {len(statuses)} requests, "
               f"{sum(s >= 500 for s in statuses)} answered 5xx, statuses {sorted(set(statuses))}")
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
+        server.stop()
 
 
 if __name__ == "__main__":

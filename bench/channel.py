@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import random
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -126,9 +127,11 @@ def main() -> None:
         ossl_port = free_port()
 
         def start_openssl() -> subprocess.Popen:
+            # its own process group: its -multi children outlive a killed parent and spin at 100 % CPU
             proc = subprocess.Popen(["openssl", "ocsp", "-index", "index.txt", "-CA", "ca.crt", "-rsigner", "ca.crt",
                                      "-rkey", "ca.key", "-port", str(ossl_port), "-multi", "2", "-nmin", "60"],
-                                    cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
             # no connect-probe: a connection dropped without a request leaves an openssl child spinning
             time.sleep(1.0)
             return proc
@@ -157,7 +160,7 @@ def main() -> None:
                 try:
                     o_rps, o_cpu = run_case(ossl_port, make_ossl, False, lambda: family(proc.pid))
                 finally:
-                    proc.kill()
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
             else:
                 o_rps = o_cpu = float("nan")

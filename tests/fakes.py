@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from uptrakitd import store
+from uptrakitd.channel.protocol import ChannelState
 from uptrakitd.events import EventBus
 from uptrakitd.metrics import Metrics
 from uptrakitd.pki.authority import CertificateAuthority
@@ -69,8 +70,8 @@ def make_pki(tmp: str, clock: Clock | None = None) -> tuple[CertificateAuthority
     return authority, memory, bus
 
 
-class FakeSocket:
-    """What the hub sees of a ServiceChannelProtocol: state, sends and closes, no frames."""
+class FakeSocket(ChannelState):
+    """What the hub sees of a ServiceChannelProtocol: the same state machine, sends and closes, no frames."""
 
     def __init__(self, context: Any, kind: str = "agent", bearer: str | None = None) -> None:
         self.context, self.kind, self.bearer = context, kind, bearer
@@ -97,36 +98,6 @@ class FakeSocket:
     def close(self, reason: str, code: int = 1008) -> None:
         if not self.closing:
             self.closing, self.closed_with = True, reason
-
-    def refuse(self, reason: str) -> None:
-        self.phase = "rejected"
-        self.close(reason)
-
-    def become_anonymous(self, enroll_timer: Any = None) -> None:
-        self.phase = "anonymous"
-        self.enroll_timer = enroll_timer or self.enroll_timer
-
-    def become_enrolling(self) -> None:
-        self.phase = "enrolling"
-
-    def become_enrolled(self, service_id: str) -> None:
-        self.phase, self.service_id = "enrolled", service_id
-
-    def become_certifying(self) -> None:
-        self.phase = "certifying"
-
-    def become_certified(self) -> None:
-        self.phase = "certified"
-
-    def become_authenticated(self, service_id: str, serial: int) -> None:
-        self.phase, self.service_id, self.serial = "authenticated", service_id, serial
-
-    def count_unknown(self) -> int:
-        self.unknown_in_row += 1
-        return self.unknown_in_row
-
-    def reset_unknown(self) -> None:
-        self.unknown_in_row = 0
 
     def kinds(self) -> list[str]:
         """The message types sent, in order (prepared broadcasts decoded)."""

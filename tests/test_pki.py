@@ -408,3 +408,29 @@ class CrlFailureTests(TestCase):
         self.assertEqual((status, body["checks"]["crl"]), (200, "ok"))
         self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_crl_lag_seconds"), 0)
         self.flushLoggedErrors(OSError)
+
+
+class StoredCrlStartTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_restart_serves_the_stored_crls_then_rebuilds_unless_a_revocation_is_missing(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+        lines = []
+        observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        first = yield start_controller(self)
+        number = first.crls.current[1].number
+        yield first.stopService()
+        second = yield start_controller(self, tmp=first.tmp)
+        self.assertTrue(any("serving the stored CRLs (G1 #%d)" % number in line for line in lines), lines[-20:])
+        self.assertEqual(second.crls.current[1].number, number, "the stored CRL is served first")
+        yield wait_until(lambda: second.crls.current[1].number > number, timeout=10)   # then rebuilt
+        issued, _, _ = yield new_leaf(second)
+        yield second.ca.revoke(issued.serial, "keyCompromise")
+        yield second.stopService()       # before the coalesced rebuild: the file lacks the revocation
+        lines.clear()
+        third = yield start_controller(self, tmp=first.tmp)
+        self.assertFalse(any("serving the stored CRLs" in line for line in lines))
+        self.assertIsNotNone(third.crls.current[1].crl.get_revoked_certificate_by_serial_number(issued.serial))

@@ -109,7 +109,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     state = booted.state
 
     d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
-    crls.publish_at_start(booted.crl_numbers, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
+    stale_crls = crls.publish_at_start(booted.crl_numbers,
+                                       datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
@@ -173,7 +174,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
-    Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls), stop=crls.stop).setServiceParent(d)
+    Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
+          stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
     PeriodicJob("daily CA check", DAY, ca.check_expiry, reactor, run_at_start=True).setServiceParent(d)
     PeriodicJob("daily server certificate check", DAY, server_cert.check_due, reactor,
@@ -202,8 +204,11 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     return d
 
 
-def _warm(crls: CrlPublisher) -> None:
-    crls.warm().addErrback(lambda f: log.failure("CRL worker warm-up failed", f))
+def _warm(crls: CrlPublisher, rebuild: bool) -> None:
+    if rebuild:   # the stored CRLs are being served: replace them now that the listeners are up
+        crls.rebuild().addErrback(lambda f: log.failure("CRL rebuild after start failed", f))
+    else:
+        crls.warm().addErrback(lambda f: log.failure("CRL worker warm-up failed", f))
 
 
 def _warn_about_setup(booted: Booted) -> None:

@@ -29,7 +29,7 @@ from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactor
 
 log = Logger()
 DEFAULT_PING_INTERVAL = 30
-RENEWALS_PER_SECOND = 100      # what one reactor signs and reconnects without starving other work
+RENEWALS_PER_SECOND = 50       # what one reactor signs and reconnects without starving other work
 MAX_RENEWAL_SPREAD = 600
 
 

@@ -5,6 +5,7 @@ the GIL for 100-250 ms each, so a thread would still stall the reactor; a worker
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import multiprocessing
@@ -167,8 +168,20 @@ class CrlPublisher:
         # the bundle's ETag from the members' (already hashed off the reactor), not a hash of 5 MB here
         self.bundle_etag = '"' + hashlib.sha256("".join(c.etag for c in crls).encode()).hexdigest()[:32] + '"'
 
-    def publish_at_start(self, numbers: dict[int, int], now: datetime.datetime) -> None:
-        """Build every served CRL in the calling thread, write the file, serve them (start-up only)."""
+    def publish_at_start(self, numbers: dict[int, int], now: datetime.datetime) -> bool:
+        """Serve CRLs at start-up (before the reactor runs); True when they still need a rebuild.
+
+        The CRLs written last time are served as they are when they cover every served generation,
+        are still valid, and no revocation happened after they were signed; the rebuild then runs
+        once the listeners are up (a 100 000-entry CRL takes seconds to build). Otherwise they are
+        built here, in the calling thread.
+        """
+        stored = self._stored_crls(now)
+        if stored is not None:
+            self._publish(stored)
+            log.info("serving the stored CRLs ({summary}); rebuilding after start",
+                     summary=", ".join(f"G{c.generation} #{c.number}" for c in stored))
+            return True
         out = []
         records = list(self.state.records.values())
         for ca in self.state.served(now):
@@ -179,6 +192,38 @@ class CrlPublisher:
                                   now.replace(microsecond=0), len(entries)))
         self.files.write_crls(self._bundle_of(out))
         self._publish(out)
+        return False
+
+    def _stored_crls(self, now: datetime.datetime) -> list[PublishedCrl] | None:
+        try:
+            pem = self.files.crl_path.read_bytes()
+            end = b"-----END X509 CRL-----"
+            pems = [part.strip() + b"\n" + end + b"\n" for part in pem.split(end) if part.strip()]
+            crls = [(x509.load_pem_x509_crl(p), p) for p in pems]
+        except (OSError, ValueError):
+            return None
+        served = {ca.generation: ca for ca in self.state.served(now)}
+        found: dict[int, PublishedCrl] = {}
+        # the file is ours (written atomically in the 0700 data dir): matched by issuer, not re-verified
+        for crl, crl_pem in crls:
+            ca = next((c for c in served.values() if c.cert.subject == crl.issuer), None)
+            if ca is None or crl.next_update_utc is None:
+                continue
+            try:
+                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            except x509.ExtensionNotFound:
+                continue
+            this_update = crl.last_update_utc
+            if now >= crl.next_update_utc or now - this_update > datetime.timedelta(hours=1):
+                return None
+            der = base64.b64decode(b"".join(crl_pem.strip().splitlines()[1:-1]))
+            found[ca.generation] = _published(ca.generation, der, crl_pem, number, this_update, len(crl))
+        if set(found) != set(served):
+            return None
+        newest = max((r.revoked_at or 0 for r in self.state.records.values()), default=0)
+        if newest >= min(c.this_update.timestamp() for c in found.values()):
+            return None   # a revocation the stored CRLs may lack (e.g. a kill -9 before the rebuild)
+        return list(found.values())
 
     def bundle_pem(self) -> bytes:
         """Every served CA's CRL as PEM, active first (what nginx/HAProxy/Envoy load)."""
