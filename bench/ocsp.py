@@ -127,11 +127,10 @@ def main() -> None:
         ossl_port = free_port()
 
         def start_openssl() -> subprocess.Popen:
-            # its own process group: its -multi children outlive a killed parent and spin at 100 % CPU
+            # its -multi children outlive a killed parent and spin at 100 % CPU: they are killed first
             proc = subprocess.Popen(["openssl", "ocsp", "-index", "index.txt", "-CA", "ca.crt", "-rsigner", "ca.crt",
                                      "-rkey", "ca.key", "-port", str(ossl_port), "-multi", "2", "-nmin", "60"],
-                                    cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             # no connect-probe: a connection dropped without a request leaves an openssl child spinning
             time.sleep(1.0)
             return proc
@@ -160,7 +159,11 @@ def main() -> None:
                 try:
                     o_rps, o_cpu = run_case(ossl_port, make_ossl, False, lambda: family(proc.pid))
                 finally:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    for pid in family(proc.pid)[1:] + [proc.pid]:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     proc.wait()
             else:
                 o_rps = o_cpu = float("nan")
