@@ -12,7 +12,6 @@ Run: .venv/bin/python bench/attack.py      (about a minute; loopback only: 127.0
 from __future__ import annotations
 
 import socket
-import ssl
 import statistics
 import sys
 import threading
@@ -30,30 +29,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def tls(port: int, ca: str, source: str = "127.0.0.1") -> ssl.SSLSocket:
-    ctx = ssl.create_default_context(cafile=ca)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    return ctx.wrap_socket(raw, server_hostname="localhost")
-
-
-def request(port: int, ca: str, method: str, path: str, body: bytes = b"", token: str = "") -> int:
-    with tls(port, ca) as s:
-        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-        if token:
-            head += f"Authorization: Bearer {token}\r\n"
-        s.sendall(head.encode() + b"\r\n" + body)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return int(data.split(b" ", 2)[1])
-
-
-def probe_healthz(port: int, ca: str, count: int) -> tuple[list[float], int]:
+def probe_healthz(server, count: int) -> tuple[list[float], int]:
     times, failures = [], 0
     for _ in range(count):
         start = time.perf_counter()
         try:
-            if request(port, ca, "GET", "/healthz") != 200:
+            if server.request("GET", "/healthz")[0] != 200:
                 failures += 1
         except OSError:
             failures += 1
@@ -87,8 +68,8 @@ def drip(port: int, n: int, stop: threading.Event, counts: dict[str, int]) -> No
         s.close()
 
 
-def metric(port: int, ca: str, name: str) -> float:
-    with tls(port, ca) as s:
+def metric(server, name: str) -> float:
+    with server.tls() as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):
@@ -103,20 +84,20 @@ def metric(port: int, ca: str, name: str) -> float:
 def main() -> None:
     from common import Daemon
     server = Daemon()
-    daemon, port, ca, token = server.proc, server.port, server.ca, server.token
+    daemon, port, token = server.proc, server.port, server.token
     try:
 
-        idle, idle_fail = probe_healthz(port, ca, 150)
+        idle, idle_fail = probe_healthz(server, 150)
         stop, counts = threading.Event(), {"connect_failed": 0, "opened": 0}
         attacker = threading.Thread(target=drip, args=(port, 1100, stop, counts))
         attacker.start()
         time.sleep(3)
-        held_at_probe = metric(port, ca, 'uptrakit_connections_open{listener="HTTPS"}') - 1
-        busy, busy_fail = probe_healthz(port, ca, 150)
+        held_at_probe = metric(server, 'uptrakit_connections_open{listener="HTTPS"}') - 1
+        busy, busy_fail = probe_healthz(server, 150)
         time.sleep(max(0.0, 13 - 3 - sum(busy) / 1000))   # past the request-head deadline
-        held_later = metric(port, ca, 'uptrakit_connections_open{listener="HTTPS"}') - 1
-        refused = metric(port, ca, 'uptrakit_connections_refused_total{listener="HTTPS",reason="per_ip"}')
-        timeouts = metric(port, ca, "uptrakit_http_head_timeouts_total")
+        held_later = metric(server, 'uptrakit_connections_open{listener="HTTPS"}') - 1
+        refused = metric(server, 'uptrakit_connections_refused_total{listener="HTTPS",reason="per_ip"}')
+        timeouts = metric(server, "uptrakit_http_head_timeouts_total")
         stop.set()
         attacker.join()
         print("slow drip from one address (1,100 connections, a byte every 2 s; per-address cap 64, head deadline 10 s):")
@@ -132,7 +113,7 @@ def main() -> None:
 
         def big_body() -> None:
             try:
-                with tls(port, ca) as s:
+                with server.tls() as s:
                     s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                               b"Sec-WebSocket-Version: 13\r\nContent-Length: 200000000\r\n\r\n")
@@ -166,7 +147,7 @@ def main() -> None:
                   ("POST", "/api/v1/enrollment-tokens"), ("POST", "/api/v1/admin-tokens"),
                   ("POST", "/api/v1/certificates/ABCD/revoke"), ("POST", "/api/v1/settings/rotate-ca"),
                   ("PUT", "/api/v1/services/00000000-0000-4000-8000-000000000000")]
-        statuses = [request(port, ca, m, p, b, token) for m, p in routes for b in hostile]
+        statuses = [server.request(m, p, b, token)[0] for m, p in routes for b in hostile]
         print(f"fuzz of {len(routes)} JSON routes x {len(hostile)} hostile bodies: {len(statuses)} requests, "
               f"{sum(s >= 500 for s in statuses)} answered 5xx, statuses {sorted(set(statuses))}")
     finally:

@@ -55,7 +55,8 @@ class Daemon:
         return ctx.wrap_socket(raw, server_hostname="localhost")
 
     def request(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else b""
+        """(status, parsed JSON or raw bytes) of one request; `body`: bytes as they are, else JSON."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
         with self.tls() as s:
             head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {len(data)}\r\n"
             if token:

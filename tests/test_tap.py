@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
+def workdir(testcase: TestCase) -> tuple[str, int]:
+    """(a fresh directory to run twistd in, a free port for its HTTPS listener)."""
+    cwd = os.path.abspath(testcase.mktemp())
+    Path(cwd).mkdir()
+    return cwd, free_port()
+
+
 def start_daemon(testcase: TestCase, *args: str, cwd: str) -> WatchedProcess:
     proto = spawn([TWISTD, "--pidfile=", "-n", "uptrakit", *args], env=env(), cwd=cwd)
 
@@ -125,9 +132,7 @@ class TwistdTests(TestCase):
 
     @inlineCallbacks
     def test_serves_restarts_with_same_ca_and_stops_cleanly_on_sigterm(self):
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
                               cwd=cwd)
         yield daemon.wait_for(b"listening on")
@@ -151,9 +156,7 @@ class TwistdTests(TestCase):
     def test_kill_9_right_after_the_ca_is_created_never_breaks_the_next_start(self):
         # Every step of first start is covered in-process (test_boot.CrashPointTests); this is the
         # real signal once, at a point we know the process reached: the CA exists, nothing after it.
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
         yield daemon.wait_for(b"created managed CA generation 1")
         daemon.transport.signalProcess("KILL")
@@ -224,9 +227,7 @@ class TwistdTests(TestCase):
     @inlineCallbacks
     def test_every_json_log_line_is_a_record_a_pipeline_can_ingest(self):
         import re
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
                               "--log-level", "debug", "--access-log", "all", cwd=cwd)
         yield daemon.wait_for(b"admin token file")
@@ -265,9 +266,7 @@ class TwistdTests(TestCase):
 
     @inlineCallbacks
     def test_info_level_and_default_access_log_keep_probes_out(self):
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
                               cwd=cwd)
         yield daemon.wait_for(b"admin token file")
@@ -284,9 +283,7 @@ class TwistdTests(TestCase):
     @inlineCallbacks
     def test_sighup_keeps_stored_settings_unless_the_file_is_authoritative(self):
         # the same rule as at start: the stored runtime setting wins unless --force-settings-override
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         config = Path(cwd) / "uptrakit.toml"
         config.write_text('[network]\nreal_ip_header = "X-Real-IP"\n')
         daemon = start_daemon(self, "--config", str(config), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
@@ -314,9 +311,7 @@ class TwistdTests(TestCase):
 
     @inlineCallbacks
     def test_sighup_applies_valid_config_and_rejects_invalid_whole(self):
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         config = Path(cwd) / "uptrakit.toml"
         config.write_text('[network]\nreal_ip_header = "X-Real-IP"\n')
         daemon = start_daemon(self, "--config", str(config), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
@@ -350,9 +345,7 @@ class DurabilityTests(TestCase):
         from uptrakitd.agent.client import ServiceAgent
         from uptrakitd.pki.serials import format_serial
         curl = require_program("curl", "apt-get install curl")
-        cwd = os.path.abspath(self.mktemp())
-        Path(cwd).mkdir()
-        port = free_port()
+        cwd, port = workdir(self)
         args = ("--https-listen", f"tcp:{port}:interface=127.0.0.1")
         daemon = start_daemon(self, *args, cwd=cwd)
         yield daemon.wait_for(b"listening on")
