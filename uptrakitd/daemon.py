@@ -2,8 +2,9 @@
 
 This module is wiring only. The tree's order is the start order (and, reversed, the stop order):
 
-    signals -> data-dir lock -> store -> crl-worker -> hourly CRL, daily CA check, daily server-certificate check
-            -> channel (+ renewal check) -> HTTPS listener -> plain-HTTP PKI listener
+    signals -> data-dir lock -> store -> crl-worker -> hourly CRL, daily CA / server-certificate checks,
+    daily record pruning -> channel (+ renewal check) -> readiness check -> HTTPS listener
+    -> plain-HTTP PKI listener -> setup warnings -> systemd notifications (+ watchdog)
 
 Event subscriptions are made here too, in the order their effects must happen (see events.py).
 """
