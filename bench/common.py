@@ -78,24 +78,11 @@ class Daemon:
 
 
 def keepalive_get(sock: ssl.SSLSocket, path: str, headers: dict[str, str] | None = None) -> int:
-    """One GET on an open keep-alive connection; returns the status (reads Content-Length bodies)."""
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split(b" ", 2)[1])
+    """One GET on an open keep-alive connection; returns the status (the test suite's helper)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.helpers import blocking_get
+    return blocking_get(sock, path, headers)[0]
 
 
 def enrolled_certificate(daemon: Daemon, path: str) -> str:

@@ -87,6 +87,18 @@ def new_leaf(controller: Any, kind: str = "agent") -> Any:
     return issued, key, service
 
 
+def log_lines(testcase: Any) -> list[str]:
+    """Every log line formatted from now until the test ends (a list that keeps filling)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    lines: list[str] = []
+
+    def observer(event: dict) -> None:
+        lines.append(formatEvent(event))
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return lines
+
+
 def _until(predicate: Any, timeout: float = 5.0) -> Deferred:
     from twisted.internet.task import deferLater
     start = reactor.seconds()

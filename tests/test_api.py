@@ -146,18 +146,22 @@ class HostileBodyTests(TestCase):
     def test_no_body_yields_a_500_or_changes_settings(self):
         c = yield start_controller(self)
         service = yield enrolled_service(c, "agent", "h")
+        issued = yield c.directory.issue_certificate(service.id, make_csr(service.id)[0])
         before = (c.runtime.network, c.runtime.service_certs, c.ca.state.active().generation)
+        revoke = f"/api/v1/certificates/{format_serial(issued.serial)}/revoke"
         targets = [("PUT", "/api/v1/settings/network"), ("PUT", "/api/v1/settings/service-certificates"),
                    ("POST", "/api/v1/enrollment-tokens"), ("POST", "/api/v1/admin-tokens"),
-                   ("PUT", f"/api/v1/services/{service.id}"), ("POST", "/api/v1/certificates/ABCD/revoke")]
+                   ("PUT", f"/api/v1/services/{service.id}"), ("POST", revoke)]
         for method, path in targets:
             for body in HOSTILE_BODIES:
+                if path == revoke and body == b"":
+                    continue   # an empty body is a valid revocation (reason unspecified)
                 status, answer = yield request_json(c, method, path, body)
                 self.assertLess(status, 500, (method, path, body[:40]))
                 if status >= 400:
                     self.assertEqual(set(answer), {"error", "code"}, (method, path, body[:40]))
         self.assertEqual((c.runtime.network, c.runtime.service_certs, c.ca.state.active().generation), before)
-        self.assertEqual([r for r in c.ca.state.records.values() if r.revoked_at is not None], [])
+        self.assertIsNone(c.ca.state.records[issued.serial].revoked_at, "a hostile body revoked a certificate")
 
 
 class UnknownFieldTests(TestCase):

@@ -9,7 +9,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from .helpers import (blocking_get, blocking_tls_socket, ca_pem, https_port, new_leaf, start_controller,
+from .helpers import (log_lines, blocking_get, blocking_tls_socket, ca_pem, https_port, new_leaf, start_controller,
                       wait_until)
 
 ATTACKER, OTHER, YET_ANOTHER = "127.0.0.9", "127.0.0.1", "127.0.0.11"
@@ -108,11 +108,7 @@ class SlowHeadTests(TestCase):
 
     @inlineCallbacks
     def test_the_global_cap_refuses_and_says_so(self):
-        from twisted.logger import formatEvent, globalLogPublisher
-        lines = []
-        observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        lines = log_lines(self)
         c = yield start_controller(self, max_connections=3)
         port = https_port(c)
         held = yield deferToThread(lambda: [drip_socket(port, src) for src in (ATTACKER, OTHER, YET_ANOTHER)])

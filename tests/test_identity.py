@@ -300,3 +300,25 @@ class ChannelEvidenceTests(TestCase):
         self.assertEqual((yield deferToThread(close_reason, CLIENT, good)), "enrollment timeout")
         yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(leaf.serial)}/revoke", {})
         self.assertEqual((yield deferToThread(close_reason, PROXY, good)), "certificate revoked")
+
+
+class VerifiedCacheTests(TestCase):
+    """The cache stays bounded and a revocation evicts exactly that serial's entries."""
+
+    def test_bound_and_eviction_by_serial(self):
+        from uptrakitd.events import CertificateRevoked
+        from uptrakitd.trust.verified import Checked, VerifiedCertificates
+
+        class Facts:
+            def __init__(self, serial):
+                self.serial = serial
+        cache = VerifiedCertificates(max_entries=3)
+        for value, serial in (("a", 1), ("b", 2), ("c", 2), ("d", 3)):
+            cache.get(value, lambda serial=serial: Checked(Facts(serial), 1))
+        self.assertEqual(len(cache), 3, "the oldest entry ('a') left")
+        cache.on_revoked(CertificateRevoked(2, None, 1, "keyCompromise", 0))
+        self.assertEqual(len(cache), 1)
+        calls = []
+        cache.get("d", lambda: calls.append("d") or Checked(Facts(3), 1))
+        cache.get("b", lambda: calls.append("b") or Checked(Facts(2), 1))
+        self.assertEqual(calls, ["b"], "d was kept, b was checked again")

@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .helpers import (enrolled_service, free_port, new_leaf, tls_refusal, ca_pem, https_port, make_csr, request_json,
+from .helpers import (log_lines, enrolled_service, free_port, new_leaf, tls_refusal, ca_pem, https_port, make_csr, request_json,
                       require_program, run, start_controller, wait_until)
 
 
@@ -415,11 +415,7 @@ class StoredCrlStartTests(TestCase):
 
     @inlineCallbacks
     def test_a_restart_serves_the_stored_crls_then_rebuilds_unless_a_revocation_is_missing(self):
-        from twisted.logger import formatEvent, globalLogPublisher
-        lines = []
-        observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        lines = log_lines(self)
         first = yield start_controller(self)
         number = first.crls.current[1].number
         yield first.stopService()

@@ -31,6 +31,7 @@ class VerifiedCertificates:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[bytes, Checked] = OrderedDict()
+        self._by_serial: dict[int, set[bytes]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -48,15 +49,30 @@ class VerifiedCertificates:
         self.misses += 1
         entry = check()
         self._entries[key] = entry
+        if entry.cert is not None:
+            self._by_serial.setdefault(entry.cert.serial, set()).add(key)
         if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            old_key, old = self._entries.popitem(last=False)
+            self._unindex(old_key, old)
         return entry
 
+    def _unindex(self, key: bytes, entry: Checked) -> None:
+        if entry.cert is not None:
+            keys = self._by_serial.get(entry.cert.serial)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_serial[entry.cert.serial]
+
     def on_revoked(self, event: Any) -> None:
-        """CertificateRevoked: forget entries for that serial (revocation is checked live anyway)."""
-        for key in [k for k, e in self._entries.items() if e.cert is not None and e.cert.serial == event.serial]:
-            del self._entries[key]
+        """CertificateRevoked: forget entries for that serial (revocation is checked live anyway).
+
+        Indexed by serial: a rotation supersedes thousands of certificates, each one event.
+        """
+        for key in self._by_serial.pop(event.serial, ()):
+            self._entries.pop(key, None)
 
     def on_ca_rotated(self, event: Any) -> None:
         """CaRotated: the trusted set changed; check every certificate again."""
         self._entries.clear()
+        self._by_serial.clear()
