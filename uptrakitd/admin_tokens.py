@@ -39,6 +39,16 @@ class AdminTokenRegistry:
         return {"id": token_id, "name": name, "permissions": perms, "created_at": created_at, "token": token}
 
     @inlineCallbacks
+    def session(self, token: str) -> Any:
+        """Who `token` is: fires with {id, name, permissions, role}, role `admin` or `read` (None if unknown)."""
+        row = yield self.store.run(stored.admin_token_by_hash, token_hash(token))
+        if row is None:
+            return None
+        perms = json.loads(row["permissions"])
+        return {"id": row["id"], "name": row["name"], "permissions": perms,
+                "role": "admin" if "admin" in perms else "read"}
+
+    @inlineCallbacks
     def list(self) -> Any:
         """Every token (without secrets); fires with a list of dicts."""
         rows = yield self.store.run(stored.list_admin_tokens)

@@ -47,6 +47,7 @@ from .store import SqliteStore
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.identity import NetworkSettingsRoutes
+from .web.api.overview import OverviewRoutes
 from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
 from .web.api.services import ServiceRoutes
 from .web.api.status import StatusRoutes, healthz
@@ -155,7 +156,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
                     + ServiceRoutes(directory, channel, ca).routes()
-                    + TokenRoutes(enrollment_tokens, admin_tokens).routes() + UiRoutes().routes() + pki_routes)
+                    + TokenRoutes(enrollment_tokens, admin_tokens).routes()
+                    + OverviewRoutes(ca, crls, runtime, directory, channel, server_cert, resolver.doctor,
+                                     admin_tokens).routes()
+                    + UiRoutes().routes() + pki_routes)
     https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
                                        channel.resources, resolver, admin_tokens.check,
                                        settings.limits.request_head_timeout,

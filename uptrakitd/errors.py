@@ -8,9 +8,10 @@ class UptrakitError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field  # the request field the error is about, for forms to show it beside the input
         if code:
             self.code = code
 

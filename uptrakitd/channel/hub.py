@@ -61,6 +61,7 @@ class ChannelHub:
         self.trust_domain = trust_domain
         self.enroll_timeout = enroll_timeout
         self.connected: dict[str, ServiceChannelProtocol] = {}
+        self.last_rotation: dict[str, Any] | None = None  # generation, at, notified: for rotation progress
         self.sockets: set[ServiceChannelProtocol] = set()
         self.factories = {kind: ServiceChannelFactory(kind, self) for kind in ("agent", "mqtt")}
         self.resources = {f"/api/v1/ws/{kind}": ChannelResource(f) for kind, f in self.factories.items()}
@@ -273,8 +274,10 @@ class ChannelHub:
                        ca_bundle_hash=event.bundle_hash)
         # every service asked at once would renew at once: each renewal is a CSR check, a signature, an
         # fsync'd insert and a full mTLS reconnect. Spread them over a window the signing rate can take.
-        return self.broadcast("request_cert_renewal", targets, reason="ca_rotation",
-                              within_seconds=renewal_spread(len(targets)))
+        asked = self.broadcast("request_cert_renewal", targets, reason="ca_rotation",
+                               within_seconds=renewal_spread(len(targets)))
+        self.last_rotation = {"generation": event.generation, "at": self.clock.seconds(), "notified": asked}
+        return asked
 
     def on_revoked(self, event: CertificateRevoked) -> None:
         """CertificateRevoked: close the socket that authenticated with it."""

@@ -101,6 +101,11 @@ class CertificateAuthority:
             raise NotFound(f"no certificate with serial {format_serial(serial)}", "certificate_not_found")
         if record.revoked_at is not None:
             raise Conflict(f"certificate {format_serial(serial)} is already revoked", "already_revoked")
+        if record.purpose == "server":
+            # revoking it would leave the daemon serving a revoked certificate until the next re-issue
+            raise Conflict(f"certificate {format_serial(serial)} is this controller's own server certificate; it is "
+                           "not revoked through the API. It is re-issued automatically 30 days before expiry and "
+                           "on every CA rotation: rotate the CA to replace it now.", "server_certificate")
         revoked_at = int(self.clock.seconds())
         yield self.store.run(certificates.mark_revoked, format_serial(serial), revoked_at, reason)
         yield self.apply_revocations([format_serial(serial)], revoked_at, reason)

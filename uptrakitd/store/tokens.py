@@ -65,6 +65,12 @@ def active_admin_tokens(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return conn.execute("SELECT token_hash, permissions FROM admin_tokens WHERE revoked_at IS NULL").fetchall()
 
 
+def admin_token_by_hash(conn: sqlite3.Connection, digest: str) -> sqlite3.Row | None:
+    """id, name and permissions (JSON) of the active admin token with this hash, or None."""
+    return conn.execute("SELECT id, name, permissions FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                        (digest,)).fetchone()
+
+
 def revoke_admin_token(conn: sqlite3.Connection, token_id: str, revoked_at: int) -> str | None:
     """Revoke one admin token; returns its hash (to forget in memory) or None when unknown."""
     row = conn.execute("SELECT token_hash FROM admin_tokens WHERE id = ? AND revoked_at IS NULL",

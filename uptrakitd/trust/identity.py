@@ -17,6 +17,7 @@ from ..metrics import Metrics
 from ..pki.ca import CaGeneration
 from ..pki.state import CaState
 from .dn import common_name
+from .doctor import IdentityDoctor
 from .headers import ForwardedClientCert, MalformedHeader, parse_cert_header, parse_info_header
 from .proxies import is_trusted, parse_address, resolve_client_ip
 from .verified import Checked, VerifiedCertificates
@@ -274,6 +275,7 @@ class IdentityResolver:
         # trusted proxy and only mTLS establishes an identity
         self.forwarded_headers = forwarded_headers
         self.verified = VerifiedCertificates()
+        self.doctor = IdentityDoctor(clock.seconds)
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
@@ -303,8 +305,19 @@ class IdentityResolver:
             identity_headers = [f for f in removed if f not in ("real-ip", "origin", "forwarded-proto-host")]
             reason = f"client certificate headers ignored: {peer} is not a trusted proxy" if identity_headers else None
             self._count("none", "ignored" if reason else "absent", "ignored" if reason else "")
+            if reason:
+                self.doctor.record(peer, False, "ignored", removed if self.doctor.wants_sample(peer) else None)
             return RequestContext(peer, peer, rejected=reason, rejected_code="ignored" if reason else None)
-        return self._from_proxy(request, net, peer, client_ip)
+        families = None
+        if self.doctor.wants_sample(peer):   # header names only, at most once a second per proxy
+            families = [f for name, _ in headers.getAllRawHeaders()
+                        if (f := header_family(name.decode("latin-1"), configured, net.real_ip_header, False))]
+        ctx = self._from_proxy(request, net, peer, client_ip)
+        self.doctor.record(peer, True, "accepted" if ctx.identity else ("rejected" if ctx.rejected else "none"),
+                           families, forwarded_for=headers.hasHeader(net.real_ip_header.encode())
+                           if families is not None else None, reason=ctx.rejected,
+                           source=ctx.identity_source if ctx.identity else None)
+        return ctx
 
     def _from_proxy(self, request: Any, net: NetworkSettings, peer: str, client_ip: str) -> RequestContext:
         headers = request.requestHeaders

@@ -204,5 +204,8 @@ class Router(Resource):
         request.setResponseCode(status or error.status)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
-        body = json.dumps({"error": error.message, "code": error.code}).encode() + b"\n"
+        answer = {"error": error.message, "code": error.code}
+        if error.field:
+            answer["field"] = error.field
+        body = json.dumps(answer).encode() + b"\n"
         return b"" if request.method == b"HEAD" else body

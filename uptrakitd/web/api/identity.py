@@ -49,7 +49,7 @@ class NetworkSettingsRoutes:
         try:
             new = yield self.runtime.update_network(body)
         except ConfigError as e:
-            raise BadRequest(str(e), "invalid_setting") from None
+            raise BadRequest(str(e), "invalid_setting", field=e.field) from None
         result = new.to_json()
         active = self.state.active()
         if "pki_addr" in body and not active.external and \

@@ -1,126 +1,432 @@
 "use strict";
-// The admin UI: a thin client of the JSON API; the token stays in this tab's sessionStorage.
-const $ = (s) => document.querySelector(s);
+// The admin UI: a thin client of the JSON API. The token lives in this tab's sessionStorage only.
+// Live refresh is polling (every POLL_MS while the tab is visible): EventSource cannot send the
+// Authorization header, and a token in a URL would end up in access logs and proxy logs.
+const POLL_MS = 3000;
+const READONLY_TIP = "Read-only token: sign in with an admin token to do this";
+const $ = (s, root = document) => root.querySelector(s);
+const $$ = (s, root = document) => Array.from(root.querySelectorAll(s));
+
 let token = sessionStorage.getItem("uptrakit-token");
+let session = null;          // {name, role, ...} of the signed-in token
+let page = "overview";
+let names = {};              // service id -> display name
+let pollTimer = null;
+let lastOverview = null;
+
+// -- plumbing -------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(message, status, field) { super(message); this.status = status; this.field = field; }
+}
 
 async function api(method, path, body) {
   const r = await fetch(path, {method, headers: {"Authorization": "Bearer " + token,
     "Content-Type": "application/json"}, body: body === undefined ? undefined : JSON.stringify(body)});
   const data = await r.json().catch(() => ({}));
-  if (r.status === 401) { signOut(); throw new Error("token not accepted"); }
-  if (!r.ok) throw new Error(data.error || r.statusText);
+  if (r.status === 401) { signOut("Your token is no longer accepted: sign in again."); throw new ApiError("signed out", 401); }
+  if (!r.ok) throw new ApiError(data.error || r.statusText, r.status, data.field);
   return data;
 }
 
-function cell(text) { const td = document.createElement("td"); td.textContent = text ?? "–"; return td; }
-function say(text, isError) { const m = $("#message"); m.textContent = text; m.className = isError ? "error" : ""; }
-
-async function loadServices() {
-  const {services} = await api("GET", "/api/v1/services");
-  const body = $("#services tbody"); body.replaceChildren();
-  for (const s of services) {
-    const tr = document.createElement("tr");
-    tr.append(cell((s.friendly_name || s.hostname) + " (" + s.id.slice(0, 8) + ")"), cell(s.kind), cell(s.status),
-      cell(s.connected ? "yes" : "no"), cell(s.ip_address), cell(s.identity_source),
-      cell(s.certificate ? s.certificate.serial.slice(0, 12) + "… G" + s.certificate.ca_generation : null));
-    const actions = document.createElement("td");
-    if (s.status === "pending") {
-      actions.append(button("Approve", () => api("POST", `/api/v1/services/${s.id}/approve`)),
-                     button("Reject", () => api("POST", `/api/v1/services/${s.id}/reject`)));
-    } else if (s.status !== "deactivated") {
-      actions.append(button("Deactivate", () => confirm("Deactivate and revoke?") &&
-                            api("DELETE", `/api/v1/services/${s.id}`)));
-    }
-    tr.append(actions); body.append(tr);
+function el(tag, props = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else if (v !== undefined && v !== null) e.setAttribute(k, v);
   }
+  e.append(...children.filter((c) => c !== null && c !== undefined));
+  return e;
 }
-
-async function loadCertificates() {
-  const {certificates} = await api("GET", "/api/v1/certificates");
-  const body = $("#certificates tbody"); body.replaceChildren();
-  for (const c of certificates.reverse()) {
-    const tr = document.createElement("tr");
-    tr.append(cell(c.serial), cell(c.service_id || "(server)"), cell("G" + c.ca_generation), cell(c.not_after),
-              cell(c.status + (c.revocation_reason ? " (" + c.revocation_reason + ")" : "")));
-    const actions = document.createElement("td");
-    if (c.status === "valid") actions.append(button("Revoke", () => confirm("Revoke " + c.serial + "?") &&
-        api("POST", `/api/v1/certificates/${c.serial}/revoke`, {reason: "keyCompromise"})));
-    tr.append(actions); body.append(tr);
-  }
+function td(content, cls) {
+  const c = el("td", cls ? {class: cls} : {});
+  if (content instanceof Node) c.append(content); else c.textContent = content ?? "–";
+  return c;
 }
+function say(text, isError) { const m = $("#message"); m.textContent = text || ""; m.className = isError ? "error" : "ok"; }
+const readOnly = () => !session || session.role !== "admin";
 
-async function loadPki() {
-  const p = await api("GET", "/api/v1/settings/pki");
-  const dl = $("#pki-status"); dl.replaceChildren();
-  const row = (k, v) => { const dt = document.createElement("dt"); dt.textContent = k;
-    const dd = document.createElement("dd"); dd.textContent = v ?? "–"; dl.append(dt, dd); };
-  for (const [label, ca] of [["Active CA", p.active_ca], ["Previous CA", p.previous_ca]]) {
-    row(label, ca ? `G${ca.generation} ${ca.cn}, until ${ca.not_after}, CRL #${ca.crl_number} (${ca.crl_entries} entries)` : null);
-  }
-  row("CA bundle hash", p.ca_bundle_hash);
-  row("Service certificates", `${p.service_certificates.lifetime_hours} h, renew ${p.service_certificates.renewal_window_hours} h before expiry`);
-  row("PKI address", p.pki_addr);
-  row("uptrakitd version", p.version);
-}
-
-async function loadNetwork() {
-  const n = await api("GET", "/api/v1/settings/network");
-  const form = $("#network-form"); form.replaceChildren();
-  for (const [key, value] of Object.entries(n)) {
-    const label = document.createElement("label"); label.textContent = key + " ";
-    const input = document.createElement("input"); input.type = "text"; input.name = key;
-    input.value = Array.isArray(value) ? value.join(", ") : (value ?? "");
-    label.append(input); form.append(label);
-  }
-  const save = document.createElement("button"); save.type = "submit"; save.textContent = "Save"; form.append(save);
-}
-
-function button(text, action) {
-  const b = document.createElement("button"); b.textContent = text;
-  b.onclick = async () => { try { const r = await action(); if (r) say(text + ": done"); await refresh(); }
-                            catch (e) { say(text + ": " + e.message, true); } };
+function actionButton(label, handler, cls = "action") {
+  const b = el("button", {type: "button", class: cls, text: label});
+  if (readOnly()) { b.disabled = true; b.title = READONLY_TIP; }
+  b.addEventListener("click", async () => {
+    try { const done = await handler(); if (done) say(done); await refresh(); }
+    catch (e) { if (e.status !== 401) say(label + ": " + e.message, true); }
+  });
   return b;
 }
 
+function applyRole() {
+  const ro = readOnly();
+  $("#readonly-note").hidden = !ro;
+  for (const b of $$("#app .action, #rotate, #enroll-form input, #enroll-form select, #admin-form input, " +
+                     "#admin-form select, #network-form input, #network-form select, #network-form textarea")) {
+    b.disabled = ro; b.title = ro ? READONLY_TIP : (b.dataset.title || "");
+  }
+}
+
+function rel(iso) {
+  if (!iso) return "–";
+  const s = (Date.parse(iso) - Date.now()) / 1000, a = Math.abs(s);
+  const [n, unit] = a < 90 ? [Math.round(a), "s"] : a < 5400 ? [Math.round(a / 60), "min"]
+    : a < 172800 ? [Math.round(a / 3600), "h"] : [Math.round(a / 86400), "d"];
+  return s >= 0 ? `in ${n} ${unit}` : `${n} ${unit} ago`;
+}
+function when(iso) { const t = el("time", {datetime: iso || "", title: iso || "", text: rel(iso)}); return t; }
+function dlRows(dl, rows) {
+  dl.replaceChildren();
+  for (const [k, v] of rows) dl.append(el("dt", {text: k}), v instanceof Node ? el("dd", {}, v) : el("dd", {text: v ?? "–"}));
+}
+function emptyRow(tbody, columns, text) {
+  tbody.append(el("tr", {class: "empty"}, el("td", {colspan: String(columns), text})));
+}
+
+// a dialog answering a Promise: the value of the button that closed it ("cancel" on Escape)
+function dialogAnswer(dialog) {
+  dialog.returnValue = "cancel";
+  dialog.showModal();
+  return new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue), {once: true}));
+}
+async function ask(title, text, okLabel) {
+  $("#confirm-title").textContent = title; $("#confirm-text").textContent = text; $("#confirm-ok").textContent = okLabel;
+  return (await dialogAnswer($("#confirm-dialog"))) === "ok";
+}
+
+// -- banners (on every page) ----------------------------------------------------------------------
+
+async function loadBanners() {
+  lastOverview = await api("GET", "/api/v1/overview");
+  const box = $("#banners"); box.replaceChildren();
+  for (const b of lastOverview.banners) box.append(el("p", {class: "banner " + b.severity, "data-code": b.code, text: b.text}));
+}
+
+// -- pages ----------------------------------------------------------------------------------------
+
+async function loadOverview() {
+  const o = lastOverview || await api("GET", "/api/v1/overview");
+  const ca = (c) => c ? `generation ${c.generation}, expires ${c.not_after.slice(0, 10)} (${c.days_left} days left)` : "none";
+  const crl = (c) => c && c.crl_number !== null ? `#${c.crl_number}, ${c.crl_entries} entries, built ${Math.round(c.crl_age_seconds / 60)} min ago` : "–";
+  dlRows($("#ov-ca"), [["Active CA", ca(o.active_ca)], ["Active CA's CRL", crl(o.active_ca)],
+    ["Previous CA", ca(o.previous_ca)], ["Server certificate", `expires ${o.server_certificate.not_after.slice(0, 10)} (${o.server_certificate.days_left} days left)`]]);
+  dlRows($("#ov-services"), [["Connected", String(o.services.connected)], ["Total", String(o.services.total)],
+    ["Waiting for approval", String(o.services.pending)]]);
+  dlRows($("#ov-certs"), [["Valid client certificates", String(o.certificates.valid)],
+    [`Expiring within ${o.renewal_window_hours} h`, String(o.certificates.expiring_in_window)],
+    ["Revoked in the last 24 h", String(o.certificates.revoked_last_24h)]]);
+  const body = $("#ov-expiring tbody"); body.replaceChildren();
+  for (const c of o.certificates.expiring) body.append(el("tr", {}, td(c.service), td(c.serial, "mono"), td(when(c.not_after), "expiring")));
+  if (!o.certificates.expiring.length) emptyRow(body, 3, "Nothing expires inside the renewal window: connected services renew on their own before it.");
+}
+
+async function loadNames() {
+  const {services} = await api("GET", "/api/v1/services");
+  names = Object.fromEntries(services.map((s) => [s.id, s.friendly_name || s.hostname || s.id]));
+  return services;
+}
+
+async function loadServices() {
+  const services = await loadNames();
+  const status = $("#svc-status").value, connected = $("#svc-connected").value, q = $("#svc-search").value.trim().toLowerCase();
+  const window = (lastOverview ? lastOverview.renewal_window_hours : 0) * 3600e3;
+  const body = $("#services-table tbody"); body.replaceChildren();
+  let shown = 0;
+  for (const s of services) {
+    if (status && s.status !== status) continue;
+    if (connected && s.connected !== (connected === "yes")) continue;
+    const text = [names[s.id], s.hostname, s.ip_address, s.id].join(" ").toLowerCase();
+    if (q && !text.includes(q)) continue;
+    shown++;
+    const cert = s.certificate;
+    const expiring = cert && Date.parse(cert.not_after) - Date.now() < window;
+    const actions = el("td", {class: "actions"});
+    if (s.status === "pending") {
+      actions.append(actionButton("Approve", async () => { await api("POST", `/api/v1/services/${s.id}/approve`); return `Approved ${names[s.id]}`; }),
+        actionButton("Reject", async () => { await api("POST", `/api/v1/services/${s.id}/reject`); return `Rejected ${names[s.id]}`; }));
+    } else if (s.status !== "deactivated") {
+      actions.append(actionButton("Deactivate", async () => {
+        if (!await ask("Deactivate " + names[s.id] + "?", "Its connection is closed and every certificate it holds is revoked. It cannot come back without enrolling again.", "Deactivate")) return null;
+        await api("DELETE", `/api/v1/services/${s.id}`); return `Deactivated ${names[s.id]}`;
+      }, "action danger"));
+    }
+    body.append(el("tr", {"data-service": s.id},
+      td(el("span", {}, el("strong", {text: names[s.id]}), el("br"), el("small", {class: "mono", text: s.id.slice(0, 8)}))),
+      td(s.kind), td(s.status, "status-" + s.status),
+      td(el("span", {class: s.connected ? "dot on" : "dot off", text: s.connected ? "yes" : "no"}), "connected"),
+      td(s.ip_address), td(s.proxy_ip ? `${s.proxy_ip} (${s.identity_source})` : (s.identity_source || "–")),
+      td(cert ? el("span", {}, "G" + cert.ca_generation + ", expires ", when(cert.not_after)) : null, expiring ? "expiring" : ""),
+      td(when(s.last_seen_at)), actions));
+  }
+  if (!shown) emptyRow(body, 9, services.length ? "No service matches these filters."
+    : "No services yet. Create an enrollment token (Tokens page) and start an agent with the command it shows.");
+}
+
+async function loadCertificates() {
+  await loadNames();
+  const {certificates} = await api("GET", "/api/v1/certificates");
+  const status = $("#cert-status").value, q = $("#cert-search").value.trim().toLowerCase();
+  const window = (lastOverview ? lastOverview.renewal_window_hours : 0) * 3600e3;
+  const body = $("#certificates-table tbody"); body.replaceChildren();
+  let shown = 0;
+  for (const c of certificates.reverse()) {
+    const who = c.purpose === "server" ? "controller (server certificate)" : (names[c.service_id] || c.service_id);
+    if (status && c.status !== status) continue;
+    if (q && !(who + " " + c.serial).toLowerCase().includes(q)) continue;
+    if (++shown > 500) continue;   // the newest 500; filters narrow it
+    const expiring = c.status === "valid" && Date.parse(c.not_after) - Date.now() < window;
+    const actions = el("td", {class: "actions"});
+    if (c.status === "valid" && c.purpose === "server") {
+      actions.append(el("small", {class: "hint", text: "re-issued automatically"}));
+    } else if (c.status === "valid") {
+      actions.append(actionButton("Revoke…", () => revokeDialog(c, who), "action danger"));
+    }
+    const serial = el("span", {class: "mono", title: c.serial, text: c.serial.length > 16 ? c.serial.slice(0, 16) + "…" : c.serial});
+    body.append(el("tr", {"data-serial": c.serial}, td(who), td(serial), td("G" + c.ca_generation),
+      td(when(c.not_after), expiring ? "expiring" : ""),
+      td(c.status + (c.revocation_reason ? ` (${c.revocation_reason}, ${rel(c.revoked_at)})` : ""), "status-" + c.status),
+      actions));
+  }
+  if (!shown) emptyRow(body, 6, certificates.length ? "No certificate matches these filters." : "No certificates yet.");
+  else if (shown > 500) emptyRow(body, 6, `${shown - 500} older certificates not shown: use the filters.`);
+}
+
+async function revokeDialog(c, who) {
+  $("#revoke-what").textContent = `Serial ${c.serial} of ${who}, from CA generation ${c.ca_generation}.`;
+  $("#revoke-reason").value = "unspecified";
+  if ((await dialogAnswer($("#revoke-dialog"))) !== "revoke") return null;
+  const reason = $("#revoke-reason").value;
+  await api("POST", `/api/v1/certificates/${c.serial}/revoke`, {reason});
+  return `Revoked ${c.serial} of ${who} (${reason})`;
+}
+
+async function loadRotation() {
+  const r = await api("GET", "/api/v1/rotation");
+  const o = lastOverview;
+  if (o) dlRows($("#rot-cas"), [["Active CA", `generation ${o.active_ca.generation}, ${o.active_ca.days_left} days left`],
+    ["Previous CA (still trusted)", o.previous_ca ? `generation ${o.previous_ca.generation}` : "none"]]);
+  const total = r.renewed.length + r.on_old_generation.length;
+  const summary = $("#rot-summary");
+  summary.className = r.complete ? "ok" : "pending";
+  summary.textContent = (r.rotated_at ? `Rotated to generation ${r.generation} ${rel(r.rotated_at)}; ${r.notified} connected service(s) were notified. ` : `Active generation ${r.generation}. `)
+    + `${r.renewed.length} of ${total} renewed on the new generation, ${r.on_old_generation.length} still on an older one. `
+    + (r.complete ? "All renewed: proxies may drop the previous CA." : "Keep the previous CA on the proxies until every service has renewed (offline services renew when they reconnect).");
+  const body = $("#rot-table tbody"); body.replaceChildren();
+  for (const [items, state] of [[r.on_old_generation, "old"], [r.renewed, "renewed"], [r.without_certificate, "none"]]) {
+    for (const s of items) {
+      body.append(el("tr", {class: "rot-" + state}, td(s.name), td(s.connected ? "yes" : "no"),
+        td(s.ca_generation ? `generation ${s.ca_generation}` + (state === "old" ? " (not renewed yet)" : "") : "no valid certificate")));
+    }
+  }
+  if (!body.children.length) emptyRow(body, 3, "No approved services.");
+}
+
+function agentCommand(tokenText) {
+  const host = location.host, hash = lastOverview ? lastOverview.ca_bundle_hash : "";
+  return [`curl -fsSk https://${host}/api/v1/pki/ca.crt -o ca.crt`,
+    `echo "${hash}  ca.crt" | sha256sum -c`,
+    `UPTRAKIT_ENROLLMENT_TOKEN='${tokenText}' twistd -n uptrakit-agent --controller wss://${host} --ca-cert ca.crt --state-dir ./uptrakit-agent`].join("\n");
+}
+
+async function loadTokens() {
+  const [{tokens: enroll}, {tokens: admins}] = await Promise.all([api("GET", "/api/v1/enrollment-tokens"), api("GET", "/api/v1/admin-tokens")]);
+  const now = Date.now();
+  const eb = $("#enroll-table tbody"); eb.replaceChildren();
+  for (const t of enroll.slice().reverse()) {
+    const expired = t.expires_at && Date.parse(t.expires_at) < now, used = t.max_uses !== null && t.uses >= t.max_uses;
+    const state = t.revoked_at ? "deleted" : expired ? "expired" : used ? "used up" : "active";
+    const actions = el("td", {class: "actions"});
+    if (state === "active") actions.append(actionButton("Delete", async () => {
+      await api("DELETE", `/api/v1/enrollment-tokens/${t.id}`); return `Deleted enrollment token ${t.name}`; }, "action danger"));
+    eb.append(el("tr", {}, td(t.name), td(t.kind || "any"), td(`${t.uses} of ${t.max_uses ?? "∞"}`),
+      td(t.expires_at ? when(t.expires_at) : "never"), td(t.auto_approve ? "yes" : "no"), td(state), actions));
+  }
+  if (!enroll.length) emptyRow(eb, 7, "No enrollment tokens yet: create one above to connect the first agent.");
+  const ab = $("#admin-table tbody"); ab.replaceChildren();
+  for (const t of admins.slice().reverse()) {
+    const mine = session && t.id === session.id;
+    const actions = el("td", {class: "actions"});
+    if (!t.revoked_at) actions.append(actionButton("Delete", async () => {
+      if (mine && !await ask("Delete your own token?", "You are signed in with it: you will be signed out.", "Delete")) return null;
+      await api("DELETE", `/api/v1/admin-tokens/${t.id}`); return `Deleted admin token ${t.name}`; }, "action danger"));
+    ab.append(el("tr", {}, td(t.name + (mine ? " (you)" : "")), td(t.permissions.includes("admin") ? "admin" : "read"),
+      td(when(t.created_at)), td(t.revoked_at ? "deleted" : "active"), actions));
+  }
+}
+
+const NETWORK_FIELDS = [
+  {key: "trusted_proxies", label: "Trusted proxies", type: "list",
+   help: "IP addresses or CIDRs of your reverse proxies, one per line. Only these may send client-certificate and X-Forwarded-For headers; from anyone else those headers are removed. Never 0.0.0.0/0."},
+  {key: "real_ip_header", label: "Real client IP header",
+   help: "The header in which a trusted proxy passes the client's address: X-Forwarded-For (default), or e.g. X-Real-IP."},
+  {key: "forwarded_client_cert_pem_header", label: "Client certificate header",
+   help: "The header that carries the client's whole certificate (URL-escaped PEM, PEM or base64 DER): X-SSL-Client-Cert for nginx, HAProxy and Caddy as the guides set them up, X-Forwarded-Tls-Client-Cert for Traefik. Empty: not used."},
+  {key: "forwarded_client_cert_info_header", label: "Client certificate info header",
+   help: "A header with the certificate's subject, issuer and serial instead of the certificate, e.g. X-Forwarded-Client-Cert for Envoy. Empty: not used."},
+  {key: "forwarded_client_cert_info_format", label: "Info header format", type: "select", options: ["auto", "kv", "xfcc", "traefik"],
+   help: "How the info header is written: auto detects it; xfcc for Envoy, traefik for Traefik's info header, kv for Subject=\"…\";Issuer=\"…\";SerialNumber=…"},
+  {key: "forwarded_client_verify_header", label: "Verify result header",
+   help: "A header in which the proxy reports its own check (nginx: X-SSL-Client-Verify set to $ssl_client_verify). When set, anything but SUCCESS means no identity. Empty: not used."},
+  {key: "pki_addr", label: "PKI address",
+   help: "Base URL written into new certificates for OCSP, the CRL and the CA certificate, e.g. http://pki.example.net:8081. A change reaches certificates only after the next CA rotation."},
+];
+let networkLoaded = {};
+
+async function loadNetwork() {
+  networkLoaded = await api("GET", "/api/v1/settings/network");
+  const form = $("#network-form"); form.replaceChildren();
+  for (const f of NETWORK_FIELDS) {
+    const id = "net-" + f.key, value = networkLoaded[f.key];
+    let input;
+    if (f.type === "list") input = el("textarea", {id, name: f.key, rows: "3", "aria-describedby": id + "-help " + id + "-error"});
+    else if (f.type === "select") input = el("select", {id, name: f.key, "aria-describedby": id + "-help " + id + "-error"},
+      ...f.options.map((o) => el("option", {value: o, text: o})));
+    else input = el("input", {id, name: f.key, type: "text", "aria-describedby": id + "-help " + id + "-error"});
+    input.value = Array.isArray(value) ? value.join("\n") : (value ?? "");
+    form.append(el("div", {class: "field"}, el("label", {for: id, text: f.label}), input,
+      el("small", {id: id + "-help", class: "help", text: f.help}),
+      el("span", {id: id + "-error", class: "field-error", role: "alert"})));
+  }
+  form.append(el("button", {type: "submit", class: "action", text: "Save network settings"}));
+  applyRole();
+}
+
+function networkChanges() {
+  const changes = {};
+  for (const f of NETWORK_FIELDS) {
+    const raw = $("#net-" + f.key).value;
+    const value = f.type === "list" ? raw.split(/[\s,]+/).filter(Boolean) : raw.trim();
+    const before = networkLoaded[f.key];
+    if (JSON.stringify(value) !== JSON.stringify(f.type === "list" ? before : (before ?? ""))) changes[f.key] = value;
+  }
+  return changes;
+}
+
+async function saveNetwork(e) {
+  e.preventDefault();
+  for (const s of $$("#network-form .field-error")) s.textContent = "";
+  say("");
+  const changes = networkChanges();
+  if (!Object.keys(changes).length) { say("Nothing changed."); return; }
+  const everyone = (changes.trusted_proxies || []).filter((n) => /^(0\.0\.0\.0|::|0)\/0$/.test(n));
+  if (everyone.length && !await ask("Trust every address?", `${everyone.join(" and ")} makes ANY client a trusted proxy: anyone who can reach the controller can claim any service's identity with a header. Only do this on an isolated lab network.`, "Trust everyone")) {
+    say("Not saved."); return;
+  }
+  try {
+    const r = await api("PUT", "/api/v1/settings/network", changes);
+    say("Network settings saved." + (r.pki_addr_warning ? " Warning: " + r.pki_addr_warning : ""), !!r.pki_addr_warning);
+    await loadNetwork(); await loadBanners();
+  } catch (err) {
+    if (err.status === 401) return;
+    const slot = err.field && $("#net-" + err.field + "-error");
+    if (slot) { slot.textContent = err.message; $("#net-" + err.field).focus(); say("Not saved: see the field marked below.", true); }
+    else say("Not saved: " + err.message, true);
+  }
+}
+
+async function loadDoctor() {
+  const d = await api("GET", "/api/v1/diagnostics/identity");
+  $("#doc-max").textContent = d.max_peers;
+  const h = d.configured_headers;
+  dlRows($("#doc-config"), [["Trusted proxies", d.trusted_proxies.join(", ") || "none"], ["Real client IP header", d.real_ip_header],
+    ["Certificate header", h.forwarded_client_cert_pem_header || "not set"], ["Info header", h.forwarded_client_cert_info_header || "not set"],
+    ["Verify header", h.forwarded_client_verify_header || "not set"]]);
+  const advice = $("#doc-advice"); advice.replaceChildren();
+  for (const p of d.peers) for (const a of p.advice) advice.append(el("p", {class: "advice " + a.severity, "data-code": a.code, "data-peer": p.peer, text: a.text}));
+  if (!advice.children.length) advice.append(el("p", {class: "ok", text: d.peers.length ? "No problems seen in recent requests." : "Nothing recorded yet: no trusted proxy has sent a request, and no untrusted peer sent client-certificate headers."}));
+  const body = $("#doc-table tbody"); body.replaceChildren();
+  for (const p of d.peers) {
+    const decisions = Object.entries(p.decisions).map(([k, v]) => `${k} ${v}`).join(", ");
+    body.append(el("tr", {"data-peer": p.peer}, td(p.peer, "mono"), td(p.trusted ? "yes" : "no"), td(String(p.count)),
+      td([...p.header_families, ...(p.configured_header_seen ? ["the configured header"] : [])].join(", ") || "none"),
+      td(p.forwarded_for_present === null ? "–" : p.forwarded_for_present ? "yes" : "missing"),
+      td(decisions + (p.last_rejection ? ` (last refusal: ${p.last_rejection})` : "")), td(when(p.last_seen))));
+  }
+  if (!d.peers.length) emptyRow(body, 7, "No peers recorded yet.");
+}
+
+const LOADERS = {overview: loadOverview, services: loadServices, certificates: loadCertificates, rotation: loadRotation,
+                 tokens: loadTokens, network: null, doctor: loadDoctor};
+
 async function refresh() {
-  try { await Promise.all([loadServices(), loadCertificates(), loadPki(), loadNetwork()]); }
-  catch (e) { say(e.message, true); }
+  if (!token || !session) return;
+  try { await loadBanners(); if (LOADERS[page]) await LOADERS[page](); }
+  catch (e) { if (e.status !== 401) say(e.message, true); }
 }
 
-function show(tab) {
-  for (const s of document.querySelectorAll(".tab")) s.hidden = s.id !== tab;
+async function show(name) {
+  if (!(name in LOADERS)) name = "overview";
+  const changed = name !== page;
+  page = name;
+  for (const s of $$(".page")) s.hidden = s.id !== "page-" + name;
+  for (const a of $$("nav a")) { if (a.dataset.page === name) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current"); }
+  if (changed) say("");
+  try { if (name === "network") await loadNetwork(); } catch (e) { if (e.status !== 401) say(e.message, true); }
+  await refresh();
 }
 
-function signOut() { sessionStorage.removeItem("uptrakit-token"); token = null; $("#app").hidden = true; $("#login").hidden = false; }
+// -- session --------------------------------------------------------------------------------------
+
+function signOut(why) {
+  sessionStorage.removeItem("uptrakit-token"); token = null; session = null;
+  clearInterval(pollTimer); pollTimer = null;
+  $("#token").value = "";
+  $("#app").hidden = true; $("#session").hidden = true; $("#login").hidden = false;
+  $("#login-error").textContent = why || "";
+  for (const id of ["enroll-created", "admin-created"]) $("#" + id).hidden = true;
+}
 
 async function signIn() {
-  try { await api("GET", "/api/v1/settings/pki"); } catch (e) { $("#login-error").textContent = e.message; return; }
+  try { session = await api("GET", "/api/v1/session"); }
+  catch (e) { signOut(e.status === 401 ? "This token is not accepted." : e.message); return; }
   sessionStorage.setItem("uptrakit-token", token);
-  $("#login").hidden = true; $("#app").hidden = false; refresh();
+  $("#token").value = "";
+  $("#login").hidden = true; $("#app").hidden = false; $("#session").hidden = false; $("#login-error").textContent = "";
+  $("#who").textContent = `${session.name} · ${session.role}`;
+  applyRole();
+  pollTimer = setInterval(() => { if (!document.hidden) refresh(); }, POLL_MS);
+  await show((location.hash || "#overview").slice(1));
 }
 
+// -- wiring ---------------------------------------------------------------------------------------
+
 document.addEventListener("DOMContentLoaded", () => {
-  $("#login-form").onsubmit = (e) => { e.preventDefault(); token = $("#token").value.trim(); signIn(); };
-  $("#logout").onclick = signOut;
-  for (const b of document.querySelectorAll("nav [data-tab]")) b.onclick = () => show(b.dataset.tab);
-  $("#rotate").onclick = async () => {
-    if (!confirm("Rotate the CA? Every connected service will renew its certificate.")) return;
+  $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); token = $("#token").value.trim(); signIn(); });
+  $("#logout").addEventListener("click", () => signOut("Signed out."));
+  window.addEventListener("hashchange", () => { if (session) show(location.hash.slice(1)); });
+  for (const id of ["#svc-status", "#svc-connected", "#svc-search"]) $(id).addEventListener("input", () => loadServices().catch(() => {}));
+  for (const id of ["#cert-status", "#cert-search"]) $(id).addEventListener("input", () => loadCertificates().catch(() => {}));
+  $("#rotate").addEventListener("click", async () => {
+    if ((await dialogAnswer($("#rotate-dialog"))) !== "rotate") return;
     try { const r = await api("POST", "/api/v1/settings/rotate-ca");
-          say(`Rotated: generation ${r.generation}, ${r.notified} services notified`); await refresh(); }
-    catch (e) { say("Rotation failed: " + e.message, true); }
-  };
-  $("#network-form").onsubmit = async (e) => {
+          say(`Rotated: generation ${r.generation} is active; ${r.notified} connected service(s) asked to renew.`); await refresh(); }
+    catch (e) { if (e.status !== 401) say("Rotation failed: " + e.message, true); }
+  });
+  $("#enroll-form").addEventListener("submit", async (e) => {
     e.preventDefault();
-    const body = {};
-    for (const input of e.target.querySelectorAll("input")) {
-      body[input.name] = input.name === "trusted_proxies"
-        ? input.value.split(",").map((x) => x.trim()).filter(Boolean) : input.value.trim();
-    }
-    if (!body.real_ip_header) delete body.real_ip_header;
-    if (!body.forwarded_client_cert_info_format) delete body.forwarded_client_cert_info_format;
-    try { const r = await api("PUT", "/api/v1/settings/network", body);
-          say(r.pki_addr_warning || "Network settings saved"); await refresh(); }
-    catch (err) { say(err.message, true); }
-  };
+    const f = e.target, body = {name: f.name.value.trim(), auto_approve: f.auto_approve.checked};
+    if (f.kind.value) body.kind = f.kind.value;
+    body.max_uses = f.max_uses.value ? Number(f.max_uses.value) : null;
+    body.expires_in_seconds = f.expires_hours.value ? Math.round(Number(f.expires_hours.value) * 3600) : null;
+    try {
+      const t = await api("POST", "/api/v1/enrollment-tokens", body);
+      $("#enroll-token-text").textContent = t.token; $("#enroll-command").textContent = agentCommand(t.token);
+      $("#enroll-created").hidden = false; say(`Created enrollment token ${t.name}.`); f.reset(); await loadTokens();
+    } catch (err) { if (err.status !== 401) say("Not created: " + err.message, true); }
+  });
+  $("#admin-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const f = e.target;
+    try {
+      const t = await api("POST", "/api/v1/admin-tokens", {name: f.name.value.trim(), permissions: [f.role.value]});
+      $("#admin-token-text").textContent = t.token; $("#admin-created").hidden = false;
+      say(`Created ${f.role.value} token ${t.name}.`); f.reset(); await loadTokens();
+    } catch (err) { if (err.status !== 401) say("Not created: " + err.message, true); }
+  });
+  for (const b of $$("button.copy")) b.addEventListener("click", async () => {
+    const text = $("#" + b.dataset.copy).textContent;
+    try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; }
+    catch (e) { getSelection().selectAllChildren($("#" + b.dataset.copy)); b.textContent = "Selected: press Ctrl+C"; }
+    setTimeout(() => { b.textContent = "Copy"; }, 2000);
+  });
+  $("#network-form").addEventListener("submit", saveNetwork);
   if (token) signIn();
 });

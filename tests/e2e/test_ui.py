@@ -1,0 +1,311 @@
+"""The admin web UI in a real browser (Debian's chromium driven by Playwright), against a real controller.
+
+Two reference agents run in this process, a third is started from the command line the UI shows.
+Screenshots of every page at 1280 px and 375 px go to `_trial_temp/ui-screenshots/` (the test prints it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from ..channel_helpers import agent_identity, connected_agent
+from ..helpers import (E2E_REQUIRED, admin_token, blocking_get, blocking_tls_socket, ca_pem, env, https_port,
+                       request_json, require_program, start_controller)
+
+SHOTS = Path("ui-screenshots")   # relative to where trial runs the tests: _trial_temp/ui-screenshots/
+UNTRUSTED = "127.0.0.7"    # sends client-certificate headers but is not a trusted proxy
+PROXY = "127.0.0.3"        # a trusted proxy that forgets X-Forwarded-For
+PAGES = ["overview", "services", "certificates", "rotation", "tokens", "network", "doctor"]
+WIDE, NARROW = 1280, 375
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        message = "playwright not installed: pip install playwright"
+        if E2E_REQUIRED:
+            raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
+        raise SkipTest(message)
+    return sync_playwright
+
+
+class Browser:
+    """One Chromium page with every console error, CSP violation and failed request recorded."""
+
+    def __init__(self, pw: Any, chromium: str, width: int) -> None:
+        self.browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        self.context = self.browser.new_context(ignore_https_errors=True, viewport={"width": width, "height": 900})
+        self.context.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+                                     "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(30_000)
+        self.errors: list[str] = []
+        self.responses: list[tuple[int, str, str]] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url} {r.failure}"))
+        self.page.on("response", lambda r: self.responses.append((r.status, r.request.method, r.url))
+                     if r.status >= 400 else None)
+
+    def resize(self, width: int) -> None:
+        self.page.set_viewport_size({"width": width, "height": 900})
+
+    def sign_in(self, base: str, token: str) -> None:
+        self.page.goto(base + "/")
+        assert self.page.url == base + "/ui/", self.page.url  # GET / sends a browser to the UI
+        self.page.fill("#token", token)
+        self.page.click("#login-form button[type=submit]")
+        self.page.wait_for_selector("#app:not([hidden])")
+
+    def go(self, name: str) -> None:
+        self.page.click(f"nav a[data-page={name}]")
+        self.page.wait_for_selector(f"#page-{name}:not([hidden])")
+        self.page.wait_for_function("() => !document.querySelector('.page:not([hidden]) tbody') || "
+                                    "document.querySelector('.page:not([hidden]) tbody').children.length > 0 "
+                                    "|| location.hash === '#network'")
+
+    def shoot(self, name: str) -> Path:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        path = SHOTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def every_page(self, label: str, width: int) -> list[str]:
+        """Visit each page at `width`; screenshot it; return pages wider than the window (should be none)."""
+        self.resize(width)
+        wide = []
+        for name in PAGES:
+            self.go(name)
+            self.shoot(f"{label}-{name}-{width}")
+            scroll = self.page.evaluate("document.documentElement.scrollWidth")
+            if scroll > width:
+                wide.append(f"{name}: {scroll} px")
+        return wide
+
+    def problems(self, expected: list[tuple[int, str, str]]) -> list[str]:
+        """What went wrong in the page; `expected`: (status, method, path) answers the test provoked, once each."""
+        csp = self.page.evaluate("window.__csp")
+        bad, expected = [], list(expected)
+        for status, method, url in self.responses:
+            match = next((e for e in expected if e[:2] == (status, method) and url.endswith(e[2])), None)
+            if match:
+                expected.remove(match)
+            else:
+                bad.append(f"{status} {method} {url}")
+        # a refused request is logged by Chromium as a console error too; those are judged by status above
+        errors = [e for e in self.errors if "Failed to load resource" not in e]
+        return errors + [f"CSP: {c}" for c in csp] + bad
+
+    def close(self) -> None:
+        self.browser.close()
+
+
+class UiTests(TestCase):
+    timeout = 300
+
+    def setUp(self) -> None:
+        self.sync_playwright = _playwright()
+        self.chromium = require_program("chromium", "apt-get install chromium")
+
+    @inlineCallbacks
+    def test_an_operator_runs_the_controller_from_the_browser(self):
+        c = yield start_controller(self, trusted_proxies=[PROXY + "/32"],
+                                   forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        alpha = yield connected_agent(self, c, friendly_name="alpha")
+        bravo = yield connected_agent(self, c, friendly_name="bravo")
+        outcome = yield deferToThread(self._walk, c, alpha, bravo)
+        print(f"\nUI screenshots: {SHOTS.resolve()}\n" + "\n".join(sorted(p.name for p in SHOTS.glob("admin-*.png"))))
+        self.assertEqual(outcome["too_wide"], [], "pages wider than 375 px")
+        self.assertEqual(outcome["problems"], [], "console errors, CSP violations or failed requests")
+
+    def _walk(self, c: Any, alpha: Any, bravo: Any) -> dict[str, Any]:
+        base = f"https://localhost:{https_port(c)}"
+        token = admin_token(c)
+        agent_process = None
+        with self.sync_playwright() as pw:
+            b = Browser(pw, self.chromium, WIDE)
+            try:
+                b.sign_in(base, token)
+                page = b.page
+                assert page.inner_text("#who") == "bootstrap · admin", page.inner_text("#who")
+                too_wide = b.every_page("admin-before", NARROW)
+                b.resize(WIDE)
+                b.every_page("admin-before", WIDE)
+
+                # 1. an enrollment token, and the third agent started from the command the UI shows
+                b.go("tokens")
+                page.fill("#enroll-form input[name=name]", "third agent")
+                page.check("#enroll-form input[name=auto_approve]")
+                page.click("#enroll-form button[type=submit]")
+                page.wait_for_selector("#enroll-created:not([hidden])")
+                command = page.inner_text("#enroll-command")
+                assert page.inner_text("#enroll-token-text").startswith("upt_"), "no plaintext token shown"
+                b.shoot("admin-token-created-1280")
+                agent_process = self._run_shown_command(command)
+                b.go("services")
+                page.wait_for_function("() => document.querySelectorAll('#services-table .dot.on').length === 3")
+
+                # 2. revoke alpha's certificate: the Services page says disconnected without a reload
+                b.go("certificates")
+                row = page.locator("#certificates-table tr", has_text="alpha").filter(has_text="valid")
+                row.get_by_role("button", name="Revoke…").click()
+                page.select_option("#revoke-reason", "keyCompromise")
+                page.click("#revoke-confirm")
+                page.wait_for_selector("#certificates-table tr:has-text('alpha') >> text=revoked (keyCompromise")
+                # the controller's own server certificate offers no Revoke
+                server_row = page.locator("#certificates-table tr", has_text="server certificate").first
+                assert server_row.get_by_role("button").count() == 0, "Revoke offered on the server certificate"
+                b.go("services")
+                page.wait_for_selector("#services-table tr:has-text('alpha') td.connected >> text=no", timeout=10_000)
+
+                # 3. rotate the CA and watch the progress reach "all renewed"
+                b.go("rotation")
+                page.click("#rotate")
+                page.wait_for_selector("#rotate-dialog[open]")
+                b.shoot("admin-rotate-dialog-1280")
+                assert "Rotated to" not in page.inner_text("#rot-summary")
+                page.click("#rotate-confirm")
+                page.wait_for_selector("#rot-summary >> text=Rotated to generation 2")
+                early = page.inner_text("#rot-summary")
+                page.wait_for_function("() => document.querySelector('#rot-summary').textContent.includes("
+                                       "'All renewed')", timeout=60_000)
+                summary = page.inner_text("#rot-summary")
+                assert "2 of 2 renewed on the new generation" in summary, summary
+                assert c.ca.state.active().generation == 2
+                print(f"\nrotation progress: first {early!r}, then {summary!r}")
+                b.shoot("admin-rotation-done-1280")
+
+                # 4. the proxy doctor: headers from an untrusted address, a trusted proxy without X-Forwarded-For
+                cert_pem, key_pem = agent_identity(bravo)
+                escaped = urllib.request.quote(cert_pem.decode())
+                for source in (UNTRUSTED, PROXY):
+                    sock = blocking_tls_socket(https_port(c), ca_pem(c), source=source)
+                    status, _ = blocking_get(sock, "/api/v1/whoami", {"X-SSL-Client-Cert": escaped})
+                    sock.close()
+                    assert status == 200, status
+                b.go("doctor")
+                advice = page.locator(f".advice[data-peer='{UNTRUSTED}'][data-code=untrusted_sender]")
+                advice.wait_for()
+                assert f"--trusted-proxy {UNTRUSTED}/32" in advice.inner_text(), advice.inner_text()
+                page.locator(f".advice[data-peer='{PROXY}'][data-code=no_forwarded_for]").wait_for()
+
+                # 5. network settings: a bad CIDR is shown beside its field; 0.0.0.0/0 asks first, then warns
+                b.go("network")
+                page.fill("#net-trusted_proxies", "10.0.0.0/33")
+                page.click("#network-form button[type=submit]")
+                error = page.locator("#net-trusted_proxies-error")
+                error.wait_for()
+                page.wait_for_function("() => document.querySelector('#net-trusted_proxies-error').textContent")
+                assert "trusted_proxies" in error.inner_text(), error.inner_text()
+                assert c.runtime.network.trusted_proxies[0].with_prefixlen == PROXY + "/32"
+                page.fill("#net-trusted_proxies", "0.0.0.0/0")
+                page.click("#network-form button[type=submit]")
+                page.wait_for_selector("#confirm-dialog[open]")
+                assert "ANY client" in page.inner_text("#confirm-text")
+                b.shoot("admin-network-warning-1280")
+                page.click("#confirm-ok")
+                page.wait_for_selector("#banners .banner[data-code=trusts_everything]")
+                page.fill("#net-trusted_proxies", PROXY + "/32")
+                page.click("#network-form button[type=submit]")
+                page.wait_for_selector("#banners .banner[data-code=trusts_everything]", state="detached")
+
+                too_wide += b.every_page("admin-after", NARROW)
+                b.every_page("admin-after", WIDE)
+
+                # 6. sign-out forgets the token
+                page.click("#logout")
+                page.wait_for_selector("#login:not([hidden])")
+                assert page.input_value("#token") == "", "the token stayed in the sign-in box"
+                assert page.evaluate("sessionStorage.length") == 0
+                return {"too_wide": too_wide, "problems": b.problems([(400, "PUT", "/api/v1/settings/network")])}
+            finally:
+                b.close()
+                if agent_process is not None:
+                    agent_process.send_signal(signal.SIGTERM)
+                    agent_process.wait(timeout=20)
+
+    def _run_shown_command(self, command: str) -> subprocess.Popen:
+        """Run the UI's lines as an operator pastes them: the checks, then the agent (left running)."""
+        lines = command.strip().splitlines()
+        assert len(lines) == 3 and lines[2].startswith("UPTRAKIT_ENROLLMENT_TOKEN="), lines
+        workdir = Path(self.mktemp())
+        workdir.mkdir()
+        environ = env()
+        environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environ.get("PATH", "")
+        checked = subprocess.run(["sh", "-ec", "\n".join(lines[:2])], cwd=workdir, env=environ,
+                                 capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "ca.crt: OK" in checked.stdout, checked.stdout
+        argv = shlex.split(lines[2])
+        assignment = argv.pop(0)
+        environ["UPTRAKIT_ENROLLMENT_TOKEN"] = assignment.split("=", 1)[1]
+        log = open(workdir / "agent.log", "wb")
+        return subprocess.Popen(argv, cwd=workdir, env=environ, stdout=log, stderr=subprocess.STDOUT)
+
+    @inlineCallbacks
+    def test_a_read_only_token_sees_every_action_disabled_and_changes_nothing(self):
+        c = yield start_controller(self)
+        agent = yield connected_agent(self, c, friendly_name="alpha")
+        status, created = yield request_json(c, "POST", "/api/v1/admin-tokens", {"name": "auditor",
+                                                                                  "permissions": ["read"]})
+        self.assertEqual(status, 201)
+        before = (c.ca.state.active().generation, c.runtime.network, c.directory.get(agent.state.service()["service_id"]).status)
+        outcome = yield deferToThread(self._read_only_walk, c, created["token"])
+        self.assertEqual(outcome["enabled"], {}, "actions a read-only session can click")
+        self.assertEqual(outcome["api"], [403, 403, 403, 403], "the API let a read-only token act")
+        self.assertEqual((c.ca.state.active().generation, c.runtime.network,
+                          c.directory.get(agent.state.service()["service_id"]).status), before)
+        self.assertEqual(outcome["problems"], [], "unexpected errors (403s from the direct API calls are expected)")
+
+    def _read_only_walk(self, c: Any, token: str) -> dict[str, Any]:
+        base = f"https://localhost:{https_port(c)}"
+        with self.sync_playwright() as pw:
+            b = Browser(pw, self.chromium, WIDE)
+            try:
+                b.sign_in(base, token)
+                assert b.page.inner_text("#who") == "auditor · read", b.page.inner_text("#who")
+                assert b.page.is_visible("#readonly-note")
+                enabled = {}
+                for width in (WIDE, NARROW):
+                    b.resize(width)
+                    for name in PAGES:
+                        b.go(name)
+                        b.shoot(f"readonly-{name}-{width}")
+                        live = b.page.evaluate("""() => {
+                            const page = document.querySelector('.page:not([hidden])');
+                            return Array.from(page.querySelectorAll('button:not(.copy), input, textarea, select'))
+                              .filter((e) => !e.disabled && !e.closest('.filters'))
+                              .map((e) => e.textContent || e.name || e.id); }""")
+                        titles = b.page.evaluate("() => Array.from(document.querySelectorAll('button.action')).map("
+                                                 "(e) => e.title)")
+                        assert all(t.startswith("Read-only token") for t in titles), titles
+                        if live:
+                            enabled[f"{name}@{width}"] = live
+                # the API refuses even when the UI is bypassed
+                service_id = b.page.evaluate("(t) => fetch('/api/v1/services', {headers: {Authorization: 'Bearer ' + t}})"
+                                             ".then((r) => r.json()).then((j) => j.services[0].id)", token)
+                calls = [("POST", "/api/v1/settings/rotate-ca", None), ("DELETE", f"/api/v1/services/{service_id}", None),
+                         ("PUT", "/api/v1/settings/network", {"trusted_proxies": ["0.0.0.0/0"]}),
+                         ("POST", "/api/v1/enrollment-tokens", {"name": "x"})]
+                statuses = []
+                for method, path, body in calls:
+                    statuses.append(b.page.evaluate(
+                        "([m, p, body, t]) => fetch(p, {method: m, headers: {Authorization: 'Bearer ' + t, "
+                        "'Content-Type': 'application/json'}, body: body === null ? undefined : "
+                        "JSON.stringify(body)}).then((r) => r.status)", [method, path, body, token]))
+                return {"enabled": enabled, "api": statuses, "problems": b.problems([(403, m, p) for m, p, _ in calls])}
+            finally:
+                b.close()
+
