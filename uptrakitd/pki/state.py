@@ -98,9 +98,15 @@ class CaState:
                    if r.purpose == "client" and r.revoked_at is None and r.not_after > now_ts)
 
     def current_for(self, service_id: str, now_ts: float) -> CertRecord | None:
-        """The newest unrevoked, unexpired certificate of a service."""
-        live = [r for r in self.by_service.get(service_id, ()) if r.revoked_at is None and r.not_after > now_ts]
-        return max(live, key=lambda r: r.not_before, default=None)
+        """The last issued unrevoked, unexpired certificate of a service (by_service is in issue order).
+
+        Not the greatest not_before: two certificates issued in the same second (a renewal right after
+        a rotation) tie on it, and the older would win half the time.
+        """
+        for r in reversed(self.by_service.get(service_id, ())):
+            if r.revoked_at is None and r.not_after > now_ts:
+                return r
+        return None
 
     def active(self) -> CaGeneration:
         """The CA that signs new certificates."""
