@@ -89,6 +89,10 @@ class Browser:
         for name in PAGES:
             self.go(name)
             self.shoot(f"{label}-{name}-{width}")
+            unlabelled = self.page.evaluate("""() => Array.from(document.querySelectorAll(
+                '.page:not([hidden]) input, .page:not([hidden]) select, .page:not([hidden]) textarea'))
+                .filter((e) => !e.labels.length && !e.getAttribute('aria-label')).map((e) => e.name || e.id)""")
+            assert not unlabelled, f"{name}: controls without a label: {unlabelled}"
             scroll = self.page.evaluate("document.documentElement.scrollWidth")
             if scroll > width:
                 wide.append(f"{name}: {scroll} px")
@@ -139,6 +143,13 @@ class UiTests(TestCase):
             try:
                 b.sign_in(base, token)
                 page = b.page
+                # the keyboard alone reaches a page: Tab to the navigation, Enter follows the link
+                for _ in range(12):
+                    page.keyboard.press("Tab")
+                    if page.evaluate("document.activeElement.dataset.page") == "tokens":
+                        break
+                page.keyboard.press("Enter")
+                page.wait_for_selector("#page-tokens:not([hidden])")
                 assert page.inner_text("#who") == "bootstrap · admin", page.inner_text("#who")
                 too_wide = b.every_page("admin-before", NARROW)
                 b.resize(WIDE)
@@ -230,6 +241,13 @@ class UiTests(TestCase):
                 assert page.input_value("#token") == "", "the token stayed in the sign-in box"
                 assert page.evaluate("sessionStorage.length") == 0
                 return {"too_wide": too_wide, "problems": b.problems([(400, "PUT", "/api/v1/settings/network")])}
+            except Exception as e:
+                # what the page showed, the page's own errors and the third agent's log: enough to see why
+                shot = b.shoot("failure-admin")
+                agent_log = (self._agent_dir / "agent.log").read_text(errors="replace")[-3000:] \
+                    if agent_process is not None else "(not started)"
+                raise AssertionError(f"{e}\nscreenshot: {shot.resolve()}\npage errors: {b.errors}\n"
+                                     f"third agent's log:\n{agent_log}") from e
             finally:
                 b.close()
                 if agent_process is not None:
@@ -240,7 +258,7 @@ class UiTests(TestCase):
         """Run the UI's lines as an operator pastes them: the checks, then the agent (left running)."""
         lines = command.strip().splitlines()
         assert len(lines) == 3 and lines[2].startswith("UPTRAKIT_ENROLLMENT_TOKEN="), lines
-        workdir = Path(self.mktemp())
+        workdir = self._agent_dir = Path(self.mktemp())
         workdir.mkdir()
         environ = env()
         environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environ.get("PATH", "")
