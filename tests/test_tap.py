@@ -42,9 +42,17 @@ class OptionsTests(TestCase):
         text = str(Options())
         for flag in ["--config", "--data-dir", "--https-listen", "--trusted-proxy", "--real-ip-header",
                      "--forwarded-client-cert-info-header", "--forwarded-client-cert-pem-header", "--pki-addr",
+                     "--forwarded-client-cert-info-format", "--forwarded-client-verify-header",
                      "--pki-http", "--pki-listen", "--ca-cert", "--ca-key", "--san", "--trust-domain",
                      "--force-settings-override", "--log-format"]:
             self.assertIn(flag, text)
+
+    def test_every_network_setting_has_a_flag(self):
+        from uptrakitd.config import NetworkSettings
+        text = str(Options())
+        for key in NetworkSettings.FIELDS:
+            flag = "--trusted-proxy" if key == "trusted_proxies" else "--" + key.replace("_", "-")
+            self.assertIn(flag + "=", text, f"network setting {key} (a TOML key) has no flag")
 
     def test_every_flag_reaches_the_settings(self):
         import ipaddress
@@ -65,6 +73,10 @@ class OptionsTests(TestCase):
              lambda s: s.network.forwarded_client_cert_info_header, "X-Info"),
             (["--forwarded-client-cert-pem-header", "X-Cert"],
              lambda s: s.network.forwarded_client_cert_pem_header, "X-Cert"),
+            (["--forwarded-client-cert-info-format", "xfcc"],
+             lambda s: s.network.forwarded_client_cert_info_format, "xfcc"),
+            (["--forwarded-client-verify-header", "X-SSL-Client-Verify"],
+             lambda s: s.network.forwarded_client_verify_header, "X-SSL-Client-Verify"),
             (["--pki-addr", "http://pki.example:8080/"], lambda s: s.network.pki_addr, "http://pki.example:8080"),
             (["--pki-addr", "http://p.example", "--pki-http", "external"], lambda s: s.pki_http, "external"),
             (["--pki-addr", "http://p.example", "--pki-http", "listener", "--pki-listen", "tcp:8081"],

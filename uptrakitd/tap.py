@@ -30,6 +30,11 @@ class Options(usage.Options):
          "X-Forwarded-Client-Cert for Envoy, X-Forwarded-Tls-Client-Cert-Info for Traefik)."],
         ["forwarded-client-cert-pem-header", None, None,
          "Header carrying the client certificate itself (URL-encoded PEM, base64 DER or RFC 9440)."],
+        ["forwarded-client-cert-info-format", None, None,
+         "How the info header is written: auto (default), kv, xfcc (Envoy) or traefik."],
+        ["forwarded-client-verify-header", None, None,
+         "Header in which a trusted proxy reports its own client-certificate check (nginx: X-SSL-Client-Verify "
+         "= $ssl_client_verify); anything but SUCCESS then means no identity."],
         ["pki-addr", None, None, "Base URL embedded in certificates (AIA OCSP + caIssuers, CDP); http:// or "
                                  "https://. Changing it needs a CA rotation."],
         ["pki-http", None, None, "'listener': also serve the PKI routes over plain HTTP on the --pki-addr "
@@ -92,7 +97,8 @@ class Options(usage.Options):
 def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
-            "forwarded-client-cert-pem-header", "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
+            "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
+            "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
             "request-head-timeout", "listen-backlog"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
