@@ -93,3 +93,40 @@ class NginxTests(TestCase):
         cert, key = agent_identity(agent)
         status = yield status_with_cert(nginx.port, ca_pem(c), cert, key)
         self.assertEqual(status, 200)
+
+
+class AgentDiagnosisTests(TestCase):
+    """The reference agent says what is wrong when nginx refuses it (issue: a bare Autobahn '[400]')."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_a_rotation_the_proxy_has_not_followed_is_named_with_its_fix(self):
+        c = yield controller_for_nginx(self)
+        nginx = yield start_nginx(self, c)
+        agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
+        diagnosis = next_event(agent, "diagnosis", timeout=60)
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, body)
+        # the agent renews onto generation 2; nginx still trusts only generation 1 and answers 400
+        text = yield diagnosis
+        self.assertIn("HTTP 400", text)
+        self.assertIn("re-download ca.crt on the proxy", text)
+        # the fix it names works
+        refresh_pki_files(c, nginx.files)
+        nginx.signal("HUP")
+        yield wait_until(lambda: connected_with_generation(c, agent, 2), timeout=60)
+
+    @inlineCallbacks
+    def test_a_proxy_the_controller_does_not_trust_is_named(self):
+        c = yield controller_for_nginx(self)
+        nginx = yield start_nginx(self, c)
+        agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
+        c.channel.enroll_timeout = 1.0
+        status, body = yield request_json(c, "PUT", "/api/v1/settings/network", {"trusted_proxies": []})
+        self.assertEqual(status, 200, body)
+        diagnosis = next_event(agent, "diagnosis", timeout=30)
+        agent.proto.transport.loseConnection()   # reconnect: now nginx's headers are ignored
+        text = yield diagnosis
+        self.assertIn("--trusted-proxy", text)
+        self.assertIn("did not see this agent's certificate", text)

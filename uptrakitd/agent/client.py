@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import random
+import re
 import socket
 from typing import Any, Callable, cast
 from urllib.parse import urlsplit
@@ -56,7 +57,16 @@ class AgentProtocol(WebSocketClientProtocol):
 
     agent: "ServiceAgent"
 
+    lost_reason: str | None = None   # why the transport went away (a TLS alert, say), for the diagnosis
+    was_open = False
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if reason is not None:
+            self.lost_reason = reason.getErrorMessage()
+        super().connectionLost(reason)
+
     def onOpen(self) -> None:
+        self.was_open = True
         self.in_seq = 1
         self.out_seq = 1
         self.agent.opened(self)
@@ -118,6 +128,7 @@ class ServiceAgent(Service):
         self._renewal_timer: Any = None
         self._ping: LoopingCall | None = None
         self._connecting: Deferred | None = None
+        self._diagnoses: dict[str, int] = {}
 
     # -- helpers for operators' logs and tests ---------------------------------------------------
 
@@ -355,6 +366,14 @@ class ServiceAgent(Service):
         self._ping.clock = self.reactor
         self._ping.start(max(1, interval), now=False)
 
+    def _diagnose(self, diagnosis: str) -> None:
+        """One log line naming the likely cause and the fix; repeats of the same one only every 10th time."""
+        count = self._diagnoses.get(diagnosis, 0)
+        self._diagnoses[diagnosis] = count + 1
+        self.event("diagnosis", diagnosis)
+        if count % 10 == 0:
+            log.error("{diagnosis}", diagnosis=diagnosis + (f" (seen {count + 1} times)" if count else ""))
+
     def _give_up(self, reason: str) -> None:
         self.stopped_reason = reason
         self.event("stopped", reason)
@@ -367,6 +386,9 @@ class ServiceAgent(Service):
         self._ping = None
 
     def closed(self, proto: AgentProtocol, code: int | None, reason: str | None) -> None:
+        diagnosis = explain_refusal(getattr(self, "mode_in_use", ""), proto.was_open, reason, proto.lost_reason)
+        if diagnosis is not None:
+            self._diagnose(diagnosis)
         self.pending_key = None
         if self.proto is proto:
             self.proto = None
@@ -388,3 +410,50 @@ class ServiceAgent(Service):
             self._schedule_reconnect(immediately=True)
         else:
             self._schedule_reconnect()
+
+
+_UPGRADE_STATUS = re.compile(r"upgrade failed \[(\d{3})\]")
+
+
+def explain_refusal(mode: str, was_open: bool, reason: str | None, tls_error: str | None) -> str | None:
+    """The likely cause of a refused connection, and the fix, in one sentence (None: nothing to explain).
+
+    Written for what proxies really do: nginx answers a certificate it cannot verify (unknown CA,
+    revoked by OCSP/CRL) with an HTTP 400 (its internal 495/496) to the upgrade, HAProxy and others
+    fail the TLS handshake with an alert, and a proxy that does not forward the certificate (or is
+    not a trusted proxy of the controller) leaves the controller waiting for an enrollment.
+    """
+    tls = (tls_error or "").lower()
+    text = reason or ""
+    if "certificate verify failed" in tls:
+        return ("TLS: this agent does not trust the server's certificate. Behind a proxy with its own server "
+                "certificate, give its CA with --server-ca; the controller's own CA is --ca-cert.")
+    if "unknown ca" in tls or "unknown_ca" in tls:
+        return ("TLS alert 'unknown ca': the proxy does not trust this agent's certificate. If the CA was rotated, "
+                "re-download ca.crt on the proxy (GET /api/v1/pki/ca.crt) and reload it.")
+    if "certificate revoked" in tls or "certificate_revoked" in tls:
+        return ("TLS alert 'certificate revoked': the proxy says this agent's certificate is revoked. Ask the "
+                "operator; a revoked service must be enrolled again with a new enrollment token.")
+    if "certificate required" in tls and mode != "mtls":
+        return ("TLS alert 'certificate required': the proxy demands a client certificate, but an agent enrolls "
+                "before it has one. Make the proxy's client-certificate check optional (nginx: ssl_verify_client "
+                "optional; HAProxy: verify optional).")
+    match = _UPGRADE_STATUS.search(text)
+    if match and not was_open:
+        status = int(match.group(1))
+        if status in (400, 495, 496) and mode == "mtls":
+            return (f"the proxy refused the WebSocket upgrade with HTTP {status}: it did not accept this agent's "
+                    "certificate. Right after a CA rotation the proxy most likely lacks the new CA: re-download "
+                    "ca.crt on the proxy (GET /api/v1/pki/ca.crt) and reload it. Otherwise the certificate was "
+                    "revoked (the proxy checks OCSP or the CRL): ask the operator.")
+        if status in (502, 503, 504):
+            return (f"the proxy answered HTTP {status}: it cannot reach the controller (check its upstream address "
+                    "and that the controller runs).")
+        if status == 400:
+            return ("the proxy refused the WebSocket upgrade with HTTP 400: check that it passes WebSocket "
+                    "upgrades (HTTP/1.1 with the Upgrade and Connection headers).")
+    if reason == wire.ENROLLMENT_TIMEOUT and mode == "mtls":
+        return ("the controller did not see this agent's certificate: the proxy in front does not forward it "
+                "(a client-certificate header), or the controller does not list the proxy as a --trusted-proxy. "
+                "The controller's Proxy doctor page shows which.")
+    return None
