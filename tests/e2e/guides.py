@@ -23,6 +23,12 @@ _FENCE = re.compile(r"^```(\w+)[^\n]*\btest=([\w-]+)[^\n]*\n(.*?)^```", re.S | r
 _ROW = re.compile(r"^\|\s*`([A-Z][A-Z0-9_]+)`\s*\|", re.M)
 
 
+def standard_paths(work: Path) -> dict[str, Path]:
+    """Where the test puts what every guide names by absolute path (the proxy's own directory aside)."""
+    return {"/var/lib/uptrakitd": work / "controller", "/var/lib/uptrakit-agent": work / "agent-state",
+            "/opt/uptrakitd/venv/bin": Path(sys.executable).parent, "/usr/local/sbin": work / "sbin"}
+
+
 class Guide:
     """One guide's tested blocks and placeholders, filled for one test run."""
 
@@ -79,6 +85,78 @@ class Guide:
         return spawn(["/bin/sh", "-ec", "exec env " + self.block(name).strip()], env=self.environ(), cwd=str(cwd))
 
 
+@inlineCallbacks
+def follow_to_a_connected_agent(testcase: Any, guide: Guide, pki_dir: str, start_proxy: Any) -> Any:
+    """The steps every proxy guide shares: controller from its TOML, fetch, server certificate, the
+    proxy (`start_proxy()`), an enrollment token, the agent from its command line, the check.
+
+    Fires with (controller, agent host directory, agent process, service id).
+    """
+    import json
+    import shutil
+
+    from ..helpers import start_controller, wait_until
+    toml = guide.workdir / "uptrakit.toml"
+    toml.write_text(guide.block("controller"))
+    c = yield start_controller(testcase, str(guide.workdir), config=str(toml),
+                               data_dir=guide.paths["/var/lib/uptrakitd"],
+                               https_listen=f"tcp:{guide.values['CONTROLLER_PORT']}:interface=127.0.0.1")
+    yield guide.run("fetch")
+    yield guide.run("server-cert")
+    yield start_proxy()
+    code, out = yield guide.run("token")
+    guide.values["ENROLLMENT_TOKEN"] = json.loads(out)["token"]
+    host = guide.workdir / "agent-host"
+    host.mkdir()
+    shutil.copy(Path(guide.paths[pki_dir]) / "ca.crt", host / "ca.crt")
+    shutil.copy(Path(guide.paths[pki_dir]) / "server.crt", host / "proxy-server.crt")
+    agent = guide.spawn("agent", host)
+    testcase.addCleanup(_stop, agent)
+    try:
+        yield wait_until(lambda: len(c.channel.connected) == 1, timeout=60)
+    except AssertionError:
+        raise AssertionError(f"the agent started from {guide.path.name} did not connect:\n"
+                             + agent.output.decode(errors="replace")[-3000:]) from None
+    (service_id,) = list(c.channel.connected)
+    code, out = yield guide.run("check", host)
+    answer = json.loads(out)
+    testcase.assertEqual((answer["identity_source"], answer["identity"]["service_id"], answer["proxy_ip"]),
+                         ("proxy-cert", service_id, "127.0.0.1"))
+    return c, host, agent, service_id
+
+
+def generation_of(c: Any, service_id: str) -> int | None:
+    """The CA generation of the certificate a connected service authenticated with (None: not connected)."""
+    proto = c.channel.connected.get(service_id)
+    identity = proto.context.identity if proto is not None and proto.context is not None else None
+    return identity.ca_generation if identity is not None and not proto.closing else None
+
+
+def _stop(process: Any) -> Any:
+    if not process.ended.called:
+        process.transport.signalProcess("TERM")
+    return process.ended
+
+
+@inlineCallbacks
+def verify_refresh_units(testcase: Any, guide: Guide) -> Any:
+    """The guide's refresh script installed where its service unit expects it, then `systemd-analyze verify`."""
+    from ..helpers import require_program
+    analyze = require_program("systemd-analyze", "apt-get install systemd")
+    sbin = Path(guide.paths["/usr/local/sbin"])
+    sbin.mkdir(exist_ok=True)
+    script = sbin / "uptrakit-pki-refresh"
+    script.write_text(guide.block("refresh"))
+    script.chmod(0o755)
+    units = guide.workdir / "units"
+    units.mkdir()
+    (units / "uptrakit-pki-refresh.service").write_text(guide.block("timer"))
+    (units / "uptrakit-pki-refresh.timer").write_text(guide.block("timer-unit"))
+    out, err, code = yield run(analyze, "verify", str(units / "uptrakit-pki-refresh.timer"),
+                               str(units / "uptrakit-pki-refresh.service"))
+    testcase.assertEqual((code, err.decode().strip()), (0, ""), out)
+
+
 # -- nginx: the package's layout ------------------------------------------------------------------
 
 NGINX_PACKAGE_CONF = Path("/etc/nginx/nginx.conf")
@@ -112,3 +190,19 @@ def nginx_snippet(guide: Guide, crl: bool) -> str:
             "    ssl_ocsp_responder", "    # ssl_ocsp_responder").replace("    # ssl_crl ", "    ssl_crl ")
         assert "\n    ssl_crl " in snippet and "\n    ssl_ocsp" not in snippet, snippet
     return snippet
+
+
+# -- HAProxy: the package's layout ---------------------------------------------------------------
+
+HAPROXY_PACKAGE_CONF = Path("/etc/haproxy/haproxy.cfg")
+
+
+def haproxy_package_layout(work: Path, runtime_dir: Path, snippet: str) -> Path:
+    """The package's haproxy.cfg with the runtime socket moved to `runtime_dir`, the guide's snippet appended."""
+    assert HAPROXY_PACKAGE_CONF.exists(), f"{HAPROXY_PACKAGE_CONF} missing: apt-get install haproxy"
+    text = HAPROXY_PACKAGE_CONF.read_text()
+    assert "/run/haproxy/admin.sock" in text, "the package's haproxy.cfg no longer has the admin socket"
+    text = text.replace("/run/haproxy/admin.sock", str(runtime_dir / "admin.sock"))
+    conf = work / "haproxy.cfg"
+    conf.write_text(text.rstrip("\n") + "\n\n" + snippet)
+    return conf

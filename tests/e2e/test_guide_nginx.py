@@ -7,8 +7,6 @@ the refresh script are the guide's shell blocks. Only placeholders and absolute 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +17,18 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from ..helpers import free_port, request_json, require_program, run, start_controller, wait_until
-from .guides import Guide, nginx_package_layout, nginx_snippet
+from ..helpers import free_port, request_json, require_program, wait_until
+from .guides import (Guide, follow_to_a_connected_agent, generation_of, nginx_package_layout, nginx_snippet,
+                     standard_paths, verify_refresh_units)
 from .harness import RunningProxy
+
 
 class NginxGuideTests(TestCase):
     timeout = 180
 
     @inlineCallbacks
     def follow_guide(self, crl: bool) -> Any:
-        """Steps 1–7 of the guide; returns (guide, controller, agent host dir, agent process, service id)."""
+        """Steps 1–7 of the guide; fires with (guide, controller, agent host dir, agent process, service id)."""
         nginx = require_program("nginx", "apt-get install nginx-light")
         require_program("curl", "apt-get install curl")
         require_program("openssl", "apt-get install openssl")
@@ -36,46 +36,18 @@ class NginxGuideTests(TestCase):
         work.mkdir(parents=True)
         prefix = work / "nginx"
         conf = nginx_package_layout(prefix)
-        paths = {"/etc/nginx/uptrakit": work / "etc-nginx-uptrakit", "/var/lib/uptrakitd": work / "controller",
-                 "/var/lib/uptrakit-agent": work / "agent-state", "/opt/uptrakitd/venv/bin": Path(sys.executable).parent,
-                 "/usr/local/sbin": work / "sbin"}
+        paths = dict(standard_paths(work), **{"/etc/nginx/uptrakit": work / "etc-nginx-uptrakit"})
         values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": free_port(),
                   "PKI_PORT": free_port(), "NGINX_ADDR": "127.0.0.1", "PROXY_HOST": "localhost",
                   "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
         guide = Guide("nginx", values, paths, {"nginx": f'exec {nginx} -c {conf} "$@"'}, work)
 
-        # 2. the controller from the guide's TOML
-        toml = work / "uptrakit.toml"
-        toml.write_text(guide.block("controller"))
-        c = yield start_controller(self, str(work), config=str(toml), data_dir=str(paths["/var/lib/uptrakitd"]),
-                                   https_listen=f"tcp:{values['CONTROLLER_PORT']}:interface=127.0.0.1")
-        # 3.–5. files, server certificate, the snippet in conf.d/
-        yield guide.run("fetch")
-        yield guide.run("server-cert")
-        snippet = nginx_snippet(guide, crl)
-        (prefix / "conf.d" / "uptrakit.conf").write_text(snippet)
-        proxy = RunningProxy(self, "nginx", [str(guide.bin / "nginx"), "-g", "daemon off;"], values["PROXY_PORT"])
-        yield proxy.start()
-        # 6. a token, then the agent exactly as the guide starts it
-        code, out = yield guide.run("token")
-        guide.values["ENROLLMENT_TOKEN"] = json.loads(out)["token"]
-        host = work / "agent-host"
-        host.mkdir()
-        shutil.copy(paths["/etc/nginx/uptrakit"] / "ca.crt", host / "ca.crt")
-        shutil.copy(paths["/etc/nginx/uptrakit"] / "server.crt", host / "proxy-server.crt")
-        agent = guide.spawn("agent", host)
-        self.addCleanup(_stop, agent)
-        try:
-            yield wait_until(lambda: len(c.channel.connected) == 1, timeout=60)
-        except AssertionError:
-            raise AssertionError("the agent started from the guide did not connect:\n"
-                                 + agent.output.decode(errors="replace")[-3000:]) from None
-        (service_id,) = list(c.channel.connected)
-        # 7. the check
-        code, out = yield guide.run("check", host)
-        answer = json.loads(out)
-        self.assertEqual((answer["identity_source"], answer["identity"]["service_id"], answer["proxy_ip"]),
-                         ("proxy-cert", service_id, "127.0.0.1"))
+        @inlineCallbacks
+        def start_nginx() -> Any:
+            (prefix / "conf.d" / "uptrakit.conf").write_text(nginx_snippet(guide, crl))
+            yield RunningProxy(self, "nginx", [str(guide.bin / "nginx"), "-g", "daemon off;"],
+                               values["PROXY_PORT"]).start()
+        c, host, agent, service_id = yield follow_to_a_connected_agent(self, guide, "/etc/nginx/uptrakit", start_nginx)
         return guide, c, host, agent, service_id
 
     @inlineCallbacks
@@ -86,7 +58,7 @@ class NginxGuideTests(TestCase):
         self.assertEqual(status, 200, body)
         yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
         yield guide.run("refresh")
-        yield wait_until(lambda: _generation(c, service_id) == 2, timeout=60)
+        yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
         code, out = yield guide.run("check", host)
         self.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
         # revocation: nginx asks OCSP at the handshake, so the check fails at once
@@ -112,28 +84,4 @@ class NginxGuideTests(TestCase):
             yield deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(code, 22, "curl -f: nginx refuses the certificate listed in the refreshed CRL")
         # the guide's timer and service units are valid systemd units (with the script where they expect it)
-        analyze = require_program("systemd-analyze", "apt-get install systemd")
-        sbin = guide.workdir / "sbin"
-        sbin.mkdir()
-        script = sbin / "uptrakit-pki-refresh"
-        script.write_text(guide.block("refresh"))
-        script.chmod(0o755)
-        units = guide.workdir / "units"
-        units.mkdir()
-        (units / "uptrakit-pki-refresh.service").write_text(guide.block("timer"))
-        (units / "uptrakit-pki-refresh.timer").write_text(guide.block("timer-unit"))
-        out, err, code = yield run(analyze, "verify", str(units / "uptrakit-pki-refresh.timer"),
-                                   str(units / "uptrakit-pki-refresh.service"))
-        self.assertEqual((code, err.decode().strip()), (0, ""), out)
-
-
-def _generation(c: Any, service_id: str) -> int | None:
-    proto = c.channel.connected.get(service_id)
-    identity = proto.context.identity if proto is not None and proto.context is not None else None
-    return identity.ca_generation if identity is not None and not proto.closing else None
-
-
-def _stop(process: Any) -> Any:
-    if not process.ended.called:
-        process.transport.signalProcess("TERM")
-    return process.ended
+        yield verify_refresh_units(self, guide)

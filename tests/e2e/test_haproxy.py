@@ -14,6 +14,7 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
+from .guides import Guide, haproxy_package_layout
 from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
                       refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
 
@@ -34,20 +35,26 @@ def runtime_api(sock_path: str, *commands: str) -> str:
 
 @inlineCallbacks
 def start_haproxy(testcase, c):
+    """HAProxy from the package's haproxy.cfg plus docs/deployment/haproxy.md's frontend/backend pair.
+
+    Its server certificate is the controller's own (guide step 4: "use yours"), so the agents and
+    clients of these tests trust it with the controller's CA.
+    """
     haproxy = require_program("haproxy", "apt-get install haproxy")
-    prefix = Path(testcase.mktemp()).resolve()
-    prefix.mkdir(parents=True)
-    files = write_pki_files(c, prefix / "pki")
+    work = Path(testcase.mktemp()).resolve()
+    work.mkdir(parents=True)
+    files = write_pki_files(c, work / "etc-haproxy-uptrakit")
+    runtime = Path(tempfile.mkdtemp(prefix="upt-haproxy-"))  # unix socket paths are limited to ~100 bytes
+    testcase.addCleanup(shutil.rmtree, runtime, True)
     port = free_port()
-    short = tempfile.mkdtemp(prefix="upt-haproxy-")  # unix socket paths are limited to ~100 bytes
-    testcase.addCleanup(shutil.rmtree, short, True)
-    conf = prefix / "haproxy.cfg"
-    conf.write_text(render(CONFIGS / "haproxy/haproxy.cfg", dict(files, RUNTIME_SOCKET=f"{short}/admin.sock",
-                                                                  LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
-                                                                  UPSTREAM=f"127.0.0.1:{https_port(c)}")))
+    values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
+              "PKI_PORT": 1, "HAPROXY_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
+              "ENROLLMENT_TOKEN": "(unused)"}
+    guide = Guide("haproxy", values, {"/etc/haproxy/uptrakit": work / "etc-haproxy-uptrakit"}, {}, work)
+    conf = haproxy_package_layout(work, runtime, guide.block("snippet"))
     proxy = RunningProxy(testcase, "haproxy", [haproxy, "-db", "-f", str(conf)], port)
     yield proxy.start()
-    proxy.files, proxy.socket = files, f"{short}/admin.sock"
+    proxy.files, proxy.socket = files, str(runtime / "admin.sock")
     return proxy
 
 
