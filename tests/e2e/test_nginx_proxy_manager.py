@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -12,7 +13,8 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..helpers import DATA, ca_pem, https_port, request_json, require_program
-from .harness import (CONFIGS, RunningProxy, agent_identity, check_proxy, controller_for_nginx, free_port, render,
+from .guides import Guide
+from .harness import (RunningProxy, agent_identity, check_proxy, controller_for_nginx, free_port, render,
                       rotate_and_follow, status_with_cert, write_pki_files)
 
 
@@ -28,9 +30,14 @@ class NginxProxyManagerTests(TestCase):
         files = write_pki_files(c, prefix / "pki")
         port = free_port()
         values = dict(files, PREFIX=prefix, LISTEN_ADDR="127.0.0.1", LISTEN_PORT=port, UPSTREAM_HOST="127.0.0.1",
-                      UPSTREAM_PORT=https_port(c), OCSP_RESPONDER=f"{c.runtime.network.pki_addr}/api/v1/pki/ocsp",
-                      ADVANCED=prefix / "advanced.conf")
-        (prefix / "advanced.conf").write_text(render(CONFIGS / "nginx-proxy-manager/advanced.conf", values))
+                      UPSTREAM_PORT=https_port(c), ADVANCED=prefix / "advanced.conf")
+        # docs/deployment/nginx-proxy-manager.md's Advanced snippet, its /data paths pointing at the test's files
+        guide = Guide("nginx-proxy-manager", {
+            "CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
+            "PKI_PORT": urlsplit(c.runtime.network.pki_addr).port, "NPM_ADDR": "127.0.0.1", "NPM_DATA": "(unused)",
+            "PROXY_HOST": "localhost", "PROXY_PORT": port, "ENROLLMENT_TOKEN": "(unused)"},
+            {"/data/custom_ssl/uptrakit": prefix / "pki"}, {}, prefix)
+        (prefix / "advanced.conf").write_text(guide.block("snippet"))
         (prefix / "conf.d" / "include" / "proxy.conf").write_text((DATA / "npm" / "proxy.conf").read_text())
         (prefix / "nginx.conf").write_text(render(DATA / "npm" / "nginx.conf", values))
         proxy = RunningProxy(self, "nginx (NPM layout)", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
