@@ -74,7 +74,9 @@ _IDENTITY_EXACT = {
     "origin": "origin",
 }
 _IDENTITY_PREFIXES = (("x-ssl-client-", "x-ssl-client"), ("x-client-cert", "x-client-cert"),
-                      ("ssl-client-", "ssl-client"))
+                      ("ssl-client-", "ssl-client"),            # also ingress-nginx's ssl-client-cert, -verify, -*-dn
+                      ("x-amzn-mtls-", "aws-alb"),              # AWS ALB mTLS verify and passthrough modes
+                      ("cf-client-cert", "cloudflare"))         # Cloudflare's forwarded client certificate
 _REAL_IP = {"x-forwarded-for", "forwarded", "x-real-ip", "true-client-ip", "cf-connecting-ip"}
 
 
