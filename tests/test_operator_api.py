@@ -170,3 +170,30 @@ class DoctorTests(TestCase):
         now[0] += 1.0
         self.assertTrue(doctor.wants_sample(peer))
         self.assertEqual(len(doctor.report("X-Forwarded-For", {})["peers"]), MAX_PEERS)
+
+
+class CertificateListTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_filters_limit_and_total_keep_the_answer_small(self):
+        c = yield start_controller(self)
+        leaves = []
+        for _ in range(4):
+            issued, _key, _service = yield new_leaf(c)
+            leaves.append(issued)
+        yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(leaves[0].serial)}/revoke")
+        status, body = yield request_json(c, "GET", "/api/v1/certificates?status=valid&limit=2")
+        self.assertEqual(status, 200)
+        # 3 valid client certificates and the server certificate match; the newest 2 are sent
+        self.assertEqual((body["total"], len(body["certificates"])), (4, 2))
+        self.assertEqual(body["certificates"][-1]["serial"], format_serial(leaves[-1].serial))
+        self.assertTrue(all(cert["status"] == "valid" for cert in body["certificates"]))
+        status, body = yield request_json(c, "GET", "/api/v1/certificates?status=revoked")
+        self.assertEqual([cert["serial"] for cert in body["certificates"]], [format_serial(leaves[0].serial)])
+        prefix = format_serial(leaves[2].serial)[:10].lower()
+        status, body = yield request_json(c, "GET", f"/api/v1/certificates?q={prefix}")
+        self.assertIn(format_serial(leaves[2].serial), [cert["serial"] for cert in body["certificates"]])
+        for bad in ("status=gone", "limit=0", "limit=x", "limit=100001"):
+            status, body = yield request_json(c, "GET", f"/api/v1/certificates?{bad}")
+            self.assertEqual((status, body["code"]), (400, "invalid_filter"), bad)

@@ -96,20 +96,47 @@ class CertificateRoutes:
                 "revoked_at": iso(record.revoked_at), "service_id": record.service_id}
 
     def list_certificates(self, request: Any) -> Any:
-        wanted = request.args.get(b"service_id", [None])[0]
+        def arg(name: str) -> str | None:
+            value = request.args.get(name.encode(), [None])[0]
+            return value.decode("utf-8", "replace") if value is not None else None
+        wanted, status, q, limit_text = arg("service_id"), arg("status"), arg("q"), arg("limit")
+        if status is not None and status not in ("valid", "revoked", "expired"):
+            raise BadRequest("status: must be valid, revoked or expired", "invalid_filter")
+        limit = None
+        if limit_text is not None:
+            if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100_000:
+                raise BadRequest("limit: must be an integer from 1 to 100000", "invalid_filter")
+            limit = int(limit_text)
         state = self.ca.state
         if wanted:
-            records = list(state.by_service.get(wanted.decode("utf-8", "replace"), ()))
+            records = list(state.by_service.get(wanted, ()))
         else:
-            records = list(state.records.values())  # snapshot; formatting 100 000 happens off the reactor
-        return in_thread(self.ca.clock, _certificates_json, records, int(self.ca.clock.seconds()))
+            records = list(state.records.values())  # snapshot; filtering and formatting happen off the reactor
+        return in_thread(self.ca.clock, _certificates_json, records, int(self.ca.clock.seconds()), status,
+                         (q or "").strip().upper() or None, limit)
 
 
-def _certificates_json(records: list[Any], now: int) -> Response:
+def _status(r: Any, now: int) -> str:
+    return "revoked" if r.revoked_at else ("expired" if r.not_after < now else "valid")
+
+
+def _certificates_json(records: list[Any], now: int, status: str | None = None, q: str | None = None,
+                       limit: int | None = None) -> Response:
+    """In issue order (the records' order; not_before ties within a second); with `limit`, the newest `limit`
+    that match, and `total`: how many matched."""
+    chosen = []
+    for r in records:
+        if status is not None and _status(r, now) != status:
+            continue
+        if q is not None and not (format_serial(r.serial).startswith(q) or (r.service_id or "").upper() == q):
+            continue
+        chosen.append(r)
+    total = len(chosen)
+    if limit is not None:
+        chosen = chosen[-limit:]
     out = []
-    for r in sorted(records, key=lambda r: (r.not_before, r.serial)):
-        status = "revoked" if r.revoked_at else ("expired" if r.not_after < now else "valid")
+    for r in chosen:
         out.append({"serial": format_serial(r.serial), "service_id": r.service_id, "purpose": r.purpose,
                     "ca_generation": r.ca_generation, "not_before": iso(r.not_before), "not_after": iso(r.not_after),
-                    "status": status, "revoked_at": iso(r.revoked_at), "revocation_reason": r.reason})
-    return Response(json.dumps({"certificates": out}).encode() + b"\n", "application/json")
+                    "status": _status(r, now), "revoked_at": iso(r.revoked_at), "revocation_reason": r.reason})
+    return Response(json.dumps({"certificates": out, "total": total}).encode() + b"\n", "application/json")

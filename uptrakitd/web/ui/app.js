@@ -160,18 +160,22 @@ async function loadServices() {
     : "No services yet. Create an enrollment token (Tokens page) and start an agent with the command it shows.");
 }
 
+const CERT_PAGE = 500;   // the newest matching certificates the page shows; the server filters the rest
+
 async function loadCertificates() {
   await loadNames();
-  const {certificates} = await api("GET", "/api/v1/certificates");
   const status = $("#cert-status").value, q = $("#cert-search").value.trim().toLowerCase();
+  const params = new URLSearchParams({limit: String(CERT_PAGE)});
+  if (status) params.set("status", status);
+  if (/^[0-9a-f]{4,}$/.test(q)) params.set("q", q);   // a serial (prefix): let the server find it among all
+  const {certificates, total} = await api("GET", "/api/v1/certificates?" + params);
   const window = (lastOverview ? lastOverview.renewal_window_hours : 0) * 3600e3;
   const body = $("#certificates-table tbody"); body.replaceChildren();
   let shown = 0;
   for (const c of certificates.reverse()) {
     const who = c.purpose === "server" ? "controller (server certificate)" : (names[c.service_id] || c.service_id);
-    if (status && c.status !== status) continue;
-    if (q && !(who + " " + c.serial).toLowerCase().includes(q)) continue;
-    if (++shown > 500) continue;   // the newest 500; filters narrow it
+    if (q && !params.has("q") && !(who + " " + c.serial).toLowerCase().includes(q)) continue;
+    shown++;
     const expiring = c.status === "valid" && Date.parse(c.not_after) - Date.now() < window;
     const actions = el("td", {class: "actions"});
     if (c.status === "valid" && c.purpose === "server") {
@@ -185,8 +189,8 @@ async function loadCertificates() {
       td(c.status + (c.revocation_reason ? ` (${c.revocation_reason}, ${rel(c.revoked_at)})` : ""), "status-" + c.status),
       actions));
   }
-  if (!shown) emptyRow(body, 6, certificates.length ? "No certificate matches these filters." : "No certificates yet.");
-  else if (shown > 500) emptyRow(body, 6, `${shown - 500} older certificates not shown: use the filters.`);
+  if (!shown) emptyRow(body, 6, total ? "No certificate matches these filters." : "No certificates yet.");
+  else if (total > certificates.length) emptyRow(body, 6, `Showing the newest ${certificates.length} of ${total}: filter by status, or search a serial.`);
 }
 
 async function revokeDialog(c, who) {
