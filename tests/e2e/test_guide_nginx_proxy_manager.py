@@ -6,17 +6,15 @@ placeholders and absolute paths are changed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.serials import format_serial
-
-from ..helpers import DATA, free_port, request_json, require_program, run, wait_until
-from .guides import Guide, follow_to_a_connected_agent, generation_of, standard_paths
+from ..helpers import DATA, require_program, run
+from .guides import (Guide, follow_to_a_connected_agent, guide_values, revoke_current, rotate_then_refresh,
+                     standard_paths)
 from .harness import RunningProxy, render
 
 
@@ -32,9 +30,7 @@ class NpmGuideTests(TestCase):
         prefix, data = work / "npm-nginx", work / "npm-data"
         (prefix / "conf.d" / "include").mkdir(parents=True)
         paths = dict(standard_paths(work), **{"/data": data})
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": free_port(),
-                  "PKI_PORT": free_port(), "NPM_ADDR": "127.0.0.1", "NPM_DATA": data, "PROXY_HOST": "localhost",
-                  "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
+        values = guide_values("NPM_ADDR", NPM_DATA=data)
         conf = prefix / "nginx.conf"
         guide = Guide("nginx-proxy-manager", values, paths,
                       {"nginx": f'exec {nginx} -p {prefix} -c {conf} "$@"',
@@ -60,14 +56,7 @@ class NpmGuideTests(TestCase):
             yield RunningProxy(self, "nginx (NPM layout)", [str(guide.bin / "nginx")], values["PROXY_PORT"]).start()
         c, host, agent, service_id = yield follow_to_a_connected_agent(self, guide, "/data/custom_ssl/uptrakit",
                                                                        start_npm)
-        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
-        self.assertEqual(status, 200, body)
-        yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
-        yield guide.run("refresh")   # docker exec npm nginx -s reload
-        yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
-        code, out = yield guide.run("check", host)
-        self.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
-        serial = format_serial(c.channel.connected[service_id].serial)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
+        yield rotate_then_refresh(self, guide, c, agent, service_id, host)   # refresh: docker exec npm nginx -s reload
+        yield revoke_current(c, service_id)
         code, out = yield guide.run("check", host, ok=False)
         self.assertEqual(code, 22, "curl -f: NPM's nginx answers 400 for the revoked certificate (OCSP)")

@@ -5,17 +5,15 @@ Only placeholders and absolute paths are changed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.serials import format_serial
-
-from ..helpers import free_port, request_json, require_program, wait_until
-from .guides import Guide, follow_to_a_connected_agent, generation_of, standard_paths
+from ..helpers import require_program
+from .guides import (Guide, check_refused_by_the_controller, follow_to_a_connected_agent, guide_values,
+                     revoke_current, rotate_then_refresh, standard_paths)
 from .harness import RunningProxy
 
 
@@ -29,9 +27,7 @@ class TraefikGuideTests(TestCase):
         work.mkdir(parents=True)
         etc = work / "etc-traefik"
         paths = dict(standard_paths(work), **{"/etc/traefik": etc})
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": free_port(),
-                  "PKI_PORT": free_port(), "TRAEFIK_ADDR": "127.0.0.1", "PROXY_HOST": "localhost",
-                  "PROXY_PORT": free_port(), "ENROLLMENT_TOKEN": "(step 6)"}
+        values = guide_values("TRAEFIK_ADDR")
         guide = Guide("traefik", values, paths, {}, work)
 
         @inlineCallbacks
@@ -42,15 +38,6 @@ class TraefikGuideTests(TestCase):
                                values["PROXY_PORT"], cwd=str(work)).start()
         c, host, agent, service_id = yield follow_to_a_connected_agent(self, guide, "/etc/traefik/uptrakit",
                                                                        start_traefik)
-        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
-        self.assertEqual(status, 200, body)
-        yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
-        yield guide.run("refresh")   # new ca.crt, the dynamic file touched
-        yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
-        code, out = yield guide.run("check", host)
-        self.assertEqual(json.loads(out)["identity"]["ca_generation"], 2)
-        serial = format_serial(c.channel.connected[service_id].serial)
-        yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
-        code, out = yield guide.run("check", host)
-        answer = json.loads(out)
-        self.assertEqual((answer["identity"], answer["rejected"]), (None, "certificate revoked"))
+        yield rotate_then_refresh(self, guide, c, agent, service_id, host)   # refresh: new ca.crt, file touched
+        yield revoke_current(c, service_id)
+        yield check_refused_by_the_controller(self, guide, host)

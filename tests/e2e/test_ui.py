@@ -5,7 +5,6 @@ Screenshots of every page at 1280 px and 375 px go to `_trial_temp/ui-screenshot
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
