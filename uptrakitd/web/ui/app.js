@@ -152,7 +152,7 @@ async function loadServices() {
       td(el("span", {}, el("strong", {text: names[s.id]}), el("br"), el("small", {class: "mono", text: s.id.slice(0, 8)}))),
       td(s.kind), td(s.status, "status-" + s.status),
       td(el("span", {class: s.connected ? "dot on" : "dot off", text: s.connected ? "yes" : "no"}), "connected"),
-      td(s.ip_address), td(s.proxy_ip ? `${s.proxy_ip} (${s.identity_source})` : (s.identity_source || "–")),
+      td(s.ip_address), td(s.proxy_ip ? `${s.proxy_ip} (${s.identity_source})` : (s.identity_source === "mtls" ? "direct (mTLS)" : s.identity_source || "–")),
       td(cert ? el("span", {}, "G" + cert.ca_generation + ", expires ", when(cert.not_after)) : null, expiring ? "expiring" : ""),
       td(when(s.last_seen_at)), actions));
   }
