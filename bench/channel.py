@@ -1,6 +1,7 @@
 """A fleet of agents through enrollment, connection and a CA rotation, against a real `twistd -n uptrakit`.
 
 Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes about 3 minutes here)
+     UPTRAKIT_BENCH_PROFILE=rotation.txt also records py-spy's collapsed stacks of the daemon during the rotation.
 
 Load: asyncio + the `websockets` library in 4 processes on the same 2 cores as the daemon (so the stable
 figures are the daemon's CPU per operation and the ratios). Printed per phase: duration, errors, the
@@ -213,6 +214,11 @@ def main() -> None:
         for phase in ("enroll", "connect", "rotate"):
             cpu, overflow, start = daemon.cpu_seconds(), listen_overflows(), time.time()
             prober.take()
+            if phase == "rotate" and os.environ.get("UPTRAKIT_BENCH_PROFILE"):
+                # py-spy over the daemon for the rotation only (collapsed stacks, e.g. for flamegraph.pl)
+                spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
+                                        "-o", os.environ["UPTRAKIT_BENCH_PROFILE"], "-p", str(daemon.proc.pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if phase == "rotate":
                 rotated_at = time.time()
                 for q in commands:
@@ -227,6 +233,9 @@ def main() -> None:
                 _, part = results.get(timeout=900)
                 rows.extend(part)
             seconds = time.time() - start
+            if phase == "rotate" and os.environ.get("UPTRAKIT_BENCH_PROFILE"):
+                spy.send_signal(2)   # SIGINT: py-spy writes the profile and exits
+                spy.wait(timeout=60)
             errors = sum(len(e) for _, _, e in rows)
             p99, worst, failed = prober.take()
             print(f"{phase:10} {seconds:8.1f} {errors:7d} {(daemon.cpu_seconds() - cpu) / agents * 1000:13.2f} "
