@@ -87,6 +87,8 @@ class OptionsTests(TestCase):
             (["--trust-domain", "Corp.Example"], lambda s: s.trust_domain, "corp.example"),
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),
+            (["--database", "postgresql://uptrakit@db.example/uptrakit"], lambda s: s.database,
+             "postgresql://uptrakit@db.example/uptrakit"),
             (["--log-level", "warn", "--access-log", "sampled", "--metrics-require-auth"],
              lambda s: (s.log_level, s.access_log, s.metrics_require_auth), ("warn", "sampled", True)),
             (["--config", str(tmp / "c.toml")], lambda s: s.config_path, tmp / "c.toml"),

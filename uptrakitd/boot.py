@@ -101,13 +101,13 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
     data_dir = settings.data_dir
     reached("data_dir")
     files = PkiFiles(data_dir)
-    db_path = data_dir / "uptrakit.sqlite3"
+    db_path = store_mod.sqlite_path(data_dir)
     try:
-        conn = store_mod.open_and_migrate(db_path)
+        conn = store_mod.open_database(data_dir, settings.database)
     except store_mod.StoreError as e:
         raise StartupError(str(e)) from None
     for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
-        if path.exists():
+        if path.exists() and not settings.database:
             os.chmod(path, 0o600)  # token hashes and certificate records: nobody else's business
     reached("database")
     try:
@@ -171,9 +171,15 @@ def _stored_or_default(stored: Any) -> NetworkSettings:
         return NetworkSettings()
 
 
-def _load_key(files: PkiFiles, name: str) -> Any:
+def _load_key(files: PkiFiles, name: str, shared_database: bool = False) -> Any:
     try:
         return files.load_ca_key(name)
+    except FileNotFoundError:
+        if shared_database:
+            raise StartupError(f"the database names CA key {name}, which is not in {files.dir}: another controller "
+                               "created this database's CA, and several controllers on one database are not "
+                               "supported yet (each needs its own database, or this controller that data dir)") from None
+        raise StartupError(f"cannot load CA key {files.dir / name}: file not found") from None
     except (OSError, ValueError, TypeError) as e:
         raise StartupError(f"cannot load CA key {files.dir / name}: {getattr(e, 'strerror', None) or e}") from None
 
@@ -192,7 +198,7 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
                 continue  # an old external generation whose key we do not hold: not loaded
             key = None
         else:
-            key = _load_key(files, row["key_file"])
+            key = _load_key(files, row["key_file"], shared_database=settings.database is not None)
         state.generations[generation] = CaGeneration(generation, cert, key, external)
 
     if settings.ca_cert is not None and settings.ca_key is not None:

@@ -188,6 +188,7 @@ class Settings:
     access_log: str = "off"
     metrics_require_auth: bool = False
     config_path: Path | None = None
+    database: str | None = None          # None: SQLite in data_dir; else a postgresql:// URL
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pki_listen_endpoint(self) -> str | None:
@@ -206,7 +207,7 @@ _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 
                "request_head_timeout": (0.1, 3600), "listen_backlog": (1, 65535)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
-             "metrics_require_auth",
+             "metrics_require_auth", "database",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
 
@@ -307,6 +308,15 @@ def _proxy_protocol(merged: Mapping[str, Any], kw: dict[str, Any]) -> None:
                           "only make sense with a haproxy:... --https-listen")
 
 
+def _database_url(value: Any) -> str:
+    """A PostgreSQL connection URL (postgresql://user@host:port/dbname?...); the password may be in it."""
+    url = _string(value, "database")
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("database", "must be a postgresql:// URL (leave it unset for the embedded SQLite)")
+    return url
+
+
 def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> Settings:
     """Merge flags over the config file over defaults, validating everything (flag > file)."""
     merged: dict[str, Any] = {}
@@ -335,6 +345,8 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         kw["pki_http"] = merged["pki_http"]
     if "pki_listen" in merged:
         kw["pki_listen"] = _string(merged["pki_listen"], "pki_listen")
+    if merged.get("database"):
+        kw["database"] = _database_url(merged["database"])
     for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS), ("access_log", ACCESS_LOG_MODES)):
         if key in merged:
             if merged[key] not in allowed:

@@ -43,7 +43,7 @@ from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .status_metrics import state_families
-from .store import SqliteStore
+from .store import PostgresStore, SqliteStore, make_store
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.identity import NetworkSettingsRoutes
@@ -65,7 +65,7 @@ class Daemon(OrderedServices):
     """uptrakitd as a Twisted service tree; its attributes name the components (for tests and tools)."""
 
     settings: Settings
-    store: SqliteStore
+    store: SqliteStore | PostgresStore
     bus: EventBus
     metrics: Metrics
     ca: CertificateAuthority
@@ -105,7 +105,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     run_blocking = partial(in_thread, reactor)
     d.metrics = metrics = Metrics()
     d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
-    d.store = store = SqliteStore(settings.data_dir / "uptrakit.sqlite3", reactor)
+    d.store = store = make_store(settings.data_dir, settings.database, reactor)
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
     files = PkiFiles(settings.data_dir)
     state = booted.state

@@ -41,6 +41,8 @@ class Options(usage.Options):
                                  "host/port (or --pki-listen); 'external': something else serves them. "
                                  "Requires --pki-addr."],
         ["pki-listen", None, None, "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."],
+        ["database", None, None, "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in "
+                                 "--data-dir; needs uptrakitd[postgresql]. One controller per database for now."],
         ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
@@ -98,7 +100,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
-            "pki-addr", "pki-http", "pki-listen", "ca-cert", "ca-key",
+            "pki-addr", "database", "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
             "request-head-timeout", "listen-backlog"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}

@@ -6,8 +6,10 @@ The interface the rest of the daemon uses is small, so that another engine can s
   thread, inside one transaction (committed when it returns, rolled back when it raises); fires
   with its result. Nothing touches the database on the reactor thread.
 - `Store.start()`, `Store.close()`: the thread's lifetime (the service tree calls them).
-- Start-up, before the reactor runs: `open_and_migrate(path)` gives a connection and
+- Start-up, before the reactor runs: `open_database(data_dir, url)` gives a connection and
   `transaction(conn, operation, *args)` runs an operation on it synchronously.
+- Engines: SQLite in the data dir (`database.py`, the default) or PostgreSQL (`postgresql.py`, when
+  `--database postgresql://…` is given); `make_store` picks the Store.
 
 An *operation* is a function from the query modules (`settings`, `ca_generations`, `certificates`,
 `services`, `tokens`) or a composition of them written by a domain module. `conn` is a DB-API
@@ -15,12 +17,47 @@ connection that takes `?` parameters and returns rows addressable by column name
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 
-from .database import (SqliteStore, StoreError, backup_path, connect, migrate, migrations, open_and_migrate,
-                       read_probe, schema_version, transaction, write_probe)
+from . import database, postgresql
+from .database import (SqliteStore, StoreError, backup_path, connect, migrate, migrations, open_and_migrate, read_probe,
+                       schema_version)
+from .postgresql import PgConnection, PostgresStore
+
+
+def transaction(conn: Any, operation: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run operation(conn, *args) in one transaction on a start-up connection of either engine."""
+    if isinstance(conn, PgConnection):
+        return postgresql.transaction(conn, operation, *args, **kw)
+    return database.transaction(conn, operation, *args, **kw)
+
+
+def write_probe(conn: Any, now: int) -> None:
+    """A write the database must accept (readiness), in the engine's own SQL."""
+    if isinstance(conn, PgConnection):
+        postgresql.write_probe(conn, now)
+    else:
+        database.write_probe(conn, now)
+
+
+def sqlite_path(data_dir: Path) -> Path:
+    """Where the embedded database lives."""
+    return data_dir / "uptrakit.sqlite3"
+
+
+def open_database(data_dir: Path, url: str | None = None) -> Any:
+    """The start-up connection: PostgreSQL when `url` is given, else SQLite in `data_dir`; migrated."""
+    if url:
+        return postgresql.open_and_migrate(url)
+    return database.open_and_migrate(sqlite_path(data_dir))
+
+
+def make_store(data_dir: Path, url: str | None, reactor: Any) -> SqliteStore | PostgresStore:
+    """The daemon's Store for the configured engine."""
+    return PostgresStore(url, reactor) if url else SqliteStore(sqlite_path(data_dir), reactor)
 
 
 class Store(Protocol):
@@ -33,5 +70,6 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["SqliteStore", "Store", "StoreError", "backup_path", "connect", "migrate", "migrations", "open_and_migrate",
-           "read_probe", "schema_version", "transaction", "write_probe"]
+__all__ = ["PgConnection", "PostgresStore", "SqliteStore", "Store", "StoreError", "backup_path", "connect", "make_store",
+           "migrate", "migrations", "open_and_migrate", "open_database", "read_probe", "schema_version", "sqlite_path", "transaction",
+           "write_probe"]

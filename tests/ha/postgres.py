@@ -1,0 +1,79 @@
+"""A throw-away PostgreSQL cluster for tests: Debian's `postgresql` binaries, `initdb`/`pg_ctl` in a temp dir,
+run as an unprivileged user (`postgres` when the tests run as root), listening on a unix socket only."""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest
+
+from ..helpers import E2E_REQUIRED
+
+
+def _bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if not found:
+        message = "PostgreSQL not found: apt-get install postgresql"
+        if E2E_REQUIRED:
+            raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
+        raise SkipTest(message)
+    return Path(found[-1]).parent
+
+
+class PostgresCluster:
+    """initdb + pg_ctl start in a temp dir; `url(dbname)`; stop()/start() to play an outage; destroy()."""
+
+    def __init__(self) -> None:
+        self.bin = _bindir()
+        self.dir = Path(tempfile.mkdtemp(prefix="upt-pg-"))   # short: unix socket paths are limited
+        self.data = self.dir / "data"
+        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+        entry = pwd.getpwnam(self.user)
+        self._ids = (entry.pw_uid, entry.pw_gid)
+        os.chown(self.dir, *self._ids)
+        self._as_user(["initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+        self.start()
+
+    def _as_user(self, argv: list[str]) -> None:
+        uid, gid = self._ids
+
+        def drop() -> None:
+            if os.geteuid() == 0:
+                os.setgid(gid)
+                os.setuid(uid)
+        done = subprocess.run([str(self.bin / argv[0]), *argv[1:]], preexec_fn=drop, cwd=str(self.dir),
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise AssertionError(f"{argv[0]} failed: {done.stdout}{done.stderr}")
+
+    def start(self) -> None:
+        # no TCP at all (listen_addresses ''): the unix socket in our own directory only
+        self._as_user(["pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-o",
+                       f"-k {self.dir} -c listen_addresses='' -c max_connections=50", "start"])
+
+    def stop(self) -> None:
+        self._as_user(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql:///{dbname}?host={self.dir}&user=postgres"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+        name = "t" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except AssertionError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)

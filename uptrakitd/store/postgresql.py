@@ -1,0 +1,217 @@
+"""PostgreSQL (`--database postgresql://…`): the same query modules, migrations under an advisory lock.
+
+The query modules are written once, for DB-API connections that take `?` parameters and give rows
+addressable by name and position (sqlite3's style). `PgConnection` lets a psycopg 3 connection be
+used that way: `?` becomes `%s`, rows are `Row`s. The schema lives in `schema_postgresql/`, kept in
+lockstep with `schema/` (same tables and columns; a test compares them).
+
+Migrations run under `pg_advisory_lock`, so controllers starting together apply each one once. This
+is one controller per database for now: the CA keys are still files in that controller's data dir
+(a second controller finds generations whose key file it lacks and refuses to start).
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from ..errors import StorageUnavailable
+from .database import StoreError
+
+log = Logger()
+_MIGRATION_NAME = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
+MIGRATION_LOCK = 0x7570_7472_616B_6974 & 0x7FFF_FFFF_FFFF_FFFF   # "uptrakit": pg_advisory_lock's bigint key
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("--database postgresql://… needs psycopg: pip install 'uptrakitd[postgresql]'") from None
+    return psycopg
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class Row(tuple):
+    """A result row addressable by column name and by position, like sqlite3.Row (dict(row) works)."""
+
+    _index: dict[str, int]
+
+    def __new__(cls, index: dict[str, int], values: Sequence[Any]) -> Row:
+        row = super().__new__(cls, values)
+        row._index = index
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: Row(index, values)
+
+
+class PgConnection:
+    """A psycopg connection spoken to in the query modules' style (`?` parameters, Row results)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        cursor = self.raw.cursor(row_factory=_rows)
+        cursor.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        return cursor
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def connect(url: str) -> PgConnection:
+    """A connection in autocommit mode (transactions are explicit), or StoreError."""
+    psycopg = _psycopg()
+    try:
+        return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=10))
+    except psycopg.Error as e:
+        raise StoreError(f"cannot connect to {safe_url(url)}: {str(e).strip()}") from None
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The PostgreSQL schema files as (version, name, sql), in order."""
+    found = []
+    for entry in resources.files("uptrakitd.store").joinpath("schema_postgresql").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text("utf-8")))
+    return sorted(found)
+
+
+def _statements(sql: str) -> Iterator[str]:
+    text = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+    for statement in text.split(";"):
+        if statement.strip():
+            yield statement.strip()
+
+
+def schema_version(conn: PgConnection) -> int:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
+    return int(row["v"] or 0)
+
+
+def migrate(conn: PgConnection) -> list[str]:
+    """Apply pending migrations, each in one transaction, holding the advisory lock; names applied."""
+    psycopg = _psycopg()
+    known = migrations()
+    newest = known[-1][0]
+    applied = []
+    conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
+    try:
+        current = schema_version(conn)
+        if current > newest:
+            raise StoreError(f"database schema version {current} is newer than this uptrakitd ({newest}); "
+                             "refusing to run an older release against it")
+        for version, name, sql in known:
+            if version <= current:
+                continue
+            try:
+                with conn.raw.transaction():
+                    for statement in _statements(sql):
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            except psycopg.Error as e:
+                raise StoreError(f"migration {name} failed: {str(e).strip()}") from None
+            applied.append(name)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
+    return applied
+
+
+def open_and_migrate(url: str) -> PgConnection:
+    """Connect and migrate, for the synchronous start-up phase."""
+    conn = connect(url)
+    try:
+        for name in migrate(conn):
+            log.info("applied schema migration {name} to {database}", name=name, database=safe_url(url))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def transaction(conn: PgConnection, operation: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run operation(conn, *args) in one transaction: committed when it returns, rolled back when it raises."""
+    with conn.raw.transaction():
+        return operation(conn, *args, **kw)
+
+
+def write_probe(conn: PgConnection, now: int) -> None:
+    """database.write_probe for PostgreSQL: one row rewritten with 8 KiB of fresh bytes."""
+    conn.execute("INSERT INTO health (id, checked_at, scratch) VALUES (1, ?, decode(repeat(md5(random()::text), "
+                 "512), 'hex')) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, "
+                 "scratch = excluded.scratch", (now,))
+
+
+class PostgresStore:
+    """The Store over one PostgreSQL connection used from one thread; reconnects after a failure."""
+
+    def __init__(self, url: str, reactor: IReactorFromThreads) -> None:
+        self.url = url
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="uptrakitd-store")
+        self._conn: PgConnection | None = None
+        self._closed = False
+
+    def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
+        """Run operation(conn, *args) in the store thread inside one transaction; fires with its result."""
+        if self._closed:
+            return fail(StorageUnavailable("storage unavailable: the store is closed"))
+        return deferToThreadPool(self._reactor, self._pool, self._in_thread, operation, args, kw)
+
+    def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
+        psycopg = _psycopg()
+        try:
+            if self._conn is None:
+                self._conn = connect(self.url)
+            return transaction(self._conn, operation, *args, **kw)
+        except (psycopg.OperationalError, psycopg.InterfaceError, StoreError) as e:
+            # the connection is gone or unusable: drop it, so the next operation reconnects
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception:
+                    pass
+                self._conn = None
+            log.error("database operation failed, answering 503: {error}", error=str(e).strip())
+            raise StorageUnavailable("storage unavailable: the database cannot be reached") from None
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.stop()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
