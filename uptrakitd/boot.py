@@ -31,6 +31,7 @@ from .listen.preflight import CannotListen, check_bindable
 from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr,
                      same_public_key)
 from .pki.files import PkiFiles
+from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
 from .pki.state import CaState, insert_generation, insert_issued, load_records
 from .runtime_settings import ServiceCertSettings
@@ -64,6 +65,8 @@ class Booted:
     hostname: str = ""
     admin_tokens: dict[str, list[str]] = field(default_factory=dict)
     services: list[ServiceRecord] = field(default_factory=list)
+    keys: Any = None               # where new CA keys go (pki.keys.FileKeys or SealedKeys)
+    database_lock: Any = None      # PostgreSQL: the session lock that makes this the database's active controller
 
 
 STEPS = ("data_dir", "database", "network", "ca_key_written", "ca", "server_cert_recorded", "server_cert",
@@ -90,10 +93,23 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
         lock.acquire()
     except (DataDirInUse, OSError) as e:
         raise StartupError(str(e)) from None
+    database_lock = None
     try:
-        return _boot(settings, now, reached, lock)
+        if settings.database:
+            database_lock = store_mod.postgresql.ControllerLock(settings.database)
+            database_lock.acquire()
+        booted = _boot(settings, now, reached, lock)
+        booted.database_lock = database_lock
+        return booted
+    except store_mod.StoreError as e:
+        lock.release()
+        if database_lock is not None:
+            database_lock.release()
+        raise StartupError(str(e)) from None
     except BaseException:
         lock.release()
+        if database_lock is not None:
+            database_lock.release()
         raise
 
 
@@ -117,7 +133,8 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
             _preflight(settings)
         network = store_mod.transaction(conn, _network_settings, settings)
         reached("network")
-        state = _load_ca_state(conn, settings, files, network, now, reached)
+        keys = _ca_keys(settings, files)
+        state = _load_ca_state(conn, settings, files, keys, network, now, reached)
         reached("ca")
         service_certs = ServiceCertSettings.from_json(store_mod.transaction(conn, stored_settings.get,
                                                                             "service_certificates"))
@@ -138,7 +155,8 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
         conn.close()
     return Booted(settings=settings, lock=lock, network=network, state=state, server_cert=server_cert,
                   server_key=server_key, crl_numbers=numbers, admin_token_path=token_path,
-                  service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services)
+                  service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services,
+                  keys=keys)
 
 
 def _network_settings(conn: sqlite3.Connection, settings: Settings) -> NetworkSettings:
@@ -171,20 +189,30 @@ def _stored_or_default(stored: Any) -> NetworkSettings:
         return NetworkSettings()
 
 
-def _load_key(files: PkiFiles, name: str, shared_database: bool = False) -> Any:
+def _ca_keys(settings: Settings, files: PkiFiles) -> Any:
+    """Where this controller keeps managed CA keys: files (SQLite), or sealed in the database (PostgreSQL)."""
+    if not settings.database:
+        return FileKeys(files)
+    assert settings.ca_key_encryption_key_file is not None  # build_settings requires it with database
     try:
-        return files.load_ca_key(name)
+        return SealedKeys(load_keks(settings.ca_key_encryption_key_file))
+    except KeyStoreError as e:
+        raise StartupError(str(e)) from None
+
+
+def _load_key(keys: Any, files: PkiFiles, row: Any) -> Any:
+    try:
+        return keys.load(row["generation"], row["key_file"], row["key_sealed"])
+    except KeyStoreError as e:
+        raise StartupError(str(e)) from None
     except FileNotFoundError:
-        if shared_database:
-            raise StartupError(f"the database names CA key {name}, which is not in {files.dir}: another controller "
-                               "created this database's CA, and several controllers on one database are not "
-                               "supported yet (each needs its own database, or this controller that data dir)") from None
-        raise StartupError(f"cannot load CA key {files.dir / name}: file not found") from None
+        raise StartupError(f"cannot load CA key {files.dir / row['key_file']}: file not found") from None
     except (OSError, ValueError, TypeError) as e:
-        raise StartupError(f"cannot load CA key {files.dir / name}: {getattr(e, 'strerror', None) or e}") from None
+        raise StartupError(f"cannot load CA key {files.dir / row['key_file']}: {getattr(e, 'strerror', None) or e}") \
+            from None
 
 
-def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, network: NetworkSettings,
+def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, keys: Any, network: NetworkSettings,
                    now: datetime.datetime, reached: Any) -> CaState:
     state = CaState()
     stored = store_mod.transaction(conn, ca_generations.load_all)
@@ -198,7 +226,11 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
                 continue  # an old external generation whose key we do not hold: not loaded
             key = None
         else:
-            key = _load_key(files, row["key_file"], shared_database=settings.database is not None)
+            key = _load_key(keys, files, row)
+            if keys.needs_resealing(row["key_sealed"]):   # sealed with an older key-encryption key
+                store_mod.transaction(conn, ca_generations.reseal, generation, keys.seal(generation, key))
+                log.info("sealed CA generation {generation}'s key with the current key-encryption key",
+                         generation=generation)
         state.generations[generation] = CaGeneration(generation, cert, key, external)
 
     if settings.ca_cert is not None and settings.ca_key is not None:
@@ -225,10 +257,10 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
             raise StartupError("the external CA is older than the active managed CA; refusing to downgrade")
     elif not state.generations:
         cert, key = create_ca(1, network.pki_addr, now)
-        key_file = files.write_ca_key(1, key)
+        key_file, key_sealed = keys.save(1, key)
         reached("ca_key_written")
         state.generations[1] = CaGeneration(1, cert, key, False)
-        store_mod.transaction(conn, insert_generation, state.generations[1], key_file, int(time.time()))
+        store_mod.transaction(conn, insert_generation, state.generations[1], key_file, int(time.time()), key_sealed)
         log.info("created managed CA generation 1: {cn}", cn=state.generations[1].common_name)
 
     for ca in list(state.generations.values()):

@@ -189,6 +189,7 @@ class Settings:
     metrics_require_auth: bool = False
     config_path: Path | None = None
     database: str | None = None          # None: SQLite in data_dir; else a postgresql:// URL
+    ca_key_encryption_key_file: Path | None = None   # with database: seals the CA keys kept in it
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pki_listen_endpoint(self) -> str | None:
@@ -207,7 +208,7 @@ _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 
                "request_head_timeout": (0.1, 3600), "listen_backlog": (1, 65535)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
-             "metrics_require_auth", "database",
+             "metrics_require_auth", "database", "ca_key_encryption_key_file",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
 
@@ -347,6 +348,16 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         kw["pki_listen"] = _string(merged["pki_listen"], "pki_listen")
     if merged.get("database"):
         kw["database"] = _database_url(merged["database"])
+    if merged.get("ca_key_encryption_key_file"):
+        if not kw.get("database"):
+            raise ConfigError("ca_key_encryption_key_file", "only used with --database (with the embedded SQLite "
+                                                            "the CA keys are files in the data dir)")
+        kw["ca_key_encryption_key_file"] = Path(_string(merged["ca_key_encryption_key_file"],
+                                                        "ca_key_encryption_key_file"))
+    elif kw.get("database"):
+        raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
+                                      "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "
+                                      "chmod 600 FILE)")
     for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS), ("access_log", ACCESS_LOG_MODES)):
         if key in merged:
             if merged[key] not in allowed:

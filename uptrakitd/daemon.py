@@ -116,7 +116,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     metrics.crl_lag.set_function(crls.lag_seconds)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
-                                     settings.trust_domain)
+                                     settings.trust_domain, booted.keys)
     d.tls = tls = SwappableServerContext()
     d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
                                                     (booted.hostname, settings.san), run_blocking,
@@ -178,6 +178,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
 
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
+    if booted.database_lock is not None:
+        Hooks("database lock", stop=booted.database_lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)

@@ -42,7 +42,11 @@ class Options(usage.Options):
                                  "Requires --pki-addr."],
         ["pki-listen", None, None, "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."],
         ["database", None, None, "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in "
-                                 "--data-dir; needs uptrakitd[postgresql]. One controller per database for now."],
+                                 "--data-dir; needs uptrakitd[postgresql] and --ca-key-encryption-key-file. One "
+                                 "active controller per database for now."],
+        ["ca-key-encryption-key-file", None, None, "With --database: file of base64 AES-256 keys, one per line "
+                                                   "(head -c 32 /dev/urandom | base64), the first seals the CA keys "
+                                                   "kept in the database, the others only open older ones (0600)."],
         ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
@@ -100,7 +104,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
-            "pki-addr", "database", "pki-http", "pki-listen", "ca-cert", "ca-key",
+            "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
             "request-head-timeout", "listen-backlog"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}

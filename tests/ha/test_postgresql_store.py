@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
@@ -14,6 +15,17 @@ from uptrakitd.store import database, postgresql
 
 from ..helpers import enrolled_service, new_leaf, request_json, start_controller
 from .postgres import PostgresCluster
+
+
+def kek_file(testcase: TestCase, *keys: bytes) -> str:
+    """A key-encryption key file (0600) holding `keys` (fresh random ones when none given)."""
+    import base64
+    import os
+    from pathlib import Path
+    path = Path(testcase.mktemp())
+    path.write_text("".join(base64.b64encode(k).decode() + "\n" for k in (keys or (os.urandom(32),))))
+    path.chmod(0o600)
+    return str(path)
 
 
 class PostgresqlStoreTests(TestCase):
@@ -57,22 +69,30 @@ class PostgresqlStoreTests(TestCase):
         for t in threads:
             t.join(60)
         self.assertEqual(errors, [])
-        self.assertEqual(sorted(len(r) for r in results), [0, 0, 0, 2], "exactly one applied both migrations")
+        every = len(postgresql.migrations())
+        self.assertEqual(sorted(len(r) for r in results), [0, 0, 0, every], "exactly one applied the migrations")
         conn = postgresql.connect(url)
         versions = [r["version"] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")]
         conn.close()
-        self.assertEqual(versions, [1, 2])
+        self.assertEqual(versions, list(range(1, every + 1)))
 
     def test_a_url_that_is_not_postgresql_is_refused(self):
+        kek = kek_file(self)
         with self.assertRaises(ConfigError) as caught:
-            build_settings({"database": "mysql://root@db/uptrakit"})
+            build_settings({"database": "mysql://root@db/uptrakit", "ca_key_encryption_key_file": kek})
         self.assertIn("postgresql://", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            build_settings({"database": "postgresql:///uptrakit"})
+        self.assertIn("--ca-key-encryption-key-file", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            build_settings({"ca_key_encryption_key_file": kek})
+        self.assertIn("only used with --database", str(caught.exception))
 
     @inlineCallbacks
     def test_the_daemon_keeps_its_records_in_postgresql(self):
-        url = self.cluster.new_database()
+        url, kek = self.cluster.new_database(), kek_file(self)
         tmp = self.mktemp()
-        c = yield start_controller(self, tmp, database=url)
+        c = yield start_controller(self, tmp, database=url, ca_key_encryption_key_file=kek)
         service = yield enrolled_service(c, hostname="on-postgres")
         issued, _key, _leaf = yield new_leaf(c)
         status, body = yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
@@ -81,9 +101,12 @@ class PostgresqlStoreTests(TestCase):
         status, ready = yield request_json(c, "GET", "/readyz", token=None)
         self.assertEqual((status, ready["checks"]["database"]), (200, "ok"))
         self.assertFalse((c.settings.data_dir / "uptrakit.sqlite3").exists(), "nothing went to SQLite")
+        self.assertEqual(list((c.settings.data_dir / "pki").glob("ca-*.key")), [], "the CA key is in the database")
+        fingerprint = c.ca.state.active().fingerprint
         yield c.stopService()
-        # a new process on the same data dir and database sees everything that was acknowledged
-        again = yield start_controller(self, tmp, database=url)
+        # another controller, with an empty data dir of its own (a standby host), takes over from the database
+        again = yield start_controller(self, database=url, ca_key_encryption_key_file=kek)
+        self.assertEqual(again.ca.state.active().fingerprint, fingerprint)
         self.assertEqual(again.directory.get(service.id).hostname, "on-postgres")
         record = again.ca.state.records[issued.serial]
         self.assertEqual(record.reason, "keyCompromise")
@@ -94,7 +117,7 @@ class PostgresqlStoreTests(TestCase):
     @inlineCallbacks
     def test_an_outage_is_a_503_and_the_store_recovers_by_itself(self):
         cluster = self.cluster
-        c = yield start_controller(self, database=cluster.new_database())
+        c = yield start_controller(self, database=cluster.new_database(), ca_key_encryption_key_file=kek_file(self))
         status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", {"name": "before"})
         self.assertEqual(status, 201, body)
         cluster.stop()
@@ -112,25 +135,57 @@ class PostgresqlStoreTests(TestCase):
         self.assertEqual([t["name"] for t in listed["tokens"]], ["before", "after"])
 
 
+class OneControllerPerDatabaseTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.cluster = PostgresCluster()
+        self.addCleanup(self.cluster.destroy)
+
+    def boot(self, url: str, kek: str) -> Any:
+        from uptrakitd.boot import boot
+        booted = boot(build_settings({"data_dir": self.mktemp() + "/data", "database": url,
+                                      "ca_key_encryption_key_file": kek}))
+        booted.lock.release()
+        booted.database_lock.release()
+        return booted
+
+    @inlineCallbacks
+    def test_a_second_controller_on_the_same_database_refuses_to_start(self):
+        from uptrakitd.boot import StartupError
+        url, kek = self.cluster.new_database(), kek_file(self)
+        c = yield start_controller(self, database=url, ca_key_encryption_key_file=kek)
+        with self.assertRaises(StartupError) as caught:
+            self.boot(url, kek)
+        self.assertIn("another controller is active", str(caught.exception))
+        yield c.stopService()   # its session lock goes with it: now another may start
+        self.assertEqual(self.boot(url, kek).state.active().generation, 1)
+
+    def test_the_key_encryption_key_is_required_and_can_be_rotated(self):
+        import os
+        from uptrakitd.boot import StartupError
+        from uptrakitd.pki.keys import kek_id
+        url = self.cluster.new_database()
+        first, second = os.urandom(32), os.urandom(32)
+        fingerprint = self.boot(url, kek_file(self, first)).state.active().fingerprint
+        with self.assertRaises(StartupError) as caught:
+            self.boot(url, kek_file(self, second))
+        self.assertIn(f"sealed with key-encryption key {kek_id(first)}, which is not in", str(caught.exception))
+        # rotation: the new key first, the old one second; at start the CA key is sealed again with the new one
+        self.boot(url, kek_file(self, second, first))
+        (row,) = _rows(url, "SELECT key_sealed FROM ca_generations")
+        self.assertTrue(row["key_sealed"].startswith(f"v1:{kek_id(second)}:"))
+        self.assertEqual(self.boot(url, kek_file(self, second)).state.active().fingerprint, fingerprint)
+        loose = kek_file(self, second)
+        os.chmod(loose, 0o644)
+        with self.assertRaises(StartupError) as caught:
+            self.boot(url, loose)
+        self.assertIn("chmod 600", str(caught.exception))
+
+
 def _rows(url: str, sql: str) -> list:
     conn = postgresql.connect(url)
     try:
         return list(conn.execute(sql))
     finally:
         conn.close()
-
-
-class OneControllerPerDatabaseTests(TestCase):
-    timeout = 60
-
-    @inlineCallbacks
-    def test_a_second_controller_on_the_same_database_refuses_to_start(self):
-        from uptrakitd.boot import StartupError, boot
-        cluster = PostgresCluster()
-        self.addCleanup(cluster.destroy)
-        url = cluster.new_database()
-        yield start_controller(self, database=url)
-        other = self.mktemp()
-        with self.assertRaises(StartupError) as caught:
-            boot(build_settings({"data_dir": other + "/data", "database": url}))
-        self.assertIn("several controllers on one database are not supported yet", str(caught.exception))

@@ -161,7 +161,12 @@ class ServiceAgent(Service):
                     d.callback(None)
             self.observers.append(gone)
             self.proto.sendClose(1000)
-            return d.addTimeout(5, self.reactor, onTimeoutCancel=lambda *_: None)
+            proto = self.proto
+
+            def abort(*_: Any) -> None:   # no closing handshake within 5 s: drop it (and Autobahn's timers)
+                if proto.transport is not None:
+                    proto.transport.abortConnection()
+            return d.addTimeout(5, self.reactor, onTimeoutCancel=abort)
         return None
 
     def mode(self) -> str:

@@ -21,6 +21,7 @@ from ..metrics import Metrics
 from ..store import Store, certificates
 from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca
 from .crl import REASONS
+from .keys import FileKeys
 from .files import PkiFiles
 from .issue import Issued, issue_client_certificate, issue_server_certificate
 from .serials import format_serial, parse_serial
@@ -34,8 +35,9 @@ class CertificateAuthority:
 
     def __init__(self, state: CaState, store: Store, bus: EventBus, metrics: Metrics, files: PkiFiles,
                  clock: IReactorTime, run_blocking: Callable[..., Deferred],
-                 pki_addr: Callable[[], str | None], trust_domain: str) -> None:
+                 pki_addr: Callable[[], str | None], trust_domain: str, keys: Any = None) -> None:
         self.state = state
+        self.keys = keys if keys is not None else FileKeys(files)   # where new CA keys are kept
         self.store = store
         self.bus = bus
         self.metrics = metrics
@@ -158,8 +160,8 @@ class CertificateAuthority:
             generation = active.generation + 1
             cert, key = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now())
             ca = CaGeneration(generation, cert, key, False)
-            key_file = yield self.run_blocking(self.files.write_ca_key, generation, key)
-            yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()))
+            key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, key)
+            yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
             self.state.add_generation(ca)
             yield self.run_blocking(self.files.write_bundle, self.bundle_pem())
             log.info("rotated the CA: generation {generation} ({cn}) is active, G{previous} stays trusted",

@@ -172,7 +172,8 @@ def insert_issued(conn: Any, issued: Issued, service_id: str | None, purpose: st
     return record
 
 
-def insert_generation(conn: Any, ca: CaGeneration, key_file: str, created_at: int) -> None:
-    """Store operation: record a CA generation whose key file is already on disk."""
+def insert_generation(conn: Any, ca: CaGeneration, key_file: str, created_at: int,
+                      key_sealed: str | None = None) -> None:
+    """Store operation: record a CA generation whose key file is already on disk (or sealed in the row)."""
     ca_generations.insert(conn, ca.generation, ca.pem.decode("ascii"), key_file,
-                          int(ca.not_after.timestamp()), ca.external, created_at)
+                          int(ca.not_after.timestamp()), ca.external, created_at, key_sealed)

@@ -5,16 +5,22 @@ import sqlite3
 
 
 def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Every stored CA, oldest first: generation, cert_pem, key_file, external, crl_number."""
-    return conn.execute("SELECT generation, cert_pem, key_file, external, crl_number "
+    """Every stored CA, oldest first: generation, cert_pem, key_file, key_sealed, external, crl_number."""
+    return conn.execute("SELECT generation, cert_pem, key_file, key_sealed, external, crl_number "
                         "FROM ca_generations ORDER BY generation").fetchall()
 
 
 def insert(conn: sqlite3.Connection, generation: int, cert_pem: str, key_file: str, not_after: int,
-           external: bool, created_at: int) -> None:
-    """Record a CA generation (its key file is already on disk)."""
-    conn.execute("INSERT INTO ca_generations (generation, cert_pem, key_file, not_after, external, created_at) "
-                 "VALUES (?, ?, ?, ?, ?, ?)", (generation, cert_pem, key_file, not_after, int(external), created_at))
+           external: bool, created_at: int, key_sealed: str | None = None) -> None:
+    """Record a CA generation (its key file is already on disk, or its key is sealed in `key_sealed`)."""
+    conn.execute("INSERT INTO ca_generations (generation, cert_pem, key_file, key_sealed, not_after, external, "
+                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (generation, cert_pem, key_file, key_sealed, not_after, int(external), created_at))
+
+
+def reseal(conn: sqlite3.Connection, generation: int, key_sealed: str) -> None:
+    """Replace a generation's sealed key (after a key-encryption key rotation)."""
+    conn.execute("UPDATE ca_generations SET key_sealed = ? WHERE generation = ?", (key_sealed, generation))
 
 
 def next_crl_number(conn: sqlite3.Connection, generation: int) -> int:

@@ -28,6 +28,7 @@ from .database import StoreError
 log = Logger()
 _MIGRATION_NAME = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
 MIGRATION_LOCK = 0x7570_7472_616B_6974 & 0x7FFF_FFFF_FFFF_FFFF   # "uptrakit": pg_advisory_lock's bigint key
+CONTROLLER_LOCK = MIGRATION_LOCK - 1                               # held by the active controller
 
 
 def _psycopg() -> Any:
@@ -169,6 +170,36 @@ def write_probe(conn: PgConnection, now: int) -> None:
     conn.execute("INSERT INTO health (id, checked_at, scratch) VALUES (1, ?, decode(repeat(md5(random()::text), "
                  "512), 'hex')) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, "
                  "scratch = excluded.scratch", (now,))
+
+
+class ControllerLock:
+    """One active controller per database, for now: a session advisory lock on a connection of its own.
+
+    Several controllers would each keep their own copy of the records in memory with nothing to keep the
+    copies in step yet; the lock makes a second one refuse to start instead. It is released when the
+    controller stops or dies (PostgreSQL drops a dead session's locks), so a standby can then start.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: PgConnection | None = None
+
+    def acquire(self) -> None:
+        conn = connect(self.url)
+        row = conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()
+        if not row["locked"]:
+            conn.close()
+            raise StoreError(f"another controller is active on {safe_url(self.url)}: several active controllers "
+                             "on one database are not supported yet (start this one when that one has stopped)")
+        self._conn = conn
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
 
 
 class PostgresStore:

@@ -1,0 +1,124 @@
+"""Where managed CA keys are kept: files under `<data-dir>/pki/` (SQLite), or sealed in the database
+(PostgreSQL) with AES-256-GCM under a key-encryption key (KEK) read from `--ca-key-encryption-key-file`.
+
+The KEK file holds one or more keys, one per line, each 32 bytes in base64 (`head -c 32 /dev/urandom |
+base64`). The first line seals new keys; the others only open keys sealed earlier, and at start every
+key sealed with one of them is sealed again with the first. Rotating the KEK: put a new first line,
+keep the old one second, restart the controller, then remove the old line. A sealed key names the KEK
+it was sealed with (the first 8 bytes of its SHA-256, in hex), so a missing KEK is named, not guessed.
+The generation number is the AEAD's associated data: a sealed key cannot be moved to another row.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .ca import key_pem
+from .files import PkiFiles
+
+SEALED_PREFIX = "v1"
+
+
+class KeyStoreError(Exception):
+    """A KEK file or a sealed key that cannot be used; the message says which and why."""
+
+
+def kek_id(kek: bytes) -> str:
+    return hashlib.sha256(kek).hexdigest()[:16]
+
+
+def load_keks(path: Path) -> list[bytes]:
+    """The keys of a KEK file, current first (KeyStoreError with one clear line when unusable)."""
+    try:
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyStoreError(f"cannot read the key-encryption key file {path}: {getattr(e, 'strerror', None) or e}") \
+            from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyStoreError(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}): chmod 600 it")
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            key = base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyStoreError(f"{path} line {number}: not base64") from None
+        if len(key) != 32:
+            raise KeyStoreError(f"{path} line {number}: a key must be 32 bytes (head -c 32 /dev/urandom | base64), "
+                            f"this one is {len(key)}")
+        keys.append(key)
+    if not keys:
+        raise KeyStoreError(f"{path} holds no key (one base64 line of 32 bytes: head -c 32 /dev/urandom | base64)")
+    return keys
+
+
+def _aad(generation: int) -> bytes:
+    return f"uptrakitd CA key, generation {generation}".encode()
+
+
+class FileKeys:
+    """CA keys as 0600 files in the data dir; the row names the file."""
+
+    def __init__(self, files: PkiFiles) -> None:
+        self.files = files
+
+    def save(self, generation: int, key: Any) -> tuple[str, str | None]:
+        """(key_file, key_sealed) for the new row: the key is on disk before the row names it."""
+        return self.files.write_ca_key(generation, key), None
+
+    def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
+        return self.files.load_ca_key(key_file)
+
+    def needs_resealing(self, key_sealed: str | None) -> bool:
+        return False
+
+
+class SealedKeys:
+    """CA keys sealed in the database row itself (no file), under the current KEK."""
+
+    def __init__(self, keks: list[bytes]) -> None:
+        self.keks = {kek_id(k): k for k in keks}
+        self.current = kek_id(keks[0])
+
+    def seal(self, generation: int, key: Any) -> str:
+        nonce = os.urandom(12)
+        sealed = AESGCM(self.keks[self.current]).encrypt(nonce, key_pem(key), _aad(generation))
+        return f"{SEALED_PREFIX}:{self.current}:{base64.b64encode(nonce + sealed).decode('ascii')}"
+
+    def save(self, generation: int, key: Any) -> tuple[str, str | None]:
+        return "", self.seal(generation, key)
+
+    def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
+        if not key_sealed:
+            raise KeyStoreError(f"CA generation {generation} has no sealed key in the database (its key is the file "
+                            f"{key_file!r} of the controller that made it)")
+        try:
+            version, wanted, blob = key_sealed.split(":", 2)
+            raw = base64.b64decode(blob, validate=True)
+        except (ValueError, binascii.Error):
+            raise KeyStoreError(f"the sealed key of CA generation {generation} is damaged") from None
+        if version != SEALED_PREFIX:
+            raise KeyStoreError(f"the sealed key of CA generation {generation} has an unknown format {version!r}")
+        kek = self.keks.get(wanted)
+        if kek is None:
+            raise KeyStoreError(f"CA generation {generation} is sealed with key-encryption key {wanted}, which is not in "
+                            f"--ca-key-encryption-key-file (it holds {', '.join(self.keks)})")
+        try:
+            pem = AESGCM(kek).decrypt(raw[:12], raw[12:], _aad(generation))
+        except Exception:
+            raise KeyStoreError(f"the sealed key of CA generation {generation} does not open with key-encryption key "
+                            f"{wanted}: damaged, or not this generation's") from None
+        return serialization.load_pem_private_key(pem, password=None)
+
+    def needs_resealing(self, key_sealed: str | None) -> bool:
+        return bool(key_sealed) and not str(key_sealed).startswith(f"{SEALED_PREFIX}:{self.current}:")
