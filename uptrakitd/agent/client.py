@@ -164,8 +164,9 @@ class ServiceAgent(Service):
             proto = self.proto
 
             def abort(*_: Any) -> None:   # no closing handshake within 5 s: drop it (and Autobahn's timers)
-                if proto.transport is not None:
-                    proto.transport.abortConnection()
+                abort_connection = getattr(proto.transport, "abortConnection", None)
+                if abort_connection is not None:
+                    abort_connection()
             return d.addTimeout(5, self.reactor, onTimeoutCancel=abort)
         return None
 
