@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import sqlite3
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .listen.preflight import CannotListen, check_bindable
 from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr,
                      same_public_key)
 from .pki.files import PkiFiles
+from .sdnotify import Notifier
 from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
 from .pki.state import CaState, insert_generation, insert_issued, load_records
@@ -97,7 +99,7 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
     try:
         if settings.database:
             database_lock = store_mod.postgresql.ControllerLock(settings.database)
-            database_lock.acquire()
+            database_lock.acquire(wait=settings.standby, waiting=_standby_status())
         booted = _boot(settings, now, reached, lock)
         booted.database_lock = database_lock
         return booted
@@ -111,6 +113,20 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
         if database_lock is not None:
             database_lock.release()
         raise
+
+
+def _standby_status() -> Any:
+    """How a waiting standby reports: a line on stderr when its status changes, and systemd's STATUS with
+    the start timeout extended (a standby may wait for days before READY=1)."""
+    notifier = Notifier(os.environ)
+    last: list[str] = []
+
+    def say(status: str) -> None:
+        if not last or last[-1] != status:
+            print(f"uptrakitd: {status}", file=sys.stderr, flush=True)
+            last.append(status)
+        notifier.send(f"STATUS={status}\nEXTEND_TIMEOUT_USEC=30000000")
+    return say
 
 
 def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDirLock) -> Booted:

@@ -22,7 +22,7 @@ def kek_file(testcase: TestCase, *keys: bytes) -> str:
     import base64
     import os
     from pathlib import Path
-    path = Path(testcase.mktemp())
+    path = Path(testcase.mktemp()).resolve()
     path.write_text("".join(base64.b64encode(k).decode() + "\n" for k in (keys or (os.urandom(32),))))
     path.chmod(0o600)
     return str(path)

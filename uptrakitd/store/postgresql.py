@@ -12,6 +12,7 @@ is one controller per database for now: the CA keys are still files in that cont
 from __future__ import annotations
 
 import re
+import time
 from importlib import resources
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -184,14 +185,40 @@ class ControllerLock:
         self.url = url
         self._conn: PgConnection | None = None
 
-    def acquire(self) -> None:
-        conn = connect(self.url)
-        row = conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()
-        if not row["locked"]:
+    def acquire(self, wait: bool = False, poll_seconds: float = 1.0,
+                waiting: Callable[[str], None] | None = None) -> None:
+        """Take the lock; without `wait`, StoreError when another controller holds it.
+
+        With `wait` (a standby): try again every `poll_seconds` (reconnecting when the database goes
+        away meanwhile) until the active controller stops or dies and PostgreSQL drops its lock.
+        `waiting(status)` is called on every try: start-up runs before twistd's logging, so it is how a
+        standby says what it does (stderr, and systemd's STATUS with a longer start timeout).
+        """
+        say = waiting or (lambda status: None)
+        told = False
+        while True:
+            try:
+                conn = connect(self.url)
+                row = conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()
+            except (StoreError, _psycopg().Error) as e:
+                if not wait:
+                    raise StoreError(str(e)) from None
+                say(f"standby: cannot reach {safe_url(self.url)} ({str(e).strip()}); trying again")
+                time.sleep(poll_seconds)
+                continue
+            if row["locked"]:
+                self._conn = conn
+                if told:
+                    say(f"standby: the active controller is gone; taking over {safe_url(self.url)}")
+                return
             conn.close()
-            raise StoreError(f"another controller is active on {safe_url(self.url)}: several active controllers "
-                             "on one database are not supported yet (start this one when that one has stopped)")
-        self._conn = conn
+            if not wait:
+                raise StoreError(f"another controller is active on {safe_url(self.url)}: several active controllers "
+                                 "on one database are not supported yet (start this one with --standby to take "
+                                 "over when that one stops)")
+            say(f"standby: another controller is active on {safe_url(self.url)}; waiting to take over")
+            told = True
+            time.sleep(poll_seconds)
 
     def release(self) -> None:
         if self._conn is not None:
