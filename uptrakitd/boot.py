@@ -98,6 +98,7 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
     database_lock = None
     try:
         if settings.database:
+            _ca_keys(settings, PkiFiles(data_dir))   # a bad KEK file fails now, not after a standby's wait
             database_lock = store_mod.postgresql.ControllerLock(settings.database)
             database_lock.acquire(wait=settings.standby, waiting=_standby_status())
         booted = _boot(settings, now, reached, lock)

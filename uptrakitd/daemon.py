@@ -43,7 +43,7 @@ from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .status_metrics import state_families
-from .store import PostgresStore, SqliteStore, make_store
+from .store import PostgresStore, SqliteStore, make_store, read_probe
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.identity import NetworkSettingsRoutes
@@ -97,7 +97,8 @@ class Daemon(OrderedServices):
 
 
 def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = None,
-                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None) -> Daemon:
+                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None,
+                 on_leadership_lost: Any = None) -> Daemon:
     """Wire every component for `booted` state on `reactor`; nothing runs until startService()."""
     settings = booted.settings
     d = Daemon()
@@ -105,7 +106,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     run_blocking = partial(in_thread, reactor)
     d.metrics = metrics = Metrics()
     d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
-    d.store = store = make_store(settings.data_dir, settings.database, reactor)
+    d.store = store = make_store(settings.data_dir, settings.database, reactor, booted.database_lock,
+                                 on_leadership_lost or _exit_for_a_standby_to_take_over)
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
     files = PkiFiles(settings.data_dir)
     state = booted.state
@@ -191,6 +193,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     Hooks("channel", stop=channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
     PeriodicJob("readiness check", 30, readiness.check, reactor).setServiceParent(d)
+    if settings.database:   # a write-free check of the database session (and so of the lock) every 2 s
+        PeriodicJob("database session check", 2, lambda: store.run(read_probe).addErrback(lambda f: None),
+                    reactor).setServiceParent(d)
     d.https = ListenerService(reactor, settings.https_listen,
                               guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS",
                               proxy_senders=lambda ip: is_trusted(ip, settings.proxy_protocol_senders),
@@ -209,6 +214,13 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     if systemd.watchdog_seconds:
         PeriodicJob("systemd watchdog", systemd.watchdog_seconds / 2, systemd.watchdog, reactor).setServiceParent(d)
     return d
+
+
+def _exit_for_a_standby_to_take_over() -> None:
+    """Another controller holds the database now: leave at once (exit 3: systemd restarts us, as a standby)."""
+    sys.stderr.write("uptrakitd: another controller took over the database; exiting\n")
+    sys.stderr.flush()
+    os._exit(3)
 
 
 def _warm(crls: CrlPublisher, rebuild: bool) -> None:

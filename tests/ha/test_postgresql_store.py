@@ -189,3 +189,47 @@ def _rows(url: str, sql: str) -> list:
         return list(conn.execute(sql))
     finally:
         conn.close()
+
+
+class LeadershipTests(TestCase):
+    """The active controller writes over the session that holds the lock; losing it means stopping."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_controller_cut_off_while_another_took_over_writes_nothing_and_stops(self):
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        cluster = PostgresCluster()
+        self.addCleanup(cluster.destroy)
+        url = cluster.new_database()
+        lost: list[bool] = []
+        c = yield start_controller(self, database=url, ca_key_encryption_key_file=kek_file(self),
+                                   on_leadership_lost=lambda: lost.append(True))
+        key = postgresql.CONTROLLER_LOCK & 0xFFFFFFFF   # pg_locks shows the low 32 bits as objid
+
+        def cut_off() -> None:   # what a database restart or a network cut does to the active session
+            rows = _rows(url, f"SELECT pg_terminate_backend(pid) AS done FROM pg_locks "
+                              f"WHERE locktype = 'advisory' AND objid = {key} AND granted")
+            assert [r["done"] for r in rows] == [True], rows
+
+        # cut off with nobody else around: it reconnects, takes the lock again, the write goes through
+        cut_off()
+        status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", {"name": "after a cut"})
+        self.assertIn(status, (201, 503), body)   # the write that meets the dead session may fail once
+        if status == 503:
+            status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", {"name": "after a cut"})
+        self.assertEqual(status, 201, body)
+        self.assertEqual(lost, [])
+        # cut off while a standby takes the lock: nothing is written, and the controller is told to stop
+        cut_off()
+        standby = postgresql.ControllerLock(url)
+        standby.acquire()
+        self.addCleanup(standby.release)
+        for _ in range(2):   # the first may meet the dead session, the next reconnects and finds the lock taken
+            status, body = yield request_json(c, "POST", "/api/v1/enrollment-tokens", {"name": "split brain"})
+            self.assertEqual((status, body["code"]), (503, "storage_unavailable"))
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(lost, [True])
+        names = [r["name"] for r in _rows(url, "SELECT name FROM enrollment_tokens")]
+        self.assertNotIn("split brain", names)

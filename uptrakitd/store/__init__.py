@@ -55,9 +55,12 @@ def open_database(data_dir: Path, url: str | None = None) -> Any:
     return database.open_and_migrate(sqlite_path(data_dir))
 
 
-def make_store(data_dir: Path, url: str | None, reactor: Any) -> SqliteStore | PostgresStore:
-    """The daemon's Store for the configured engine."""
-    return PostgresStore(url, reactor) if url else SqliteStore(sqlite_path(data_dir), reactor)
+def make_store(data_dir: Path, url: str | None, reactor: Any, lock: Any = None,
+               on_lost: Callable[[], None] | None = None) -> SqliteStore | PostgresStore:
+    """The daemon's Store for the configured engine (PostgreSQL: writing over the controller lock's session)."""
+    if url:
+        return PostgresStore(url, reactor, lock, on_lost)
+    return SqliteStore(sqlite_path(data_dir), reactor)
 
 
 class Store(Protocol):

@@ -220,6 +220,11 @@ class ControllerLock:
             told = True
             time.sleep(poll_seconds)
 
+    def take(self) -> PgConnection | None:
+        """Hand the lock's session over (to the store, which then holds the lock by writing over it)."""
+        conn, self._conn = self._conn, None
+        return conn
+
     def release(self) -> None:
         if self._conn is not None:
             try:
@@ -229,28 +234,57 @@ class ControllerLock:
             self._conn = None
 
 
-class PostgresStore:
-    """The Store over one PostgreSQL connection used from one thread; reconnects after a failure."""
+class LeadershipLost(StoreError):
+    """Another controller holds the database's lock: this one must stop writing (and stop)."""
 
-    def __init__(self, url: str, reactor: IReactorFromThreads) -> None:
+
+class PostgresStore:
+    """The Store over one PostgreSQL connection used from one thread; reconnects after a failure.
+
+    With a `lock` (the active controller's), the store writes over the very session that holds the
+    advisory lock, and takes the lock again on every reconnect: if another controller took it while
+    this one was cut off from the database, nothing is written and `on_lost()` is called (the daemon
+    stops; under systemd it comes back as a standby). Two controllers never write at once.
+    """
+
+    def __init__(self, url: str, reactor: IReactorFromThreads, lock: ControllerLock | None = None,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.url = url
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="uptrakitd-store")
-        self._conn: PgConnection | None = None
+        self._lock = lock
+        self._on_lost = on_lost
+        self._conn: PgConnection | None = lock.take() if lock is not None else None
         self._closed = False
+        self.lost = False
 
     def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
         """Run operation(conn, *args) in the store thread inside one transaction; fires with its result."""
-        if self._closed:
+        if self._closed or self.lost:
             return fail(StorageUnavailable("storage unavailable: the store is closed"))
         return deferToThreadPool(self._reactor, self._pool, self._in_thread, operation, args, kw)
+
+    def _connect(self) -> PgConnection:
+        conn = connect(self.url)
+        if self._lock is not None:
+            row = conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()
+            if not row["locked"]:
+                conn.close()
+                raise LeadershipLost("another controller took over the database while this one was cut off from it")
+        return conn
 
     def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
         psycopg = _psycopg()
         try:
             if self._conn is None:
-                self._conn = connect(self.url)
+                self._conn = self._connect()
             return transaction(self._conn, operation, *args, **kw)
+        except LeadershipLost as e:
+            self.lost = True
+            log.critical("{error}: stopping (nothing more is written)", error=str(e))
+            if self._on_lost is not None:
+                self._reactor.callFromThread(self._on_lost)
+            raise StorageUnavailable("storage unavailable: this controller is no longer the active one") from None
         except (psycopg.OperationalError, psycopg.InterfaceError, StoreError) as e:
             # the connection is gone or unusable: drop it, so the next operation reconnects
             if self._conn is not None:
