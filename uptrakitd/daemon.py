@@ -119,6 +119,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain, booted.keys)
+    ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor
     d.tls = tls = SwappableServerContext()
     d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
                                                     (booted.hostname, settings.san), run_blocking,

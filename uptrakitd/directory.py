@@ -17,7 +17,6 @@ from .enrollment import consume_enrollment_token
 from .errors import Conflict, Forbidden, NotFound
 from .events import EventBus, ServiceChanged
 from .pki.authority import CertificateAuthority
-from .pki.issue import load_csr
 from .runtime_settings import RuntimeSettings
 from .store import Store, certificates, services as stored
 from .tokens import new_token, token_hash
@@ -145,8 +144,7 @@ class ServiceDirectory:
         if valid >= MAX_VALID_CERTIFICATES:
             raise Conflict(f"service already holds {valid} valid certificates; connect with the newest one "
                            "(older ones are revoked then) before asking for another", "too_many_certificates")
-        csr = load_csr(csr_pem)
-        issued = yield self.ca.issue_for_service(csr, service.id, service.kind,
+        issued = yield self.ca.issue_for_service(csr_pem, service.id, service.kind,
                                                  self.runtime.lifetime_for(service.cert_lifetime_hours))
         if first:
             yield self.store.run(stored.update_fields, service.id, enrollment_secret_hash=None)

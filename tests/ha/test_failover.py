@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -53,7 +54,14 @@ class FailoverTests(TestCase):
                          "--https-listen", f"haproxy:tcp:{port}:interface=127.0.0.1",
                          "--proxy-protocol-sender", "127.0.0.1", "--database", url,
                          "--ca-key-encryption-key-file", kek, "--standby"], env=env(), cwd=str(work))
-        self.addCleanup(lambda: process.transport.signalProcess("KILL") if not process.ended.called else None)
+        def kill() -> Any:
+            if not process.ended.called:
+                try:
+                    process.transport.signalProcess("KILL")
+                except ProcessExitedAlready:
+                    pass
+            return process.ended
+        self.addCleanup(kill)
         process.data = data
         return process
 

@@ -10,6 +10,7 @@ import datetime
 from typing import Any, Callable, Iterable
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -19,11 +20,11 @@ from ..errors import BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
 from ..metrics import Metrics
 from ..store import Store, certificates
-from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca
+from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca, key_pem
 from .crl import REASONS
 from .keys import FileKeys
 from .files import PkiFiles
-from .issue import Issued, issue_client_certificate, issue_server_certificate
+from .issue import Issued, issue_client_certificate, issue_in_worker, issue_server_certificate, load_csr
 from .serials import format_serial, parse_serial
 from .state import CaState, CertRecord, insert_generation, insert_issued
 
@@ -38,6 +39,8 @@ class CertificateAuthority:
                  pki_addr: Callable[[], str | None], trust_domain: str, keys: Any = None) -> None:
         self.state = state
         self.keys = keys if keys is not None else FileKeys(files)   # where new CA keys are kept
+        self.worker: Callable[..., Deferred] | None = None          # submit(fn, *args) to the PKI worker process
+        self._materials: dict[int, tuple[CaGeneration, bytes, bytes]] = {}
         self.store = store
         self.bus = bus
         self.metrics = metrics
@@ -63,17 +66,37 @@ class CertificateAuthority:
     # -- issuing -------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def issue_for_service(self, csr: x509.CertificateSigningRequest, service_id: str, kind: str,
+    def issue_for_service(self, csr_pem: str | bytes, service_id: str, kind: str,
                           lifetime: datetime.timedelta) -> Any:
-        """Sign a checked CSR with the active CA and record it; fires with Issued."""
+        """Check a CSR and sign it with the active CA, then record it; fires with Issued.
+
+        With a worker (the daemon's PKI worker process), the CSR check and the signature run there, off
+        the reactor; a CsrRejected comes back as is. Without one (unit tests), they run here.
+        """
         ca = self.state.active()
-        issued = issue_client_certificate(ca, csr, service_id, kind, self.trust_domain, lifetime,
-                                          self.pki_addr(), self.now())
+        if self.worker is None or ca.key is None:
+            issued = issue_client_certificate(ca, load_csr(csr_pem), service_id, kind, self.trust_domain, lifetime,
+                                              self.pki_addr(), self.now())
+        else:
+            cert_der, key_pem_bytes = self._material(ca)
+            der = yield self.worker(issue_in_worker, cert_der, key_pem_bytes, ca.generation, ca.external, csr_pem,
+                                    service_id, kind, self.trust_domain, lifetime.total_seconds(), self.pki_addr(),
+                                    self.clock.seconds())
+            cert = x509.load_der_x509_certificate(der)
+            issued = Issued(cert, cert.serial_number, ca.generation)
         yield self._record(issued, service_id, "client")
         log.info("issued certificate {serial} to service {service_id} (CA G{generation}, until {not_after})",
                  serial=format_serial(issued.serial), service_id=service_id, generation=ca.generation,
                  not_after=issued.cert.not_valid_after_utc.isoformat())
         return issued
+
+    def _material(self, ca: CaGeneration) -> tuple[bytes, bytes]:
+        """The CA's certificate (DER) and key (PEM) for the worker, serialised once per generation."""
+        cached = self._materials.get(ca.generation)
+        if cached is None or cached[0] is not ca:
+            cached = (ca, ca.cert.public_bytes(Encoding.DER), key_pem(ca.key))
+            self._materials[ca.generation] = cached
+        return cached[1], cached[2]
 
     @inlineCallbacks
     def issue_server_certificate(self, hostname: str, sans: Iterable[str], ca: CaGeneration | None = None) -> Any:

@@ -9,6 +9,7 @@ import base64
 import datetime
 import hashlib
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, cast
@@ -115,6 +116,19 @@ def sign_crl_in_worker(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entr
     result = sign_crl(ca_cert_der, ca_key_pem, entries, number, now_ts, validity_seconds, fresh)
     _WORKER_CACHES[key] = fresh
     return result
+
+
+def _worker_init(parent: int) -> None:
+    """In the worker: leave when the daemon is gone (kill -9 included), instead of lingering with its
+    stdout and stderr open."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, name="uptrakitd-worker-parent-watch", daemon=True).start()
 
 
 def _ca_material(ca: CaGeneration) -> tuple[bytes, bytes]:
@@ -316,11 +330,16 @@ class CrlPublisher:
         self._scheduled = self.clock.callLater(self._retry_delay, self._scheduled_rebuild)
 
     def _sign(self, ca: CaGeneration, entries: list[Entry], number: int, now: datetime.datetime) -> Deferred:
+        return self.submit(sign_crl_in_worker, *_ca_material(ca), entries, number, now.timestamp(),
+                           int(self.validity.total_seconds()))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """fn(*args) in the PKI worker process (CRL signing, and the CA's certificate issuing); fires with
+        its result. One process, started on first use (again, if a rebuild still runs after stop())."""
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        future = self._executor.submit(sign_crl_in_worker, *_ca_material(ca), entries, number, now.timestamp(),
-                                       int(self.validity.total_seconds()))
-        return self.run_blocking(future.result)
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_worker_init, initargs=(os.getpid(),))
+        return self.run_blocking(self._executor.submit(fn, *args).result)
 
     @inlineCallbacks
     def warm(self) -> Any:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import uuid
 from dataclasses import dataclass
@@ -189,3 +190,28 @@ def renewal_window(lifetime: datetime.timedelta, override_hours: int | None = No
     if override_hours:
         return datetime.timedelta(hours=override_hours)
     return min(datetime.timedelta(days=14), lifetime / 5)
+
+
+_WORKER_CAS: dict[bytes, CaGeneration] = {}
+
+
+def issue_in_worker(ca_cert_der: bytes, ca_key_pem: bytes, generation: int, external: bool, csr_pem: str | bytes,
+                    service_id: str, kind: str, trust_domain: str, lifetime_seconds: float, pki_addr: str | None,
+                    now_ts: float) -> bytes:
+    """load_csr + issue_client_certificate in the PKI worker process (off the reactor); the certificate's DER.
+
+    The CA is parsed once per worker and generation. A CsrRejected raised here reaches the caller as is.
+    """
+    from cryptography.hazmat.primitives import serialization
+    digest = hashlib.sha256(ca_cert_der).digest()
+    ca = _WORKER_CAS.get(digest)
+    if ca is None:
+        if len(_WORKER_CAS) >= 4:
+            _WORKER_CAS.clear()
+        ca = CaGeneration(generation, x509.load_der_x509_certificate(ca_cert_der),
+                          serialization.load_pem_private_key(ca_key_pem, password=None), external)
+        _WORKER_CAS[digest] = ca
+    issued = issue_client_certificate(ca, load_csr(csr_pem), service_id, kind, trust_domain,
+                                      datetime.timedelta(seconds=lifetime_seconds), pki_addr,
+                                      datetime.datetime.fromtimestamp(now_ts, datetime.timezone.utc))
+    return issued.cert.public_bytes(serialization.Encoding.DER)
