@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from ..trust.identity import RequestContext
 from . import wire
+from .autobahn_debug import defer_debug_formatting
 from .timers import use_plain_timers
 
 log = Logger()
@@ -269,6 +270,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
         self.kind = kind
         self.hub = hub
         use_plain_timers(self, hub.clock)
+        defer_debug_formatting()
         self.next_context: RequestContext | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=wire.MAX_FRAME, maxMessagePayloadSize=wire.MAX_FRAME,
