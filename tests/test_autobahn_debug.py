@@ -13,7 +13,7 @@ class LazyFormattingTests(TestCase):
         defer_debug_formatting()
         settings = [("autoPingInterval", 30, "ServiceChannelFactory")]
         value = protocol.pformat(settings)
-        self.assertNotIsInstance(value, str, "nothing is formatted until the line is written")
+        self.assertFalse(isinstance(value, str), "nothing is formatted until the line is written")
         self.assertEqual(formatEvent({"log_format": "{attrs}", "attrs": value}),
                          "[('autoPingInterval', 30, 'ServiceChannelFactory')]")
         timings = protocol.Timings()
