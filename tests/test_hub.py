@@ -133,6 +133,24 @@ class HubTests(TestCase):
         self.assertEqual({(m["reason"], m["within_seconds"]) for m in asked}, {("ca_rotation", 3)})
         self.assertEqual(len(asked), 150)
 
+    def test_a_broadcast_serves_a_few_hundred_sockets_per_reactor_turn_in_order(self):
+        sockets = []
+        for _ in range(5):
+            service_id, serial = self.enrolled_with_certificate()
+            sockets.append(self.authenticated(service_id, serial))
+        count = self.hub.broadcast_in_turns([("a", {}), ("b", {})], sockets, per_turn=2)
+        self.assertEqual(count, 5)
+        # the first two now, the rest on later turns of the (fake) reactor
+        self.assertEqual([s.kinds()[1:] for s in sockets], [["a", "b"], ["a", "b"], [], [], []])
+        sockets[2].send("in_between")   # its next seq moves: the broadcast still numbers it right
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual([s.kinds()[1:] for s in sockets], [["a", "b"], ["a", "b"], ["in_between", "a", "b"],
+                                                             ["a", "b"], ["a", "b"]])
+        import json
+        seqs = [json.loads(p["payload"])["seq"] for kind, p in sockets[2].sent if kind == "prepared"]
+        self.assertEqual(seqs, [3, 4])   # service_settings 1, in_between 2
+
     def test_ten_unknown_messages_in_a_row_are_a_protocol_violation(self):
         sock = self.anonymous()
         for _ in range(9):
