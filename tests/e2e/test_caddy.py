@@ -7,7 +7,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from ..helpers import https_port, require_program, start_controller
-from .guides import Guide, caddy_main_config
+from .guides import Guide, caddy_main_config, guide_values
 from .harness import (PROXY_ADDR, RunningProxy, check_controller_side_revocation, check_proxy, free_port,
                       rotate_and_follow, write_pki_files)
 
@@ -24,9 +24,7 @@ class CaddyTests(TestCase):
         work = Path(self.mktemp()).resolve()
         files = write_pki_files(c, work / "etc-caddy" / "uptrakit")
         port = free_port()
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
-                  "PKI_PORT": 1, "CADDY_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
-                  "ENROLLMENT_TOKEN": "(unused)"}
+        values = guide_values("CADDY_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=1, CADDY_ADDR=PROXY_ADDR, PROXY_PORT=port)
         main, argv, env, _reload = caddy_main_config(caddy, work, work / "etc-caddy")
         guide = Guide("caddy", values, {"/etc/caddy": work / "etc-caddy"}, {}, work)
         (work / "etc-caddy" / "uptrakit.caddy").write_text(guide.block("snippet"))

@@ -10,7 +10,7 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
-from .guides import Guide
+from .guides import Guide, guide_values
 from .harness import (agent_identity, check_proxy, connected_with_generation, free_port, PROXY_ADDR,
                       refresh_pki_files, RunningProxy, status_with_cert, write_pki_files)
 
@@ -27,9 +27,7 @@ class EnvoyTests(TestCase):
         work = Path(self.mktemp()).resolve()
         files = write_pki_files(c, work / "etc-envoy" / "uptrakit")
         port = free_port()
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
-                  "PKI_PORT": 1, "ENVOY_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
-                  "ENROLLMENT_TOKEN": "(unused)"}
+        values = guide_values("ENVOY_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=1, ENVOY_ADDR=PROXY_ADDR, PROXY_PORT=port)
         guide = Guide("envoy", values, {"/etc/envoy": work / "etc-envoy"}, {}, work)
         conf = work / "etc-envoy" / "envoy.yaml"
         conf.write_text(guide.block("snippet"))

@@ -14,7 +14,7 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, start_controller, wait_until
-from .guides import Guide, haproxy_package_layout
+from .guides import Guide, guide_values, haproxy_package_layout
 from .harness import (agent_identity, check_proxy, CONFIGS, connected_with_generation, free_port, PROXY_ADDR,
                       refresh_pki_files, render, RunningProxy, status_with_cert, write_pki_files)
 
@@ -47,9 +47,7 @@ def start_haproxy(testcase, c):
     runtime = Path(tempfile.mkdtemp(prefix="upt-haproxy-"))  # unix socket paths are limited to ~100 bytes
     testcase.addCleanup(shutil.rmtree, runtime, True)
     port = free_port()
-    values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
-              "PKI_PORT": 1, "HAPROXY_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
-              "ENROLLMENT_TOKEN": "(unused)"}
+    values = guide_values("HAPROXY_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=1, HAPROXY_ADDR=PROXY_ADDR, PROXY_PORT=port)
     guide = Guide("haproxy", values, {"/etc/haproxy/uptrakit": work / "etc-haproxy-uptrakit"}, {}, work)
     conf = haproxy_package_layout(work, runtime, guide.block("snippet"))
     proxy = RunningProxy(testcase, "haproxy", [haproxy, "-db", "-f", str(conf)], port)

@@ -13,7 +13,7 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..helpers import ca_pem, https_port, request_json, require_program, wait_until
-from .guides import Guide, nginx_package_layout, nginx_snippet
+from .guides import Guide, guide_values, nginx_package_layout, nginx_snippet
 from .harness import (PROXY_ADDR, agent_identity, check_proxy, connected_with_generation, controller_for_nginx,
                       free_port, refresh_pki_files, RunningProxy, status_with_cert, write_pki_files)
 
@@ -32,9 +32,7 @@ def start_nginx(testcase, c, crl=False):
     prefix = work / "nginx"
     conf = nginx_package_layout(prefix)
     port = free_port()
-    values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
-              "PKI_PORT": urlsplit(c.runtime.network.pki_addr).port, "NGINX_ADDR": PROXY_ADDR,
-              "PROXY_HOST": "localhost", "PROXY_PORT": port, "ENROLLMENT_TOKEN": "(unused)"}
+    values = guide_values("NGINX_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=urlsplit(c.runtime.network.pki_addr).port, NGINX_ADDR=PROXY_ADDR, PROXY_PORT=port)
     guide = Guide("nginx", values, {"/etc/nginx/uptrakit": work / "etc-nginx-uptrakit"},
                   {"nginx": f'exec {nginx} -c {conf} "$@"'}, work)
     (prefix / "conf.d" / "uptrakit.conf").write_text(nginx_snippet(guide, crl))

@@ -10,7 +10,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ..helpers import https_port, require_program, start_controller
-from .guides import Guide
+from .guides import Guide, guide_values
 from .harness import (PROXY_ADDR, RunningProxy, check_controller_side_revocation, check_proxy, free_port,
                       rotate_and_follow, write_pki_files)
 
@@ -29,9 +29,7 @@ class TraefikTests(TestCase):
         files = write_pki_files(c, etc / "uptrakit")
         (etc / "dynamic").mkdir()
         port = free_port()
-        values = {"CONTROLLER_HOST": "127.0.0.1", "CONTROLLER_NAME": "localhost", "CONTROLLER_PORT": https_port(c),
-                  "PKI_PORT": 1, "TRAEFIK_ADDR": PROXY_ADDR, "PROXY_HOST": "localhost", "PROXY_PORT": port,
-                  "ENROLLMENT_TOKEN": "(unused)"}
+        values = guide_values("TRAEFIK_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=1, TRAEFIK_ADDR=PROXY_ADDR, PROXY_PORT=port)
         guide = Guide("traefik", values, {"/etc/traefik": etc}, {}, work)
         (etc / "traefik.yml").write_text(guide.block("static"))
         dynamic = etc / "dynamic" / "uptrakit.yml"

@@ -148,32 +148,37 @@ def write_probe(conn: sqlite3.Connection, now: int) -> None:
                  (now,))
 
 
-class SqliteStore:
-    """The Store over one SQLite connection used from one thread: writes never block the reactor."""
+def close_quietly(conn: Any) -> None:
+    """Close a connection that may already be broken."""
+    try:
+        conn.close()
+    except Exception:
+        pass
 
-    def __init__(self, path: Path, reactor: IReactorFromThreads) -> None:
-        self.path = Path(path)
+
+class OneThreadStore:
+    """A Store whose operations all run in one thread of its own, one transaction each (the engines'
+    common part: SqliteStore, postgresql.PostgresStore)."""
+
+    def __init__(self, reactor: IReactorFromThreads) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="uptrakitd-store")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Any = None
         self._closed = False
+
+    def refusing(self) -> str | None:
+        """Why no operation may run now (None: they may)."""
+        return "the store is closed" if self._closed else None
 
     def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
         """Run operation(conn, *args) in the store thread inside one transaction; fires with its result."""
-        if self._closed:
-            return fail(StorageUnavailable("storage unavailable: the store is closed"))
+        reason = self.refusing()
+        if reason is not None:
+            return fail(StorageUnavailable(f"storage unavailable: {reason}"))
         return deferToThreadPool(self._reactor, self._pool, self._in_thread, operation, args, kw)
 
     def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
-        try:
-            if self._conn is None:
-                self._conn = connect(self.path)
-            return transaction(self._conn, operation, *args, **kw)
-        except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError, StoreError) as e:
-            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-                raise  # a bug or a constraint: not the storage's fault
-            log.error("database write failed, answering 503: {error}", error=str(e))
-            raise StorageUnavailable(f"storage unavailable: {e}") from None
+        raise NotImplementedError
 
     def start(self) -> None:
         """Start the store thread."""
@@ -186,5 +191,24 @@ class SqliteStore:
         self._closed = True
         self._pool.stop()
         if self._conn is not None:
-            self._conn.close()
+            close_quietly(self._conn)
             self._conn = None
+
+
+class SqliteStore(OneThreadStore):
+    """The Store over one SQLite connection used from one thread: writes never block the reactor."""
+
+    def __init__(self, path: Path, reactor: IReactorFromThreads) -> None:
+        super().__init__(reactor)
+        self.path = Path(path)
+
+    def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
+        try:
+            if self._conn is None:
+                self._conn = connect(self.path)
+            return transaction(self._conn, operation, *args, **kw)
+        except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError, StoreError) as e:
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                raise  # a bug or a constraint: not the storage's fault
+            log.error("database write failed, answering 503: {error}", error=str(e))
+            raise StorageUnavailable(f"storage unavailable: {e}") from None

@@ -17,14 +17,11 @@ from importlib import resources
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from ..errors import StorageUnavailable
-from .database import StoreError
+from .database import OneThreadStore, StoreError, close_quietly
 
 log = Logger()
 _MIGRATION_NAME = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
@@ -227,10 +224,7 @@ class ControllerLock:
 
     def release(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
+            close_quietly(self._conn)
             self._conn = None
 
 
@@ -238,7 +232,7 @@ class LeadershipLost(StoreError):
     """Another controller holds the database's lock: this one must stop writing (and stop)."""
 
 
-class PostgresStore:
+class PostgresStore(OneThreadStore):
     """The Store over one PostgreSQL connection used from one thread; reconnects after a failure.
 
     With a `lock` (the active controller's), the store writes over the very session that holds the
@@ -249,20 +243,15 @@ class PostgresStore:
 
     def __init__(self, url: str, reactor: IReactorFromThreads, lock: ControllerLock | None = None,
                  on_lost: Callable[[], None] | None = None) -> None:
+        super().__init__(reactor)
         self.url = url
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="uptrakitd-store")
         self._lock = lock
         self._on_lost = on_lost
-        self._conn: PgConnection | None = lock.take() if lock is not None else None
-        self._closed = False
+        self._conn = lock.take() if lock is not None else None
         self.lost = False
 
-    def run(self, operation: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
-        """Run operation(conn, *args) in the store thread inside one transaction; fires with its result."""
-        if self._closed or self.lost:
-            return fail(StorageUnavailable("storage unavailable: the store is closed"))
-        return deferToThreadPool(self._reactor, self._pool, self._in_thread, operation, args, kw)
+    def refusing(self) -> str | None:
+        return "this controller is no longer the active one" if self.lost else super().refusing()
 
     def _connect(self) -> PgConnection:
         conn = connect(self.url)
@@ -288,22 +277,7 @@ class PostgresStore:
         except (psycopg.OperationalError, psycopg.InterfaceError, StoreError) as e:
             # the connection is gone or unusable: drop it, so the next operation reconnects
             if self._conn is not None:
-                try:
-                    self._conn.close()
-                except Exception:
-                    pass
+                close_quietly(self._conn)
                 self._conn = None
             log.error("database operation failed, answering 503: {error}", error=str(e).strip())
             raise StorageUnavailable("storage unavailable: the database cannot be reached") from None
-
-    def start(self) -> None:
-        self._pool.start()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._pool.stop()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
