@@ -22,7 +22,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ..channel import wire
-from ..channel.timers import use_plain_timers
+from ..channel.timers import cancel_autobahn_timers, use_plain_timers
 from .state import AgentState, new_key_and_csr
 
 log = Logger()
@@ -63,7 +63,10 @@ class AgentProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason: Any = None) -> None:
         if reason is not None:
             self.lost_reason = reason.getErrorMessage()
-        super().connectionLost(reason)
+        try:
+            super().connectionLost(reason)
+        finally:
+            cancel_autobahn_timers(self)
 
     def onOpen(self) -> None:
         self.was_open = True

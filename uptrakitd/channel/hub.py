@@ -91,6 +91,10 @@ class ChannelHub:
                 proto.close("server restarting", code=wire.GOING_AWAY)
         if waits:
             yield DeferredList(waits, consumeErrors=True)
+        for proto in list(self.sockets):   # peers that did not answer the close in time: cut them off
+            drop = getattr(proto, "dropConnection", None)
+            if drop is not None and getattr(proto, "transport", None) is not None:
+                drop(abort=True)
 
     def slow_consumer_dropped(self) -> None:
         """A socket was dropped because it stopped reading."""

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from ..trust.identity import RequestContext
 from . import wire
 from .autobahn_debug import defer_debug_formatting
-from .timers import use_plain_timers
+from .timers import cancel_autobahn_timers, use_plain_timers
 
 log = Logger()
 OUTBOUND_CAP = 1024 * 1024
@@ -202,6 +202,12 @@ class ServiceChannelProtocol(WebSocketServerProtocol, ChannelState):  # type: ig
         except Exception:
             log.failure("channel message handling failed for {service}", service=self.service_id)
             self.send("error", code="internal_error", message="the controller could not handle this message")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            cancel_autobahn_timers(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if getattr(self, "phase", None) is None:  # closed before onConnect

@@ -26,3 +26,18 @@ class PlainTimer:
 def use_plain_timers(factory: Any, clock: IReactorTime) -> None:
     """Give an Autobahn WebSocket factory plain (cancellable) timers instead of its batched ones."""
     factory._batched_timer = PlainTimer(clock)  # Autobahn reads only .call_later() of it
+
+
+_AUTOBAHN_TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall",
+                    "autoPingPendingCall", "autoPingTimeoutCall")
+
+
+def cancel_autobahn_timers(protocol: Any) -> None:
+    """After the connection is gone: Autobahn cancels its close-handshake timer only when the peer's close
+    frame arrives, so a peer that vanished leaves it pending (a stopped daemon then still has calls)."""
+    for name in _AUTOBAHN_TIMERS:
+        call = getattr(protocol, name, None)
+        if call is not None and getattr(call, "active", lambda: False)():
+            call.cancel()
+        if call is not None:
+            setattr(protocol, name, None)
