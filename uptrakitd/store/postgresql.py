@@ -183,8 +183,8 @@ class ControllerLock:
         self._conn: PgConnection | None = None
 
     def acquire(self, wait: bool = False, poll_seconds: float = 1.0,
-                waiting: Callable[[str], None] | None = None) -> None:
-        """Take the lock; without `wait`, StoreError when another controller holds it.
+                waiting: Callable[[str], None] | None = None, grace_seconds: float = 5.0) -> None:
+        """Take the lock; without `wait`, StoreError when another controller holds it after `grace_seconds`.
 
         With `wait` (a standby): try again every `poll_seconds` (reconnecting when the database goes
         away meanwhile) until the active controller stops or dies and PostgreSQL drops its lock.
@@ -192,6 +192,7 @@ class ControllerLock:
         standby says what it does (stderr, and systemd's STATUS with a longer start timeout).
         """
         say = waiting or (lambda status: None)
+        grace_until = time.monotonic() + grace_seconds
         told = False
         while True:
             try:
@@ -209,6 +210,11 @@ class ControllerLock:
                     say(f"standby: the active controller is gone; taking over {safe_url(self.url)}")
                 return
             conn.close()
+            # a controller that just stopped (a restart) may still hold it for a moment: PostgreSQL ends
+            # its session shortly after the connection closes
+            if not wait and time.monotonic() < grace_until:
+                time.sleep(0.2)
+                continue
             if not wait:
                 raise StoreError(f"another controller is active on {safe_url(self.url)}: several active controllers "
                                  "on one database are not supported yet (start this one with --standby to take "
@@ -253,13 +259,17 @@ class PostgresStore(OneThreadStore):
     def refusing(self) -> str | None:
         return "this controller is no longer the active one" if self.lost else super().refusing()
 
-    def _connect(self) -> PgConnection:
+    def _connect(self, grace_seconds: float = 5.0) -> PgConnection:
         conn = connect(self.url)
-        if self._lock is not None:
-            row = conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()
-            if not row["locked"]:
+        if self._lock is None:
+            return conn
+        # our own previous session may hold the lock a moment longer (PostgreSQL has not noticed it died)
+        until = time.monotonic() + grace_seconds
+        while not conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()["locked"]:
+            if time.monotonic() >= until:
                 conn.close()
                 raise LeadershipLost("another controller took over the database while this one was cut off from it")
+            time.sleep(0.2)
         return conn
 
     def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
