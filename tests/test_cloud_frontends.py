@@ -5,16 +5,15 @@ real controller. None of these services runs here: the formats come from the pag
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 from urllib.parse import quote
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from .helpers import blocking_get, blocking_tls_socket, ca_pem, https_port, new_leaf, request_json, start_controller
+from .e2e.harness import whoami
+from .helpers import ca_pem, https_port, new_leaf, request_json, start_controller
 
 FRONT_END = "127.0.0.3"   # the load balancer's address (a trusted proxy)
 OUTSIDER = "127.0.0.9"    # anyone else
@@ -66,12 +65,7 @@ VENDORS: dict[str, tuple[dict[str, Any], str, Any, str]] = {
 
 
 def _whoami(c: Any, source: str, headers: dict[str, str]) -> Any:
-    def go() -> Any:
-        with blocking_tls_socket(https_port(c), ca_pem(c), source=source) as s:
-            status, body = blocking_get(s, "/api/v1/whoami", headers)
-            assert status == 200, (status, body)
-            return json.loads(body)
-    return deferToThread(go)
+    return whoami(https_port(c), ca_pem(c), source, headers=headers)
 
 
 class CloudFrontEndTests(TestCase):

@@ -161,15 +161,17 @@ class DoctorTests(TestCase):
     def test_memory_is_bounded_and_headers_are_sampled(self):
         now = [1000.0]
         doctor = IdentityDoctor(lambda: now[0])
-        for i in range(MAX_PEERS + 50):
-            doctor.record(f"10.0.{i // 256}.{i % 256}", False, "ignored", ["x-ssl-client"])
-        self.assertEqual(len(doctor.peers), MAX_PEERS)
-        self.assertNotIn("10.0.0.0", doctor.peers, "the least recently seen peer goes first")
-        peer = f"10.0.{(MAX_PEERS + 49) // 256}.{(MAX_PEERS + 49) % 256}"
+        doctor.record("10.0.0.5", True, "accepted", ["configured"], forwarded_for=True)
+        for i in range(MAX_PEERS + 50):   # untrusted senders choose their addresses
+            doctor.record(f"10.1.{i // 256}.{i % 256}", False, "ignored", ["x-ssl-client"])
+        self.assertEqual(len(doctor.peers), MAX_PEERS + 1)
+        self.assertNotIn("10.1.0.0", doctor.peers, "the least recently seen untrusted sender goes first")
+        self.assertIn("10.0.0.5", doctor.peers, "untrusted senders never push out a trusted proxy")
+        peer = f"10.1.{(MAX_PEERS + 49) // 256}.{(MAX_PEERS + 49) % 256}"
         self.assertFalse(doctor.wants_sample(peer))
         now[0] += 1.0
         self.assertTrue(doctor.wants_sample(peer))
-        self.assertEqual(len(doctor.report("X-Forwarded-For", {})["peers"]), MAX_PEERS)
+        self.assertEqual(len(doctor.report("X-Forwarded-For", {})["peers"]), MAX_PEERS + 1)
 
 
 class CertificateListTests(TestCase):

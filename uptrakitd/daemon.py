@@ -47,7 +47,7 @@ from .store import PostgresStore, SqliteStore, make_store, read_probe
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.identity import NetworkSettingsRoutes
-from .web.api.overview import OverviewRoutes
+from .web.api.overview import DiagnosticsRoutes, OverviewRoutes, RotationProgress, SessionRoutes
 from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
 from .web.api.services import ServiceRoutes
 from .web.api.status import StatusRoutes, healthz
@@ -156,12 +156,14 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     bus.subscribe(CertificateRevoked, resolver.verified.on_revoked)
     bus.subscribe(CaRotated, resolver.verified.on_ca_rotated)
     pki_routes = PkiRoutes(ca, crls, ocsp).routes()
+    rotation = RotationProgress(ca, directory, channel)
     https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
                     + ServiceRoutes(directory, channel, ca).routes()
                     + TokenRoutes(enrollment_tokens, admin_tokens).routes()
-                    + OverviewRoutes(ca, crls, runtime, directory, channel, server_cert, resolver.doctor,
-                                     admin_tokens).routes()
+                    + OverviewRoutes(ca, crls, runtime, directory, channel, server_cert, rotation).routes()
+                    + rotation.routes() + DiagnosticsRoutes(resolver.doctor, runtime).routes()
+                    + SessionRoutes(admin_tokens).routes()
                     + UiRoutes().routes() + pki_routes)
     https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
                                        channel.resources, resolver, admin_tokens.check,

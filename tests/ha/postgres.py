@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
@@ -77,3 +78,12 @@ class PostgresCluster:
         except AssertionError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kek_file(testcase: Any, *keys: bytes) -> str:
+    """A key-encryption key file (0600) holding `keys` (fresh random ones when none given)."""
+    import base64
+    path = Path(testcase.mktemp()).resolve()
+    path.write_text("".join(base64.b64encode(k).decode() + "\n" for k in (keys or (os.urandom(32),))))
+    path.chmod(0o600)
+    return str(path)

@@ -21,8 +21,7 @@ from uptrakitd.agent.client import ServiceAgent
 from ..channel_helpers import next_event
 from ..e2e.harness import CONFIGS, RunningProxy, render
 from ..helpers import env, free_port, require_program, spawn
-from .postgres import PostgresCluster
-from .test_postgresql_store import kek_file
+from .postgres import PostgresCluster, kek_file
 
 
 def _get(port: int, path: str, token: str | None = None, body: Any = None, method: str = "GET") -> tuple[int, Any]:

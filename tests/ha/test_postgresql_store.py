@@ -14,18 +14,7 @@ from uptrakitd.pki.serials import format_serial
 from uptrakitd.store import database, postgresql
 
 from ..helpers import enrolled_service, new_leaf, request_json, start_controller
-from .postgres import PostgresCluster
-
-
-def kek_file(testcase: TestCase, *keys: bytes) -> str:
-    """A key-encryption key file (0600) holding `keys` (fresh random ones when none given)."""
-    import base64
-    import os
-    from pathlib import Path
-    path = Path(testcase.mktemp()).resolve()
-    path.write_text("".join(base64.b64encode(k).decode() + "\n" for k in (keys or (os.urandom(32),))))
-    path.chmod(0o600)
-    return str(path)
+from .postgres import PostgresCluster, kek_file
 
 
 class PostgresqlStoreTests(TestCase):

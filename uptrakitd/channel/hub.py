@@ -7,7 +7,6 @@ revocations, rotations and service changes from the event bus.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -291,13 +290,11 @@ class ChannelHub:
                     if not proto.send_prepared(frame):
                         break
 
-        def turn(start: int, call: Any = None) -> None:
-            self._turns.discard(call)
+        def turn(start: int) -> None:
+            self._turns = {call for call in self._turns if call.active()}
             send(todo[start:start + per_turn])
             if start + per_turn < len(todo) and not self._stopping:
-                holder: list[Any] = []
-                holder.append(self.clock.callLater(0, lambda: turn(start + per_turn, holder[0])))
-                self._turns.add(holder[0])
+                self._turns.add(self.clock.callLater(0, turn, start + per_turn))
         turn(0)
         return len(todo)
 

@@ -33,10 +33,10 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA busy_timeout=5000")
 
 
-def migrations() -> list[Migration]:
-    """All schema files as (version, name, sql), in order."""
+def migrations(folder: str = "schema") -> list[Migration]:
+    """All schema files of `folder` (`schema`: SQLite, `schema_postgresql`) as (version, name, sql), in order."""
     found = []
-    for entry in resources.files("uptrakitd.store").joinpath("schema").iterdir():
+    for entry in resources.files("uptrakitd.store").joinpath(folder).iterdir():
         m = _MIGRATION_NAME.match(entry.name)
         if m:
             found.append((int(m.group(1)), entry.name, entry.read_text("utf-8")))

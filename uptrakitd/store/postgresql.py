@@ -11,9 +11,7 @@ is one controller per database for now: the CA keys are still files in that cont
 """
 from __future__ import annotations
 
-import re
 import time
-from importlib import resources
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -21,10 +19,10 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from ..errors import StorageUnavailable
+from . import database
 from .database import OneThreadStore, StoreError, close_quietly
 
 log = Logger()
-_MIGRATION_NAME = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
 MIGRATION_LOCK = 0x7570_7472_616B_6974 & 0x7FFF_FFFF_FFFF_FFFF   # "uptrakit": pg_advisory_lock's bigint key
 CONTROLLER_LOCK = MIGRATION_LOCK - 1                               # held by the active controller
 
@@ -96,12 +94,7 @@ def connect(url: str) -> PgConnection:
 
 def migrations() -> list[tuple[int, str, str]]:
     """The PostgreSQL schema files as (version, name, sql), in order."""
-    found = []
-    for entry in resources.files("uptrakitd.store").joinpath("schema_postgresql").iterdir():
-        m = _MIGRATION_NAME.match(entry.name)
-        if m:
-            found.append((int(m.group(1)), entry.name, entry.read_text("utf-8")))
-    return sorted(found)
+    return database.migrations("schema_postgresql")
 
 
 def _statements(sql: str) -> Iterator[str]:

@@ -6,8 +6,9 @@ were decided and the last rejection reason (our own short text, never header con
 recorded when they are trusted proxies, or when an untrusted peer sends identity headers (the
 mistake the doctor exists to find); plain browsers and direct mTLS clients are not recorded.
 
-Memory is bounded: at most MAX_PEERS peers (least recently seen dropped first), each a few hundred
-bytes. Cost per request is a dict lookup and a few counters; the request's header names are scanned
+Memory is bounded: at most MAX_PEERS trusted proxies and MAX_PEERS untrusted senders, kept apart (least
+recently seen dropped first), each a few hundred bytes; untrusted clients, who choose their addresses,
+can only push out each other, never a trusted proxy's record. Cost per request is a dict lookup and a few counters; the request's header names are scanned
 at most once per SAMPLE_SECONDS per peer.
 """
 from __future__ import annotations
@@ -46,25 +47,31 @@ class IdentityDoctor:
     def __init__(self, clock: Callable[[], float], max_peers: int = MAX_PEERS) -> None:
         self.clock = clock
         self.max_peers = max_peers
-        self.peers: OrderedDict[str, PeerRecord] = OrderedDict()
+        self._kept: dict[bool, OrderedDict[str, PeerRecord]] = {True: OrderedDict(), False: OrderedDict()}
+
+    @property
+    def peers(self) -> dict[str, PeerRecord]:
+        """Every record, untrusted senders first, each group least recently seen first."""
+        return {**self._kept[False], **self._kept[True]}
 
     def wants_sample(self, peer: str) -> bool:
         """True when this request's header names should be scanned for `peer` (new, or not recently)."""
-        record = self.peers.get(peer)
+        record = self._kept[True].get(peer) or self._kept[False].get(peer)
         return record is None or self.clock() - record.sampled_at >= SAMPLE_SECONDS
 
     def record(self, peer: str, trusted: bool, decision: str, families: Iterable[str] | None,
                forwarded_for: bool | None = None, reason: str | None = None, source: str | None = None) -> None:
         """One request's decision; `families` None when this request was not sampled."""
         now = self.clock()
-        record = self.peers.get(peer)
-        if record is None or record.trusted != trusted:
-            record = PeerRecord(peer, trusted, now)
-            self.peers[peer] = record
-            while len(self.peers) > self.max_peers:
-                self.peers.popitem(last=False)
+        kept = self._kept[trusted]
+        self._kept[not trusted].pop(peer, None)   # its trust changed (network settings)
+        record = kept.get(peer)
+        if record is None:
+            record = kept[peer] = PeerRecord(peer, trusted, now)
+            while len(kept) > self.max_peers:
+                kept.popitem(last=False)
         else:
-            self.peers.move_to_end(peer)
+            kept.move_to_end(peer)
         record.count += 1
         record.last_seen = now
         record.decisions[decision] = record.decisions.get(decision, 0) + 1
@@ -85,7 +92,7 @@ class IdentityDoctor:
     def report(self, real_ip_header: str, configured: dict[str, str | None]) -> dict[str, Any]:
         """The API's JSON: every recorded peer, most recent first, each with its advice."""
         peers = []
-        for record in reversed(self.peers.values()):
+        for record in sorted(self.peers.values(), key=lambda r: r.last_seen, reverse=True):
             peers.append({"peer": record.peer, "trusted": record.trusted, "count": record.count,
                           "first_seen": record.first_seen, "last_seen": record.last_seen,
                           "decisions": dict(record.decisions), "header_families": sorted(record.families),
@@ -93,7 +100,7 @@ class IdentityDoctor:
                           "forwarded_for_present": record.forwarded_for, "last_rejection": record.last_reason,
                           "last_identity_source": record.last_source,
                           "advice": advice(record, real_ip_header, configured)})
-        return {"peers": peers, "max_peers": self.max_peers}
+        return {"peers": peers, "max_peers": self.max_peers * 2}
 
 
 def advice(record: PeerRecord, real_ip_header: str, configured: dict[str, str | None]) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""What the operator opens first: the overview with its banners, rotation progress, the proxy doctor, the session."""
+"""What the operator opens first: the overview with its banners, rotation progress, the proxy doctor, the session
+(four small route classes, each with the components it reads)."""
 from __future__ import annotations
 
 import datetime
@@ -23,9 +24,10 @@ DAY = 86400
 
 
 class Connections(Protocol):
-    """The channel hub as the overview sees it."""
+    """The channel hub as the overview and the rotation progress see it."""
 
     connected: dict[str, Any]
+    last_rotation: dict[str, Any] | None   # generation, at, notified (ChannelHub.on_ca_rotated)
 
     def is_connected(self, service_id: str) -> bool: ...
 
@@ -38,28 +40,60 @@ def _name(s: Any) -> str:
     return str(s.friendly_name or s.hostname or s.id)
 
 
+class RotationProgress:
+    """`GET /api/v1/rotation`: approved services by the generation of their current certificate (the
+    truth in the records, not a log of pushes, so it is right after a restart too)."""
+
+    def __init__(self, ca: CertificateAuthority, directory: ServiceDirectory, connections: Connections) -> None:
+        self.ca = ca
+        self.directory = directory
+        self.connections = connections
+
+    def routes(self) -> list[Route]:
+        return [route("GET", r"/api/v1/rotation", lambda request: self.progress(self.ca.clock.seconds()),
+                      admin=True)]
+
+    def progress(self, now_ts: float) -> dict[str, Any]:
+        state = self.ca.state
+        active = state.active().generation
+        last = self.connections.last_rotation
+        renewed, old, without = [], [], []
+        for s in self.directory:
+            if s.status != "approved":
+                continue
+            cert = state.current_for(s.id, now_ts)
+            item = {"id": s.id, "name": _name(s), "connected": self.connections.is_connected(s.id),
+                    "ca_generation": cert.ca_generation if cert else None}
+            if cert is None:
+                without.append(item)
+            elif cert.ca_generation == active:
+                renewed.append(item)
+            else:
+                old.append(item)
+        this_one = last is not None and last["generation"] == active
+        return {"generation": active, "rotating": self.ca.rotating,
+                "rotated_at": iso(last["at"]) if last and this_one else None,
+                "notified": last["notified"] if last and this_one else None,
+                "renewed": renewed, "on_old_generation": old, "without_certificate": without,
+                "complete": not old and not self.ca.rotating}
+
+
 class OverviewRoutes:
-    """GET overview, rotation, diagnostics/identity and session (all admin routes; `read` may use them)."""
+    """`GET /api/v1/overview`: what the operator opens first, with its banners."""
 
     def __init__(self, ca: CertificateAuthority, crls: CrlPublisher, runtime: RuntimeSettings,
                  directory: ServiceDirectory, connections: Connections, server_cert: ServerCert,
-                 doctor: IdentityDoctor, admin_tokens: AdminTokenRegistry) -> None:
+                 rotation: RotationProgress) -> None:
         self.ca = ca
         self.crls = crls
         self.runtime = runtime
         self.directory = directory
         self.connections = connections
         self.server_cert = server_cert
-        self.doctor = doctor
-        self.admin_tokens = admin_tokens
+        self.rotation = rotation
 
     def routes(self) -> list[Route]:
-        return [route("GET", r"/api/v1/overview", self.overview, admin=True),
-                route("GET", r"/api/v1/rotation", self.rotation, admin=True),
-                route("GET", r"/api/v1/diagnostics/identity", self.diagnostics, admin=True),
-                route("GET", r"/api/v1/session", self.session, admin=True)]
-
-    # -- overview ------------------------------------------------------------------------------
+        return [route("GET", r"/api/v1/overview", self.overview, admin=True)]
 
     def overview(self, request: Any) -> Any:
         now = self.ca.now()
@@ -110,7 +144,7 @@ class OverviewRoutes:
             banners.append({"code": "trusts_everything", "severity": "error",
                             "text": "trusted_proxies contains 0.0.0.0/0 or ::/0: ANY client can claim any identity "
                                     "through forwarded headers. Trust only your proxies' addresses (Network page)."})
-        progress = self._progress(now.timestamp())
+        progress = self.rotation.progress(now.timestamp())
         if not progress["complete"]:
             banners.append({"code": "rotation_in_progress", "severity": "info",
                             "text": f"CA rotation to generation {progress['generation']}: "
@@ -132,36 +166,17 @@ class OverviewRoutes:
                              "generation": progress["generation"]},
                 "banners": banners}
 
-    # -- rotation progress ---------------------------------------------------------------------
 
-    def rotation(self, request: Any) -> dict[str, Any]:
-        return self._progress(self.ca.clock.seconds())
 
-    def _progress(self, now_ts: float) -> dict[str, Any]:
-        """Approved services by the generation of their current certificate (the truth, not a log of pushes)."""
-        state = self.ca.state
-        active = state.active().generation
-        last = getattr(self.connections, "last_rotation", None)
-        renewed, old, without = [], [], []
-        for s in self.directory:
-            if s.status != "approved":
-                continue
-            cert = state.current_for(s.id, now_ts)
-            item = {"id": s.id, "name": _name(s), "connected": self.connections.is_connected(s.id),
-                    "ca_generation": cert.ca_generation if cert else None}
-            if cert is None:
-                without.append(item)
-            elif cert.ca_generation == active:
-                renewed.append(item)
-            else:
-                old.append(item)
-        return {"generation": active, "rotating": self.ca.rotating,
-                "rotated_at": iso(last["at"]) if last and last["generation"] == active else None,
-                "notified": last["notified"] if last and last["generation"] == active else None,
-                "renewed": renewed, "on_old_generation": old, "without_certificate": without,
-                "complete": not old and not self.ca.rotating}
+class DiagnosticsRoutes:
+    """`GET /api/v1/diagnostics/identity`: the proxy doctor's record and advice."""
 
-    # -- proxy doctor and session --------------------------------------------------------------
+    def __init__(self, doctor: IdentityDoctor, runtime: RuntimeSettings) -> None:
+        self.doctor = doctor
+        self.runtime = runtime
+
+    def routes(self) -> list[Route]:
+        return [route("GET", r"/api/v1/diagnostics/identity", self.diagnostics, admin=True)]
 
     def diagnostics(self, request: Any) -> dict[str, Any]:
         net = self.runtime.network
@@ -175,6 +190,16 @@ class OverviewRoutes:
         report["real_ip_header"] = net.real_ip_header
         report["configured_headers"] = configured
         return report
+
+
+class SessionRoutes:
+    """`GET /api/v1/session`: who the presented admin token is (name, role), for the UI's header."""
+
+    def __init__(self, admin_tokens: AdminTokenRegistry) -> None:
+        self.admin_tokens = admin_tokens
+
+    def routes(self) -> list[Route]:
+        return [route("GET", r"/api/v1/session", self.session, admin=True)]
 
     @inlineCallbacks
     def session(self, request: Any) -> Any:
