@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: a real `twistd -n uptrakit` subprocess, its CPU time, TLS clients."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -91,20 +92,25 @@ def enrolled_certificate(daemon: Daemon, path: str) -> str:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    from websockets.sync.client import connect
+    from websockets.asyncio.client import connect
     status, token = daemon.request("POST", "/api/v1/enrollment-tokens",
                                    {"name": "bench", "auto_approve": True, "max_uses": None}, daemon.token)
     ctx = ssl.create_default_context(cafile=daemon.ca)
-    with connect(f"wss://localhost:{daemon.port}/api/v1/ws/agent", ssl=ctx) as ws:
-        ws.send(json.dumps({"protocol_version": 1, "seq": 1, "type": "enroll", "hostname": "bench",
-                            "enrollment_token": token["token"]}))
-        service_id = json.loads(ws.recv(timeout=10))["service_id"]
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service_id)])).sign(key, hashes.SHA256()))
-        ws.send(json.dumps({"protocol_version": 1, "seq": 2, "type": "request_certificate",
-                            "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode()}))
-        cert_pem = json.loads(ws.recv(timeout=10))["cert_pem"]
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    # the asyncio client, not websockets.sync: see tests/channel_helpers.BlockingWebSocket for why
+    async def enroll() -> str:
+        async with connect(f"wss://localhost:{daemon.port}/api/v1/ws/agent", ssl=ctx) as ws:
+            await ws.send(json.dumps({"protocol_version": 1, "seq": 1, "type": "enroll", "hostname": "bench",
+                                      "enrollment_token": token["token"]}))
+            service_id = json.loads(await asyncio.wait_for(ws.recv(), 10))["service_id"]
+            csr = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service_id)]))
+                   .sign(key, hashes.SHA256()))
+            await ws.send(json.dumps({"protocol_version": 1, "seq": 2, "type": "request_certificate",
+                                      "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode()}))
+            return str(json.loads(await asyncio.wait_for(ws.recv(), 10))["cert_pem"])
+    cert_pem = asyncio.run(enroll())
     Path(path).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()) + cert_pem.encode())
     return cert_pem

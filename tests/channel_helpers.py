@@ -1,10 +1,12 @@
 """Helpers for channel tests: tokens, reference agents, an independent `websockets` client."""
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import tempfile
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -77,11 +79,77 @@ def ws_ssl(c: Any, cert_pem: bytes | None = None, key_pem: bytes | None = None) 
     return ctx
 
 
+class BlockingWebSocket:
+    """The `websockets` asyncio client behind blocking calls, for tests that script a session in a thread.
+
+    Not `websockets.sync`: its reader thread sits in a blocking SSL_read while the caller's thread writes
+    on the same OpenSSL connection, and when a TLS 1.3 server's session tickets arrive just after the
+    handshake (ours and nginx's do) the request written meanwhile is sometimes lost: the handshake then
+    times out after 10 s (seen in about one connection in 100 on a loaded machine, with strace: the
+    client never wrote the request). The asyncio client drives TLS through a memory BIO on one thread.
+    """
+
+    def __init__(self, url: str, **kw: Any) -> None:
+        from websockets.asyncio.client import connect
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="websocket-client", daemon=True)
+        self.thread.start()
+        async def opened() -> Any:
+            return await connect(url, **kw)
+        try:
+            self.ws = self._run(opened())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def send(self, message: str | bytes | Iterable[str]) -> None:
+        self._run(self.ws.send(message))
+
+    def recv(self, timeout: float | None = None) -> str | bytes:
+        """The next message; TimeoutError after `timeout` seconds, ConnectionClosed once closed."""
+        async def receive() -> Any:
+            return await asyncio.wait_for(self.ws.recv(), timeout)
+        try:
+            return self._run(receive())
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no message in {timeout} s") from None
+
+    def ping(self, data: str | bytes | None = None) -> None:
+        self._run(self.ws.ping(data))
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self._run(self.ws.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> "BlockingWebSocket":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def ws_connect(url: str, **kw: Any) -> BlockingWebSocket:
+    """Open a WebSocket with the independent `websockets` client (see BlockingWebSocket)."""
+    return BlockingWebSocket(url, **kw)
+
+
 def frame(kind: str, seq: int, **payload: Any) -> str:
     return json.dumps({"protocol_version": 1, "seq": seq, "type": kind, **payload})
 
 
-def until_closed(ws: Any, timeout: float = 10) -> tuple[list[dict[str, Any]], int | None, str | None]:
+def until_closed(ws: BlockingWebSocket, timeout: float = 10) -> tuple[list[dict[str, Any]], int | None, str | None]:
     """Read a `websockets` sync connection until the server closes it: (messages, close code, reason)."""
     from websockets.exceptions import ConnectionClosed
     messages = []

@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.pki.serials import format_serial
 
 from .channel_helpers import (agent_identity, connected_agent, enrollment_token, frame, next_event, service_json,
-                              start_agent, until_closed, ws_ssl)
+                              start_agent, until_closed, ws_connect, ws_ssl)
 from .helpers import https_port, make_csr, request_json, start_controller
 
 
@@ -93,13 +93,12 @@ class IndependentClientTests(TestCase):
 
     @inlineCallbacks
     def test_websockets_client_full_flow_and_garbage(self):
-        from websockets.sync.client import connect
         c = yield start_controller(self)
         token = yield enrollment_token(c)
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
 
         def enroll_and_certify():
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
                 ws.send(frame("enroll", 1, hostname="ws-host", enrollment_token=token, capabilities=["x"]))
                 enrolled = json.loads(ws.recv(timeout=10))
                 csr, key = make_csr(enrolled["service_id"])
@@ -112,7 +111,7 @@ class IndependentClientTests(TestCase):
         x509.load_pem_x509_certificate(cert["cert_pem"].encode())
 
         def authenticated_session():
-            with connect(url, ssl=ws_ssl(c, cert["cert_pem"].encode(), key)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c, cert["cert_pem"].encode(), key)) as ws:
                 settings = json.loads(ws.recv(timeout=10))
                 ws.send(frame("ping", 1, service_ts=123))
                 pong = json.loads(ws.recv(timeout=10))
@@ -131,7 +130,7 @@ class IndependentClientTests(TestCase):
         self.assertIsNotNone(body["last_seen_at"])
         # the enrollment secret was invalidated by the certificate
         def reuse_secret():
-            with connect(url, ssl=ws_ssl(c),
+            with ws_connect(url, ssl=ws_ssl(c),
                          additional_headers={"Authorization": f"Bearer {enrolled['enrollment_secret']}"}) as ws:
                 return until_closed(ws)[1:]
         code, reason = yield deferToThread(reuse_secret)
@@ -139,7 +138,6 @@ class IndependentClientTests(TestCase):
 
     @inlineCallbacks
     def test_bad_envelopes_are_errors_then_close(self):
-        from websockets.sync.client import connect
         c = yield start_controller(self)
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
         cases = [(frame("enroll", 2), "bad_seq"), (json.dumps({"protocol_version": 2, "seq": 1, "type": "x"}),
@@ -149,7 +147,7 @@ class IndependentClientTests(TestCase):
                  (frame("enroll", 1, hostname="\ud800", enrollment_token="t"), "invalid_json")]
 
         def attempt(payload):
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
                 ws.send(payload)
                 messages, code, reason = until_closed(ws)
                 return messages[0]["code"], code, reason
@@ -158,7 +156,7 @@ class IndependentClientTests(TestCase):
             self.assertEqual(got, (code, 1008, "protocol error"), payload)
 
         def ten_unknown():
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
                 for seq in range(1, 11):
                     ws.send(frame("mystery", seq))
                 messages, _, reason = until_closed(ws)
@@ -169,7 +167,6 @@ class IndependentClientTests(TestCase):
     @inlineCallbacks
     def test_rate_limit_and_enrollment_timeout(self):
         from websockets.exceptions import ConnectionClosed
-        from websockets.sync.client import connect
         c = yield start_controller(self)
         c.channel.enroll_timeout = 0.5
         agent = yield connected_agent(self, c, backoff=(30, 60))
@@ -178,7 +175,7 @@ class IndependentClientTests(TestCase):
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
 
         def flood():
-            with connect(url, ssl=ws_ssl(c, cert, key)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c, cert, key)) as ws:
                 try:
                     for seq in range(1, 400):  # valid pings, far faster than 50/s
                         ws.send(frame("ping", seq, service_ts=seq))
@@ -188,7 +185,7 @@ class IndependentClientTests(TestCase):
                 return sum(m["type"] == "pong" for m in messages), code, reason
 
         def idle():
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
                 return until_closed(ws)[2]
         pongs, code, reason = yield deferToThread(flood)
         self.assertEqual((code, reason), (1008, "rate limit exceeded"))
@@ -205,12 +202,11 @@ class FrameFloodTests(TestCase):
 
     @inlineCallbacks
     def test_one_byte_fragments_and_ping_floods_are_closed_for_rate(self):
-        from websockets.sync.client import connect
         c = yield start_controller(self)
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
 
         def fragments():
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
                 try:
                     ws.send(iter(["x"] * 5000))   # one message, 5,000 one-byte frames
                 except Exception:
@@ -218,7 +214,7 @@ class FrameFloodTests(TestCase):
                 return until_closed(ws)[1:]
 
         def pings():
-            with connect(url, ssl=ws_ssl(c)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
                 try:
                     for i in range(5000):
                         ws.ping(str(i))

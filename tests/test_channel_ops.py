@@ -15,7 +15,7 @@ from uptrakitd.channel.protocol import OUTBOUND_CAP, buffered_bytes
 from uptrakitd.pki.serials import format_serial
 
 from .channel_helpers import (agent_identity, connected_agent, enrollment_token, frame, next_event, service_json,
-                              start_agent, until_closed, ws_ssl)
+                              start_agent, until_closed, ws_connect, ws_ssl)
 from .helpers import https_port, make_csr, request_json, start_controller, wait_until
 
 
@@ -100,14 +100,13 @@ class LifecycleTests(TestCase):
 
     @inlineCallbacks
     def test_new_connection_supersedes_and_shutdown_says_restarting(self):
-        from websockets.sync.client import connect
         c = yield start_controller(self)
         # a long backoff: once superseded, the agent must not come back and supersede the test's client
         agent = yield connected_agent(self, c, backoff=(30, 60))
         cert, key = agent_identity(agent)
         superseded = next_event(agent, "disconnected")
         url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
-        ws = yield deferToThread(connect, url, ssl=ws_ssl(c, cert, key))
+        ws = yield deferToThread(ws_connect, url, ssl=ws_ssl(c, cert, key))
         self.addCleanup(ws.close)
         first = yield deferToThread(ws.recv, 10)
         self.assertEqual(json.loads(first)["type"], "service_settings")
@@ -242,7 +241,6 @@ class LostRenewalTests(TestCase):
 
     @inlineCallbacks
     def test_old_certificate_stays_valid_until_the_new_one_is_used(self):
-        from websockets.sync.client import connect
         c = yield start_controller(self)
         agent = yield connected_agent(self, c, backoff=(30, 60))
         yield agent.stopService()
@@ -252,14 +250,14 @@ class LostRenewalTests(TestCase):
 
         def renew_and_lose_the_answer():
             csr, new_key = make_csr(agent.service_id)
-            with connect(url, ssl=ws_ssl(c, old_cert, old_key)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c, old_cert, old_key)) as ws:
                 json.loads(ws.recv(timeout=10))                       # service_settings
                 ws.send(frame("renew_certificate", 1, csr_pem=csr.decode()))
                 messages, _, reason = until_closed(ws)               # certificate: "lost" by the caller
                 return messages[0]["cert_pem"].encode(), new_key, reason
 
         def session(cert, key):
-            with connect(url, ssl=ws_ssl(c, cert, key)) as ws:
+            with ws_connect(url, ssl=ws_ssl(c, cert, key)) as ws:
                 return json.loads(ws.recv(timeout=10))["type"]
         new_cert, new_key, reason = yield deferToThread(renew_and_lose_the_answer)
         self.assertEqual(reason, "certificate rotated")

@@ -280,9 +280,7 @@ class ChannelEvidenceTests(TestCase):
     def test_close_reason_follows_the_decision(self):
         import socket as socketlib
 
-        from websockets.sync.client import connect
-
-        from .channel_helpers import until_closed, ws_ssl
+        from .channel_helpers import until_closed, ws_connect, ws_ssl
         c = yield start_controller(self, trusted_proxies=[PROXY], forwarded_client_cert_pem_header="X-SSL-Client-Cert")
         c.channel.enroll_timeout = 0.5
         leaf, _, _ = yield new_leaf(c)
@@ -292,8 +290,8 @@ class ChannelEvidenceTests(TestCase):
 
         def close_reason(source, header):
             sock = socketlib.create_connection(("127.0.0.1", https_port(c)), timeout=10, source_address=(source, 0))
-            with connect(f"wss://localhost:{https_port(c)}/api/v1/ws/agent", sock=sock, ssl=ws_ssl(c),
-                         server_hostname="localhost", additional_headers={"X-SSL-Client-Cert": header}) as ws:
+            with ws_connect(f"wss://localhost:{https_port(c)}/api/v1/ws/agent", sock=sock, ssl=ws_ssl(c),
+                            server_hostname="localhost", additional_headers={"X-SSL-Client-Cert": header}) as ws:
                 return until_closed(ws)[2]
         self.assertEqual((yield deferToThread(close_reason, PROXY, bad)), "certificate not recognized")
         # from an untrusted peer the header is stripped: an anonymous socket that must enroll
