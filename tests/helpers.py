@@ -53,8 +53,7 @@ def flags_for(tmp: str, **extra: Any) -> dict[str, Any]:
 
 
 @inlineCallbacks
-def start_controller(testcase: Any, tmp: str | None = None, config: str | None = None,
-                     on_leadership_lost: Any = None, **extra: Any) -> Any:
+def start_controller(testcase: Any, tmp: str | None = None, config: str | None = None, **extra: Any) -> Any:
     """Boot and start a real daemon (the whole service tree) on the global reactor; stopped at cleanup."""
     from uptrakitd.boot import boot
     from uptrakitd.config import build_settings
@@ -63,17 +62,12 @@ def start_controller(testcase: Any, tmp: str | None = None, config: str | None =
     Path(tmp).mkdir(parents=True, exist_ok=True)
     flags = flags_for(tmp, **extra)
     settings = build_settings(flags, config)
-    controller = build_daemon(boot(settings), reactor, flags, environ={},
-                              on_leadership_lost=on_leadership_lost or _no_exit_in_tests)
+    controller = build_daemon(boot(settings), reactor, flags, environ={})
     controller.startService()
     testcase.addCleanup(controller.stopService)
     yield _until(lambda: len(controller.listening_ports()) >= 1 + bool(settings.pki_listen_endpoint()))
     controller.tmp = tmp
     return controller
-
-
-def _no_exit_in_tests() -> None:
-    raise AssertionError("a test controller lost the database lock without the test expecting it")
 
 
 @inlineCallbacks

@@ -55,6 +55,12 @@ class AdminTokenRegistry:
         return [dict(row, permissions=json.loads(row["permissions"])) for row in rows]
 
     @inlineCallbacks
+    def reload(self) -> Any:
+        """Another controller created or revoked a token: read the active ones again."""
+        rows = yield self.store.run(stored.active_admin_tokens)
+        self._permissions = {row["token_hash"]: json.loads(row["permissions"]) for row in rows}
+
+    @inlineCallbacks
     def revoke(self, token_id: str) -> Any:
         """Revoke one token; fires with False when it is unknown or already revoked."""
         digest = yield self.store.run(stored.revoke_admin_token, token_id, int(time.time()))

@@ -11,7 +11,6 @@ import os
 import secrets
 import socket
 import sqlite3
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,12 +31,11 @@ from .listen.preflight import CannotListen, check_bindable
 from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr,
                      same_public_key)
 from .pki.files import PkiFiles
-from .sdnotify import Notifier
 from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
 from .pki.state import CaState, insert_generation, insert_issued, load_records
 from .runtime_settings import ServiceCertSettings
-from .store import ca_generations, settings as stored_settings, tokens as stored_tokens
+from .store import ca_generations, changes, settings as stored_settings, tokens as stored_tokens
 from .tokens import token_hash
 
 log = Logger()
@@ -68,7 +66,8 @@ class Booted:
     admin_tokens: dict[str, list[str]] = field(default_factory=dict)
     services: list[ServiceRecord] = field(default_factory=list)
     keys: Any = None               # where new CA keys go (pki.keys.FileKeys or SealedKeys)
-    database_lock: Any = None      # PostgreSQL: the session lock that makes this the database's active controller
+    controller_id: str = ""        # this process among the controllers of one database (the change log's origin)
+    change_seq: int = 0            # PostgreSQL: the change log's last row when the records were read
 
 
 STEPS = ("data_dir", "database", "network", "ca_key_written", "ca", "server_cert_recorded", "server_cert",
@@ -95,39 +94,14 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
         lock.acquire()
     except (DataDirInUse, OSError) as e:
         raise StartupError(str(e)) from None
-    database_lock = None
     try:
-        if settings.database:
-            _ca_keys(settings, PkiFiles(data_dir))   # a bad KEK file fails now, not after a standby's wait
-            database_lock = store_mod.postgresql.ControllerLock(settings.database)
-            database_lock.acquire(wait=settings.standby, waiting=_standby_status())
-        booted = _boot(settings, now, reached, lock)
-        booted.database_lock = database_lock
-        return booted
+        return _boot(settings, now, reached, lock)
     except store_mod.StoreError as e:
         lock.release()
-        if database_lock is not None:
-            database_lock.release()
         raise StartupError(str(e)) from None
     except BaseException:
         lock.release()
-        if database_lock is not None:
-            database_lock.release()
         raise
-
-
-def _standby_status() -> Any:
-    """How a waiting standby reports: a line on stderr when its status changes, and systemd's STATUS with
-    the start timeout extended (a standby may wait for days before READY=1)."""
-    notifier = Notifier(os.environ)
-    last: list[str] = []
-
-    def say(status: str) -> None:
-        if not last or last[-1] != status:
-            print(f"uptrakitd: {status}", file=sys.stderr, flush=True)
-            last.append(status)
-        notifier.send(f"STATUS={status}\nEXTEND_TIMEOUT_USEC=30000000")
-    return say
 
 
 def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDirLock) -> Booted:
@@ -135,8 +109,14 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
     reached("data_dir")
     files = PkiFiles(data_dir)
     db_path = store_mod.sqlite_path(data_dir)
+    controller_id = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     try:
-        conn = store_mod.open_database(data_dir, settings.database)
+        conn = store_mod.open_database(data_dir, settings.database, controller_id)
+        change_seq = 0
+        if settings.database:
+            # controllers starting together on a new database: one creates the CA, the others load it
+            store_mod.postgresql.boot_lock(conn)
+            change_seq = store_mod.transaction(conn, changes.newest)   # before any record is read
     except store_mod.StoreError as e:
         raise StartupError(str(e)) from None
     for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
@@ -173,7 +153,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
     return Booted(settings=settings, lock=lock, network=network, state=state, server_cert=server_cert,
                   server_key=server_key, crl_numbers=numbers, admin_token_path=token_path,
                   service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services,
-                  keys=keys)
+                  keys=keys, controller_id=controller_id, change_seq=change_seq)
 
 
 def _network_settings(conn: sqlite3.Connection, settings: Settings) -> NetworkSettings:

@@ -190,7 +190,6 @@ class Settings:
     config_path: Path | None = None
     database: str | None = None          # None: SQLite in data_dir; else a postgresql:// URL
     ca_key_encryption_key_file: Path | None = None   # with database: seals the CA keys kept in it
-    standby: bool = False                # with database: wait for the active controller to go, then take over
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pki_listen_endpoint(self) -> str | None:
@@ -209,7 +208,7 @@ _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 
                "request_head_timeout": (0.1, 3600), "listen_backlog": (1, 65535)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
-             "metrics_require_auth", "database", "ca_key_encryption_key_file", "standby",
+             "metrics_require_auth", "database", "ca_key_encryption_key_file",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
 
@@ -355,13 +354,6 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
                                                             "the CA keys are files in the data dir)")
         kw["ca_key_encryption_key_file"] = Path(_string(merged["ca_key_encryption_key_file"],
                                                         "ca_key_encryption_key_file"))
-    if merged.get("standby"):
-        if not isinstance(merged["standby"], bool):
-            raise ConfigError("standby", "must be true or false")
-        if not kw.get("database"):
-            raise ConfigError("standby", "only used with --database (a standby waits for the database's active "
-                                         "controller)")
-        kw["standby"] = True
     if kw.get("database") and "ca_key_encryption_key_file" not in kw:
         raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
                                       "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "

@@ -14,12 +14,15 @@ import datetime
 import os
 import sys
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from twisted.internet.defer import Deferred
 
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin_tokens import AdminTokenRegistry
+from .cluster import ClusterSync
 from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from .config import Settings, is_proxy_protocol
@@ -43,7 +46,8 @@ from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .status_metrics import state_families
-from .store import PostgresStore, SqliteStore, make_store, read_probe
+from .store import PostgresStore, SqliteStore, changes, make_store, read_probe
+from .store.postgresql import ChangeFeed, Leadership
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.identity import NetworkSettingsRoutes
@@ -83,6 +87,8 @@ class Daemon(OrderedServices):
     reloader: ConfigReloader
     https: ListenerService
     pki_listener: ListenerService | None
+    cluster: ClusterSync          # PostgreSQL only: other controllers' changes applied here
+    leadership: Leadership        # PostgreSQL only: whether this one runs the once-per-database jobs
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd asks the application for an ILogObserver before installing its own text observer
@@ -97,8 +103,7 @@ class Daemon(OrderedServices):
 
 
 def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = None,
-                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None,
-                 on_leadership_lost: Any = None) -> Daemon:
+                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None) -> Daemon:
     """Wire every component for `booted` state on `reactor`; nothing runs until startService()."""
     settings = booted.settings
     d = Daemon()
@@ -106,8 +111,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     run_blocking = partial(in_thread, reactor)
     d.metrics = metrics = Metrics()
     d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
-    d.store = store = make_store(settings.data_dir, settings.database, reactor, booted.database_lock,
-                                 on_leadership_lost or _exit_for_a_standby_to_take_over)
+    d.store = store = make_store(settings.data_dir, settings.database, reactor, booted.controller_id)
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
     files = PkiFiles(settings.data_dir)
     state = booted.state
@@ -183,17 +187,24 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
 
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
-    if booted.database_lock is not None:
-        Hooks("database lock", stop=booted.database_lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
+    is_leader = _leadership(d, booted, reactor, run_blocking)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
-    PeriodicJob("daily CA check", DAY, ca.check_expiry, reactor, run_at_start=True).setServiceParent(d)
+    PeriodicJob("daily CA check", DAY, lambda: ca.check_expiry() if is_leader() else None, reactor,
+                run_at_start=True).setServiceParent(d)
     PeriodicJob("daily server certificate check", DAY, server_cert.check_due, reactor,
                 run_at_start=True).setServiceParent(d)
     PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=channel.stop).setServiceParent(d)
+    if settings.database:   # what the other controllers on the database change, applied here
+        d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics)
+        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply)
+        Hooks("change feed", start=feed.start, stop=feed.stop).setServiceParent(d)
+        PeriodicJob("daily change-log pruning", DAY,
+                    lambda: store.run(changes.prune, int(reactor.seconds())) if is_leader() else None,
+                    reactor).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
     PeriodicJob("readiness check", 30, readiness.check, reactor).setServiceParent(d)
     if settings.database:   # a write-free check of the database session (and so of the lock) every 2 s
@@ -219,11 +230,26 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     return d
 
 
-def _exit_for_a_standby_to_take_over() -> None:
-    """Another controller holds the database now: leave at once (exit 3: systemd restarts us, as a standby)."""
-    sys.stderr.write("uptrakitd: another controller took over the database; exiting\n")
-    sys.stderr.flush()
-    os._exit(3)
+def _leadership(d: Daemon, booted: Booted, reactor: Any, run_blocking: Any) -> Callable[[], bool]:
+    """Who runs the once-per-database jobs: with PostgreSQL the holder of the leader lock (checked every
+    2 s; a new leader runs the CA check at once), with SQLite this controller."""
+    if not booted.settings.database:
+        d.metrics.cluster_leader.set(1)
+        return lambda: True
+    d.leadership = leadership = Leadership(booted.settings.database)
+
+    def check() -> Deferred:
+        was = leadership.leader
+
+        def checked(leader: bool) -> Any:
+            d.metrics.cluster_leader.set(1 if leader else 0)
+            if leader and not was:
+                return d.ca.check_expiry()
+            return None
+        return run_blocking(leadership.check).addCallback(checked)
+    PeriodicJob("leadership check", 2, check, reactor, run_at_start=True).setServiceParent(d)
+    Hooks("leadership", stop=leadership.release).setServiceParent(d)
+    return lambda: leadership.leader
 
 
 def _warm(crls: CrlPublisher, rebuild: bool) -> None:

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -197,12 +197,34 @@ class ServiceDirectory:
         yield self.ca.apply_revocations(serials, revoked_at, DEACTIVATION_REASON)
         return service
 
-    def record_connection(self, service: ServiceRecord, client_ip: str, proxy_ip: str | None, source: str) -> None:
-        """Note (in memory at once, durably soon) where a service connected from and how."""
+    @inlineCallbacks
+    def refresh(self, service_id: str) -> Any:
+        """Another controller changed this service: read it and make memory agree; a status change is
+        announced here as well (its sockets on this controller are closed when it was deactivated)."""
+        values = yield self.store.run(stored.load_one, service_id)
+        if values is None:
+            return None
+        service = self._records.get(service_id)
+        if service is None:
+            service = self._records[service_id] = ServiceRecord(**values)
+            return service
+        was = service.status
+        for key, value in values.items():
+            setattr(service, key, value)
+        if service.status != was:
+            log.info("service {service} is {status} (changed on another controller)", service=service_id,
+                     status=service.status)
+            yield self.bus.publish(ServiceChanged(service.id, service.status))
+        return service
+
+    def record_connection(self, service: ServiceRecord, client_ip: str, proxy_ip: str | None,
+                          source: str) -> Deferred:
+        """Note (in memory at once, durably soon) where a service connected from and how; fires with the
+        change-log seq of the note (PostgreSQL; None with SQLite or when it could not be written)."""
         now = int(self.clock.seconds())
         service.ip_address, service.proxy_ip = client_ip, proxy_ip
         service.identity_source, service.last_seen_at = source, now
-        self.store.run(stored.record_connection, service.id, client_ip, proxy_ip, source, now).addErrback(
+        return self.store.run(stored.record_connection, service.id, client_ip, proxy_ip, source, now).addErrback(
             lambda f: log.failure("could not record the connection of {service}", f, service=service.id))
 
     def touch(self, service: ServiceRecord) -> None:

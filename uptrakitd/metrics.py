@@ -53,6 +53,11 @@ class Metrics:
         self.event_subscriber_failures = Counter("uptrakit_event_subscriber_failures",
                                                  "Event subscribers that raised, by event", ["event"],
                                                  registry=self.registry)
+        self.cluster_changes = Counter("uptrakit_cluster_changes", "Changes made by other controllers on the same "
+                                       "database, by kind and result (applied, failed)", ["kind", "result"],
+                                       registry=self.registry)
+        self.cluster_leader = Gauge("uptrakit_cluster_leader", "1 while this controller runs the once-per-database "
+                                    "jobs (always 1 with SQLite)", registry=self.registry)
         self.connections_refused = Counter("uptrakit_connections_refused", "Connections refused at accept, by "
                                            "listener and cap (global, per_ip)", ["listener", "reason"],
                                            registry=self.registry)

@@ -74,6 +74,22 @@ class RuntimeSettings:
         self.service_certs = new
         return new
 
+    @inlineCallbacks
+    def reload(self, key: str) -> Any:
+        """Another controller stored setting `key` (`network`, `service_certificates`): use it here too."""
+        value = yield self.store.run(stored.get, key)
+        if value is None:
+            return
+        if key == "network":
+            new = NetworkSettings().updated(value)
+            old, self.network = self.network, new
+            changed = tuple(k for k in NetworkSettings.FIELDS if getattr(old, k) != getattr(new, k))
+            if changed:
+                log.info("network settings changed on another controller: {fields}", fields=", ".join(changed))
+                yield self.bus.publish(NetworkSettingsChanged(changed))
+        elif key == "service_certificates":
+            self.service_certs = ServiceCertSettings.from_json(value)
+
     def lifetime_for(self, override_hours: int | None) -> datetime.timedelta:
         """A service's certificate lifetime: its own override, else the setting."""
         return datetime.timedelta(hours=override_hours or self.service_certs.lifetime_hours)

@@ -69,8 +69,6 @@ class Options(usage.Options):
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
         ["metrics-require-auth", None, "Serve /metrics only with an admin (or read) token."],
-        ["standby", None, "With --database: if another controller is active on the database, wait (without "
-                          "listening) until it stops or dies, then take over."],
         ["proxy-protocol-trust-headers", None, "On a PROXY-protocol listener, still honour client-certificate "
                                                "headers from --trusted-proxy addresses (off: only mTLS counts)."],
     ]
@@ -119,8 +117,6 @@ def flags_from_options(options: Any) -> dict[str, Any]:
         flags["metrics_require_auth"] = True
     if options.get("proxy-protocol-trust-headers"):
         flags["proxy_protocol_trust_headers"] = True
-    if options.get("standby"):
-        flags["standby"] = True
     return flags
 
 

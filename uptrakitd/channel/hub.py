@@ -141,7 +141,7 @@ class ChannelHub:
         proto.become_authenticated(service.id, identity.serial)
         self.connected[service.id] = proto
         self.directory.record_connection(service, proto.context.client_ip, proto.context.proxy_ip,
-                                         proto.context.identity_source)
+                                         proto.context.identity_source).addCallback(_noted, proto)
         self.ca.supersede_older(service.id, identity.serial)
         proto.send("service_settings", ping_interval=service.ping_interval_seconds or DEFAULT_PING_INTERVAL,
                    renewal_window_hours=self.runtime.renewal_window_hours(),
@@ -320,6 +320,16 @@ class ChannelHub:
                      service=event.service_id, serial=format_serial(event.serial))
             proto.close(wire.CERT_REVOKED)
 
+    def connected_elsewhere(self, service_id: str, seq: int, origin: str) -> None:
+        """Another controller authenticated this service (change `seq`): the socket here is superseded if
+        it is the older one. A socket whose own note is not committed yet, or committed later, is newer."""
+        proto = self.connected.get(service_id)
+        if proto is None or proto.closing or proto.connected_seq is None or proto.connected_seq > seq:
+            return
+        log.info("service {service} connected to controller {origin}: closing its older socket here",
+                 service=service_id, origin=origin)
+        proto.close(wire.SUPERSEDED)
+
     def on_service_changed(self, event: ServiceChanged) -> None:
         """ServiceChanged: a deactivated or rejected service loses its sockets."""
         reason = {"deactivated": wire.SERVICE_DEACTIVATED, "rejected": wire.SERVICE_NOT_APPROVED}.get(event.status)
@@ -350,3 +360,7 @@ def _service_id(proto: ServiceChannelProtocol) -> str:
     if proto.service_id is None:
         raise wire.ProtocolViolation("invalid_state", "no service is attached to this socket")
     return proto.service_id
+
+
+def _noted(seq: int | None, proto: ServiceChannelProtocol) -> None:
+    proto.connected_seq = seq

@@ -82,6 +82,7 @@ class ChannelState:
     phase: str = "connecting"
     service_id: str | None = None
     serial: int | None = None
+    connected_seq: int | None = None   # the change-log seq of this authentication (several controllers)
     unknown_in_row: int = 0
     enroll_timer: Any = None
 

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from ..errors import BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
 from ..metrics import Metrics
-from ..store import Store, certificates
+from ..store import Store, ca_generations, certificates
 from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca, key_pem
 from .crl import REASONS
 from .keys import FileKeys
@@ -150,6 +150,23 @@ class CertificateAuthority:
                                              revoked_at))
         return _publish_in_order(self.bus, events)
 
+    @inlineCallbacks
+    def adopt_certificate(self, serial_hex: str) -> Any:
+        """Another controller issued or revoked this certificate: read its record and make it known here;
+        a revocation then takes effect here as if it had been made here (OCSP, CRL, TLS, the socket)."""
+        row = yield self.store.run(certificates.load_one, serial_hex)
+        if row is None:
+            return None
+        serial = int(row["serial"], 16)
+        record = self.state.records.get(serial)
+        if record is None:
+            record = CertRecord(serial, row["service_id"], row["purpose"], row["ca_generation"], row["not_before"],
+                                row["not_after"])
+            self.state.add_record(record)
+        if row["revoked_at"] is not None and record.revoked_at is None:
+            yield self.apply_revocations([row["serial"]], row["revoked_at"], row["revocation_reason"])
+        return record
+
     def supersede_older(self, service_id: str, serial: int) -> None:
         """A service that authenticates with a certificate no longer needs the ones issued before it.
 
@@ -184,18 +201,46 @@ class CertificateAuthority:
             cert, key = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now())
             ca = CaGeneration(generation, cert, key, False)
             key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, key)
-            yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
-            self.state.add_generation(ca)
-            yield self.run_blocking(self.files.write_bundle, self.bundle_pem())
-            log.info("rotated the CA: generation {generation} ({cn}) is active, G{previous} stays trusted",
-                     generation=generation, cn=ca.common_name, previous=active.generation)
-            bundle_hash = self.bundle_hash()
-            # subscribers: CRLs rebuilt, TLS context swapped, then services told (they answer how many)
-            results = yield self.bus.publish(CaRotated(generation, active.generation, bundle_hash))
+            try:
+                yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
+            except Exception as e:
+                if type(e).__name__ not in ("IntegrityError", "UniqueViolation"):
+                    raise
+                # several controllers: another one created this generation a moment ago
+                raise Conflict(f"CA generation {generation} was just created by another controller",
+                               "rotation_in_progress") from None
+            notified = yield self._activate(ca, active.generation)
             return {"generation": generation, "fingerprint": ca.fingerprint, "not_after": ca.not_after.isoformat(),
-                    "ca_bundle_hash": bundle_hash, "notified": sum(r for r in results if isinstance(r, int))}
+                    "ca_bundle_hash": self.bundle_hash(), "notified": notified}
         finally:
             self._rotating = False
+
+    @inlineCallbacks
+    def _activate(self, ca: CaGeneration, previous: int, where: str = "") -> Any:
+        """Make a committed generation active here and announce it; fires with how many services were told."""
+        self.state.add_generation(ca)
+        yield self.run_blocking(self.files.write_bundle, self.bundle_pem())
+        log.info("rotated the CA{where}: generation {generation} ({cn}) is active, G{previous} stays trusted",
+                 where=where, generation=ca.generation, cn=ca.common_name, previous=previous)
+        # subscribers: CRLs rebuilt, TLS context swapped, then services told (they answer how many)
+        results = yield self.bus.publish(CaRotated(ca.generation, previous, self.bundle_hash()))
+        return sum(r for r in results if isinstance(r, int))
+
+    @inlineCallbacks
+    def adopt_generation(self, generation: int) -> Any:
+        """Another controller rotated the CA: load the new generation (its key sealed in the database),
+        make it active here and announce it, as `rotate` does; fires with how many services were told."""
+        if generation in self.state.generations:
+            return 0
+        row = yield self.store.run(ca_generations.load_one, generation)
+        if row is None or row["external"]:
+            return 0
+        cert = x509.load_pem_x509_certificate(row["cert_pem"].encode())
+        key = yield self.run_blocking(self.keys.load, generation, row["key_file"], row["key_sealed"])
+        previous = self.state.active().generation
+        notified = yield self._activate(CaGeneration(generation, cert, key, False), previous,
+                                        " (on another controller)")
+        return notified
 
     def prune_expired_records(self) -> int:
         """Daily: drop long-expired certificate records from memory; fires nothing, returns how many."""

@@ -48,18 +48,18 @@ def sqlite_path(data_dir: Path) -> Path:
     return data_dir / "uptrakit.sqlite3"
 
 
-def open_database(data_dir: Path, url: str | None = None) -> Any:
-    """The start-up connection: PostgreSQL when `url` is given, else SQLite in `data_dir`; migrated."""
+def open_database(data_dir: Path, url: str | None = None, origin: str | None = None) -> Any:
+    """The start-up connection: PostgreSQL when `url` is given (its writes noted in the change log as
+    `origin`'s), else SQLite in `data_dir`; migrated."""
     if url:
-        return postgresql.open_and_migrate(url)
+        return postgresql.open_and_migrate(url, origin)
     return database.open_and_migrate(sqlite_path(data_dir))
 
 
-def make_store(data_dir: Path, url: str | None, reactor: Any, lock: Any = None,
-               on_lost: Callable[[], None] | None = None) -> SqliteStore | PostgresStore:
-    """The daemon's Store for the configured engine (PostgreSQL: writing over the controller lock's session)."""
+def make_store(data_dir: Path, url: str | None, reactor: Any, origin: str = "") -> SqliteStore | PostgresStore:
+    """The daemon's Store for the configured engine (PostgreSQL: its writes noted as `origin`'s)."""
     if url:
-        return PostgresStore(url, reactor, lock, on_lost)
+        return PostgresStore(url, reactor, origin)
     return SqliteStore(sqlite_path(data_dir), reactor)
 
 

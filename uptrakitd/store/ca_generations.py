@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import sqlite3
 
+from . import changes
+
 
 def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every stored CA, oldest first: generation, cert_pem, key_file, key_sealed, external, crl_number."""
     return conn.execute("SELECT generation, cert_pem, key_file, key_sealed, external, crl_number "
                         "FROM ca_generations ORDER BY generation").fetchall()
+
+
+def load_one(conn: sqlite3.Connection, generation: int) -> sqlite3.Row | None:
+    """One stored CA (the columns of load_all), or None."""
+    return conn.execute("SELECT generation, cert_pem, key_file, key_sealed, external, crl_number "
+                        "FROM ca_generations WHERE generation = ?", (generation,)).fetchone()
 
 
 def insert(conn: sqlite3.Connection, generation: int, cert_pem: str, key_file: str, not_after: int,
@@ -16,6 +24,7 @@ def insert(conn: sqlite3.Connection, generation: int, cert_pem: str, key_file: s
     conn.execute("INSERT INTO ca_generations (generation, cert_pem, key_file, key_sealed, not_after, external, "
                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                  (generation, cert_pem, key_file, key_sealed, not_after, int(external), created_at))
+    changes.note(conn, "ca", str(generation))
 
 
 def reseal(conn: sqlite3.Connection, generation: int, key_sealed: str) -> None:

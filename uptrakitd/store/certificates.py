@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from . import changes
+
 
 def insert(conn: sqlite3.Connection, serial: str, service_id: str | None, purpose: str, ca_generation: int,
            not_before: int, not_after: int, cert_pem: str, issued_at: int) -> None:
@@ -10,6 +12,7 @@ def insert(conn: sqlite3.Connection, serial: str, service_id: str | None, purpos
     conn.execute("INSERT INTO certificates (serial, service_id, purpose, ca_generation, not_before, not_after, "
                  "cert_pem, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  (serial, service_id, purpose, ca_generation, not_before, not_after, cert_pem, issued_at))
+    changes.note(conn, "certificate", serial)
 
 
 def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -19,10 +22,18 @@ def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
                         "revocation_reason FROM certificates ORDER BY issued_at, rowid").fetchall()
 
 
+def load_one(conn: sqlite3.Connection, serial: str) -> sqlite3.Row | None:
+    """One certificate record (the columns of load_all), or None."""
+    return conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
+                        "revocation_reason FROM certificates WHERE serial = ?", (serial,)).fetchone()
+
+
 def mark_revoked(conn: sqlite3.Connection, serial: str, revoked_at: int, reason: str) -> bool:
     """Revoke one certificate; False when it was already revoked or is unknown."""
     cur = conn.execute("UPDATE certificates SET revoked_at = ?, revocation_reason = ? "
                        "WHERE serial = ? AND revoked_at IS NULL", (revoked_at, reason, serial))
+    if cur.rowcount == 1:
+        changes.note(conn, "revoked", serial)
     return cur.rowcount == 1
 
 
@@ -32,4 +43,6 @@ def revoke_all_of_service(conn: sqlite3.Connection, service_id: str, revoked_at:
         "SELECT serial FROM certificates WHERE service_id = ? AND revoked_at IS NULL", (service_id,))]
     conn.execute("UPDATE certificates SET revoked_at = ?, revocation_reason = ? "
                  "WHERE service_id = ? AND revoked_at IS NULL", (revoked_at, reason, service_id))
+    for serial in serials:
+        changes.note(conn, "revoked", serial)
     return serials

@@ -5,26 +5,30 @@ addressable by name and position (sqlite3's style). `PgConnection` lets a psycop
 used that way: `?` becomes `%s`, rows are `Row`s. The schema lives in `schema_postgresql/`, kept in
 lockstep with `schema/` (same tables and columns; a test compares them).
 
-Migrations run under `pg_advisory_lock`, so controllers starting together apply each one once. This
-is one controller per database for now: the CA keys are still files in that controller's data dir
-(a second controller finds generations whose key file it lacks and refuses to start).
+Migrations run under `pg_advisory_lock`, so controllers starting together apply each one once.
+Several controllers share one database, all active: what one changes reaches the others through the
+change log (`ChangeFeed`), and the jobs that must run once per database run on the `Leadership` holder.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
 from ..errors import StorageUnavailable
-from . import database
+from . import changes, database
 from .database import OneThreadStore, StoreError, close_quietly
 
 log = Logger()
 MIGRATION_LOCK = 0x7570_7472_616B_6974 & 0x7FFF_FFFF_FFFF_FFFF   # "uptrakit": pg_advisory_lock's bigint key
-CONTROLLER_LOCK = MIGRATION_LOCK - 1                               # held by the active controller
+LEADER_LOCK = MIGRATION_LOCK - 1                                   # held by the controller that runs the periodic jobs
+BOOT_LOCK = MIGRATION_LOCK - 2                                     # held while a controller starts
 
 
 def _psycopg() -> Any:
@@ -69,10 +73,14 @@ def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 
 
 class PgConnection:
-    """A psycopg connection spoken to in the query modules' style (`?` parameters, Row results)."""
+    """A psycopg connection spoken to in the query modules' style (`?` parameters, Row results).
 
-    def __init__(self, conn: Any) -> None:
+    With an `origin` (the controller's id), writes through it append to the change log (changes.py)."""
+
+    def __init__(self, conn: Any, origin: str | None = None) -> None:
         self.raw = conn
+        self.origin = origin
+        self.records_changes = origin is not None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         cursor = self.raw.cursor(row_factory=_rows)
@@ -83,11 +91,11 @@ class PgConnection:
         self.raw.close()
 
 
-def connect(url: str) -> PgConnection:
-    """A connection in autocommit mode (transactions are explicit), or StoreError."""
+def connect(url: str, origin: str | None = None) -> PgConnection:
+    """A connection in autocommit mode (transactions are explicit), or StoreError; see PgConnection for `origin`."""
     psycopg = _psycopg()
     try:
-        return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=10))
+        return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=10), origin)
     except psycopg.Error as e:
         raise StoreError(f"cannot connect to {safe_url(url)}: {str(e).strip()}") from None
 
@@ -138,9 +146,9 @@ def migrate(conn: PgConnection) -> list[str]:
     return applied
 
 
-def open_and_migrate(url: str) -> PgConnection:
+def open_and_migrate(url: str, origin: str | None = None) -> PgConnection:
     """Connect and migrate, for the synchronous start-up phase."""
-    conn = connect(url)
+    conn = connect(url, origin)
     try:
         for name in migrate(conn):
             log.info("applied schema migration {name} to {database}", name=name, database=safe_url(url))
@@ -163,120 +171,137 @@ def write_probe(conn: PgConnection, now: int) -> None:
                  "scratch = excluded.scratch", (now,))
 
 
-class ControllerLock:
-    """One active controller per database, for now: a session advisory lock on a connection of its own.
-
-    Several controllers would each keep their own copy of the records in memory with nothing to keep the
-    copies in step yet; the lock makes a second one refuse to start instead. It is released when the
-    controller stops or dies (PostgreSQL drops a dead session's locks), so a standby can then start.
-    """
+class Leadership:
+    """Which controller runs the jobs that must run once per database (automatic CA rotation, pruning
+    the change log): the one whose session holds an advisory lock. Every controller serves, issues and
+    revokes; only these jobs must not run twice. PostgreSQL drops a dead controller's session, and its
+    lock with it, so another one takes over at its next `check()` (every 2 s)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: PgConnection | None = None
+        self.leader = False
 
-    def acquire(self, wait: bool = False, poll_seconds: float = 1.0,
-                waiting: Callable[[str], None] | None = None, grace_seconds: float = 5.0) -> None:
-        """Take the lock; without `wait`, StoreError when another controller holds it after `grace_seconds`.
-
-        With `wait` (a standby): try again every `poll_seconds` (reconnecting when the database goes
-        away meanwhile) until the active controller stops or dies and PostgreSQL drops its lock.
-        `waiting(status)` is called on every try: start-up runs before twistd's logging, so it is how a
-        standby says what it does (stderr, and systemd's STATUS with a longer start timeout).
-        """
-        say = waiting or (lambda status: None)
-        grace_until = time.monotonic() + grace_seconds
-        told = False
-        while True:
-            try:
-                conn = connect(self.url)
-                row = conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()
-            except (StoreError, _psycopg().Error) as e:
-                if not wait:
-                    raise StoreError(str(e)) from None
-                say(f"standby: cannot reach {safe_url(self.url)} ({str(e).strip()}); trying again")
-                time.sleep(poll_seconds)
-                continue
-            if row["locked"]:
-                self._conn = conn
-                if told:
-                    say(f"standby: the active controller is gone; taking over {safe_url(self.url)}")
-                return
-            conn.close()
-            # a controller that just stopped (a restart) may still hold it for a moment: PostgreSQL ends
-            # its session shortly after the connection closes
-            if not wait and time.monotonic() < grace_until:
-                time.sleep(0.2)
-                continue
-            if not wait:
-                raise StoreError(f"another controller is active on {safe_url(self.url)}: several active controllers "
-                                 "on one database are not supported yet (start this one with --standby to take "
-                                 "over when that one stops)")
-            say(f"standby: another controller is active on {safe_url(self.url)}; waiting to take over")
-            told = True
-            time.sleep(poll_seconds)
-
-    def take(self) -> PgConnection | None:
-        """Hand the lock's session over (to the store, which then holds the lock by writing over it)."""
-        conn, self._conn = self._conn, None
-        return conn
+    def check(self) -> bool:
+        """Keep or try to take the lock (blocking: run it in a thread); True while this controller leads."""
+        try:
+            if self._conn is None:
+                self._conn = connect(self.url)
+            if self.leader:
+                self._conn.execute("SELECT 1")   # the session is alive, so the lock is still ours
+            elif self._conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (LEADER_LOCK,)).fetchone()["locked"]:
+                self.leader = True
+                log.info("this controller is now the leader: it runs the jobs that run once per database")
+        except Exception as e:   # the database is away: whoever holds the lock when it is back leads
+            if self._conn is not None:
+                close_quietly(self._conn)
+                self._conn = None
+            if self.leader:
+                log.warn("lost the database session that made this controller the leader: {error}",
+                         error=str(e).strip())
+            self.leader = False
+        return self.leader
 
     def release(self) -> None:
+        """Give the lock up (at stop): another controller leads within its next check."""
         if self._conn is not None:
             close_quietly(self._conn)
             self._conn = None
+        self.leader = False
 
 
-class LeadershipLost(StoreError):
-    """Another controller holds the database's lock: this one must stop writing (and stop)."""
+class ChangeFeed:
+    """Applies what other controllers on the database changed (store/changes.py), in commit order.
+
+    A thread LISTENs for `uptrakit_changes` and, on a notification or after a second without one,
+    reads the change rows after the last it applied and hands them to `apply` on the reactor, waiting
+    for it. Rows are read again from a little before the last one (`WINDOW`), so a transaction that took
+    its sequence number earlier but committed later is not skipped. The controller's own changes are
+    already in its memory and are not applied again.
+    """
+
+    WINDOW = 200
+    BATCH = 1000
+
+    def __init__(self, url: str, reactor: Any, after: int, origin: str,
+                 apply: Callable[[list[Any]], Any]) -> None:
+        self.url = url
+        self.reactor = reactor
+        self.last = after
+        self.origin = origin
+        self.apply = apply
+        self._seen: set[int] = set()
+        self._running = False
+        self._stopped: Deferred | None = None
+
+    def start(self) -> None:
+        self._running = True
+        self._stopped = Deferred()
+        threading.Thread(target=self._loop, name="uptrakitd-change-feed", daemon=True).start()
+
+    def stop(self) -> Deferred | None:
+        """Stop reading; fires when the thread is done (within about a second)."""
+        self._running = False
+        return self._stopped
+
+    def _loop(self) -> None:
+        conn: PgConnection | None = None
+        failed = False
+        try:
+            while self._running:
+                try:
+                    if conn is None:
+                        conn = connect(self.url)
+                        conn.execute(f"LISTEN {changes.CHANNEL}")
+                        if failed:
+                            log.info("change feed: reconnected; reading what was missed")
+                            failed = False
+                    rows = changes.since(conn, max(0, self.last - self.WINDOW), self.BATCH)
+                    fresh = [c for c in rows if c.seq not in self._seen]
+                    theirs = [c for c in fresh if c.origin != self.origin]
+                    if theirs and self._running:
+                        blockingCallFromThread(self.reactor, self.apply, theirs)
+                    for c in fresh:
+                        self._seen.add(c.seq)
+                        self.last = max(self.last, c.seq)
+                    self._seen = {seq for seq in self._seen if seq > self.last - self.WINDOW}
+                    if len(rows) < self.BATCH:
+                        for _ in conn.raw.notifies(timeout=1.0, stop_after=1):
+                            pass
+                except Exception as e:
+                    if not failed:
+                        log.error("change feed: {error}; retrying every second", error=str(e).strip())
+                    failed = True
+                    if conn is not None:
+                        close_quietly(conn)
+                        conn = None
+                    time.sleep(1.0)
+        finally:
+            if conn is not None:
+                close_quietly(conn)
+            stopped = self._stopped
+            if stopped is not None:
+                self.reactor.callFromThread(stopped.callback, None)
 
 
 class PostgresStore(OneThreadStore):
     """The Store over one PostgreSQL connection used from one thread; reconnects after a failure.
 
-    With a `lock` (the active controller's), the store writes over the very session that holds the
-    advisory lock, and takes the lock again on every reconnect: if another controller took it while
-    this one was cut off from the database, nothing is written and `on_lost()` is called (the daemon
-    stops; under systemd it comes back as a standby). Two controllers never write at once.
+    Its writes carry `origin` into the change log, which the other controllers apply (ChangeFeed).
     """
 
-    def __init__(self, url: str, reactor: IReactorFromThreads, lock: ControllerLock | None = None,
-                 on_lost: Callable[[], None] | None = None) -> None:
+    def __init__(self, url: str, reactor: IReactorFromThreads, origin: str) -> None:
         super().__init__(reactor)
         self.url = url
-        self._lock = lock
-        self._on_lost = on_lost
-        self._conn = lock.take() if lock is not None else None
-        self.lost = False
-
-    def refusing(self) -> str | None:
-        return "this controller is no longer the active one" if self.lost else super().refusing()
-
-    def _connect(self, grace_seconds: float = 5.0) -> PgConnection:
-        conn = connect(self.url)
-        if self._lock is None:
-            return conn
-        # our own previous session may hold the lock a moment longer (PostgreSQL has not noticed it died)
-        until = time.monotonic() + grace_seconds
-        while not conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (CONTROLLER_LOCK,)).fetchone()["locked"]:
-            if time.monotonic() >= until:
-                conn.close()
-                raise LeadershipLost("another controller took over the database while this one was cut off from it")
-            time.sleep(0.2)
-        return conn
+        self.origin = origin
+        self._conn: PgConnection | None = None
 
     def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
         psycopg = _psycopg()
         try:
             if self._conn is None:
-                self._conn = self._connect()
+                self._conn = connect(self.url, self.origin)
             return transaction(self._conn, operation, *args, **kw)
-        except LeadershipLost as e:
-            self.lost = True
-            log.critical("{error}: stopping (nothing more is written)", error=str(e))
-            if self._on_lost is not None:
-                self._reactor.callFromThread(self._on_lost)
-            raise StorageUnavailable("storage unavailable: this controller is no longer the active one") from None
         except (psycopg.OperationalError, psycopg.InterfaceError, StoreError) as e:
             # the connection is gone or unusable: drop it, so the next operation reconnects
             if self._conn is not None:
@@ -284,3 +309,9 @@ class PostgresStore(OneThreadStore):
                 self._conn = None
             log.error("database operation failed, answering 503: {error}", error=str(e).strip())
             raise StorageUnavailable("storage unavailable: the database cannot be reached") from None
+
+
+def boot_lock(conn: PgConnection) -> None:
+    """Held by a controller's start-up connection until it closes: controllers starting together on an
+    empty database boot one after the other (the first creates the CA, the next ones load it)."""
+    conn.execute("SELECT pg_advisory_lock(?)", (BOOT_LOCK,))

@@ -5,6 +5,8 @@ import json
 import sqlite3
 from typing import Any
 
+from . import changes
+
 COLUMNS = ("id", "kind", "hostname", "status", "created_at", "friendly_name", "capabilities", "ip_address",
            "proxy_ip", "identity_source", "last_seen_at", "cert_lifetime_hours", "ping_interval_seconds",
            "enrollment_secret_hash")
@@ -14,12 +16,19 @@ WRITABLE = frozenset({"status", "cert_lifetime_hours", "ping_interval_seconds", 
 
 def load_all(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every service as a dict of COLUMNS (capabilities decoded)."""
-    out = []
-    for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services"):
-        values = dict(row)
-        values["capabilities"] = json.loads(values["capabilities"] or "[]")
-        out.append(values)
-    return out
+    return [_values(row) for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services")]
+
+
+def load_one(conn: sqlite3.Connection, service_id: str) -> dict[str, Any] | None:
+    """One service as a dict of COLUMNS, or None."""
+    row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services WHERE id = ?", (service_id,)).fetchone()
+    return _values(row) if row is not None else None
+
+
+def _values(row: Any) -> dict[str, Any]:
+    values = dict(row)
+    values["capabilities"] = json.loads(values["capabilities"] or "[]")
+    return values
 
 
 def insert(conn: sqlite3.Connection, service_id: str, kind: str, hostname: str, status: str, created_at: int,
@@ -29,13 +38,15 @@ def insert(conn: sqlite3.Connection, service_id: str, kind: str, hostname: str, 
                  "enrollment_secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  (service_id, kind, hostname, friendly_name, status, json.dumps(capabilities), created_at,
                   enrollment_secret_hash))
+    changes.note(conn, "service", service_id)
 
 
 def record_connection(conn: sqlite3.Connection, service_id: str, ip_address: str, proxy_ip: str | None,
-                      identity_source: str, seen_at: int) -> None:
-    """Durably note where a service connected from and how it was identified."""
+                      identity_source: str, seen_at: int) -> int | None:
+    """Durably note where a service connected from and how it was identified; the change's seq (PostgreSQL)."""
     conn.execute("UPDATE services SET ip_address = ?, proxy_ip = ?, identity_source = ?, last_seen_at = ? "
                  "WHERE id = ?", (ip_address, proxy_ip, identity_source, seen_at, service_id))
+    return changes.note(conn, "connected", service_id)
 
 
 def update_fields(conn: sqlite3.Connection, service_id: str, **fields: Any) -> None:
@@ -44,3 +55,5 @@ def update_fields(conn: sqlite3.Connection, service_id: str, **fields: Any) -> N
         raise ValueError(f"not writable: {sorted(set(fields) - WRITABLE)}")
     assignments = ", ".join(f"{k} = ?" for k in fields)
     conn.execute(f"UPDATE services SET {assignments} WHERE id = ?", (*fields.values(), service_id))
+    if set(fields) != {"last_seen_at"}:   # a heartbeat is not worth waking every controller for
+        changes.note(conn, "service", service_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from . import changes
+
 _ENROLL_COLS = "id, name, kind, max_uses, uses, expires_at, auto_approve, created_at, revoked_at"
 
 
@@ -52,6 +54,7 @@ def insert_admin_token(conn: sqlite3.Connection, token_id: str, name: str, diges
     """Store a new admin token."""
     conn.execute("INSERT INTO admin_tokens (id, name, token_hash, permissions, created_at) VALUES (?, ?, ?, ?, ?)",
                  (token_id, name, digest, permissions_json, created_at))
+    changes.note(conn, "admin_tokens", token_id)
 
 
 def list_admin_tokens(conn: sqlite3.Connection) -> list[sqlite3.Row]:
@@ -78,4 +81,5 @@ def revoke_admin_token(conn: sqlite3.Connection, token_id: str, revoked_at: int)
     if row is None:
         return None
     conn.execute("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?", (revoked_at, token_id))
+    changes.note(conn, "admin_tokens", token_id)
     return str(row["token_hash"])

@@ -1,0 +1,203 @@
+"""Several active controllers on one PostgreSQL (Debian's, started here in a temp dir): what one changes
+takes effect on the others through the change log, and the once-per-database jobs run on one leader."""
+from __future__ import annotations
+
+import base64
+import threading
+from typing import Any
+from urllib.parse import quote
+
+import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.config import build_settings
+from uptrakitd.pki.serials import format_serial
+
+from ..channel_helpers import (agent_identity, connected_agent, next_event, until_closed, ws_connect, ws_ssl)
+from ..helpers import ca_pem, https_client, https_port, request_json, start_controller, tls_refusal, url, wait_until
+from .postgres import PostgresCluster, kek_file
+
+
+def ocsp_status(c: Any, cert: x509.Certificate) -> Any:
+    """Fires with controller `c`'s OCSP answer for `cert` (nginx's GET form, over its HTTPS listener)."""
+    issuer = next(ca.cert for ca in c.ca.state.generations.values() if ca.cert.subject == cert.issuer)
+    der = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER)
+    path = f"/api/v1/pki/ocsp/{quote(base64.b64encode(der).decode(), safe='')}"
+
+    def parse(body: bytes) -> Any:
+        return ocsp.load_der_ocsp_response(body).certificate_status
+    return https_client(c).get(url(c, path)).addCallback(treq.content).addCallback(parse)
+
+
+class ClusterTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.cluster = PostgresCluster()
+        self.addCleanup(self.cluster.destroy)
+        self.url, self.kek = self.cluster.new_database(), kek_file(self)
+
+    @inlineCallbacks
+    def controller(self) -> Any:
+        """Another controller on the database; the tests use the bootstrap admin token the first one wrote."""
+        c = yield start_controller(self, database=self.url, ca_key_encryption_key_file=self.kek)
+        token = c.settings.data_dir / "admin.token"
+        if hasattr(self, "first"):
+            self.assertFalse(token.exists(), "only the first controller writes a bootstrap token")
+            token.write_bytes((self.first.settings.data_dir / "admin.token").read_bytes())
+        else:
+            self.first = c
+        return c
+
+    @inlineCallbacks
+    def test_a_revocation_made_on_one_controller_takes_effect_on_the_others(self):
+        a = yield self.controller()
+        b = yield self.controller()
+        c = yield self.controller()
+        agent = yield connected_agent(self, c)            # enrolled and connected through C
+        cert_pem, key_pem = agent_identity(agent)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        # A and B learn C's service and certificate: B's OCSP says good
+        yield wait_until(lambda: cert.serial_number in a.ca.state.records and agent.service_id in a.directory
+                         and cert.serial_number in b.ca.state.records, timeout=10)
+        self.assertEqual((yield ocsp_status(b, cert)), ocsp.OCSPCertStatus.GOOD)
+
+        closed = next_event(agent, "disconnected")
+        status, body = yield request_json(a, "POST", f"/api/v1/certificates/{format_serial(cert.serial_number)}/revoke",
+                                          {"reason": "keyCompromise"})
+        self.assertEqual(status, 200, body)
+        # the agent on C is closed, B and C refuse the certificate at the handshake, B's OCSP says revoked
+        self.assertEqual((yield closed), (1008, "certificate revoked"))
+        yield wait_until(lambda: b.ca.state.is_revoked(cert.serial_number), timeout=10)
+        self.assertEqual((yield ocsp_status(b, cert)), ocsp.OCSPCertStatus.REVOKED)
+        for other in (b, c):
+            alert = yield tls_refusal(https_port(other), ca_pem(other), cert_pem, key_pem)
+            self.assertIn("internal error", alert)   # what OpenSSL sends when our verify callback says no
+        # and every controller publishes it in its own CRL (numbers from the database: never shared)
+        yield wait_until(lambda: all(x.crls.current[1].entries == 1 for x in (a, b, c)), timeout=10)
+        numbers = [x.crls.current[1].number for x in (a, b, c)]
+        self.assertEqual(len(set(numbers)), 3, numbers)
+
+    @inlineCallbacks
+    def test_a_rotation_made_on_one_controller_reaches_the_services_of_the_others(self):
+        a = yield self.controller()
+        b = yield self.controller()
+        agent = yield connected_agent(self, a)
+        bundle = next_event(agent, "ca_bundle_updated", timeout=30)
+        renewed = next_event(agent, "certificate", timeout=30)
+        back = next_event(agent, "service_settings", timeout=30)
+        status, body = yield request_json(b, "POST", "/api/v1/settings/rotate-ca", {})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["generation"], 2)
+        yield bundle
+        yield renewed
+        yield back   # authenticated on A again, with its G2 certificate: A's TLS context trusts G2
+        self.assertEqual(agent.state.certificate().issuer, b.ca.state.active().cert.subject)
+        self.assertEqual(a.ca.state.active().generation, 2)
+        self.assertEqual(a.ca.bundle_hash(), b.ca.bundle_hash())
+        self.assertEqual(a.ca.bundle_pem(), (a.settings.data_dir / "pki" / "ca.crt").read_bytes())
+        # a second rotation through A, which learned G2 from B, makes G3 (no clash over the number)
+        status, body = yield request_json(a, "POST", "/api/v1/settings/rotate-ca", {})
+        self.assertEqual((status, body["generation"]), (200, 3), body)
+        yield wait_until(lambda: b.ca.state.active().generation == 3, timeout=10)
+
+    @inlineCallbacks
+    def test_a_service_that_connects_to_another_controller_is_superseded_on_the_first(self):
+        a = yield self.controller()
+        b = yield self.controller()
+        agent = yield connected_agent(self, a, backoff=(30, 60))   # it must not come back and supersede us
+        cert, key = agent_identity(agent)
+        yield wait_until(lambda: agent.service_id in b.directory
+                         and x509.load_pem_x509_certificate(cert).serial_number in b.ca.state.records, timeout=10)
+        superseded = next_event(agent, "disconnected")
+        ws = yield deferToThread(ws_connect, f"wss://localhost:{https_port(b)}/api/v1/ws/agent", ssl=ws_ssl(b, cert, key))
+        self.addCleanup(ws.close)
+        first = yield deferToThread(ws.recv, 10)
+        self.assertIn('"service_settings"', first)
+        self.assertEqual((yield superseded), (1008, "superseded by new connection"))
+        # where it connected from is known on A too, and B keeps its socket
+        yield wait_until(lambda: a.directory.get(agent.service_id).ip_address == "127.0.0.1", timeout=10)
+        self.assertIn(agent.service_id, b.channel.connected)
+        yield agent.stopService()
+        closing = deferToThread(until_closed, ws)
+        yield b.stopService()
+        _, code, _ = yield closing
+        self.assertEqual(code, 1001)
+
+    @inlineCallbacks
+    def test_deactivation_settings_and_admin_tokens_reach_every_controller(self):
+        a = yield self.controller()
+        b = yield self.controller()
+        agent = yield connected_agent(self, b)
+        yield wait_until(lambda: agent.service_id in a.directory, timeout=10)
+        closed = next_event(agent, "disconnected")
+        status, body = yield request_json(a, "DELETE", f"/api/v1/services/{agent.service_id}")
+        self.assertEqual(status, 200, body)
+        self.assertEqual((yield closed), (1008, "service deactivated"))
+        yield wait_until(lambda: b.directory.get(agent.service_id).status == "deactivated", timeout=10)
+        # a network setting changed on A is used by B
+        status, body = yield request_json(a, "PUT", "/api/v1/settings/network", {"trusted_proxies": ["127.0.0.9/32"]})
+        self.assertEqual(status, 200, body)
+        yield wait_until(lambda: [str(n) for n in b.runtime.network.trusted_proxies] == ["127.0.0.9/32"], timeout=10)
+        # an admin token made on A works on B, and its revocation on B is honoured by A
+        status, created = yield request_json(a, "POST", "/api/v1/admin-tokens", {"name": "ops", "permissions": ["read"]})
+        self.assertEqual(status, 201, created)
+        yield wait_until(lambda: b.admin_tokens.check(created["token"]) is True, timeout=10)
+        status, _ = yield request_json(b, "GET", "/api/v1/services", token=created["token"])
+        self.assertEqual(status, 200)
+        status, _ = yield request_json(b, "DELETE", f"/api/v1/admin-tokens/{created['id']}")
+        self.assertIn(status, (200, 204))
+        yield wait_until(lambda: a.admin_tokens.check(created["token"]) is None, timeout=10)
+        status, _ = yield request_json(a, "GET", "/api/v1/services", token=created["token"])
+        self.assertEqual(status, 401)
+
+
+class LeadershipTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_one_controller_leads_and_another_takes_over_when_it_stops(self):
+        cluster = PostgresCluster()
+        self.addCleanup(cluster.destroy)
+        db, kek = cluster.new_database(), kek_file(self)
+        a = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        b = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        (b.settings.data_dir / "admin.token").write_bytes((a.settings.data_dir / "admin.token").read_bytes())
+        yield wait_until(lambda: a.leadership.leader or b.leadership.leader, timeout=10)
+        self.assertEqual([a.leadership.leader, b.leadership.leader].count(True), 1)
+        leader, other = (a, b) if a.leadership.leader else (b, a)
+        yield leader.stopService()
+        yield wait_until(lambda: other.leadership.leader, timeout=10)
+        metrics = yield https_client(other).get(url(other, "/metrics"))
+        text = (yield treq.content(metrics)).decode()
+        self.assertIn("uptrakit_cluster_leader 1.0", text)
+
+    def test_controllers_starting_together_on_an_empty_database_share_one_ca(self):
+        from uptrakitd.boot import boot
+        cluster = PostgresCluster()
+        self.addCleanup(cluster.destroy)
+        db, kek = cluster.new_database(), kek_file(self)
+        fingerprints, errors = [], []
+
+        def start() -> None:
+            try:
+                booted = boot(build_settings({"data_dir": self.mktemp() + "/data", "database": db,
+                                              "ca_key_encryption_key_file": kek}))
+                booted.lock.release()
+                fingerprints.append(booted.state.active().cert.fingerprint(hashes.SHA256()))
+            except Exception as e:   # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=start) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(fingerprints), 3)
+        self.assertEqual(len(set(fingerprints)), 1, "one CA for the database")
