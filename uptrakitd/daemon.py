@@ -188,12 +188,11 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
-    is_leader = _leadership(d, booted, reactor, run_blocking)
+    on_leader = _leadership(d, booted, reactor, run_blocking)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
-    PeriodicJob("daily CA check", DAY, lambda: ca.check_expiry() if is_leader() else None, reactor,
-                run_at_start=True).setServiceParent(d)
+    PeriodicJob("daily CA check", DAY, on_leader(ca.check_expiry), reactor, run_at_start=True).setServiceParent(d)
     PeriodicJob("daily server certificate check", DAY, server_cert.check_due, reactor,
                 run_at_start=True).setServiceParent(d)
     PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
@@ -203,8 +202,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
         feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply)
         Hooks("change feed", start=feed.start, stop=feed.stop).setServiceParent(d)
         PeriodicJob("daily change-log pruning", DAY,
-                    lambda: store.run(changes.prune, int(reactor.seconds())) if is_leader() else None,
-                    reactor).setServiceParent(d)
+                    on_leader(lambda: store.run(changes.prune, int(reactor.seconds()))), reactor).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
     PeriodicJob("readiness check", 30, readiness.check, reactor).setServiceParent(d)
     if settings.database:   # a write-free check of the database session (and so of the lock) every 2 s
@@ -230,12 +228,14 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     return d
 
 
-def _leadership(d: Daemon, booted: Booted, reactor: Any, run_blocking: Any) -> Callable[[], bool]:
+def _leadership(d: Daemon, booted: Booted, reactor: Any,
+                run_blocking: Any) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     """Who runs the once-per-database jobs: with PostgreSQL the holder of the leader lock (checked every
-    2 s; a new leader runs the CA check at once), with SQLite this controller."""
+    2 s; a new leader runs the CA check at once), with SQLite this controller. Returns `on_leader(job)`:
+    the job, run only while this controller leads."""
     if not booted.settings.database:
         d.metrics.cluster_leader.set(1)
-        return lambda: True
+        return lambda job: job
     d.leadership = leadership = Leadership(booted.settings.database)
 
     def check() -> Deferred:
@@ -249,7 +249,7 @@ def _leadership(d: Daemon, booted: Booted, reactor: Any, run_blocking: Any) -> C
         return run_blocking(leadership.check).addCallback(checked)
     PeriodicJob("leadership check", 2, check, reactor, run_at_start=True).setServiceParent(d)
     Hooks("leadership", stop=leadership.release).setServiceParent(d)
-    return lambda: leadership.leader
+    return lambda job: lambda: job() if leadership.leader else None
 
 
 def _warm(crls: CrlPublisher, rebuild: bool) -> None:
