@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from .admin_tokens import AdminTokenRegistry
 from .channel.hub import ChannelHub
 from .directory import ServiceDirectory
+from .errors import StorageUnavailable
 from .metrics import Metrics
 from .pki.authority import CertificateAuthority
 from .runtime_settings import RuntimeSettings
@@ -39,10 +40,16 @@ class ClusterSync:
 
     @inlineCallbacks
     def apply(self, changes: list[Change]) -> Any:
-        """Apply a batch, oldest first (the feed waits for this before reading on)."""
-        for change in changes:
+        """Apply a batch, oldest first (the feed waits for this before reading on); fires with how many
+        were dealt with. The database being unreachable stops the batch there: the feed tries the rest
+        again (nothing is skipped); any other failure is logged and counted, and the batch goes on."""
+        for done, change in enumerate(changes):
             try:
                 yield self._apply_one(change)
+            except StorageUnavailable:
+                log.warn("cannot apply change {seq} ({kind}) yet: the database cannot be reached; trying again",
+                         seq=change.seq, kind=change.kind)
+                return done
             except Exception:
                 log.failure("could not apply change {seq} ({kind} {key}) from controller {origin}",
                             seq=change.seq, kind=change.kind, key=change.key, origin=change.origin)
@@ -50,6 +57,7 @@ class ClusterSync:
             else:
                 self.metrics.cluster_changes.labels(change.kind, "applied").inc()
                 self.applied += 1
+        return len(changes)
 
     def _apply_one(self, change: Change) -> Any:
         kind, key = change.kind, change.key

@@ -157,6 +157,30 @@ class ClusterTests(TestCase):
         status, _ = yield request_json(a, "GET", "/api/v1/services", token=created["token"])
         self.assertEqual(status, 401)
 
+    @inlineCallbacks
+    def test_a_database_outage_refuses_writes_keeps_reads_and_then_catches_up(self):
+        a = yield self.controller()
+        b = yield self.controller()
+        agent = yield connected_agent(self, b)
+        cert = x509.load_pem_x509_certificate(agent_identity(agent)[0])
+        revoke = f"/api/v1/certificates/{format_serial(cert.serial_number)}/revoke"
+        yield wait_until(lambda: cert.serial_number in a.ca.state.records, timeout=10)
+        self.cluster.stop()
+        status, body = yield request_json(a, "POST", revoke, {"reason": "keyCompromise"})
+        self.assertEqual((status, body["code"]), (503, "storage_unavailable"))
+        self.assertEqual((yield ocsp_status(b, cert)), ocsp.OCSPCertStatus.GOOD)   # nothing changed, reads work
+        self.assertIn(agent.service_id, b.channel.connected)
+        self.cluster.start()
+        closed = next_event(agent, "disconnected")
+        for _ in range(2):   # the first write may meet the dead connection and reconnect
+            status, body = yield request_json(a, "POST", revoke, {"reason": "keyCompromise"})
+            if status != 503:
+                break
+        self.assertEqual(status, 200, body)
+        # B's listener reconnected by itself and applies what A did
+        self.assertEqual((yield closed), (1008, "certificate revoked"))
+        self.assertEqual((yield ocsp_status(b, cert)), ocsp.OCSPCertStatus.REVOKED)
+
 
 class LeadershipTests(TestCase):
     timeout = 60

@@ -1,7 +1,8 @@
 """Three active controllers on one PostgreSQL behind HAProxy (etc/proxies/haproxy/haproxy-ha.cfg), as
 processes: agents spread over them; a revocation made through whichever controller HAProxy picks closes
 the agent wherever it is; `kill -9` one controller and its agents come back through HAProxy to the
-others with the certificates they had."""
+others with the certificates they had, while revocations made in a burst during the kill all stay made
+and another controller takes over the leader's jobs."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
 from twisted.internet.error import ProcessExitedAlready
@@ -18,6 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.agent.client import ServiceAgent
+from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import next_event
 from ..e2e.harness import CONFIGS, RunningProxy, render
@@ -28,8 +31,9 @@ from .postgres import PostgresCluster, kek_file
 AGENTS = 100
 
 
-def _get(port: int, path: str, token: str | None = None, body: Any = None, method: str = "GET") -> tuple[int, Any]:
-    """An HTTPS request through HAProxy (blocking; certificate not checked: the test checks identities itself)."""
+def _fetch(port: int, path: str, token: str | None = None, body: Any = None, method: str = "GET") -> tuple[int, bytes]:
+    """An HTTPS request through HAProxy (blocking; certificate not checked: the test checks identities itself);
+    status 0 when the connection failed (HAProxy may still send one to a controller that just died)."""
     import ssl
     import urllib.error
     import urllib.request
@@ -40,11 +44,24 @@ def _get(port: int, path: str, token: str | None = None, body: Any = None, metho
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
-            return r.status, json.loads(r.read() or b"null")
+            return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+        return e.code, e.read()
     except OSError:
-        return 0, None
+        return 0, b""
+
+
+def _get(port: int, path: str, token: str | None = None, body: Any = None, method: str = "GET") -> tuple[int, Any]:
+    """_fetch with the body parsed as JSON."""
+    status, raw = _fetch(port, path, token, body, method)
+    return status, json.loads(raw or b"null") if status else None
+
+
+def _crl_number(port: int) -> int:
+    """The number of the generation-1 CRL a controller behind HAProxy serves."""
+    status, der = _fetch(port, "/api/v1/pki/crl/1.crl")
+    assert status == 200, status
+    return x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
 class FailoverTests(TestCase):
@@ -140,18 +157,40 @@ class FailoverTests(TestCase):
             _get(front, f"/api/v1/certificates/{serial}/revoke", token, {"reason": "keyCompromise"}, "POST")),
             10, "revocation")
         self.assertEqual((yield closed)[1], "certificate revoked")
-        yield victim.stopService()
+        # ten more to revoke in a burst while the leader dies (their agents stop first)
+        burst = agents[-11:-1]
+        for agent in [victim] + burst:
+            yield agent.stopService()
+        serials = [format_serial(agent.state.certificate().serial_number) for agent in burst]
+        survivors = agents[:-11]
+        crl_before = yield deferToThread(lambda: max(_crl_number(front) for _ in range(6)))   # any controller
+        a_out = controllers[0].output.decode(errors="replace")
+        self.assertIn("is now the leader", a_out, "the first controller leads (it took the lock first)")
         disconnects.clear()
-        survivors = agents[:-1]
 
-        # kill -9 one controller: its agents (and only they) are disconnected, and all come back
+        # kill -9 the leader during the burst: its agents (and only they) are disconnected, and all come back;
+        # every revocation that was acknowledged stays revoked; another controller leads within seconds
         back = {i: next_event(agent, "service_settings", timeout=60) for i, agent in enumerate(survivors)}
+        acknowledged: list[str] = []
+
+        def revoke_all() -> None:
+            for n, s in enumerate(serials):
+                if n == 3:
+                    reactor.callFromThread(controllers[0].transport.signalProcess, "KILL")
+                for _ in range(50):   # HAProxy may still pick the dead one until its check takes it out
+                    status, _ = _fetch(front, f"/api/v1/certificates/{s}/revoke", token,
+                                       {"reason": "cessationOfOperation"}, "POST")
+                    if status == 200:
+                        acknowledged.append(s)
+                        break
+                    time.sleep(0.1)
         killed_at = time.monotonic()
-        controllers[1].transport.signalProcess("KILL")
-        yield self.until(lambda: bool(disconnects), 10, "the agents on B disconnected")
-        yield deferLater(reactor, 0.5, lambda: None)   # HAProxy closes all of B's client connections at once
+        yield deferToThread(revoke_all)
+        self.assertEqual(sorted(acknowledged), sorted(serials), "each revocation acknowledged once it got through")
+        yield self.until(lambda: bool(disconnects), 10, "the agents on A disconnected")
+        yield deferLater(reactor, 0.5, lambda: None)   # HAProxy closes all of A's client connections at once
         lost = sorted(disconnects)
-        self.assertTrue(0 < len(lost) < len(survivors), f"{len(lost)} of {len(survivors)} agents were on B")
+        self.assertTrue(0 < len(lost) < len(survivors), f"{len(lost)} of {len(survivors)} agents were on A")
         yield gatherResults([back[i] for i in lost])
         took = time.monotonic() - killed_at
         print(f"\nfailover: {len(lost)} of {len(survivors)} agents were on the killed controller; all back "
@@ -161,10 +200,19 @@ class FailoverTests(TestCase):
                 back[i].addErrback(lambda f: f.trap(CancelledError))
                 back[i].cancel()   # never disconnected: nothing to wait for
         self.assertEqual(sorted(disconnects), lost, "nobody else was disconnected")
+        yield self.until(lambda: any(b"is now the leader" in p.output for p in controllers[1:]), 10,
+                         "another controller leads")
+        print(f"failover: another controller leads (seen {time.monotonic() - killed_at:.1f} s after kill -9)")
+        status, revoked = yield self.until(lambda: (lambda r: r if r[0] == 200 else None)(
+            _get(front, "/api/v1/certificates?status=revoked&limit=100", token)), 10, "revoked list")
+        listed = {c["serial"] for c in revoked["certificates"]}
+        self.assertLessEqual(set(acknowledged), listed, "no acknowledged revocation was lost")
+        crl_after = yield self.until(lambda: min(_crl_number(front) for _ in range(4)), 10, "CRL")
+        self.assertGreater(crl_after, crl_before, "CRL numbers keep increasing across controllers")
         # the others agree on the records: every agent's certificate is known and good on the survivors
         status, services = yield self.until(lambda: (lambda r: r if r[0] == 200 else None)(
             _get(front, "/api/v1/services", token)), 10, "services")
         self.assertEqual(len(services["services"]), AGENTS)
-        for process in (controllers[0], controllers[2]):
+        for process in controllers[1:]:
             self.assertEqual((process.data / "pki" / "ca.crt").read_bytes(), ca)
             self.assertFalse(list((process.data / "pki").glob("ca-*.key")), "CA keys come sealed from the database")

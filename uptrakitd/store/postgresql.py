@@ -259,13 +259,20 @@ class ChangeFeed:
                     rows = changes.since(conn, max(0, self.last - self.WINDOW), self.BATCH)
                     fresh = [c for c in rows if c.seq not in self._seen]
                     theirs = [c for c in fresh if c.origin != self.origin]
+                    done = len(theirs)
                     if theirs and self._running:
-                        blockingCallFromThread(self.reactor, self.apply, theirs)
+                        done = blockingCallFromThread(self.reactor, self.apply, theirs)
+                    # what was dealt with is done; from the first change that was not, read again
+                    until = theirs[done].seq if done < len(theirs) else None
                     for c in fresh:
+                        if until is not None and c.seq >= until:
+                            break
                         self._seen.add(c.seq)
                         self.last = max(self.last, c.seq)
                     self._seen = {seq for seq in self._seen if seq > self.last - self.WINDOW}
-                    if len(rows) < self.BATCH:
+                    if until is not None:
+                        time.sleep(1.0)   # the database is away for the store too: give it a moment
+                    elif len(rows) < self.BATCH:
                         for _ in conn.raw.notifies(timeout=1.0, stop_after=1):
                             pass
                 except Exception as e:
