@@ -50,6 +50,7 @@ from .store import PostgresStore, SqliteStore, changes, make_store, read_probe
 from .store.postgresql import ChangeFeed, Leadership
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
+from .web.api.cluster import ControllerRoutes
 from .web.api.identity import NetworkSettingsRoutes
 from .web.api.overview import DiagnosticsRoutes, OverviewRoutes, RotationProgress, SessionRoutes
 from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
@@ -134,6 +135,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     metrics.ca_generation.set_function(lambda: state.active().generation)
 
     d.directory = directory = ServiceDirectory(store, ca, runtime, bus, reactor, booted.services)
+    if settings.database:
+        directory.controller_id = booted.controller_id
     d.enrollment_tokens = enrollment_tokens = EnrollmentTokens(store)
     d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
     d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain)
@@ -168,6 +171,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                     + OverviewRoutes(ca, crls, runtime, directory, channel, server_cert, rotation).routes()
                     + rotation.routes() + DiagnosticsRoutes(resolver.doctor, runtime).routes()
                     + SessionRoutes(admin_tokens).routes()
+                    + ControllerRoutes(store, directory.controller_id, booted.hostname, reactor.seconds(),
+                                       lambda: getattr(d, "leadership", None) is None or d.leadership.leader,
+                                       lambda: len(channel.connected), reactor).routes()
                     + UiRoutes().routes() + pki_routes)
     https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
                                        channel.resources, resolver, admin_tokens.check,
@@ -236,7 +242,8 @@ def _leadership(d: Daemon, booted: Booted, reactor: Any,
     if not booted.settings.database:
         d.metrics.cluster_leader.set(1)
         return lambda job: job
-    d.leadership = leadership = Leadership(booted.settings.database)
+    d.leadership = leadership = Leadership(booted.settings.database, booted.controller_id, booted.hostname,
+                                           int(reactor.seconds()))
 
     def check() -> Deferred:
         was = leadership.leader
@@ -248,7 +255,7 @@ def _leadership(d: Daemon, booted: Booted, reactor: Any,
             return None
         return run_blocking(leadership.check).addCallback(checked)
     PeriodicJob("leadership check", 2, check, reactor, run_at_start=True).setServiceParent(d)
-    Hooks("leadership", stop=leadership.release).setServiceParent(d)
+    Hooks("leadership", stop=lambda: run_blocking(leadership.release)).setServiceParent(d)
     return lambda job: lambda: job() if leadership.leader else None
 
 

@@ -46,6 +46,7 @@ class ServiceRecord:
     cert_lifetime_hours: int | None = None
     ping_interval_seconds: int | None = None
     enrollment_secret_hash: str | None = None
+    controller: str | None = None   # several controllers: the one that holds its socket (None: none, or SQLite)
 
 
 def load_services(conn: Any) -> list[ServiceRecord]:
@@ -79,6 +80,7 @@ class ServiceDirectory:
         self.bus = bus
         self.clock = clock
         self._records = {r.id: r for r in records}
+        self.controller_id: str | None = None   # set with PostgreSQL: this controller, among several
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -224,8 +226,27 @@ class ServiceDirectory:
         now = int(self.clock.seconds())
         service.ip_address, service.proxy_ip = client_ip, proxy_ip
         service.identity_source, service.last_seen_at = source, now
+        service.controller = self.controller_id
         return self.store.run(stored.record_connection, service.id, client_ip, proxy_ip, source, now).addErrback(
             lambda f: log.failure("could not record the connection of {service}", f, service=service.id))
+
+    def record_disconnection(self, service_id: str) -> None:
+        """Several controllers: this one no longer holds the service's socket (the others are told)."""
+        service = self._records.get(service_id)
+        if self.controller_id is None or service is None:
+            return
+        if service.controller == self.controller_id:
+            service.controller = None
+        self.store.run(stored.record_disconnection, service_id).addErrback(
+            lambda f: log.failure("could not record the disconnection of {service}", f, service=service_id))
+
+    def holder(self, service: ServiceRecord, here: bool) -> tuple[bool, str | None]:
+        """(connected, which controller holds its socket): this one when `here`, else the one the database
+        names; the controller is None with SQLite (there is only one)."""
+        if here:
+            return True, self.controller_id
+        elsewhere = service.controller if service.controller != self.controller_id else None
+        return elsewhere is not None, elsewhere
 
     def touch(self, service: ServiceRecord) -> None:
         """Note that a service was seen now (a ping)."""

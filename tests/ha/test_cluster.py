@@ -131,6 +131,39 @@ class ClusterTests(TestCase):
         self.assertEqual(code, 1001)
 
     @inlineCallbacks
+    def test_every_controller_shows_which_one_holds_a_service_and_who_leads(self):
+        a = yield self.controller()
+        b = yield self.controller()
+        agent = yield connected_agent(self, a)
+        me = a.directory.controller_id
+
+        def on_b() -> Any:
+            return request_json(b, "GET", f"/api/v1/services/{agent.service_id}")
+        yield wait_until(lambda: (b.directory.get(agent.service_id) or agent).controller == me, timeout=10)
+        status, body = yield on_b()
+        self.assertEqual((status, body["connected"], body["controller"], body["ip_address"]),
+                         (200, True, me, "127.0.0.1"))
+        status, listed = yield request_json(b, "GET", "/api/v1/services?connected=true")
+        self.assertEqual([s["id"] for s in listed["services"]], [agent.service_id])
+        yield wait_until(lambda: a.leadership.leader or b.leadership.leader, timeout=10)
+        status, body = yield request_json(b, "GET", "/api/v1/controllers")
+        self.assertEqual(status, 200, body)
+        rows = {c["id"]: c for c in body["controllers"]}
+        self.assertEqual(set(rows), {me, b.directory.controller_id})
+        self.assertEqual(sorted(c["leader"] for c in rows.values()), [False, True])
+        self.assertEqual((rows[me]["services"], rows[me]["this"], rows[b.directory.controller_id]["this"]),
+                         (1, False, True))
+        # the agent goes away: no controller holds it any more, on either
+        yield agent.stopService()
+        yield wait_until(lambda: b.directory.get(agent.service_id).controller is None, timeout=10)
+        status, body = yield on_b()
+        self.assertEqual((body["connected"], body["controller"]), (False, None))
+        # a controller that stops leaves the list
+        yield a.stopService()
+        status, body = yield request_json(b, "GET", "/api/v1/controllers")
+        self.assertEqual([c["id"] for c in body["controllers"]], [b.directory.controller_id])
+
+    @inlineCallbacks
     def test_deactivation_settings_and_admin_tokens_reach_every_controller(self):
         a = yield self.controller()
         b = yield self.controller()

@@ -119,6 +119,8 @@ class ChannelHub:
         self.sockets.discard(proto)
         if proto.service_id and self.connected.get(proto.service_id) is proto:
             del self.connected[proto.service_id]
+            if not self._stopping:   # at stop, the controller leaves the database's list in one go
+                self.directory.record_disconnection(proto.service_id)
 
     def _enroll_timeout(self, proto: ServiceChannelProtocol) -> None:
         if proto.phase == "anonymous":

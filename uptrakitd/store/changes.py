@@ -49,6 +49,11 @@ def note(conn: Any, kind: str, key: str) -> int | None:
     return int(row["seq"])
 
 
+def origin_of(conn: Any) -> str | None:
+    """The controller a connection writes for (None with SQLite: there is only one)."""
+    return getattr(conn, "origin", None)
+
+
 def newest(conn: Any) -> int:
     """The highest sequence number written so far (0 for none)."""
     row = conn.execute("SELECT max(seq) AS seq FROM changes").fetchone()

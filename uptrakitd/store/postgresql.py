@@ -173,25 +173,43 @@ def write_probe(conn: PgConnection, now: int) -> None:
 
 class Leadership:
     """Which controller runs the jobs that must run once per database (automatic CA rotation, pruning
-    the change log): the one whose session holds an advisory lock. Every controller serves, issues and
-    revokes; only these jobs must not run twice. PostgreSQL drops a dead controller's session, and its
-    lock with it, so another one takes over at its next `check()` (every 2 s)."""
+    the change log, releasing dead controllers' services): the one whose session holds an advisory
+    lock. Every controller serves, issues and revokes; only these jobs must not run twice. PostgreSQL
+    drops a dead controller's session, and its lock with it, so another one takes over at its next
+    `check()` (every 2 s). Every check also refreshes this controller's row in `controllers`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, controller: str, hostname: str, started_at: int) -> None:
         self.url = url
+        self.controller = controller
+        self.hostname = hostname
+        self.started_at = started_at
         self._conn: PgConnection | None = None
         self.leader = False
+        self._lock = threading.Lock()   # check() and release() run in threads and share the session
+        self._released = False
 
     def check(self) -> bool:
         """Keep or try to take the lock (blocking: run it in a thread); True while this controller leads."""
+        with self._lock:
+            return self._check() if not self._released else False
+
+    def _check(self) -> bool:
+        from . import controllers
         try:
             if self._conn is None:
-                self._conn = connect(self.url)
-            if self.leader:
-                self._conn.execute("SELECT 1")   # the session is alive, so the lock is still ours
-            elif self._conn.execute("SELECT pg_try_advisory_lock(?) AS locked", (LEADER_LOCK,)).fetchone()["locked"]:
+                self._conn = connect(self.url, self.controller)
+            if not self.leader and self._conn.execute("SELECT pg_try_advisory_lock(?) AS locked",
+                                                      (LEADER_LOCK,)).fetchone()["locked"]:
                 self.leader = True
                 log.info("this controller is now the leader: it runs the jobs that run once per database")
+            now = int(time.time())
+            # a live session means the lock is still ours
+            transaction(self._conn, controllers.heartbeat, self.controller, self.hostname, self.started_at, now,
+                        self.leader)
+            if self.leader:
+                for dead in transaction(self._conn, controllers.clear_dead, now):
+                    log.info("controller {controller} was not seen for {seconds} s: its services are released",
+                             controller=dead, seconds=controllers.DEAD_AFTER_SECONDS)
         except Exception as e:   # the database is away: whoever holds the lock when it is back leads
             if self._conn is not None:
                 close_quietly(self._conn)
@@ -203,11 +221,18 @@ class Leadership:
         return self.leader
 
     def release(self) -> None:
-        """Give the lock up (at stop): another controller leads within its next check."""
-        if self._conn is not None:
-            close_quietly(self._conn)
-            self._conn = None
-        self.leader = False
+        """At stop: leave the controllers' table and give the lock up (another leads within its next check)."""
+        from . import controllers
+        with self._lock:
+            self._released = True
+            if self._conn is not None:
+                try:
+                    transaction(self._conn, controllers.leave, self.controller)
+                except Exception as e:
+                    log.warn("could not remove this controller's row: {error}", error=str(e).strip())
+                close_quietly(self._conn)
+                self._conn = None
+            self.leader = False
 
 
 class ChangeFeed:

@@ -9,7 +9,7 @@ from . import changes
 
 COLUMNS = ("id", "kind", "hostname", "status", "created_at", "friendly_name", "capabilities", "ip_address",
            "proxy_ip", "identity_source", "last_seen_at", "cert_lifetime_hours", "ping_interval_seconds",
-           "enrollment_secret_hash")
+           "enrollment_secret_hash", "controller")
 WRITABLE = frozenset({"status", "cert_lifetime_hours", "ping_interval_seconds", "enrollment_secret_hash",
                       "last_seen_at", "friendly_name"})
 
@@ -44,9 +44,27 @@ def insert(conn: sqlite3.Connection, service_id: str, kind: str, hostname: str, 
 def record_connection(conn: sqlite3.Connection, service_id: str, ip_address: str, proxy_ip: str | None,
                       identity_source: str, seen_at: int) -> int | None:
     """Durably note where a service connected from and how it was identified; the change's seq (PostgreSQL)."""
-    conn.execute("UPDATE services SET ip_address = ?, proxy_ip = ?, identity_source = ?, last_seen_at = ? "
-                 "WHERE id = ?", (ip_address, proxy_ip, identity_source, seen_at, service_id))
+    conn.execute("UPDATE services SET ip_address = ?, proxy_ip = ?, identity_source = ?, last_seen_at = ?, "
+                 "controller = ? WHERE id = ?",
+                 (ip_address, proxy_ip, identity_source, seen_at, changes.origin_of(conn), service_id))
     return changes.note(conn, "connected", service_id)
+
+
+def record_disconnection(conn: sqlite3.Connection, service_id: str) -> None:
+    """The service's socket on this controller is gone (unless another controller holds a newer one)."""
+    cur = conn.execute("UPDATE services SET controller = NULL WHERE id = ? AND controller = ?",
+                       (service_id, changes.origin_of(conn)))
+    if cur.rowcount:
+        changes.note(conn, "service", service_id)
+
+
+def release_controller(conn: sqlite3.Connection, controller: str) -> list[str]:
+    """No socket is held by `controller` any more (it stopped, or died): the services it held."""
+    ids = [row["id"] for row in conn.execute("SELECT id FROM services WHERE controller = ?", (controller,))]
+    conn.execute("UPDATE services SET controller = NULL WHERE controller = ?", (controller,))
+    for service_id in ids:
+        changes.note(conn, "service", service_id)
+    return ids
 
 
 def update_fields(conn: sqlite3.Connection, service_id: str, **fields: Any) -> None:

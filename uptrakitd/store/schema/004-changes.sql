@@ -8,3 +8,12 @@ CREATE TABLE changes (
     origin TEXT NOT NULL,
     at INTEGER NOT NULL
 );
+-- the controllers on the database (each refreshes its row every 2 s) and which one holds a service's socket
+CREATE TABLE controllers (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    seen_at INTEGER NOT NULL,
+    leader INTEGER NOT NULL DEFAULT 0
+);
+ALTER TABLE services ADD COLUMN controller TEXT;

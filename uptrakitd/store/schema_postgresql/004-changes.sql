@@ -8,3 +8,12 @@ CREATE TABLE changes (
     at BIGINT NOT NULL
 );
 CREATE INDEX changes_at ON changes (at);
+-- the controllers on the database (each refreshes its row every 2 s) and which one holds a service's socket
+CREATE TABLE controllers (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    seen_at BIGINT NOT NULL,
+    leader INTEGER NOT NULL DEFAULT 0
+);
+ALTER TABLE services ADD COLUMN controller TEXT;

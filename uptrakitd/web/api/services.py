@@ -42,10 +42,11 @@ class ServiceRoutes:
     def describe(self, s: ServiceRecord) -> dict[str, Any]:
         """The API's JSON for one service."""
         cert = self.ca.state.current_for(s.id, self.ca.clock.seconds())
+        connected, controller = self.directory.holder(s, self.connections.is_connected(s.id))
         return {"id": s.id, "kind": s.kind, "hostname": s.hostname, "friendly_name": s.friendly_name,
                 "status": s.status, "capabilities": list(s.capabilities), "ip_address": s.ip_address,
                 "proxy_ip": s.proxy_ip, "identity_source": s.identity_source,
-                "connected": self.connections.is_connected(s.id), "last_seen_at": iso(s.last_seen_at),
+                "connected": connected, "controller": controller, "last_seen_at": iso(s.last_seen_at),
                 "created_at": iso(s.created_at), "cert_lifetime_hours": s.cert_lifetime_hours,
                 "ping_interval_seconds": s.ping_interval_seconds,
                 "certificate": None if cert is None else {"serial": format_serial(cert.serial),
@@ -67,7 +68,8 @@ class ServiceRoutes:
         for s in sorted(self.directory, key=lambda s: (s.created_at, s.id)):
             if kind and s.kind != kind or status and s.status != status:
                 continue
-            if connected is not None and self.connections.is_connected(s.id) != (connected == "true"):
+            if connected is not None and self.directory.holder(s, self.connections.is_connected(s.id))[0] != \
+                    (connected == "true"):
                 continue
             out.append(self.describe(s))
         return {"services": out}
