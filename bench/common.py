@@ -41,7 +41,8 @@ class Daemon:
                     break
             except OSError:
                 time.sleep(0.05)
-        self.token = Path(self.dir, "uptrakit-data", "admin.token").read_text().strip()
+        token = Path(self.dir, "uptrakit-data", "admin.token")   # only the first controller on a database has one
+        self.token = token.read_text().strip() if token.exists() else None
 
     def cpu_seconds(self) -> float:
         """User + system CPU the daemon has used so far."""
