@@ -1,8 +1,9 @@
 """Three active controllers on one PostgreSQL behind HAProxy (etc/proxies/haproxy/haproxy-ha.cfg), as
 processes: agents spread over them; a revocation made through whichever controller HAProxy picks closes
 the agent wherever it is; `kill -9` one controller and its agents come back through HAProxy to the
-others with the certificates they had, while revocations made in a burst during the kill all stay made
-and another controller takes over the leader's jobs."""
+others with the certificates they had, while revocations made in a burst during the kill all stay made,
+another controller takes over the leader's jobs, and nginx checking client certificates with `ssl_ocsp`
+(the controllers' responders behind HAProxy) admits a valid client throughout."""
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.agent.client import ServiceAgent
 from uptrakitd.pki.serials import format_serial
 
-from ..channel_helpers import next_event
+from ..channel_helpers import agent_identity, next_event
 from ..e2e.harness import CONFIGS, RunningProxy, render
-from ..helpers import env, free_port, require_program, spawn
+from ..helpers import blocking_get, blocking_tls_socket, env, free_port, require_program, spawn
 from .postgres import PostgresCluster, kek_file
 
 
@@ -64,16 +65,102 @@ def _crl_number(port: int) -> int:
     return x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
+class Nginx:
+    """nginx verifying client certificates with `ssl_ocsp` against the controllers (through HAProxy)."""
+
+    def __init__(self, port: int, server_pem: bytes) -> None:
+        self.port, self.server_pem = port, server_pem
+
+    def status(self, cert: bytes, key: bytes) -> int:
+        """The status of GET / with this client certificate (nginx answers 400 for a refused one)."""
+        with blocking_tls_socket(self.port, self.server_pem, cert, key) as s:
+            return blocking_get(s, "/")[0]
+
+    def probe(self, cert: bytes, key: bytes) -> Any:
+        """Handshakes with this certificate every 50 ms until `stop()`, which fires with the statuses."""
+        import threading
+        statuses: list[int] = []
+        running = threading.Event()
+        running.set()
+
+        def loop() -> list[int]:
+            while running.is_set():
+                try:
+                    statuses.append(self.status(cert, key))
+                except OSError as e:   # a refused or broken connection counts as a failure too
+                    statuses.append(-1)
+                    print(f"nginx probe: {e}")
+                time.sleep(0.05)
+            return statuses
+        done = deferToThread(loop)
+
+        class Probe:
+            def stop(self) -> Any:
+                running.clear()
+                return done
+        return Probe()
+
+
+@inlineCallbacks
+def start_nginx(testcase: TestCase, work: Path, ca: bytes, pki_front: int) -> Any:
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    nginx = require_program("nginx", "apt-get install nginx-light")
+    prefix = work / "nginx"
+    prefix.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True).sign(key, hashes.SHA256()))
+    server_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (prefix / "server.crt").write_bytes(server_pem)
+    (prefix / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    (prefix / "ca.crt").write_bytes(ca)
+    port = free_port()
+    (prefix / "nginx.conf").write_text(f"""
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{}}
+http {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {prefix}/server.crt;
+        ssl_certificate_key {prefix}/server.key;
+        ssl_client_certificate {prefix}/ca.crt;
+        ssl_verify_client on;
+        ssl_verify_depth 1;
+        ssl_ocsp leaf;
+        ssl_ocsp_responder http://127.0.0.1:{pki_front}/api/v1/pki/ocsp;
+        location / {{ return 200 "ok\n"; }}
+    }}
+}}
+""")
+    yield RunningProxy(testcase, "nginx", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                                           "-g", "daemon off;"], port).start()
+    return Nginx(port, server_pem)
+
+
 class FailoverTests(TestCase):
     timeout = 180
 
-    def controller(self, work: Path, name: str, port: int, url: str, kek: str) -> Any:
+    def controller(self, work: Path, name: str, port: int, pki_port: int, pki_front: int, url: str, kek: str) -> Any:
         twistd = str(Path(sys.executable).with_name("twistd"))
         data = work / name
         process = spawn([twistd, "--pidfile=", "-n", "uptrakit", "--data-dir", str(data),
                          "--https-listen", f"haproxy:tcp:{port}:interface=127.0.0.1",
                          "--proxy-protocol-sender", "127.0.0.1", "--database", url,
-                         "--ca-key-encryption-key-file", kek], env=env(), cwd=str(work))
+                         "--ca-key-encryption-key-file", kek, "--pki-http", "listener",
+                         "--pki-listen", f"tcp:{pki_port}:interface=127.0.0.1",
+                         "--pki-addr", f"http://127.0.0.1:{pki_front}"], env=env(), cwd=str(work))
         def kill() -> Any:
             if not process.ended.called:
                 try:
@@ -112,16 +199,18 @@ class FailoverTests(TestCase):
         url, kek = cluster.new_database(), kek_file(self)
         work = Path(self.mktemp()).resolve()
         work.mkdir(parents=True)
-        ports, front = [free_port() for _ in range(3)], free_port()
+        ports, pki_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+        front, pki_front = free_port(), free_port()
         conf = work / "haproxy.cfg"
         conf.write_text(render(CONFIGS / "haproxy" / "haproxy-ha.cfg", {
-            "LISTEN_ADDR": "127.0.0.1", "LISTEN_PORT": front, "CONTROLLER_A": f"127.0.0.1:{ports[0]}",
-            "CONTROLLER_B": f"127.0.0.1:{ports[1]}", "CONTROLLER_C": f"127.0.0.1:{ports[2]}"}))
+            "LISTEN_ADDR": "127.0.0.1", "LISTEN_PORT": front, "PKI_LISTEN_PORT": pki_front,
+            **{f"CONTROLLER_{x}": f"127.0.0.1:{p}" for x, p in zip("ABC", ports)},
+            **{f"CONTROLLER_{x}_PKI": f"127.0.0.1:{p}" for x, p in zip("ABC", pki_ports)}}))
         proxy = yield RunningProxy(self, "haproxy", [haproxy, "-db", "-f", str(conf)], front).start()
 
         controllers = []
-        for name, port in zip("abc", ports):
-            process = self.controller(work, name, port, url, kek)
+        for name, port, pki_port in zip("abc", ports, pki_ports):
+            process = self.controller(work, name, port, pki_port, pki_front, url, kek)
             controllers.append(process)
             try:   # one after the other: the first creates the CA and the admin token, the others load them
                 yield self.expect(process, b"HTTPS listening", 40)
@@ -148,6 +237,8 @@ class FailoverTests(TestCase):
             agent.startService()
         yield gatherResults(settled)
         disconnects.clear()   # enrolling ends with a close (then the agent comes back with its certificate)
+        # nginx in front of other clients, asking the controllers' OCSP (through HAProxy) at every handshake
+        nginx = yield start_nginx(self, work, ca, pki_front)
 
         # a revocation made through whichever controller HAProxy picks reaches the agent wherever it is
         victim = agents[-1]
@@ -157,6 +248,8 @@ class FailoverTests(TestCase):
             _get(front, f"/api/v1/certificates/{serial}/revoke", token, {"reason": "keyCompromise"}, "POST")),
             10, "revocation")
         self.assertEqual((yield closed)[1], "certificate revoked")
+        self.assertEqual((yield deferToThread(nginx.status, *agent_identity(victim))), 400,
+                         "nginx refuses the revoked certificate (OCSP through HAProxy)")
         # ten more to revoke in a burst while the leader dies (their agents stop first)
         burst = agents[-11:-1]
         for agent in [victim] + burst:
@@ -184,6 +277,7 @@ class FailoverTests(TestCase):
                         acknowledged.append(s)
                         break
                     time.sleep(0.1)
+        probe = nginx.probe(*agent_identity(survivors[0]))
         killed_at = time.monotonic()
         yield deferToThread(revoke_all)
         self.assertEqual(sorted(acknowledged), sorted(serials), "each revocation acknowledged once it got through")
@@ -195,6 +289,9 @@ class FailoverTests(TestCase):
         took = time.monotonic() - killed_at
         print(f"\nfailover: {len(lost)} of {len(survivors)} agents were on the killed controller; all back "
               f"{took:.1f} s after kill -9")
+        statuses = yield probe.stop()
+        print(f"failover: nginx admitted a valid client {statuses.count(200)} times of {len(statuses)} meanwhile")
+        self.assertTrue(statuses and set(statuses) == {200}, f"nginx with ssl_ocsp throughout: {statuses}")
         for i, agent in enumerate(survivors):
             if i not in lost:
                 back[i].addErrback(lambda f: f.trap(CancelledError))
