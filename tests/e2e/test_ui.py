@@ -154,6 +154,13 @@ class UiTests(TestCase):
                 b.resize(WIDE)
                 b.every_page("admin-before", WIDE)
 
+                # 0. the overview lists the controllers: with SQLite, this one, leading, holding both agents
+                b.go("overview")
+                page.wait_for_selector("#ov-controllers tbody tr[data-controller=local]")
+                cells = page.locator("#ov-controllers tbody tr").all_inner_texts()
+                assert len(cells) == 1 and "leader" in cells[0] and "the only one" in cells[0], cells
+                assert cells[0].split("\t")[3] == "2", cells
+
                 # 1. an enrollment token, and the third agent started from the command the UI shows
                 b.go("tokens")
                 page.fill("#enroll-form input[name=name]", "third agent")

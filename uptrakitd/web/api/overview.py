@@ -62,7 +62,8 @@ class RotationProgress:
             if s.status != "approved":
                 continue
             cert = state.current_for(s.id, now_ts)
-            item = {"id": s.id, "name": _name(s), "connected": self.connections.is_connected(s.id),
+            item = {"id": s.id, "name": _name(s),
+                    "connected": self.directory.holder(s, self.connections.is_connected(s.id))[0],
                     "ca_generation": cert.ca_generation if cert else None}
             if cert is None:
                 without.append(item)
@@ -159,7 +160,9 @@ class OverviewRoutes:
                 "ca_bundle_hash": self.ca.bundle_hash(),
                 "server_certificate": {"not_after": self.server_cert.not_after().isoformat(),
                                        "days_left": server_left.days},
-                "services": {"total": len(services), "connected": len(self.connections.connected),
+                "services": {"total": len(services),
+                             "connected": sum(self.directory.holder(s, self.connections.is_connected(s.id))[0]
+                                              for s in services),
                              "pending": pending},
                 "certificates": counts, "renewal_window_hours": self.runtime.renewal_window_hours(),
                 "rotation": {"in_progress": self.ca.rotating or not progress["complete"],

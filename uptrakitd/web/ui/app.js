@@ -113,6 +113,13 @@ async function loadOverview() {
   dlRows($("#ov-certs"), [["Valid client certificates", String(o.certificates.valid)],
     [`Expiring within ${o.renewal_window_hours} h`, String(o.certificates.expiring_in_window)],
     ["Revoked in the last 24 h", String(o.certificates.revoked_last_24h)]]);
+  const {controllers} = await api("GET", "/api/v1/controllers");
+  const cbody = $("#ov-controllers tbody"); cbody.replaceChildren();
+  for (const c of controllers) {
+    const name = c.id ? c.id + (c.this ? " (this one)" : "") : "this controller (the only one: SQLite)";
+    cbody.append(el("tr", {"data-controller": c.id || "local"}, td(name, "mono"), td(c.hostname),
+      td(c.leader ? "leader" : "member"), td(String(c.services)), td(when(c.seen_at))));
+  }
   const body = $("#ov-expiring tbody"); body.replaceChildren();
   for (const c of o.certificates.expiring) body.append(el("tr", {}, td(c.service), td(c.serial, "mono"), td(when(c.not_after), "expiring")));
   if (!o.certificates.expiring.length) emptyRow(body, 3, "Nothing expires inside the renewal window: connected services renew on their own before it.");
@@ -151,7 +158,8 @@ async function loadServices() {
     body.append(el("tr", {"data-service": s.id},
       td(el("span", {}, el("strong", {text: names[s.id]}), el("br"), el("small", {class: "mono", text: s.id.slice(0, 8)}))),
       td(s.kind), td(s.status, "status-" + s.status),
-      td(el("span", {class: s.connected ? "dot on" : "dot off", text: s.connected ? "yes" : "no"}), "connected"),
+      td(el("span", {class: s.connected ? "dot on" : "dot off", text: s.connected ? "yes" : "no",
+        title: s.controller ? "held by controller " + s.controller : ""}), "connected"),
       td(s.ip_address), td(s.proxy_ip ? `${s.proxy_ip} (${s.identity_source})` : (s.identity_source === "mtls" ? "direct (mTLS)" : s.identity_source || "–")),
       td(cert ? el("span", {}, "G" + cert.ca_generation + ", expires ", when(cert.not_after)) : null, expiring ? "expiring" : ""),
       td(when(s.last_seen_at)), actions));
