@@ -98,6 +98,55 @@ class OpensslOcspCrlTests(TestCase):
             self.assertEqual(ocsp.load_der_ocsp_response(response.partition(b"\r\n\r\n")[2]).certificate_status,
                              ocsp.OCSPCertStatus.GOOD, form)
 
+    @inlineCallbacks
+    def test_a_repeated_get_is_answered_the_same_until_a_revocation_changes_it(self):
+        """nginx asks the same URL at every handshake: the second time it is answered without the request
+        machinery, with the same bytes and headers, over keep-alive too, and never stale."""
+        import socket
+        issued, _, _ = yield new_leaf(self.c)
+        ca = self.c.ca.state.active().cert
+        der = ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca, hashes.SHA1()).build().public_bytes(
+            serialization.Encoding.DER)
+        path = f"/api/v1/pki/ocsp/{quote(base64.b64encode(der).decode(), safe='')}"
+        ask = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+        def parts(response: bytes) -> tuple[list[str], bytes]:
+            head, _, body = response.partition(b"\r\n\r\n")
+            names = sorted(line.split(b":")[0].decode().lower() for line in head.split(b"\r\n")[1:])
+            return names, body
+        first = yield self.raw_http(ask)
+        hits = self.c.repeated_ocsp.hits
+        second = yield self.raw_http(ask)
+        self.assertEqual(self.c.repeated_ocsp.hits, hits + 1, "the second GET took the short way")
+        self.assertEqual(parts(second)[0], parts(first)[0], "the same headers")
+        self.assertEqual(parts(second)[1], parts(first)[1], "the same signed answer")
+        self.assertTrue(second.startswith(b"HTTP/1.0 200 OK\r\n"), second[:40])
+        self.assertIn(b"content-length: %d\r\n" % len(parts(first)[1]), second.lower())
+        self.assertEqual(ocsp.load_der_ocsp_response(parts(second)[1]).certificate_status, ocsp.OCSPCertStatus.GOOD)
+
+        def keep_alive() -> list[bytes]:   # three on one HTTP/1.1 connection, each read by its Content-Length
+            out = []
+            with socket.create_connection(("127.0.0.1", self.pki_port), timeout=10) as s:
+                for _ in range(3):
+                    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += s.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += s.recv(65536)
+                    self.assertNotIn(b"connection: close", head.lower())
+                    out.append(body)
+            return out
+        bodies = yield deferToThread(keep_alive)
+        self.assertEqual(bodies, [parts(first)[1]] * 3)
+        status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
+                                       {"reason": "keyCompromise"})
+        self.assertEqual(status, 200)
+        after = yield self.raw_http(ask)
+        self.assertEqual(ocsp.load_der_ocsp_response(parts(after)[1]).certificate_status, ocsp.OCSPCertStatus.REVOKED)
+
     def raw_http(self, request: bytes):
         import socket
 

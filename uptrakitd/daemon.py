@@ -57,7 +57,7 @@ from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
 from .web.api.services import ServiceRoutes
 from .web.api.status import StatusRoutes, healthz
 from .web.api.tokens import TokenRoutes
-from .web.pki import PkiRoutes
+from .web.pki import PkiRoutes, RepeatedOcspGets
 from .web.root import build_sites
 from .web.router import route
 from .web.ui_routes import UiRoutes
@@ -76,6 +76,7 @@ class Daemon(OrderedServices):
     ca: CertificateAuthority
     crls: CrlPublisher
     ocsp: OcspResponder
+    repeated_ocsp: RepeatedOcspGets
     server_cert: ServerCertificate
     tls: SwappableServerContext
     runtime: RuntimeSettings
@@ -162,7 +163,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                 forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers)
     bus.subscribe(CertificateRevoked, resolver.verified.on_revoked)
     bus.subscribe(CaRotated, resolver.verified.on_ca_rotated)
-    pki_routes = PkiRoutes(ca, crls, ocsp).routes()
+    d.repeated_ocsp = repeated = RepeatedOcspGets(ocsp, reactor, metrics.http_requests)
+    pki_routes = PkiRoutes(ca, crls, ocsp, repeated).routes()
     rotation = RotationProgress(ca, directory, channel)
     https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
@@ -182,7 +184,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                         "bodies_refused": metrics.http_bodies_refused,
                                         "http_requests": metrics.http_requests,
                                         "tls_handshake_failures": metrics.tls_handshake_failures},
-                                       settings.access_log)
+                                       settings.access_log, repeated)
 
     def guarded(factory: Any, what: str) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,

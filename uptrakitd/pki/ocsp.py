@@ -52,6 +52,8 @@ class OcspAnswer:
     headers: dict[str, str]
     status: str  # good | revoked | unknown | unauthorized | malformed
     serial: int | None = None
+    reuse_until: float | None = None   # a cacheable answer: the same bytes may be served until then
+    next_update: float | None = None   # its nextUpdate, for max-age
 
 
 def _http_date(when: datetime.datetime) -> str:
@@ -68,6 +70,7 @@ class OcspResponder:
         self.validity = validity
         self._counter = counter  # labelled by status
         self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
+        self.version = 0   # changes whenever cached answers may have become wrong (revocation, rotation)
 
     def on_revoked(self, event: Any) -> None:
         """CertificateRevoked: the cached answer for that serial is wrong now."""
@@ -79,6 +82,7 @@ class OcspResponder:
 
     def invalidate(self, serial: int | None = None) -> None:
         """Forget cached responses: for one serial (revocation) or all (CA change)."""
+        self.version += 1
         if serial is None:
             self._cache.clear()
             return
@@ -99,9 +103,13 @@ class OcspResponder:
         # logged at debug
         log.debug("OCSP: {status} for serial {serial}", status=result.status,
                  serial=format(result.serial, "X") if result.serial is not None else "-")
-        if self._counter is not None:
-            self._counter.labels(result.status).inc()
+        self.count(result.status)
         return result
+
+    def count(self, status: str) -> None:
+        """One answer given (also by the HTTP fast path for repeated GETs)."""
+        if self._counter is not None:
+            self._counter.labels(status).inc()
 
     def _unsuccessful(self, status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
         der = ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(Encoding.DER)
@@ -179,4 +187,7 @@ class OcspResponder:
             "Last-Modified": _http_date(this_update),
             "Expires": _http_date(next_update),
             "ETag": '"' + hashlib.sha256(der).hexdigest()[:32] + '"',
-        }, label, serial)
+        }, label, serial,
+            # "unknown" is not kept: the certificate may be issued by another controller a moment later
+            (this_update + (next_update - this_update) / 2).timestamp() if label != "unknown" else None,
+            next_update.timestamp())

@@ -105,6 +105,7 @@ class GuardedChannel(HTTPChannel):
 
     head_timeout = 10.0
     counters: dict[str, Counter] = {}
+    repeated: Any = None   # web.pki.RepeatedOcspGets: whole answers to OCSP GETs already answered
     _head_timer: Any = None
     _request_line: bytes | None = None
     _refused = False
@@ -134,9 +135,41 @@ class GuardedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return  # whatever a refused client still sends
+        if self.repeated is not None and self._answer_repeated(data):
+            return
         if self.line_mode and self._request_line is None and self._head_timer is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
         super().dataReceived(data)
+
+    def _answer_repeated(self, data: bytes) -> bool:
+        """A lone, complete `GET …/ocsp/…` head on an idle connection whose answer is known: written at once
+        (see web.pki.RepeatedOcspGets); anything else goes the ordinary way."""
+        if (not data.startswith(b"GET ") or not data.endswith(b"\r\n\r\n") or len(data) > 8192
+                or data.count(b"\r\n\r\n") != 1 or self.requests or self._handlingRequest or self._dataBuffer
+                or self._buffer or not self.line_mode or getattr(self, "_HTTPChannel__first_line", 0) != 1):
+            return False
+        line, _, head = data.partition(b"\r\n")
+        parts = line.split(b" ")
+        if len(parts) != 3 or b"/ocsp/" not in parts[1] or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+            return False
+        close = parts[2] == b"HTTP/1.0"
+        for header in head.lower().split(b"\r\n"):
+            name, _, value = header.partition(b":")
+            name = name.strip()
+            if name in (b"content-length", b"transfer-encoding", b"expect", b"upgrade"):
+                return False
+            if name == b"connection" and b"close" in value:
+                close = True
+        response = self.repeated.response(parts[1], parts[2], close)
+        if response is None:
+            return False
+        self._disarm()
+        self.resetTimeout()
+        transport: Any = self.transport
+        transport.write(response)
+        if close:
+            self.loseConnection()
+        return True
 
     def lineReceived(self, line: bytes) -> None:
         if self._request_line is None and line:
@@ -191,9 +224,11 @@ class IdentifyingSite(Site):
 
     def __init__(self, resource: Any, resolver: Callable[[Any], RequestContext] | None = None,
                  head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
-                 access_log: str = "off", **kw: Any) -> None:
+                 access_log: str = "off", repeated: Any = None, **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.access_log = access_log
+        # repeated OCSP GETs bypass the request machinery, and so the access log: only when it is off
+        self.repeated = repeated if access_log == "off" else None
         self._seen = 0
         self.resolver = resolver
         self.displayTracebacks = False
@@ -204,6 +239,7 @@ class IdentifyingSite(Site):
         channel = super().buildProtocol(addr)
         if isinstance(channel, GuardedChannel):
             channel.head_timeout, channel.counters = self.head_timeout, self.counters
+            channel.repeated = self.repeated
         return channel
 
     protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
