@@ -246,12 +246,12 @@ def _leadership(d: Daemon, booted: Booted, reactor: Any,
         return lambda job: job
     d.leadership = leadership = Leadership(booted.settings.database, booted.controller_id, booted.hostname,
                                            int(reactor.seconds()))
+    d.metrics.cluster_leader.set_function(lambda: 1 if leadership.leader else 0)
 
     def check() -> Deferred:
         was = leadership.leader
 
         def checked(leader: bool) -> Any:
-            d.metrics.cluster_leader.set(1 if leader else 0)
             if leader and not was:
                 return d.ca.check_expiry()
             return None
