@@ -319,3 +319,20 @@ class FailoverTests(TestCase):
         for process in controllers[1:]:
             self.assertEqual((process.data / "pki" / "ca.crt").read_bytes(), ca)
             self.assertFalse(list((process.data / "pki").glob("ca-*.key")), "CA keys come sealed from the database")
+
+        # a rotation through whichever controller HAProxy picks: every agent, on both survivors, renews on G2,
+        # and both serve the same bundle
+        # each renews, then comes back with the new certificate (its next service_settings)
+        renewed = [next_event(agent, "service_settings", timeout=60) for agent in survivors]
+        status, rotated = yield self.until(lambda: (lambda r: r if r[0] == 200 else None)(
+            _get(front, "/api/v1/settings/rotate-ca", token, {}, "POST")), 10, "rotation")
+        self.assertEqual(rotated["generation"], 2)
+        yield gatherResults(renewed)
+        issuers = {agent.state.certificate().issuer for agent in survivors}
+        self.assertEqual(len(issuers), 1)
+        bundles = {(p.data / "pki" / "ca.crt").read_bytes() for p in controllers[1:]}
+        self.assertEqual(len(bundles), 1, "both survivors serve the same bundle")
+        self.assertEqual(x509.load_pem_x509_certificates(bundles.pop())[0].subject, issuers.pop())
+        hashes = yield deferToThread(lambda: {_get(front, "/api/v1/settings/pki", token)[1]["ca_bundle_hash"]
+                                              for _ in range(6)})   # HAProxy spreads these over both
+        self.assertEqual(hashes, {rotated["ca_bundle_hash"]})
