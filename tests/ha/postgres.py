@@ -87,3 +87,26 @@ def kek_file(testcase: Any, *keys: bytes) -> str:
     path.write_text("".join(base64.b64encode(k).decode() + "\n" for k in (keys or (os.urandom(32),))))
     path.chmod(0o600)
     return str(path)
+
+
+def together(work: Any, times: int) -> list[Any]:
+    """Run `work()` in `times` threads at once (controllers starting together); their results, or the first
+    error any of them raised."""
+    import threading
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(work())
+        except BaseException as e:   # re-raised below, in the test's thread
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    assert len(results) == times, f"{times - len(results)} thread(s) did not finish within 60 s"
+    return results

@@ -3,7 +3,6 @@ takes effect on the others through the change log, and the once-per-database job
 from __future__ import annotations
 
 import base64
-import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -22,7 +21,7 @@ from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import (agent_identity, connected_agent, next_event, until_closed, ws_connect, ws_ssl)
 from ..helpers import ca_pem, https_client, https_port, request_json, start_controller, tls_refusal, url, wait_until
-from .postgres import PostgresCluster, kek_file
+from .postgres import PostgresCluster, kek_file, together
 
 
 def ocsp_status(c: Any, cert: x509.Certificate) -> Any:
@@ -258,21 +257,11 @@ class LeadershipTests(TestCase):
         cluster = PostgresCluster()
         self.addCleanup(cluster.destroy)
         db, kek = cluster.new_database(), kek_file(self)
-        fingerprints, errors = [], []
 
-        def start() -> None:
-            try:
-                booted = boot(build_settings({"data_dir": self.mktemp() + "/data", "database": db,
-                                              "ca_key_encryption_key_file": kek}))
-                booted.lock.release()
-                fingerprints.append(booted.state.active().cert.fingerprint(hashes.SHA256()))
-            except Exception as e:   # reported below
-                errors.append(e)
-        threads = [threading.Thread(target=start) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        self.assertEqual(errors, [])
-        self.assertEqual(len(fingerprints), 3)
+        def start() -> bytes:
+            booted = boot(build_settings({"data_dir": self.mktemp() + "/data", "database": db,
+                                          "ca_key_encryption_key_file": kek}))
+            booted.lock.release()
+            return booted.state.active().cert.fingerprint(hashes.SHA256())
+        fingerprints = together(start, 3)
         self.assertEqual(len(set(fingerprints)), 1, "one CA for the database")

@@ -3,7 +3,6 @@ schema in lockstep with SQLite's, migrations under the advisory lock, and an out
 from __future__ import annotations
 
 import sqlite3
-import threading
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -14,7 +13,7 @@ from uptrakitd.pki.serials import format_serial
 from uptrakitd.store import database, postgresql
 
 from ..helpers import enrolled_service, new_leaf, request_json, start_controller
-from .postgres import PostgresCluster, kek_file
+from .postgres import PostgresCluster, kek_file, together
 
 
 class PostgresqlStoreTests(TestCase):
@@ -43,21 +42,14 @@ class PostgresqlStoreTests(TestCase):
 
     def test_controllers_starting_together_apply_each_migration_once(self):
         url = self.cluster.new_database()
-        results, errors = [], []
 
-        def start() -> None:
+        def start() -> list[str]:
+            conn = postgresql.connect(url)
             try:
-                conn = postgresql.connect(url)
-                results.append(postgresql.migrate(conn))
+                return postgresql.migrate(conn)
+            finally:
                 conn.close()
-            except Exception as e:   # reported below
-                errors.append(e)
-        threads = [threading.Thread(target=start) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        self.assertEqual(errors, [])
+        results = together(start, 4)
         every = len(postgresql.migrations())
         self.assertEqual(sorted(len(r) for r in results), [0, 0, 0, every], "exactly one applied the migrations")
         conn = postgresql.connect(url)
