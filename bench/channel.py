@@ -2,6 +2,9 @@
 
 Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes about 3 minutes here)
      UPTRAKIT_BENCH_PROFILE=rotation.txt also records py-spy's collapsed stacks of the daemon during the rotation.
+     UPTRAKIT_BENCH_CONTROLLERS=2 runs that many controllers on one PostgreSQL (Debian's, started in a temp
+     dir) behind HAProxy (TCP passthrough, leastconn): the agents spread over them; CPU and memory are summed
+     over the controllers, `/healthz` is probed on the first, the rotation is asked of the first.
 
 Load: asyncio + the `websockets` library in 4 processes on the same 2 cores as the daemon (so the stable
 figures are the daemon's CPU per operation and the ratios). Printed per phase: duration, errors, the
@@ -188,15 +191,83 @@ class Prober(threading.Thread):
         return samples[min(len(samples) - 1, int(0.99 * len(samples)))], samples[-1], failures
 
 
+class Controllers:
+    """One daemon, or several on one PostgreSQL behind HAProxy; CPU time and RSS summed over them."""
+
+    def __init__(self, count: int, *flags: str) -> None:
+        from common import Daemon, free_port
+        self.cluster = self.haproxy = None
+        if count == 1:
+            self.daemons = [Daemon(*flags)]
+            self.port = self.daemons[0].port
+            return
+        import base64
+        from common import ROOT
+        sys.path.insert(0, str(ROOT))
+        from tests.ha.postgres import PostgresCluster
+        self.cluster = PostgresCluster()
+        url = self.cluster.new_database()
+        kek = Path(tempfile.mkdtemp(prefix="uptrakit-fleet-kek-")) / "kek"
+        kek.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        kek.chmod(0o600)
+        self.daemons = [Daemon("--database", url, "--ca-key-encryption-key-file", str(kek), *flags)
+                        for _ in range(count)]
+        for d in self.daemons[1:]:
+            d.token = self.daemons[0].token
+        self.port = free_port()
+        conf = Path(tempfile.mkdtemp(prefix="uptrakit-fleet-haproxy-")) / "haproxy.cfg"
+        servers = "\n".join(f"    server c{i} 127.0.0.1:{d.port}" for i, d in enumerate(self.daemons))
+        conf.write_text(f"""global
+    maxconn 9000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fleet
+    bind 127.0.0.1:{self.port}
+    maxconn 9000
+    default_backend controllers
+backend controllers
+    balance leastconn
+{servers}
+""")
+        self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+
+    @property
+    def first(self):
+        return self.daemons[0]
+
+    def cpu_seconds(self) -> float:
+        return sum(d.cpu_seconds() for d in self.daemons)
+
+    def rss_kib(self) -> int:
+        return sum(int(Path(f"/proc/{d.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+                   for d in self.daemons)
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+        if self.haproxy is not None:
+            self.haproxy.terminate()
+            self.haproxy.wait(timeout=30)
+        if self.cluster is not None:
+            self.cluster.destroy()
+
+
 def main() -> None:
-    from common import Daemon
     agents = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    daemon = Daemon("--max-connections", str(agents * 2 + 100), "--max-connections-per-ip", str(agents * 2))
+    count = int(os.environ.get("UPTRAKIT_BENCH_CONTROLLERS", "1"))
+    controllers = Controllers(count, "--max-connections", str(agents * 2 + 100), "--max-connections-per-ip",
+                              str(agents * 2))
+    daemon = controllers.first
     workdir = tempfile.mkdtemp(prefix="uptrakit-fleet-")
     try:
         status, token = daemon.request("POST", "/api/v1/enrollment-tokens", {"name": "fleet", "auto_approve": True,
                                        "max_uses": None, "expires_in_seconds": None}, daemon.token)
-        url = f"wss://localhost:{daemon.port}/api/v1/ws/agent"
+        url = f"wss://localhost:{controllers.port}/api/v1/ws/agent"
         ctx = multiprocessing.get_context("spawn")
         commands = [ctx.Queue() for _ in range(PROCESSES)]
         results = ctx.Queue()
@@ -206,13 +277,13 @@ def main() -> None:
             p.start()
         prober = Prober(daemon)
         prober.start()
-        rss_idle = int(Path(f"/proc/{daemon.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
-        print(f"{agents} agents, {PROCESSES} load processes on the same 2 cores")
+        rss_idle = controllers.rss_kib()
+        print(f"{agents} agents, {PROCESSES} load processes on the same 2 cores, {count} controller(s)")
         print(f"{'phase':10} {'seconds':>8} {'errors':>7} {'CPU ms/agent':>13} {'healthz p99':>12} {'worst':>8} "
               f"{'failed':>7} {'overflows':>10}")
         collected = {}
         for phase in ("enroll", "connect", "rotate"):
-            cpu, overflow, start = daemon.cpu_seconds(), listen_overflows(), time.time()
+            cpu, overflow, start = controllers.cpu_seconds(), listen_overflows(), time.time()
             prober.take()
             if phase == "rotate" and os.environ.get("UPTRAKIT_BENCH_PROFILE"):
                 # py-spy over the daemon for the rotation only (collapsed stacks, e.g. for flamegraph.pl)
@@ -238,14 +309,14 @@ def main() -> None:
                 spy.wait(timeout=60)
             errors = sum(len(e) for _, _, e in rows)
             p99, worst, failed = prober.take()
-            print(f"{phase:10} {seconds:8.1f} {errors:7d} {(daemon.cpu_seconds() - cpu) / agents * 1000:13.2f} "
+            print(f"{phase:10} {seconds:8.1f} {errors:7d} {(controllers.cpu_seconds() - cpu) / agents * 1000:13.2f} "
                   f"{p99:10.1f}ms {worst:6.0f}ms {failed:7d} {listen_overflows() - overflow:10d}")
             if errors:
                 first = next(e for _, _, e in rows if e)
                 print(f"           first error: {first[0]}")
             collected[phase] = rows
             if phase == "connect":
-                rss = int(Path(f"/proc/{daemon.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+                rss = controllers.rss_kib()
                 print(f"           daemon RSS {rss_idle / 1024:.0f} MiB idle, {rss / 1024:.0f} MiB with {agents} "
                       f"agents connected: {(rss - rss_idle) / agents:.1f} KiB per agent")
         bundle = sorted(b - rotated_at for b, _, _ in collected["rotate"] if b)
@@ -260,7 +331,7 @@ def main() -> None:
         for p in procs:
             p.join(timeout=60)
     finally:
-        daemon.stop()
+        controllers.stop()
 
 
 if __name__ == "__main__":

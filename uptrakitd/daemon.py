@@ -90,6 +90,7 @@ class Daemon(OrderedServices):
     https: ListenerService
     pki_listener: ListenerService | None
     cluster: ClusterSync          # PostgreSQL only: other controllers' changes applied here
+    feed: ChangeFeed              # PostgreSQL only: reads them
     leadership: Leadership        # PostgreSQL only: whether this one runs the once-per-database jobs
 
     def setServiceParent(self, parent: Any) -> Any:
@@ -207,7 +208,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     Hooks("channel", stop=channel.stop).setServiceParent(d)
     if settings.database:   # what the other controllers on the database change, applied here
         d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics)
-        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply)
+        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply,
+                          wake=lambda: store.run(changes.wake).addErrback(lambda f: None))
+        https_site.catch_up = feed.catch_up
+        d.feed = feed
         Hooks("change feed", start=feed.start, stop=feed.stop).setServiceParent(d)
         PeriodicJob("daily change-log pruning", DAY,
                     on_leader(lambda: store.run(changes.prune, int(reactor.seconds()))), reactor).setServiceParent(d)

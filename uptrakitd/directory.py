@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .enrollment import consume_enrollment_token
-from .errors import Conflict, Forbidden, NotFound
+from .errors import Conflict, Forbidden, NotFound, StorageUnavailable
 from .events import EventBus, ServiceChanged
 from .pki.authority import CertificateAuthority
 from .runtime_settings import RuntimeSettings
@@ -228,7 +228,7 @@ class ServiceDirectory:
         service.identity_source, service.last_seen_at = source, now
         service.controller = self.controller_id
         return self.store.run(stored.record_connection, service.id, client_ip, proxy_ip, source, now).addErrback(
-            lambda f: log.failure("could not record the connection of {service}", f, service=service.id))
+            _not_recorded, "the connection of " + service.id)
 
     def record_disconnection(self, service_id: str) -> None:
         """Several controllers: this one no longer holds the service's socket (the others are told)."""
@@ -238,7 +238,7 @@ class ServiceDirectory:
         if service.controller == self.controller_id:
             service.controller = None
         self.store.run(stored.record_disconnection, service_id).addErrback(
-            lambda f: log.failure("could not record the disconnection of {service}", f, service=service_id))
+            _not_recorded, "the disconnection of " + service_id)
 
     def holder(self, service: ServiceRecord, here: bool) -> tuple[bool, str | None]:
         """(connected, which controller holds its socket): this one when `here`, else the one the database
@@ -253,4 +253,13 @@ class ServiceDirectory:
         now = int(self.clock.seconds())
         service.last_seen_at = now
         self.store.run(stored.update_fields, service.id, last_seen_at=now).addErrback(
-            lambda f: log.failure("could not record last_seen_at", f))
+            _not_recorded, "last_seen_at of " + service.id)
+
+
+def _not_recorded(failure: Any, what: str) -> None:
+    """A best-effort note that could not be written: a warning while the database is away (expected, and
+    said by the store already), a traceback for anything else."""
+    if failure.check(StorageUnavailable):
+        log.warn("could not record {what}: the database cannot be reached", what=what)
+    else:
+        log.failure("could not record {what}", failure, what=what)

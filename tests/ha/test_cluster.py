@@ -24,6 +24,11 @@ from ..helpers import ca_pem, https_client, https_port, request_json, start_cont
 from .postgres import PostgresCluster, kek_file, together
 
 
+def json_type(message: Any) -> str:
+    import json
+    return json.loads(message)["type"]
+
+
 def ocsp_status(c: Any, cert: x509.Certificate) -> Any:
     """Fires with controller `c`'s OCSP answer for `cert` (nginx's GET form, over its HTTPS listener)."""
     issuer = next(ca.cert for ca in c.ca.state.generations.values() if ca.cert.subject == cert.issuer)
@@ -132,6 +137,45 @@ class ClusterTests(TestCase):
         self.assertEqual(code, 1001)
 
     @inlineCallbacks
+    def test_an_agent_that_enrolled_on_one_controller_is_admitted_by_another_before_it_caught_up(self):
+        """Right after enrolling through A, an agent's mTLS reconnect may land on B before B has applied A's
+        change: B applies what was committed first, then decides (it used to refuse: certificate not
+        recognized)."""
+        from twisted.internet.defer import Deferred
+
+        from ..channel_helpers import enrollment_token, frame
+        from ..helpers import make_csr
+        a = yield self.controller()
+        b = yield self.controller()
+        token = yield enrollment_token(a)
+
+        def enroll_on_a() -> tuple[str, bytes, bytes]:
+            with ws_connect(f"wss://localhost:{https_port(a)}/api/v1/ws/agent", ssl=ws_ssl(a)) as ws:
+                ws.send(frame("enroll", 1, hostname="fast", enrollment_token=token))
+                import json
+                service_id = json.loads(ws.recv(timeout=10))["service_id"]
+                csr, key = make_csr(service_id)
+                ws.send(frame("request_certificate", 2, csr_pem=csr.decode()))
+                return service_id, json.loads(ws.recv(timeout=10))["cert_pem"].encode(), key
+        # B's feed is held: it reads A's changes but does not apply them until the test lets it
+        held: Deferred = Deferred()
+        apply = b.feed.apply
+        b.feed.apply = lambda rows: held.addCallback(lambda _: apply(rows))
+        self.addCleanup(lambda: None if held.called else held.callback(None))   # never leave B's feed held
+        service_id, cert, key = yield deferToThread(enroll_on_a)
+        self.assertNotIn(service_id, b.directory)
+
+        def session_on_b() -> str:
+            with ws_connect(f"wss://localhost:{https_port(b)}/api/v1/ws/agent", ssl=ws_ssl(b, cert, key)) as ws:
+                return json_type(ws.recv(timeout=10))
+        answer = deferToThread(session_on_b)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(answer.called, "B waits for what A committed instead of refusing")
+        b.feed.apply = apply
+        held.callback(None)
+        self.assertEqual((yield answer), "service_settings")   # authenticated on B
+
+    @inlineCallbacks
     def test_every_controller_shows_which_one_holds_a_service_and_who_leads(self):
         a = yield self.controller()
         b = yield self.controller()
@@ -198,7 +242,9 @@ class ClusterTests(TestCase):
         agent = yield connected_agent(self, b)
         cert = x509.load_pem_x509_certificate(agent_identity(agent)[0])
         revoke = f"/api/v1/certificates/{format_serial(cert.serial_number)}/revoke"
-        yield wait_until(lambda: cert.serial_number in a.ca.state.records, timeout=10)
+        # A knows the certificate, and where B's agent connected from (B's note of it is committed)
+        yield wait_until(lambda: cert.serial_number in a.ca.state.records
+                         and a.directory.get(agent.service_id).controller == b.directory.controller_id, timeout=10)
         self.cluster.stop()
         status, body = yield request_json(a, "POST", revoke, {"reason": "keyCompromise"})
         self.assertEqual((status, body["code"]), (503, "storage_unavailable"))

@@ -106,7 +106,7 @@ class ChannelHub:
         ctx = proto.context
         if ctx.identity is not None:
             self._authenticate(proto, ctx.identity)
-        elif ctx.rejected_code in ("revoked", "deactivated", "invalid"):
+        elif ctx.rejected_code in ("revoked", "deactivated", "invalid", "unknown"):
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
             proto.refuse({"revoked": wire.CERT_REVOKED, "deactivated": wire.SERVICE_DEACTIVATED}.get(
                 ctx.rejected_code or "", wire.CERT_NOT_RECOGNIZED))

@@ -45,7 +45,9 @@ class RequestContext:
     identity_source: str = "none"  # mtls | proxy-cert | proxy-info | none
     rejected: str | None = None
     # why there is no identity, for code (rejected is for people): None (no evidence), "ignored"
-    # (identity headers from an untrusted peer), "revoked", "deactivated", "invalid" (anything else)
+    # (identity headers from an untrusted peer), "revoked", "deactivated", "unknown" (a certificate or
+    # service this controller has no record of: with several controllers, maybe not applied yet),
+    # "invalid" (anything else)
     rejected_code: str | None = None
 
     @property
@@ -213,13 +215,17 @@ def check_facts(facts: CertFacts, ca: CaGeneration, authority: CaState, services
     if not facts.client_auth:
         raise Rejected("certificate lacks the clientAuth usage")
     record = authority.records.get(facts.serial)
-    if record is None or record.purpose != "client" or record.ca_generation != ca.generation:
+    if record is None:
+        raise Rejected("certificate not recognized", "unknown")
+    if record.purpose != "client" or record.ca_generation != ca.generation:
         raise Rejected("certificate not recognized")
     if record.revoked_at is not None:
         raise Rejected("certificate revoked", "revoked")
     service_id = facts.service_id
-    if service_id is None or service_id != record.service_id or services.get(service_id) is None:
+    if service_id is None or service_id != record.service_id:
         raise Rejected("certificate does not match our records")
+    if services.get(service_id) is None:
+        raise Rejected("certificate does not match our records", "unknown")
     _require_active(services, service_id)
     return Identity(service_id, record.serial, ca.generation)
 
@@ -245,10 +251,14 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Service
     if ca is None:
         raise Rejected("issuer CN does not match a trusted CA")
     service_id = _uuid(common_name(info.subject))
-    if service_id is None or services.get(service_id) is None:
+    if service_id is None:
         raise Rejected("subject CN is not a known service")
+    if services.get(service_id) is None:
+        raise Rejected("subject CN is not a known service", "unknown")
     record = authority.records.get(info.serial)
-    if record is None or record.purpose != "client" or record.service_id != service_id \
+    if record is None:
+        raise Rejected("serial not issued to this service by this CA", "unknown")
+    if record.purpose != "client" or record.service_id != service_id \
             or record.ca_generation != ca.generation:
         raise Rejected("serial not issued to this service by this CA")
     if record.revoked_at is not None:
@@ -359,7 +369,8 @@ class IdentityResolver:
         if not reasons:
             self._count("none", "absent")
         return RequestContext(peer, client_ip, peer, rejected="; ".join(r for r in reasons if r) or None,
-                              rejected_code=next((c for c in ("revoked", "deactivated") if c in codes), "invalid")
+                              rejected_code=next((c for c in ("revoked", "deactivated", "unknown") if c in codes),
+                                                 "invalid")
                               if reasons else None)
 
     def _info_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:

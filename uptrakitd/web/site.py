@@ -59,6 +59,7 @@ class IdentifiedRequest(Request):
     context: RequestContext
     body_limit = DEFAULT_BODY_LIMIT
     _body_seen = 0
+    _caught_up = False
 
     def handleContentChunk(self, data: bytes) -> None:
         # chunked bodies have no Content-Length to check up front: count while they arrive
@@ -85,6 +86,13 @@ class IdentifiedRequest(Request):
         except Exception:
             log.failure("identity resolution failed; treating the request as anonymous")
             self.context = _anonymous(self)
+        catch_up = getattr(getattr(self.channel, "site", None), "catch_up", None)
+        if self.context.rejected_code == "unknown" and catch_up is not None and not self._caught_up:
+            # several controllers: the certificate or service may have been made on another one a moment
+            # ago (an agent that enrolled there and reconnects here): apply what was committed, then decide
+            self._caught_up = True
+            catch_up().addBoth(lambda _: None if self._disconnected else self.process())
+            return
         if self.context.identity_source == "mtls":
             mark_authenticated(getattr(self.channel, "transport", None))
         super().process()
@@ -231,6 +239,7 @@ class IdentifyingSite(Site):
         self.repeated = repeated if access_log == "off" else None
         self._seen = 0
         self.resolver = resolver
+        self.catch_up: Callable[[], Any] | None = None   # several controllers: ChangeFeed.catch_up
         self.displayTracebacks = False
         self.head_timeout = head_timeout
         self.counters = counters or {}
