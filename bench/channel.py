@@ -115,7 +115,7 @@ class Agent:
                 await self.connect()
                 break
             except Exception as e:   # noqa: BLE001 - counted, retried like an agent would
-                self.errors.append(f"reconnect: {type(e).__name__}")
+                self.errors.append(f"reconnect: {type(e).__name__}: {e}"[:200])
                 await asyncio.sleep(1 + attempt)
         self.renewed_at = time.time()
 

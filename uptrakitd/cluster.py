@@ -19,17 +19,21 @@ from .directory import ServiceDirectory
 from .errors import StorageUnavailable
 from .metrics import Metrics
 from .pki.authority import CertificateAuthority
+from .pki.serials import format_serial
 from .runtime_settings import RuntimeSettings
+from .store import controllers
 from .store.changes import Change
 
 log = Logger()
+CATCH_UP_SECONDS = 2.0
 
 
 class ClusterSync:
     """Applies other controllers' changes, in order; a change that fails is logged and counted."""
 
     def __init__(self, ca: CertificateAuthority, directory: ServiceDirectory, runtime: RuntimeSettings,
-                 admin_tokens: AdminTokenRegistry, channel: ChannelHub, metrics: Metrics) -> None:
+                 admin_tokens: AdminTokenRegistry, channel: ChannelHub, metrics: Metrics, clock: Any) -> None:
+        self.clock = clock
         self.ca = ca
         self.directory = directory
         self.runtime = runtime
@@ -59,6 +63,19 @@ class ClusterSync:
                 self.applied += 1
         return len(changes)
 
+    def catch_up(self, unknown: tuple[int | None, str | None] | None) -> Any:
+        """A request named a certificate or service this controller has no record of, maybe made on another
+        controller a moment ago: read those two rows now, without waiting for the change feed (it may be
+        behind by seconds in a storm); fires when done, or after CATCH_UP_SECONDS."""
+        from twisted.internet.defer import DeferredList
+        serial, service_id = unknown if unknown is not None else (None, None)
+        reads = []
+        if serial is not None:
+            reads.append(self.ca.adopt_certificate(format_serial(serial)))
+        if service_id is not None:
+            reads.append(self.directory.refresh(service_id))
+        return DeferredList(reads, consumeErrors=True).addTimeout(CATCH_UP_SECONDS, self.clock)
+
     def _apply_one(self, change: Change) -> Any:
         kind, key = change.kind, change.key
         if kind in ("certificate", "revoked"):
@@ -77,4 +94,65 @@ class ClusterSync:
             return self.admin_tokens.reload()
         log.warn("ignoring change {seq} of unknown kind {kind} (a newer controller on the same database?)",
                  seq=change.seq, kind=kind)
+        return None
+
+
+class TrustedGeneration:
+    """Several controllers: which CA generation this one's TLS context trusts, told to the others through
+    the `controllers` table; and a wait until every live controller trusts a new one.
+
+    After a rotation the services are asked to renew, and each then reconnects through the load balancer
+    with a certificate of the new CA, to *any* controller: one that has not applied the rotation yet would
+    refuse it in the handshake. So the renewal requests wait (at most BARRIER_SECONDS) until every live
+    controller trusts the new generation; the new bundle goes out at once.
+    """
+
+    BARRIER_SECONDS = 10.0
+    POLL_SECONDS = 0.1
+
+    def __init__(self, store: Any, controller: str, generation: int, clock: Any) -> None:
+        self.store = store
+        self.controller = controller
+        self.generation = generation
+        self.clock = clock
+        self._stopped = False
+        self._sleeps: set[Any] = set()
+
+    def stop(self) -> None:
+        """The controller stops: waits end now."""
+        self._stopped = True
+        for sleep in list(self._sleeps):
+            sleep.cancel()
+
+    def on_ca_rotated(self, event: Any) -> Any:
+        """CaRotated, after the TLS context was swapped: record that this controller trusts it."""
+        self.generation = max(self.generation, event.generation)
+        return self.store.run(controllers.trusts, self.controller, event.generation).addErrback(
+            lambda f: log.warn("could not record that this controller trusts CA generation {generation}",
+                               generation=event.generation))
+
+    @inlineCallbacks
+    def everywhere(self, generation: int) -> Any:
+        """Fires when every live controller trusts `generation`, or after BARRIER_SECONDS."""
+        from twisted.internet.defer import CancelledError
+        from twisted.internet.task import deferLater
+        deadline = self.clock.seconds() + self.BARRIER_SECONDS
+        behind: list[str] = []
+        while self.clock.seconds() < deadline and not self._stopped:
+            try:
+                behind = yield self.store.run(controllers.behind, generation, int(self.clock.seconds()))
+            except StorageUnavailable:
+                behind = ["(the database cannot be reached)"]
+            if not behind or self._stopped:
+                return None
+            sleep = deferLater(self.clock, self.POLL_SECONDS, lambda: None)
+            self._sleeps.add(sleep)
+            try:
+                yield sleep
+            except CancelledError:
+                return None
+            finally:
+                self._sleeps.discard(sleep)
+        log.warn("controller(s) {behind} do not trust CA generation {generation} after {seconds} s; asking for "
+                 "renewals anyway", behind=", ".join(behind), generation=generation, seconds=self.BARRIER_SECONDS)
         return None

@@ -22,7 +22,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin_tokens import AdminTokenRegistry
-from .cluster import ClusterSync
+from .cluster import ClusterSync, TrustedGeneration
 from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from .config import Settings, is_proxy_protocol
@@ -91,6 +91,7 @@ class Daemon(OrderedServices):
     pki_listener: ListenerService | None
     cluster: ClusterSync          # PostgreSQL only: other controllers' changes applied here
     feed: ChangeFeed              # PostgreSQL only: reads them
+    trusted: TrustedGeneration    # PostgreSQL only: the CA generation every controller trusts
     leadership: Leadership        # PostgreSQL only: whether this one runs the once-per-database jobs
 
     def setServiceParent(self, parent: Any) -> Any:
@@ -156,6 +157,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     bus.subscribe(CaRotated, ocsp.on_ca_rotated)
     bus.subscribe(CaRotated, crls.on_ca_rotated)
     bus.subscribe(CaRotated, server_cert.on_ca_rotated)
+    if settings.database:   # tell the other controllers; renewals wait until they all trust the new CA
+        d.trusted = trusted = TrustedGeneration(store, booted.controller_id, state.active().generation, reactor)
+        bus.subscribe(CaRotated, trusted.on_ca_rotated)
+        channel.barrier = trusted.everywhere
     bus.subscribe(CaRotated, channel.on_ca_rotated)
     bus.subscribe(ServiceChanged, channel.on_service_changed)
 
@@ -206,11 +211,12 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                 run_at_start=True).setServiceParent(d)
     PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=channel.stop).setServiceParent(d)
+    if settings.database:
+        Hooks("rotation barrier", stop=d.trusted.stop).setServiceParent(d)
     if settings.database:   # what the other controllers on the database change, applied here
-        d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics)
-        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply,
-                          wake=lambda: store.run(changes.wake).addErrback(lambda f: None))
-        https_site.catch_up = feed.catch_up
+        d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics, reactor)
+        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply)
+        https_site.catch_up = cluster.catch_up
         d.feed = feed
         Hooks("change feed", start=feed.start, stop=feed.stop).setServiceParent(d)
         PeriodicJob("daily change-log pruning", DAY,
@@ -249,7 +255,7 @@ def _leadership(d: Daemon, booted: Booted, reactor: Any,
         d.metrics.cluster_leader.set(1)
         return lambda job: job
     d.leadership = leadership = Leadership(booted.settings.database, booted.controller_id, booted.hostname,
-                                           int(reactor.seconds()))
+                                           int(reactor.seconds()), lambda: d.trusted.generation)
     d.metrics.cluster_leader.set_function(lambda: 1 if leadership.leader else 0)
 
     def check() -> Deferred:

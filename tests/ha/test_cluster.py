@@ -24,6 +24,15 @@ from ..helpers import ca_pem, https_client, https_port, request_json, start_cont
 from .postgres import PostgresCluster, kek_file, together
 
 
+def _execute(url: str, sql: str) -> None:
+    from uptrakitd.store import postgresql
+    conn = postgresql.connect(url)
+    try:
+        conn.execute(sql)
+    finally:
+        conn.close()
+
+
 def json_type(message: Any) -> str:
     import json
     return json.loads(message)["type"]
@@ -138,9 +147,9 @@ class ClusterTests(TestCase):
 
     @inlineCallbacks
     def test_an_agent_that_enrolled_on_one_controller_is_admitted_by_another_before_it_caught_up(self):
-        """Right after enrolling through A, an agent's mTLS reconnect may land on B before B has applied A's
-        change: B applies what was committed first, then decides (it used to refuse: certificate not
-        recognized)."""
+        """Right after enrolling (or renewing) through A, an agent's mTLS reconnect may land on B before B has
+        applied A's change: B reads that certificate and service itself, then decides (it used to refuse:
+        certificate not recognized)."""
         from twisted.internet.defer import Deferred
 
         from ..channel_helpers import enrollment_token, frame
@@ -168,12 +177,35 @@ class ClusterTests(TestCase):
         def session_on_b() -> str:
             with ws_connect(f"wss://localhost:{https_port(b)}/api/v1/ws/agent", ssl=ws_ssl(b, cert, key)) as ws:
                 return json_type(ws.recv(timeout=10))
-        answer = deferToThread(session_on_b)
-        yield deferLater(reactor, 0.3, lambda: None)
-        self.assertFalse(answer.called, "B waits for what A committed instead of refusing")
+        # B reads the certificate and the service it does not know yet itself, with its feed still held
+        self.assertEqual((yield deferToThread(session_on_b)), "service_settings")   # authenticated on B
+        self.assertIn(service_id, b.directory)
         b.feed.apply = apply
         held.callback(None)
-        self.assertEqual((yield answer), "service_settings")   # authenticated on B
+
+    @inlineCallbacks
+    def test_renewals_after_a_rotation_wait_until_every_controller_trusts_the_new_ca(self):
+        """A renewed agent may reconnect to any controller: the renewal requests wait until every live
+        controller's TLS context trusts the new CA (the bundle goes out at once)."""
+        import time
+        a = yield self.controller()
+        agent = yield connected_agent(self, a)
+        # another controller that is alive but has not applied the rotation yet
+        _execute(self.url, "INSERT INTO controllers (id, hostname, started_at, seen_at, leader, ca_generation) "
+                           f"VALUES ('lagging', 'elsewhere', 0, {int(time.time()) + 3600}, 0, 1)")
+        bundle = next_event(agent, "ca_bundle_updated")
+        renewed = next_event(agent, "certificate", timeout=30)
+        status, body = yield request_json(a, "POST", "/api/v1/settings/rotate-ca", {})
+        self.assertEqual(status, 200, body)
+        yield bundle
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertFalse(renewed.called, "no renewal while a controller does not trust generation 2")
+        status, listed = yield request_json(a, "GET", "/api/v1/controllers")
+        self.assertEqual({c["id"]: c["ca_generation"] for c in listed["controllers"]},
+                         {a.directory.controller_id: 2, "lagging": 1})
+        _execute(self.url, "UPDATE controllers SET ca_generation = 2 WHERE id = 'lagging'")
+        yield renewed
+        _execute(self.url, "DELETE FROM controllers WHERE id = 'lagging'")
 
     @inlineCallbacks
     def test_every_controller_shows_which_one_holds_a_service_and_who_leads(self):

@@ -7,7 +7,7 @@ revocations, rotations and service changes from the event bus.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -67,6 +67,7 @@ class ChannelHub:
         self._renewal_asked: set[int] = set()
         self._stopping = False
         self._turns: set[Any] = set()   # pending broadcast_in_turns calls, cancelled by stop()
+        self.barrier: Callable[[int], Deferred] | None = None   # several controllers: cluster.TrustedGeneration
 
     def is_connected(self, service_id: str) -> bool:
         """True while the service holds an authenticated socket."""
@@ -307,10 +308,16 @@ class ChannelHub:
         # every service asked at once would renew at once: each renewal is a CSR check, a signature, an
         # fsync'd insert and a full mTLS reconnect. Spread them over a window the signing rate can take.
         # Per socket the bundle goes first; the sockets are served a few hundred per reactor turn.
-        asked = self.broadcast_in_turns([
-            ("ca_bundle_updated", {"ca_bundle_pem": bundle.decode("ascii"), "ca_bundle_hash": event.bundle_hash}),
-            ("request_cert_renewal", {"reason": "ca_rotation", "within_seconds": renewal_spread(len(targets))}),
-        ], targets)
+        updated = ("ca_bundle_updated", {"ca_bundle_pem": bundle.decode("ascii"), "ca_bundle_hash": event.bundle_hash})
+        renew = ("request_cert_renewal", {"reason": "ca_rotation", "within_seconds": renewal_spread(len(targets))})
+        if self.barrier is None:
+            asked = self.broadcast_in_turns([updated, renew], targets)
+        else:
+            # several controllers: a renewed service may reconnect to any of them, so the renewal requests
+            # wait until all of them trust the new CA (cluster.TrustedGeneration)
+            asked = self.broadcast_in_turns([updated], targets)
+            self.barrier(event.generation).addCallback(lambda _: self.broadcast_in_turns(
+                [renew], [p for p in targets if p.phase == "authenticated" and not p.closing]))
         self.last_rotation = {"generation": event.generation, "at": self.clock.seconds(), "notified": asked}
         return asked
 

@@ -54,11 +54,6 @@ def origin_of(conn: Any) -> str | None:
     return getattr(conn, "origin", None)
 
 
-def wake(conn: Any) -> None:
-    """Make every controller's change feed read now (nothing is written)."""
-    conn.execute(f"NOTIFY {CHANNEL}")
-
-
 def newest(conn: Any) -> int:
     """The highest sequence number written so far (0 for none)."""
     row = conn.execute("SELECT max(seq) AS seq FROM changes").fetchone()

@@ -11,7 +11,6 @@ change log (`ChangeFeed`), and the jobs that must run once per database run on t
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -179,8 +178,10 @@ class Leadership:
     drops a dead controller's session, and its lock with it, so another one takes over at its next
     `check()` (every 2 s). Every check also refreshes this controller's row in `controllers`."""
 
-    def __init__(self, url: str, controller: str, hostname: str, started_at: int) -> None:
+    def __init__(self, url: str, controller: str, hostname: str, started_at: int,
+                 ca_generation: Callable[[], int] = lambda: 0) -> None:
         self.url = url
+        self.ca_generation = ca_generation   # the active CA generation (its TLS context trusts it)
         self.controller = controller
         self.hostname = hostname
         self.started_at = started_at
@@ -206,7 +207,7 @@ class Leadership:
             now = int(time.time())
             # a live session means the lock is still ours
             transaction(self._conn, controllers.heartbeat, self.controller, self.hostname, self.started_at, now,
-                        self.leader)
+                        self.leader, self.ca_generation())
             if self.leader:
                 for dead in transaction(self._conn, controllers.clear_dead, now):
                     log.info("controller {controller} was not seen for {seconds} s: its services are released",
@@ -248,40 +249,17 @@ class ChangeFeed:
 
     WINDOW = 200
     BATCH = 1000
-    CATCH_UP_SECONDS = 2.0
 
     def __init__(self, url: str, reactor: Any, after: int, origin: str,
-                 apply: Callable[[list[Any]], Any], wake: Callable[[], Any] = lambda: None) -> None:
+                 apply: Callable[[list[Any]], Any]) -> None:
         self.url = url
         self.reactor = reactor
         self.last = after
         self.origin = origin
         self.apply = apply
-        self.wake = wake   # makes the thread read at once (a NOTIFY through the store)
         self._seen: set[int] = set()
         self._running = False
         self._stopped: Deferred | None = None
-        self._cycle = 0   # reads begun
-        self._waiters: list[tuple[int, Deferred]] = []
-        self._waiters_lock = threading.Lock()
-
-    def catch_up(self) -> Deferred:
-        """Fires when every change committed before this call has been applied here, or after
-        CATCH_UP_SECONDS (the database may be away): for a request naming a certificate or service this
-        controller does not know yet, which another controller may have made a moment ago."""
-        d: Deferred = Deferred()
-        with self._waiters_lock:
-            self._waiters.append((self._cycle, d))
-        self.wake()
-        return d.addTimeout(self.CATCH_UP_SECONDS, self.reactor)
-
-    def _release_waiters(self, cycle: int) -> None:
-        """From the thread, after read `cycle` was applied: those who asked before it began are answered."""
-        with self._waiters_lock:
-            done = [d for asked, d in self._waiters if asked < cycle]
-            self._waiters = [(asked, d) for asked, d in self._waiters if asked >= cycle]
-        for d in done:
-            self.reactor.callFromThread(lambda d=d: None if d.called else d.callback(None))
 
     def start(self) -> None:
         self._running = True
@@ -305,8 +283,6 @@ class ChangeFeed:
                         if failed:
                             log.info("change feed: reconnected; reading what was missed")
                             failed = False
-                    self._cycle += 1
-                    cycle = self._cycle
                     rows = changes.since(conn, max(0, self.last - self.WINDOW), self.BATCH)
                     fresh = [c for c in rows if c.seq not in self._seen]
                     theirs = [c for c in fresh if c.origin != self.origin]
@@ -321,8 +297,6 @@ class ChangeFeed:
                         self._seen.add(c.seq)
                         self.last = max(self.last, c.seq)
                     self._seen = {seq for seq in self._seen if seq > self.last - self.WINDOW}
-                    if until is None and len(rows) < self.BATCH:
-                        self._release_waiters(cycle)
                     if until is not None:
                         time.sleep(1.0)   # the database is away for the store too: give it a moment
                     elif len(rows) < self.BATCH:
@@ -337,7 +311,6 @@ class ChangeFeed:
                         conn = None
                     time.sleep(1.0)
         finally:
-            self._release_waiters(sys.maxsize)   # stopping: nobody waits for reads that will not come
             if conn is not None:
                 close_quietly(conn)
             stopped = self._stopped

@@ -49,6 +49,7 @@ class RequestContext:
     # service this controller has no record of: with several controllers, maybe not applied yet),
     # "invalid" (anything else)
     rejected_code: str | None = None
+    unknown: tuple[int | None, str | None] | None = None   # with "unknown": (serial, service id) it named
 
     @property
     def via_trusted_proxy(self) -> bool:
@@ -129,9 +130,11 @@ class ServiceLookup(Protocol):
 class Rejected(Exception):
     """Evidence that does not establish an identity; the message is the short reason whoami shows."""
 
-    def __init__(self, reason: str, code: str = "invalid") -> None:
+    def __init__(self, reason: str, code: str = "invalid", serial: int | None = None,
+                 service_id: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
+        self.unknown = (serial, service_id) if code == "unknown" else None
 
 
 def _uuid(text: str | None) -> str | None:
@@ -216,7 +219,7 @@ def check_facts(facts: CertFacts, ca: CaGeneration, authority: CaState, services
         raise Rejected("certificate lacks the clientAuth usage")
     record = authority.records.get(facts.serial)
     if record is None:
-        raise Rejected("certificate not recognized", "unknown")
+        raise Rejected("certificate not recognized", "unknown", facts.serial, facts.service_id)
     if record.purpose != "client" or record.ca_generation != ca.generation:
         raise Rejected("certificate not recognized")
     if record.revoked_at is not None:
@@ -225,7 +228,7 @@ def check_facts(facts: CertFacts, ca: CaGeneration, authority: CaState, services
     if service_id is None or service_id != record.service_id:
         raise Rejected("certificate does not match our records")
     if services.get(service_id) is None:
-        raise Rejected("certificate does not match our records", "unknown")
+        raise Rejected("certificate does not match our records", "unknown", facts.serial, service_id)
     _require_active(services, service_id)
     return Identity(service_id, record.serial, ca.generation)
 
@@ -254,10 +257,10 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Service
     if service_id is None:
         raise Rejected("subject CN is not a known service")
     if services.get(service_id) is None:
-        raise Rejected("subject CN is not a known service", "unknown")
+        raise Rejected("subject CN is not a known service", "unknown", info.serial, service_id)
     record = authority.records.get(info.serial)
     if record is None:
-        raise Rejected("serial not issued to this service by this CA", "unknown")
+        raise Rejected("serial not issued to this service by this CA", "unknown", info.serial, service_id)
     if record.purpose != "client" or record.service_id != service_id \
             or record.ca_generation != ca.generation:
         raise Rejected("serial not issued to this service by this CA")
@@ -346,6 +349,7 @@ class IdentityResolver:
                                       "verification did not succeed", rejected_code="invalid")
         reasons: list[str] = []
         codes: set[str] = set()
+        unknown: tuple[int | None, str | None] | None = None
         attempts = [("info header", "proxy-info", net.forwarded_client_cert_info_header, self._info_evidence),
                     ("certificate header", "proxy-cert", net.forwarded_client_cert_pem_header, self._cert_evidence)]
         for label, label_source, name, evidence in attempts:
@@ -361,6 +365,7 @@ class IdentityResolver:
                     return context
                 reasons.append(context.rejected or "rejected")
                 codes.add(context.rejected_code or "invalid")
+                unknown = unknown or context.unknown
             except (MalformedHeader, Rejected) as e:
                 codes.add(getattr(e, "code", "invalid"))
                 log.info("{label} from {peer} unusable: {reason}", label=label, peer=peer, reason=str(e))
@@ -368,10 +373,9 @@ class IdentityResolver:
                 self._count(label_source, "rejected", getattr(e, "code", "invalid"))
         if not reasons:
             self._count("none", "absent")
+        code = next((c for c in ("revoked", "deactivated", "unknown") if c in codes), "invalid") if reasons else None
         return RequestContext(peer, client_ip, peer, rejected="; ".join(r for r in reasons if r) or None,
-                              rejected_code=next((c for c in ("revoked", "deactivated", "unknown") if c in codes),
-                                                 "invalid")
-                              if reasons else None)
+                              rejected_code=code, unknown=unknown if code == "unknown" else None)
 
     def _info_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
         info = parse_info_header(value, net.forwarded_client_cert_info_format)
@@ -415,7 +419,8 @@ class IdentityResolver:
             log.info("identity from {source} rejected for {client}: {reason}", source=source, client=client_ip,
                      reason=str(e))
             self._count(source, "rejected", e.code)
-            return RequestContext(peer, client_ip, proxy_ip, rejected=str(e), rejected_code=e.code)
+            return RequestContext(peer, client_ip, proxy_ip, rejected=str(e), rejected_code=e.code,
+                                  unknown=e.unknown)
         self._count(source, "accepted")
         return RequestContext(peer, client_ip, proxy_ip, identity, source, None)
 

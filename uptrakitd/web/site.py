@@ -87,11 +87,11 @@ class IdentifiedRequest(Request):
             log.failure("identity resolution failed; treating the request as anonymous")
             self.context = _anonymous(self)
         catch_up = getattr(getattr(self.channel, "site", None), "catch_up", None)
-        if self.context.rejected_code == "unknown" and catch_up is not None and not self._caught_up:
+        if self.context.unknown is not None and catch_up is not None and not self._caught_up:
             # several controllers: the certificate or service may have been made on another one a moment
-            # ago (an agent that enrolled there and reconnects here): apply what was committed, then decide
+            # ago (an agent that enrolled or renewed there and reconnects here): read them, then decide
             self._caught_up = True
-            catch_up().addBoth(lambda _: None if self._disconnected else self.process())
+            catch_up(self.context.unknown).addBoth(lambda _: None if self._disconnected else self.process())
             return
         if self.context.identity_source == "mtls":
             mark_authenticated(getattr(self.channel, "transport", None))
@@ -239,7 +239,7 @@ class IdentifyingSite(Site):
         self.repeated = repeated if access_log == "off" else None
         self._seen = 0
         self.resolver = resolver
-        self.catch_up: Callable[[], Any] | None = None   # several controllers: ChangeFeed.catch_up
+        self.catch_up: Callable[[Any], Any] | None = None   # several controllers: ClusterSync.catch_up
         self.displayTracebacks = False
         self.head_timeout = head_timeout
         self.counters = counters or {}

@@ -14,6 +14,7 @@ CREATE TABLE controllers (
     hostname TEXT NOT NULL,
     started_at BIGINT NOT NULL,
     seen_at BIGINT NOT NULL,
-    leader INTEGER NOT NULL DEFAULT 0
+    leader INTEGER NOT NULL DEFAULT 0,
+    ca_generation INTEGER NOT NULL DEFAULT 0   -- the newest CA generation its TLS context trusts
 );
 ALTER TABLE services ADD COLUMN controller TEXT;

@@ -31,8 +31,9 @@ class ControllerRoutes:
         if self.me is None:
             return {"controllers": [{"id": None, "hostname": self.hostname, "started_at": iso(self.started_at),
                                      "seen_at": iso(self.clock.seconds()), "leader": True,
-                                     "services": self.connected(), "this": True}]}
+                                     "services": self.connected(), "this": True, "ca_generation": None}]}
         rows = yield self.store.run(controllers.load_all)
         return {"controllers": [{"id": r["id"], "hostname": r["hostname"], "started_at": iso(r["started_at"]),
                                  "seen_at": iso(r["seen_at"]), "leader": bool(r["leader"]),
-                                 "services": int(r["services"]), "this": r["id"] == self.me} for r in rows]}
+                                 "services": int(r["services"]), "this": r["id"] == self.me,
+                                 "ca_generation": int(r["ca_generation"])} for r in rows]}
