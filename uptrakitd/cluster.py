@@ -22,10 +22,11 @@ from .pki.authority import CertificateAuthority
 from .pki.serials import format_serial
 from .runtime_settings import RuntimeSettings
 from .store import controllers
+from .store import certificates, services as stored_services
 from .store.changes import Change
 
 log = Logger()
-CATCH_UP_SECONDS = 2.0
+CATCH_UP_SECONDS = 5.0
 
 
 class ClusterSync:
@@ -46,10 +47,23 @@ class ClusterSync:
     def apply(self, changes: list[Change]) -> Any:
         """Apply a batch, oldest first (the feed waits for this before reading on); fires with how many
         were dealt with. The database being unreachable stops the batch there: the feed tries the rest
-        again (nothing is skipped); any other failure is logged and counted, and the batch goes on."""
+        again (nothing is skipped); any other failure is logged and counted, and the batch goes on.
+
+        The rows the batch names are read first, two queries for the whole batch (a connect storm on
+        another controller is thousands of changes): read after the changes were committed, they are at
+        least as new as each of them."""
+        serials = sorted({c.key for c in changes if c.kind in ("certificate", "revoked")})
+        service_ids = sorted({c.key for c in changes if c.kind in ("service", "connected")})
+        try:
+            certs = (yield self.ca.store.run(certificates.load_many, serials)) if serials else {}
+            services = (yield self.directory.store.run(stored_services.load_many, service_ids)) if service_ids else {}
+        except StorageUnavailable:
+            log.warn("cannot apply {count} change(s) yet: the database cannot be reached; trying again",
+                     count=len(changes))
+            return 0
         for done, change in enumerate(changes):
             try:
-                yield self._apply_one(change)
+                yield self._apply_one(change, certs, services)
             except StorageUnavailable:
                 log.warn("cannot apply change {seq} ({kind}) yet: the database cannot be reached; trying again",
                          seq=change.seq, kind=change.kind)
@@ -76,16 +90,18 @@ class ClusterSync:
             reads.append(self.directory.refresh(service_id))
         return DeferredList(reads, consumeErrors=True).addTimeout(CATCH_UP_SECONDS, self.clock)
 
-    def _apply_one(self, change: Change) -> Any:
+    def _apply_one(self, change: Change, certs: dict[str, Any], services: dict[str, Any]) -> Any:
         kind, key = change.kind, change.key
         if kind in ("certificate", "revoked"):
-            return self.ca.adopt_certificate(key)
+            return self.ca.adopt_certificate(key, certs.get(key)) if key in certs else None
         if kind == "ca":
             return self.ca.adopt_generation(int(key))
         if kind == "service":
-            return self.directory.refresh(key)
+            return self.directory.refresh(key, services.get(key)) if key in services else None
         if kind == "connected":
-            d = self.directory.refresh(key)
+            if key not in services:
+                return None
+            d = self.directory.refresh(key, services.get(key))
             d.addCallback(lambda _: self.channel.connected_elsewhere(key, change.seq, change.origin))
             return d
         if kind == "settings":

@@ -200,10 +200,11 @@ class ServiceDirectory:
         return service
 
     @inlineCallbacks
-    def refresh(self, service_id: str) -> Any:
-        """Another controller changed this service: read it and make memory agree; a status change is
-        announced here as well (its sockets on this controller are closed when it was deactivated)."""
-        values = yield self.store.run(stored.load_one, service_id)
+    def refresh(self, service_id: str, values: dict[str, Any] | None = None) -> Any:
+        """Another controller changed this service: read it (unless given) and make memory agree; a status
+        change is announced here as well (its sockets on this controller are closed when it was deactivated)."""
+        if values is None:
+            values = yield self.store.run(stored.load_one, service_id)
         if values is None:
             return None
         service = self._records.get(service_id)

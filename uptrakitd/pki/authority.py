@@ -151,10 +151,11 @@ class CertificateAuthority:
         return _publish_in_order(self.bus, events)
 
     @inlineCallbacks
-    def adopt_certificate(self, serial_hex: str) -> Any:
-        """Another controller issued or revoked this certificate: read its record and make it known here;
-        a revocation then takes effect here as if it had been made here (OCSP, CRL, TLS, the socket)."""
-        row = yield self.store.run(certificates.load_one, serial_hex)
+    def adopt_certificate(self, serial_hex: str, row: Any = None) -> Any:
+        """Another controller issued or revoked this certificate: read its record (unless given) and make it
+        known here; a revocation then takes effect here as if made here (OCSP, CRL, TLS, the socket)."""
+        if row is None:
+            row = yield self.store.run(certificates.load_one, serial_hex)
         if row is None:
             return None
         serial = int(row["serial"], 16)

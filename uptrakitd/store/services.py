@@ -25,6 +25,17 @@ def load_one(conn: sqlite3.Connection, service_id: str) -> dict[str, Any] | None
     return _values(row) if row is not None else None
 
 
+def load_many(conn: sqlite3.Connection, service_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Services by id (dicts of COLUMNS), for those that exist; read 500 at a time."""
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(service_ids), 500):
+        chunk = service_ids[i:i + 500]
+        for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services WHERE id IN "
+                                f"({', '.join('?' * len(chunk))})", chunk):
+            out[row["id"]] = _values(row)
+    return out
+
+
 def _values(row: Any) -> dict[str, Any]:
     values = dict(row)
     values["capabilities"] = json.loads(values["capabilities"] or "[]")
