@@ -33,8 +33,11 @@ class ClusterSync:
     """Applies other controllers' changes, in order; a change that fails is logged and counted."""
 
     def __init__(self, ca: CertificateAuthority, directory: ServiceDirectory, runtime: RuntimeSettings,
-                 admin_tokens: AdminTokenRegistry, channel: ChannelHub, metrics: Metrics, clock: Any) -> None:
+                 admin_tokens: AdminTokenRegistry, channel: ChannelHub, metrics: Metrics, clock: Any,
+                 reads: Any = None) -> None:
         self.clock = clock
+        # the catch-up's reads go through a store of their own: the main one may be seconds behind in a storm
+        self.reads = reads if reads is not None else ca.store
         self.ca = ca
         self.directory = directory
         self.runtime = runtime
@@ -85,9 +88,12 @@ class ClusterSync:
         serial, service_id = unknown if unknown is not None else (None, None)
         reads = []
         if serial is not None:
-            reads.append(self.ca.adopt_certificate(format_serial(serial)))
+            key = format_serial(serial)
+            reads.append(self.reads.run(certificates.load_one, key).addCallback(
+                lambda row: self.ca.adopt_certificate(key, row) if row is not None else None))
         if service_id is not None:
-            reads.append(self.directory.refresh(service_id))
+            reads.append(self.reads.run(stored_services.load_one, service_id).addCallback(
+                lambda values: self.directory.refresh(service_id, values) if values is not None else None))
         return DeferredList(reads, consumeErrors=True).addTimeout(CATCH_UP_SECONDS, self.clock)
 
     def _apply_one(self, change: Change, certs: dict[str, Any], services: dict[str, Any]) -> Any:

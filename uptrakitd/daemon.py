@@ -214,7 +214,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     if settings.database:
         Hooks("rotation barrier", stop=d.trusted.stop).setServiceParent(d)
     if settings.database:   # what the other controllers on the database change, applied here
-        d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics, reactor)
+        reads = make_store(settings.data_dir, settings.database, reactor, booted.controller_id)
+        Hooks("catch-up store", start=reads.start, stop=reads.close).setServiceParent(d)
+        d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics, reactor, reads)
         feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply)
         https_site.catch_up = cluster.catch_up
         d.feed = feed
