@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .admin_tokens import AdminTokenRegistry
@@ -27,6 +28,7 @@ from .store.changes import Change
 
 log = Logger()
 CATCH_UP_SECONDS = 5.0
+TURN = 50   # changes applied per reactor turn
 
 
 class ClusterSync:
@@ -65,6 +67,8 @@ class ClusterSync:
                      count=len(changes))
             return 0
         for done, change in enumerate(changes):
+            if done and done % TURN == 0:   # a big batch applies without waiting: let the reactor breathe
+                yield deferLater(self.clock, 0, lambda: None)
             try:
                 yield self._apply_one(change, certs, services)
             except StorageUnavailable:
