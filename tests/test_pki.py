@@ -141,6 +141,12 @@ class OpensslOcspCrlTests(TestCase):
             return out
         bodies = yield deferToThread(keep_alive)
         self.assertEqual(bodies, [parts(first)[1]] * 3)
+        # any prefix before /ocsp/ is accepted, so a long one is answered but never kept (memory is bounded)
+        long = f"GET /{'x' * 2000}{path[len('/api/v1/pki'):]} HTTP/1.0\r\n\r\n".encode()
+        hits = self.c.repeated_ocsp.hits
+        for _ in range(2):
+            self.assertEqual(parts((yield self.raw_http(long)))[1], parts(first)[1])
+        self.assertEqual(self.c.repeated_ocsp.hits, hits)
         status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
                                        {"reason": "keyCompromise"})
         self.assertEqual(status, 200)

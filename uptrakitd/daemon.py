@@ -157,10 +157,14 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     bus.subscribe(CaRotated, ocsp.on_ca_rotated)
     bus.subscribe(CaRotated, crls.on_ca_rotated)
     bus.subscribe(CaRotated, server_cert.on_ca_rotated)
+    leadership: Leadership | None = None
     if settings.database:   # tell the other controllers; renewals wait until they all trust the new CA
         d.trusted = trusted = TrustedGeneration(store, booted.controller_id, state.active().generation, reactor)
         bus.subscribe(CaRotated, trusted.on_ca_rotated)
         channel.barrier = trusted.everywhere
+        d.leadership = leadership = Leadership(settings.database, booted.controller_id, booted.hostname,
+                                               int(reactor.seconds()), lambda: trusted.generation)
+    is_leader = (lambda: True) if leadership is None else (lambda: leadership.leader)
     bus.subscribe(CaRotated, channel.on_ca_rotated)
     bus.subscribe(ServiceChanged, channel.on_service_changed)
 
@@ -180,8 +184,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                     + rotation.routes() + DiagnosticsRoutes(resolver.doctor, runtime).routes()
                     + SessionRoutes(admin_tokens).routes()
                     + ControllerRoutes(store, directory.controller_id, booted.hostname, reactor.seconds(),
-                                       lambda: getattr(d, "leadership", None) is None or d.leadership.leader,
-                                       lambda: len(channel.connected), reactor).routes()
+                                       is_leader, lambda: len(channel.connected), reactor).routes()
                     + UiRoutes().routes() + pki_routes)
     https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
                                        channel.resources, resolver, admin_tokens.check,
@@ -202,7 +205,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
-    on_leader = _leadership(d, booted, reactor, run_blocking)
+    on_leader = _leadership(d, leadership, metrics, ca, reactor, run_blocking)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
@@ -248,28 +251,26 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     return d
 
 
-def _leadership(d: Daemon, booted: Booted, reactor: Any,
-                run_blocking: Any) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+def _leadership(tree: OrderedServices, leadership: Leadership | None, metrics: Metrics, ca: CertificateAuthority,
+                reactor: Any, run_blocking: Any) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     """Who runs the once-per-database jobs: with PostgreSQL the holder of the leader lock (checked every
-    2 s; a new leader runs the CA check at once), with SQLite this controller. Returns `on_leader(job)`:
-    the job, run only while this controller leads."""
-    if not booted.settings.database:
-        d.metrics.cluster_leader.set(1)
+    2 s in a thread; a new leader runs the CA check at once), with SQLite this controller. Adds the check
+    to `tree`; returns `on_leader(job)`: the job, run only while this controller leads."""
+    if leadership is None:
+        metrics.cluster_leader.set(1)
         return lambda job: job
-    d.leadership = leadership = Leadership(booted.settings.database, booted.controller_id, booted.hostname,
-                                           int(reactor.seconds()), lambda: d.trusted.generation)
-    d.metrics.cluster_leader.set_function(lambda: 1 if leadership.leader else 0)
+    metrics.cluster_leader.set_function(lambda: 1 if leadership.leader else 0)
 
     def check() -> Deferred:
         was = leadership.leader
 
         def checked(leader: bool) -> Any:
             if leader and not was:
-                return d.ca.check_expiry()
+                return ca.check_expiry()
             return None
         return run_blocking(leadership.check).addCallback(checked)
-    PeriodicJob("leadership check", 2, check, reactor, run_at_start=True).setServiceParent(d)
-    Hooks("leadership", stop=lambda: run_blocking(leadership.release)).setServiceParent(d)
+    PeriodicJob("leadership check", 2, check, reactor, run_at_start=True).setServiceParent(tree)
+    Hooks("leadership", stop=lambda: run_blocking(leadership.release)).setServiceParent(tree)
     return lambda job: lambda: job() if leadership.leader else None
 
 

@@ -115,6 +115,7 @@ class RepeatedOcspGets:
     """
 
     MAX_ENTRIES = 10_000
+    MAX_PATH = 1024   # nginx's paths are ~150 bytes; any prefix is accepted, so a long one is not kept
     ROUTE = "/api/v1/pki/ocsp/{encoded}"
 
     def __init__(self, ocsp: OcspResponder, clock: Any, requests: Any = None) -> None:
@@ -127,7 +128,7 @@ class RepeatedOcspGets:
 
     def remember(self, path: bytes, answer: OcspAnswer) -> None:
         """Keep a reusable answer for this exact request path."""
-        if answer.reuse_until is None or answer.next_update is None:
+        if answer.reuse_until is None or answer.next_update is None or len(path) > self.MAX_PATH:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()

@@ -154,7 +154,7 @@ class GuardedChannel(HTTPChannel):
         (see web.pki.RepeatedOcspGets); anything else goes the ordinary way."""
         if (not data.startswith(b"GET ") or not data.endswith(b"\r\n\r\n") or len(data) > 8192
                 or data.count(b"\r\n\r\n") != 1 or self.requests or self._handlingRequest or self._dataBuffer
-                or self._buffer or not self.line_mode or getattr(self, "_HTTPChannel__first_line", 0) != 1):
+                or self._buffer or not self.line_mode or self._request_line is not None):
             return False
         line, _, head = data.partition(b"\r\n")
         parts = line.split(b" ")
