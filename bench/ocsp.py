@@ -1,16 +1,23 @@
 """OCSP throughput and server CPU per answer, against `openssl ocsp -multi 2` on the same CA, in one run.
 
-Run: .venv/bin/python bench/ocsp.py   (about a minute; runs itself inside `unshare -n` because
+Run: .venv/bin/python bench/ocsp.py   (about two minutes; runs itself inside `unshare -n` because
 `openssl ocsp -port` binds every interface: loopback of a private network namespace only; needs root)
 
 Cases: nginx's form (GET, SHA-1 CertID, no nonce: answered from the cache) over new connections
 (HTTP/1.0, as nginx sends it) and over one keep-alive connection; POST with a nonce (signed per
-request). openssl is restarted per case (its children spin after a client drops a connection).
+request), by the CA (the default) and by a delegated responder (`--ocsp-signer delegated`). openssl is
+restarted per case (its children spin after a client drops a connection).
+
+Two load clients, each against both servers: Python threads (the GIL caps them near 5,000 requests/s,
+so against a fast server they measure themselves), and ApacheBench (`ab`, C, `apt-get install
+apache2-utils`; skipped when absent) which sends every POST with the same nonce: both servers still
+sign each one.
 """
 from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SECONDS = 6
 CLIENTS = 2
+AB_CONCURRENCY = 8
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -99,31 +107,64 @@ def run_case(port: int, make: callable, keepalive: bool, pids: callable) -> tupl
     return n / wall, used / n * 1000
 
 
+def run_ab(port: int, raw: bytes, keepalive: bool, pids: callable, work: str) -> tuple[float, float]:
+    """(answers per second, server CPU ms per answer) of `ab` replaying `raw`'s method, path and body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    method, path = head.split(b" ")[:2]
+    args = ["ab", "-q", "-l", "-t", str(SECONDS), "-n", "10000000", "-c", str(AB_CONCURRENCY), "-r"]
+    if keepalive:
+        args.append("-k")
+    if method == b"POST":
+        Path(work, "body.der").write_bytes(body)
+        args += ["-p", str(Path(work, "body.der")), "-T", "application/ocsp-request"]
+    before = cpu_of(pids())
+    out = subprocess.run(args + [f"http://127.0.0.1:{port}{path.decode()}"], capture_output=True, text=True).stdout
+    used = cpu_of(pids()) - before
+    done = int(re.search(r"Complete requests:\s+(\d+)", out).group(1))
+    failed = int(re.search(r"Failed requests:\s+(\d+)", out).group(1))
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    assert failed == 0 and non2xx is None, out
+    return float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1)), used / done * 1000
+
+
 def main() -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509 import ocsp
     from common import Daemon, enrolled_certificate, free_port
     daemon = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener")
+    delegated = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener",
+                       "--ocsp-signer", "delegated")
     work = tempfile.mkdtemp(prefix="uptrakit-ocsp-")
+    use_ab = shutil.which("ab") is not None
     try:
-        pki_port = int(daemon.request("GET", "/api/v1/settings/pki", token=daemon.token)[1]["pki_addr"].rsplit(":", 1)[1])
-        leaf = x509.load_pem_x509_certificate(enrolled_certificate(daemon, os.path.join(work, "leaf.pem")).encode())
-        data = Path(daemon.dir, "uptrakit-data", "pki")
-        ca = x509.load_pem_x509_certificates(Path(daemon.ca).read_bytes())[0]
-        sha1 = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA1()).build()
-        der = sha1.public_bytes(serialization.Encoding.DER)
-        get_path = "/api/v1/pki/ocsp/" + quote(base64.b64encode(der).decode(), safe="")
+        def setup(d: Daemon, name: str) -> tuple[int, x509.Certificate, x509.Certificate]:
+            port = int(d.request("GET", "/api/v1/settings/pki", token=d.token)[1]["pki_addr"].rsplit(":", 1)[1])
+            leaf = x509.load_pem_x509_certificate(enrolled_certificate(d, os.path.join(work, name)).encode())
+            return port, leaf, x509.load_pem_x509_certificates(Path(d.ca).read_bytes())[0]
+        pki_port, leaf, ca = setup(daemon, "leaf.pem")
+        delegated_port, delegated_leaf, delegated_ca = setup(delegated, "delegated-leaf.pem")
+        der = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA1()).build().public_bytes(
+            serialization.Encoding.DER)
+        encoded = quote(base64.b64encode(der).decode(), safe="")
 
-        def nonce_request() -> bytes:
-            return (ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA256())
-                    .add_extension(x509.OCSPNonce(os.urandom(16)), critical=False).build()
-                    .public_bytes(serialization.Encoding.DER))
+        def nonce_requests(leaf: x509.Certificate, ca: x509.Certificate, path: str) -> callable:
+            """Requests with fresh nonces, built before the clock starts (building one costs the client ~0.1 ms)."""
+            pool = []
+            for _ in range(500):
+                body = (ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA256())
+                        .add_extension(x509.OCSPNonce(os.urandom(16)), critical=False).build()
+                        .public_bytes(serialization.Encoding.DER))
+                pool.append((f"POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/ocsp-request\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+            counter = iter(range(1 << 62))
+            return lambda: pool[next(counter) % len(pool)]
+
         # openssl's responder over the same CA and the same certificate
         expiry = leaf.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
         Path(work, "index.txt").write_text(f"V\t{expiry}\t\t{leaf.serial_number:X}\tunknown\t/CN=bench\n")
         Path(work, "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        shutil.copy(data / "ca-1.key", Path(work, "ca.key"))
+        shutil.copy(Path(daemon.dir, "uptrakit-data", "pki", "ca-1.key"), Path(work, "ca.key"))
         ossl_port = free_port()
 
         def start_openssl() -> subprocess.Popen:
@@ -135,49 +176,58 @@ def main() -> None:
             time.sleep(1.0)
             return proc
 
-        ours = lambda: family(daemon.proc.pid)  # noqa: E731
-        get10 = lambda: f"GET {get_path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()  # noqa: E731
-        get11 = lambda: f"GET {get_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()  # noqa: E731
-        ossl_get = "/" + quote(base64.b64encode(der).decode(), safe="")
+        def measure(port: int, make: callable, keep: bool, pids: callable, client: str) -> tuple[float, float]:
+            if client == "ab":
+                return run_ab(port, make(), keep, pids, work)
+            return run_case(port, make, keep, pids)
 
-        def post(path: str, version: str) -> callable:
-            def make() -> bytes:
-                body = nonce_request()
-                return (f"POST {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: application/ocsp-request\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-            return make
-        rows = []
-        for label, make_ours, make_ossl, keep in [
-                ("GET nginx form, new connections", get10,
-                 lambda: f"GET {ossl_get} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode(), False),
-                ("GET nginx form, keep-alive", get11, None, True),
-                ("POST with nonce, new connections", post("/api/v1/pki/ocsp", "1.0"), post("/", "1.0"), False)]:
-            http(pki_port, make_ours())      # warm the cache
-            rps, cpu = run_case(pki_port, make_ours, keep, ours)
-            if make_ossl is not None:
-                proc = start_openssl()
-                try:
-                    o_rps, o_cpu = run_case(ossl_port, make_ossl, False, lambda: family(proc.pid))
-                finally:
-                    for pid in family(proc.pid)[1:] + [proc.pid]:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    proc.wait()
-            else:
-                o_rps = o_cpu = float("nan")
-            rows.append((label, rps, cpu, o_rps, o_cpu))
-        ref = rows[0][3]
-        print(f"{SECONDS} s per case, {CLIENTS} client threads; openssl ocsp -multi 2 over new connections "
-              f"(HTTP/1.0) as the reference")
-        print(f"{'case':34} {'uptrakitd/s':>11} {'CPU ms':>7} {'openssl/s':>10} {'CPU ms':>7} {'ratio':>6}")
-        for label, rps, cpu, o_rps, o_cpu in rows:
-            other = o_rps if o_rps == o_rps else ref
-            o_cpu_text = f"{o_cpu:7.3f}" if o_cpu > 0 else "    n/a"   # workers that exit take their CPU time along
-            print(f"{label:34} {rps:11.0f} {cpu:7.3f} {o_rps:10.0f} {o_cpu_text} {rps / other:5.2f}x")
+        def openssl_run(make: callable, client: str) -> tuple[float, float]:
+            proc = start_openssl()
+            try:
+                return measure(ossl_port, make, False, lambda: family(proc.pid), client)
+            finally:
+                for pid in family(proc.pid)[1:] + [proc.pid]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+        get10 = lambda: f"GET /api/v1/pki/ocsp/{encoded} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()  # noqa: E731
+        get11 = lambda: f"GET /api/v1/pki/ocsp/{encoded} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()  # noqa: E731
+        ossl_get = lambda: f"GET /{encoded} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()  # noqa: E731
+        ours = lambda: family(daemon.proc.pid)  # noqa: E731
+        theirs = lambda: family(delegated.proc.pid)  # noqa: E731
+        # (label, port, request, keep-alive, daemon's processes, openssl's request or "same as the row above")
+        cases = [("GET nginx form, new connections", pki_port, get10, False, ours, ossl_get),
+                 ("GET nginx form, keep-alive", pki_port, get11, True, ours, None),
+                 ("POST nonce, CA signs (default)", pki_port, nonce_requests(leaf, ca, "/api/v1/pki/ocsp"), False, ours,
+                  nonce_requests(leaf, ca, "/")),
+                 ("POST nonce, --ocsp-signer delegated", delegated_port,
+                  nonce_requests(delegated_leaf, delegated_ca, "/api/v1/pki/ocsp"), False, theirs, "above")]
+        for client in (["python", "ab"] if use_ab else ["python"]):
+            rows = []
+            for label, port, make, keep, pids, make_ossl in cases:
+                http(port, make())      # warm the cache
+                rps, cpu = measure(port, make, keep, pids, client)
+                if make_ossl == "above":
+                    o_rps, o_cpu = rows[-1][3], rows[-1][4]
+                elif make_ossl is not None:
+                    o_rps, o_cpu = openssl_run(make_ossl, client)
+                else:
+                    o_rps, o_cpu = rows[0][3], float("nan")
+                rows.append((label, rps, cpu, o_rps, o_cpu))
+            print()
+            print(f"client: {'ab -c %d' % AB_CONCURRENCY if client == 'ab' else '%d Python threads' % CLIENTS}, "
+                  f"{SECONDS} s per case; openssl ocsp -multi 2 over new connections (HTTP/1.0) as the reference")
+            print(f"{'case':36} {'uptrakitd/s':>11} {'CPU ms':>7} {'openssl/s':>10} {'CPU ms':>7} {'ratio':>6}")
+            for label, rps, cpu, o_rps, o_cpu in rows:
+                o_cpu_text = f"{o_cpu:7.3f}" if o_cpu > 0 else "    n/a"   # workers that exit take their CPU time along
+                print(f"{label:36} {rps:11.0f} {cpu:7.3f} {o_rps:10.0f} {o_cpu_text} {rps / o_rps:5.2f}x")
+        if not use_ab:
+            print("\n(ab not found: apt-get install apache2-utils for the C client's rows)")
     finally:
         daemon.stop()
+        delegated.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

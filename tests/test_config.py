@@ -72,6 +72,9 @@ class BuildSettingsTests(TestCase):
         self.assertRefused("log_format", {"log_format": "xml"})
         self.assertRefused("trust_domain", {"trust_domain": "not a domain"})
         self.assertRefused("san", {"san": ["bad name!"]})
+        self.assertRefused("ocsp_signer", {"ocsp_signer": "responder"}, fragment="ca, delegated")
+        self.assertEqual(build_settings({}).ocsp_signer, "ca")
+        self.assertEqual(build_settings({}, self.write('[pki]\nocsp_signer = "delegated"\n')).ocsp_signer, "delegated")
 
     def test_bad_header_name(self) -> None:
         self.assertRefused("real_ip_header", {"real_ip_header": "X Forwarded"})

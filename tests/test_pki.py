@@ -14,6 +14,7 @@ from .helpers import plain_http_client
 plain = plain_http_client()
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
 from cryptography.x509 import ocsp
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -115,9 +116,9 @@ class OpensslOcspCrlTests(TestCase):
             names = sorted(line.split(b":")[0].decode().lower() for line in head.split(b"\r\n")[1:])
             return names, body
         first = yield self.raw_http(ask)
-        hits = self.c.repeated_ocsp.hits
+        hits = self.c.fast_ocsp.hits
         second = yield self.raw_http(ask)
-        self.assertEqual(self.c.repeated_ocsp.hits, hits + 1, "the second GET took the short way")
+        self.assertEqual(self.c.fast_ocsp.hits, hits + 1, "the second GET took the short way")
         self.assertEqual(parts(second)[0], parts(first)[0], "the same headers")
         self.assertEqual(parts(second)[1], parts(first)[1], "the same signed answer")
         self.assertTrue(second.startswith(b"HTTP/1.0 200 OK\r\n"), second[:40])
@@ -143,22 +144,71 @@ class OpensslOcspCrlTests(TestCase):
         self.assertEqual(bodies, [parts(first)[1]] * 3)
         # any prefix before /ocsp/ is accepted, so a long one is answered but never kept (memory is bounded)
         long = f"GET /{'x' * 2000}{path[len('/api/v1/pki'):]} HTTP/1.0\r\n\r\n".encode()
-        hits = self.c.repeated_ocsp.hits
+        hits = self.c.fast_ocsp.hits
         for _ in range(2):
             self.assertEqual(parts((yield self.raw_http(long)))[1], parts(first)[1])
-        self.assertEqual(self.c.repeated_ocsp.hits, hits)
+        self.assertEqual(self.c.fast_ocsp.hits, hits)
         status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
                                        {"reason": "keyCompromise"})
         self.assertEqual(status, 200)
         after = yield self.raw_http(ask)
         self.assertEqual(ocsp.load_der_ocsp_response(parts(after)[1]).certificate_status, ocsp.OCSPCertStatus.REVOKED)
 
-    def raw_http(self, request: bytes):
+    @inlineCallbacks
+    def test_a_whole_post_is_answered_on_the_channel_like_the_ordinary_way(self):
+        """A POST whose head and body arrive together skips the request machinery: the same answer and
+        headers as one whose body comes later (the ordinary way), a fresh signature per nonce, garbage is
+        malformedRequest, and an oversized body still gets 413."""
+        import os
+        issued, _, _ = yield new_leaf(self.c)
+        ca = self.c.ca.state.active().cert
+
+        def post(nonce: bytes) -> tuple[bytes, bytes]:
+            body = (ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca, hashes.SHA256())
+                    .add_extension(x509.OCSPNonce(nonce), critical=False).build()
+                    .public_bytes(serialization.Encoding.DER))
+            head = (f"POST /api/v1/pki/ocsp HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/ocsp-request\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            return head, body
+
+        def parse(response: bytes) -> tuple[list[str], dict[str, str], ocsp.OCSPResponse]:
+            head, _, body = response.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            fields = dict((k.lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+            self.assertEqual(int(fields["content-length"]), len(body))
+            return [lines[0]] + sorted(fields), fields, ocsp.load_der_ocsp_response(body)
+        before = self.c.fast_ocsp.posts
+        head, body = post(b"n" * 16)
+        fast = parse((yield self.raw_http(head + body)))
+        self.assertEqual(self.c.fast_ocsp.posts, before + 1, "head and body together: answered on the channel")
+        head, body = post(b"m" * 16)
+        slow = parse((yield self.raw_http(head, body)))
+        self.assertEqual(self.c.fast_ocsp.posts, before + 1, "a body that comes later goes the ordinary way")
+        self.assertEqual(fast[0], slow[0], "the same status line and header names")
+        for (_, fields, answer), nonce in ((fast, b"n" * 16), (slow, b"m" * 16)):
+            self.assertEqual(answer.certificate_status, ocsp.OCSPCertStatus.GOOD)
+            self.assertEqual(answer.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce, nonce)
+            self.assertEqual(fields["cache-control"], "no-store")
+            self.assertEqual(fields["content-type"], "application/ocsp-response")
+            ca.public_key().verify(answer.signature, answer.tbs_response_bytes, ECDSA(answer.signature_hash_algorithm))
+        garbage = os.urandom(40)
+        response = yield self.raw_http(b"POST /api/v1/pki/ocsp HTTP/1.0\r\nContent-Length: 40\r\n\r\n" + garbage)
+        self.assertTrue(response.startswith(b"HTTP/1.0 200 OK\r\n"), response[:60])
+        self.assertEqual(ocsp.load_der_ocsp_response(response.partition(b"\r\n\r\n")[2]).response_status,
+                         ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        too_big = yield self.raw_http(b"POST /api/v1/pki/ocsp HTTP/1.0\r\nContent-Length: 70000\r\n\r\n" + b"x" * 70000)
+        self.assertTrue(too_big.startswith(b"HTTP/1.1 413"), too_big[:60])
+
+    def raw_http(self, request: bytes, later: bytes = b""):
         import socket
+        import time
 
         def go():
             with socket.create_connection(("127.0.0.1", self.pki_port), timeout=10) as s:
                 s.sendall(request)
+                if later:
+                    time.sleep(0.2)
+                    s.sendall(later)
                 data = b""
                 while chunk := s.recv(65536):
                     data += chunk
@@ -290,6 +340,86 @@ class OpensslOcspCrlTests(TestCase):
         self.assertEqual(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number, numbers[-1])
         self.assertEqual(crl.next_update_utc - crl.last_update_utc, datetime.timedelta(hours=24))
         crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+
+
+class DelegatedOcspSignerTests(TestCase):
+    """--ocsp-signer delegated: answers signed by a P-256 responder certificate the CA issued, judged by openssl."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        self.openssl = require_program("openssl", "apt-get install openssl")
+        self.pki_port = free_port()
+        self.c = yield start_controller(self, pki_addr=f"http://127.0.0.1:{self.pki_port}", pki_http="listener",
+                                        ocsp_signer="delegated")
+        self.dir = Path(self.c.tmp)
+
+    @inlineCallbacks
+    def ask(self, issued, *extra):
+        """openssl ocsp against the CA bundle; (its output, the DER response it received)."""
+        leaf, bundle, resp = self.dir / "leaf.pem", self.dir / "bundle.pem", self.dir / "resp.der"
+        leaf.write_bytes(issued.pem)
+        bundle.write_bytes(self.c.ca.bundle_pem())
+        issuer = self.dir / "issuer.pem"
+        issuer.write_bytes(self.c.ca.state.generations[issued.ca_generation].pem)
+        out, err, _ = yield run(self.openssl, "ocsp", "-issuer", str(issuer), "-cert", str(leaf), "-url",
+                                f"http://127.0.0.1:{self.pki_port}/api/v1/pki/ocsp", "-CAfile", str(bundle),
+                                "-respout", str(resp), *extra)
+        return out.decode() + err.decode(), ocsp.load_der_ocsp_response(resp.read_bytes())
+
+    def check_responder(self, answer, generation):
+        """The embedded responder certificate: issued by that CA generation for OCSP signing only, P-256,
+        two days at most; the answer is signed with its key, not the CA's."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+        ca = self.c.ca.state.generations[generation].cert
+        [responder] = answer.certificates
+        self.assertEqual(responder.issuer, ca.subject)
+        ca.public_key().verify(responder.signature, responder.tbs_certificate_bytes,
+                               ECDSA(responder.signature_hash_algorithm))
+        self.assertEqual(list(responder.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value),
+                         [ExtendedKeyUsageOID.OCSP_SIGNING])
+        responder.extensions.get_extension_for_class(x509.OCSPNoCheck)
+        self.assertFalse(responder.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        self.assertIsInstance(responder.public_key().curve, ec.SECP256R1)
+        self.assertLessEqual(responder.not_valid_after_utc - responder.not_valid_before_utc,
+                             datetime.timedelta(days=2, minutes=5))
+        self.assertEqual(answer.responder_key_hash,
+                         x509.SubjectKeyIdentifier.from_public_key(responder.public_key()).digest)
+        responder.public_key().verify(answer.signature, answer.tbs_response_bytes,
+                                      ECDSA(answer.signature_hash_algorithm))
+        return responder
+
+    @inlineCallbacks
+    def test_openssl_verifies_delegated_answers_before_and_after_a_rotation(self):
+        issued, _, _ = yield new_leaf(self.c)
+        out, answer = yield self.ask(issued)
+        self.assertIn("Response verify OK", out)
+        self.assertIn(": good", out)
+        first = self.check_responder(answer, 1)
+        out, answer = yield self.ask(issued, "-no_nonce")
+        self.assertIn("Response verify OK", out)
+        self.assertEqual(self.check_responder(answer, 1), first, "one responder certificate per generation")
+        status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
+                                       {"reason": "keyCompromise"})
+        self.assertEqual(status, 200)
+        out, answer = yield self.ask(issued)
+        self.assertIn("Response verify OK", out)
+        self.assertIn(": revoked", out)
+        # after a rotation, G2's certificates are answered by a responder G2 issued; G1's still verify
+        status, body = yield request_json(self.c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, body)
+        renewed, _, _ = yield new_leaf(self.c)
+        self.assertEqual(renewed.ca_generation, 2)
+        out, answer = yield self.ask(renewed)
+        self.assertIn("Response verify OK", out)
+        self.assertIn(": good", out)
+        self.check_responder(answer, 2)
+        out, answer = yield self.ask(issued)
+        self.assertIn("Response verify OK", out)
+        self.assertIn(": revoked", out)
+        self.check_responder(answer, 1)
 
 
 class RevocationApiTests(TestCase):

@@ -16,6 +16,7 @@ PKI_HTTP_MODES = ("listener", "external")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 ACCESS_LOG_MODES = ("off", "sampled", "all")
+OCSP_SIGNERS = ("ca", "delegated")
 DEFAULT_HTTPS_LISTEN = r"tcp:8443:interface=\:\:"
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -180,6 +181,7 @@ class Settings:
     ca_key: Path | None = None
     san: tuple[str, ...] = ()
     trust_domain: str = "uptrakit.local"
+    ocsp_signer: str = "ca"               # "delegated": a short-lived P-256 responder certificate signs OCSP
     force_settings_override: bool = False
     proxy_protocol_senders: tuple[IPNetwork, ...] = ()
     proxy_protocol_trust_headers: bool = False
@@ -210,7 +212,7 @@ _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_f
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
              "metrics_require_auth", "database", "ca_key_encryption_key_file",
              *_LIMIT_KEYS}
-_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain"}
+_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -358,7 +360,8 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
                                       "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "
                                       "chmod 600 FILE)")
-    for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS), ("access_log", ACCESS_LOG_MODES)):
+    for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS), ("access_log", ACCESS_LOG_MODES),
+                         ("ocsp_signer", OCSP_SIGNERS)):
         if key in merged:
             if merged[key] not in allowed:
                 raise ConfigError(key, f"must be one of {', '.join(allowed)}")

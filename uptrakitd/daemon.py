@@ -57,7 +57,7 @@ from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
 from .web.api.services import ServiceRoutes
 from .web.api.status import StatusRoutes, healthz
 from .web.api.tokens import TokenRoutes
-from .web.pki import PkiRoutes, RepeatedOcspGets
+from .web.pki import OcspFastPath, PkiRoutes
 from .web.root import build_sites
 from .web.router import route
 from .web.ui_routes import UiRoutes
@@ -76,7 +76,7 @@ class Daemon(OrderedServices):
     ca: CertificateAuthority
     crls: CrlPublisher
     ocsp: OcspResponder
-    repeated_ocsp: RepeatedOcspGets
+    fast_ocsp: OcspFastPath
     server_cert: ServerCertificate
     tls: SwappableServerContext
     runtime: RuntimeSettings
@@ -124,7 +124,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     stale_crls = crls.publish_at_start(booted.crl_numbers,
                                        datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
-    d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses)
+    d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain, booted.keys)
     ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor
@@ -173,8 +173,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                 forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers)
     bus.subscribe(CertificateRevoked, resolver.verified.on_revoked)
     bus.subscribe(CaRotated, resolver.verified.on_ca_rotated)
-    d.repeated_ocsp = repeated = RepeatedOcspGets(ocsp, reactor, metrics.http_requests)
-    pki_routes = PkiRoutes(ca, crls, ocsp, repeated).routes()
+    d.fast_ocsp = fast_ocsp = OcspFastPath(ocsp, reactor, metrics.http_requests)
+    pki_routes = PkiRoutes(ca, crls, ocsp, fast_ocsp).routes()
     rotation = RotationProgress(ca, directory, channel)
     https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
@@ -193,7 +193,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                         "bodies_refused": metrics.http_bodies_refused,
                                         "http_requests": metrics.http_requests,
                                         "tls_handshake_failures": metrics.tls_handshake_failures},
-                                       settings.access_log, repeated)
+                                       settings.access_log, fast_ocsp)
 
     def guarded(factory: Any, what: str) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,

@@ -214,11 +214,11 @@ def check_controller_side_revocation(testcase: Any, c: Any, agent: Any, proxy_po
 
 
 @inlineCallbacks
-def controller_for_nginx(testcase: Any) -> Any:
+def controller_for_nginx(testcase: Any, **extra: Any) -> Any:
     """A controller trusting the proxy address, nginx's headers, and a plain-HTTP PKI listener for ssl_ocsp."""
     pki_port = free_port()
     c = yield start_controller(testcase, trusted_proxies=[PROXY_ADDR], forwarded_client_cert_pem_header="X-SSL-Client-Cert",
-                               pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener")
+                               pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener", **extra)
     yield request_json(c, "PUT", "/api/v1/settings/network",
                        {"forwarded_client_verify_header": "X-SSL-Client-Verify"})
     return c

@@ -45,8 +45,17 @@ def start_nginx(testcase, c, crl=False):
 class NginxTests(TestCase):
     timeout = 120
 
-    @inlineCallbacks
     def test_agent_through_nginx_with_ocsp(self):
+        return self.ocsp_through_nginx()
+
+    @inlineCallbacks
+    def test_nginx_accepts_answers_signed_by_a_delegated_responder(self):
+        """--ocsp-signer delegated: nginx verifies the embedded responder certificate against the CA."""
+        c = yield self.ocsp_through_nginx(ocsp_signer="delegated")
+        self.assertEqual(sorted(c.ocsp.delegated._signers), [1], "the answers nginx accepted were delegated")
+
+    @inlineCallbacks
+    def ocsp_through_nginx(self, **extra):
         from twisted.logger import formatEvent, globalLogPublisher
         self.ocsp_log = []
 
@@ -55,7 +64,7 @@ class NginxTests(TestCase):
                 self.ocsp_log.append(formatEvent(event))
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        c = yield controller_for_nginx(self)
+        c = yield controller_for_nginx(self, **extra)
         nginx = yield start_nginx(self, c)
         agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
         cert, key = agent_identity(agent)
@@ -71,6 +80,7 @@ class NginxTests(TestCase):
         self.assertEqual(status, 400, "nginx refuses the revoked certificate (its 'SSL certificate error' page)")
         self.assertGreater(c.metrics.ocsp_responses.labels("revoked")._value.get(), 0)
         self.assertIn(f"OCSP: revoked for serial {serial.lstrip('0')}", "\n".join(self.ocsp_log))
+        return c
 
     @inlineCallbacks
     def test_crl_file_and_rotation(self):

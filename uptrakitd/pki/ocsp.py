@@ -1,4 +1,5 @@
-"""OCSP responder (RFC 6960, RFC 5019 profile): signed by the issuing CA, cached when there is no nonce."""
+"""OCSP responder (RFC 6960, RFC 5019 profile): signed by the issuing CA (or, with `--ocsp-signer
+delegated`, by a short-lived responder certificate that CA issued), cached when there is no nonce."""
 from __future__ import annotations
 
 import base64
@@ -11,9 +12,12 @@ from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
-from prometheus_client import Counter
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -24,6 +28,7 @@ log = Logger()
 
 MAX_REQUEST_BYTES = 64 * 1024
 OCSP_VALIDITY = datetime.timedelta(hours=1)  # nextUpdate - thisUpdate
+RESPONDER_LIFETIME = datetime.timedelta(days=2)
 _HASH_NAMES = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
 
@@ -60,14 +65,68 @@ def _http_date(when: datetime.datetime) -> str:
     return email.utils.format_datetime(when.astimezone(datetime.timezone.utc), usegmt=True)
 
 
+class DelegatedSigners:
+    """One OCSP-signing certificate per CA generation (RFC 6960 §4.2.2.2), issued by that CA at first use.
+
+    Its key is P-256 and lives only in this process's memory: a signature costs ~0.02 ms against ~0.2 ms
+    with the CA's P-384 key, which is what a nonce (signed per request) costs. The certificate carries
+    id-kp-OCSPSigning and id-pkix-ocsp-nocheck and is embedded in every answer, so clients (nginx
+    `ssl_ocsp`, `openssl ocsp`) verify it against the CA they already trust. It lives two days and is
+    replaced while it still outlives every answer it signed by more than `validity`.
+    """
+
+    def __init__(self, validity: datetime.timedelta = OCSP_VALIDITY,
+                 lifetime: datetime.timedelta = RESPONDER_LIFETIME) -> None:
+        self.validity = validity
+        self.lifetime = max(lifetime, 3 * validity)
+        self._signers: dict[int, tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = {}
+
+    def for_ca(self, ca: Any, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """The (certificate, key) that signs answers about `ca`'s certificates at `now`."""
+        signer = self._signers.get(ca.generation)
+        if signer is None or signer[0].not_valid_after_utc - now < self.validity + datetime.timedelta(hours=1):
+            signer = self._signers[ca.generation] = self._issue(ca, now)
+        return signer
+
+    def forget(self) -> None:
+        """Drop every signer (a rotation): the next answer about each generation gets a new one."""
+        self._signers.clear()
+
+    def _issue(self, ca: Any, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        ca_key_id = x509.SubjectKeyIdentifier.from_public_key(ca.cert.public_key())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                            f"Uptrakit OCSP Responder G{ca.generation}")]))
+                .issuer_name(ca.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(min(now + self.lifetime, ca.cert.not_valid_after_utc))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+                .add_extension(x509.OCSPNoCheck(), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id),
+                               critical=False)
+                .sign(ca.key, ca.signing_hash()))
+        log.info("OCSP responder certificate {serial:X} issued by CA generation {generation}, valid until {until}",
+                 serial=cert.serial_number, generation=ca.generation, until=cert.not_valid_after_utc.isoformat())
+        return cert, key
+
+
 class OcspResponder:
     """Answers OCSP requests from the in-memory records; keeps signed nonce-less responses."""
 
     def __init__(self, state: CaState, clock: IReactorTime, counter: Counter | None = None,
-                 validity: datetime.timedelta = OCSP_VALIDITY) -> None:
+                 validity: datetime.timedelta = OCSP_VALIDITY, signer: str = "ca") -> None:
         self.state = state
         self.clock = clock
         self.validity = validity
+        # "ca": signed by the issuing CA (SPEC §4.4); "delegated": by a responder certificate it issued
+        self.delegated = DelegatedSigners(validity) if signer == "delegated" else None
         self._counter = counter  # labelled by status
         self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
         self.version = 0   # changes whenever cached answers may have become wrong (revocation, rotation)
@@ -77,8 +136,10 @@ class OcspResponder:
         self.invalidate(event.serial)
 
     def on_ca_rotated(self, event: Any) -> None:
-        """CaRotated: forget every cached answer."""
+        """CaRotated: forget every cached answer (and delegated signer)."""
         self.invalidate()
+        if self.delegated is not None:
+            self.delegated.forget()
 
     def invalidate(self, serial: int | None = None) -> None:
         """Forget cached responses: for one serial (revocation) or all (CA change)."""
@@ -163,10 +224,16 @@ class OcspResponder:
             issuer_name_hash=name_hash, issuer_key_hash=key_hash, serial_number=serial, algorithm=algorithm,
             cert_status=status, this_update=now, next_update=next_update,
             revocation_time=kwargs.get("revocation_time"), revocation_reason=kwargs.get("revocation_reason"),
-        ).responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert)
+        )
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-        resp_der = builder.sign(ca.key, ca.signing_hash()).public_bytes(Encoding.DER)
+        if self.delegated is None:
+            signed = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert).sign(ca.key, ca.signing_hash())
+        else:
+            cert, key = self.delegated.for_ca(ca, now)
+            signed = (builder.responder_id(ocsp.OCSPResponderEncoding.HASH, cert).certificates([cert])
+                      .sign(key, hashes.SHA256()))
+        resp_der = signed.public_bytes(Encoding.DER)
         if nonce is None and label != "unknown":
             self._cache[cache_key] = (resp_der, now, next_update)
         return self._with_headers(resp_der, now, next_update, nonce, serial, label)

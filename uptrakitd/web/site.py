@@ -113,7 +113,7 @@ class GuardedChannel(HTTPChannel):
 
     head_timeout = 10.0
     counters: dict[str, Counter] = {}
-    repeated: Any = None   # web.pki.RepeatedOcspGets: whole answers to OCSP GETs already answered
+    fast_ocsp: Any = None   # web.pki.OcspFastPath: OCSP answered without the request machinery
     _head_timer: Any = None
     _request_line: bytes | None = None
     _refused = False
@@ -143,33 +143,49 @@ class GuardedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return  # whatever a refused client still sends
-        if self.repeated is not None and self._answer_repeated(data):
+        if self.fast_ocsp is not None and self._answer_directly(data):
             return
         if self.line_mode and self._request_line is None and self._head_timer is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
         super().dataReceived(data)
 
-    def _answer_repeated(self, data: bytes) -> bool:
-        """A lone, complete `GET …/ocsp/…` head on an idle connection whose answer is known: written at once
-        (see web.pki.RepeatedOcspGets); anything else goes the ordinary way."""
-        if (not data.startswith(b"GET ") or not data.endswith(b"\r\n\r\n") or len(data) > 8192
-                or data.count(b"\r\n\r\n") != 1 or self.requests or self._handlingRequest or self._dataBuffer
-                or self._buffer or not self.line_mode or self._request_line is not None):
+    def _answer_directly(self, data: bytes) -> bool:
+        """OCSP on an idle connection, complete in this one read: a `GET …/ocsp/…` whose answer is known,
+        or a `POST /api/v1/pki/ocsp` with its whole body, written at once without twisted.web's request
+        machinery (see web.pki.OcspFastPath); anything else goes the ordinary way."""
+        if (not data.startswith((b"GET ", b"POST ")) or self.requests or self._handlingRequest
+                or self._dataBuffer or self._buffer or not self.line_mode or self._request_line is not None):
             return False
-        line, _, head = data.partition(b"\r\n")
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end > 8192:
+            return False
+        line, _, fields = data[:end].partition(b"\r\n")
+        body = data[end + 4:]
         parts = line.split(b" ")
-        if len(parts) != 3 or b"/ocsp/" not in parts[1] or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
             return False
-        close = parts[2] == b"HTTP/1.0"
-        for header in head.lower().split(b"\r\n"):
+        method, path, version = parts
+        close = version == b"HTTP/1.0"
+        length = None
+        for header in fields.lower().split(b"\r\n"):
             name, _, value = header.partition(b":")
             name = name.strip()
-            if name in (b"content-length", b"transfer-encoding", b"expect", b"upgrade"):
+            if name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return False
-            if name == b"connection" and b"close" in value:
+            if name == b"content-length":
+                if length is not None or not value.strip().isdigit():
+                    return False
+                length = int(value)
+            elif name == b"connection" and b"close" in value:
                 close = True
-        response = self.repeated.response(parts[1], parts[2], close)
-        if response is None:
+        if method == b"GET" and b"/ocsp/" in path and length is None and not body:
+            response = self.fast_ocsp.repeated_get(path, version, close)
+            if response is None:
+                return False
+        elif (method == b"POST" and path == b"/api/v1/pki/ocsp" and length is not None
+              and length == len(body) <= MAX_REQUEST_BYTES):
+            response = self.fast_ocsp.post(body, version, close)
+        else:
             return False
         self._disarm()
         self.resetTimeout()
@@ -232,11 +248,11 @@ class IdentifyingSite(Site):
 
     def __init__(self, resource: Any, resolver: Callable[[Any], RequestContext] | None = None,
                  head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
-                 access_log: str = "off", repeated: Any = None, **kw: Any) -> None:
+                 access_log: str = "off", fast_ocsp: Any = None, **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.access_log = access_log
-        # repeated OCSP GETs bypass the request machinery, and so the access log: only when it is off
-        self.repeated = repeated if access_log == "off" else None
+        # OCSP on the fast path bypasses the request machinery, and so the access log: only when it is off
+        self.fast_ocsp = fast_ocsp if access_log == "off" else None
         self._seen = 0
         self.resolver = resolver
         self.catch_up: Callable[[Any], Any] | None = None   # several controllers: ClusterSync.catch_up
@@ -248,7 +264,7 @@ class IdentifyingSite(Site):
         channel = super().buildProtocol(addr)
         if isinstance(channel, GuardedChannel):
             channel.head_timeout, channel.counters = self.head_timeout, self.counters
-            channel.repeated = self.repeated
+            channel.fast_ocsp = self.fast_ocsp
         return channel
 
     protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
