@@ -87,6 +87,18 @@ class LifecycleTests(TestCase):
         self.assertFalse(body["connected"])
 
     @inlineCallbacks
+    def test_identity_comes_from_the_verified_certificate_not_autobahns_parsed_copy(self):
+        """Autobahn's per-connection parse of the peer certificate is skipped (9 % of the reactor in a
+        rotation); the socket still belongs to the service its mTLS certificate names."""
+        c = yield start_controller(self)
+        agent = yield connected_agent(self, c)
+        proto = c.channel.connected[agent.service_id]
+        self.assertIsNone(proto._transport_details.peer_cert, "Autobahn did not parse the certificate")
+        self.assertTrue(proto._transport_details.is_secure)
+        self.assertEqual(proto.serial, agent.state.certificate().serial_number)
+        self.assertEqual(proto.context.identity.service_id, agent.service_id)
+
+    @inlineCallbacks
     def test_deactivation_revokes_and_closes(self):
         c = yield start_controller(self)
         agent = yield connected_agent(self, c, kind="mqtt")

@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from ..trust.identity import RequestContext
 from . import wire
-from .autobahn_debug import defer_debug_formatting
+from .autobahn_debug import defer_debug_formatting, skip_peer_certificate_details
 from .timers import cancel_autobahn_timers, use_plain_timers
 
 log = Logger()
@@ -278,6 +278,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
         self.hub = hub
         use_plain_timers(self, hub.clock)
         defer_debug_formatting()
+        skip_peer_certificate_details()
         self.next_context: RequestContext | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=wire.MAX_FRAME, maxMessagePayloadSize=wire.MAX_FRAME,

@@ -165,6 +165,8 @@ class GuardedChannel(HTTPChannel):
         if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
             return False
         method, path, version = parts
+        if not (method == b"GET" and b"/ocsp/" in path or method == b"POST" and path == b"/api/v1/pki/ocsp"):
+            return False   # every other request (WebSocket upgrades included) before its headers are read
         close = version == b"HTTP/1.0"
         length = None
         for header in fields.lower().split(b"\r\n"):
@@ -178,12 +180,11 @@ class GuardedChannel(HTTPChannel):
                 length = int(value)
             elif name == b"connection" and b"close" in value:
                 close = True
-        if method == b"GET" and b"/ocsp/" in path and length is None and not body:
-            response = self.fast_ocsp.repeated_get(path, version, close)
+        if method == b"GET":
+            response = self.fast_ocsp.repeated_get(path, version, close) if length is None and not body else None
             if response is None:
                 return False
-        elif (method == b"POST" and path == b"/api/v1/pki/ocsp" and length is not None
-              and length == len(body) <= MAX_REQUEST_BYTES):
+        elif length is not None and length == len(body) <= MAX_REQUEST_BYTES:
             response = self.fast_ocsp.post(body, version, close)
         else:
             return False
