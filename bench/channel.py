@@ -2,6 +2,9 @@
 
 Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes about 3 minutes here)
      UPTRAKIT_BENCH_PROFILE=rotation.txt also records py-spy's collapsed stacks of the daemon during the rotation.
+     UPTRAKIT_BENCH_PIN=1 pins the daemon (its threads and its PKI worker) to CPU 0 and the load processes and
+     the prober to CPU 1: the controller gets a core of its own, as on a server whose agents are elsewhere
+     (without it, `/healthz` also measures the scheduler sharing two cores among six busy processes).
      UPTRAKIT_BENCH_CONTROLLERS=2 runs that many controllers on one PostgreSQL (Debian's, started in a temp
      dir) behind HAProxy (TCP passthrough, leastconn): the agents spread over them; CPU and memory are summed
      over the controllers, `/healthz` is probed on the first, the rotation is asked of the first.
@@ -257,12 +260,30 @@ backend controllers
             self.cluster.destroy()
 
 
+def full_collections(daemon) -> str:
+    """What uptrakit_gc_full_collections says: how many by trigger, and the time spent."""
+    runs, spent = [], 0.0
+    for line in daemon.request("GET", "/metrics")[1].decode().splitlines():
+        if line.startswith("uptrakit_gc_full_collections_total{"):
+            runs.append(line.split('"')[1] + " " + line.rsplit(" ", 1)[1].split(".")[0])
+        elif line.startswith("uptrakit_gc_full_collection_seconds_total"):
+            spent = float(line.rsplit(" ", 1)[1])
+    return f"{', '.join(runs)}; {spent:.2f} s"
+
+
 def main() -> None:
     agents = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     count = int(os.environ.get("UPTRAKIT_BENCH_CONTROLLERS", "1"))
     controllers = Controllers(count, "--max-connections", str(agents * 2 + 100), "--max-connections-per-ip",
                               str(agents * 2))
     daemon = controllers.first
+    pinned = os.environ.get("UPTRAKIT_BENCH_PIN") == "1"
+    if pinned:
+        for d in controllers.daemons:
+            for pid in [d.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(d.proc.pid)],
+                                                                     capture_output=True, text=True).stdout.split()]:
+                subprocess.run(["taskset", "-a", "-cp", "0", str(pid)], check=True, stdout=subprocess.DEVNULL)
+        os.sched_setaffinity(0, {1})   # this process, the prober and the load processes it starts
     workdir = tempfile.mkdtemp(prefix="uptrakit-fleet-")
     try:
         status, token = daemon.request("POST", "/api/v1/enrollment-tokens", {"name": "fleet", "auto_approve": True,
@@ -278,7 +299,8 @@ def main() -> None:
         prober = Prober(daemon)
         prober.start()
         rss_idle = controllers.rss_kib()
-        print(f"{agents} agents, {PROCESSES} load processes on the same 2 cores, {count} controller(s)")
+        print(f"{agents} agents, {PROCESSES} load processes " + ("on CPU 1, the daemon alone on CPU 0" if pinned else
+              "on the same 2 cores") + f", {count} controller(s)")
         print(f"{'phase':10} {'seconds':>8} {'errors':>7} {'CPU ms/agent':>13} {'healthz p99':>12} {'worst':>8} "
               f"{'failed':>7} {'overflows':>10}")
         collected = {}
@@ -315,6 +337,7 @@ def main() -> None:
                 first = next(e for _, _, e in rows if e)
                 print(f"           first error: {first[0]}")
             collected[phase] = rows
+            print(f"           the daemon's full garbage collections so far (uptrakitd.gcpolicy): {full_collections(daemon)}")
             if phase == "connect":
                 rss = controllers.rss_kib()
                 print(f"           daemon RSS {rss_idle / 1024:.0f} MiB idle, {rss / 1024:.0f} MiB with {agents} "

@@ -155,6 +155,9 @@ class TwistdTests(TestCase):
         ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
         out, err, code = yield run(require_program("curl", "apt-get install curl"), "-sS", "--cacert", str(ca), f"https://localhost:{port}/healthz")
         self.assertEqual(out, b"ok")
+        # the real process runs its own full garbage collections (uptrakitd.gcpolicy); test processes do not
+        out, err, code = yield run("curl", "-sS", "--cacert", str(ca), f"https://localhost:{port}/metrics")
+        self.assertIn(b'uptrakit_gc_full_collections_total{trigger="memory"}', out)
         first_line = daemon.output.splitlines()[0]
         self.assertIsInstance(json.loads(first_line), dict)
         self.assertNotIn((Path(cwd) / "uptrakit-data" / "admin.token").read_text().strip().encode(), daemon.output)

@@ -29,6 +29,7 @@ from .config import Settings, is_proxy_protocol
 from .directory import ServiceDirectory
 from .enrollment import EnrollmentTokens
 from .events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
+from .gcpolicy import FullCollections
 from .lifecycle import Hooks, OrderedServices, PeriodicJob, SignalHandlers
 from .listen.endpoint import ListenerService
 from .listen.guard import ConnectionGuard
@@ -93,6 +94,7 @@ class Daemon(OrderedServices):
     feed: ChangeFeed              # PostgreSQL only: reads them
     trusted: TrustedGeneration    # PostgreSQL only: the CA generation every controller trusts
     leadership: Leadership        # PostgreSQL only: whether this one runs the once-per-database jobs
+    full_collections: FullCollections   # the real daemon process only (gcpolicy)
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd asks the application for an ILogObserver before installing its own text observer
@@ -107,7 +109,8 @@ class Daemon(OrderedServices):
 
 
 def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = None,
-                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None) -> Daemon:
+                 handle_sigterm: bool = False, environ: Mapping[str, str] | None = None,
+                 manage_gc: bool = False) -> Daemon:
     """Wire every component for `booted` state on `reactor`; nothing runs until startService()."""
     settings = booted.settings
     d = Daemon()
@@ -203,6 +206,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
         return guard
 
     SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
+    if manage_gc:   # process-wide: only the real daemon process (a test process runs several daemons)
+        d.full_collections = collections = FullCollections(reactor, metrics.registry)
+        Hooks("garbage collection", start=collections.start, stop=collections.stop).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
     on_leader = _leadership(d, leadership, metrics, ca, reactor, run_blocking)

@@ -137,4 +137,4 @@ def makeService(options: Any) -> Any:
     except (ConfigError, StartupError) as e:
         sys.stderr.write(f"uptrakitd: error: {e}\n")
         raise SystemExit(2)
-    return build_daemon(booted, reactor, flags, handle_sigterm=True)
+    return build_daemon(booted, reactor, flags, handle_sigterm=True, manage_gc=True)

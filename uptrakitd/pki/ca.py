@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -110,8 +111,9 @@ class CaGeneration:
     def fingerprint(self) -> str:
         return self.cert.fingerprint(hashes.SHA256()).hex()
 
-    @property
+    @functools.cached_property
     def pem(self) -> bytes:
+        # read for the bundle at every connect and renewal (its hash goes into service_settings)
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def signing_hash(self) -> hashes.HashAlgorithm | None:
