@@ -10,8 +10,8 @@ import datetime
 import json
 from typing import IO, Any
 
-from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
-                            textFileLogObserver)
+from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
+                            formatEvent, formatEventAsClassicLogText, formatTime)
 from zope.interface import implementer
 
 _LEGACY = {"message", "system", "isError", "printed", "why", "failure", "time", "format", "format_args"}
@@ -69,7 +69,22 @@ class JsonLineObserver:
         self.stream.flush()
 
 
+def text_observer(stream: IO[str]) -> FileLogObserver:
+    """Twisted's text lines (`textFileLogObserver`), with the time prefix made once per second: Twisted works
+    out the local time zone for every line, half of a line's cost, and a line per connection, issuance and
+    revocation made that ~4 % of the reactor during a 5,000-agent rotation (py-spy)."""
+    made: list[Any] = [None, "-"]
+
+    def stamp(when: float | None) -> str:
+        second = None if when is None else int(when)
+        if second != made[0]:
+            made[0], made[1] = second, formatTime(second)   # the format has whole seconds: the same text
+        return str(made[1])
+
+    return FileLogObserver(stream, lambda event: formatEventAsClassicLogText(event, formatTime=stamp))
+
+
 def log_observer(log_format: str, log_level: str, stream: IO[str]) -> ILogObserver:
     """The daemon's observer: text or JSON lines, dropping events below `log_level`."""
-    inner = JsonLineObserver(stream) if log_format == "json" else textFileLogObserver(stream)
+    inner = JsonLineObserver(stream) if log_format == "json" else text_observer(stream)
     return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[log_level])])
