@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from uptrakitd import store
@@ -80,3 +80,71 @@ class MigrationTests(TestCase):
         path = self.db()
         store.open_and_migrate(path).close()
         self.assertFalse(store.backup_path(path, 0).exists())
+
+
+class GroupCommitTests(TestCase):
+    """Writes that arrive together share a commit; each is still its own unit of success or failure."""
+
+    @inlineCallbacks
+    def setUp(self):
+        d = Path(self.mktemp())
+        d.mkdir()
+        self.path = d / "t.sqlite3"
+        store.open_and_migrate(self.path).close()
+        self.s = store.SqliteStore(self.path, reactor)
+        self.s.start()
+        self.addCleanup(self.s.close)
+        yield self.s.run(lambda c: None)
+
+    def stored(self) -> dict[str, str]:
+        other = store.connect(self.path)
+        try:
+            return {k: v for k, v in other.execute("SELECT key, value FROM settings")}
+        finally:
+            other.close()
+
+    @inlineCallbacks
+    def test_many_writes_at_once_share_commits_and_all_land(self):
+        def put(c, i):
+            c.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (f"k{i}", str(i)))
+            return i
+        before = self.s.commits
+        results = yield gatherResults([self.s.run(put, i) for i in range(200)])
+        self.assertEqual(results, list(range(200)))
+        self.assertEqual(self.stored(), {f"k{i}": str(i) for i in range(200)})
+        self.assertLess(self.s.commits - before, 200 // 4, "fewer commits than writes")
+
+    @inlineCallbacks
+    def test_one_failing_write_is_undone_alone(self):
+        import sqlite3
+
+        def put(c, key):
+            c.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
+
+        def half_then_refuse(c):
+            c.execute("INSERT INTO settings (key, value) VALUES ('half', '1')")
+            raise ValueError("refused after writing")
+        yield self.s.run(put, "taken")
+        before = self.s.commits
+        calls = [self.s.run(put, "a"), self.s.run(put, "taken"), self.s.run(half_then_refuse), self.s.run(put, "b")]
+        outcomes = yield gatherResults([d.addCallbacks(lambda _: "ok", lambda f: f.type) for d in calls])
+        self.assertEqual(outcomes, ["ok", sqlite3.IntegrityError, ValueError, "ok"])
+        self.assertEqual(set(self.stored()), {"taken", "a", "b"}, "the refused writes left nothing behind")
+        self.assertLess(self.s.commits - before, 4, "they were committed together")
+
+    @inlineCallbacks
+    def test_a_storage_fault_in_a_batch_fails_only_its_own_write(self):
+        import sqlite3
+
+        from uptrakitd.errors import StorageUnavailable
+
+        def put(c, key):
+            c.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
+
+        def disk_fails(c):
+            c.execute("INSERT INTO settings (key, value) VALUES ('lost', '1')")
+            raise sqlite3.OperationalError("disk I/O error")
+        calls = [self.s.run(put, "a"), self.s.run(put, "b"), self.s.run(disk_fails), self.s.run(put, "c")]
+        outcomes = yield gatherResults([d.addCallbacks(lambda _: "ok", lambda f: f.type) for d in calls])
+        self.assertEqual(outcomes, ["ok", "ok", StorageUnavailable, "ok"])
+        self.assertEqual(set(self.stored()), {"a", "b", "c"})
