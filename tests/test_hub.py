@@ -123,6 +123,7 @@ class HubTests(TestCase):
         import json
         from uptrakitd.channel.hub import renewal_spread
         self.assertEqual([renewal_spread(n) for n in (1, 2, 50, 51, 5000, 10 ** 6)], [0, 1, 1, 2, 100, 600])
+        self.assertEqual([renewal_spread(n, 100) for n in (2, 100, 101, 5000)], [1, 1, 2, 50])
         sockets = []
         for _ in range(150):
             service_id, serial = self.enrolled_with_certificate()

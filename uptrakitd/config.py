@@ -182,6 +182,7 @@ class Settings:
     san: tuple[str, ...] = ()
     trust_domain: str = "uptrakit.local"
     ocsp_signer: str = "ca"               # "delegated": a short-lived P-256 responder certificate signs OCSP
+    rotation_renewal_rate: int = 50       # renewals per second a rotation asks of this controller's services
     force_settings_override: bool = False
     proxy_protocol_senders: tuple[IPNetwork, ...] = ()
     proxy_protocol_trust_headers: bool = False
@@ -210,7 +211,7 @@ _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 
                "request_head_timeout": (0.1, 3600), "listen_backlog": (1, 65535)}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
-             "metrics_require_auth", "database", "ca_key_encryption_key_file",
+             "metrics_require_auth", "database", "ca_key_encryption_key_file", "rotation_renewal_rate",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer"}
 
@@ -370,6 +371,9 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         if not isinstance(merged["metrics_require_auth"], bool):
             raise ConfigError("metrics_require_auth", "must be true or false")
         kw["metrics_require_auth"] = merged["metrics_require_auth"]
+    if "rotation_renewal_rate" in merged:
+        kw["rotation_renewal_rate"] = _number(merged["rotation_renewal_rate"], "rotation_renewal_rate", 1, 10_000,
+                                              integer=True)
     limits: dict[str, Any] = {}
     for key, (low, high) in _LIMIT_KEYS.items():
         if key in merged:

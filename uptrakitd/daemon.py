@@ -145,7 +145,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
         directory.controller_id = booted.controller_id
     d.enrollment_tokens = enrollment_tokens = EnrollmentTokens(store)
     d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
-    d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain)
+    d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain,
+                                            renewals_per_second=settings.rotation_renewal_rate)
     metrics.services_connected.set_function(lambda: len(channel.connected))
 
     d.readiness = readiness = Readiness(store, ca, crls)

@@ -66,6 +66,9 @@ class Options(usage.Options):
         ["listen-backlog", None, None, "Accept queue of TCP listeners whose endpoint string sets no backlog= "
                                        "(default 1024; Twisted's own is 50, which overflows when a fleet "
                                        "reconnects at once)."],
+        ["rotation-renewal-rate", None, None, "Renewals per second a CA rotation asks of this controller's "
+                                              "connected services (default 50): they renew at random moments "
+                                              "over services/rate seconds (docs/performance.md)."],
         ["request-head-timeout", None, None, "Seconds a connection has to send a complete request head "
                                              "(default 10; the TLS handshake counts)."],
     ]
@@ -109,7 +112,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
             "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", "ocsp-signer", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
-            "request-head-timeout", "listen-backlog"]
+            "request-head-timeout", "listen-backlog", "rotation-renewal-rate"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))

@@ -32,9 +32,9 @@ RENEWALS_PER_SECOND = 50       # what one reactor signs and reconnects without s
 MAX_RENEWAL_SPREAD = 600
 
 
-def renewal_spread(services: int) -> int:
+def renewal_spread(services: int, per_second: int = RENEWALS_PER_SECOND) -> int:
     """Seconds over which `services` renewals asked at once should arrive (0: at once)."""
-    return min(MAX_RENEWAL_SPREAD, math.ceil(services / RENEWALS_PER_SECOND)) if services > 1 else 0
+    return min(MAX_RENEWAL_SPREAD, math.ceil(services / per_second)) if services > 1 else 0
 RENEWAL_CHECK_SECONDS = 60
 
 
@@ -51,7 +51,7 @@ class ChannelHub:
 
     def __init__(self, directory: ServiceDirectory, ca: CertificateAuthority, runtime: RuntimeSettings,
                  metrics: Metrics, clock: IReactorTime, trust_domain: str,
-                 enroll_timeout: float = ENROLL_TIMEOUT) -> None:
+                 enroll_timeout: float = ENROLL_TIMEOUT, renewals_per_second: int = RENEWALS_PER_SECOND) -> None:
         self.directory = directory
         self.ca = ca
         self.runtime = runtime
@@ -59,6 +59,7 @@ class ChannelHub:
         self.clock = clock
         self.trust_domain = trust_domain
         self.enroll_timeout = enroll_timeout
+        self.renewals_per_second = renewals_per_second   # a rotation's renewals, paced for this controller
         self.connected: dict[str, ServiceChannelProtocol] = {}
         self.last_rotation: dict[str, Any] | None = None  # generation, at, notified: for rotation progress
         self.sockets: set[ServiceChannelProtocol] = set()
@@ -309,7 +310,7 @@ class ChannelHub:
         # fsync'd insert and a full mTLS reconnect. Spread them over a window the signing rate can take.
         # Per socket the bundle goes first; the sockets are served a few hundred per reactor turn.
         updated = ("ca_bundle_updated", {"ca_bundle_pem": bundle.decode("ascii"), "ca_bundle_hash": event.bundle_hash})
-        renew = ("request_cert_renewal", {"reason": "ca_rotation", "within_seconds": renewal_spread(len(targets))})
+        renew = ("request_cert_renewal", {"reason": "ca_rotation", "within_seconds": renewal_spread(len(targets), self.renewals_per_second)})
         if self.barrier is None:
             asked = self.broadcast_in_turns([updated, renew], targets)
         else:
