@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes about 3 minutes here)
      UPTRAKIT_BENCH_PROFILE=rotation.txt also records py-spy's collapsed stacks of the daemon during the rotation.
-     UPTRAKIT_BENCH_RATE=100 starts the daemon with --rotation-renewal-rate 100 (default 50).
+     UPTRAKIT_BENCH_RATE=100 starts the daemon with --rotation-renewal-rate 100 (default 100).
      UPTRAKIT_BENCH_PIN=1 pins the daemon (its threads and its PKI worker) to CPU 0 and the load processes and
      the prober to CPU 1: the controller gets a core of its own, as on a server whose agents are elsewhere
      (without it, `/healthz` also measures the scheduler sharing two cores among six busy processes).
@@ -275,7 +275,7 @@ def full_collections(daemon) -> str:
 def main() -> None:
     agents = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     count = int(os.environ.get("UPTRAKIT_BENCH_CONTROLLERS", "1"))
-    rate = os.environ.get("UPTRAKIT_BENCH_RATE")   # --rotation-renewal-rate (default 50)
+    rate = os.environ.get("UPTRAKIT_BENCH_RATE")   # --rotation-renewal-rate (default 100)
     controllers = Controllers(count, "--max-connections", str(agents * 2 + 100), "--max-connections-per-ip",
                               str(agents * 2), *(["--rotation-renewal-rate", rate] if rate else []))
     daemon = controllers.first
@@ -302,7 +302,7 @@ def main() -> None:
         prober.start()
         rss_idle = controllers.rss_kib()
         print(f"{agents} agents, {PROCESSES} load processes " + ("on CPU 1, the daemon alone on CPU 0" if pinned else
-              "on the same 2 cores") + f", {count} controller(s), rotation renewals {rate or 50}/s")
+              "on the same 2 cores") + f", {count} controller(s), rotation renewals {rate or 100}/s")
         print(f"{'phase':10} {'seconds':>8} {'errors':>7} {'CPU ms/agent':>13} {'healthz p99':>12} {'worst':>8} "
               f"{'failed':>7} {'overflows':>10}")
         collected = {}

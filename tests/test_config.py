@@ -74,7 +74,7 @@ class BuildSettingsTests(TestCase):
         self.assertRefused("san", {"san": ["bad name!"]})
         self.assertRefused("ocsp_signer", {"ocsp_signer": "responder"}, fragment="ca, delegated")
         self.assertRefused("rotation_renewal_rate", {"rotation_renewal_rate": "0"})
-        self.assertEqual(build_settings({}).rotation_renewal_rate, 50)
+        self.assertEqual(build_settings({}).rotation_renewal_rate, 100)
         self.assertEqual(build_settings({}).ocsp_signer, "ca")
         self.assertEqual(build_settings({}, self.write('[pki]\nocsp_signer = "delegated"\n')).ocsp_signer, "delegated")
 

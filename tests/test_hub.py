@@ -122,8 +122,8 @@ class HubTests(TestCase):
     def test_a_rotation_spreads_a_fleets_renewals_over_a_window_sized_to_it(self):
         import json
         from uptrakitd.channel.hub import renewal_spread
-        self.assertEqual([renewal_spread(n) for n in (1, 2, 50, 51, 5000, 10 ** 6)], [0, 1, 1, 2, 100, 600])
-        self.assertEqual([renewal_spread(n, 100) for n in (2, 100, 101, 5000)], [1, 1, 2, 50])
+        self.assertEqual([renewal_spread(n) for n in (1, 2, 100, 101, 5000, 10 ** 6)], [0, 1, 1, 2, 50, 600])
+        self.assertEqual([renewal_spread(n, 50) for n in (2, 50, 51, 5000)], [1, 1, 2, 100])
         sockets = []
         for _ in range(150):
             service_id, serial = self.enrolled_with_certificate()
@@ -131,7 +131,7 @@ class HubTests(TestCase):
         self.successResultOf(self.ca.rotate())
         asked = [json.loads(payload["payload"]) for s in sockets for kind, payload in s.sent if kind == "prepared"
                  and json.loads(payload["payload"])["type"] == "request_cert_renewal"]
-        self.assertEqual({(m["reason"], m["within_seconds"]) for m in asked}, {("ca_rotation", 3)})
+        self.assertEqual({(m["reason"], m["within_seconds"]) for m in asked}, {("ca_rotation", 2)})
         self.assertEqual(len(asked), 150)
 
     def test_a_broadcast_serves_a_few_hundred_sockets_per_reactor_turn_in_order(self):

@@ -86,7 +86,7 @@ class OptionsTests(TestCase):
             (["--san", "a.example", "--san", "10.1.2.3"], lambda s: s.san, ("a.example", "10.1.2.3")),
             (["--trust-domain", "Corp.Example"], lambda s: s.trust_domain, "corp.example"),
             (["--ocsp-signer", "delegated"], lambda s: s.ocsp_signer, "delegated"),
-            (["--rotation-renewal-rate", "100"], lambda s: s.rotation_renewal_rate, 100),
+            (["--rotation-renewal-rate", "40"], lambda s: s.rotation_renewal_rate, 40),
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),
             (["--database", "postgresql://uptrakit@db.example/uptrakit", "--ca-key-encryption-key-file",

@@ -67,7 +67,7 @@ class Options(usage.Options):
                                        "(default 1024; Twisted's own is 50, which overflows when a fleet "
                                        "reconnects at once)."],
         ["rotation-renewal-rate", None, None, "Renewals per second a CA rotation asks of this controller's "
-                                              "connected services (default 50): they renew at random moments "
+                                              "connected services (default 100): they renew at random moments "
                                               "over services/rate seconds (docs/performance.md)."],
         ["request-head-timeout", None, None, "Seconds a connection has to send a complete request head "
                                              "(default 10; the TLS handshake counts)."],

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..config import DEFAULT_ROTATION_RENEWAL_RATE
 from ..directory import ServiceDirectory
 from ..enrollment import TokenRejected
 from ..errors import UptrakitError
@@ -28,7 +29,7 @@ from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactor
 
 log = Logger()
 DEFAULT_PING_INTERVAL = 30
-RENEWALS_PER_SECOND = 50       # what one reactor signs and reconnects without starving other work
+RENEWALS_PER_SECOND = DEFAULT_ROTATION_RENEWAL_RATE   # --rotation-renewal-rate
 MAX_RENEWAL_SPREAD = 600
 
 
