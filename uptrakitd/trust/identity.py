@@ -286,6 +286,7 @@ class IdentityResolver:
         self.trust_domain = trust_domain
         self.clock = clock
         self.metrics = metrics
+        self._decisions: dict[tuple[str, str, str], Any] = {}   # identity_decisions children, by labels
         # False on a PROXY-protocol listener: the peer address comes from a header, so no peer is a
         # trusted proxy and only mTLS establishes an identity
         self.forwarded_headers = forwarded_headers
@@ -426,7 +427,12 @@ class IdentityResolver:
 
     def _count(self, source: str, outcome: str, code: str = "") -> None:
         if self.metrics is not None:
-            self.metrics.identity_decisions.labels(source, outcome, code).inc()
+            # prometheus_client's labels() takes a lock and builds its key on every call: once per request
+            counter = self._decisions.get((source, outcome, code))
+            if counter is None:
+                counter = self._decisions[(source, outcome, code)] = self.metrics.identity_decisions.labels(
+                    source, outcome, code)
+            counter.inc()
 
     def _count_removed(self, families: list[str]) -> None:
         if self.metrics is not None:
