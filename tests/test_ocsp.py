@@ -124,3 +124,19 @@ class GetPathTests(TestCase):
             decode_get_path(text)
         except OcspDecodeError:
             pass
+
+
+class DelegatedSignerTests(TestCase):
+    def test_one_responder_certificate_until_it_nears_its_end_and_never_past_its_ca(self):
+        from uptrakitd.pki.ocsp import DelegatedSigners
+        signers = DelegatedSigners()
+        first, key = signers.for_ca(CA, NOW)
+        self.assertIs(signers.for_ca(CA, NOW + datetime.timedelta(days=1))[0], first, "reused while it lasts")
+        later = signers.for_ca(CA, NOW + datetime.timedelta(days=2) - datetime.timedelta(minutes=30))[0]
+        self.assertIsNot(later, first, "replaced before it would outlive an answer it signs")
+        self.assertEqual(later.issuer, CA.cert.subject)
+        # the last hours of a CA: capped at its end, and then kept (not re-issued at every answer)
+        end = CA.cert.not_valid_after_utc
+        last = signers.for_ca(CA, end - datetime.timedelta(minutes=30))[0]
+        self.assertEqual(last.not_valid_after_utc, end)
+        self.assertIs(signers.for_ca(CA, end - datetime.timedelta(minutes=20))[0], last)

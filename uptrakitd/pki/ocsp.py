@@ -84,7 +84,9 @@ class DelegatedSigners:
     def for_ca(self, ca: Any, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         """The (certificate, key) that signs answers about `ca`'s certificates at `now`."""
         signer = self._signers.get(ca.generation)
-        if signer is None or signer[0].not_valid_after_utc - now < self.validity + datetime.timedelta(hours=1):
+        if signer is None or (signer[0].not_valid_after_utc - now < self.validity + datetime.timedelta(hours=1)
+                              and signer[0].not_valid_after_utc < ca.cert.not_valid_after_utc):
+            # (one already lasting as long as its CA is kept: a new one could not last longer)
             signer = self._signers[ca.generation] = self._issue(ca, now)
         return signer
 
