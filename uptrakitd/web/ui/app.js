@@ -116,7 +116,7 @@ async function loadOverview() {
   const {controllers} = await api("GET", "/api/v1/controllers");
   const cbody = $("#ov-controllers tbody"); cbody.replaceChildren();
   for (const c of controllers) {
-    const name = c.id ? c.id + (c.this ? " (this one)" : "") : "this controller (the only one: SQLite)";
+    const name = c.id ? c.id + (c.this ? " (this one)" : "") : "this one (SQLite: the only one)";
     cbody.append(el("tr", {"data-controller": c.id || "local"}, td(name, "mono"), td(c.hostname),
       td(c.leader ? "leader" : "member"), td(String(c.services)), td(when(c.seen_at))));
   }
