@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -47,6 +47,9 @@ class ClusterSync:
         self.channel = channel
         self.metrics = metrics
         self.applied = 0
+        self.catch_up_reads = 0
+        self._catching_up: dict[tuple[int | None, str | None], Deferred] = {}
+        self._missed: dict[tuple[int | None, str | None], float] = {}   # read and not found, until then
 
     @inlineCallbacks
     def apply(self, changes: list[Change]) -> Any:
@@ -87,18 +90,59 @@ class ClusterSync:
     def catch_up(self, unknown: tuple[int | None, str | None] | None) -> Any:
         """A request named a certificate or service this controller has no record of, maybe made on another
         controller a moment ago: read those two rows now, without waiting for the change feed (it may be
-        behind by seconds in a storm); fires when done, or after CATCH_UP_SECONDS."""
-        from twisted.internet.defer import DeferredList
-        serial, service_id = unknown if unknown is not None else (None, None)
-        reads = []
+        behind by seconds in a storm); fires when done, or after CATCH_UP_SECONDS.
+
+        Requests naming the same pair while its read runs share it, and a pair read and not found is not
+        read again for CATCH_UP_SECONDS: a client repeating a certificate no controller issued (a database
+        restored from an older backup, say) costs one read per pair and window, not one per request queued
+        on the catch-up store."""
+        pair = unknown if unknown is not None else (None, None)
+        now = self.clock.seconds()
+        if self._missed.get(pair, 0.0) > now:
+            return succeed(None)
+        running = self._catching_up.get(pair)
+        if running is None:
+            running = self._catching_up[pair] = self._read(pair)
+            running.addBoth(self._caught_up, pair)
+        waiter: Deferred = Deferred()
+
+        def release(result: Any) -> Any:
+            if not waiter.called:   # (it timed out already)
+                waiter.callback(None)
+            return result
+        running.addBoth(release)
+        return waiter.addTimeout(CATCH_UP_SECONDS, self.clock)
+
+    def _read(self, pair: tuple[int | None, str | None]) -> Deferred:
+        serial, service_id = pair
+        reads: list[Deferred] = []
+        found: list[str] = []
+        self.catch_up_reads += 1
+
+        def certificate(row: Any, key: str) -> Any:
+            if row is None:
+                return None
+            found.append(key)
+            return self.ca.adopt_certificate(key, row)
+
+        def service(values: Any, key: str) -> Any:
+            if values is None:
+                return None
+            found.append(key)
+            return self.directory.refresh(key, values)
         if serial is not None:
-            key = format_serial(serial)
-            reads.append(self.reads.run(certificates.load_one, key).addCallback(
-                lambda row: self.ca.adopt_certificate(key, row) if row is not None else None))
+            reads.append(self.reads.run(certificates.load_one, format_serial(serial)).addCallback(
+                certificate, format_serial(serial)))
         if service_id is not None:
-            reads.append(self.reads.run(stored_services.load_one, service_id).addCallback(
-                lambda values: self.directory.refresh(service_id, values) if values is not None else None))
-        return DeferredList(reads, consumeErrors=True).addTimeout(CATCH_UP_SECONDS, self.clock)
+            reads.append(self.reads.run(stored_services.load_one, service_id).addCallback(service, service_id))
+        return DeferredList(reads, consumeErrors=True).addCallback(lambda _: bool(found))
+
+    def _caught_up(self, found: Any, pair: tuple[int | None, str | None]) -> None:
+        self._catching_up.pop(pair, None)
+        if found is False:
+            if len(self._missed) >= 10_000:
+                self._missed.clear()
+            self._missed[pair] = self.clock.seconds() + CATCH_UP_SECONDS
 
     def _apply_one(self, change: Change, certs: dict[str, Any], services: dict[str, Any]) -> Any:
         kind, key = change.kind, change.key
