@@ -1,6 +1,6 @@
 """HTTPS identity cost: the same route with and without a trusted proxy's client-certificate header.
 
-Run: .venv/bin/python bench/identity.py   (about 30 s; prints req/s, server CPU per request, ratio)
+Run: .venv/bin/python bench/identity.py   (about 45 s; prints req/s, server CPU per request, ratio)
 The client runs on the same two cores, so compare the server CPU per request and the ratio within one run.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from common import Daemon, enrolled_certificate, keepalive_get
 
-REQUESTS = 2000
-ROUNDS = 3
+REQUESTS = 6000
+ROUNDS = 5
 CLIENTS = 2
 
 

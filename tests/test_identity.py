@@ -320,3 +320,9 @@ class VerifiedCacheTests(TestCase):
         cache.get("d", lambda: calls.append("d") or Checked(Facts(3), 1))
         cache.get("b", lambda: calls.append("b") or Checked(Facts(2), 1))
         self.assertEqual(calls, ["b"], "d was kept, b was checked again")
+        long_value = "A" * 5000   # kept by its SHA-256, evicted by serial all the same
+        cache.get(long_value, lambda: calls.append("long") or Checked(Facts(4), 1))
+        cache.get(long_value, lambda: calls.append("long") or Checked(Facts(4), 1))
+        cache.on_revoked(CertificateRevoked(4, None, 1, "keyCompromise", 0))
+        cache.get(long_value, lambda: calls.append("long") or Checked(Facts(4), 1))
+        self.assertEqual(calls, ["b", "long", "long"])

@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.trust.doctor import MAX_PEERS, IdentityDoctor
 
-from .helpers import (blocking_get, blocking_tls_socket, ca_pem, enrolled_service, https_client, https_port,
-                      make_csr, new_leaf, request_json, start_controller, url)
+from .helpers import (blocking_get, blocking_tls_socket, ca_pem, enrolled_service, foreign_ca_and_leaf, https_client,
+                      https_port, make_csr, new_leaf, request_json, start_controller, url)
 
 UNTRUSTED, PROXY = "127.0.0.7", "127.0.0.3"
 
@@ -155,6 +155,39 @@ class OperatorApiTests(TestCase):
         (mismatch,) = proxy["advice"]
         self.assertEqual(mismatch["code"], "header_mismatch")
         self.assertIn("forwarded_client_cert_pem_header = X-SSL-Client-Cert", mismatch["text"])
+
+
+    @inlineCallbacks
+    def test_routes_that_do_not_read_identity_leave_the_header_unchecked_but_the_doctor_still_sees_it(self):
+        c = yield start_controller(self, trusted_proxies=[PROXY + "/32"],
+                                   forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        _, foreign, _ = foreign_ca_and_leaf()
+        header = {"X-SSL-Client-Cert": urllib.parse.quote(foreign.decode()), "X-Forwarded-For": "192.0.2.5"}
+        c.resolver.doctor.clock = lambda: 1000.0   # one moment: only the first request is the doctor's sample
+
+        def send(path: str, times: int) -> list[tuple[int, bytes]]:
+            sock = blocking_tls_socket(https_port(c), ca_pem(c), source=PROXY)
+            try:
+                return [blocking_get(sock, path, header) for _ in range(times)]
+            finally:
+                sock.close()
+        answers = yield deferToThread(send, "/healthz", 5)
+        self.assertEqual([status for status, _ in answers], [200] * 5)
+        status, report = yield request_json(c, "GET", "/api/v1/diagnostics/identity")
+        (proxy,) = report["peers"]
+        self.assertEqual(proxy["decisions"], {"rejected": 1, "unchecked": 4},
+                         "the sampled request is checked in full, so a bad header still shows")
+        self.assertIn("rejected", [a["code"] for a in proxy["advice"]])
+        decisions = c.metrics.registry.get_sample_value
+        self.assertEqual(decisions("uptrakit_identity_decisions_total",
+                                   {"source": "none", "outcome": "unchecked", "code": ""}), 4)
+        # a route that reads identity always checks it, sampled or not
+        ((status, body),) = yield deferToThread(send, "/api/v1/whoami", 1)
+        answer = json.loads(body)
+        self.assertEqual((status, answer["identity"], answer["client_ip"]), (200, None, "192.0.2.5"))
+        self.assertIn("not issued by a trusted CA", answer["rejected"])
+        self.assertEqual(decisions("uptrakit_identity_decisions_total",
+                                   {"source": "proxy-cert", "outcome": "rejected", "code": "invalid"}), 2)
 
 
 class DoctorTests(TestCase):

@@ -32,7 +32,8 @@ class PeerRecord:
     first_seen: float
     last_seen: float = 0.0
     count: int = 0
-    decisions: dict[str, int] = field(default_factory=dict)   # accepted | rejected | ignored | none
+    # accepted | rejected | ignored | none | unchecked (a route that does not read identity)
+    decisions: dict[str, int] = field(default_factory=dict)
     families: set[str] = field(default_factory=set)           # identity header families seen
     configured_seen: bool = False      # a configured certificate header name arrived
     forwarded_for: bool | None = None  # the real-IP header was there in the last sample (trusted only)

@@ -1,10 +1,10 @@
 """A bounded cache of forwarded certificates whose signature was already checked.
 
 Checking a certificate header costs a header decode, a DER parse and a P-384 signature verification
-(about 1 ms, most of a request's CPU). Only that part is cached, keyed by a SHA-256 of the header
-value: validity, usage, our records, revocation and the service's status are checked on every
-request from the live state, and the cached issuer must still be a trusted generation. Entries for a
-revoked serial and, on a rotation, all entries are dropped as well.
+(about 1 ms, most of a request's CPU). Only that part is cached, keyed by the header value (by its
+SHA-256 when it is longer than 4 KiB): validity, usage, our records, revocation and the service's
+status are checked on every request from the live state, and the cached issuer must still be a trusted
+generation. Entries for a revoked serial and, on a rotation, all entries are dropped as well.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 MAX_ENTRIES = 10_000
+MAX_LITERAL_KEY = 4096   # characters: up to this, a value is kept as its own key
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,12 @@ class Checked:
 
 
 class VerifiedCertificates:
-    """LRU of Checked by header value; `max_entries` bounds memory (about 2 KiB an entry)."""
+    """LRU of Checked by header value; `max_entries` bounds memory (about 2 KiB an entry, at most ~6 KiB)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, Checked] = OrderedDict()
-        self._by_serial: dict[int, set[bytes]] = {}
+        self._entries: OrderedDict[str | bytes, Checked] = OrderedDict()
+        self._by_serial: dict[int, set[str | bytes]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -40,7 +41,10 @@ class VerifiedCertificates:
 
     def get(self, value: str | bytes, check: Callable[[], Checked]) -> Checked:
         """The Checked for `value`, computed by `check()` on a miss."""
-        key = hashlib.sha256(value if isinstance(value, bytes) else value.encode("latin-1", "replace")).digest()
+        # a header value of ordinary size is its own key (hashing it is cheaper than a SHA-256, and a dict
+        # compares keys in full, so no collision can stand in for it); a long one is kept as its SHA-256
+        key: str | bytes = value if len(value) <= MAX_LITERAL_KEY else hashlib.sha256(
+            value if isinstance(value, bytes) else value.encode("latin-1", "replace")).digest()
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
@@ -56,7 +60,7 @@ class VerifiedCertificates:
             self._unindex(old_key, old)
         return entry
 
-    def _unindex(self, key: bytes, entry: Checked) -> None:
+    def _unindex(self, key: str | bytes, entry: Checked) -> None:
         if entry.cert is not None:
             keys = self._by_serial.get(entry.cert.serial)
             if keys is not None:

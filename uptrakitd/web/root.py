@@ -10,7 +10,7 @@ from .site import IdentifyingSite
 
 
 def build_sites(https_routes: list[Route], pki_routes: list[Route], endpoints: Mapping[str, Any],
-                resolver: Callable[[Any], RequestContext],
+                resolver: Callable[..., RequestContext],
                 check_admin: Callable[[str, str], bool | None], head_timeout: float,
                 counters: dict[str, Any], access_log: str = "off",
                 fast_ocsp: Any = None) -> tuple[IdentifyingSite, IdentifyingSite]:

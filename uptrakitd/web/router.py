@@ -32,18 +32,24 @@ class Response:
 
 @dataclass(frozen=True)
 class Route:
-    """METHOD + path regex -> handler(request, **groups); `admin` routes need an admin bearer token."""
+    """METHOD + path regex -> handler(request, **groups); `admin` routes need an admin bearer token.
+
+    `identity` routes read `request.context.identity`; on every other route a trusted proxy's certificate
+    header is not verified (the context says no identity), which saves most of that header's cost.
+    """
 
     method: str
     pattern: re.Pattern[str]
     handler: Callable[..., Any]
     admin: bool = False
     label: str = ""  # the route as metrics and access logs name it, e.g. /api/v1/services/{service_id}
+    identity: bool = False
 
 
-def route(method: str, path: str, handler: Callable[..., Any], admin: bool = False, label: str = "") -> Route:
+def route(method: str, path: str, handler: Callable[..., Any], admin: bool = False, label: str = "",
+          identity: bool = False) -> Route:
     """Build a Route; `path` is a regex matched against the whole request path."""
-    return Route(method, re.compile(path), handler, admin, label or route_label(path))
+    return Route(method, re.compile(path), handler, admin, label or route_label(path), identity)
 
 
 def _finish(request: Any, body: bytes) -> None:
@@ -121,7 +127,12 @@ class Router(Resource):
         super().__init__()
         self.routes = routes
         self.check_admin = check_admin
-        self.resources: dict[str, Resource] = {}
+        self.resources: dict[str, Resource] = {}   # WebSocket endpoints: they always read identity
+
+    def wants_identity(self, path: bytes) -> bool:
+        """Whether the request for `path` may read its identity (a WebSocket endpoint or an identity route)."""
+        text = path.decode("latin-1")
+        return text in self.resources or any(r.identity and r.pattern.fullmatch(text) for r in self.routes)
 
     def render(self, request: Any) -> Any:
         path = request.path.decode("latin-1")

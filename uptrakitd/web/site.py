@@ -79,10 +79,15 @@ class IdentifiedRequest(Request):
 
     def process(self) -> None:
         # Request.process() sets self.site itself; before it, the site is only known to the channel.
-        resolver: Callable[[Any], RequestContext] | None = getattr(getattr(self.channel, "site", None), "resolver",
-                                                                   None)
+        site = getattr(self.channel, "site", None)
+        resolver: Callable[..., RequestContext] | None = getattr(site, "resolver", None)
+        wants_identity: Callable[[bytes], bool] | None = getattr(getattr(site, "resource", None), "wants_identity",
+                                                                 None)
         try:
-            self.context = resolver(self) if resolver else _anonymous(self)
+            if resolver is None:
+                self.context = _anonymous(self)
+            else:
+                self.context = resolver(self, identity=wants_identity(self.path) if wants_identity else True)
         except Exception:
             log.failure("identity resolution failed; treating the request as anonymous")
             self.context = _anonymous(self)
@@ -247,7 +252,7 @@ class IdentifyingSite(Site):
 
     requestFactory = IdentifiedRequest
 
-    def __init__(self, resource: Any, resolver: Callable[[Any], RequestContext] | None = None,
+    def __init__(self, resource: Any, resolver: Callable[..., RequestContext] | None = None,
                  head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
                  access_log: str = "off", fast_ocsp: Any = None, **kw: Any) -> None:
         super().__init__(resource, **kw)

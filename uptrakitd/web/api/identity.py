@@ -35,7 +35,7 @@ class NetworkSettingsRoutes:
 
     def routes(self) -> list[Route]:
         return [
-            route("GET", r"/api/v1/whoami", whoami),
+            route("GET", r"/api/v1/whoami", whoami, identity=True),
             route("GET", r"/api/v1/settings/network", self.get_network, admin=True),
             route("PUT", r"/api/v1/settings/network", self.put_network, admin=True),
         ]
