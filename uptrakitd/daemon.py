@@ -127,7 +127,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     stale_crls = crls.publish_at_start(booted.crl_numbers,
                                        datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
-    d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer)
+    d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer,
+                                   log_answers=settings.log_level == "debug")
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain, booted.keys)
     ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor

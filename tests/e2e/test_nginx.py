@@ -64,7 +64,7 @@ class NginxTests(TestCase):
                 self.ocsp_log.append(formatEvent(event))
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        c = yield controller_for_nginx(self, **extra)
+        c = yield controller_for_nginx(self, log_level="debug", **extra)   # the line per answer is debug
         nginx = yield start_nginx(self, c)
         agent = yield check_proxy(self, c, nginx.port, "proxy-cert")
         cert, key = agent_identity(agent)
