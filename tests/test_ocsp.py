@@ -111,6 +111,66 @@ class ResponderTests(TestCase):
         self.assertEqual(parsed.revocation_reason, x509.ReasonFlags.key_compromise)
 
 
+class NonceTemplateTests(TestCase):
+    """Nonce answers come from a template after the first: every field the same as cryptography builds it."""
+
+    def reference(self, r, der):
+        """The answer cryptography builds itself (no template), by a responder with the same state and signer."""
+        from uptrakitd.pki import ocsp_nonce
+        from uptrakitd.pki.ocsp import OcspResponder
+        built = OcspResponder(r.state, r.clock)
+        built.delegated = r.delegated
+        self.patch(ocsp_nonce, "MIN_NONCE", 10**6)
+        try:
+            return ocsp.load_der_ocsp_response(built.answer(der).der)
+        finally:
+            self.patch(ocsp_nonce, "MIN_NONCE", 8)
+
+    def same(self, answer, reference, signer):
+        from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
+        for field in ("response_status", "certificate_status", "serial_number", "this_update_utc", "next_update_utc",
+                      "revocation_time_utc", "revocation_reason", "responder_key_hash", "responder_name",
+                      "hash_algorithm", "issuer_key_hash", "issuer_name_hash", "signature_algorithm_oid"):
+            self.assertEqual(getattr(answer, field), getattr(reference, field), field)
+        self.assertEqual([(e.oid, e.critical, e.value.nonce) for e in answer.extensions],
+                         [(e.oid, e.critical, e.value.nonce) for e in reference.extensions])
+        self.assertEqual([c.public_bytes(serialization.Encoding.DER) for c in answer.certificates],
+                         [c.public_bytes(serialization.Encoding.DER) for c in reference.certificates])
+        self.assertLessEqual(abs((answer.produced_at_utc - reference.produced_at_utc).total_seconds()), 2)
+        signer.public_key().verify(answer.signature, answer.tbs_response_bytes, ECDSA(answer.signature_hash_algorithm))
+
+    def test_templated_answers_match_cryptographys_for_every_status_signer_and_nonce_length(self):
+        from uptrakitd.pki.ocsp import OcspResponder
+        for signer in ("ca", "delegated"):
+            base, ca, issued = responder()
+            r = OcspResponder(base.state, base.clock, signer=signer)
+            for nonce_length in (8, 16, 32, 100):
+                for alg in (hashes.SHA1(), hashes.SHA256()):
+                    for serial in (issued.serial, 0x77777777):   # good, then unknown
+                        for n in range(2):
+                            der = request_der(serial, alg, bytes([n + 1]) * nonce_length, ca=ca, issued=issued)
+                            answer = ocsp.load_der_ocsp_response(r.answer(der).der)
+                            key_owner = ca.cert if signer == "ca" else answer.certificates[0]
+                            self.same(answer, self.reference(r, der), key_owner)
+            filled = r.nonces.filled
+            self.assertEqual(r.nonces.built, 0, "every nonce of 8 bytes or more had a template")
+            record = r.state.records[issued.serial]
+            # revoked this very second: the revocation time is the same text as producedAt
+            record.revoked_at, record.reason = int(datetime.datetime.now(datetime.timezone.utc).timestamp()), \
+                "keyCompromise"
+            r.invalidate(issued.serial)
+            der = request_der(issued.serial, hashes.SHA256(), b"r" * 16, ca=ca, issued=issued)
+            answer = ocsp.load_der_ocsp_response(r.answer(der).der)
+            self.assertEqual((answer.certificate_status, answer.revocation_reason),
+                             (ocsp.OCSPCertStatus.REVOKED, x509.ReasonFlags.key_compromise),
+                             "a revocation is a new template, never the good one")
+            self.same(answer, self.reference(r, der), ca.cert if signer == "ca" else answer.certificates[0])
+            self.assertEqual(r.nonces.filled, filled + 1)
+            short = ocsp.load_der_ocsp_response(r.answer(request_der(nonce=b"1234567", ca=ca, issued=issued)).der)
+            self.assertEqual(short.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce, b"1234567")
+            self.assertEqual(r.nonces.built, 1, "a nonce under 8 bytes is built by cryptography")
+
+
 class GetPathTests(TestCase):
     def test_forms(self):
         der = request_der()

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from .state import CaState
 from .crl import REASONS
+from .ocsp_nonce import NonceTemplates
 
 log = Logger()
 
@@ -135,14 +136,16 @@ class OcspResponder:
         self._counter = counter  # labelled by status
         self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
         self.version = 0   # changes whenever cached answers may have become wrong (revocation, rotation)
+        self.nonces = NonceTemplates()   # nonce answers: cryptography's first one, re-dated and re-signed
 
     def on_revoked(self, event: Any) -> None:
         """CertificateRevoked: the cached answer for that serial is wrong now."""
         self.invalidate(event.serial)
 
     def on_ca_rotated(self, event: Any) -> None:
-        """CaRotated: forget every cached answer (and delegated signer)."""
+        """CaRotated: forget every cached answer (and delegated signer, and nonce template)."""
         self.invalidate()
+        self.nonces = NonceTemplates()
         if self.delegated is not None:
             self.delegated.forget()
 
@@ -226,20 +229,30 @@ class OcspResponder:
         else:
             status, label = ocsp.OCSPCertStatus.GOOD, "good"
         next_update = now + self.validity
-        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
-            issuer_name_hash=name_hash, issuer_key_hash=key_hash, serial_number=serial, algorithm=algorithm,
-            cert_status=status, this_update=now, next_update=next_update,
-            revocation_time=kwargs.get("revocation_time"), revocation_reason=kwargs.get("revocation_reason"),
-        )
-        if nonce is not None:
-            builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
         if self.delegated is None:
-            signed = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert).sign(ca.key, ca.signing_hash())
+            signer, key, signing_hash, embedded = ca.cert, ca.key, ca.signing_hash(), []
         else:
-            cert, key = self.delegated.for_ca(ca, now)
-            signed = (builder.responder_id(ocsp.OCSPResponderEncoding.HASH, cert).certificates([cert])
-                      .sign(key, hashes.SHA256()))
-        resp_der = signed.public_bytes(Encoding.DER)
+            signer, key = self.delegated.for_ca(ca, now)
+            signing_hash, embedded = hashes.SHA256(), [signer]
+
+        def build(nonce: bytes | None, this_update: datetime.datetime, next_update: datetime.datetime) -> bytes:
+            builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+                issuer_name_hash=name_hash, issuer_key_hash=key_hash, serial_number=serial, algorithm=algorithm,
+                cert_status=status, this_update=this_update, next_update=next_update,
+                revocation_time=kwargs.get("revocation_time"), revocation_reason=kwargs.get("revocation_reason"),
+            ).responder_id(ocsp.OCSPResponderEncoding.HASH, signer)
+            if embedded:
+                builder = builder.certificates(embedded)
+            if nonce is not None:
+                builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+            return builder.sign(key, signing_hash).public_bytes(Encoding.DER)
+        if nonce is None:
+            resp_der = build(None, now, next_update)
+        else:
+            # everything in the answer but its times and nonce names the template
+            template = (ca.generation, signer.serial_number, serial, alg_name, name_hash, key_hash, label,
+                        kwargs.get("revocation_time"), kwargs.get("revocation_reason"), self.validity)
+            resp_der = self.nonces.answer(template, build, key, signing_hash, nonce, now, next_update)
         if nonce is None and label != "unknown":
             self._cache[cache_key] = (resp_der, now, next_update)
         return self._with_headers(resp_der, now, next_update, nonce, serial, label)
