@@ -5,8 +5,10 @@ Run: .venv/bin/python bench/ocsp.py   (about 1.5 minutes; runs itself inside `un
 
 Cases: nginx's form (GET, SHA-1 CertID, no nonce: answered from the cache) over new connections
 (HTTP/1.0, as nginx sends it) and over one keep-alive connection; POST with a nonce (signed per
-request), by the CA (the default) and by a delegated responder (`--ocsp-signer delegated`). openssl is
-restarted per case (its children spin after a client drops a connection).
+request), by the CA (the default) and by a delegated responder (`--ocsp-signer delegated`), both with
+`--ocsp-nonce-rate 0`; and the same flood from one address against the default limit (100 signed answers
+a second, the rest `tryLater`). openssl is restarted per case (its children spin after a client drops
+a connection).
 
 Two load clients, each against both servers: Python threads (the GIL caps them near 5,000 requests/s,
 so against a fast server they measure themselves), and ApacheBench (`ab`, C, `apt-get install
@@ -132,9 +134,11 @@ def main() -> None:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509 import ocsp
     from common import Daemon, enrolled_certificate, free_port
-    daemon = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener")
+    # throughput: every nonce answer signed (no per-address limit); the last row runs with the default limit
+    daemon = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener", "--ocsp-nonce-rate", "0")
     delegated = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener",
-                       "--ocsp-signer", "delegated")
+                       "--ocsp-signer", "delegated", "--ocsp-nonce-rate", "0")
+    limited = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener")
     work = tempfile.mkdtemp(prefix="uptrakit-ocsp-")
     use_ab = shutil.which("ab") is not None
     try:
@@ -144,6 +148,7 @@ def main() -> None:
             return port, leaf, x509.load_pem_x509_certificates(Path(d.ca).read_bytes())[0]
         pki_port, leaf, ca = setup(daemon, "leaf.pem")
         delegated_port, delegated_leaf, delegated_ca = setup(delegated, "delegated-leaf.pem")
+        limited_port, limited_leaf, limited_ca = setup(limited, "limited-leaf.pem")
         der = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA1()).build().public_bytes(
             serialization.Encoding.DER)
         encoded = quote(base64.b64encode(der).decode(), safe="")
@@ -203,7 +208,11 @@ def main() -> None:
                  ("POST nonce, CA signs (default)", pki_port, nonce_requests(leaf, ca, "/api/v1/pki/ocsp"), False, ours,
                   nonce_requests(leaf, ca, "/")),
                  ("POST nonce, --ocsp-signer delegated", delegated_port,
-                  nonce_requests(delegated_leaf, delegated_ca, "/api/v1/pki/ocsp"), False, theirs, "above")]
+                  nonce_requests(delegated_leaf, delegated_ca, "/api/v1/pki/ocsp"), False, theirs, "above"),
+                 # one address far over the default --ocsp-nonce-rate (100/s): what a flood costs the daemon
+                 ("POST nonce flood, default limit", limited_port,
+                  nonce_requests(limited_leaf, limited_ca, "/api/v1/pki/ocsp"), False,
+                  lambda: family(limited.proc.pid), "above")]
         for client in (["python", "ab"] if use_ab else ["python"]):
             rows = []
             for label, port, make, keep, pids, make_ossl in cases:
@@ -230,6 +239,7 @@ def main() -> None:
     finally:
         daemon.stop()
         delegated.stop()
+        limited.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

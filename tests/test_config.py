@@ -76,6 +76,9 @@ class BuildSettingsTests(TestCase):
         self.assertRefused("rotation_renewal_rate", {"rotation_renewal_rate": "0"})
         self.assertEqual(build_settings({}).rotation_renewal_rate, 100)
         self.assertEqual(build_settings({}).ocsp_signer, "ca")
+        self.assertRefused("ocsp_nonce_rate", {"ocsp_nonce_rate": "-1"})
+        self.assertEqual(build_settings({}).ocsp_nonce_rate, 100)
+        self.assertEqual(build_settings({}, self.write('[pki]\nocsp_nonce_rate = 0\n')).ocsp_nonce_rate, 0)
         self.assertEqual(build_settings({}, self.write('[pki]\nocsp_signer = "delegated"\n')).ocsp_signer, "delegated")
 
     def test_bad_header_name(self) -> None:

@@ -171,6 +171,27 @@ class NonceTemplateTests(TestCase):
             self.assertEqual(r.nonces.built, 1, "a nonce under 8 bytes is built by cryptography")
 
 
+class SigningRateLimitTests(TestCase):
+    def test_buckets_by_address_refill_and_stay_bounded(self):
+        from uptrakitd.pki.ocsp_limit import SigningRateLimit
+        now = [100.0]
+        limit = SigningRateLimit(5, lambda: now[0], max_addresses=3)
+        self.assertEqual([limit.allow("192.0.2.1") for _ in range(11)], [True] * 10 + [False], "a burst of 2 s")
+        self.assertTrue(limit.allow("192.0.2.2"), "another address has its own bucket")
+        self.assertTrue(limit.allow("::ffff:192.0.2.2"), "an IPv4-mapped address is that IPv4 address")
+        for i in range(10):
+            limit.allow("2001:db8::%x" % i)   # one /64
+        self.assertFalse(limit.allow("2001:db8::ffff"), "IPv6 addresses of one /64 share a bucket")
+        now[0] += 0.2
+        self.assertTrue(limit.allow("192.0.2.1"), "5 a second come back")
+        self.assertFalse(limit.allow("192.0.2.1"))
+        for i in range(5):
+            limit.allow(f"198.51.100.{i}")
+        self.assertEqual(len(limit), 3, "the least recently seen addresses are dropped")
+        self.assertTrue(SigningRateLimit(0, lambda: 0.0).allow("192.0.2.1"), "0: no limit")
+        self.assertGreaterEqual(limit.refused, 3)
+
+
 class GetPathTests(TestCase):
     def test_forms(self):
         der = request_der()

@@ -428,6 +428,63 @@ class DelegatedOcspSignerTests(TestCase):
         self.check_responder(answer, 1)
 
 
+class OcspSigningLimitTests(TestCase):
+    """--ocsp-nonce-rate: answers signed per request are limited per client address; cached ones are not."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_an_address_over_the_rate_gets_try_later_others_and_cached_answers_do_not(self):
+        import socket
+        openssl = require_program("openssl", "apt-get install openssl")
+        pki_port = free_port()
+        c = yield start_controller(self, pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener",
+                                   ocsp_nonce_rate=2)
+        c.ocsp.limit.clock = lambda: 1000.0   # one moment: the bucket (2 s worth, 4 answers) never refills
+        issued, _, _ = yield new_leaf(c)
+        ca = c.ca.state.active().cert
+
+        def ask(source: str, nonce: bytes | None, serial: int | None = None) -> ocsp.OCSPResponse:
+            builder = (ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca, hashes.SHA1()) if serial is None else
+                       ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+                           *self._hashes(issued.cert, ca), serial, hashes.SHA1()))
+            if nonce is not None:
+                builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+            body = builder.build().public_bytes(serialization.Encoding.DER)
+            with socket.create_connection(("127.0.0.1", pki_port), timeout=10, source_address=(source, 0)) as s:
+                s.sendall(f"POST /api/v1/pki/ocsp HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            head, _, der = data.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.0 200 OK"), head[:40])
+            return ocsp.load_der_ocsp_response(der)
+
+        def storm():
+            return ([ask("127.0.0.1", b"nonce-%08d" % i).response_status for i in range(5)],
+                    ask("127.0.0.1", None, serial=0x7777777).response_status,   # never issued: signed each time
+                    ask("127.0.0.1", None).certificate_status,                 # signed once, then cached
+                    ask("127.0.0.1", None).certificate_status,
+                    ask("127.0.0.2", b"other-address-01").certificate_status)
+        nonces, unknown, cached, again, other = yield deferToThread(storm)
+        ok, later = ocsp.OCSPResponseStatus.SUCCESSFUL, ocsp.OCSPResponseStatus.TRY_LATER
+        self.assertEqual(nonces, [ok] * 4 + [later])
+        self.assertEqual(unknown, later, "a serial never issued is signed per request too")
+        self.assertEqual((cached, again, other), (ocsp.OCSPCertStatus.GOOD,) * 3)
+        self.assertEqual(c.metrics.ocsp_responses.labels("try_later")._value.get(), 2)
+        leaf = Path(c.tmp, "leaf.pem")
+        leaf.write_bytes(issued.pem)
+        Path(c.tmp, "ca.pem").write_bytes(c.ca.state.active().pem)
+        out, err, _ = yield run(openssl, "ocsp", "-issuer", str(Path(c.tmp, "ca.pem")), "-cert", str(leaf), "-url",
+                                f"http://127.0.0.1:{pki_port}/api/v1/pki/ocsp", "-CAfile", str(Path(c.tmp, "ca.pem")))
+        self.assertIn("trylater", (out + err).decode().lower(), "openssl understands the refusal")
+
+    @staticmethod
+    def _hashes(cert, ca):
+        request = ocsp.OCSPRequestBuilder().add_certificate(cert, ca, hashes.SHA1()).build()
+        return request.issuer_name_hash, request.issuer_key_hash
+
+
 class RevocationApiTests(TestCase):
     timeout = 30
 

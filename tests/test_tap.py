@@ -86,6 +86,7 @@ class OptionsTests(TestCase):
             (["--san", "a.example", "--san", "10.1.2.3"], lambda s: s.san, ("a.example", "10.1.2.3")),
             (["--trust-domain", "Corp.Example"], lambda s: s.trust_domain, "corp.example"),
             (["--ocsp-signer", "delegated"], lambda s: s.ocsp_signer, "delegated"),
+            (["--ocsp-nonce-rate", "0"], lambda s: s.ocsp_nonce_rate, 0),
             (["--rotation-renewal-rate", "40"], lambda s: s.rotation_renewal_rate, 40),
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),

@@ -20,6 +20,7 @@ OCSP_SIGNERS = ("ca", "delegated")
 # a CA rotation's renewals per second on one controller: 5,000 agents back in ~50 s with /healthz p99 under
 # 100 ms on two cores (docs/performance.md); each is a CSR check, a signature, commits and an mTLS reconnect
 DEFAULT_ROTATION_RENEWAL_RATE = 100
+DEFAULT_OCSP_NONCE_RATE = 100   # answers signed per request, per client address and second
 DEFAULT_HTTPS_LISTEN = r"tcp:8443:interface=\:\:"
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -185,6 +186,7 @@ class Settings:
     san: tuple[str, ...] = ()
     trust_domain: str = "uptrakit.local"
     ocsp_signer: str = "ca"               # "delegated": a short-lived P-256 responder certificate signs OCSP
+    ocsp_nonce_rate: int = DEFAULT_OCSP_NONCE_RATE   # per client address; 0: no limit
     rotation_renewal_rate: int = DEFAULT_ROTATION_RENEWAL_RATE   # per second, asked of this controller's services
     force_settings_override: bool = False
     proxy_protocol_senders: tuple[IPNetwork, ...] = ()
@@ -216,7 +218,7 @@ _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_f
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
              "metrics_require_auth", "database", "ca_key_encryption_key_file", "rotation_renewal_rate",
              *_LIMIT_KEYS}
-_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer"}
+_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer", "ocsp_nonce_rate"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -374,6 +376,8 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         if not isinstance(merged["metrics_require_auth"], bool):
             raise ConfigError("metrics_require_auth", "must be true or false")
         kw["metrics_require_auth"] = merged["metrics_require_auth"]
+    if "ocsp_nonce_rate" in merged:
+        kw["ocsp_nonce_rate"] = _number(merged["ocsp_nonce_rate"], "ocsp_nonce_rate", 0, 1_000_000, integer=True)
     if "rotation_renewal_rate" in merged:
         kw["rotation_renewal_rate"] = _number(merged["rotation_renewal_rate"], "rotation_renewal_rate", 1, 10_000,
                                               integer=True)

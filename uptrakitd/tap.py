@@ -53,6 +53,9 @@ class Options(usage.Options):
         ["ocsp-signer", None, None, "Who signs OCSP answers: 'ca' (default: the issuing CA) or 'delegated' (a "
                                     "two-day P-256 responder certificate that CA issues, its key only in memory, "
                                     "embedded in each answer: a tenth of the CPU per signed answer)."],
+        ["ocsp-nonce-rate", None, None, "OCSP answers signed per request (a nonce, or a serial never issued) "
+                                        "each client address (IPv6: /64) may ask for per second, with bursts of "
+                                        "twice that (default 100; 0: no limit); beyond it, tryLater."],
         ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line: time, level, logger, "
                                    "message and the event's fields)."],
         ["log-level", None, None, "Least severe level logged: debug, info (default), warn or error."],
@@ -111,7 +114,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
             "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
-            "trust-domain", "ocsp-signer", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
+            "trust-domain", "ocsp-signer", "ocsp-nonce-rate", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
             "request-head-timeout", "listen-backlog", "rotation-renewal-rate"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from .state import CaState
 from .crl import REASONS
+from .ocsp_limit import SigningRateLimit
 from .ocsp_nonce import NonceTemplates
 
 log = Logger()
@@ -31,6 +32,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 OCSP_VALIDITY = datetime.timedelta(hours=1)  # nextUpdate - thisUpdate
 RESPONDER_LIFETIME = datetime.timedelta(days=2)
 _HASH_NAMES = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
+
+
+_TRY_LATER = ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER).public_bytes(Encoding.DER)
 
 
 class OcspDecodeError(ValueError):
@@ -56,7 +60,7 @@ class OcspAnswer:
 
     der: bytes
     headers: dict[str, str]
-    status: str  # good | revoked | unknown | unauthorized | malformed
+    status: str  # good | revoked | unknown | unauthorized | malformed | try_later
     serial: int | None = None
     reuse_until: float | None = None   # a cacheable answer: the same bytes may be served until then
     next_update: float | None = None   # its nextUpdate, for max-age
@@ -124,8 +128,11 @@ class OcspResponder:
     """Answers OCSP requests from the in-memory records; keeps signed nonce-less responses."""
 
     def __init__(self, state: CaState, clock: IReactorTime, counter: Counter | None = None,
-                 validity: datetime.timedelta = OCSP_VALIDITY, signer: str = "ca", log_answers: bool = True) -> None:
+                 validity: datetime.timedelta = OCSP_VALIDITY, signer: str = "ca", log_answers: bool = True,
+                 nonce_rate: int = 0) -> None:
         self.state = state
+        # answers signed per request (nonce; serial never issued), per client address
+        self.limit = SigningRateLimit(nonce_rate, clock.seconds)
         # a line per answer only when it would be written (--log-level debug): Twisted builds and routes an
         # event even for a level the daemon's observer drops, ~5 % of a signed answer's CPU
         self.log_answers = log_answers
@@ -161,10 +168,10 @@ class OcspResponder:
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(int(self.clock.seconds()), datetime.timezone.utc)
 
-    def answer(self, der: bytes) -> OcspAnswer:
-        """Answer one DER request; never raises for any input."""
+    def answer(self, der: bytes, client: str | None = None) -> OcspAnswer:
+        """Answer one DER request from `client` (an address; None: not limited); never raises for any input."""
         try:
-            result = self._answer(der)
+            result = self._answer(der, client)
         except Exception:  # the responder must answer garbage with malformedRequest, never a 500
             log.failure("OCSP request could not be answered")
             result = self._unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR, "malformed")
@@ -185,7 +192,7 @@ class OcspResponder:
         der = ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(Encoding.DER)
         return OcspAnswer(der, {"Cache-Control": "no-store"}, label)
 
-    def _answer(self, der: bytes) -> OcspAnswer:
+    def _answer(self, der: bytes, client: str | None) -> OcspAnswer:
         try:
             request = ocsp.load_der_ocsp_request(der)
             name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
@@ -228,6 +235,8 @@ class OcspResponder:
             kwargs["revocation_reason"] = REASONS.get(record.reason or "unspecified", x509.ReasonFlags.unspecified)
         else:
             status, label = ocsp.OCSPCertStatus.GOOD, "good"
+        if (nonce is not None or label == "unknown") and not self.limit.allow(client):
+            return OcspAnswer(_TRY_LATER, {"Cache-Control": "no-store", "Retry-After": "1"}, "try_later", serial)
         next_update = now + self.validity
         if self.delegated is None:
             signer, key, signing_hash, embedded = ca.cert, ca.key, ca.signing_hash(), []

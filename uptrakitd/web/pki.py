@@ -64,7 +64,7 @@ class PkiRoutes:
         body = request.content.read(MAX_REQUEST_BYTES + 1) if request.content is not None else b""
         if len(body) > MAX_REQUEST_BYTES:
             raise PayloadTooLarge("OCSP request larger than 64 KiB")
-        return self._answer(body)
+        return self._respond(self.ocsp.answer(body, _peer(request)))
 
     def ocsp_get(self, request: Any, encoded: str) -> Response:
         # request.path keeps percent-escapes and '/', which is what the encoded request needs.
@@ -76,17 +76,19 @@ class PkiRoutes:
             der = b""  # answered like any garbage: an OCSP malformedRequest response, HTTP 200
         if len(der) > MAX_REQUEST_BYTES:
             raise PayloadTooLarge("OCSP request larger than 64 KiB")
-        answer = self.ocsp.answer(der)
+        answer = self.ocsp.answer(der, _peer(request))
         if self.fast_ocsp is not None and request.method == b"GET":
             self.fast_ocsp.remember(request.uri, answer)
         return self._respond(answer)
 
-    def _answer(self, der: bytes) -> Response:
-        return self._respond(self.ocsp.answer(der))
-
     @staticmethod
     def _respond(answer: OcspAnswer) -> Response:
         return Response(answer.der, "application/ocsp-response", headers=dict(answer.headers))
+
+
+def _peer(request: Any) -> str | None:
+    """The TCP peer's address: what the OCSP signing limit counts by."""
+    return getattr(request.getClientAddress(), "host", None)
 
 
 def _http_date(when: Any) -> str:
@@ -158,9 +160,9 @@ class OcspFastPath:
         return self._http(version, close, b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
                           % max_age + fixed, answer.der)
 
-    def post(self, body: bytes, version: bytes, close: bool) -> bytes:
-        """The complete response to a POST of `body` (at most MAX_REQUEST_BYTES)."""
-        answer = self.ocsp.answer(body)
+    def post(self, body: bytes, version: bytes, close: bool, client: str | None = None) -> bytes:
+        """The complete response to a POST of `body` (at most MAX_REQUEST_BYTES) from address `client`."""
+        answer = self.ocsp.answer(body, client)
         self.posts += 1
         self._count(self.POST_ROUTE, "POST")
         return self._http(version, close, _header_lines(answer.headers), answer.der)

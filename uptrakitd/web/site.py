@@ -190,7 +190,8 @@ class GuardedChannel(HTTPChannel):
             if response is None:
                 return False
         elif length is not None and length == len(body) <= MAX_REQUEST_BYTES:
-            response = self.fast_ocsp.post(body, version, close)
+            peer = getattr(self.transport.getPeer(), "host", None) if self.transport is not None else None
+            response = self.fast_ocsp.post(body, version, close, peer)
         else:
             return False
         self._disarm()

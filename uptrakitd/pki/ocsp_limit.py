@@ -1,0 +1,70 @@
+"""How many answers signed per request (a nonce, or a serial we never issued) one client address may ask for.
+
+Every other OCSP answer is signed once and served from the cache, whoever asks. These two kinds cost a
+signature each time (~0.16 ms of the reactor delegated, ~0.36 ms with the CA's P-384 key), so without a
+limit anyone who can reach the PKI port decides how much of the reactor goes to signing. Each address
+(IPv6: each /64, which one host usually holds whole) has a token bucket of `rate` a second that holds up
+to two seconds' worth; an empty bucket gets `tryLater`, unsigned and nearly free.
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import Callable
+
+from twisted.logger import Logger
+
+from ..trust.proxies import parse_address
+
+log = Logger()
+
+MAX_ADDRESSES = 10_000   # buckets kept; the least recently seen goes first
+LOG_EVERY = 60.0         # seconds between two log lines about the same address
+
+
+class SigningRateLimit:
+    """Token buckets by client address; `rate` 0 lets everything through."""
+
+    def __init__(self, rate: int, clock: Callable[[], float], max_addresses: int = MAX_ADDRESSES) -> None:
+        self.rate = rate
+        self.burst = 2 * rate
+        self.clock = clock
+        self.max_addresses = max_addresses
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()   # key -> [tokens, last refill, last logged]
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    @staticmethod
+    def key(address: str) -> str:
+        """The bucket an address counts against: itself, or its /64 for IPv6."""
+        canonical = parse_address(address) or address
+        if ":" in canonical:
+            return str(ipaddress.IPv6Network((canonical, 64), strict=False))
+        return canonical
+
+    def allow(self, address: str | None) -> bool:
+        """Take a token for `address`; False when its bucket is empty (then answer tryLater)."""
+        if self.rate <= 0 or address is None:
+            return True
+        key = self.key(address)
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [float(self.burst), now, -LOG_EVERY]
+            while len(self._buckets) > self.max_addresses:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= 1:
+            bucket[0] -= 1
+            return True
+        self.refused += 1
+        if now - bucket[2] >= LOG_EVERY:
+            bucket[2] = now
+            log.warn("OCSP: {client} asks for more than {rate} signed answers a second (nonce, or serials never "
+                     "issued); the rest get tryLater (--ocsp-nonce-rate)", client=key, rate=self.rate)
+        return False
