@@ -170,6 +170,19 @@ class NonceTemplateTests(TestCase):
             self.assertEqual(short.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce, b"1234567")
             self.assertEqual(r.nonces.built, 1, "a nonce under 8 bytes is built by cryptography")
 
+    def test_what_cannot_be_a_template_is_built_every_time(self):
+        from uptrakitd.pki.ocsp_nonce import NonceTemplates
+        templates, calls = NonceTemplates(), []
+
+        def build(nonce, this_update, next_update):
+            calls.append(nonce)
+            return b"\x30\x03\x0a\x01\x00"   # a bare status: nothing to template
+        key = CA.key
+        for nonce in (b"n" * 16, b"m" * 16):
+            self.assertEqual(templates.answer("k", build, key, hashes.SHA384(), nonce, NOW, NOW), b"\x30\x03\x0a\x01\x00")
+        self.assertEqual(calls[1:], [b"n" * 16, b"m" * 16], "each answer built with its own nonce")
+        self.assertEqual((templates.built, templates.filled), (2, 0))
+
 
 class SigningRateLimitTests(TestCase):
     def test_buckets_by_address_refill_and_stay_bounded(self):

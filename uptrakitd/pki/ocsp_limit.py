@@ -14,8 +14,6 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-from ..trust.proxies import parse_address
-
 log = Logger()
 
 MAX_ADDRESSES = 10_000   # buckets kept; the least recently seen goes first
@@ -38,11 +36,16 @@ class SigningRateLimit:
 
     @staticmethod
     def key(address: str) -> str:
-        """The bucket an address counts against: itself, or its /64 for IPv6."""
-        canonical = parse_address(address) or address
-        if ":" in canonical:
-            return str(ipaddress.IPv6Network((canonical, 64), strict=False))
-        return canonical
+        """The bucket an address counts against: itself (IPv4-mapped IPv6 as IPv4), or its /64 for IPv6."""
+        try:
+            parsed = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return address
+        if isinstance(parsed, ipaddress.IPv6Address):
+            if parsed.ipv4_mapped is None:
+                return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+            parsed = parsed.ipv4_mapped
+        return str(parsed)
 
     def allow(self, address: str | None) -> bool:
         """Take a token for `address`; False when its bucket is empty (then answer tryLater)."""

@@ -91,6 +91,14 @@ class _Template:
 def _make(der: bytes, placeholder: bytes, this_update: datetime.datetime,
           next_update: datetime.datetime) -> _Template | None:
     """The template of `der` (built with `placeholder` and these times), or None when it cannot be one."""
+    try:
+        return _parts(der, placeholder, this_update, next_update)
+    except (ValueError, IndexError):   # a shape other than the one expected: build every answer instead
+        return None
+
+
+def _parts(der: bytes, placeholder: bytes, this_update: datetime.datetime,
+           next_update: datetime.datetime) -> _Template | None:
     data = ocsp.load_der_ocsp_response(der).tbs_response_bytes
     # ResponseData { [0] version (absent: v1), responderID, producedAt, responses, [1] extensions }
     _, pos, _ = _read(data, 0)
