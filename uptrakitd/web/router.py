@@ -126,13 +126,14 @@ class Router(Resource):
     def __init__(self, routes: list[Route], check_admin: Callable[[str, str], bool | None] | None = None) -> None:
         super().__init__()
         self.routes = routes
+        self._identity_routes = [r for r in routes if r.identity]
         self.check_admin = check_admin
         self.resources: dict[str, Resource] = {}   # WebSocket endpoints: they always read identity
 
     def wants_identity(self, path: bytes) -> bool:
         """Whether the request for `path` may read its identity (a WebSocket endpoint or an identity route)."""
         text = path.decode("latin-1")
-        return text in self.resources or any(r.identity and r.pattern.fullmatch(text) for r in self.routes)
+        return text in self.resources or any(r.pattern.fullmatch(text) for r in self._identity_routes)
 
     def render(self, request: Any) -> Any:
         path = request.path.decode("latin-1")
