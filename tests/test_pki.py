@@ -152,6 +152,20 @@ class OpensslOcspCrlTests(TestCase):
         for _ in range(2):
             self.assertEqual(parts((yield self.raw_http(long)))[1], parts(first)[1])
         self.assertEqual(self.c.fast_ocsp.hits, hits)
+        # the fields that change how a request is read are honoured however they are spelled: an HTTP/1.1
+        # client that says it closes gets the answer and the close (raw_http reads until the server closes)
+        for spelling in (b"Connection: close", b"CONNECTION:Close", b"connection: keep-alive, close"):
+            hits = self.c.fast_ocsp.hits
+            closed = yield self.raw_http(f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + spelling + b"\r\n\r\n")
+            self.assertEqual(self.c.fast_ocsp.hits, hits + 1, spelling)
+            self.assertIn(b"\r\nconnection: close\r\n", closed.lower(), spelling)
+            self.assertEqual(parts(closed)[1], parts(first)[1], spelling)
+        # a GET with a body, an upgrade or an expectation is left to twisted.web, which answers it as it would
+        for field in (b"Transfer-Encoding: chunked", b"UPGRADE: websocket", b"Content-Length: 0", b"Expect: 100-continue"):
+            hits = self.c.fast_ocsp.hits
+            tail = b"0\r\n\r\n" if field.startswith(b"Transfer") else b""
+            yield self.raw_http(f"GET {path} HTTP/1.0\r\nHost: x\r\n".encode() + field + b"\r\n\r\n" + tail)
+            self.assertEqual(self.c.fast_ocsp.hits, hits, field)
         status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(issued.serial)}/revoke",
                                        {"reason": "keyCompromise"})
         self.assertEqual(status, 200)

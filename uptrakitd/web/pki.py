@@ -130,7 +130,10 @@ class OcspFastPath:
         self.clock = clock
         self.requests = requests   # uptrakit_http_requests, counted as the router would
         self._entries: dict[bytes, tuple[OcspAnswer, int, bytes]] = {}
+        # the last response built for each path: reused within the same second (Date and max-age)
+        self._built: dict[bytes, tuple[int, bytes, bool, bytes]] = {}
         self._date: tuple[int, bytes] = (-1, b"")
+        self._counted: dict[tuple[str, str], Any] = {}
         self.hits = 0    # repeated GETs answered here
         self.posts = 0   # POSTs answered here
 
@@ -140,8 +143,10 @@ class OcspFastPath:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
+            self._built.clear()
         fixed = _header_lines({k: v for k, v in answer.headers.items() if k != "Cache-Control"})
         self._entries[path] = (answer, self.ocsp.version, fixed)
+        self._built.pop(path, None)
 
     def repeated_get(self, path: bytes, version: bytes, close: bool) -> bytes | None:
         """The complete response for a GET of `path`, or None to answer it the ordinary way."""
@@ -152,13 +157,20 @@ class OcspFastPath:
         now = self.clock.seconds()
         if seen != self.ocsp.version or now >= (answer.reuse_until or 0):
             del self._entries[path]
+            self._built.pop(path, None)
             return None
-        max_age = max(0, int((answer.next_update or now) - int(now)))
         self.ocsp.count(answer.status)
         self.hits += 1
         self._count(self.GET_ROUTE, "GET")
-        return self._http(version, close, b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
-                          % max_age + fixed, answer.der)
+        second = int(now)
+        built = self._built.get(path)
+        if built is not None and built[0] == second and built[1] == version and built[2] == close:
+            return built[3]
+        max_age = max(0, int((answer.next_update or now) - second))
+        response = self._http(version, close, b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
+                              % max_age + fixed, answer.der)
+        self._built[path] = (second, version, close, response)
+        return response
 
     def post(self, body: bytes, version: bytes, close: bool, client: str | None = None) -> bytes:
         """The complete response to a POST of `body` (at most MAX_REQUEST_BYTES) from address `client`."""
@@ -169,7 +181,10 @@ class OcspFastPath:
 
     def _count(self, route: str, method: str) -> None:
         if self.requests is not None:
-            self.requests.labels(route, method, "200").inc()
+            child = self._counted.get((route, method))
+            if child is None:
+                child = self._counted[(route, method)] = self.requests.labels(route, method, "200")
+            child.inc()
 
     def _http(self, version: bytes, close: bool, headers: bytes, der: bytes) -> bytes:
         second = int(self.clock.seconds())

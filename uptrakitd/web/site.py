@@ -174,7 +174,10 @@ class GuardedChannel(HTTPChannel):
             return False   # every other request (WebSocket upgrades included) before its headers are read
         close = version == b"HTTP/1.0"
         length = None
-        for header in fields.lower().split(b"\r\n"):
+        lowered = fields.lower()
+        # nginx asks with a Host line only: the field loop is needed only when a field that matters is there
+        wanted = (b"transfer-encoding", b"expect", b"upgrade", b"content-length", b"connection")
+        for header in lowered.split(b"\r\n") if any(name in lowered for name in wanted) else ():
             name, _, value = header.partition(b":")
             name = name.strip()
             if name in (b"transfer-encoding", b"expect", b"upgrade"):
