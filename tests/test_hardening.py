@@ -118,6 +118,51 @@ class SlowHeadTests(TestCase):
         self.assertTrue(any("the cap is 3 (max_connections)" in line for line in lines), lines[-5:])
         self.assertEqual(c.metrics.registry.get_sample_value("uptrakit_connections_open", {"listener": "HTTPS"}), 3)
 
+    @inlineCallbacks
+    def test_the_plain_http_pki_listener_has_the_same_caps_and_gives_slots_back(self):
+        """Its guard does not wrap the channel (one layer less per OCSP GET): the channel reports its own
+        end, so a slot comes back after every kind of end (answered and closed, dropped by the client,
+        cut at the head deadline) and the caps hold as on the HTTPS listener."""
+        from .helpers import free_port
+        pki_port = free_port()
+        c = yield start_controller(self, pki_addr=f"http://127.0.0.1:{pki_port}", pki_http="listener",
+                                   max_connections_per_ip=3, max_connections=5, request_head_timeout=1.5)
+        guard = c.pki_listener.factory
+        registry = c.metrics.registry
+
+        def crl_status(source: str) -> int:
+            with socket.create_connection(("127.0.0.1", pki_port), timeout=10, source_address=(source, 0)) as s:
+                s.sendall(b"GET /api/v1/pki/ca.crl HTTP/1.0\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                return int(data.split(b" ", 2)[1])
+        for _ in range(10):   # more answered connections than either cap: each gave its slot back
+            self.assertEqual((yield deferToThread(crl_status, ATTACKER)), 200)
+        yield wait_until(lambda: guard.open == 0)
+        self.assertNotIn(ATTACKER, guard.unauthenticated)
+
+        def idle(source: str) -> socket.socket:
+            return socket.create_connection(("127.0.0.1", pki_port), timeout=10, source_address=(source, 0))
+        held = yield deferToThread(lambda: [idle(ATTACKER) for _ in range(3)])
+        self.addCleanup(lambda: [s.close() for s in held])
+        yield wait_until(lambda: guard.unauthenticated[ATTACKER] == 3)
+        self.assertTrue((yield deferToThread(refused_at_once, pki_port, ATTACKER)), "a fourth connection was accepted")
+        self.assertEqual(registry.get_sample_value("uptrakit_connections_refused_total",
+                                                   {"listener": "plain-HTTP PKI", "reason": "per_ip"}), 1)
+        others = yield deferToThread(lambda: [idle(src) for src in (OTHER, YET_ANOTHER)])
+        self.addCleanup(lambda: [s.close() for s in others])
+        yield wait_until(lambda: guard.open == 5)
+        self.assertTrue((yield deferToThread(refused_at_once, pki_port, "127.0.0.12")), "over the global cap")
+        self.assertEqual(registry.get_sample_value("uptrakit_connections_open", {"listener": "plain-HTTP PKI"}), 5)
+        held[0].close()   # dropped by the client
+        yield wait_until(lambda: guard.unauthenticated[ATTACKER] == 2 and guard.open == 4)
+        # the rest send nothing: cut at the head deadline, and every slot is back
+        closed = yield deferToThread(lambda: [closed_by_server(s) for s in held[1:] + others])
+        self.assertEqual(closed, [True] * 4)
+        yield wait_until(lambda: guard.open == 0 and not guard.unauthenticated)
+        self.assertEqual((yield deferToThread(crl_status, ATTACKER)), 200)
+
 
 class BodyLimitTests(TestCase):
     timeout = 60

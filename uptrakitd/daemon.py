@@ -200,10 +200,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                         "tls_handshake_failures": metrics.tls_handshake_failures},
                                        settings.access_log, fast_ocsp)
 
-    def guarded(factory: Any, what: str) -> ConnectionGuard:
+    def guarded(factory: Any, what: str, wrap: bool = True) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,
                                 lambda ip: is_trusted(ip, runtime.network.trusted_proxies),
-                                metrics.connections_refused, reactor)
+                                metrics.connections_refused, reactor, wrap)
         metrics.connections_open.labels(what).set_function(lambda: guard.open)
         return guard
 
@@ -248,7 +248,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.https.setServiceParent(d)
     d.pki_listener = None
     if (pki_endpoint := settings.pki_listen_endpoint()) is not None:
-        d.pki_listener = ListenerService(reactor, pki_endpoint, guarded(pki_site, "plain-HTTP PKI"),
+        d.pki_listener = ListenerService(reactor, pki_endpoint, guarded(pki_site, "plain-HTTP PKI", wrap=False),
                                          "plain-HTTP PKI", backlog=settings.limits.listen_backlog)
         d.pki_listener.setServiceParent(d)
     Hooks("setup warnings", start=partial(_warn_about_setup, booted)).setServiceParent(d)

@@ -123,6 +123,10 @@ class GuardedChannel(HTTPChannel):
     _request_line: bytes | None = None
     _refused = False
     _linger: Any = None
+    # set by a listen.guard.ConnectionGuard that does not wrap this channel: told when the connection ends
+    guard: Any = None
+    peer_ip = ""
+    counted = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -243,6 +247,9 @@ class GuardedChannel(HTTPChannel):
         self._disarm()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.gone(self)
         super().connectionLost(reason)
 
     def _count(self, what: str) -> None:
