@@ -2,11 +2,12 @@
 made by `openssl ca -gencrl` from an index of the same entries with the same CA key, and the longest
 reactor stall during a 100k rebuild compared with an idle reference window.
 
-Run: .venv/bin/python bench/crl.py      (takes about a minute and a half; prints figures, asserts nothing)
+Run: .venv/bin/python bench/crl.py      (about 15 seconds here; prints figures, asserts nothing)
 Targets (issue 3): revoke p99 < 50 ms at 100k; reactor stall < 100 ms during the rebuild. Issue 11: the
-rebuild no slower than `openssl ca -gencrl` (each openssl run is a new process that reads its index and
-signs: the daemon's cold rebuild is the like-for-like figure; the warm one is what the hourly rebuild
-and each revocation cost once the worker holds the encoded entries).
+rebuild no slower than `openssl ca -gencrl`. Each openssl run is a new process that reads its index,
+builds every entry and signs. The daemon's warm rebuild is what the hourly rebuild and each revocation
+cost (the worker keeps the built entries); the cold one starts the worker and builds every entry, as
+happens once after start-up or after the worker died.
 """
 from __future__ import annotations
 

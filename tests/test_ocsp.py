@@ -111,6 +111,40 @@ class ResponderTests(TestCase):
         self.assertEqual(parsed.revocation_reason, x509.ReasonFlags.key_compromise)
 
 
+class FastPathTests(TestCase):
+    """The channel's repeated-GET answers: reused within a second, never after the answer changed."""
+
+    def test_a_response_is_reused_within_its_second_and_never_outlives_its_answer(self):
+        from uptrakitd.web.pki import OcspFastPath
+        r, ca, issued = responder()
+        fast = OcspFastPath(r, r.clock)
+        path = b"/api/v1/pki/ocsp/" + quote(base64.b64encode(request_der(ca=ca, issued=issued)).decode(),
+                                            safe="").encode()
+
+        def status(response: bytes) -> ocsp.OCSPCertStatus:
+            return ocsp.load_der_ocsp_response(response.partition(b"\r\n\r\n")[2]).certificate_status
+        fast.remember(path, r.answer(request_der(ca=ca, issued=issued)))
+        first = fast.repeated_get(path, b"HTTP/1.0", True)
+        self.assertIs(fast.repeated_get(path, b"HTTP/1.0", True), first, "the same second: the same bytes")
+        self.assertIn(b"Cache-Control: max-age=3600,", first)
+        kept = fast.repeated_get(path, b"HTTP/1.1", False)
+        self.assertTrue(kept.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" not in kept)
+        self.assertIn(b"Connection: close", fast.repeated_get(path, b"HTTP/1.1", True))
+        r.clock.advance(1)
+        later = fast.repeated_get(path, b"HTTP/1.0", True)
+        self.assertIn(b"Cache-Control: max-age=3599,", later, "a new second: a new Date and max-age")
+        # a revocation in the same second, and the ordinary route (a GET the channel left to twisted.web)
+        # remembers the new answer over the old entry: never the old bytes
+        record = r.state.records[issued.serial]
+        record.revoked_at, record.reason = int(r.clock.seconds()), "keyCompromise"
+        r.invalidate(issued.serial)
+        fast.remember(path, r.answer(request_der(ca=ca, issued=issued)))
+        self.assertEqual(status(fast.repeated_get(path, b"HTTP/1.0", True)), ocsp.OCSPCertStatus.REVOKED)
+        # the responder forgets everything (a rotation): the entry is not used, whatever its second
+        r.invalidate()
+        self.assertIsNone(fast.repeated_get(path, b"HTTP/1.0", True))
+
+
 class NonceTemplateTests(TestCase):
     """Nonce answers come from a template after the first: every field the same as cryptography builds it."""
 

@@ -17,6 +17,23 @@ from prometheus_client.registry import Collector
 disable_created_metrics()
 
 
+class CounterChildren:
+    """A labelled counter incremented on a hot path: prometheus_client's `labels()` takes a lock and builds
+    its key on every call, more than the increment itself; the children are kept here instead."""
+
+    def __init__(self, counter: Counter | None) -> None:
+        self.counter = counter   # None: count nothing
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def inc(self, *labels: str) -> None:
+        if self.counter is None:
+            return
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.counter.labels(*labels)
+        child.inc()
+
+
 class Metrics:
     """The daemon's counters and gauges."""
 

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..metrics import CounterChildren
 from .state import CaState
 from .crl import REASONS
 from .ocsp_limit import SigningRateLimit
@@ -140,8 +141,7 @@ class OcspResponder:
         self.validity = validity
         # "ca": signed by the issuing CA (SPEC §4.4); "delegated": by a responder certificate it issued
         self.delegated = DelegatedSigners(validity) if signer == "delegated" else None
-        self._counter = counter  # labelled by status
-        self._counted: dict[str, Any] = {}   # its children: labels() costs more than the increment
+        self._counter = CounterChildren(counter)  # labelled by status
         self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
         self.version = 0   # changes whenever cached answers may have become wrong (revocation, rotation)
         self.nonces = NonceTemplates()   # nonce answers: cryptography's first one, re-dated and re-signed
@@ -186,11 +186,7 @@ class OcspResponder:
 
     def count(self, status: str) -> None:
         """One answer given (also by the HTTP fast path for repeated GETs)."""
-        if self._counter is not None:
-            child = self._counted.get(status)
-            if child is None:
-                child = self._counted[status] = self._counter.labels(status)
-            child.inc()
+        self._counter.inc(status)
 
     def _unsuccessful(self, status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
         der = ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(Encoding.DER)

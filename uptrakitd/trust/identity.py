@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..config import NetworkSettings
-from ..metrics import Metrics
+from ..metrics import CounterChildren, Metrics
 from ..pki.ca import CaGeneration
 from ..pki.state import CaState
 from .dn import common_name
@@ -286,7 +286,7 @@ class IdentityResolver:
         self.trust_domain = trust_domain
         self.clock = clock
         self.metrics = metrics
-        self._decisions: dict[tuple[str, str, str], Any] = {}   # identity_decisions children, by labels
+        self._decisions = CounterChildren(metrics.identity_decisions if metrics is not None else None)
         # False on a PROXY-protocol listener: the peer address comes from a header, so no peer is a
         # trusted proxy and only mTLS establishes an identity
         self.forwarded_headers = forwarded_headers
@@ -434,13 +434,7 @@ class IdentityResolver:
         return RequestContext(peer, client_ip, proxy_ip, identity, source, None)
 
     def _count(self, source: str, outcome: str, code: str = "") -> None:
-        if self.metrics is not None:
-            # prometheus_client's labels() takes a lock and builds its key on every call: once per request
-            counter = self._decisions.get((source, outcome, code))
-            if counter is None:
-                counter = self._decisions[(source, outcome, code)] = self.metrics.identity_decisions.labels(
-                    source, outcome, code)
-            counter.inc()
+        self._decisions.inc(source, outcome, code)
 
     def _count_removed(self, families: list[str]) -> None:
         if self.metrics is not None:

@@ -8,6 +8,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..errors import NotFound, PayloadTooLarge
+from ..metrics import CounterChildren
 from ..pki.authority import CertificateAuthority
 from ..pki.crl import CrlPublisher
 from ..pki.ocsp import MAX_REQUEST_BYTES, OcspAnswer, OcspDecodeError, OcspResponder, decode_get_path
@@ -105,6 +106,17 @@ def _conditional(request: Any, response: Response, etag: str | None = None) -> R
     return response
 
 
+class _Remembered:
+    """One path's answer, and the last complete response built from it (reused within its second: only
+    `Date` and `max-age` change from one second to the next)."""
+
+    __slots__ = ("answer", "version", "fixed", "built")
+
+    def __init__(self, answer: OcspAnswer, version: int, fixed: bytes) -> None:
+        self.answer, self.version, self.fixed = answer, version, fixed
+        self.built: tuple[int, bytes, bool, bytes] = (-1, b"", False, b"")   # (second, HTTP version, close, bytes)
+
+
 class OcspFastPath:
     """OCSP answers that `GuardedChannel` writes itself, without twisted.web's request machinery.
 
@@ -128,12 +140,9 @@ class OcspFastPath:
     def __init__(self, ocsp: OcspResponder, clock: Any, requests: Any = None) -> None:
         self.ocsp = ocsp
         self.clock = clock
-        self.requests = requests   # uptrakit_http_requests, counted as the router would
-        self._entries: dict[bytes, tuple[OcspAnswer, int, bytes]] = {}
-        # the last response built for each path: reused within the same second (Date and max-age)
-        self._built: dict[bytes, tuple[int, bytes, bool, bytes]] = {}
+        self.requests = CounterChildren(requests)   # uptrakit_http_requests, counted as the router would
+        self._entries: dict[bytes, _Remembered] = {}
         self._date: tuple[int, bytes] = (-1, b"")
-        self._counted: dict[tuple[str, str], Any] = {}
         self.hits = 0    # repeated GETs answered here
         self.posts = 0   # POSTs answered here
 
@@ -143,33 +152,29 @@ class OcspFastPath:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
-            self._built.clear()
         fixed = _header_lines({k: v for k, v in answer.headers.items() if k != "Cache-Control"})
-        self._entries[path] = (answer, self.ocsp.version, fixed)
-        self._built.pop(path, None)
+        self._entries[path] = _Remembered(answer, self.ocsp.version, fixed)
 
     def repeated_get(self, path: bytes, version: bytes, close: bool) -> bytes | None:
         """The complete response for a GET of `path`, or None to answer it the ordinary way."""
         entry = self._entries.get(path)
         if entry is None:
             return None
-        answer, seen, fixed = entry
-        now = self.clock.seconds()
-        if seen != self.ocsp.version or now >= (answer.reuse_until or 0):
+        answer, now = entry.answer, self.clock.seconds()
+        if entry.version != self.ocsp.version or now >= (answer.reuse_until or 0):
             del self._entries[path]
-            self._built.pop(path, None)
             return None
         self.ocsp.count(answer.status)
         self.hits += 1
         self._count(self.GET_ROUTE, "GET")
         second = int(now)
-        built = self._built.get(path)
-        if built is not None and built[0] == second and built[1] == version and built[2] == close:
+        built = entry.built
+        if built[0] == second and built[1] == version and built[2] == close:
             return built[3]
         max_age = max(0, int((answer.next_update or now) - second))
         response = self._http(version, close, b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
-                              % max_age + fixed, answer.der)
-        self._built[path] = (second, version, close, response)
+                              % max_age + entry.fixed, answer.der)
+        entry.built = (second, version, close, response)
         return response
 
     def post(self, body: bytes, version: bytes, close: bool, client: str | None = None) -> bytes:
@@ -180,11 +185,7 @@ class OcspFastPath:
         return self._http(version, close, _header_lines(answer.headers), answer.der)
 
     def _count(self, route: str, method: str) -> None:
-        if self.requests is not None:
-            child = self._counted.get((route, method))
-            if child is None:
-                child = self._counted[(route, method)] = self.requests.labels(route, method, "200")
-            child.inc()
+        self.requests.inc(route, method, "200")
 
     def _http(self, version: bytes, close: bool, headers: bytes, der: bytes) -> bytes:
         second = int(self.clock.seconds())

@@ -108,6 +108,11 @@ def _anonymous(request: Any) -> RequestContext:
     return RequestContext(peer_ip=peer, client_ip=peer)
 
 
+# the fast path leaves a request with one of these to twisted.web; and it reads these to answer it
+_FIELDS_REFUSED = (b"transfer-encoding", b"expect", b"upgrade")
+_FIELDS_READ = _FIELDS_REFUSED + (b"content-length", b"connection")
+
+
 class GuardedChannel(HTTPChannel):
     """HTTP/1.1 channel with a deadline for each request head and per-route body limits.
 
@@ -180,11 +185,10 @@ class GuardedChannel(HTTPChannel):
         length = None
         lowered = fields.lower()
         # nginx asks with a Host line only: the field loop is needed only when a field that matters is there
-        wanted = (b"transfer-encoding", b"expect", b"upgrade", b"content-length", b"connection")
-        for header in lowered.split(b"\r\n") if any(name in lowered for name in wanted) else ():
+        for header in lowered.split(b"\r\n") if any(name in lowered for name in _FIELDS_READ) else ():
             name, _, value = header.partition(b":")
             name = name.strip()
-            if name in (b"transfer-encoding", b"expect", b"upgrade"):
+            if name in _FIELDS_REFUSED:
                 return False
             if name == b"content-length":
                 if length is not None or not value.strip().isdigit():
