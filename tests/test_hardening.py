@@ -279,3 +279,28 @@ class ProxyProtocolTests(TestCase):
         with self.assertRaises(ConfigError) as cm:
             build_settings({"https_listen": "haproxy:tcp:8443"})
         self.assertIn("--proxy-protocol-sender", str(cm.exception))
+
+
+class GuardWithoutWrappingTests(TestCase):
+    def test_a_protocol_that_cannot_report_its_end_is_refused_at_once(self):
+        """A guard that does not wrap relies on the protocol to report its end; one that cannot would leak
+        a slot per connection until the listener refused everyone, so it fails loudly instead."""
+        from prometheus_client import CollectorRegistry, Counter
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.task import Clock
+
+        from uptrakitd.config import ConnectionLimits
+        from uptrakitd.listen.guard import ConnectionGuard
+        from uptrakitd.web.site import GuardedChannel
+        refused = Counter("refused", "", ["listener", "reason"], registry=CollectorRegistry())
+        addr = IPv4Address("TCP", ATTACKER, 4000)
+        plain = ConnectionGuard(Factory.forProtocol(Protocol), "test", ConnectionLimits(), lambda ip: False,
+                                refused, Clock(), wrap=False)
+        self.assertRaises(TypeError, plain.buildProtocol, addr)
+        self.assertEqual(plain.open, 0)
+        channels = ConnectionGuard(Factory.forProtocol(GuardedChannel), "test", ConnectionLimits(), lambda ip: False,
+                                   refused, Clock(), wrap=False)
+        channel = channels.buildProtocol(addr)
+        self.assertIs(channel.guard, channels)
+        self.assertEqual((channels.open, channels.unauthenticated[ATTACKER]), (1, 1))
