@@ -8,11 +8,17 @@ Run: .venv/bin/python bench/attack.py      (about a minute; loopback only: 127.0
 2. Bodies: three parallel `GET /api/v1/ws/agent` with `Content-Length: 200000000`, each trying to send
    20 MiB; the daemon's RSS before and after.
 3. Fuzz: every JSON route with hostile bodies (lone surrogates included); count of 5xx answers.
+4. Closed WebSockets: 8 sockets each send a close frame and then try to push 40 MiB without a TLS
+   close_notify; what they got out before the cut, the daemon's RSS, and how many are still open
+   2 s later. Then 4 threads stream 1-byte fragments for 20 s (reconnecting whenever cut) while
+   /healthz is probed from another address.
 """
 from __future__ import annotations
 
+import os
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -68,6 +74,96 @@ def drip(port: int, n: int, stop: threading.Event, counts: dict[str, int]) -> No
         s.close()
 
 
+def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame (RFC 6455 §5.2)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n) if n < 65536 \
+        else bytes([0x80 | 127]) + struct.pack("!Q", n)
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def open_websocket(server, source: str = ATTACKER):
+    s = server.tls(source)
+    s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    return s
+
+
+def push(s, chunk: bytes, total: int, limit: float) -> int:
+    """Bytes sent before the server cut the connection (or `total`, or what went out in `limit` s)."""
+    sent, start = 0, time.monotonic()
+    s.settimeout(1)
+    while sent < total and time.monotonic() - start < limit:
+        try:
+            s.sendall(chunk)
+            sent += len(chunk)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+    return sent
+
+
+def closed_websockets(server, daemon) -> None:
+    before = rss_kib(daemon.pid)
+    results: list[int] = []
+    sockets = []
+
+    def one() -> None:
+        s = open_websocket(server)
+        sockets.append(s)
+        s.sendall(ws_frame(0x8, b"\x03\xe8"))
+        results.append(push(s, ws_frame(0x2, b"x" * 60000, fin=False), 40 * 1024 * 1024, 30))
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = rss_kib(daemon.pid)
+    time.sleep(2)
+    still = metric(server, 'uptrakit_connections_open{listener="HTTPS"}') - 1
+    for s in sockets:
+        s.close()
+    print("8 WebSockets that sent a close, then try to push 40 MiB each without close_notify:")
+    print(f"  MiB each got out before the cut {sorted(round(n / 1048576, 1) for n in results)}; daemon RSS "
+          f"{before / 1024:.0f} -> {after / 1024:.0f} MiB; still open 2 s later: {still:.0f}")
+
+    stop = threading.Event()
+    fragments = ws_frame(0x1, b"{", fin=False) + ws_frame(0x0, b"x", fin=False) * 9000
+    cuts = [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                s = open_websocket(server)
+                push(s, fragments, 1 << 40, 20)
+                s.close()
+                cuts[0] += 1
+            except OSError:
+                time.sleep(0.05)
+    idle, _ = probe_healthz(server, 100)
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for t in threads:
+        t.start()
+    end, busy, failed = time.monotonic() + 20, [], 0
+    while time.monotonic() < end:
+        times, fails = probe_healthz(server, 10)
+        busy += times
+        failed += fails
+    stop.set()
+    for t in threads:
+        t.join()
+    print("4 sockets streaming 1-byte fragments for 20 s (reconnecting when cut):")
+    print(f"  /healthz idle p50 {statistics.median(idle):.1f} ms p99 {pct(idle, 99):.1f} ms; during the flood p50 "
+          f"{statistics.median(busy):.1f} ms p99 {pct(busy, 99):.1f} ms max {max(busy):.1f} ms ({failed} failed of "
+          f"{len(busy)}); the flooders were cut {cuts[0]} times")
+
+
 def metric(server, name: str) -> float:
     with server.tls() as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -83,7 +179,7 @@ def metric(server, name: str) -> float:
 
 def main() -> None:
     from common import Daemon
-    server = Daemon()
+    server = Daemon(*sys.argv[1:])
     daemon, port, token = server.proc, server.port, server.token
     try:
 
@@ -150,6 +246,7 @@ def main() -> None:
         statuses = [server.request(m, p, b, token)[0] for m, p in routes for b in hostile]
         print(f"fuzz of {len(routes)} JSON routes x {len(hostile)} hostile bodies: {len(statuses)} requests, "
               f"{sum(s >= 500 for s in statuses)} answered 5xx, statuses {sorted(set(statuses))}")
+        closed_websockets(server, daemon)
     finally:
         server.stop()
 

@@ -304,3 +304,105 @@ class GuardWithoutWrappingTests(TestCase):
         channel = channels.buildProtocol(addr)
         self.assertIs(channel.guard, channels)
         self.assertEqual((channels.open, channels.unauthenticated[ATTACKER]), (1, 1))
+
+
+def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame (RFC 6455 §5.2)."""
+    import os
+    import struct
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n) if n < 65536 \
+        else bytes([0x80 | 127]) + struct.pack("!Q", n)
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def open_websocket(port: int, ca: bytes) -> ssl.SSLSocket:
+    s = raw_tls(port, ca)
+    s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = response_head(s)
+    assert head.startswith(b"HTTP/1.1 101 "), head[:100]
+    return s
+
+
+def keeps_sending_until_cut(s: ssl.SSLSocket, chunk: bytes, limit: float = 10.0) -> float | None:
+    """Send `chunk` over and over (never a close_notify); seconds until the server cut the connection,
+    None when it still took everything after `limit` seconds."""
+    import time
+    start = time.monotonic()
+    s.settimeout(1)
+    while time.monotonic() - start < limit:
+        try:
+            s.sendall(chunk)
+        except socket.timeout:
+            continue   # the server stopped reading: it may be about to cut
+        except (OSError, ssl.SSLError):
+            return time.monotonic() - start
+    return None
+
+
+class ConnectionEndTests(TestCase):
+    """Once the daemon closes (or is asked to), a peer that goes on sending is cut within the close grace:
+    nothing it sends is kept, and its slot under the connection caps comes back."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_websocket_closed_by_the_peer_is_cut_however_long_the_peer_streams(self):
+        c = yield start_controller(self, close_grace=1)
+        port, ca = https_port(c), ca_pem(c)
+
+        def attack():
+            s = open_websocket(port, ca)
+            s.sendall(ws_frame(0x8, b"\x03\xe8"))          # a clean close; the server answers it ...
+            s.settimeout(5)
+            reply = s.recv(4096)
+            # ... and is sent 64 KiB records for as long as it keeps the connection, never a close_notify
+            return reply, keeps_sending_until_cut(s, ws_frame(0x2, b"x" * 60000, fin=False))
+        reply, seconds = yield deferToThread(attack)
+        self.assertEqual(reply[:1], b"\x88", "the server answers the close")
+        self.assertIsNotNone(seconds, "the connection was still taking bytes 10 s after the close")
+        self.assertLess(seconds, 2.5)
+        yield wait_until(lambda: c.https.factory.open == 0)
+
+    @inlineCallbacks
+    def test_a_websocket_the_controller_closed_is_cut_when_the_peer_streams_fragments_instead_of_replying(self):
+        lines = log_lines(self)
+        c = yield start_controller(self, close_grace=1)
+        port, ca = https_port(c), ca_pem(c)
+
+        def attack():
+            s = open_websocket(port, ca)
+            s.sendall(ws_frame(0x2, b"binary"))   # a protocol violation: the controller closes
+            s.settimeout(5)
+            said = b""
+            while b"\x88" not in said:
+                said += s.recv(4096)
+            # 1-byte fragments, ~9,000 a record: each one Autobahn parses costs a copy of its whole buffer
+            fragments = ws_frame(0x1, b"{", fin=False) + ws_frame(0x0, b"x", fin=False) * 9000
+            return said, keeps_sending_until_cut(s, fragments)
+        said, seconds = yield deferToThread(attack)
+        self.assertIn(b"binary_frame", said)
+        self.assertIsNotNone(seconds, "the connection was still taking fragments 10 s after the close")
+        self.assertLess(seconds, 2.5)
+        yield wait_until(lambda: c.https.factory.open == 0)
+        self.assertTrue(any("kept sending after the close" in line or "closing handshake timeout" in line
+                            for line in lines), lines[-5:])
+
+    @inlineCallbacks
+    def test_http_refused_with_a_400_is_cut_while_the_client_streams(self):
+        c = yield start_controller(self, close_grace=1)
+        port, ca = https_port(c), ca_pem(c)
+
+        def attack():
+            s = raw_tls(port, ca)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nbroken header line\r\n\r\n")
+            head = response_head(s)
+            return head, keeps_sending_until_cut(s, b"y" * 65536)
+        head, seconds = yield deferToThread(attack)
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head[:100])
+        self.assertIsNotNone(seconds, "a refused client was still read from 10 s later")
+        self.assertLess(seconds, 2.5)
+        yield wait_until(lambda: c.https.factory.open == 0)

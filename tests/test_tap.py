@@ -101,9 +101,9 @@ class OptionsTests(TestCase):
              lambda s: (s.proxy_protocol_senders, s.proxy_protocol_trust_headers),
              ((ipaddress.ip_network("10.0.0.5/32"),), True)),
             (["--max-connections", "100", "--max-connections-per-ip", "7", "--request-head-timeout", "2.5",
-              "--listen-backlog", "4096"],
+              "--listen-backlog", "4096", "--close-grace", "0.5"],
              lambda s: (s.limits.max_connections, s.limits.max_connections_per_ip, s.limits.request_head_timeout,
-                        s.limits.listen_backlog), (100, 7, 2.5, 4096)),
+                        s.limits.listen_backlog, s.limits.close_grace), (100, 7, 2.5, 4096, 0.5)),
         ]
         covered = set()
         for argv, get, expected in cases:

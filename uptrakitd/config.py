@@ -168,6 +168,7 @@ class ConnectionLimits:
     max_connections: int = 4096            # per listener, every peer together
     max_connections_per_ip: int = 64       # not yet authenticated, per source address; trusted proxies exempt
     request_head_timeout: float = 10.0     # seconds from accept (or the next request's first byte) to a full head
+    close_grace: float = 2.0               # seconds a connection the daemon closes may take to go (listen.closing)
     listen_backlog: int = 1024             # accept queue of TCP listeners that do not set backlog= themselves
 
 
@@ -213,7 +214,8 @@ class Settings:
 
 
 _LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 1_000_000),
-               "request_head_timeout": (0.1, 3600), "listen_backlog": (1, 65535)}
+               "request_head_timeout": (0.1, 3600), "close_grace": (0.1, 60), "listen_backlog": (1, 65535)}
+_FRACTIONAL_LIMITS = {"request_head_timeout", "close_grace"}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
              "metrics_require_auth", "database", "ca_key_encryption_key_file", "rotation_renewal_rate",
@@ -384,7 +386,7 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     limits: dict[str, Any] = {}
     for key, (low, high) in _LIMIT_KEYS.items():
         if key in merged:
-            limits[key] = _number(merged[key], key, low, high, integer=key != "request_head_timeout")
+            limits[key] = _number(merged[key], key, low, high, integer=key not in _FRACTIONAL_LIMITS)
     if limits:
         kw["limits"] = ConnectionLimits(**limits)
     if "trust_domain" in merged:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping
 from twisted.internet.defer import Deferred
 
 from twisted.logger import ILogObserver, Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin_tokens import AdminTokenRegistry
 from .cluster import ClusterSync, TrustedGeneration
@@ -32,6 +31,7 @@ from .events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
 from .gcpolicy import FullCollections
 from .lifecycle import Hooks, OrderedServices, PeriodicJob, SignalHandlers
 from .listen.endpoint import ListenerService
+from .listen.closing import ClosingTLSFactory
 from .listen.guard import ConnectionGuard
 from .listen.server_cert import ServerCertificate
 from .listen.tls import SwappableServerContext
@@ -147,7 +147,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.enrollment_tokens = enrollment_tokens = EnrollmentTokens(store)
     d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
     d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain,
-                                            renewals_per_second=settings.rotation_renewal_rate)
+                                            renewals_per_second=settings.rotation_renewal_rate,
+                                            close_grace=settings.limits.close_grace)
     metrics.services_connected.set_function(lambda: len(channel.connected))
 
     d.readiness = readiness = Readiness(store, ca, crls)
@@ -198,7 +199,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                         "bodies_refused": metrics.http_bodies_refused,
                                         "http_requests": metrics.http_requests,
                                         "tls_handshake_failures": metrics.tls_handshake_failures},
-                                       settings.access_log, fast_ocsp)
+                                       settings.access_log, fast_ocsp, settings.limits.close_grace)
 
     def guarded(factory: Any, what: str, wrap: bool = True) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,
@@ -240,7 +241,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
         PeriodicJob("database session check", 2, lambda: store.run(read_probe).addErrback(lambda f: None),
                     reactor).setServiceParent(d)
     d.https = ListenerService(reactor, settings.https_listen,
-                              guarded(TLSMemoryBIOFactory(tls, False, https_site), "HTTPS"), "HTTPS",
+                              guarded(ClosingTLSFactory(tls, False, https_site, reactor,
+                                                        settings.limits.close_grace), "HTTPS"), "HTTPS",
                               proxy_senders=lambda ip: is_trusted(ip, settings.proxy_protocol_senders),
                               refuse_sender=lambda ip: metrics.connections_refused.labels(
                                   "HTTPS", "not_a_proxy_protocol_sender").inc(),

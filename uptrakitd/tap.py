@@ -74,6 +74,9 @@ class Options(usage.Options):
                                               "over services/rate seconds (docs/performance.md)."],
         ["request-head-timeout", None, None, "Seconds a connection has to send a complete request head "
                                              "(default 10; the TLS handshake counts)."],
+        ["close-grace", None, None, "Seconds a connection the daemon closes may take to go before it is cut "
+                                    "(default 2): a WebSocket after its close, HTTP after a refusal, TLS "
+                                    "waiting for the peer's close_notify."],
     ]
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
@@ -115,7 +118,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
             "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", "ocsp-signer", "ocsp-nonce-rate", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
-            "request-head-timeout", "listen-backlog", "rotation-renewal-rate"]
+            "request-head-timeout", "close-grace", "listen-backlog", "rotation-renewal-rate"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))

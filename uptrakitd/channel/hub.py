@@ -25,6 +25,7 @@ from ..pki.serials import format_serial
 from ..runtime_settings import RuntimeSettings
 from ..trust.identity import Identity
 from . import wire
+from ..listen.closing import DEFAULT_CLOSE_GRACE
 from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactory, ServiceChannelProtocol
 
 log = Logger()
@@ -52,7 +53,8 @@ class ChannelHub:
 
     def __init__(self, directory: ServiceDirectory, ca: CertificateAuthority, runtime: RuntimeSettings,
                  metrics: Metrics, clock: IReactorTime, trust_domain: str,
-                 enroll_timeout: float = ENROLL_TIMEOUT, renewals_per_second: int = RENEWALS_PER_SECOND) -> None:
+                 enroll_timeout: float = ENROLL_TIMEOUT, renewals_per_second: int = RENEWALS_PER_SECOND,
+                 close_grace: float = DEFAULT_CLOSE_GRACE) -> None:
         self.directory = directory
         self.ca = ca
         self.runtime = runtime
@@ -64,7 +66,7 @@ class ChannelHub:
         self.connected: dict[str, ServiceChannelProtocol] = {}
         self.last_rotation: dict[str, Any] | None = None  # generation, at, notified: for rotation progress
         self.sockets: set[ServiceChannelProtocol] = set()
-        self.factories = {kind: ServiceChannelFactory(kind, self) for kind in ("agent", "mqtt")}
+        self.factories = {kind: ServiceChannelFactory(kind, self, close_grace) for kind in ("agent", "mqtt")}
         self.resources = {f"/api/v1/ws/{kind}": ChannelResource(f) for kind, f in self.factories.items()}
         self._renewal_asked: set[int] = set()
         self._stopping = False

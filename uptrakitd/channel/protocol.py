@@ -7,6 +7,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..listen.closing import DEFAULT_CLOSE_GRACE
 from ..trust.identity import RequestContext
 from . import wire
 from .autobahn_debug import defer_debug_formatting, skip_peer_certificate_details
@@ -21,6 +22,10 @@ RATE_BURST = 100.0
 FRAMES_PER_SECOND, FRAME_BURST = 200.0, 400.0
 BYTES_PER_SECOND, BYTE_BURST = 1024.0 * 1024, 2.0 * 1024 * 1024
 ENROLL_TIMEOUT = 30.0
+# after the controller sent its close frame, the peer's reply may follow what it had in flight: this many
+# frames and bytes are read for it, then the connection is cut (a peer streaming on would cost the reactor
+# a copy of Autobahn's buffer per frame, and memory, until the grace ran out)
+FRAMES_AFTER_CLOSE, BYTES_AFTER_CLOSE = 32, 64 * 1024
 MAX_UNKNOWN_IN_A_ROW = 10
 
 
@@ -204,6 +209,40 @@ class ServiceChannelProtocol(WebSocketServerProtocol, ChannelState):  # type: ig
             log.failure("channel message handling failed for {service}", service=self.service_id)
             self.send("error", code="internal_error", message="the controller could not handle this message")
 
+    # How a socket ends (docs/security.md "How a connection ends"): once a close frame is sent or received,
+    # nothing the peer sends is kept beyond the few frames that may carry its reply to ours, and the
+    # connection is cut after the close grace whatever the peer does (the close-handshake timeout is the
+    # grace; when Autobahn drops the connection instead, the TLS layer arms the same deadline). What
+    # comes meanwhile is read and dropped rather than left unread: an abort with unread bytes is a reset,
+    # which can cost the peer our close frame, and with it the reason.
+    _deaf = False
+
+    def _dataReceived(self, data: bytes) -> None:
+        if self._deaf or self.state == self.STATE_CLOSED:
+            return   # Autobahn would append it to its buffer, forever
+        if self.state == self.STATE_CLOSING:
+            self._after_close_bytes = getattr(self, "_after_close_bytes", 0) + len(data)
+            if self._after_close_bytes > BYTES_AFTER_CLOSE:
+                self._stop_reading_after_close()
+                return
+        super()._dataReceived(data)
+
+    def processData(self) -> bool:
+        if self._deaf:
+            return False
+        if self.state == self.STATE_CLOSING:
+            self._after_close_frames = getattr(self, "_after_close_frames", 0) + 1
+            if self._after_close_frames > FRAMES_AFTER_CLOSE:
+                self._stop_reading_after_close()
+                return False
+        return bool(super().processData())
+
+    def _stop_reading_after_close(self) -> None:
+        self._deaf = True
+        self.data = b""
+        log.info("channel: {client} ({service}) kept sending after the close: dropped unread until the "
+                 "connection is cut", client=self.context.client_ip, service=self.service_id)
+
     def connectionLost(self, reason: Any = None) -> None:
         try:
             super().connectionLost(reason)
@@ -272,7 +311,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
 
     protocol = ServiceChannelProtocol
 
-    def __init__(self, kind: str, hub: Decider) -> None:
+    def __init__(self, kind: str, hub: Decider, close_grace: float = DEFAULT_CLOSE_GRACE) -> None:
         super().__init__()
         self.kind = kind
         self.hub = hub
@@ -282,7 +321,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
         self.next_context: RequestContext | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=wire.MAX_FRAME, maxMessagePayloadSize=wire.MAX_FRAME,
-            autoPingInterval=30, autoPingTimeout=60, openHandshakeTimeout=30, closeHandshakeTimeout=5,
+            autoPingInterval=30, autoPingTimeout=60, openHandshakeTimeout=30, closeHandshakeTimeout=close_grace,
             perMessageCompressionAccept=lambda offers: None, failByDrop=False)
 
     def buildProtocol(self, addr: Any) -> ServiceChannelProtocol:

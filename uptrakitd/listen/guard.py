@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from ..config import ConnectionLimits
 from ..trust.proxies import parse_address
+from .closing import CloseDeadline
 
 log = Logger()
 LOG_EVERY_SECONDS = 10.0
@@ -34,13 +35,27 @@ class GuardedConnection(ProtocolWrapper):
 
     peer_ip: str = ""
     counted: bool = False
+    _deadline: CloseDeadline | None = None
 
     def mark_authenticated(self) -> None:
         """The peer proved who it is (a verified client certificate)."""
         self.factory.released(self)
 
+    def loseConnection(self) -> None:
+        # TCP closes once the kernel took what is queued: a peer that never reads would hold it (a refused
+        # TLS handshake's alert, the last bytes after close_notify): cut after the grace (listen.closing)
+        super().loseConnection()
+        if self._deadline is None:
+            self._deadline = CloseDeadline()
+        self._deadline.arm(self.factory.clock.callLater, self.factory.limits.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        transport: Any = self.transport
+        transport.abortConnection()
+
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.gone(self)
+        self._deadline = CloseDeadline.end(self._deadline)
         super().connectionLost(reason)
 
 

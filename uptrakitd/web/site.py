@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from ..listen.closing import DEFAULT_CLOSE_GRACE, CloseDeadline
 from ..listen.guard import mark_authenticated
 from ..pki.ocsp import MAX_REQUEST_BYTES
 from ..trust.identity import RequestContext, peer_ip_of
@@ -19,7 +20,6 @@ log = Logger()
 MAX_JSON_BODY = 256 * 1024
 DEFAULT_BODY_LIMIT = 64 * 1024
 SERVER_HEADER = b"uptrakitd"
-LINGER_SECONDS = 2.0
 ACCESS_LOG_SAMPLE = 100  # "sampled": one request in this many
 QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})  # scraped and probed: logged only with "all"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # after a refused body, how long the answer may take to reach a client still sending
@@ -126,8 +126,9 @@ class GuardedChannel(HTTPChannel):
     fast_ocsp: Any = None   # web.pki.OcspFastPath: OCSP answered without the request machinery
     _head_timer: Any = None
     _request_line: bytes | None = None
-    _refused = False
-    _linger: Any = None
+    _closing = False
+    _deadline: CloseDeadline | None = None
+    close_grace = DEFAULT_CLOSE_GRACE
     # set by a listen.guard.ConnectionGuard that does not wrap this channel: told when the connection ends
     guard: Any = None
     peer_ip = ""
@@ -155,8 +156,8 @@ class GuardedChannel(HTTPChannel):
         transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused:
-            return  # whatever a refused client still sends
+        if self._closing:
+            return  # whatever a client still sends after the daemon decided to close (a refusal, a 400, …)
         if self.fast_ocsp is not None and self._answer_directly(data):
             return
         if self.line_mode and self._request_line is None and self._head_timer is None:
@@ -237,11 +238,19 @@ class GuardedChannel(HTTPChannel):
         transport: Any = self.transport
         transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
                         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self._refused = True
-        self.loseConnection()  # HTTPChannel's: lets go of the transport's producer so TLS can close
-        # TLS waits for the client's close_notify, and a client still sending may never send one: what
-        # it sends is dropped unread (above), and after a short linger the connection is cut.
-        self._linger = self.callLater(LINGER_SECONDS, transport.abortConnection)
+        self.loseConnection()
+
+    def loseConnection(self) -> None:
+        """HTTPChannel's (it lets go of the transport's producer so TLS can close), then: nothing more is
+        read, and the connection is cut after the close grace (TLS waits for a close_notify, TCP for a
+        reader, and a client still sending may give neither: listen.closing)."""
+        self._closing = True
+        super().loseConnection()
+        transport: Any = self.transport
+        if self._deadline is None:
+            self._deadline = CloseDeadline()
+        if transport is not None:
+            self._deadline.arm(self.callLater, self.close_grace, transport.abortConnection)
 
     def connectionLost(self, reason: Any = None) -> None:
         if reason is not None and reason.check(SSL.Error):
@@ -249,8 +258,7 @@ class GuardedChannel(HTTPChannel):
             if failures is not None:
                 failures.labels(handshake_failure(reason.value)).inc()
         self._disarm()
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        self._deadline = CloseDeadline.end(self._deadline)
         guard, self.guard = self.guard, None
         if guard is not None:
             guard.gone(self)
@@ -269,8 +277,10 @@ class IdentifyingSite(Site):
 
     def __init__(self, resource: Any, resolver: Callable[..., RequestContext] | None = None,
                  head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
-                 access_log: str = "off", fast_ocsp: Any = None, **kw: Any) -> None:
+                 access_log: str = "off", fast_ocsp: Any = None, close_grace: float = DEFAULT_CLOSE_GRACE,
+                 **kw: Any) -> None:
         super().__init__(resource, **kw)
+        self.close_grace = close_grace
         self.access_log = access_log
         # OCSP on the fast path bypasses the request machinery, and so the access log: only when it is off
         self.fast_ocsp = fast_ocsp if access_log == "off" else None
@@ -285,6 +295,7 @@ class IdentifyingSite(Site):
         channel = super().buildProtocol(addr)
         if isinstance(channel, GuardedChannel):
             channel.head_timeout, channel.counters = self.head_timeout, self.counters
+            channel.close_grace = self.close_grace
             channel.fast_ocsp = self.fast_ocsp
         return channel
 
