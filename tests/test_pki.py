@@ -104,6 +104,46 @@ class OpensslOcspCrlTests(TestCase):
                              ocsp.OCSPCertStatus.GOOD, form)
 
     @inlineCallbacks
+    def test_unknown_is_never_cacheable_and_conditional_gets_are_answered_304(self):
+        """A serial never issued may be issued by another controller a moment later: `unknown` carries no
+        HTTP caching and a one-minute nextUpdate (RFC 5019 caches go by it). A cache revalidating a kept
+        answer gets 304 (RFC 9110 §13.1), by ETag or by date, twice (the second time not on the fast path)."""
+        issued, _, _ = yield new_leaf(self.c)
+        ca = self.c.ca.state.active().cert
+
+        def get_path(serial: int) -> str:
+            good = ocsp.OCSPRequestBuilder().add_certificate(issued.cert, ca, hashes.SHA1()).build()
+            der = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+                good.issuer_name_hash, good.issuer_key_hash, serial, hashes.SHA1()).build().public_bytes(
+                serialization.Encoding.DER)
+            return f"/api/v1/pki/ocsp/{quote(base64.b64encode(der).decode(), safe='')}"
+
+        def head_of(response: bytes) -> dict[str, str]:
+            lines = response.partition(b"\r\n\r\n")[0].decode().split("\r\n")
+            return {"status": lines[0].split(" ")[1],
+                    **{k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}}
+        unknown = yield self.raw_http(f"GET {get_path(0x7777777)} HTTP/1.0\r\n\r\n".encode())
+        parsed = ocsp.load_der_ocsp_response(unknown.partition(b"\r\n\r\n")[2])
+        self.assertEqual(parsed.certificate_status, ocsp.OCSPCertStatus.UNKNOWN)
+        self.assertEqual(head_of(unknown)["cache-control"], "no-store")
+        self.assertNotIn("expires", head_of(unknown))
+        self.assertEqual(parsed.next_update_utc - parsed.this_update_utc, datetime.timedelta(minutes=1))
+        path = get_path(issued.serial)
+        first = head_of((yield self.raw_http(f"GET {path} HTTP/1.0\r\n\r\n".encode())))
+        self.assertEqual(first["status"], "200")
+        for _ in range(2):
+            for condition in (f"If-None-Match: {first['etag']}", "If-None-Match: *",
+                              f"If-Modified-Since: {first['last-modified']}"):
+                response = yield self.raw_http(f"GET {path} HTTP/1.0\r\n{condition}\r\n\r\n".encode())
+                head = head_of(response)
+                self.assertEqual((head["status"], response.partition(b"\r\n\r\n")[2]), ("304", b""), condition)
+                self.assertEqual(head["etag"], first["etag"])
+        for condition in ('If-None-Match: "other"', "If-Modified-Since: Mon, 01 Jan 2001 00:00:00 GMT",
+                          "If-Modified-Since: yesterday"):
+            response = yield self.raw_http(f"GET {path} HTTP/1.0\r\n{condition}\r\n\r\n".encode())
+            self.assertEqual(head_of(response)["status"], "200", condition)
+
+    @inlineCallbacks
     def test_a_repeated_get_is_answered_the_same_until_a_revocation_changes_it(self):
         """nginx asks the same URL at every handshake: the second time it is answered without the request
         machinery, with the same bytes and headers, over keep-alive too, and never stale."""

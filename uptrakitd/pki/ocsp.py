@@ -31,6 +31,9 @@ log = Logger()
 
 MAX_REQUEST_BYTES = 64 * 1024
 OCSP_VALIDITY = datetime.timedelta(hours=1)  # nextUpdate - thisUpdate
+# "unknown" may stop being true a moment later (another controller issues the serial, a catch-up lands):
+# a minute for caches that go by nextUpdate alone (nginx's ssl_ocsp_cache), and no HTTP caching at all
+UNKNOWN_VALIDITY = datetime.timedelta(minutes=1)
 RESPONDER_LIFETIME = datetime.timedelta(days=2)
 _HASH_NAMES = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
@@ -237,7 +240,8 @@ class OcspResponder:
             status, label = ocsp.OCSPCertStatus.GOOD, "good"
         if (nonce is not None or label == "unknown") and not self.limit.allow(client):
             return OcspAnswer(_TRY_LATER, {"Cache-Control": "no-store", "Retry-After": "1"}, "try_later", serial)
-        next_update = now + self.validity
+        validity = UNKNOWN_VALIDITY if label == "unknown" else self.validity
+        next_update = now + validity
         if self.delegated is None:
             signer, key, signing_hash, embedded = ca.cert, ca.key, ca.signing_hash(), []
         else:
@@ -260,7 +264,7 @@ class OcspResponder:
         else:
             # everything in the answer but its times and nonce names the template
             template = (ca.generation, signer.serial_number, serial, alg_name, name_hash, key_hash, label,
-                        kwargs.get("revocation_time"), kwargs.get("revocation_reason"), self.validity)
+                        kwargs.get("revocation_time"), kwargs.get("revocation_reason"), validity)
             resp_der = self.nonces.answer(template, build, key, signing_hash, nonce, now, next_update)
         if nonce is None and label != "unknown":
             self._cache[cache_key] = (resp_der, now, next_update)
@@ -274,7 +278,8 @@ class OcspResponder:
 
     def _with_headers(self, der: bytes, this_update: datetime.datetime, next_update: datetime.datetime,
                       nonce: bytes | None, serial: int, label: str) -> OcspAnswer:
-        if nonce is not None:
+        if nonce is not None or label == "unknown":
+            # a nonce answer is for its asker alone; "unknown" is not kept (UNKNOWN_VALIDITY)
             return OcspAnswer(der, {"Cache-Control": "no-store"}, label, serial)
         max_age = max(0, int((next_update - self._now()).total_seconds()))
         return OcspAnswer(der, {
@@ -282,7 +287,4 @@ class OcspResponder:
             "Last-Modified": _http_date(this_update),
             "Expires": _http_date(next_update),
             "ETag": '"' + hashlib.sha256(der).hexdigest()[:32] + '"',
-        }, label, serial,
-            # "unknown" is not kept: the certificate may be issued by another controller a moment later
-            (this_update + (next_update - this_update) / 2).timestamp() if label != "unknown" else None,
-            next_update.timestamp())
+        }, label, serial, (this_update + (next_update - this_update) / 2).timestamp(), next_update.timestamp())

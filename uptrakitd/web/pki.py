@@ -80,6 +80,8 @@ class PkiRoutes:
         answer = self.ocsp.answer(der, _peer(request))
         if self.fast_ocsp is not None and request.method == b"GET":
             self.fast_ocsp.remember(request.uri, answer)
+        if "ETag" in answer.headers and _not_modified(request, answer.headers):
+            return Response(b"", "application/ocsp-response", 304, dict(answer.headers))
         return self._respond(answer)
 
     @staticmethod
@@ -94,6 +96,25 @@ def _peer(request: Any) -> str | None:
 
 def _http_date(when: Any) -> str:
     return email.utils.format_datetime(when, usegmt=True)
+
+
+def _not_modified(request: Any, headers: dict[str, str]) -> bool:
+    """RFC 9110 §13.1: If-None-Match names this ETag (or *); without one, If-Modified-Since is not before
+    Last-Modified. A date that does not parse is ignored, as the RFC says."""
+    inm = request.getHeader(b"if-none-match")
+    if inm is not None:
+        tags = [t.strip() for t in inm.decode("latin-1").split(",")]
+        return "*" in tags or headers.get("ETag") in tags or "W/" + headers.get("ETag", "") in tags
+    ims, modified = request.getHeader(b"if-modified-since"), headers.get("Last-Modified")
+    if ims is None or modified is None:
+        return False
+    try:
+        since = email.utils.parsedate_to_datetime(ims.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return False
+    if since.tzinfo is None:
+        return False
+    return email.utils.parsedate_to_datetime(modified) <= since
 
 
 def _conditional(request: Any, response: Response, etag: str | None = None) -> Response:

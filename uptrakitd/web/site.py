@@ -109,7 +109,8 @@ def _anonymous(request: Any) -> RequestContext:
 
 
 # the fast path leaves a request with one of these to twisted.web; and it reads these to answer it
-_FIELDS_REFUSED = (b"transfer-encoding", b"expect", b"upgrade")
+# conditional requests go the ordinary way (web.pki answers them 304)
+_FIELDS_REFUSED = (b"transfer-encoding", b"expect", b"upgrade", b"if-none-match", b"if-modified-since")
 _FIELDS_READ = _FIELDS_REFUSED + (b"content-length", b"connection")
 
 
