@@ -123,3 +123,43 @@ class RotationTests(TestCase):
         c.ca.now = lambda: expires - datetime.timedelta(days=182)
         yield c.ca.check_expiry()
         self.assertEqual(c.ca.state.active().generation, 2)
+
+
+class FullDiskRotationTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_rotation_on_a_full_disk_is_a_503_that_changes_nothing(self):
+        """The data dir on a real 4 MiB tmpfs, filled to the last byte: the new CA key cannot be written."""
+        import errno
+        import os
+        import subprocess
+        from twisted.trial.unittest import SkipTest
+        from .helpers import E2E_REQUIRED
+        tmp = Path(self.mktemp()).resolve()
+        tmp.mkdir(parents=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(tmp)],
+                                 capture_output=True, text=True)
+        if mounted.returncode:
+            message = f"a full disk needs a small tmpfs, and mount said: {mounted.stderr.strip()} (run as root)"
+            if E2E_REQUIRED:
+                raise AssertionError(message)
+            raise SkipTest(message)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(tmp)])
+        c = yield start_controller(self, str(tmp))
+        filler = tmp / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as e:
+                self.assertEqual(e.errno, errno.ENOSPC)
+        before = sorted(os.listdir(tmp / "data" / "pki"))
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual((status, body.get("code")), (503, "storage_unavailable"), body)
+        self.assertIn("new CA key could not be written", body["error"])
+        self.assertEqual(sorted(os.listdir(tmp / "data" / "pki")), before, "no key file, no half-written temp file")
+        self.assertEqual(c.ca.state.active().generation, 1)
+        filler.unlink()
+        status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual((status, body["generation"]), (200, 2), body)

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import BadRequest, Conflict, NotFound
+from ..errors import StorageUnavailable, BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
 from ..metrics import Metrics
 from ..store import Store, ca_generations, certificates
@@ -201,7 +201,12 @@ class CertificateAuthority:
             generation = active.generation + 1
             cert, key = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now())
             ca = CaGeneration(generation, cert, key, False)
-            key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, key)
+            try:
+                key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, key)
+            except OSError as e:   # a full or read-only disk: nothing was committed, nothing changed
+                log.error("CA rotation refused: the new CA key could not be written ({error})", error=e.strerror or e)
+                raise StorageUnavailable(f"storage unavailable: the new CA key could not be written "
+                                         f"({e.strerror or e})") from None
             try:
                 yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
             except Exception as e:
@@ -220,7 +225,11 @@ class CertificateAuthority:
     def _activate(self, ca: CaGeneration, previous: int, where: str = "") -> Any:
         """Make a committed generation active here and announce it; fires with how many services were told."""
         self.state.add_generation(ca)
-        yield self.run_blocking(self.files.write_bundle, self.bundle_pem())
+        try:
+            yield self.run_blocking(self.files.write_bundle, self.bundle_pem())
+        except OSError as e:   # the generation is committed: the file is only a copy for operators and proxies
+            log.error("the CA bundle file could not be written ({error}); it is written again at the next start "
+                      "or rotation", error=e.strerror or e)
         log.info("rotated the CA{where}: generation {generation} ({cn}) is active, G{previous} stays trusted",
                  where=where, generation=ca.generation, cn=ca.common_name, previous=previous)
         # subscribers: CRLs rebuilt, TLS context swapped, then services told (they answer how many)
