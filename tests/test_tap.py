@@ -205,11 +205,11 @@ class TwistdTests(TestCase):
                                    "--pki-addr", f"http://127.0.0.1:{taken}", "--pki-http", "listener",
                                    env=env(), cwd=cwd)
         lines = [line for line in err.decode().splitlines() if line.strip()]
-        self.assertNotEqual(code, 0)
+        self.assertEqual(code, 2)
         self.assertEqual(len(lines), 1, err)
         self.assertIn("cannot listen for plain-HTTP PKI", lines[0])
-        self.assertIn("no CA or settings were created", lines[0])
-        self.assertFalse((Path(cwd) / "uptrakit-data" / "pki" / "ca-1.key").exists())
+        self.assertIn("nothing was created or changed", lines[0])
+        self.assertFalse((Path(cwd) / "uptrakit-data").exists())
         port = free_port()
         daemon = start_daemon(self, "--https-listen", https, "--pki-addr", f"http://127.0.0.1:{port}",
                               "--pki-http", "listener", cwd=cwd)
@@ -218,7 +218,7 @@ class TwistdTests(TestCase):
         self.assertEqual((yield daemon.ended), 0)
 
     @inlineCallbacks
-    def test_both_listeners_busy_on_a_later_start_is_one_line_and_exit_1(self):
+    def test_both_listeners_busy_on_a_later_start_is_one_line_and_exit_2(self):
         import socket
         cwd = os.path.abspath(self.mktemp())
         Path(cwd).mkdir()
@@ -239,11 +239,30 @@ class TwistdTests(TestCase):
             holders.append(s)
         out, err, code = yield run(TWISTD, "--pidfile=", "-n", "uptrakit", *args, env=env(), cwd=cwd)
         lines = [line for line in err.decode().splitlines() if line.strip()]
-        self.assertEqual(code, 1)
+        self.assertEqual(code, 2)
         self.assertEqual(len(lines), 1, err)
         self.assertIn("uptrakitd: error: cannot listen for HTTPS", lines[0])
         self.assertNotIn(b"Traceback", out + err)
         self.assertNotIn(b"ReactorNotRunning", out + err)
+
+    @inlineCallbacks
+    def test_an_endpoint_that_cannot_be_listened_on_is_one_line_exit_2_and_creates_nothing(self):
+        cwd = os.path.abspath(self.mktemp())
+        Path(cwd).mkdir()
+        for endpoint, why in (("tcp:99999", "port 99999 is not a TCP port (0-65535)"), ("unix:/nonexistent/dir/sock", "/nonexistent/dir does not exist"),
+                              (r"tcp:0:interface=\:\:1x", "'::1x' is not an address of this host"), ("tcp:abc", "not a valid endpoint string"),
+                              ("nope:1", "Unknown endpoint type")):
+            for flag in ("--https-listen", "--pki-listen"):
+                args = (flag, endpoint) if flag == "--https-listen" else (
+                    "--https-listen", f"tcp:{free_port()}:interface=127.0.0.1", "--pki-addr", "http://127.0.0.1:9",
+                    "--pki-http", "listener", flag, endpoint)
+                out, err, code = yield run(TWISTD, "--pidfile=", "-n", "uptrakit", *args, env=env(), cwd=cwd)
+                lines = [line for line in err.decode().splitlines() if line.strip()]
+                self.assertEqual(code, 2, (endpoint, flag, err))
+                self.assertEqual(len(lines), 1, err)
+                self.assertIn(why, lines[0])
+                self.assertTrue(lines[0].startswith("uptrakitd: error: cannot listen for "), lines[0])
+                self.assertEqual(os.listdir(cwd), [], "nothing created in the working directory")
 
     @inlineCallbacks
     def test_every_json_log_line_is_a_record_a_pipeline_can_ingest(self):

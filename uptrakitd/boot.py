@@ -27,7 +27,6 @@ from .config import ConfigError, NetworkSettings, Settings
 from .datadir_lock import DataDirInUse, DataDirLock
 from .directory import ServiceRecord, load_services
 from .files import atomic_write, ensure_private_dir
-from .listen.preflight import CannotListen, check_bindable
 from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr,
                      same_public_key)
 from .pki.files import PkiFiles
@@ -124,10 +123,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
             os.chmod(path, 0o600)  # token hashes and certificate records: nobody else's business
     reached("database")
     try:
-        if not store_mod.transaction(conn, ca_generations.load_all) and settings.ca_cert is None:
-            # the first CA embeds pki_addr for five years, and the settings are stored for good: make
-            # sure the listeners can exist before either is written
-            _preflight(settings)
+        # (the listeners were tried before the data dir was touched: tap.makeService, listen_problem)
         network = store_mod.transaction(conn, _network_settings, settings)
         reached("network")
         keys = _ca_keys(settings, files)
@@ -279,18 +275,6 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
     for record in store_mod.transaction(conn, load_records):
         state.add_record(record)
     return state
-
-
-def _preflight(settings: Settings) -> None:
-    checks = [(settings.https_listen, "HTTPS")]
-    if (pki_endpoint := settings.pki_listen_endpoint()) is not None:
-        checks.append((pki_endpoint, "plain-HTTP PKI"))
-    for description, what in checks:
-        try:
-            check_bindable(description, what)
-        except CannotListen as e:
-            raise StartupError(f"{e}; no CA or settings were created (the first CA would embed --pki-addr)") \
-                from None
 
 
 def _server_certificate(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, state: CaState,

@@ -139,9 +139,17 @@ def makeService(options: Any) -> Any:
     from .boot import StartupError, boot
     from .daemon import build_daemon
 
+    from .listen.preflight import listen_problem
+
     flags = flags_from_options(options)
     try:
         settings = build_settings(flags, options.get("config"))
+        # every listener is tried before the data dir is touched: a typo creates no CA, token or settings
+        for what, description in (("HTTPS", settings.https_listen), ("plain-HTTP PKI", settings.pki_listen_endpoint())):
+            problem = listen_problem(reactor, description) if description else None
+            if problem:
+                raise StartupError(f"cannot listen for {what} on {description}: {problem} (nothing was created "
+                                   f"or changed)")
         booted = boot(settings)
     except (ConfigError, StartupError) as e:
         sys.stderr.write(f"uptrakitd: error: {e}\n")
