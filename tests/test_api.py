@@ -190,6 +190,24 @@ class UnknownFieldTests(TestCase):
         self.assertIsNone(c.ca.state.records[issued.serial].revoked_at)
         self.assertEqual(c.ca.state.active().generation, 1)
 
+    @inlineCallbacks
+    def test_names_and_the_pki_address_with_control_characters_are_refused(self):
+        c = yield start_controller(self)
+        service = yield enrolled_service(c, "agent", "h")
+        for method, path, body in [
+                ("POST", "/api/v1/enrollment-tokens", {"name": "lab\n[uptrakitd#info] revoked nothing"}),
+                ("POST", "/api/v1/admin-tokens", {"name": "\x1b]0;owned\x07"}),
+                ("PUT", f"/api/v1/services/{service.id}", {"friendly_name": "ok\rhidden"}),
+                ("PUT", "/api/v1/settings/network", {"pki_addr": "http://127.0.0.1:8080/pki\r\nX: y"}),
+                ("PUT", "/api/v1/settings/network", {"pki_addr": "http://127.0.0.1:8080/p ki"})]:
+            status, answer = yield request_json(c, method, path, body)
+            self.assertEqual(status, 400, (path, answer))
+            self.assertIn("control characters", answer["error"], path)
+        status, tokens = yield request_json(c, "GET", "/api/v1/admin-tokens")
+        self.assertEqual([t["name"] for t in tokens["tokens"]], ["bootstrap"])
+        self.assertIsNone(c.runtime.network.pki_addr)
+        self.assertIsNone(c.directory.get(service.id).friendly_name)
+
 
 class StorageFullTests(TestCase):
     timeout = 60

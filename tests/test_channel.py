@@ -144,7 +144,13 @@ class IndependentClientTests(TestCase):
                                                    "unsupported_version"),
                  (json.dumps([1, 2]), "invalid_envelope"), (b"\x00\x01", "binary_frame"),
                  (frame("enroll", 1, hostname=5, enrollment_token="t"), "invalid_message"),
-                 (frame("enroll", 1, hostname="\ud800", enrollment_token="t"), "invalid_json")]
+                 (frame("enroll", 1, hostname="\ud800", enrollment_token="t"), "invalid_json"),
+                 # a newline would make a fake log line, ESC drives the operator's terminal
+                 (frame("enroll", 1, hostname="h\n2026-12-03 [uptrakitd#info] admin token created",
+                        enrollment_token="t"), "invalid_message"),
+                 (frame("enroll", 1, hostname="h", friendly_name="\x1b[2Jgone", enrollment_token="t"),
+                  "invalid_message"),
+                 (frame("enroll", 1, hostname="h\rx", enrollment_token="t"), "invalid_message")]
 
         def attempt(payload):
             with ws_connect(url, ssl=ws_ssl(c)) as ws:

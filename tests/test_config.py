@@ -45,6 +45,9 @@ class BuildSettingsTests(TestCase):
     def test_bad_url_scheme(self) -> None:
         self.assertRefused("pki_addr", {"pki_addr": "ftp://pki.example"}, fragment="http:// or https://")
         self.assertRefused("pki_addr", {"pki_addr": "pki.example"})
+        for bad in ("http://pki.example/a\tb", "http://pki.example/a\r\nX: y", "http://pki.example/a b",
+                    "http://pki.example/\x1b"):   # urlsplit drops tabs and newlines without a word
+            self.assertRefused("pki_addr", {"pki_addr": bad}, fragment="spaces or control characters")
 
     def test_pki_addr_trailing_slash_dropped(self) -> None:
         self.assertEqual(build_settings({"pki_addr": "http://pki.example:8080/"}).network.pki_addr,

@@ -406,3 +406,26 @@ class ConnectionEndTests(TestCase):
         self.assertIsNotNone(seconds, "a refused client was still read from 10 s later")
         self.assertLess(seconds, 2.5)
         yield wait_until(lambda: c.https.factory.open == 0)
+
+
+class HandshakeLogTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_refused_websocket_handshakes_are_a_400_and_no_traceback(self):
+        lines = log_lines(self)
+        c = yield start_controller(self)
+        port, ca = https_port(c), ca_pem(c)
+
+        def attempt():
+            with raw_tls(port, ca) as s:
+                s.sendall(b"GET /api/v1/ws/agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")   # no Sec-WebSocket-Key
+                return response_head(s).split(b"\r\n")[0]
+        for _ in range(20):
+            status = yield deferToThread(attempt)
+            self.assertTrue(status.startswith(b"HTTP/1.1 400 "), status)
+        yield wait_until(lambda: c.https.factory.open == 0)
+        text = "\n".join(lines)
+        self.assertFalse("Traceback" in text or "Unhandled Error" in text, text[:600])
+        self.assertLess(len(text), 20 * 400, "a refused handshake costs at most a short line of log")

@@ -23,3 +23,26 @@ class TextLineTests(TestCase):
         self.assertEqual(ours.getvalue(), twisteds.getvalue())
         self.assertEqual(len(ours.getvalue().splitlines()), len(events))
         self.assertIn("[uptrakitd.channel.hub#info] service s4 connected", ours.getvalue())
+
+
+class ControlCharacterTests(TestCase):
+    def test_a_peers_newline_escape_or_carriage_return_never_starts_a_line_or_reaches_the_terminal(self) -> None:
+        from twisted.logger import Logger
+        out = io.StringIO()
+        log = Logger(observer=text_observer(out), namespace="test")
+        log.info("enrolled {host}", host="h\n2026-12-03T00:00:00+0000 [uptrakitd#info] admin token created\x1b[2J\rX\u2028")
+        log.info("plain {host}", host="ok-host")
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn(r"enrolled h\n2026-12-03T00:00:00+0000 [uptrakitd#info] admin token created\x1b[2J\rX\u2028",
+                      lines[0])
+        self.assertNotIn("\x1b", out.getvalue())
+        self.assertTrue(lines[1].endswith("plain ok-host"))
+
+    def test_names_with_control_characters_are_refused_and_plain_ones_pass(self) -> None:
+        from uptrakitd.printable import escape_controls, has_control
+        for text in ("a\tb", "a\nb", "\x00", "\x7f", "\x85", "\u2028", "\x1b[31m"):
+            self.assertTrue(has_control(text), repr(text))
+        for text in ("host-1.example", "Büro Köln", "日本", "a b"):
+            self.assertFalse(has_control(text), text)
+            self.assertEqual(escape_controls(text), text)

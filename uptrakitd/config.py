@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from .printable import has_control
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 INFO_FORMATS = ("auto", "kv", "xfcc", "traefik")
@@ -55,6 +57,9 @@ def normalize_pki_addr(value: str | None, field_name: str = "pki_addr") -> str |
         return None
     if not isinstance(value, str):
         raise ConfigError(field_name, "must be a string URL")
+    if any(c.isspace() for c in value) or has_control(value):
+        # urlsplit drops tabs and newlines silently, and the CA would embed the rest in its URLs
+        raise ConfigError(field_name, f"URL must not contain spaces or control characters: {value!r}")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(field_name, f"URL scheme must be http:// or https://, got {value!r}")

@@ -14,6 +14,8 @@ from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver,
                             formatEvent, formatEventAsClassicLogText, formatTime)
 from zope.interface import implementer
 
+from .printable import escape_controls, has_control
+
 _LEGACY = {"message", "system", "isError", "printed", "why", "failure", "time", "format", "format_args"}
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 
@@ -81,7 +83,21 @@ def text_observer(stream: IO[str]) -> FileLogObserver:
             made[0], made[1] = second, formatTime(second)   # the format has whole seconds: the same text
         return str(made[1])
 
-    return FileLogObserver(stream, lambda event: formatEventAsClassicLogText(event, formatTime=stamp))
+    return FileLogObserver(stream, lambda event: formatEventAsClassicLogText(_escaped(event), formatTime=stamp))
+
+
+def _escaped(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with control characters in its text fields escaped: a value from a peer (a host name, a
+    header) must not start a line of its own or drive the terminal. The event itself is shared with other
+    observers: a copy, and only when a field needs it."""
+    dirty = [key for key, value in event.items()
+             if isinstance(value, str) and not key.startswith("log_") and has_control(value)]
+    if not dirty:
+        return event
+    copy = dict(event)
+    for key in dirty:
+        copy[key] = escape_controls(event[key])
+    return copy
 
 
 def log_observer(log_format: str, log_level: str, stream: IO[str]) -> ILogObserver:

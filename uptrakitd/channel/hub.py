@@ -199,8 +199,8 @@ class ChannelHub:
 
     @inlineCallbacks
     def _on_enroll(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
-        hostname = wire.field(message, "hostname", str, max_len=253)
-        friendly = wire.field(message, "friendly_name", str, required=False, max_len=200)
+        hostname = wire.field(message, "hostname", str, max_len=253, name_like=True)
+        friendly = wire.field(message, "friendly_name", str, required=False, max_len=200, name_like=True)
         token = wire.field(message, "enrollment_token", str, max_len=200)
         caps = wire.field(message, "capabilities", list, required=False) or []
         if len(caps) > 64 or not all(isinstance(c, str) and len(c) <= 64 for c in caps):

@@ -148,8 +148,11 @@ class ServiceChannelProtocol(WebSocketServerProtocol, ChannelState):  # type: ig
     kind: str = "agent"
     hub: Decider
     context: RequestContext
+    handshaken = False   # onConnect ran: a refused opening handshake (no Sec-WebSocket-Key…) never gets there
+    on_gone: Any = None
 
     def onConnect(self, request: Any) -> None:
+        self.handshaken = True
         self.phase = "connecting"
         self.service_id: str | None = None
         self.serial: int | None = None
@@ -250,7 +253,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol, ChannelState):  # type: ig
             cancel_autobahn_timers(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if getattr(self, "phase", None) is None:  # closed before onConnect
+        if not self.handshaken:   # closed before onConnect: the hub never heard of it
             return
         self._cancel_enroll_timer()
         self.hub.closed(self)

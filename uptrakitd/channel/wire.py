@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from ..jsontext import loads_strict
+from ..printable import has_control
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1024 * 1024
@@ -61,8 +62,9 @@ def encode(kind: str, seq: int, **payload: Any) -> bytes:
 
 
 def field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True,
-          max_len: int = 16384) -> Any:
-    """A checked payload field; ProtocolViolation when missing or of the wrong type."""
+          max_len: int = 16384, name_like: bool = False) -> Any:
+    """A checked payload field; ProtocolViolation when missing or of the wrong type (`name_like`: or when
+    the text holds a control character, uptrakitd.printable)."""
     if name not in message or message[name] is None:
         if required:
             raise ProtocolViolation("invalid_message", f"{message.get('type')}: {name} is required")
@@ -72,4 +74,7 @@ def field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], req
         raise ProtocolViolation("invalid_message", f"{message.get('type')}: {name} has the wrong type")
     if isinstance(value, str) and len(value) > max_len:
         raise ProtocolViolation("invalid_message", f"{message.get('type')}: {name} is too long")
+    if name_like and isinstance(value, str) and has_control(value):
+        raise ProtocolViolation("invalid_message", f"{message.get('type')}: {name} must not contain control "
+                                                   "characters")
     return value

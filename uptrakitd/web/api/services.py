@@ -7,6 +7,7 @@ from ...directory import ServiceDirectory, ServiceRecord
 from ...errors import BadRequest
 from ...pki.authority import CertificateAuthority
 from ...pki.serials import format_serial
+from ...printable import has_control
 from ..router import Route, int_field, iso, json_body, route
 
 UUID = r"[0-9a-fA-F-]{36}"
@@ -87,8 +88,10 @@ class ServiceRoutes:
             changes["ping_interval_seconds"] = int_field(body, "ping_interval_seconds", 5, 3600)
         if "friendly_name" in body:
             if body["friendly_name"] is not None and (not isinstance(body["friendly_name"], str)
-                                                      or len(body["friendly_name"]) > 200):
-                raise BadRequest("friendly_name: must be a string of up to 200 characters", "invalid_field")
+                                                      or len(body["friendly_name"]) > 200
+                                                      or has_control(body["friendly_name"])):
+                raise BadRequest("friendly_name: must be a string of up to 200 characters without control "
+                                 "characters", "invalid_field")
             changes["friendly_name"] = body["friendly_name"]
         return self.directory.update(service.id, changes).addCallback(self.describe)
 

@@ -8,14 +8,16 @@ from twisted.internet.defer import inlineCallbacks
 from ...admin_tokens import ROLES, AdminTokenRegistry
 from ...enrollment import DEFAULT_EXPIRES_IN, DEFAULT_MAX_USES, EnrollmentTokens
 from ...errors import BadRequest, NotFound
+from ...printable import has_control
 from ..router import Route, int_field, iso, json_body, route
 from .services import KINDS, UUID
 
 
 def _name(body: dict[str, Any]) -> str:
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise BadRequest("name: required, a string of up to 200 characters", "invalid_field")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or has_control(name):
+        raise BadRequest("name: required, a string of up to 200 characters without control characters",
+                         "invalid_field")
     return name.strip()
 
 
