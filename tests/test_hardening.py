@@ -233,6 +233,13 @@ class DisclosureTests(TestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 426 "), data[:100])
         self.assertIn(b'"code": "upgrade_required"', data)
 
+        def upgrade():
+            with open_websocket(port, ca) as s:
+                return s.head
+        head = (yield deferToThread(upgrade)).lower()
+        self.assertIn(b"\r\nserver: uptrakitd\r\n", head, "the 101 of a WebSocket names no library or version")
+        self.assertNotIn(b"autobahn", head)
+
 
 
 
@@ -324,6 +331,7 @@ def open_websocket(port: int, ca: bytes) -> ssl.SSLSocket:
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     head = response_head(s)
     assert head.startswith(b"HTTP/1.1 101 "), head[:100]
+    s.head = head
     return s
 
 

@@ -49,6 +49,10 @@ class MetricsTests(TestCase):
                          "process_cpu_seconds_total", "uptrakit_crl_lag_seconds", "uptrakit_services_on_previous_ca",
                          "uptrakit_ca_rotation_in_progress"):
             self.assertIn(required, names)
+        self.assertNotIn("uptrakit_build_info", text, "an unauthenticated scrape learns no version")
+        self.assertNotIn(platform.python_version(), text)
+        status, text = yield self.scrape(c, (c.settings.data_dir / "admin.token").read_text().strip())
+        got = samples(text)
         self.assertEqual(got[("uptrakit_build_info", (("python", platform.python_version()),
                                                       ("twisted", twisted.__version__), ("version", __version__)))], 1)
         active = c.ca.state.active()

@@ -182,7 +182,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.fast_ocsp = fast_ocsp = OcspFastPath(ocsp, reactor, metrics.http_requests)
     pki_routes = PkiRoutes(ca, crls, ocsp, fast_ocsp).routes()
     rotation = RotationProgress(ca, directory, channel)
-    https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth).routes() + NetworkSettingsRoutes(runtime, state).routes()
+    https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth, admin_tokens.check).routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
                     + ServiceRoutes(directory, channel, ca).routes()
                     + TokenRoutes(enrollment_tokens, admin_tokens).routes()

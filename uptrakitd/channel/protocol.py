@@ -315,7 +315,7 @@ class ServiceChannelFactory(WebSocketServerFactory):
     protocol = ServiceChannelProtocol
 
     def __init__(self, kind: str, hub: Decider, close_grace: float = DEFAULT_CLOSE_GRACE) -> None:
-        super().__init__()
+        super().__init__(server="uptrakitd")   # Autobahn's default names itself and its version
         self.kind = kind
         self.hub = hub
         use_plain_timers(self, hub.clock)
