@@ -46,3 +46,50 @@ class ControlCharacterTests(TestCase):
         for text in ("host-1.example", "Büro Köln", "日本", "a b"):
             self.assertFalse(has_control(text), text)
             self.assertEqual(escape_controls(text), text)
+
+
+class AcceptErrorThrottleTests(TestCase):
+    def test_one_accept_error_line_per_ten_seconds_says_how_many_were_left_out(self) -> None:
+        from uptrakitd.logs import AcceptErrorThrottle
+        out = io.StringIO()
+        throttle = AcceptErrorThrottle(text_observer(out))
+
+        def accept_error(when: float) -> dict:
+            return {"log_format": "Could not accept new connection ({acceptError})", "acceptError": "EMFILE",
+                    "log_time": when, "log_level": LogLevel.info, "log_namespace": "twisted.internet.tcp.Port"}
+        for i in range(4000):
+            throttle(accept_error(1000 + i / 1000))   # 4,000 in 4 s
+        throttle({"log_format": "something else", "log_time": 1002.0, "log_level": LogLevel.info})
+        throttle(accept_error(1011))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].endswith("Could not accept new connection (EMFILE)"), lines[0])
+        self.assertTrue(lines[1].endswith("something else"))
+        self.assertIn("(EMFILE) (3999 more accept errors in the last 10 s were not logged)", lines[2])
+
+
+class OpenFileLimitTests(TestCase):
+    def test_the_soft_limit_is_raised_toward_the_caps_and_what_does_not_fit_is_said(self) -> None:
+        import resource
+        from twisted.logger import globalLogPublisher
+        from uptrakitd.listen.fdlimit import fit_open_file_limit
+        said: list[str] = []
+
+        def observe(event: dict) -> None:
+            from twisted.logger import formatEvent
+            said.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        limits = {resource.RLIMIT_NOFILE: (1024, 2048)}
+        got = fit_open_file_limit(4096, 1, limits.__getitem__, limits.__setitem__)
+        self.assertEqual((got, limits[resource.RLIMIT_NOFILE]), (2048, (2048, 2048)))
+        self.assertIn("raised the open-file limit from 1024 to 2048", said[0])
+        self.assertIn("lower --max-connections to 1920", said[1])
+        said.clear()
+        limits = {resource.RLIMIT_NOFILE: (1024, resource.RLIM_INFINITY)}
+        self.assertEqual(fit_open_file_limit(4096, 2, limits.__getitem__, limits.__setitem__), 8192 + 128)
+        self.assertEqual(len(said), 1, said)
+        said.clear()
+        limits = {resource.RLIMIT_NOFILE: (65536, 65536)}
+        self.assertEqual(fit_open_file_limit(4096, 2, limits.__getitem__, limits.__setitem__), 65536)
+        self.assertEqual(said, [])

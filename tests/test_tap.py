@@ -174,6 +174,48 @@ class TwistdTests(TestCase):
         yield again.ended
 
     @inlineCallbacks
+    def test_a_low_open_file_limit_is_said_at_start_and_a_descriptor_flood_is_a_few_log_lines(self):
+        """At a hard limit of 200 descriptors the caps (4,096 connections) cannot hold: the start says so with
+        the numbers. 600 connections from 10 addresses then exhaust the descriptors: Twisted's accept errors
+        reach the log at most once per 10 s, and the daemon answers again once the flood is gone."""
+        import socket
+        from twisted.internet.threads import deferToThread
+        cwd, port = workdir(self)
+        proto = spawn([require_program("prlimit", "apt-get install util-linux"), "--nofile=200:200", TWISTD,
+                       "--pidfile=", "-n", "uptrakit", "--https-listen", f"tcp:{port}:interface=127.0.0.1"],
+                      env=env(), cwd=cwd)
+        self.addCleanup(lambda: None if proto.ended.called else (proto.transport.signalProcess("KILL"), proto.ended)[1])
+        yield proto.wait_for(b"listening on")
+        self.assertIn(b"the open-file limit (200, hard 200) cannot hold the 4096 connections", proto.output)
+        self.assertIn(b"lower --max-connections to 72", proto.output)
+
+        def flood():
+            held = []
+            for source in range(20, 30):
+                for _ in range(60):
+                    try:
+                        held.append(socket.create_connection(("127.0.0.1", port), timeout=5,
+                                                             source_address=(f"127.0.0.{source}", 0)))
+                    except OSError:
+                        pass
+            return held
+        held = yield deferToThread(flood)
+        yield deferToThread(__import__("time").sleep, 1)
+        for s in held:
+            s.close()
+        ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
+        for _ in range(50):
+            out, _, _ = yield run("curl", "-sS", "--max-time", "2", "--cacert", str(ca), f"https://localhost:{port}/healthz")
+            if out == b"ok":
+                break
+        self.assertEqual(out, b"ok", "the daemon answers again once the flood is gone")
+        noise = [line for line in proto.output.splitlines() if b"[twisted.internet.tcp.Port#" in line]
+        self.assertGreater(len(held), 180, "the flood did reach the limit")
+        self.assertLessEqual(len(noise), 2, noise[:5])
+        proto.transport.signalProcess("TERM")
+        yield proto.ended
+
+    @inlineCallbacks
     def test_kill_9_right_after_the_ca_is_created_never_breaks_the_next_start(self):
         # Every step of first start is covered in-process (test_boot.CrashPointTests); this is the
         # real signal once, at a point we know the process reached: the CA exists, nothing after it.

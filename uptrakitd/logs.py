@@ -100,7 +100,44 @@ def _escaped(event: dict[str, Any]) -> dict[str, Any]:
     return copy
 
 
+# Twisted's listening port logs every failed accept (EMFILE, ENOBUFS…) and every EMFILE recovery: a flood
+# that exhausts descriptors made 4,129 such lines (issue: file descriptors)
+_ACCEPT_NOISE = ("Could not accept new connection", "EMFILE encountered", "EMFILE recovery",
+                 "Re-reserving EMFILE recovery")
+ACCEPT_LOG_EVERY = 10.0
+
+
+@implementer(ILogObserver)
+class AcceptErrorThrottle:
+    """Passes at most one accept-error line per ACCEPT_LOG_EVERY seconds to `inner`, saying how many like
+    it were left out since the last one; every other event goes through untouched."""
+
+    def __init__(self, inner: ILogObserver, every: float = ACCEPT_LOG_EVERY) -> None:
+        self.inner = inner
+        self.every = every
+        self.last = float("-inf")
+        self.dropped = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = event.get("log_format")
+        if not isinstance(text, str) or not text.startswith(_ACCEPT_NOISE):
+            self.inner(event)
+            return
+        now = event.get("log_time") or 0.0
+        if now - self.last < self.every:
+            self.dropped += 1
+            return
+        self.last = now
+        if self.dropped:
+            event = dict(event, log_format=text + " ({uptrakit_dropped} more accept errors in the last "
+                                                  "{uptrakit_every:.0f} s were not logged)",
+                         uptrakit_dropped=self.dropped, uptrakit_every=self.every)
+            self.dropped = 0
+        self.inner(event)
+
+
 def log_observer(log_format: str, log_level: str, stream: IO[str]) -> ILogObserver:
-    """The daemon's observer: text or JSON lines, dropping events below `log_level`."""
+    """The daemon's observer: text or JSON lines, dropping events below `log_level`, accept errors throttled."""
     inner = JsonLineObserver(stream) if log_format == "json" else text_observer(stream)
-    return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[log_level])])
+    return AcceptErrorThrottle(FilteringLogObserver(inner, [LogLevelFilterPredicate(
+        defaultLogLevel=_LEVELS[log_level])]))

@@ -139,6 +139,7 @@ def makeService(options: Any) -> Any:
     from .boot import StartupError, boot
     from .daemon import build_daemon
 
+    from .listen.fdlimit import fit_open_file_limit
     from .listen.preflight import listen_problem
 
     flags = flags_from_options(options)
@@ -151,6 +152,7 @@ def makeService(options: Any) -> Any:
                 raise StartupError(f"cannot listen for {what} on {description}: {problem} (nothing was created "
                                    f"or changed)")
         booted = boot(settings)
+        fit_open_file_limit(settings.limits.max_connections, 2 if settings.pki_listen_endpoint() else 1)
     except (ConfigError, StartupError) as e:
         sys.stderr.write(f"uptrakitd: error: {e}\n")
         raise SystemExit(2)
