@@ -53,7 +53,26 @@ class HandshakeTests(TestCase):
         _, leaf, key = foreign_ca_and_leaf()
 
         alert = yield tls_refusal(https_port(c), ca_pem(c), leaf, key)
-        self.assertIn("unknown ca", alert)
+        self.assertIn("unknown ca", alert)   # alert 48
+
+    @inlineCallbacks
+    def test_an_expired_client_certificate_is_refused_with_certificate_expired(self):
+        import datetime
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        c = yield start_controller(self)
+        ca = c.ca.state.active()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "old")]))
+                .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now - datetime.timedelta(days=1))
+                .sign(ca.key, hashes.SHA384()))
+        pem = serialization.Encoding.PEM
+        alert = yield tls_refusal(https_port(c), ca_pem(c), leaf.public_bytes(pem),
+                                  key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self.assertIn("certificate expired", alert)   # alert 45
 
     @inlineCallbacks
     def test_openssl_sees_server_chain_to_ca_and_refuses_foreign_client(self):
@@ -141,3 +160,39 @@ class ContextSwapTests(TestCase):
             with ctx.wrap_socket(socket.create_connection(("127.0.0.1", https_port(c)))) as s:
                 return s.version()
         yield self.assertFailure(deferToThread(old), pyssl.SSLError, OSError)
+
+
+class ProfileTests(TestCase):
+    """Mozilla "intermediate", as its own judges see it: openssl for groups and chain, sslyze for the profile."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_only_x25519_p256_p384_a_chain_without_the_root_and_hsts(self):
+        openssl = require_program("openssl", "apt-get install openssl")
+        c = yield start_controller(self)
+        ca = str(Path(c.tmp) / "data" / "pki" / "ca.crt")
+        for group, offered in (("X25519", True), ("P-256", True), ("P-384", True), ("X448", False),
+                               ("P-521", False), ("ffdhe2048", False)):
+            out, err, code = yield run(openssl, "s_client", "-connect", f"127.0.0.1:{https_port(c)}", "-CAfile", ca,
+                                       "-groups", group, "-showcerts", stdin=b"")
+            self.assertEqual(b"Server Temp Key" in out, offered, (group, out[-300:], err[-300:]))
+            if offered:
+                self.assertIn(b" 0 s:CN = Uptrakit Controller", out)
+                self.assertNotIn(b" 1 s:", out, "the self-signed CA is not sent: a client must hold it already")
+                self.assertIn(b"Verify return code: 0 (ok)", out)
+        out, _, _ = yield run("curl", "-sS", "-D", "-", "-o", "/dev/null", "--cacert", ca,
+                              f"https://localhost:{https_port(c)}/api/v1/pki/ca.crt")
+        self.assertIn(b"strict-transport-security: max-age=63072000", out.lower())
+
+    @inlineCallbacks
+    def test_sslyze_judges_the_https_listener_mozilla_intermediate(self):
+        sslyze = require_program(str(Path(__file__).resolve().parent.parent / ".venv-sslyze" / "bin" / "sslyze"),
+                                 "python3 -m venv .venv-sslyze && .venv-sslyze/bin/pip install sslyze "
+                                 "(its own venv: sslyze pins an older cryptography)")
+        c = yield start_controller(self)
+        ca = str(Path(c.tmp) / "data" / "pki" / "ca.crt")
+        out, err, code = yield run(sslyze, "--mozilla_config=intermediate", "--certinfo_ca_file", ca,
+                                   f"127.0.0.1:{https_port(c)}")
+        self.assertIn(b"OK - Compliant.", out, out[-1500:])
+        self.assertEqual(code, 0)

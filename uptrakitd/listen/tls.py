@@ -17,6 +17,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 log = Logger()
+# Mozilla "intermediate": X25519, P-256, P-384 (OpenSSL's default adds X448, P-521 and the FFDHE groups)
+GROUPS = b"X25519:P-256:P-384"
+SSL_MODE_NO_AUTO_CHAIN = 0x00000008   # OpenSSL's ABI constant; pyOpenSSL has no name for it
 TLS12_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
                  b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 
@@ -33,8 +36,11 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_session_id(b"uptrakitd")
-    # an idle connection (most agents, most of the time) gives its ~34 KB of read/write buffers back
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # an idle connection (most agents, most of the time) gives its ~34 KB of read/write buffers back; the
+    # chain is the server certificate alone: OpenSSL would add the self-signed CA from the verify store,
+    # which a client must already hold to trust it (RFC 8446 §4.4.2: a root may be left out)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN)
+    limit_groups(ctx)
     ctx.use_certificate(crypto.X509.from_cryptography(server_cert))
     ctx.use_privatekey(crypto.PKey.from_cryptography_key(server_key))
     ctx.check_privatekey()
@@ -56,10 +62,42 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
         if depth == 0 and is_revoked(cert.get_serial_number()):
             log.info("TLS client certificate refused: serial {serial:X} is revoked", serial=cert.get_serial_number())
             refused("revoked")
+            say_revoked()
             return False
         return True
     ctx.set_verify(SSL.VERIFY_PEER, verify)
     return ctx
+
+
+def limit_groups(ctx: SSL.Context) -> None:
+    """Offer only GROUPS for key exchange. pyOpenSSL has no public call for SSL_CTX_set1_groups_list; the
+    bindings it already loads have the same function under its older name (set1_curves_list), used here on
+    the context's handle. Without it the daemon still starts, and says which groups it offers instead."""
+    from OpenSSL._util import lib
+    setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
+    handle = getattr(ctx, "_context", None)
+    if setter is None or handle is None or setter(handle, GROUPS) != 1:
+        log.warn("TLS: cannot limit key-exchange groups to {groups} with this pyOpenSSL; OpenSSL's defaults "
+                 "(X448, P-521 and FFDHE too) are offered", groups=GROUPS.decode())
+
+
+def say_revoked() -> None:
+    """Make the handshake's alert certificate_revoked (44) instead of internal_error (80).
+
+    OpenSSL picks the alert from the verification error on the X509_STORE_CTX, and a refusal by the
+    verify callback leaves that error at "ok". pyOpenSSL's callback API does not hand the store context
+    to the callback and binds no cert-verify callback; its wrapper, our caller, holds it as `store_ctx`,
+    and the bindings it loads have X509_STORE_CTX_set_error. Anything unexpected leaves the alert as it
+    was (tests/test_tls.py asserts the alert, so a pyOpenSSL that changes this is noticed)."""
+    import sys
+
+    from OpenSSL._util import ffi, lib
+    try:
+        store_ctx = sys._getframe(2).f_locals.get("store_ctx")
+        if store_ctx is not None and ffi.typeof(store_ctx) is ffi.typeof("X509_STORE_CTX *"):
+            lib.X509_STORE_CTX_set_error(store_ctx, lib.X509_V_ERR_CERT_REVOKED)
+    except (AttributeError, TypeError, ValueError):
+        pass
 
 
 def _verify_reason(errno: int) -> str:

@@ -20,6 +20,7 @@ log = Logger()
 MAX_JSON_BODY = 256 * 1024
 DEFAULT_BODY_LIMIT = 64 * 1024
 SERVER_HEADER = b"uptrakitd"
+HSTS = b"max-age=63072000"   # two years, Mozilla's recommendation; no includeSubDomains: the host's domain is not ours
 ACCESS_LOG_SAMPLE = 100  # "sampled": one request in this many
 QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})  # scraped and probed: logged only with "all"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # after a refused body, how long the answer may take to reach a client still sending
@@ -100,6 +101,8 @@ class IdentifiedRequest(Request):
             return
         if self.context.identity_source == "mtls":
             mark_authenticated(getattr(self.channel, "transport", None))
+        if self.isSecure():   # the UI and the API: a browser that once came over TLS never falls back
+            self.setHeader(b"Strict-Transport-Security", HSTS)
         super().process()
 
 
