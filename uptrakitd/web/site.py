@@ -3,6 +3,7 @@ whose connections must send a request head in time and cannot send a body larger
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
 from OpenSSL import SSL
@@ -111,6 +112,11 @@ def _anonymous(request: Any) -> RequestContext:
     return RequestContext(peer_ip=peer, client_ip=peer)
 
 
+# The fast path takes a head only when twisted.web would take it the same way (tests/test_site.py checks it
+# head for head): a target of visible ASCII, and field lines that are a token, a colon and visible ASCII,
+# each ended by CRLF. No bare CR or LF, no folding, no NUL, no space in a name: those go to twisted.web.
+_TARGET = re.compile(rb"[!-~]+")
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*")
 # the fast path leaves a request with one of these to twisted.web; and it reads these to answer it
 # conditional requests go the ordinary way (web.pki answers them 304)
 _FIELDS_REFUSED = (b"transfer-encoding", b"expect", b"upgrade", b"if-none-match", b"if-modified-since")
@@ -181,8 +187,10 @@ class GuardedChannel(HTTPChannel):
         line, _, fields = data[:end].partition(b"\r\n")
         body = data[end + 4:]
         parts = line.split(b" ")
-        if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1") or not _TARGET.fullmatch(parts[1]):
             return False
+        if fields and not _FIELD_LINES.fullmatch(fields + b"\r\n"):
+            return False   # anything but plain `token: visible text` lines is twisted.web's to judge
         method, path, version = parts
         if not (method == b"GET" and b"/ocsp/" in path or method == b"POST" and path == b"/api/v1/pki/ocsp"):
             return False   # every other request (WebSocket upgrades included) before its headers are read
