@@ -239,6 +239,48 @@ class SigningRateLimitTests(TestCase):
         self.assertGreaterEqual(limit.refused, 3)
 
 
+class SigningBudgetTests(TestCase):
+    def test_many_addresses_together_get_at_most_their_share_of_a_core(self):
+        """Fifty addresses, each far under its own limit, together ask for nonce answers as fast as the
+        reactor signs: with a share of 0.2 a core, about 0.2 s of signing a second is done, the rest is
+        tryLater; cached answers are never refused."""
+        base, ca, issued = responder()
+        r = OcspResponder(base.state, base.clock, nonce_rate=100, signing_share=0.2)
+        statuses = []
+        for second in range(3):
+            for i in range(1000):
+                der = request_der(nonce=i.to_bytes(8, "big") + bytes([second]), ca=ca, issued=issued)
+                statuses.append(r.answer(der, f"127.0.1.{i % 50}").status)
+                r.clock.advance(0.001)   # 1,000 requests a second
+        signed, refused = statuses.count("good"), statuses.count("try_later")
+        self.assertEqual(signed + refused, 3000)
+        self.assertGreater(refused, 0)
+        self.assertGreater(signed, 0)
+        # the signatures' CPU came out of 0.2 s a second for 3 s, plus the first second's worth, plus the one
+        # signature that may overdraw the bucket
+        self.assertLess(r.budget.used, 3 * 0.2 + 0.2 + 2 * r.budget.used / signed, (signed, r.budget.used))
+        self.assertEqual(r.answer(request_der(ca=ca, issued=issued), "127.0.1.1").status, "good",
+                         "a cached answer is never refused")
+        unlimited = OcspResponder(base.state, base.clock, signing_share=0)
+        self.assertTrue(all(unlimited.answer(request_der(nonce=bytes([i]) * 8, ca=ca, issued=issued), "x").status
+                            == "good" for i in range(50)))
+
+    def test_the_bucket_refills_at_the_share_and_holds_one_second(self):
+        from uptrakitd.pki.ocsp_limit import SigningBudget
+        now, cpu = [0.0], [0.0]
+        budget = SigningBudget(0.5, lambda: now[0], lambda: cpu[0])
+        self.assertTrue(budget.allow())
+        budget.spent(0.6)                  # over: empty until refilled
+        self.assertFalse(budget.allow())
+        now[0] += 0.1                      # +0.05 s of signing: still below zero
+        self.assertFalse(budget.allow())
+        now[0] += 0.2                      # +0.1: above zero again
+        self.assertTrue(budget.allow())
+        now[0] += 100
+        budget.allow()
+        self.assertEqual(budget.tokens, 0.5, "an idle minute saves up no more than one second's share")
+
+
 class GetPathTests(TestCase):
     def test_forms(self):
         der = request_der()

@@ -193,6 +193,7 @@ class Settings:
     trust_domain: str = "uptrakit.local"
     ocsp_signer: str = "ca"               # "delegated": a short-lived P-256 responder certificate signs OCSP
     ocsp_nonce_rate: int = DEFAULT_OCSP_NONCE_RATE   # per client address; 0: no limit
+    ocsp_signing_share: float = 0.5   # of one core, for answers signed per request, all clients together; 0: no limit
     rotation_renewal_rate: int = DEFAULT_ROTATION_RENEWAL_RATE   # per second, asked of this controller's services
     force_settings_override: bool = False
     proxy_protocol_senders: tuple[IPNetwork, ...] = ()
@@ -225,7 +226,7 @@ _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_f
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
              "metrics_require_auth", "database", "ca_key_encryption_key_file", "rotation_renewal_rate",
              *_LIMIT_KEYS}
-_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer", "ocsp_nonce_rate"}
+_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer", "ocsp_nonce_rate", "ocsp_signing_share"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -385,6 +386,8 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         kw["metrics_require_auth"] = merged["metrics_require_auth"]
     if "ocsp_nonce_rate" in merged:
         kw["ocsp_nonce_rate"] = _number(merged["ocsp_nonce_rate"], "ocsp_nonce_rate", 0, 1_000_000, integer=True)
+    if "ocsp_signing_share" in merged:
+        kw["ocsp_signing_share"] = _number(merged["ocsp_signing_share"], "ocsp_signing_share", 0, 1, integer=False)
     if "rotation_renewal_rate" in merged:
         kw["rotation_renewal_rate"] = _number(merged["rotation_renewal_rate"], "rotation_renewal_rate", 1, 10_000,
                                               integer=True)

@@ -128,7 +128,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                        datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer,
-                                   log_answers=settings.log_level == "debug", nonce_rate=settings.ocsp_nonce_rate)
+                                   log_answers=settings.log_level == "debug", nonce_rate=settings.ocsp_nonce_rate,
+                                   signing_share=settings.ocsp_signing_share)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain, booted.keys)
     ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor

@@ -7,6 +7,7 @@ import binascii
 import datetime
 import email.utils
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -24,7 +25,7 @@ from twisted.logger import Logger
 from ..metrics import CounterChildren
 from .state import CaState
 from .crl import REASONS
-from .ocsp_limit import SigningRateLimit
+from .ocsp_limit import SigningBudget, SigningRateLimit
 from .ocsp_nonce import NonceTemplates
 
 log = Logger()
@@ -133,10 +134,11 @@ class OcspResponder:
 
     def __init__(self, state: CaState, clock: IReactorTime, counter: Counter | None = None,
                  validity: datetime.timedelta = OCSP_VALIDITY, signer: str = "ca", log_answers: bool = True,
-                 nonce_rate: int = 0) -> None:
+                 nonce_rate: int = 0, signing_share: float = 0.0) -> None:
         self.state = state
-        # answers signed per request (nonce; serial never issued), per client address
+        # answers signed per request (nonce; serial never issued), per client address and all together
         self.limit = SigningRateLimit(nonce_rate, clock.seconds)
+        self.budget = SigningBudget(signing_share, clock.seconds, time.thread_time)
         # a line per answer only when it would be written (--log-level debug): Twisted builds and routes an
         # event even for a level the daemon's observer drops, ~5 % of a signed answer's CPU
         self.log_answers = log_answers
@@ -238,8 +240,9 @@ class OcspResponder:
             kwargs["revocation_reason"] = REASONS.get(record.reason or "unspecified", x509.ReasonFlags.unspecified)
         else:
             status, label = ocsp.OCSPCertStatus.GOOD, "good"
-        if (nonce is not None or label == "unknown") and not self.limit.allow(client):
+        if (nonce is not None or label == "unknown") and not (self.limit.allow(client) and self.budget.allow()):
             return OcspAnswer(_TRY_LATER, {"Cache-Control": "no-store", "Retry-After": "1"}, "try_later", serial)
+        started = self.budget.cpu()
         validity = UNKNOWN_VALIDITY if label == "unknown" else self.validity
         next_update = now + validity
         if self.delegated is None:
@@ -266,6 +269,7 @@ class OcspResponder:
             template = (ca.generation, signer.serial_number, serial, alg_name, name_hash, key_hash, label,
                         kwargs.get("revocation_time"), kwargs.get("revocation_reason"), validity)
             resp_der = self.nonces.answer(template, build, key, signing_hash, nonce, now, next_update)
+        self.budget.spent(self.budget.cpu() - started)
         if nonce is None and label != "unknown":
             self._cache[cache_key] = (resp_der, now, next_update)
         return self._with_headers(resp_der, now, next_update, nonce, serial, label)
