@@ -12,10 +12,15 @@ Run: .venv/bin/python bench/attack.py      (about a minute; loopback only: 127.0
    close_notify; what they got out before the cut, the daemon's RSS, and how many are still open
    2 s later. Then 4 threads stream 1-byte fragments for 20 s (reconnecting whenever cut) while
    /healthz is probed from another address.
+5. Signing flood: 4 processes send OCSP POSTs with a nonce (each signed per request) over keep-alive
+   connections from 50 addresses to the plain-HTTP PKI listener for 10 s; signed answers and tryLater a
+   second, the daemon's CPU, and /healthz on the HTTPS listener meanwhile. Pass daemon flags after the
+   script's name to compare (e.g. --ocsp-signing-share 0).
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import statistics
 import struct
@@ -164,6 +169,74 @@ def closed_websockets(server, daemon) -> None:
           f"{len(busy)}); the flooders were cut {cuts[0]} times")
 
 
+def _signing_client(port: int, body: bytes, first: int, seconds: float, out) -> None:
+    """One load process: keep-alive POSTs from 50 addresses in turn; puts (signed, try_later) on `out`."""
+    head = (f"POST /api/v1/pki/ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    socks = {}
+    signed = later = 0
+    end = time.monotonic() + seconds
+    i = first
+    while time.monotonic() < end:
+        source = f"127.0.2.{1 + i % 50}"
+        i += 1
+        s = socks.get(source)
+        try:
+            if s is None:
+                s = socks[source] = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                                             source_address=(source, 0))
+            nonce = os.urandom(16)
+            s.sendall(head + body[:-16] + nonce)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", data).group(1))
+            rest = data.split(b"\r\n\r\n", 1)[1]
+            while len(rest) < length:
+                rest += s.recv(65536)
+            if rest[:5] == b"\x30\x03\x0a\x01\x03":
+                later += 1
+            else:
+                signed += 1
+        except (OSError, AttributeError):
+            socks.pop(source, None)
+    out.put((signed, later))
+
+
+def signing_flood(server, daemon, pki_port: int) -> None:
+    import multiprocessing
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509 import ocsp
+    ca = x509.load_pem_x509_certificate(Path(server.ca).read_bytes())
+    # a serial this CA never issued: "unknown", signed per request like a nonce answer
+    good = ocsp.OCSPRequestBuilder().add_certificate(ca, ca, hashes.SHA1()).build()
+    body = (ocsp.OCSPRequestBuilder().add_certificate_by_hash(good.issuer_name_hash, good.issuer_key_hash, 0x5EED,
+                                                               hashes.SHA1())
+            .add_extension(x509.OCSPNonce(b"0" * 16), critical=False).build().public_bytes(serialization.Encoding.DER))
+    assert body.endswith(b"0" * 16)
+    idle, _ = probe_healthz(server, 100)
+    out = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_signing_client, args=(pki_port, body, n * 13, 10.0, out)) for n in range(4)]
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    for p in procs:
+        p.start()
+    busy, failed = [], 0
+    while time.monotonic() - t0 < 10:
+        times, fails = probe_healthz(server, 10)
+        busy += times
+        failed += fails
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall, cpu = time.monotonic() - t0, server.cpu_seconds() - cpu0
+    signed, later = sum(r[0] for r in results), sum(r[1] for r in results)
+    print("nonce OCSP POSTs from 50 addresses, 4 processes, keep-alive, 10 s:")
+    print(f"  signed {signed / wall:.0f}/s, tryLater {later / wall:.0f}/s; daemon CPU {100 * cpu / wall:.0f} % of a core")
+    print(f"  /healthz idle p50 {statistics.median(idle):.1f} ms p99 {pct(idle, 99):.1f} ms; during p50 "
+          f"{statistics.median(busy):.1f} ms p99 {pct(busy, 99):.1f} ms max {max(busy):.1f} ms ({failed} failed of {len(busy)})")
+
+
 def metric(server, name: str) -> float:
     with server.tls() as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -178,8 +251,10 @@ def metric(server, name: str) -> float:
 
 
 def main() -> None:
-    from common import Daemon
-    server = Daemon(*sys.argv[1:])
+    from common import Daemon, free_port
+    pki_port = free_port()
+    server = Daemon("--pki-http", "listener", "--pki-addr", f"http://127.0.0.1:{pki_port}", *sys.argv[1:])
+    server.pki_port = pki_port
     daemon, port, token = server.proc, server.port, server.token
     try:
 
@@ -247,6 +322,7 @@ def main() -> None:
         print(f"fuzz of {len(routes)} JSON routes x {len(hostile)} hostile bodies: {len(statuses)} requests, "
               f"{sum(s >= 500 for s in statuses)} answered 5xx, statuses {sorted(set(statuses))}")
         closed_websockets(server, daemon)
+        signing_flood(server, daemon, server.pki_port)
     finally:
         server.stop()
 
