@@ -88,6 +88,7 @@ class OptionsTests(TestCase):
             (["--ocsp-signer", "delegated"], lambda s: s.ocsp_signer, "delegated"),
             (["--ocsp-nonce-rate", "0"], lambda s: s.ocsp_nonce_rate, 0),
             (["--ocsp-signing-share", "0.25"], lambda s: s.ocsp_signing_share, 0.25),
+            (["--cluster-max-staleness", "4.5"], lambda s: s.cluster_max_staleness, 4.5),
             (["--rotation-renewal-rate", "40"], lambda s: s.rotation_renewal_rate, 40),
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),

@@ -31,6 +31,57 @@ CATCH_UP_SECONDS = 5.0
 TURN = 50   # changes applied per reactor turn
 
 
+class ClusterFreshness:
+    """How long ago this controller last confirmed it had applied every change the others made.
+
+    The change feed confirms each time a read of the change log, started at time t, came back complete and
+    was applied: from then on every change committed before t is in this controller's memory. Cut off from
+    the database (a hung link is silent for tens of seconds), the confirmations stop, and a certificate
+    revoked on another controller would still look good here. Past `max_staleness` seconds, `stale()` is
+    true: OCSP answers tryLater and new identity decisions are refused (`cluster_stale`) until a read
+    confirms again (docs/high-availability.md, "Partitions").
+    """
+
+    def __init__(self, clock: Any, max_staleness: float) -> None:
+        self.clock = clock
+        self.max_staleness = max_staleness
+        self.confirmed_at = clock.seconds()
+        self._said_stale = False
+
+    def confirm(self, started: float) -> None:
+        """A read of the change log begun at `started` (clock seconds) came back complete and was applied.
+        Called from the feed's thread: one float is replaced, which is atomic."""
+        if started > self.confirmed_at:
+            self.confirmed_at = started
+
+    def staleness(self) -> float:
+        """Seconds since the last confirmation."""
+        return max(0.0, self.clock.seconds() - self.confirmed_at)
+
+    def stale(self) -> bool:
+        """True past the bound: nothing here may be taken as current."""
+        return self.clock.seconds() - self.confirmed_at > self.max_staleness
+
+    def watch(self) -> None:
+        """Say when the state changes (a periodic job, every second)."""
+        stale = self.stale()
+        if stale and not self._said_stale:
+            log.error("cluster: no confirmed read of the other controllers' changes for {seconds:.0f} s (over "
+                      "--cluster-max-staleness {bound:g} s; is the database reachable?): OCSP answers tryLater "
+                      "and new identities are refused (cluster_stale) until it is back; open sockets stay",
+                      seconds=self.staleness(), bound=self.max_staleness)
+        elif not stale and self._said_stale:
+            log.info("cluster: the other controllers' changes are applied again; OCSP and identities are back")
+        self._said_stale = stale
+
+    def describe(self) -> dict[str, Any]:
+        """For GET /api/v1/controllers."""
+        stale = self.stale()
+        return {"stale": stale, "staleness_seconds": round(self.staleness(), 1), "max_staleness": self.max_staleness,
+                "reason": ("no confirmed read of the change log within the bound: the database may be unreachable"
+                           if stale else None)}
+
+
 class ClusterSync:
     """Applies other controllers' changes, in order; a change that fails is logged and counted."""
 

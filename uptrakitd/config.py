@@ -204,6 +204,8 @@ class Settings:
     metrics_require_auth: bool = False
     config_path: Path | None = None
     database: str | None = None          # None: SQLite in data_dir; else a postgresql:// URL
+    cluster_max_staleness: float = 10.0  # with database: seconds without a confirmed change-log read before
+                                         # OCSP answers tryLater and identities are refused (cluster.ClusterFreshness)
     ca_key_encryption_key_file: Path | None = None   # with database: seals the CA keys kept in it
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
@@ -225,6 +227,7 @@ _FRACTIONAL_LIMITS = {"request_head_timeout", "close_grace"}
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
              "metrics_require_auth", "database", "ca_key_encryption_key_file", "rotation_renewal_rate",
+             "cluster_max_staleness",
              *_LIMIT_KEYS}
 _PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer", "ocsp_nonce_rate", "ocsp_signing_share"}
 
@@ -388,6 +391,9 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         kw["ocsp_nonce_rate"] = _number(merged["ocsp_nonce_rate"], "ocsp_nonce_rate", 0, 1_000_000, integer=True)
     if "ocsp_signing_share" in merged:
         kw["ocsp_signing_share"] = _number(merged["ocsp_signing_share"], "ocsp_signing_share", 0, 1, integer=False)
+    if "cluster_max_staleness" in merged:
+        kw["cluster_max_staleness"] = _number(merged["cluster_max_staleness"], "cluster_max_staleness", 1, 3600,
+                                              integer=False)
     if "rotation_renewal_rate" in merged:
         kw["rotation_renewal_rate"] = _number(merged["rotation_renewal_rate"], "rotation_renewal_rate", 1, 10_000,
                                               integer=True)

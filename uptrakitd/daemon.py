@@ -16,12 +16,14 @@ import sys
 from functools import partial
 from typing import Any, Callable, Mapping
 
+from prometheus_client import Gauge
+
 from twisted.internet.defer import Deferred
 
 from twisted.logger import ILogObserver, Logger
 
 from .admin_tokens import AdminTokenRegistry
-from .cluster import ClusterSync, TrustedGeneration
+from .cluster import ClusterFreshness, ClusterSync, TrustedGeneration
 from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from .config import Settings, is_proxy_protocol
@@ -92,6 +94,7 @@ class Daemon(OrderedServices):
     pki_listener: ListenerService | None
     cluster: ClusterSync          # PostgreSQL only: other controllers' changes applied here
     feed: ChangeFeed              # PostgreSQL only: reads them
+    freshness: ClusterFreshness | None   # PostgreSQL only: how current those reads are
     trusted: TrustedGeneration    # PostgreSQL only: the CA generation every controller trusts
     leadership: Leadership        # PostgreSQL only: whether this one runs the once-per-database jobs
     full_collections: FullCollections   # the real daemon process only (gcpolicy)
@@ -127,9 +130,15 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     stale_crls = crls.publish_at_start(booted.crl_numbers,
                                        datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
+    # several controllers: how current this one's view of the others' changes is (never stale alone)
+    d.freshness = freshness = ClusterFreshness(reactor, settings.cluster_max_staleness) if settings.database else None
+    stale: Callable[[], bool] = freshness.stale if freshness is not None else (lambda: False)
+    if freshness is not None:
+        Gauge("uptrakit_cluster_staleness_seconds", "Seconds since this controller last confirmed it applied "
+              "every change the other controllers made", registry=metrics.registry).set_function(freshness.staleness)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer,
                                    log_answers=settings.log_level == "debug", nonce_rate=settings.ocsp_nonce_rate,
-                                   signing_share=settings.ocsp_signing_share)
+                                   signing_share=settings.ocsp_signing_share, stale=stale)
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain, booted.keys)
     ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor
@@ -152,7 +161,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                             close_grace=settings.limits.close_grace)
     metrics.services_connected.set_function(lambda: len(channel.connected))
 
-    d.readiness = readiness = Readiness(store, ca, crls)
+    d.readiness = readiness = Readiness(store, ca, crls, freshness)
     metrics.watch(lambda: state_families(ca, crls, server_cert, channel, readiness, reactor))
     d.reloader = reloader = ConfigReloader(flags or {}, settings, runtime)
 
@@ -177,13 +186,15 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
 
     proxy_protocol = is_proxy_protocol(settings.https_listen)
     d.resolver = resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics,
-                                forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers)
+                                forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers,
+                                stale=stale)
     bus.subscribe(CertificateRevoked, resolver.verified.on_revoked)
     bus.subscribe(CaRotated, resolver.verified.on_ca_rotated)
     d.fast_ocsp = fast_ocsp = OcspFastPath(ocsp, reactor, metrics.http_requests)
     pki_routes = PkiRoutes(ca, crls, ocsp, fast_ocsp).routes()
     rotation = RotationProgress(ca, directory, channel)
-    https_routes = (StatusRoutes(readiness, metrics, settings.metrics_require_auth, admin_tokens.check).routes() + NetworkSettingsRoutes(runtime, state).routes()
+    status_routes = StatusRoutes(readiness, metrics, settings.metrics_require_auth, admin_tokens.check)
+    https_routes = (status_routes.routes() + NetworkSettingsRoutes(runtime, state).routes()
                     + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
                     + ServiceRoutes(directory, channel, ca).routes()
                     + TokenRoutes(enrollment_tokens, admin_tokens).routes()
@@ -191,9 +202,13 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                     + rotation.routes() + DiagnosticsRoutes(resolver.doctor, runtime).routes()
                     + SessionRoutes(admin_tokens).routes()
                     + ControllerRoutes(store, directory.controller_id, booted.hostname, reactor.seconds(),
-                                       is_leader, lambda: len(channel.connected), reactor).routes()
+                                       is_leader, lambda: len(channel.connected), reactor,
+                                       freshness.describe if freshness is not None else None).routes()
                     + UiRoutes().routes() + pki_routes)
-    https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz)] + pki_routes,
+    # the plain-HTTP PKI listener answers readiness too: a load balancer in front of OCSP must see a
+    # controller that cannot vouch for its answers (docs/high-availability.md)
+    https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz),
+                                                      route("GET", r"/readyz", status_routes.readyz)] + pki_routes,
                                        channel.resources, resolver, admin_tokens.check,
                                        settings.limits.request_head_timeout,
                                        {"head_timeouts": metrics.http_head_timeouts,
@@ -230,7 +245,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
         reads = make_store(settings.data_dir, settings.database, reactor, booted.controller_id)
         Hooks("catch-up store", start=reads.start, stop=reads.close).setServiceParent(d)
         d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics, reactor, reads)
-        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply)
+        assert freshness is not None
+        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply,
+                          freshness.confirm)
+        PeriodicJob("cluster freshness", 1, freshness.watch, reactor).setServiceParent(d)
         https_site.catch_up = cluster.catch_up
         d.feed = feed
         Hooks("change feed", start=feed.start, stop=feed.stop).setServiceParent(d)

@@ -16,8 +16,9 @@ WRITE_PROBE_EVERY = 10.0  # seconds: a probe answered within this reuses the las
 class Readiness:
     """Answers whether this daemon can do its job right now."""
 
-    def __init__(self, store: Store, ca: CertificateAuthority, crls: CrlPublisher) -> None:
+    def __init__(self, store: Store, ca: CertificateAuthority, crls: CrlPublisher, freshness: Any = None) -> None:
         self.store = store
+        self.freshness = freshness   # several controllers: cluster.ClusterFreshness
         self.ca = ca
         self.crls = crls
         self._last_probe: tuple[float, str] | None = None
@@ -25,7 +26,7 @@ class Readiness:
 
     @inlineCallbacks
     def check(self) -> Any:
-        """Fires with {"database", "ca", "crl"}: "ok" or what is wrong."""
+        """Fires with {"database", "ca", "crl"} (and "cluster" with several controllers): "ok" or what is wrong."""
         database = yield self._database()
         now = self.ca.now()
         active = self.ca.state.active()
@@ -38,6 +39,9 @@ class Readiness:
         else:
             crl = "ok"
         self.last = {"database": database, "ca": ca, "crl": crl}
+        if self.freshness is not None:
+            self.last["cluster"] = (f"stale ({self.freshness.staleness():.0f} s without a confirmed read of the "
+                                    f"other controllers' changes)" if self.freshness.stale() else "ok")
         return self.last
 
     @inlineCallbacks

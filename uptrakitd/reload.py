@@ -10,7 +10,7 @@ from .config import ConfigError, Settings, build_settings, read_config_file
 from .runtime_settings import RuntimeSettings
 
 log = Logger()
-RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain", "ocsp_signer", "ocsp_nonce_rate", "ocsp_signing_share", "rotation_renewal_rate",
+RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain", "ocsp_signer", "ocsp_nonce_rate", "ocsp_signing_share", "cluster_max_staleness", "rotation_renewal_rate",
                 "log_format", "log_level", "access_log", "metrics_require_auth", "limits", "proxy_protocol_senders",
                 "proxy_protocol_trust_headers")
 

@@ -58,6 +58,9 @@ class Options(usage.Options):
                                         "twice that (default 100; 0: no limit); beyond it, tryLater."],
         ["ocsp-signing-share", None, None, "Share of one core (0-1, default 0.5) that OCSP answers signed per request "
                                            "may take, all clients together; beyond it they get tryLater. 0: no limit."],
+        ["cluster-max-staleness", None, None, "With --database: seconds this controller may go without confirming it "
+                                              "applied the other controllers' changes before OCSP answers tryLater "
+                                              "and new identities are refused (default 10)."],
         ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line: time, level, logger, "
                                    "message and the event's fields)."],
         ["log-level", None, None, "Least severe level logged: debug, info (default), warn or error."],
@@ -119,7 +122,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
             "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
-            "trust-domain", "ocsp-signer", "ocsp-nonce-rate", "ocsp-signing-share", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
+            "trust-domain", "ocsp-signer", "ocsp-nonce-rate", "ocsp-signing-share", "cluster-max-staleness", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
             "request-head-timeout", "close-grace", "listen-backlog", "rotation-renewal-rate"]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))

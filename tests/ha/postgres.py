@@ -110,3 +110,83 @@ def together(work: Any, times: int) -> list[Any]:
         raise errors[0]
     assert len(results) == times, f"{times - len(results)} thread(s) did not finish within 60 s"
     return results
+
+
+class HangingRelay:
+    """TCP on 127.0.0.1 to PostgreSQL's unix socket, that can stop passing bytes (a silent partition:
+    nothing is closed, nothing arrives) and start again. Threads; `close()` ends them."""
+
+    def __init__(self, socket_path: Path) -> None:
+        import socket
+        import threading
+        self.target = str(socket_path)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.passing = threading.Event()
+        self.passing.set()
+        self.running = True
+        self.sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def hang(self) -> None:
+        self.passing.clear()
+
+    def resume(self) -> None:
+        self.passing.set()
+
+    def close(self) -> None:
+        self.running = False
+        self.passing.set()
+        for s in [self.listener, *self.sockets]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            try:
+                server.connect(self.target)
+            except OSError:
+                client.close()
+                continue
+            self.sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        import socket
+        src.settimeout(0.2)
+        while self.running:
+            if not self.passing.wait(0.2):
+                continue   # hung: the bytes wait in the kernel, as on a link that silently drops everything
+            try:
+                data = src.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -20,7 +20,8 @@ from uptrakitd.config import build_settings
 from uptrakitd.pki.serials import format_serial
 
 from ..channel_helpers import (agent_identity, connected_agent, next_event, until_closed, ws_connect, ws_ssl)
-from ..helpers import ca_pem, https_client, https_port, request_json, start_controller, tls_refusal, url, wait_until
+from ..helpers import (ca_pem, https_client, https_port, new_leaf, request_json, start_controller, tls_refusal, url,
+                       wait_until)
 from .postgres import PostgresCluster, kek_file, together
 
 
@@ -48,6 +49,29 @@ def ocsp_status(c: Any, cert: x509.Certificate) -> Any:
     def parse(body: bytes) -> Any:
         return ocsp.load_der_ocsp_response(body).certificate_status
     return https_client(c).get(url(c, path)).addCallback(treq.content).addCallback(parse)
+
+
+def ocsp_outcome(c: Any, cert: x509.Certificate, nonce: bool) -> Any:
+    """Fires with "good", "revoked", "try_later" (or another status name) from controller `c`: nginx's GET, or a
+    POST with a nonce."""
+    issuer = next(ca.cert for ca in c.ca.state.generations.values() if ca.cert.subject == cert.issuer)
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+    if nonce:
+        import os
+        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    der = builder.build().public_bytes(serialization.Encoding.DER)
+
+    def name(body: bytes) -> str:
+        answer = ocsp.load_der_ocsp_response(body)
+        if answer.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return "try_later" if answer.response_status == ocsp.OCSPResponseStatus.TRY_LATER else "failed"
+        return answer.certificate_status.name.lower()
+    if nonce:
+        d = https_client(c).post(url(c, "/api/v1/pki/ocsp"), data=der,
+                                 headers={"Content-Type": "application/ocsp-request"})
+    else:
+        d = https_client(c).get(url(c, f"/api/v1/pki/ocsp/{quote(base64.b64encode(der).decode(), safe='')}"))
+    return d.addCallback(treq.content).addCallback(name)
 
 
 class ClusterTests(TestCase):
@@ -98,6 +122,62 @@ class ClusterTests(TestCase):
         yield wait_until(lambda: all(x.crls.current[1].entries == 1 for x in (a, b, c)), timeout=10)
         numbers = [x.crls.current[1].number for x in (a, b, c)]
         self.assertEqual(len(set(numbers)), 3, numbers)
+
+    @inlineCallbacks
+    def test_a_controller_cut_off_from_the_database_never_answers_good_for_what_was_revoked_elsewhere(self):
+        """B reaches PostgreSQL through a relay that is made to hang (a silent partition: nothing closes);
+        a certificate is revoked on A. From the bound on (3 s here), B answers OCSP tryLater and decides no
+        new identity; it never says good after bound + 1 s; and it comes back by itself with the link."""
+        import time
+        from .postgres import HangingRelay
+        relay = HangingRelay(self.cluster.dir / ".s.PGSQL.5432")
+        self.addCleanup(relay.close)
+        a = yield self.controller()
+        b = yield start_controller(self, database=relay.url(self.url.split("///")[1].split("?")[0]),
+                                   ca_key_encryption_key_file=self.kek, cluster_max_staleness=3)
+        self.addCleanup(relay.resume)   # before the controllers stop: they would wait for the hung link
+        (b.settings.data_dir / "admin.token").write_bytes((a.settings.data_dir / "admin.token").read_bytes())
+        revoked, key, _ = yield new_leaf(a)
+        other, other_key, _ = yield new_leaf(a)
+        yield wait_until(lambda: revoked.serial in b.ca.state.records and other.serial in b.ca.state.records,
+                         timeout=10)
+        self.assertEqual((yield ocsp_outcome(b, revoked.cert, nonce=False)), "good")
+        self.assertEqual((yield ocsp_outcome(b, revoked.cert, nonce=True)), "good")
+        relay.hang()
+        status, body = yield request_json(a, "POST", f"/api/v1/certificates/{format_serial(revoked.serial)}/revoke",
+                                          {"reason": "keyCompromise"})
+        self.assertEqual(status, 200, body)
+        at = time.monotonic()
+        seen: list[tuple[float, str]] = []
+        while time.monotonic() - at < 6:
+            for nonce in (False, True):
+                outcome = yield ocsp_outcome(b, revoked.cert, nonce=nonce)
+                seen.append((time.monotonic() - at, outcome))
+            yield deferLater(reactor, 0.25, lambda: None)
+        late_good = [(round(t, 1), o) for t, o in seen if o == "good" and t > 3 + 1]
+        self.assertEqual(late_good, [], seen)
+        self.assertIn("try_later", [o for t, o in seen if t > 4], seen)
+        # no new identity while stale: a good certificate's mTLS request is refused with the reason
+        whoami = yield deferToThread(self._whoami, b, other.pem, other_key)
+        self.assertEqual((whoami.get("identity"), whoami.get("rejected_code")), (None, "cluster_stale"), whoami)
+        status, body = yield request_json(b, "GET", "/readyz", token=None)
+        self.assertEqual((status, body["checks"].get("cluster", "")[:5]), (503, "stale"), body)
+        status, body = yield request_json(b, "GET", "/api/v1/controllers")
+        self.assertEqual((status, body["cluster"]["stale"]), (200, True), body)
+        relay.resume()
+        yield wait_until(lambda: b.ca.state.is_revoked(revoked.serial) and not b.freshness.stale(), timeout=30)
+        self.assertEqual((yield ocsp_outcome(b, revoked.cert, nonce=False)), "revoked")
+        self.assertEqual((yield ocsp_outcome(b, revoked.cert, nonce=True)), "revoked")
+        whoami = yield deferToThread(self._whoami, b, other.pem, other_key)
+        self.assertIsNotNone(whoami.get("identity"), whoami)
+
+    @staticmethod
+    def _whoami(c: Any, cert_pem: bytes, key_pem: bytes) -> Any:
+        import json
+        from ..helpers import blocking_get, blocking_tls_socket
+        with blocking_tls_socket(https_port(c), ca_pem(c), cert_pem, key_pem) as s:
+            status, body = blocking_get(s, "/api/v1/whoami")
+            return json.loads(body)
 
     @inlineCallbacks
     def test_a_rotation_made_on_one_controller_reaches_the_services_of_the_others(self):

@@ -111,6 +111,9 @@ class ChannelHub:
         ctx = proto.context
         if ctx.identity is not None:
             self._authenticate(proto, ctx.identity)
+        elif ctx.rejected_code == "cluster_stale":   # another controller can decide; this one cannot now
+            proto.phase = "rejected"
+            proto.close(wire.CLUSTER_STALE, wire.TRY_AGAIN_LATER)
         elif ctx.rejected_code in ("revoked", "deactivated", "invalid", "unknown"):
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
             proto.refuse({"revoked": wire.CERT_REVOKED, "deactivated": wire.SERVICE_DEACTIVATED}.get(

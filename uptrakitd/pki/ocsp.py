@@ -9,7 +9,7 @@ import email.utils
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -134,8 +134,12 @@ class OcspResponder:
 
     def __init__(self, state: CaState, clock: IReactorTime, counter: Counter | None = None,
                  validity: datetime.timedelta = OCSP_VALIDITY, signer: str = "ca", log_answers: bool = True,
-                 nonce_rate: int = 0, signing_share: float = 0.0) -> None:
+                 nonce_rate: int = 0, signing_share: float = 0.0,
+                 stale: Callable[[], bool] = lambda: False) -> None:
         self.state = state
+        # several controllers: True while this one cannot confirm it has applied the others' changes (a
+        # certificate revoked elsewhere would still look good): every answer is tryLater meanwhile
+        self.stale = stale
         # answers signed per request (nonce; serial never issued), per client address and all together
         self.limit = SigningRateLimit(nonce_rate, clock.seconds)
         self.budget = SigningBudget(signing_share, clock.seconds, time.thread_time)
@@ -177,7 +181,7 @@ class OcspResponder:
     def answer(self, der: bytes, client: str | None = None) -> OcspAnswer:
         """Answer one DER request from `client` (an address; None: not limited); never raises for any input."""
         try:
-            result = self._answer(der, client)
+            result = self._try_later(None) if self.stale() else self._answer(der, client)
         except Exception:  # the responder must answer garbage with malformedRequest, never a 500
             log.failure("OCSP request could not be answered")
             result = self._unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR, "malformed")
@@ -241,7 +245,7 @@ class OcspResponder:
         else:
             status, label = ocsp.OCSPCertStatus.GOOD, "good"
         if (nonce is not None or label == "unknown") and not (self.limit.allow(client) and self.budget.allow()):
-            return OcspAnswer(_TRY_LATER, {"Cache-Control": "no-store", "Retry-After": "1"}, "try_later", serial)
+            return self._try_later(serial)
         started = self.budget.cpu()
         validity = UNKNOWN_VALIDITY if label == "unknown" else self.validity
         next_update = now + validity
@@ -273,6 +277,11 @@ class OcspResponder:
         if nonce is None and label != "unknown":
             self._cache[cache_key] = (resp_der, now, next_update)
         return self._with_headers(resp_der, now, next_update, nonce, serial, label)
+
+    @staticmethod
+    def _try_later(serial: int | None) -> OcspAnswer:
+        """OCSP tryLater: unsigned, never kept, `Retry-After: 1`."""
+        return OcspAnswer(_TRY_LATER, {"Cache-Control": "no-store", "Retry-After": "1"}, "try_later", serial)
 
     def _status_of(self, serial: int, ca: Any) -> str:
         record = self.state.records.get(serial)

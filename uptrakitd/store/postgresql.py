@@ -251,8 +251,9 @@ class ChangeFeed:
     BATCH = 1000
 
     def __init__(self, url: str, reactor: Any, after: int, origin: str,
-                 apply: Callable[[list[Any]], Any]) -> None:
+                 apply: Callable[[list[Any]], Any], confirm: Callable[[float], None] = lambda started: None) -> None:
         self.url = url
+        self.confirm = confirm   # ClusterFreshness.confirm: every change committed before `started` is applied
         self.reactor = reactor
         self.last = after
         self.origin = origin
@@ -283,6 +284,7 @@ class ChangeFeed:
                         if failed:
                             log.info("change feed: reconnected; reading what was missed")
                             failed = False
+                    started = time.time()
                     rows = changes.since(conn, max(0, self.last - self.WINDOW), self.BATCH)
                     fresh = [c for c in rows if c.seq not in self._seen]
                     theirs = [c for c in fresh if c.origin != self.origin]
@@ -300,6 +302,7 @@ class ChangeFeed:
                     if until is not None:
                         time.sleep(1.0)   # the database is away for the store too: give it a moment
                     elif len(rows) < self.BATCH:
+                        self.confirm(started)
                         for _ in conn.raw.notifies(timeout=1.0, stop_after=1):
                             pass
                 except Exception as e:

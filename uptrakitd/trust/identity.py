@@ -127,6 +127,10 @@ class ServiceLookup(Protocol):
     def get(self, service_id: str) -> Any: ...
 
 
+CLUSTER_STALE = ("this controller cannot confirm the other controllers' latest changes (the database may be "
+                 "unreachable): try another controller")
+
+
 class Rejected(Exception):
     """Evidence that does not establish an identity; the message is the short reason whoami shows."""
 
@@ -279,8 +283,10 @@ class IdentityResolver:
 
     def __init__(self, network: Callable[[], NetworkSettings], authority: CaState,
                  services: ServiceLookup, trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None,
-                 forwarded_headers: bool = True) -> None:
+                 forwarded_headers: bool = True, stale: Callable[[], bool] = lambda: False) -> None:
         self.network = network
+        # several controllers: while this one cannot confirm the others' changes, no new identity is decided
+        self.stale = stale
         self.authority = authority
         self.services = services
         self.trust_domain = trust_domain
@@ -382,7 +388,8 @@ class IdentityResolver:
                 self._count(label_source, "rejected", getattr(e, "code", "invalid"))
         if not reasons:
             self._count("none", "absent")
-        code = next((c for c in ("revoked", "deactivated", "unknown") if c in codes), "invalid") if reasons else None
+        code = next((c for c in ("cluster_stale", "revoked", "deactivated", "unknown") if c in codes),
+                    "invalid") if reasons else None
         return RequestContext(peer, client_ip, peer, rejected="; ".join(r for r in reasons if r) or None,
                               rejected_code=code, unknown=unknown if code == "unknown" else None)
 
@@ -422,6 +429,9 @@ class IdentityResolver:
 
     def _decide(self, peer: str, client_ip: str, proxy_ip: str | None, source: str,
                 check: Callable[[], Identity]) -> RequestContext:
+        if self.stale():   # said once by ClusterFreshness.watch, not per request
+            self._count(source, "rejected", "cluster_stale")
+            return RequestContext(peer, client_ip, proxy_ip, rejected=CLUSTER_STALE, rejected_code="cluster_stale")
         try:
             identity = check()
         except Rejected as e:

@@ -179,7 +179,7 @@ class OcspFastPath:
     def repeated_get(self, path: bytes, version: bytes, close: bool) -> bytes | None:
         """The complete response for a GET of `path`, or None to answer it the ordinary way."""
         entry = self._entries.get(path)
-        if entry is None:
+        if entry is None or self.ocsp.stale():   # stale: the responder answers tryLater, the ordinary way
             return None
         answer, now = entry.answer, self.clock.seconds()
         if entry.version != self.ocsp.version or now >= (answer.reuse_until or 0):

@@ -23,7 +23,7 @@ def whoami(request: Any) -> dict:
                     "ca_generation": ctx.identity.ca_generation}
     return {"peer_ip": ctx.peer_ip, "client_ip": ctx.client_ip, "proxy_ip": ctx.proxy_ip,
             "via_trusted_proxy": ctx.via_trusted_proxy, "identity": identity,
-            "identity_source": ctx.identity_source, "rejected": ctx.rejected}
+            "identity_source": ctx.identity_source, "rejected": ctx.rejected, "rejected_code": ctx.rejected_code}
 
 
 class NetworkSettingsRoutes:
