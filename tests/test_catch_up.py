@@ -14,16 +14,31 @@ class Reads:
 
     def __init__(self) -> None:
         self.pending: list[tuple[str, Deferred]] = []
+        self.calls: list[tuple] = []
+        self.ran: list[str] = []
 
-    def run(self, operation, key):
+    def run(self, operation, *args):
         d: Deferred = Deferred()
-        self.pending.append((key, d))
+        self.pending.append((args[-1], d))
+        self.calls.append((operation, args))
         return d
 
     def answer(self, row) -> None:
         pending, self.pending = self.pending, []
         for _, d in pending:
             d.callback(row)
+
+    def execute(self, row) -> None:
+        """Each queued read's turn on the store thread: the operation runs (or skips itself) for real."""
+        calls, self.calls = self.calls, []
+        pending, self.pending = self.pending, []
+
+        def load(conn, key):
+            self.ran.append(key)
+            return row
+        for (operation, args), (_, d) in zip(calls, pending):
+            wanted, _, key = args
+            d.callback(operation(None, wanted, load, key))
 
 
 class Adopter:
@@ -71,3 +86,32 @@ class CatchUpTests(TestCase):
         self.clock.advance(CATCH_UP_SECONDS + 0.1)
         self.assertTrue(waiting.called)
         self.failureResultOf(waiting)
+
+    def test_a_read_whose_requests_all_gave_up_is_skipped_when_its_turn_comes(self) -> None:
+        waiting = self.sync.catch_up((0x5, "svc"))
+        self.clock.advance(CATCH_UP_SECONDS + 0.1)      # the store is seconds behind: the request gives up
+        self.failureResultOf(waiting)
+        self.reads.execute({"row": 1})
+        self.assertEqual(self.reads.ran, [], "nobody waits for it: not read")
+        self.sync.catch_up((0x5, "svc"))
+        self.assertEqual(self.sync.catch_up_reads, 2, "skipped is not 'not found': a later request reads again")
+        self.reads.execute({"row": 1})
+        self.assertEqual(len(self.reads.ran), 2, "wanted: the certificate and the service are read")
+        self.assertIn("svc", self.reads.ran)
+
+    def test_a_service_not_found_is_not_read_again_whatever_serial_names_it(self) -> None:
+        self.sync.catch_up((0x1, "ghost"))
+        self.reads.answer(None)
+        for serial in range(2, 200):   # made-up serials naming the same made-up service
+            self.assertTrue(self.sync.catch_up((serial, "ghost")).called)
+        self.assertEqual(self.sync.catch_up_reads, 1)
+
+    def test_at_most_so_many_pairs_are_read_at_once(self) -> None:
+        from uptrakitd.cluster import MAX_CATCH_UPS
+        waits = [self.sync.catch_up((serial, None)) for serial in range(MAX_CATCH_UPS + 10)]
+        self.assertEqual(self.sync.catch_up_reads, MAX_CATCH_UPS)
+        self.assertEqual([w.called for w in waits[MAX_CATCH_UPS:]], [True] * 10, "decided at once, not queued")
+        self.assertEqual(self.sync.catch_ups_refused, 10)
+        self.reads.answer({"row": 1})
+        self.sync.catch_up((10_000, None))
+        self.assertEqual(self.sync.catch_up_reads, MAX_CATCH_UPS + 1, "room again once the reads are done")

@@ -28,7 +28,17 @@ from .store.changes import Change
 
 log = Logger()
 CATCH_UP_SECONDS = 5.0
+MAX_CATCH_UPS = 64   # pairs read at once by the catch-up (each is up to two reads on its store)
+_ABANDONED = object()   # a catch-up read skipped: every request that wanted it had given up
+_SKIPPED = "(skipped)"
 TURN = 50   # changes applied per reactor turn
+
+
+def _unless_abandoned(conn: Any, wanted: list[int], operation: Any, key: str) -> Any:
+    """On the store's thread, when the read's turn comes: run it only if a request still waits for it."""
+    if wanted[0] <= 0:
+        return _ABANDONED
+    return operation(conn, key)
 
 
 class ClusterFreshness:
@@ -100,7 +110,10 @@ class ClusterSync:
         self.applied = 0
         self.catch_up_reads = 0
         self._catching_up: dict[tuple[int | None, str | None], Deferred] = {}
-        self._missed: dict[tuple[int | None, str | None], float] = {}   # read and not found, until then
+        # read and not found, until then: pairs, and services alone as (None, service id)
+        self._missed: dict[tuple[int | None, str | None], float] = {}
+        self._wanted: dict[tuple[int | None, str | None], list[int]] = {}   # requests still waiting, per read
+        self.catch_ups_refused = 0
 
     @inlineCallbacks
     def apply(self, changes: list[Change]) -> Any:
@@ -143,57 +156,80 @@ class ClusterSync:
         controller a moment ago: read those two rows now, without waiting for the change feed (it may be
         behind by seconds in a storm); fires when done, or after CATCH_UP_SECONDS.
 
-        Requests naming the same pair while its read runs share it, and a pair read and not found is not
-        read again for CATCH_UP_SECONDS: a client repeating a certificate no controller issued (a database
-        restored from an older backup, say) costs one read per pair and window, not one per request queued
-        on the catch-up store."""
+        What a flood of made-up names can cost is bounded: requests naming the same pair while its read
+        runs share it; a pair, or a service, read and not found is not read again for CATCH_UP_SECONDS; at
+        most MAX_CATCH_UPS pairs are read at once (more are decided at once, as not known here); and a read
+        whose requests all gave up before the store got to it is skipped, not run."""
         pair = unknown if unknown is not None else (None, None)
         now = self.clock.seconds()
-        if self._missed.get(pair, 0.0) > now:
+        if self._missed.get(pair, 0.0) > now or (pair[1] is not None and self._missed.get((None, pair[1]), 0.0) > now):
             return succeed(None)
         running = self._catching_up.get(pair)
         if running is None:
-            running = self._catching_up[pair] = self._read(pair)
+            if len(self._catching_up) >= MAX_CATCH_UPS:
+                self.catch_ups_refused += 1
+                return succeed(None)
+            wanted = self._wanted[pair] = [0]
+            running = self._catching_up[pair] = self._read(pair, wanted)
             running.addBoth(self._caught_up, pair)
+        wanted = self._wanted[pair]
+        wanted[0] += 1
         waiter: Deferred = Deferred()
 
         def release(result: Any) -> Any:
             if not waiter.called:   # (it timed out already)
+                wanted[0] -= 1
                 waiter.callback(None)
             return result
-        running.addBoth(release)
-        return waiter.addTimeout(CATCH_UP_SECONDS, self.clock)
 
-    def _read(self, pair: tuple[int | None, str | None]) -> Deferred:
+        def gave_up(failure: Any) -> Any:
+            wanted[0] -= 1   # the store may not have got to the read yet: with nobody left, it is skipped
+            return failure
+        running.addBoth(release)
+        return waiter.addTimeout(CATCH_UP_SECONDS, self.clock).addErrback(gave_up)
+
+    def _read(self, pair: tuple[int | None, str | None], wanted: list[int]) -> Deferred:
         serial, service_id = pair
         reads: list[Deferred] = []
         found: list[str] = []
         self.catch_up_reads += 1
 
         def certificate(row: Any, key: str) -> Any:
-            if row is None:
-                return None
-            found.append(key)
-            return self.ca.adopt_certificate(key, row)
+            if row is _ABANDONED:
+                found.append(_SKIPPED)
+            elif row is not None:
+                found.append(key)
+                return self.ca.adopt_certificate(key, row)
+            return None
 
         def service(values: Any, key: str) -> Any:
-            if values is None:
-                return None
-            found.append(key)
-            return self.directory.refresh(key, values)
+            if values is _ABANDONED:
+                found.append(_SKIPPED)
+            elif values is None:
+                self._miss((None, key))   # a service not found: every pair naming it, whatever the serial
+            else:
+                found.append(key)
+                return self.directory.refresh(key, values)
+            return None
         if serial is not None:
-            reads.append(self.reads.run(certificates.load_one, format_serial(serial)).addCallback(
-                certificate, format_serial(serial)))
+            reads.append(self.reads.run(_unless_abandoned, wanted, certificates.load_one, format_serial(serial))
+                         .addCallback(certificate, format_serial(serial)))
         if service_id is not None:
-            reads.append(self.reads.run(stored_services.load_one, service_id).addCallback(service, service_id))
-        return DeferredList(reads, consumeErrors=True).addCallback(lambda _: bool(found))
+            reads.append(self.reads.run(_unless_abandoned, wanted, stored_services.load_one, service_id)
+                         .addCallback(service, service_id))
+        return DeferredList(reads, consumeErrors=True).addCallback(
+            lambda _: None if _SKIPPED in found else bool(found))
 
     def _caught_up(self, found: Any, pair: tuple[int | None, str | None]) -> None:
         self._catching_up.pop(pair, None)
+        self._wanted.pop(pair, None)
         if found is False:
-            if len(self._missed) >= 10_000:
-                self._missed.clear()
-            self._missed[pair] = self.clock.seconds() + CATCH_UP_SECONDS
+            self._miss(pair)
+
+    def _miss(self, pair: tuple[int | None, str | None]) -> None:
+        if len(self._missed) >= 10_000:
+            self._missed.clear()
+        self._missed[pair] = self.clock.seconds() + CATCH_UP_SECONDS
 
     def _apply_one(self, change: Change, certs: dict[str, Any], services: dict[str, Any]) -> Any:
         kind, key = change.kind, change.key
