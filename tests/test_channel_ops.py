@@ -145,6 +145,21 @@ class LifecycleTests(TestCase):
         yield next_event(agent, "service_settings")
         self.assertNotEqual(agent.state.certificate().public_bytes(Encoding.PEM).decode(), first["cert_pem"])
 
+    @inlineCallbacks
+    def test_the_reference_agent_comes_back_when_its_renewal_is_deferred(self):
+        c = yield start_controller(self)
+        agent = yield connected_agent(self, c)
+        before = agent.state.certificate().serial_number
+        c.channel._admission.tokens = -50.0   # as if a fleet had just taken this second's renewals and half the next
+        deferred = next_event(agent, "error", lambda m: m.get("code") == "renewal_deferred")
+        rotated = next_event(agent, "disconnected", lambda d: d[1] == "certificate rotated", timeout=20)
+        agent.renew("test")
+        message = yield deferred
+        self.assertGreaterEqual(message["retry_after_seconds"], 1.0)
+        yield rotated
+        yield next_event(agent, "service_settings")
+        self.assertNotEqual(agent.state.certificate().serial_number, before, "renewed on the second try")
+
 
 class SlowConsumerTests(TestCase):
     timeout = 60

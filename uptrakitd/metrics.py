@@ -82,6 +82,9 @@ class Metrics:
                                       registry=self.registry)
         self.http_head_timeouts = Counter("uptrakit_http_head_timeouts", "Connections closed for not sending a "
                                           "complete request head in time", registry=self.registry)
+        self.renewals_deferred = Counter("uptrakit_renewals_deferred", "Certificate renewals answered "
+                                         "renewal_deferred: more than --rotation-renewal-rate a second asked",
+                                         registry=self.registry)
         self.http_bodies_refused = Counter("uptrakit_http_bodies_refused", "Requests refused (413) for a body "
                                            "larger than the route takes", registry=self.registry)
         self.crl_lag = Gauge("uptrakit_crl_lag_seconds", "How long the served CRLs have lacked a revocation "

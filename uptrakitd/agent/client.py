@@ -356,6 +356,14 @@ class ServiceAgent(Service):
         self.renew(m.get("reason", ""))
 
     def _on_error(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        wait = m.get("retry_after_seconds")
+        if m.get("code") == "renewal_deferred" and isinstance(wait, (int, float)) and not isinstance(wait, bool):
+            # the controller admits renewals at its own pace: the same renewal, a little later
+            self.pending_key = None
+            delay = min(max(float(wait), 0.1), 3600.0)
+            log.info("renewal deferred by the controller: again in {delay:g} s", delay=delay)
+            self._renewal_timer = self.reactor.callLater(delay, self.renew, "deferred")
+            return
         if m.get("code") == "enrollment_refused":
             # a token that is expired, used up, revoked or unknown will not start working: say so and stop
             reason = f"{m.get('message')}: ask the operator for a new enrollment token"

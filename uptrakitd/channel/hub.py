@@ -7,6 +7,7 @@ revocations, rotations and service changes from the event bus.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
@@ -26,7 +27,7 @@ from ..runtime_settings import RuntimeSettings
 from ..trust.identity import Identity
 from . import wire
 from ..listen.closing import DEFAULT_CLOSE_GRACE
-from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactory, ServiceChannelProtocol
+from .protocol import ENROLL_TIMEOUT, MAX_UNKNOWN_IN_A_ROW, ServiceChannelFactory, ServiceChannelProtocol, TokenBucket
 
 log = Logger()
 DEFAULT_PING_INTERVAL = 30
@@ -69,6 +70,11 @@ class ChannelHub:
         self.factories = {kind: ServiceChannelFactory(kind, self, close_grace) for kind in ("agent", "mqtt")}
         self.resources = {f"/api/v1/ws/{kind}": ChannelResource(f) for kind, f in self.factories.items()}
         self._renewal_asked: set[int] = set()
+        # renewals admitted at the pace asked of services (--rotation-renewal-rate), whatever they do: a client
+        # that ignores `within_seconds` gets `renewal_deferred` with a moment to come back, spread by how many
+        # were deferred lately, instead of a CSR check and a signature
+        self._admission = TokenBucket(clock, float(renewals_per_second), float(renewals_per_second))
+        self._deferred_recent, self._deferred_at = 0.0, clock.seconds()
         self._stopping = False
         self._turns: set[Any] = set()   # pending broadcast_in_turns calls, cancelled by stop()
         self.barrier: Callable[[int], Deferred] | None = None   # several controllers: cluster.TrustedGeneration
@@ -255,8 +261,24 @@ class ChannelHub:
         if service is not None:
             self.directory.touch(service)
 
+    def _admit_renewal(self) -> float | None:
+        """None: renew now; else the seconds after which to ask again."""
+        if self._admission.take():
+            return None
+        now = self.clock.seconds()
+        # deferrals of the last seconds (halved every second) say how long the queue is: spread over it
+        self._deferred_recent = self._deferred_recent * 0.5 ** (now - self._deferred_at) + 1
+        self._deferred_at = now
+        return round(random.uniform(1.0, 1.0 + self._deferred_recent / self.renewals_per_second), 1)
+
     @inlineCallbacks
     def _on_renew(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
+        wait = self._admit_renewal()
+        if wait is not None:
+            self.metrics.renewals_deferred.inc()
+            proto.send("error", code="renewal_deferred", retry_after_seconds=wait,
+                       message=f"too many renewals at once: renew again in {wait:g} s")
+            return
         csr = wire.field(message, "csr_pem", str)
         old_serial = proto.serial or 0
         issued = yield self.directory.issue_certificate(_service_id(proto), csr)
