@@ -6,6 +6,9 @@ Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes ab
      UPTRAKIT_BENCH_PIN=1 pins the daemon (its threads and its PKI worker) to CPU 0 and the load processes and
      the prober to CPU 1: the controller gets a core of its own, as on a server whose agents are elsewhere
      (without it, `/healthz` also measures the scheduler sharing two cores among six busy processes).
+     UPTRAKIT_BENCH_IGNORE_WINDOW=1 makes every agent renew at once on `request_cert_renewal`, as a client written
+     to the protocol without the pacing hint would (the controller then answers `renewal_deferred` with a
+     `retry_after_seconds` beyond its pace, which these agents honour).
      UPTRAKIT_BENCH_CONTROLLERS=2 runs that many controllers on one PostgreSQL (Debian's, started in a temp
      dir) behind HAProxy (TCP passthrough, leastconn): the agents spread over them; CPU and memory are summed
      over the controllers, `/healthz` is probed on the first, the rotation is asked of the first.
@@ -35,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROCESSES = 4
+IGNORE_WINDOW = os.environ.get("UPTRAKIT_BENCH_IGNORE_WINDOW") == "1"
 CONCURRENCY = 64   # enrollments / connection attempts in flight per process
 
 
@@ -63,6 +67,7 @@ class Agent:
         self.generation = 1
         self.bundle_at = 0.0
         self.renewed_at = 0.0
+        self.deferred = 0   # renewal_deferred answers received
         self.errors: list[str] = []
         self.ws = None
         self.out_seq = 1
@@ -101,14 +106,20 @@ class Agent:
             elif message["type"] == "request_cert_renewal":
                 within = float(message.get("within_seconds") or 0)
                 break
-        await asyncio.sleep(random.uniform(0, within))
-        csr, key = csr_for(self.service_id)
-        await self.ws.send(frame(self.out_seq, "renew_certificate", csr_pem=csr))
-        self.out_seq += 1
+        if not IGNORE_WINDOW:
+            await asyncio.sleep(random.uniform(0, within))
         while True:
-            message = json.loads(await self.ws.recv())
+            csr, key = csr_for(self.service_id)
+            await self.ws.send(frame(self.out_seq, "renew_certificate", csr_pem=csr))
+            self.out_seq += 1
+            while True:
+                message = json.loads(await self.ws.recv())
+                if message["type"] in ("certificate", "error"):
+                    break
             if message["type"] == "certificate":
                 break
+            self.deferred += 1
+            await asyncio.sleep(float(message.get("retry_after_seconds") or 1))
         try:
             await self.ws.recv()   # the controller closes with "certificate rotated"
         except Exception:
@@ -352,6 +363,10 @@ def main() -> None:
         print(f"rotation: ca_bundle_updated at {len(bundle)} agents, p50 {pct(bundle, 50):.2f} s p99 "
               f"{pct(bundle, 99):.2f} s; back with a new-generation certificate: {len(renewed)} agents, p50 "
               f"{pct(renewed, 50):.1f} s p99 {pct(renewed, 99):.1f} s max {renewed[-1] if renewed else float('nan'):.1f} s")
+        deferred = next((line.rsplit(" ", 1)[1] for line in daemon.request("GET", "/metrics")[1].decode().splitlines()
+                         if line.startswith("uptrakit_renewals_deferred_total ")), "0")
+        print(f"          renewals answered renewal_deferred: {float(deferred):.0f}"
+              + (" (agents renewed at once, ignoring within_seconds)" if IGNORE_WINDOW else ""))
         prober.running = False
         for p in procs:
             p.join(timeout=60)

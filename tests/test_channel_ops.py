@@ -150,7 +150,11 @@ class LifecycleTests(TestCase):
         c = yield start_controller(self)
         agent = yield connected_agent(self, c)
         before = agent.state.certificate().serial_number
-        c.channel._admission.tokens = -50.0   # as if a fleet had just taken this second's renewals and half the next
+        from twisted.internet import reactor
+        from uptrakitd.channel.protocol import TokenBucket
+        # as if a fleet had just taken every renewal: one is admitted every 2 s from now
+        c.channel._admission = TokenBucket(reactor, rate=0.5, burst=1.0)
+        c.channel._admission.tokens = 0.0
         deferred = next_event(agent, "error", lambda m: m.get("code") == "renewal_deferred")
         rotated = next_event(agent, "disconnected", lambda d: d[1] == "certificate rotated", timeout=20)
         agent.renew("test")
