@@ -79,6 +79,15 @@ def drip(port: int, n: int, stop: threading.Event, counts: dict[str, int]) -> No
         s.close()
 
 
+def in_threads(work, count: int) -> None:
+    """Run `work()` in `count` threads at once; return when all are done."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     """One masked client frame (RFC 6455 §5.2)."""
     n = len(payload)
@@ -124,11 +133,7 @@ def closed_websockets(server, daemon) -> None:
         sockets.append(s)
         s.sendall(ws_frame(0x8, b"\x03\xe8"))
         results.append(push(s, ws_frame(0x2, b"x" * 60000, fin=False), 40 * 1024 * 1024, 30))
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, 8)
     after = rss_kib(daemon.pid)
     time.sleep(2)
     still = metric(server, 'uptrakit_connections_open{listener="HTTPS"}') - 1
@@ -298,11 +303,7 @@ def main() -> None:
                     answers.append((s.recv(200).split(b"\r\n")[0].decode(errors="replace"), sent))
             except OSError as e:
                 answers.append((type(e).__name__, 0))
-        threads = [threading.Thread(target=big_body) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(big_body, 3)
         after = rss_kib(daemon.pid)
         print("three 200 MB bodies on the WebSocket route:")
         print(f"  answers {[a for a, _ in answers]}; bytes the clients got out before the close "
