@@ -7,7 +7,6 @@ revocations, rotations and service changes from the event bus.
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
@@ -71,10 +70,10 @@ class ChannelHub:
         self.resources = {f"/api/v1/ws/{kind}": ChannelResource(f) for kind, f in self.factories.items()}
         self._renewal_asked: set[int] = set()
         # renewals admitted at the pace asked of services (--rotation-renewal-rate), whatever they do: a client
-        # that ignores `within_seconds` gets `renewal_deferred` with a moment to come back, spread by how many
-        # were deferred lately, instead of a CSR check and a signature
+        # that ignores `within_seconds` gets `renewal_deferred` with a moment to come back instead of a CSR
+        # check and a signature
         self._admission = TokenBucket(clock, float(renewals_per_second), float(renewals_per_second))
-        self._deferred_recent, self._deferred_at = 0.0, clock.seconds()
+        self._next_slot = 0.0   # the last moment given to a deferred renewal
         self._stopping = False
         self._turns: set[Any] = set()   # pending broadcast_in_turns calls, cancelled by stop()
         self.barrier: Callable[[int], Deferred] | None = None   # several controllers: cluster.TrustedGeneration
@@ -262,14 +261,14 @@ class ChannelHub:
             self.directory.touch(service)
 
     def _admit_renewal(self) -> float | None:
-        """None: renew now; else the seconds after which to ask again."""
+        """None: renew now; else the seconds after which to ask again: each deferred renewal gets a moment
+        of its own, one every 1/rate seconds after those already given out, so they come back at the pace
+        the controller admits (a shared or random moment brought most back too early, deferred again)."""
         if self._admission.take():
             return None
         now = self.clock.seconds()
-        # deferrals of the last seconds (halved every second) say how long the queue is: spread over it
-        self._deferred_recent = self._deferred_recent * 0.5 ** (now - self._deferred_at) + 1
-        self._deferred_at = now
-        return round(random.uniform(1.0, 1.0 + self._deferred_recent / self.renewals_per_second), 1)
+        self._next_slot = max(self._next_slot, now + 1.0) + 1.0 / self.renewals_per_second
+        return round(self._next_slot - now, 1)
 
     @inlineCallbacks
     def _on_renew(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
