@@ -182,13 +182,18 @@ def _stored_or_default(stored: Any) -> NetworkSettings:
         return NetworkSettings()
 
 
+def custody_of(row: Any) -> str:
+    """Where a stored generation's private key is kept (CaGeneration.custody)."""
+    return "external" if row["external"] else "sealed" if row["key_sealed"] else "file"
+
+
 def _ca_keys(settings: Settings, files: PkiFiles) -> Any:
-    """Where this controller keeps managed CA keys: files (SQLite), or sealed in the database (PostgreSQL)."""
-    if not settings.database:
+    """Where this controller keeps managed CA keys: sealed in the database under the key-encryption key when
+    one is given (required with PostgreSQL), else clear files in the data dir."""
+    if settings.ca_key_encryption_key_file is None:
         return FileKeys(files)
-    assert settings.ca_key_encryption_key_file is not None  # build_settings requires it with database
     try:
-        return SealedKeys(load_keks(settings.ca_key_encryption_key_file))
+        return SealedKeys(load_keks(settings.ca_key_encryption_key_file), None if settings.database else files)
     except KeyStoreError as e:
         raise StartupError(str(e)) from None
 
@@ -224,7 +229,7 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
                 store_mod.transaction(conn, ca_generations.reseal, generation, keys.seal(generation, key))
                 log.info("sealed CA generation {generation}'s key with the current key-encryption key",
                          generation=generation)
-        state.generations[generation] = CaGeneration(generation, cert, key, external)
+        state.generations[generation] = CaGeneration(generation, cert, key, external, custody_of(row))
 
     if settings.ca_cert is not None and settings.ca_key is not None:
         try:
@@ -238,21 +243,21 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
             generation = match[0]
         else:
             generation = max(state.generations, default=0) + 1
-            store_mod.transaction(conn, insert_generation, CaGeneration(generation, cert, key, True),
+            store_mod.transaction(conn, insert_generation, CaGeneration(generation, cert, key, True, "external"),
                                   str(settings.ca_key), int(time.time()))
             log.info("using external CA {cn} as generation {generation}",
                      cn=cert.subject.rfc4514_string(), generation=generation)
         for g in list(state.generations):
             if state.generations[g].external and state.generations[g].key is None:
                 del state.generations[g]
-        state.generations[generation] = CaGeneration(generation, cert, key, True)
+        state.generations[generation] = CaGeneration(generation, cert, key, True, "external")
         if generation != max(state.generations):
             raise StartupError("the external CA is older than the active managed CA; refusing to downgrade")
     elif not state.generations:
         cert, key = create_ca(1, network.pki_addr, now)
         key_file, key_sealed = keys.save(1, key)
         reached("ca_key_written")
-        state.generations[1] = CaGeneration(1, cert, key, False)
+        state.generations[1] = CaGeneration(1, cert, key, False, "sealed" if key_sealed else "file")
         store_mod.transaction(conn, insert_generation, state.generations[1], key_file, int(time.time()), key_sealed)
         log.info("created managed CA generation 1: {cn}", cn=state.generations[1].common_name)
 

@@ -206,7 +206,7 @@ class Settings:
     database: str | None = None          # None: SQLite in data_dir; else a postgresql:// URL
     cluster_max_staleness: float = 10.0  # with database: seconds without a confirmed change-log read before
                                          # OCSP answers tryLater and identities are refused (cluster.ClusterFreshness)
-    ca_key_encryption_key_file: Path | None = None   # with database: seals the CA keys kept in it
+    ca_key_encryption_key_file: Path | None = None   # seals the CA keys kept in the database (either engine)
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pki_listen_endpoint(self) -> str | None:
@@ -368,9 +368,6 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     if merged.get("database"):
         kw["database"] = _database_url(merged["database"])
     if merged.get("ca_key_encryption_key_file"):
-        if not kw.get("database"):
-            raise ConfigError("ca_key_encryption_key_file", "only used with --database (with the embedded SQLite "
-                                                            "the CA keys are files in the data dir)")
         kw["ca_key_encryption_key_file"] = Path(_string(merged["ca_key_encryption_key_file"],
                                                         "ca_key_encryption_key_file"))
     if kw.get("database") and "ca_key_encryption_key_file" not in kw:

@@ -328,4 +328,12 @@ def _warn_about_setup(booted: Booted) -> None:
         else:
             log.info("PROXY-protocol listener: PROXY headers accepted only from {senders}; forwarded "
                      "client-certificate headers are ignored (identity comes from mTLS)", senders=senders)
+    clear = [ca for ca in booted.state.generations.values() if ca.custody == "file"]
+    if clear:
+        log.warn("the CA private key(s) of generation(s) {generations} are clear files in {directory} (mode 0600): "
+                 "whoever reads the data dir or a backup of it can mint identities. Seal them: stop the daemon, "
+                 "`uptrakitd-keys seal --data-dir {data_dir} --ca-key-encryption-key-file FILE` (a file of "
+                 "`head -c 32 /dev/urandom | base64`, mode 0600), then start it with --ca-key-encryption-key-file "
+                 "FILE", generations=", ".join(str(ca.generation) for ca in clear),
+                 directory=str((settings.data_dir / "pki").resolve()), data_dir=str(settings.data_dir))
     log.info("admin token file: {path}", path=str(booted.admin_token_path.resolve()))

@@ -44,9 +44,11 @@ class Options(usage.Options):
         ["database", None, None, "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in "
                                  "--data-dir; needs uptrakitd[postgresql] and --ca-key-encryption-key-file. Several "
                                  "controllers may share one database (docs/deployment/high-availability.md)."],
-        ["ca-key-encryption-key-file", None, None, "With --database: file of base64 AES-256 keys, one per line "
-                                                   "(head -c 32 /dev/urandom | base64), the first seals the CA keys "
-                                                   "kept in the database, the others only open older ones (0600)."],
+        ["ca-key-encryption-key-file", None, None, "File of base64 AES-256 keys, one per line (head -c 32 "
+                                                   "/dev/urandom | base64), mode 0600: the first seals the CA keys "
+                                                   "kept in the database (no clear key file), the others only open "
+                                                   "older ones. Required with --database; with SQLite, an existing "
+                                                   "data dir is sealed first with `uptrakitd-keys seal`."],
         ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],

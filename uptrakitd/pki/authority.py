@@ -200,13 +200,13 @@ class CertificateAuthority:
         try:
             generation = active.generation + 1
             cert, key = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now())
-            ca = CaGeneration(generation, cert, key, False)
             try:
                 key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, key)
             except OSError as e:   # a full or read-only disk: nothing was committed, nothing changed
                 log.error("CA rotation refused: the new CA key could not be written ({error})", error=e.strerror or e)
                 raise StorageUnavailable(f"storage unavailable: the new CA key could not be written "
                                          f"({e.strerror or e})") from None
+            ca = CaGeneration(generation, cert, key, False, "sealed" if key_sealed else "file")
             try:
                 yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
             except Exception as e:
@@ -248,7 +248,8 @@ class CertificateAuthority:
         cert = x509.load_pem_x509_certificate(row["cert_pem"].encode())
         key = yield self.run_blocking(self.keys.load, generation, row["key_file"], row["key_sealed"])
         previous = self.state.active().generation
-        notified = yield self._activate(CaGeneration(generation, cert, key, False), previous,
+        notified = yield self._activate(CaGeneration(generation, cert, key, False,
+                                                     "sealed" if row["key_sealed"] else "file"), previous,
                                         " (on another controller)")
         return notified
 

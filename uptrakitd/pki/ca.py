@@ -97,6 +97,7 @@ class CaGeneration:
     cert: x509.Certificate
     key: Any
     external: bool = False
+    custody: str = "file"   # where its private key is kept: "file" (clear, 0600), "sealed", or "external"
 
     @property
     def common_name(self) -> str:

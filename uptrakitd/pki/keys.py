@@ -1,5 +1,6 @@
-"""Where managed CA keys are kept: files under `<data-dir>/pki/` (SQLite), or sealed in the database
-(PostgreSQL) with AES-256-GCM under a key-encryption key (KEK) read from `--ca-key-encryption-key-file`.
+"""Where managed CA keys are kept: clear files under `<data-dir>/pki/` (mode 0600), or sealed in the database
+(SQLite or PostgreSQL; required with PostgreSQL) with AES-256-GCM under a key-encryption key (KEK) read from
+`--ca-key-encryption-key-file`. `uptrakitd-keys seal` moves a data dir from the first to the second.
 
 The KEK file holds one or more keys, one per line, each 32 bytes in base64 (`head -c 32 /dev/urandom |
 base64`). The first line seals new keys; the others only open keys sealed earlier, and at start every
@@ -77,6 +78,9 @@ class FileKeys:
         return self.files.write_ca_key(generation, key), None
 
     def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
+        if not key_file and key_sealed:
+            raise KeyStoreError(f"CA generation {generation}'s key is sealed in the database: start with "
+                                "--ca-key-encryption-key-file (the file it was sealed with)")
         return self.files.load_ca_key(key_file)
 
     def needs_resealing(self, key_sealed: str | None) -> bool:
@@ -84,11 +88,14 @@ class FileKeys:
 
 
 class SealedKeys:
-    """CA keys sealed in the database row itself (no file), under the current KEK."""
+    """CA keys sealed in the database row itself (no file), under the current KEK. With `files` (the embedded
+    SQLite), a generation not sealed yet is still read from its clear file: a data dir half way through
+    `uptrakitd-keys seal` starts, and the log says which keys are still clear."""
 
-    def __init__(self, keks: list[bytes]) -> None:
+    def __init__(self, keks: list[bytes], files: PkiFiles | None = None) -> None:
         self.keks = {kek_id(k): k for k in keks}
         self.current = kek_id(keks[0])
+        self.files = files
 
     def seal(self, generation: int, key: Any) -> str:
         nonce = os.urandom(12)
@@ -99,9 +106,11 @@ class SealedKeys:
         return "", self.seal(generation, key)
 
     def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
+        if not key_sealed and key_file and self.files is not None:
+            return self.files.load_ca_key(key_file)
         if not key_sealed:
             raise KeyStoreError(f"CA generation {generation} has no sealed key in the database (its key is the file "
-                            f"{key_file!r} of the controller that made it)")
+                                f"{key_file!r} of the controller that made it)")
         try:
             version, wanted, blob = key_sealed.split(":", 2)
             raw = base64.b64decode(blob, validate=True)

@@ -32,6 +32,11 @@ def reseal(conn: sqlite3.Connection, generation: int, key_sealed: str) -> None:
     conn.execute("UPDATE ca_generations SET key_sealed = ? WHERE generation = ?", (key_sealed, generation))
 
 
+def forget_key_file(conn: sqlite3.Connection, generation: int) -> None:
+    """The generation's clear key file is gone: its key is the sealed copy alone (pki.seal)."""
+    conn.execute("UPDATE ca_generations SET key_file = '' WHERE generation = ?", (generation,))
+
+
 def next_crl_number(conn: sqlite3.Connection, generation: int) -> int:
     """Increment and return the persisted CRL number of a generation (monotonic across restarts)."""
     conn.execute("UPDATE ca_generations SET crl_number = crl_number + 1 WHERE generation = ?", (generation,))

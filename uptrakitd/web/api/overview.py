@@ -122,7 +122,7 @@ class OverviewRoutes:
                                         f"({int(self.crls.validity.total_seconds() // 3600)} h): proxies that check "
                                         "CRLs will refuse every client. Check the log for CRL rebuild errors."})
             return {"generation": ca.generation, "cn": ca.common_name, "not_after": ca.not_after.isoformat(),
-                    "days_left": (ca.not_after - now).days, "external": ca.external,
+                    "days_left": (ca.not_after - now).days, "external": ca.external, "custody": ca.custody,
                     "crl_number": crl.number if crl else None, "crl_age_seconds": age,
                     "crl_entries": crl.entries if crl else None}
 

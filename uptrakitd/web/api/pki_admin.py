@@ -38,7 +38,7 @@ class PkiSettingsRoutes:
                 return None
             crl = self.crls.current.get(ca.generation)
             return {"generation": ca.generation, "cn": ca.common_name, "fingerprint": ca.fingerprint,
-                    "not_after": ca.not_after.isoformat(), "external": ca.external,
+                    "not_after": ca.not_after.isoformat(), "external": ca.external, "custody": ca.custody,
                     "crl_number": crl.number if crl else None,
                     "crl_age_seconds": int((now - crl.this_update).total_seconds()) if crl else None,
                     "crl_entries": crl.entries if crl else None}

@@ -1,0 +1,119 @@
+"""`uptrakitd-keys seal`: move an embedded-SQLite data dir's CA keys from clear files into sealed rows.
+
+Run with the daemon stopped (the data-dir lock says so otherwise). Crash-safe at every step: each key is
+first sealed into its row, the clear file still in place (committed); then, key by key, the sealed copy is
+opened and compared with the file, the file is removed (and the directory synced), and only then does the
+row stop naming it. A crash anywhere leaves every generation with a clear file, a sealed copy, or both, and
+the daemon starts with the key-encryption key (sealed copies first) or, until the first file is gone,
+without it. Start the daemon with `--ca-key-encryption-key-file` afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..datadir_lock import DataDirInUse, DataDirLock
+from ..store import open_database, sqlite_path, transaction
+from ..store import ca_generations
+from .files import PkiFiles
+from .keys import KeyStoreError, SealedKeys, load_keks
+
+
+class SealError(Exception):
+    """The data dir cannot be sealed; the message says why in one line."""
+
+
+def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] = lambda step: None) -> list[int]:
+    """Seal every managed CA generation whose key is a clear file; returns the generations sealed.
+    `fault(step)` is called after each step (tests raise there to stop at a precise point)."""
+    if not sqlite_path(data_dir).exists():
+        raise SealError(f"{data_dir} holds no uptrakitd database (uptrakit.sqlite3): is it the --data-dir?")
+    try:
+        keys = SealedKeys(load_keks(kek_file))
+    except KeyStoreError as e:
+        raise SealError(str(e)) from None
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+    except DataDirInUse as e:
+        raise SealError(str(e)) from None
+    files = PkiFiles(data_dir)
+    conn = open_database(data_dir)
+    try:
+        clear = [row for row in transaction(conn, ca_generations.load_all)
+                 if not row["external"] and row["key_file"]]
+        for row in clear:   # 1: a sealed copy beside each clear file
+            if row["key_sealed"] and not keys.needs_resealing(row["key_sealed"]):
+                continue
+            key = _clear_key(files, row)
+            transaction(conn, ca_generations.reseal, row["generation"], keys.seal(row["generation"], key))
+            fault("sealed")
+        for row in transaction(conn, ca_generations.load_all):   # 2: the clear files go, one by one
+            if row["external"] or not row["key_file"]:
+                continue
+            generation, path = row["generation"], files.dir / row["key_file"]
+            sealed = keys.load(generation, "", row["key_sealed"])
+            if path.exists() and not _same_key(sealed, files.load_ca_key(row["key_file"])):
+                raise SealError(f"the sealed copy of CA generation {generation} does not match {path}: nothing removed")
+            path.unlink(missing_ok=True)
+            _sync_dir(files.dir)
+            fault("removed")
+            transaction(conn, ca_generations.forget_key_file, generation)
+            fault("forgotten")
+        return [row["generation"] for row in clear]
+    finally:
+        conn.close()
+        lock.release()
+
+
+def _clear_key(files: PkiFiles, row: Any) -> Any:
+    try:
+        return files.load_ca_key(row["key_file"])
+    except (OSError, ValueError) as e:
+        raise SealError(f"cannot read CA generation {row['generation']}'s key {files.dir / row['key_file']}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    return bool(a.private_numbers() == b.private_numbers())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """uptrakitd-keys seal --data-dir DIR --ca-key-encryption-key-file FILE"""
+    parser = argparse.ArgumentParser(prog="uptrakitd-keys", description="Custody of uptrakitd's CA keys.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    seal = commands.add_parser("seal", help="seal the clear CA key files of a stopped controller's data dir "
+                                            "(embedded SQLite) into its database, then remove the files",
+                               description="Seal the clear CA key files of a data dir into its database under "
+                                           "the key-encryption key, then remove them. Stop the daemon first; "
+                                           "start it again with --ca-key-encryption-key-file.")
+    seal.add_argument("--data-dir", required=True, type=Path, help="the daemon's --data-dir")
+    seal.add_argument("--ca-key-encryption-key-file", required=True, type=Path,
+                      help="base64 AES-256 keys, one per line, mode 0600 (head -c 32 /dev/urandom | base64)")
+    args = parser.parse_args(argv)
+    try:
+        sealed = seal_data_dir(args.data_dir, args.ca_key_encryption_key_file)
+    except SealError as e:
+        sys.stderr.write(f"uptrakitd-keys: error: {e}\n")
+        return 2
+    if sealed:
+        print(f"sealed CA generation(s) {', '.join(map(str, sealed))}; the clear key files are removed. Start the "
+              f"daemon with --ca-key-encryption-key-file {args.ca_key_encryption_key_file}")
+    else:
+        print("no clear CA key file to seal")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
