@@ -65,9 +65,8 @@ class PostgresqlStoreTests(TestCase):
         with self.assertRaises(ConfigError) as caught:
             build_settings({"database": "postgresql:///uptrakit"})
         self.assertIn("--ca-key-encryption-key-file", str(caught.exception))
-        with self.assertRaises(ConfigError) as caught:
-            build_settings({"ca_key_encryption_key_file": kek})
-        self.assertIn("only used with --database", str(caught.exception))
+        sealed_sqlite = build_settings({"ca_key_encryption_key_file": kek})   # the embedded SQLite seals too
+        self.assertEqual((sealed_sqlite.database, str(sealed_sqlite.ca_key_encryption_key_file)), (None, kek))
 
     @inlineCallbacks
     def test_the_daemon_keeps_its_records_in_postgresql(self):
