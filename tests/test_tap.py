@@ -47,6 +47,18 @@ class OptionsTests(TestCase):
                      "--force-settings-override", "--log-format"]:
             self.assertIn(flag, text)
 
+    def test_the_readme_lists_every_flag(self):
+        import re
+        options = Options()
+        flags = {"--" + p[0] for p in options.optParameters} | {"--" + f[0] for f in options.optFlags} | {
+            "--" + name[len("opt_"):].replace("_", "-") for name in dir(options) if name.startswith("opt_")}
+        flags -= {"--help", "--version"}
+        table = [line.split("|")[1] for line in (ROOT / "README.md").read_text().splitlines()
+                 if line.startswith("| `--")]
+        listed = {flag for cell in table for flag in re.findall(r"`(--[a-z0-9-]+)`", cell)}
+        self.assertEqual(sorted(flags - listed), [], "flags the README's table does not list")
+        self.assertEqual(sorted(listed - flags), [], "README rows for flags that do not exist")
+
     def test_every_network_setting_has_a_flag(self):
         from uptrakitd.config import NetworkSettings
         text = str(Options())
