@@ -221,15 +221,74 @@ class Settings:
         return f"tcp:{port}:interface=" + host.replace(":", "\\:")  # endpoint strings escape ":"
 
 
-_LIMIT_KEYS = {"max_connections": (1, 1_000_000), "max_connections_per_ip": (1, 1_000_000),
-               "request_head_timeout": (0.1, 3600), "close_grace": (0.1, 60), "listen_backlog": (1, 65535)}
-_FRACTIONAL_LIMITS = {"request_head_timeout", "close_grace"}
-_TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "log_format", "network", "pki",
-             "proxy_protocol_senders", "proxy_protocol_trust_headers", "log_level", "access_log",
-             "metrics_require_auth", "database", "ca_key_encryption_key_file", "rotation_renewal_rate",
-             "cluster_max_staleness",
-             *_LIMIT_KEYS}
-_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", "ocsp_signer", "ocsp_nonce_rate", "ocsp_signing_share"}
+@dataclass(frozen=True)
+class Scalar:
+    """A setting that is one number or one word, declared once: its Settings (or ConnectionLimits) field and
+    TOML key `name`, its flag (`name` with dashes), its --help text and the values it takes. tap.py makes
+    the flags from SCALARS, read_config_file takes their keys, build_settings checks them."""
+
+    name: str
+    help: str
+    kind: type = str                 # int, float, or str with `choices`
+    low: float = 0
+    high: float = 0
+    choices: tuple[str, ...] = ()
+    section: str = ""                # "pki": a key of the [pki] table
+    limit: bool = False              # a ConnectionLimits field
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, without its leading dashes."""
+        return self.name.replace("_", "-")
+
+    def parse(self, value: Any) -> Any:
+        """The checked value (ConfigError naming the setting when it is not one of its values)."""
+        if self.choices:
+            if value not in self.choices:
+                raise ConfigError(self.name, f"must be one of {', '.join(self.choices)}")
+            return value
+        return _number(value, self.name, self.low, self.high, integer=self.kind is int)
+
+
+SCALARS = (
+    Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (default: the issuing CA) or 'delegated' (a two-day P-256 "
+                          "responder certificate that CA issues, its key only in memory, embedded in each answer: a "
+                          "tenth of the CPU per signed answer).", choices=OCSP_SIGNERS, section="pki"),
+    Scalar("ocsp_nonce_rate", "OCSP answers signed per request (a nonce, or a serial never issued) each client address "
+                              "(IPv6: /64) may ask for per second, with bursts of twice that (default 100; 0: no "
+                              "limit); beyond it, tryLater.", int, 0, 1_000_000, section="pki"),
+    Scalar("ocsp_signing_share", "Share of one core (0-1, default 0.5) that OCSP answers signed per request may take, "
+                                 "all clients together; beyond it they get tryLater. 0: no limit.", float, 0, 1,
+           section="pki"),
+    Scalar("cluster_max_staleness", "With --database: seconds this controller may go without confirming it applied "
+                                    "the other controllers' changes before OCSP answers tryLater and new identities "
+                                    "are refused (default 10).", float, 1, 3600),
+    Scalar("log_format", "'text' (default) or 'json' (one JSON object per line: time, level, logger, message and "
+                         "the event's fields).", choices=LOG_FORMATS),
+    Scalar("log_level", "Least severe level logged: debug, info (default), warn or error.", choices=LOG_LEVELS),
+    Scalar("access_log", "Log requests: off (default), sampled (1 in 100) or all. /metrics, /healthz and /readyz "
+                         "only with 'all'.", choices=ACCESS_LOG_MODES),
+    Scalar("max_connections", "Open connections per listener, all peers together (default 4096); past it new "
+                              "connections are refused and logged.", int, 1, 1_000_000, limit=True),
+    Scalar("max_connections_per_ip", "Connections one source address may hold before it authenticates with a "
+                                     "client certificate (default 64); trusted proxies are exempt.", int, 1,
+           1_000_000, limit=True),
+    Scalar("listen_backlog", "Accept queue of TCP listeners whose endpoint string sets no backlog= (default 1024; "
+                             "Twisted's own is 50, which overflows when a fleet reconnects at once).", int, 1, 65535,
+           limit=True),
+    Scalar("rotation_renewal_rate", "Renewals per second a CA rotation asks of this controller's connected services, "
+                                    "and the pace at which it admits renewals (default 100): they renew at random "
+                                    "moments over services/rate seconds (docs/performance.md).", int, 1, 10_000),
+    Scalar("request_head_timeout", "Seconds a connection has to send a complete request head (default 10; the TLS "
+                                   "handshake counts).", float, 0.1, 3600, limit=True),
+    Scalar("close_grace", "Seconds a connection the daemon closes may take to go before it is cut (default 2): a "
+                          "WebSocket after its close, HTTP after a refusal, TLS waiting for the peer's close_notify.",
+           float, 0.1, 60, limit=True),
+)
+_TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "network", "pki",
+             "proxy_protocol_senders", "proxy_protocol_trust_headers", "metrics_require_auth", "database",
+             "ca_key_encryption_key_file", *(s.name for s in SCALARS if not s.section)}
+_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", *(s.name for s in SCALARS if s.section == "pki")}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -374,30 +433,14 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
                                       "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "
                                       "chmod 600 FILE)")
-    for key, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS), ("access_log", ACCESS_LOG_MODES),
-                         ("ocsp_signer", OCSP_SIGNERS)):
-        if key in merged:
-            if merged[key] not in allowed:
-                raise ConfigError(key, f"must be one of {', '.join(allowed)}")
-            kw[key] = merged[key]
     if "metrics_require_auth" in merged:
         if not isinstance(merged["metrics_require_auth"], bool):
             raise ConfigError("metrics_require_auth", "must be true or false")
         kw["metrics_require_auth"] = merged["metrics_require_auth"]
-    if "ocsp_nonce_rate" in merged:
-        kw["ocsp_nonce_rate"] = _number(merged["ocsp_nonce_rate"], "ocsp_nonce_rate", 0, 1_000_000, integer=True)
-    if "ocsp_signing_share" in merged:
-        kw["ocsp_signing_share"] = _number(merged["ocsp_signing_share"], "ocsp_signing_share", 0, 1, integer=False)
-    if "cluster_max_staleness" in merged:
-        kw["cluster_max_staleness"] = _number(merged["cluster_max_staleness"], "cluster_max_staleness", 1, 3600,
-                                              integer=False)
-    if "rotation_renewal_rate" in merged:
-        kw["rotation_renewal_rate"] = _number(merged["rotation_renewal_rate"], "rotation_renewal_rate", 1, 10_000,
-                                              integer=True)
     limits: dict[str, Any] = {}
-    for key, (low, high) in _LIMIT_KEYS.items():
-        if key in merged:
-            limits[key] = _number(merged[key], key, low, high, integer=key not in _FRACTIONAL_LIMITS)
+    for scalar in SCALARS:
+        if scalar.name in merged:
+            (limits if scalar.limit else kw)[scalar.name] = scalar.parse(merged[scalar.name])
     if limits:
         kw["limits"] = ConnectionLimits(**limits)
     if "trust_domain" in merged:

@@ -6,13 +6,14 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .config import ConfigError, Settings, build_settings, read_config_file
+from .config import SCALARS, ConfigError, Settings, build_settings, read_config_file
 from .runtime_settings import RuntimeSettings
 
 log = Logger()
-RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain", "ocsp_signer", "ocsp_nonce_rate", "ocsp_signing_share", "cluster_max_staleness", "rotation_renewal_rate",
-                "log_format", "log_level", "access_log", "metrics_require_auth", "limits", "proxy_protocol_senders",
-                "proxy_protocol_trust_headers")
+# every setting but the runtime ones (network.*) takes effect at the next start
+RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain",
+                "metrics_require_auth", "limits", "proxy_protocol_senders", "proxy_protocol_trust_headers", "database",
+                "ca_key_encryption_key_file", *(scalar.name for scalar in SCALARS if not scalar.limit))
 
 
 class ConfigReloader:

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from .config import DEFAULT_HTTPS_LISTEN, ConfigError, build_settings
+from .config import DEFAULT_HTTPS_LISTEN, SCALARS, ConfigError, build_settings
 
 
 class Options(usage.Options):
@@ -52,39 +52,7 @@ class Options(usage.Options):
         ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
-        ["ocsp-signer", None, None, "Who signs OCSP answers: 'ca' (default: the issuing CA) or 'delegated' (a "
-                                    "two-day P-256 responder certificate that CA issues, its key only in memory, "
-                                    "embedded in each answer: a tenth of the CPU per signed answer)."],
-        ["ocsp-nonce-rate", None, None, "OCSP answers signed per request (a nonce, or a serial never issued) "
-                                        "each client address (IPv6: /64) may ask for per second, with bursts of "
-                                        "twice that (default 100; 0: no limit); beyond it, tryLater."],
-        ["ocsp-signing-share", None, None, "Share of one core (0-1, default 0.5) that OCSP answers signed per request "
-                                           "may take, all clients together; beyond it they get tryLater. 0: no limit."],
-        ["cluster-max-staleness", None, None, "With --database: seconds this controller may go without confirming it "
-                                              "applied the other controllers' changes before OCSP answers tryLater "
-                                              "and new identities are refused (default 10)."],
-        ["log-format", None, None, "'text' (default) or 'json' (one JSON object per line: time, level, logger, "
-                                   "message and the event's fields)."],
-        ["log-level", None, None, "Least severe level logged: debug, info (default), warn or error."],
-        ["access-log", None, None, "Log requests: off (default), sampled (1 in 100) or all. /metrics, /healthz "
-                                   "and /readyz only with 'all'."],
-        ["max-connections", None, None, "Open connections per listener, all peers together (default 4096); "
-                                        "past it new connections are refused and logged."],
-        ["max-connections-per-ip", None, None,
-         "Connections one source address may hold before it authenticates with a client certificate "
-         "(default 64); trusted proxies are exempt."],
-        ["listen-backlog", None, None, "Accept queue of TCP listeners whose endpoint string sets no backlog= "
-                                       "(default 1024; Twisted's own is 50, which overflows when a fleet "
-                                       "reconnects at once)."],
-        ["rotation-renewal-rate", None, None, "Renewals per second a CA rotation asks of this controller's "
-                                              "connected services (default 100): they renew at random moments "
-                                              "over services/rate seconds (docs/performance.md)."],
-        ["request-head-timeout", None, None, "Seconds a connection has to send a complete request head "
-                                             "(default 10; the TLS handshake counts)."],
-        ["close-grace", None, None, "Seconds a connection the daemon closes may take to go before it is cut "
-                                    "(default 2): a WebSocket after its close, HTTP after a refusal, TLS "
-                                    "waiting for the peer's close_notify."],
-    ]
+    ] + [[scalar.flag, None, None, scalar.help] for scalar in SCALARS]
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
         ["metrics-require-auth", None, "Serve /metrics only with an admin (or read) token."],
@@ -124,8 +92,7 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
             "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
-            "trust-domain", "ocsp-signer", "ocsp-nonce-rate", "ocsp-signing-share", "cluster-max-staleness", "log-format", "log-level", "access-log", "max-connections", "max-connections-per-ip",
-            "request-head-timeout", "close-grace", "listen-backlog", "rotation-renewal-rate"]
+            "trust-domain", *(scalar.flag for scalar in SCALARS)]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))
