@@ -245,6 +245,9 @@ class UiTests(TestCase):
                 page.click("#logout")
                 page.wait_for_selector("#login:not([hidden])")
                 assert page.input_value("#token") == "", "the token stayed in the sign-in box"
+                assert not page.is_visible("#session") and not page.is_visible("#logout"), \
+                    "signed out, the header still shows a session and a Sign out button"
+                assert page.get_attribute("#login-error", "class") == "note", "'Signed out.' shown as an error"
                 assert page.evaluate("sessionStorage.length") == 0
                 return {"too_wide": too_wide, "problems": b.problems([(400, "PUT", "/api/v1/settings/network")])}
             except Exception as e:

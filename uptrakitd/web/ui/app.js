@@ -378,12 +378,13 @@ async function show(name) {
 
 // -- session --------------------------------------------------------------------------------------
 
-function signOut(why) {
+function signOut(why, isError = true) {
   sessionStorage.removeItem("uptrakit-token"); token = null; session = null;
   clearInterval(pollTimer); pollTimer = null;
   $("#token").value = "";
   $("#app").hidden = true; $("#session").hidden = true; $("#login").hidden = false;
   $("#login-error").textContent = why || "";
+  $("#login-error").className = isError ? "error" : "note";   // "Signed out." is no error
   for (const id of ["enroll-created", "admin-created"]) $("#" + id).hidden = true;
 }
 
@@ -403,7 +404,7 @@ async function signIn() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); token = $("#token").value.trim(); signIn(); });
-  $("#logout").addEventListener("click", () => signOut("Signed out."));
+  $("#logout").addEventListener("click", () => signOut("Signed out.", false));
   window.addEventListener("hashchange", () => { if (session) show(location.hash.slice(1)); });
   for (const id of ["#svc-status", "#svc-connected", "#svc-search"]) $(id).addEventListener("input", () => loadServices().catch(() => {}));
   for (const id of ["#cert-status", "#cert-search"]) $(id).addEventListener("input", () => loadCertificates().catch(() => {}));
