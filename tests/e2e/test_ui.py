@@ -174,8 +174,22 @@ class UiTests(TestCase):
                 b.go("services")
                 page.wait_for_function("() => document.querySelectorAll('#services-table .dot.on').length === 3")
 
+                # an enrollment token is deleted only after a question
+                b.go("tokens")
+                page.fill("#enroll-form input[name=name]", "throwaway")
+                page.click("#enroll-form button[type=submit]")
+                page.locator("#enroll-table tr", has_text="throwaway").get_by_role("button", name="Delete").click()
+                page.wait_for_selector("#confirm-dialog[open]")
+                assert "throwaway" in page.inner_text("#confirm-dialog")
+                page.click("#confirm-ok")
+                page.wait_for_selector("#enroll-table tr:has-text('throwaway') >> text=deleted")
+
                 # 2. revoke alpha's certificate: the Services page says disconnected without a reload
                 b.go("certificates")
+                from uptrakitd.pki.serials import format_serial
+                shown = page.locator("#certificates-table .serial").all_inner_texts()
+                issued = {format_serial(r.serial) for r in c.ca.state.records.values()}
+                assert shown and set(shown) <= issued, f"serials shown whole: {shown[:3]}"
                 row = page.locator("#certificates-table tr", has_text="alpha").filter(has_text="valid")
                 row.get_by_role("button", name="Revoke…").click()
                 page.select_option("#revoke-reason", "keyCompromise")
@@ -189,6 +203,7 @@ class UiTests(TestCase):
 
                 # 3. rotate the CA and watch the progress reach "all renewed"
                 b.go("rotation")
+                assert page.inner_text("#rot-summary").startswith("No rotation yet"), page.inner_text("#rot-summary")
                 page.click("#rotate")
                 page.wait_for_selector("#rotate-dialog[open]")
                 b.shoot("admin-rotate-dialog-1280")

@@ -192,7 +192,7 @@ async function loadCertificates() {
     } else if (c.status === "valid") {
       actions.append(actionButton("Revoke…", () => revokeDialog(c, who), "action danger"));
     }
-    const serial = el("span", {class: "mono", title: c.serial, text: c.serial.length > 16 ? c.serial.slice(0, 16) + "…" : c.serial});
+    const serial = el("span", {class: "mono serial", text: c.serial});   // whole: what is copied is what is used
     body.append(el("tr", {"data-serial": c.serial}, td(who), td(serial), td("G" + c.ca_generation),
       td(when(c.not_after), expiring ? "expiring" : ""),
       td(c.status + (c.revocation_reason ? ` (${c.revocation_reason}, ${rel(c.revoked_at)})` : ""), "status-" + c.status),
@@ -218,10 +218,15 @@ async function loadRotation() {
     ["Previous CA (still trusted)", o.previous_ca ? `generation ${o.previous_ca.generation}` : "none"]]);
   const total = r.renewed.length + r.on_old_generation.length;
   const summary = $("#rot-summary");
+  if (o && !o.previous_ca && !r.rotated_at) {   // nothing rotated yet: nothing to renew, nothing to drop
+    summary.className = "";
+    summary.textContent = `No rotation yet: generation ${r.generation} is the only CA.`;
+  } else {
   summary.className = r.complete ? "ok" : "pending";
   summary.textContent = (r.rotated_at ? `Rotated to generation ${r.generation} ${rel(r.rotated_at)}; ${r.notified} connected service(s) were notified. ` : `Active generation ${r.generation}. `)
     + `${r.renewed.length} of ${total} renewed on the new generation, ${r.on_old_generation.length} still on an older one. `
     + (r.complete ? "All renewed: proxies may drop the previous CA." : "Keep the previous CA on the proxies until every service has renewed (offline services renew when they reconnect).");
+  }
   const body = $("#rot-table tbody"); body.replaceChildren();
   for (const [items, state] of [[r.on_old_generation, "old"], [r.renewed, "renewed"], [r.without_certificate, "none"]]) {
     for (const s of items) {
@@ -248,6 +253,7 @@ async function loadTokens() {
     const state = t.revoked_at ? "deleted" : expired ? "expired" : used ? "used up" : "active";
     const actions = el("td", {class: "actions"});
     if (state === "active") actions.append(actionButton("Delete", async () => {
+      if (!await ask(`Delete enrollment token ${t.name}?`, "Agents that have not enrolled with it yet cannot use it any more; services it already enrolled keep working.", "Delete")) return null;
       await api("DELETE", `/api/v1/enrollment-tokens/${t.id}`); return `Deleted enrollment token ${t.name}`; }, "action danger"));
     eb.append(el("tr", {}, td(t.name), td(t.kind || "any"), td(`${t.uses} of ${t.max_uses ?? "∞"}`),
       td(t.expires_at ? when(t.expires_at) : "never"), td(t.auto_approve ? "yes" : "no"), td(state), actions));
@@ -258,7 +264,7 @@ async function loadTokens() {
     const mine = session && t.id === session.id;
     const actions = el("td", {class: "actions"});
     if (!t.revoked_at) actions.append(actionButton("Delete", async () => {
-      if (mine && !await ask("Delete your own token?", "You are signed in with it: you will be signed out.", "Delete")) return null;
+      if (!await ask(mine ? "Delete your own token?" : `Delete admin token ${t.name}?`, mine ? "You are signed in with it: you will be signed out." : "Whoever uses it is refused from now on.", "Delete")) return null;
       await api("DELETE", `/api/v1/admin-tokens/${t.id}`); return `Deleted admin token ${t.name}`; }, "action danger"));
     ab.append(el("tr", {}, td(t.name + (mine ? " (you)" : "")), td(t.permissions.includes("admin") ? "admin" : "read"),
       td(when(t.created_at)), td(t.revoked_at ? "deleted" : "active"), actions));
