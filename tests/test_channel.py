@@ -64,7 +64,7 @@ class EnrollmentTests(TestCase):
         error = yield next_event(wrong_kind, "error")
         self.assertIn("mqtt", error["message"])
         yield wrong_kind.stopService()
-        agent = start_agent(self, c, token, kind="mqtt")
+        agent = start_agent(self, c, token, kind="mqtt", backoff=(30, 60))   # its own retry would be 30 s away
         enrolled = yield next_event(agent, "enrolled")
         self.assertEqual(enrolled["status"], "pending")
         used_up = start_agent(self, c, token, kind="mqtt")
@@ -78,10 +78,12 @@ class EnrollmentTests(TestCase):
         status, body = yield request_json(c, "GET", "/api/v1/enrollment-tokens")
         self.assertEqual(body["tokens"][0]["uses"], 1)
         self.assertNotIn("token", body["tokens"][0])
+        approved = next_event(agent, "service_approved")
         status, _ = yield request_json(c, "POST", f"/api/v1/services/{agent.service_id}/approve")
         self.assertEqual(status, 200)
-        # the agent keeps coming back with its enrollment secret and now gets a certificate
-        yield next_event(agent, "service_settings", timeout=20)
+        # the agent waited on its enrollment socket: told at once, it gets its certificate and connects
+        yield approved
+        yield next_event(agent, "service_settings", timeout=5)
         status, body = yield request_json(c, "POST", f"/api/v1/services/{agent.service_id}/approve")
         self.assertEqual((status, body["code"]), (409, "not_pending"))
 

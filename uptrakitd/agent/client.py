@@ -282,8 +282,14 @@ class ServiceAgent(Service):
             self.mode_in_use = "bearer"
             self._request_certificate(proto)
         else:
-            # Waiting for an operator: come back (with backoff) and ask again with the enrollment secret.
-            proto.sendClose(1000)
+            # Waiting for an operator: the controller says `service_approved` on this socket when it happens;
+            # if the socket drops meanwhile, come back (with backoff) and ask again with the enrollment secret.
+            log.info("waiting for an operator to approve service {service}", service=m["service_id"])
+
+    def _on_service_approved(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
+        log.info("service approved: requesting the first certificate")
+        self.mode_in_use = "bearer"
+        self._request_certificate(proto)
 
     def _on_certificate(self, proto: AgentProtocol, m: dict[str, Any]) -> None:
         if self.pending_key is None:

@@ -368,7 +368,13 @@ class ChannelHub:
         proto.close(wire.SUPERSEDED)
 
     def on_service_changed(self, event: ServiceChanged) -> None:
-        """ServiceChanged: a deactivated or rejected service loses its sockets."""
+        """ServiceChanged: a deactivated or rejected service loses its sockets; an approved one that waits on
+        its enrollment socket is told at once (instead of finding out at its next retry, up to a minute later)."""
+        if event.status == "approved":
+            for proto in list(self.sockets):
+                if proto.service_id == event.service_id and proto.phase == "enrolled":
+                    proto.send("service_approved", service_id=event.service_id)
+            return
         reason = {"deactivated": wire.SERVICE_DEACTIVATED, "rejected": wire.SERVICE_NOT_APPROVED}.get(event.status)
         if reason is None:
             return
