@@ -328,13 +328,26 @@ class UiTests(TestCase):
                         live = b.page.evaluate("""() => {
                             const page = document.querySelector('.page:not([hidden])');
                             return Array.from(page.querySelectorAll('button:not(.copy), input, textarea, select'))
-                              .filter((e) => !e.disabled && !e.closest('.filters'))
+                              .filter((e) => !e.disabled && e.getAttribute('aria-disabled') !== 'true'
+                                      && !e.closest('.filters'))
                               .map((e) => e.textContent || e.name || e.id); }""")
                         titles = b.page.evaluate("() => Array.from(document.querySelectorAll('button.action')).map("
                                                  "(e) => e.title)")
                         assert all(t.startswith("Read-only token") for t in titles), titles
                         if live:
                             enabled[f"{name}@{width}"] = live
+                # a keyboard user reaches the locked buttons, and a click on one says why it does nothing
+                b.go("tokens")
+                reached = None
+                for _ in range(40):
+                    b.page.keyboard.press("Tab")
+                    reached = b.page.evaluate("() => { const e = document.activeElement; return e && "
+                                              "e.getAttribute('aria-disabled') === 'true' ? e.title : null; }")
+                    if reached:
+                        break
+                assert reached and reached.startswith("Read-only token"), "Tab never reached a locked button"
+                b.page.keyboard.press("Enter")
+                assert b.page.inner_text("#message").startswith("Read-only token"), b.page.inner_text("#message")
                 # the API refuses even when the UI is bypassed
                 service_id = b.page.evaluate("(t) => fetch('/api/v1/services', {headers: {Authorization: 'Bearer ' + t}})"
                                              ".then((r) => r.json()).then((j) => j.services[0].id)", token)

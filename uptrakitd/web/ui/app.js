@@ -46,9 +46,17 @@ function td(content, cls) {
 function say(text, isError) { const m = $("#message"); m.textContent = text || ""; m.className = isError ? "error" : "ok"; }
 const readOnly = () => !session || session.role !== "admin";
 
+// A read-only session's buttons stay in the Tab order (aria-disabled, not disabled): a keyboard user reaches
+// them and learns why they do nothing; a click on one says so (the capture listener in start()).
+function lock(control, ro) {
+  if (control.tagName === "BUTTON") control.setAttribute("aria-disabled", ro ? "true" : "false");
+  else control.disabled = ro;
+  control.title = ro ? READONLY_TIP : (control.dataset.title || "");
+}
+
 function actionButton(label, handler, cls = "action") {
   const b = el("button", {type: "button", class: cls, text: label});
-  if (readOnly()) { b.disabled = true; b.title = READONLY_TIP; }
+  if (readOnly()) lock(b, true);
   b.addEventListener("click", async () => {
     try { const done = await handler(); if (done) say(done); await refresh(); }
     catch (e) { if (e.status !== 401) say(label + ": " + e.message, true); }
@@ -61,7 +69,7 @@ function applyRole() {
   $("#readonly-note").hidden = !ro;
   for (const b of $$("#app .action, #rotate, #enroll-form input, #enroll-form select, #admin-form input, " +
                      "#admin-form select, #network-form input, #network-form select, #network-form textarea")) {
-    b.disabled = ro; b.title = ro ? READONLY_TIP : (b.dataset.title || "");
+    lock(b, ro);
   }
 }
 
@@ -410,6 +418,10 @@ async function signIn() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); token = $("#token").value.trim(); signIn(); });
+  $("#app").addEventListener("click", (e) => {
+    const locked = e.target.closest && e.target.closest('button[aria-disabled="true"]');
+    if (locked) { e.preventDefault(); e.stopImmediatePropagation(); say(READONLY_TIP + ".", true); }
+  }, true);
   $("#logout").addEventListener("click", () => signOut("Signed out.", false));
   window.addEventListener("hashchange", () => { if (session) show(location.hash.slice(1)); });
   for (const id of ["#svc-status", "#svc-connected", "#svc-search"]) $(id).addEventListener("input", () => loadServices().catch(() => {}));
