@@ -6,7 +6,7 @@ Run: .venv/bin/python bench/ocsp.py   (about 1.5 minutes; runs itself inside `un
 Cases: nginx's form (GET, SHA-1 CertID, no nonce: answered from the cache) over new connections
 (HTTP/1.0, as nginx sends it) and over one keep-alive connection; POST with a nonce (signed per
 request), by the CA (the default) and by a delegated responder (`--ocsp-signer delegated`), both with
-`--ocsp-nonce-rate 0`; and the same flood from one address against the default limit (100 signed answers
+`--ocsp-nonce-rate 0 --ocsp-signing-share 0` (what signing costs, unlimited); and the same flood from one address against the default limit (100 signed answers
 a second, the rest `tryLater`). openssl is restarted per case (its children spin after a client drops
 a connection).
 
@@ -135,9 +135,11 @@ def main() -> None:
     from cryptography.x509 import ocsp
     from common import Daemon, enrolled_certificate, free_port
     # throughput: every nonce answer signed (no per-address limit); the last row runs with the default limit
-    daemon = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener", "--ocsp-nonce-rate", "0")
+    daemon = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener", "--ocsp-nonce-rate", "0",
+                    "--ocsp-signing-share", "0")
     delegated = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener",
-                       "--ocsp-signer", "delegated", "--ocsp-nonce-rate", "0")
+                       "--ocsp-signer", "delegated", "--ocsp-nonce-rate", "0",
+                       "--ocsp-signing-share", "0")
     limited = Daemon("--pki-addr", f"http://127.0.0.1:{free_port()}", "--pki-http", "listener")
     work = tempfile.mkdtemp(prefix="uptrakit-ocsp-")
     use_ab = shutil.which("ab") is not None

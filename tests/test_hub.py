@@ -127,10 +127,19 @@ class HubTests(TestCase):
         self.assertEqual(waits, sorted(waits))
         self.assertEqual((waits[0], waits[-1]), (1.2, 4.0), "a moment each, 5 a second, after a second")
         self.assertEqual(self.hub.metrics.registry.get_sample_value("uptrakit_renewals_deferred_total"), 15)
-        self.clock.advance(1)
+        # one socket asking again and again before its moment keeps that moment, and moves no one else's
+        pushy = deferred[-1]
+        for _ in range(50):
+            self.hub.received(pushy, {"type": "renew_certificate", "csr_pem": make_csr(pushy.service_id)[0].decode()})
+        self.assertEqual({m["retry_after_seconds"] for k, m in pushy.sent[-50:]}, {4.0})
+        latecomer = self.authenticated(*self.enrolled_with_certificate())
+        self.hub.received(latecomer, {"type": "renew_certificate",
+                                      "csr_pem": make_csr(latecomer.service_id)[0].decode()})
+        self.assertEqual(latecomer.sent[-1][1]["retry_after_seconds"], 4.2, "the next moment after the last given")
+        self.clock.advance(1.3)   # past the first deferred service's moment (1.2 s)
         sock = deferred[0]
         self.hub.received(sock, {"type": "renew_certificate", "csr_pem": make_csr(sock.service_id)[0].decode()})
-        self.assertEqual(sock.kinds()[-1], "certificate", "a second later there is room again")
+        self.assertEqual(sock.kinds()[-1], "certificate", "at its moment there is room again")
 
     def test_rotation_tells_every_authenticated_socket_bundle_then_renewal(self):
         service_id, serial = self.enrolled_with_certificate()

@@ -117,8 +117,7 @@ class ChannelHub:
         if ctx.identity is not None:
             self._authenticate(proto, ctx.identity)
         elif ctx.rejected_code == "cluster_stale":   # another controller can decide; this one cannot now
-            proto.phase = "rejected"
-            proto.close(wire.CLUSTER_STALE, wire.TRY_AGAIN_LATER)
+            proto.refuse(wire.CLUSTER_STALE, wire.TRY_AGAIN_LATER)
         elif ctx.rejected_code in ("revoked", "deactivated", "invalid", "unknown"):
             log.info("channel: evidence from {client} rejected ({reason})", client=ctx.client_ip, reason=ctx.rejected)
             proto.refuse({"revoked": wire.CERT_REVOKED, "deactivated": wire.SERVICE_DEACTIVATED}.get(
@@ -260,19 +259,25 @@ class ChannelHub:
         if service is not None:
             self.directory.touch(service)
 
-    def _admit_renewal(self) -> float | None:
-        """None: renew now; else the seconds after which to ask again: each deferred renewal gets a moment
+    def _admit_renewal(self, proto: ServiceChannelProtocol) -> float | None:
+        """None: renew now; else the seconds after which to ask again: each deferred service gets a moment
         of its own, one every 1/rate seconds after those already given out, so they come back at the pace
-        the controller admits (a shared or random moment brought most back too early, deferred again)."""
+        the controller admits (a shared or random moment brought most back too early, deferred again).
+        A service asking again before its moment keeps that moment: one socket repeating its request
+        cannot push every other service's moment further out."""
+        now = self.clock.seconds()
+        slot = getattr(proto, "renewal_slot", None)
+        if slot is not None and slot > now:
+            return round(slot - now, 1)
         if self._admission.take():
             return None
-        now = self.clock.seconds()
         self._next_slot = max(self._next_slot, now + 1.0) + 1.0 / self.renewals_per_second
+        proto.renewal_slot = self._next_slot
         return round(self._next_slot - now, 1)
 
     @inlineCallbacks
     def _on_renew(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
-        wait = self._admit_renewal()
+        wait = self._admit_renewal(proto)
         if wait is not None:
             self.metrics.renewals_deferred.inc()
             proto.send("error", code="renewal_deferred", retry_after_seconds=wait,

@@ -90,6 +90,7 @@ class ChannelState:
     connected_seq: int | None = None   # the change-log seq of this authentication (several controllers)
     unknown_in_row: int = 0
     enroll_timer: Any = None
+    renewal_slot: float | None = None   # the moment a deferred renewal was given (ChannelHub._admit_renewal)
 
     def close(self, reason: str, code: int = wire.POLICY_VIOLATION) -> None:
         raise NotImplementedError
@@ -121,10 +122,10 @@ class ChannelState:
         """Authenticated by a certificate (SPEC §3)."""
         self.phase, self.service_id, self.serial = "authenticated", service_id, serial
 
-    def refuse(self, reason: str) -> None:
-        """Not allowed in: close with a reason from SPEC §5."""
+    def refuse(self, reason: str, code: int = wire.POLICY_VIOLATION) -> None:
+        """Not allowed in: close with a reason from SPEC §5 (1008 unless `code` says otherwise)."""
         self.phase = "rejected"
-        self.close(reason)
+        self.close(reason, code)
 
     def count_unknown(self) -> int:
         """One more unknown message in a row; returns how many."""

@@ -41,11 +41,12 @@ def listen_problem(reactor: IReactorCore, description: str) -> str | None:
         port, host = int(m.group("port")), _option(m.group("rest"), "interface")
         if port > 65535:
             return f"port {port} is not a TCP port (0-65535)"
-        family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
+        # as Twisted does: no interface is IPv4's any address, an address with ':' is IPv6
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((host or "::", port))
+                s.bind((host or "0.0.0.0", port))
             except socket.gaierror as e:
                 return f"{host!r} is not an address of this host ({e.strerror})"
             except (OSError, OverflowError) as e:

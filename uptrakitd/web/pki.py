@@ -80,8 +80,8 @@ class PkiRoutes:
         answer = self.ocsp.answer(der, _peer(request))
         if self.fast_ocsp is not None and request.method == b"GET":
             self.fast_ocsp.remember(request.uri, answer)
-        if "ETag" in answer.headers and _not_modified(request, answer.headers):
-            return Response(b"", "application/ocsp-response", 304, dict(answer.headers))
+        if "ETag" in answer.headers:   # a cacheable answer: a cache revalidating it may get 304
+            return _conditional(request, self._respond(answer), answer.headers["ETag"])
         return self._respond(answer)
 
     @staticmethod
@@ -121,8 +121,7 @@ def _conditional(request: Any, response: Response, etag: str | None = None) -> R
     etag = etag or '"' + hashlib.sha256(response.body).hexdigest()[:32] + '"'
     response.headers["ETag"] = etag
     response.headers.setdefault("Cache-Control", "no-cache")
-    inm = request.getHeader(b"if-none-match")
-    if inm and etag in [t.strip() for t in inm.decode("latin-1").split(",")]:
+    if _not_modified(request, response.headers):
         return Response(b"", response.content_type, 304, response.headers)
     return response
 
