@@ -14,6 +14,7 @@ from uptrakitd.events import EventBus
 from uptrakitd.metrics import Metrics
 from uptrakitd.pki.authority import CertificateAuthority
 from uptrakitd.pki.ca import CaGeneration, create_ca
+from uptrakitd.pki.signer import KeySigner
 from uptrakitd.pki.files import PkiFiles
 from uptrakitd.pki.state import CaState, insert_generation
 
@@ -57,13 +58,14 @@ def make_pki(tmp: str, clock: Clock | None = None) -> tuple[CertificateAuthority
     clock = clock or clock_at(datetime.datetime.now(datetime.timezone.utc))
     memory = MemoryStore()
     now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc)
-    cert, key = create_ca(1, None, now)
+    signer = KeySigner.generate()
+    cert = create_ca(1, None, now, signer)
     state = CaState()
-    ca = CaGeneration(1, cert, key)
+    ca = CaGeneration(1, cert, signer)
     state.add_generation(ca)
     files = PkiFiles(Path(tmp))
     files.dir.mkdir(parents=True, exist_ok=True)
-    memory.run(insert_generation, ca, files.write_ca_key(1, key), int(clock.seconds()))
+    memory.run(insert_generation, ca, files.write_ca_key(1, signer), int(clock.seconds()))
     bus = EventBus()
     authority = CertificateAuthority(state, memory, bus, Metrics(), files, clock, run_now, lambda: None,
                                      "uptrakit.local")

@@ -60,17 +60,18 @@ class AiaTests(TestCase):
     def test_a_ca_embedding_the_older_bundle_url_still_matches_its_pki_addr(self):
         from uptrakitd.pki.ca import create_ca
         import datetime
-        cert, key = create_ca(1, None, datetime.datetime.now(datetime.timezone.utc))
+        from uptrakitd.pki.signer import KeySigner
+        signer = KeySigner.generate()
+        cert = create_ca(1, None, datetime.datetime.now(datetime.timezone.utc), signer)
         old = dict(pki_urls("http://pki.example", 1), ca_issuers="http://pki.example/api/v1/pki/ca.crt")
         self.assertEqual(len(url_extensions(old)), 2)
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
         builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.subject)
-                   .public_key(key.public_key()).serial_number(1).not_valid_before(cert.not_valid_before_utc)
+                   .public_key(signer.public_key()).serial_number(1).not_valid_before(cert.not_valid_before_utc)
                    .not_valid_after(cert.not_valid_after_utc))
         for ext in url_extensions(old):
             builder = builder.add_extension(ext, critical=False)
-        older = builder.sign(key, hashes.SHA384())
+        older = signer.certificate(builder)
         self.assertTrue(same_pki_addr(older, "http://pki.example"))
         self.assertFalse(same_pki_addr(older, "http://other.example"))
         self.assertFalse(same_pki_addr(older, None))

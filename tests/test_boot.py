@@ -198,7 +198,7 @@ class CrashPointTests(TestCase):
             data = Path(tmp) / "data"
             ca = booted.state.active()
             self.assertEqual(ca.generation, 1, step)
-            self.assertEqual(ca.cert.public_key(), ca.key.public_key(), step)
+            self.assertEqual(ca.cert.public_key(), ca.signer.public_key(), step)
             conn = store.connect(data / "uptrakit.sqlite3")
             recorded = {r.serial for r in store.transaction(conn, load_records)}
             self.assertIn(booted.server_cert.serial_number, recorded, f"{step}: server certificate not recorded")

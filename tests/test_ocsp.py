@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.state import CaState as Authority, CertRecord
 from uptrakitd.pki.ca import CaGeneration, create_ca
+from uptrakitd.pki.signer import KeySigner
 from uptrakitd.pki.issue import issue_client_certificate
 from uptrakitd.pki.ocsp import OcspDecodeError, OcspResponder, decode_get_path
 
@@ -23,8 +24,9 @@ NOW = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.timezone.utc)
 
 
 def responder():
-    cert, key = create_ca(1, None, NOW - datetime.timedelta(days=1))
-    ca = CaGeneration(1, cert, key)
+    signer = KeySigner.generate()
+    cert = create_ca(1, None, NOW - datetime.timedelta(days=1), signer)
+    ca = CaGeneration(1, cert, signer)
     authority = Authority()
     authority.add_generation(ca)
     sid = "3f0b3c1e-7a4e-4b8e-9a51-0d1e2f3a4b5c"
@@ -211,9 +213,8 @@ class NonceTemplateTests(TestCase):
         def build(nonce, this_update, next_update):
             calls.append(nonce)
             return b"\x30\x03\x0a\x01\x00"   # a bare status: nothing to template
-        key = CA.key
         for nonce in (b"n" * 16, b"m" * 16):
-            self.assertEqual(templates.answer("k", build, key, hashes.SHA384(), nonce, NOW, NOW), b"\x30\x03\x0a\x01\x00")
+            self.assertEqual(templates.answer("k", build, CA.signer.sign, nonce, NOW, NOW), b"\x30\x03\x0a\x01\x00")
         self.assertEqual(calls[1:], [b"n" * 16, b"m" * 16], "each answer built with its own nonce")
         self.assertEqual((templates.built, templates.filled), (2, 0))
 

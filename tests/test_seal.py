@@ -26,6 +26,11 @@ def kek(testcase: TestCase) -> Path:
     return path
 
 
+def private_key(signer):
+    """The key object behind a KeySigner (the test looks for its traces)."""
+    return serialization.load_pem_private_key(signer.pem(), password=None)
+
+
 def key_traces(key) -> list[bytes]:
     """What a CA private key looks like wherever it might be written: PEM, DER, the bare scalar."""
     scalar = key.private_numbers().private_value.to_bytes(48, "big")
@@ -55,7 +60,7 @@ class SealedFromTheStartTests(TestCase):
         self.assertEqual(status, 200, body)
         status, pki = yield request_json(c, "GET", "/api/v1/settings/pki")
         self.assertEqual((pki["active_ca"]["custody"], pki["previous_ca"]["custody"]), ("sealed", "sealed"))
-        traces = [t for ca in c.ca.state.generations.values() for t in key_traces(ca.key)]
+        traces = [t for ca in c.ca.state.generations.values() for t in key_traces(private_key(ca.signer))]
         data_dir = c.settings.data_dir
         self.assertEqual(sorted(p.name for p in (data_dir / "pki").glob("ca-*.key")), [])
         # every file under the test's directory: data dir, database and its journal, logs of the test
@@ -86,7 +91,7 @@ class SealCommandTests(TestCase):
         self.assertEqual(status, 200)
         status, pki = yield request_json(c, "GET", "/api/v1/settings/pki")
         self.assertEqual(pki["active_ca"]["custody"], "file")
-        self.keys = {g: ca.key.private_numbers() for g, ca in c.ca.state.generations.items()}
+        self.keys = {g: private_key(ca.signer).private_numbers() for g, ca in c.ca.state.generations.items()}
         yield c.stopService()
         return c.settings.data_dir
 
@@ -96,7 +101,7 @@ class SealCommandTests(TestCase):
             flags["ca_key_encryption_key_file"] = str(path)
         booted = boot(build_settings(flags))
         booted.lock.release()
-        return {g: ca.key.private_numbers() for g, ca in booted.state.generations.items()}
+        return {g: private_key(ca.signer).private_numbers() for g, ca in booted.state.generations.items()}
 
     @inlineCallbacks
     def test_a_crash_at_any_step_leaves_a_startable_data_dir_and_the_same_keys(self):

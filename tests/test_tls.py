@@ -59,7 +59,7 @@ class HandshakeTests(TestCase):
     def test_an_expired_client_certificate_is_refused_with_certificate_expired(self):
         import datetime
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         c = yield start_controller(self)
         ca = c.ca.state.active()
@@ -67,8 +67,8 @@ class HandshakeTests(TestCase):
         now = datetime.datetime.now(datetime.timezone.utc)
         leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "old")]))
                 .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now - datetime.timedelta(days=1))
-                .sign(ca.key, hashes.SHA384()))
+                .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now - datetime.timedelta(days=1)))
+        leaf = ca.signer.certificate(leaf)
         pem = serialization.Encoding.PEM
         alert = yield tls_refusal(https_port(c), ca_pem(c), leaf.public_bytes(pem),
                                   key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

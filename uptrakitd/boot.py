@@ -182,11 +182,6 @@ def _stored_or_default(stored: Any) -> NetworkSettings:
         return NetworkSettings()
 
 
-def custody_of(row: Any) -> str:
-    """Where a stored generation's private key is kept (CaGeneration.custody)."""
-    return "external" if row["external"] else "sealed" if row["key_sealed"] else "file"
-
-
 def _ca_keys(settings: Settings, files: PkiFiles) -> Any:
     """Where this controller keeps managed CA keys: sealed in the database under the key-encryption key when
     one is given (required with PostgreSQL), else clear files in the data dir."""
@@ -222,18 +217,18 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
                 if generation == stored[-1]["generation"]:
                     raise StartupError("the active CA is external; start with --ca-cert and --ca-key")
                 continue  # an old external generation whose key we do not hold: not loaded
-            key = None
+            signer = None
         else:
-            key = _load_key(keys, files, row)
+            signer = _load_key(keys, files, row)
             if keys.needs_resealing(row["key_sealed"]):   # sealed with an older key-encryption key
-                store_mod.transaction(conn, ca_generations.reseal, generation, keys.seal(generation, key))
+                store_mod.transaction(conn, ca_generations.reseal, generation, keys.seal(generation, signer))
                 log.info("sealed CA generation {generation}'s key with the current key-encryption key",
                          generation=generation)
-        state.generations[generation] = CaGeneration(generation, cert, key, external, custody_of(row))
+        state.generations[generation] = CaGeneration(generation, cert, signer, external)
 
     if settings.ca_cert is not None and settings.ca_key is not None:
         try:
-            cert, key = load_external_ca(settings.ca_cert.read_bytes(), settings.ca_key.read_bytes())
+            cert, signer = load_external_ca(settings.ca_cert.read_bytes(), settings.ca_key.read_bytes())
         except CaError as e:
             raise StartupError(str(e)) from None
         fp = cert.fingerprint(hashes.SHA256())
@@ -243,21 +238,22 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
             generation = match[0]
         else:
             generation = max(state.generations, default=0) + 1
-            store_mod.transaction(conn, insert_generation, CaGeneration(generation, cert, key, True, "external"),
+            store_mod.transaction(conn, insert_generation, CaGeneration(generation, cert, signer, True),
                                   str(settings.ca_key), int(time.time()))
             log.info("using external CA {cn} as generation {generation}",
                      cn=cert.subject.rfc4514_string(), generation=generation)
         for g in list(state.generations):
-            if state.generations[g].external and state.generations[g].key is None:
+            if state.generations[g].external and state.generations[g].signer is None:
                 del state.generations[g]
-        state.generations[generation] = CaGeneration(generation, cert, key, True, "external")
+        state.generations[generation] = CaGeneration(generation, cert, signer, True)
         if generation != max(state.generations):
             raise StartupError("the external CA is older than the active managed CA; refusing to downgrade")
     elif not state.generations:
-        cert, key = create_ca(1, network.pki_addr, now)
-        key_file, key_sealed = keys.save(1, key)
+        signer = keys.new(1)
+        cert = create_ca(1, network.pki_addr, now, signer)
+        key_file, key_sealed = keys.save(1, signer)
         reached("ca_key_written")
-        state.generations[1] = CaGeneration(1, cert, key, False, "sealed" if key_sealed else "file")
+        state.generations[1] = CaGeneration(1, cert, signer, False)
         store_mod.transaction(conn, insert_generation, state.generations[1], key_file, int(time.time()), key_sealed)
         log.info("created managed CA generation 1: {cn}", cn=state.generations[1].common_name)
 

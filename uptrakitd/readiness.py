@@ -30,7 +30,7 @@ class Readiness:
         database = yield self._database()
         now = self.ca.now()
         active = self.ca.state.active()
-        ca = "ok" if not active.expired(now) and active.key is not None else "active CA unusable"
+        ca = "ok" if not active.expired(now) and active.signer is not None else "active CA unusable"
         stale = self.crls.stale(now)
         if stale:
             crl = f"CRL of generation {stale[-1]} missing or stale"

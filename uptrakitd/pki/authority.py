@@ -20,7 +20,7 @@ from ..errors import StorageUnavailable, BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
 from ..metrics import Metrics
 from ..store import Store, ca_generations, certificates
-from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca, key_pem
+from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca
 from .crl import REASONS
 from .keys import FileKeys
 from .files import PkiFiles
@@ -40,7 +40,7 @@ class CertificateAuthority:
         self.state = state
         self.keys = keys if keys is not None else FileKeys(files)   # where new CA keys are kept
         self.worker: Callable[..., Deferred] | None = None          # submit(fn, *args) to the PKI worker process
-        self._materials: dict[int, tuple[CaGeneration, bytes, bytes]] = {}
+        self._materials: dict[int, tuple[CaGeneration, bytes, tuple[Any, ...]]] = {}
         self.store = store
         self.bus = bus
         self.metrics = metrics
@@ -74,12 +74,12 @@ class CertificateAuthority:
         the reactor; a CsrRejected comes back as is. Without one (unit tests), they run here.
         """
         ca = self.state.active()
-        if self.worker is None or ca.key is None:
+        if self.worker is None or ca.signer is None:
             issued = issue_client_certificate(ca, load_csr(csr_pem), service_id, kind, self.trust_domain, lifetime,
                                               self.pki_addr(), self.now())
         else:
-            cert_der, key_pem_bytes = self._material(ca)
-            der = yield self.worker(issue_in_worker, cert_der, key_pem_bytes, ca.generation, ca.external, csr_pem,
+            cert_der, signer_spec = self._material(ca)
+            der = yield self.worker(issue_in_worker, cert_der, signer_spec, ca.generation, ca.external, csr_pem,
                                     service_id, kind, self.trust_domain, lifetime.total_seconds(), self.pki_addr(),
                                     self.clock.seconds())
             cert = x509.load_der_x509_certificate(der)
@@ -90,11 +90,12 @@ class CertificateAuthority:
                  not_after=issued.cert.not_valid_after_utc.isoformat())
         return issued
 
-    def _material(self, ca: CaGeneration) -> tuple[bytes, bytes]:
-        """The CA's certificate (DER) and key (PEM) for the worker, serialised once per generation."""
+    def _material(self, ca: CaGeneration) -> tuple[bytes, tuple[Any, ...]]:
+        """The CA's certificate (DER) and signer spec for the worker, serialised once per generation."""
         cached = self._materials.get(ca.generation)
         if cached is None or cached[0] is not ca:
-            cached = (ca, ca.cert.public_bytes(Encoding.DER), key_pem(ca.key))
+            assert ca.signer is not None
+            cached = (ca, ca.cert.public_bytes(Encoding.DER), ca.signer.spec())
             self._materials[ca.generation] = cached
         return cached[1], cached[2]
 
@@ -199,14 +200,15 @@ class CertificateAuthority:
         self._rotating = True
         try:
             generation = active.generation + 1
-            cert, key = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now())
+            signer = yield self.run_blocking(self.keys.new, generation)
+            cert = yield self.run_blocking(create_ca, generation, self.pki_addr(), self.now(), signer)
             try:
-                key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, key)
+                key_file, key_sealed = yield self.run_blocking(self.keys.save, generation, signer)
             except OSError as e:   # a full or read-only disk: nothing was committed, nothing changed
                 log.error("CA rotation refused: the new CA key could not be written ({error})", error=e.strerror or e)
                 raise StorageUnavailable(f"storage unavailable: the new CA key could not be written "
                                          f"({e.strerror or e})") from None
-            ca = CaGeneration(generation, cert, key, False, "sealed" if key_sealed else "file")
+            ca = CaGeneration(generation, cert, signer, False)
             try:
                 yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
             except Exception as e:
@@ -246,10 +248,9 @@ class CertificateAuthority:
         if row is None or row["external"]:
             return 0
         cert = x509.load_pem_x509_certificate(row["cert_pem"].encode())
-        key = yield self.run_blocking(self.keys.load, generation, row["key_file"], row["key_sealed"])
+        signer = yield self.run_blocking(self.keys.load, generation, row["key_file"], row["key_sealed"])
         previous = self.state.active().generation
-        notified = yield self._activate(CaGeneration(generation, cert, key, False,
-                                                     "sealed" if row["key_sealed"] else "file"), previous,
+        notified = yield self._activate(CaGeneration(generation, cert, signer, False), previous,
                                         " (on another controller)")
         return notified
 

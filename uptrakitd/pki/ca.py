@@ -9,8 +9,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+from .signer import KeySigner, Signer
 
 CA_LIFETIME = datetime.timedelta(days=5 * 365)
 AUTO_ROTATE_WHEN_LEFT = datetime.timedelta(days=183)
@@ -91,13 +92,17 @@ def embedded_urls(cert: x509.Certificate) -> dict[str, str] | None:
 
 @dataclass(frozen=True)
 class CaGeneration:
-    """One CA: its certificate and key, and the hashes OCSP CertIDs are matched against."""
+    """One CA: its certificate and the signer of its key (None: an old external CA whose key is not given)."""
 
     generation: int
     cert: x509.Certificate
-    key: Any
+    signer: Signer | None
     external: bool = False
-    custody: str = "file"   # where its private key is kept: "file" (clear, 0600), "sealed", or "external"
+
+    @property
+    def custody(self) -> str:
+        """Where its private key is kept: "file" (clear, 0600), "sealed", "pkcs11" or "external"."""
+        return "external" if self.external else self.signer.custody if self.signer else "none"
 
     @property
     def common_name(self) -> str:
@@ -119,27 +124,23 @@ class CaGeneration:
 
     def signing_hash(self) -> hashes.HashAlgorithm | None:
         """Hash used for OCSP/CRL signatures by this CA's key type."""
-        if isinstance(self.key, ec.EllipticCurvePrivateKey):
-            return hashes.SHA384() if self.key.curve.key_size >= 384 else hashes.SHA256()
-        if isinstance(self.key, rsa.RSAPrivateKey):
-            return hashes.SHA256()
-        return None  # Ed25519/Ed448 take no separate hash
+        return self.signer.hash_algorithm() if self.signer else None
 
     def expired(self, now: datetime.datetime) -> bool:
         return now > self.not_after
 
 
-def create_ca(generation: int, pki_addr: str | None, now: datetime.datetime) -> tuple[x509.Certificate, Any]:
-    """A new P-384 CA certificate and key for this generation (SPEC §4.1)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    cn = f"Uptrakit Internal CA G{generation} {spki_sha256(key.public_key())[:8]}"
+def create_ca(generation: int, pki_addr: str | None, now: datetime.datetime, signer: Signer) -> x509.Certificate:
+    """The self-signed CA certificate of this generation for a new key (P-384, SPEC §4.1)."""
+    public_key = signer.public_key()
+    cn = f"Uptrakit Internal CA G{generation} {spki_sha256(public_key)[:8]}"
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Uptrakit")])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + CA_LIFETIME)
@@ -153,7 +154,7 @@ def create_ca(generation: int, pki_addr: str | None, now: datetime.datetime) -> 
     )
     for ext in url_extensions(pki_urls(pki_addr, generation)):
         builder = builder.add_extension(ext, critical=False)
-    return builder.sign(key, hashes.SHA384()), key
+    return signer.certificate(builder)
 
 
 def same_public_key(a: Any, b: Any) -> bool:
@@ -168,7 +169,7 @@ def key_pem(key: Any) -> bytes:
                              serialization.NoEncryption())
 
 
-def load_external_ca(cert_pem: bytes, key_pem_bytes: bytes) -> tuple[x509.Certificate, Any]:
+def load_external_ca(cert_pem: bytes, key_pem_bytes: bytes) -> tuple[x509.Certificate, KeySigner]:
     """Load and check an operator-supplied CA: a CA certificate whose key matches."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -186,4 +187,4 @@ def load_external_ca(cert_pem: bytes, key_pem_bytes: bytes) -> tuple[x509.Certif
         raise CaError("--ca-cert is not a CA certificate (basicConstraints CA:false)")
     if not same_public_key(cert.public_key(), key.public_key()):
         raise CaError("--ca-key does not match --ca-cert")
-    return cert, key
+    return cert, KeySigner(key, "external")

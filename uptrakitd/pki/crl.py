@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, cast
+from typing import Any, Callable, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,8 +22,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..store import Store, ca_generations
-from .ca import CaGeneration, key_pem
+from .ca import CaGeneration
 from .files import PkiFiles
+from .signer import Signer, SignerUnavailable, signer_from_spec
 from .state import CaState, CertRecord
 
 log = Logger()
@@ -77,12 +78,10 @@ def _entry(serial: int, revoked_at: int, reason: str) -> x509.RevokedCertificate
     return builder.build()
 
 
-def sign_crl(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entry], number: int, now_ts: float,
+def sign_crl(ca_cert_der: bytes, signer: Signer, entries: list[Entry], number: int, now_ts: float,
              validity_seconds: int, cache: dict[Entry, x509.RevokedCertificate]) -> tuple[bytes, bytes]:
     """Sign one CA's CRL; returns (DER, PEM). `cache` keeps built entries between rebuilds."""
     cert = x509.load_der_x509_certificate(ca_cert_der)
-    key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    ca = CaGeneration(0, cert, key)
     revoked = []
     for e in entries:
         built = cache.get(e)
@@ -100,20 +99,20 @@ def sign_crl(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entry], number
     builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
                                     critical=False)
-    crl = builder.sign(cast(Any, key), cast(Any, ca.signing_hash()))
+    crl = signer.crl(builder)
     return crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM)
 
 
 _WORKER_CACHES: dict[bytes, dict[Entry, x509.RevokedCertificate]] = {}
 
 
-def sign_crl_in_worker(ca_cert_der: bytes, ca_key_pem: bytes, entries: list[Entry], number: int, now_ts: float,
+def sign_crl_in_worker(ca_cert_der: bytes, signer_spec: tuple[Any, ...], entries: list[Entry], number: int, now_ts: float,
                        validity_seconds: int) -> tuple[bytes, bytes]:
     """sign_crl with a per-CA entry cache that lives as long as the worker process."""
     key = hashlib.sha256(ca_cert_der).digest()
     old = _WORKER_CACHES.get(key, {})
     fresh = {e: old[e] for e in entries if e in old}
-    result = sign_crl(ca_cert_der, ca_key_pem, entries, number, now_ts, validity_seconds, fresh)
+    result = sign_crl(ca_cert_der, signer_from_spec(signer_spec), entries, number, now_ts, validity_seconds, fresh)
     _WORKER_CACHES[key] = fresh
     return result
 
@@ -131,8 +130,14 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, name="uptrakitd-worker-parent-watch", daemon=True).start()
 
 
-def _ca_material(ca: CaGeneration) -> tuple[bytes, bytes]:
-    return ca.cert.public_bytes(serialization.Encoding.DER), key_pem(ca.key)
+def _signer_of(ca: CaGeneration) -> Signer:
+    if ca.signer is None:
+        raise SignerUnavailable(f"CA generation {ca.generation}'s key is not available here")
+    return ca.signer
+
+
+def _ca_material(ca: CaGeneration) -> tuple[bytes, tuple[Any, ...]]:
+    return ca.cert.public_bytes(serialization.Encoding.DER), _signer_of(ca).spec()
 
 
 def _published(generation: int, der: bytes, pem: bytes, number: int, now: datetime.datetime,
@@ -200,7 +205,7 @@ class CrlPublisher:
         records = list(self.state.records.values())
         for ca in self.state.served(now):
             entries = revoked_entries(records, ca.generation, int(now.timestamp()))
-            der, pem = sign_crl(*_ca_material(ca), entries, numbers[ca.generation], now.timestamp(),
+            der, pem = sign_crl(ca.cert.public_bytes(serialization.Encoding.DER), _signer_of(ca), entries, numbers[ca.generation], now.timestamp(),
                                 int(self.validity.total_seconds()), {})
             out.append(_published(ca.generation, der, pem, numbers[ca.generation],
                                   now.replace(microsecond=0), len(entries)))

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..files import atomic_write
 from .ca import key_pem
+from .signer import KeySigner
 
 
 class PkiFiles:
@@ -26,15 +27,15 @@ class PkiFiles:
         """File name (under the pki dir) of a managed CA generation's key."""
         return f"ca-{generation}.key"
 
-    def write_ca_key(self, generation: int, key: Any) -> str:
+    def write_ca_key(self, generation: int, signer: KeySigner) -> str:
         """Write a CA key (0600) before any row names it; returns its file name."""
         name = self.ca_key_name(generation)
-        atomic_write(self.dir / name, key_pem(key), mode=0o600)
+        atomic_write(self.dir / name, signer.pem(), mode=0o600)
         return name
 
-    def load_ca_key(self, name: str) -> Any:
+    def load_ca_key(self, name: str) -> KeySigner:
         """Load a managed CA key by file name (OSError/ValueError when unreadable)."""
-        return serialization.load_pem_private_key((self.dir / name).read_bytes(), password=None)
+        return KeySigner.from_pem((self.dir / name).read_bytes(), "file")
 
     def write_bundle(self, pem: bytes) -> None:
         """The trusted CA bundle for co-located proxies and operators."""

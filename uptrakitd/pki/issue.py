@@ -6,7 +6,7 @@ import hashlib
 import ipaddress
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, cast
+from typing import Any, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import BadRequest
 from .ca import CaGeneration, pki_urls, url_extensions
+from .signer import SignerUnavailable, signer_from_spec
 
 SERVER_LIFETIME = datetime.timedelta(days=90)
 SERVER_RENEW_WHEN_LEFT = datetime.timedelta(days=30)
@@ -77,7 +78,9 @@ def _has(cert: x509.Certificate, ext: type) -> bool:
 
 
 def _sign(builder: x509.CertificateBuilder, ca: CaGeneration) -> x509.Certificate:
-    return builder.sign(ca.key, cast(Any, ca.signing_hash()))
+    if ca.signer is None:
+        raise SignerUnavailable(f"CA generation {ca.generation}'s key is not available here")
+    return ca.signer.certificate(builder)
 
 
 def server_names(hostname: str, extra: Iterable[str]) -> list[x509.GeneralName]:
@@ -195,21 +198,21 @@ def renewal_window(lifetime: datetime.timedelta, override_hours: int | None = No
 _WORKER_CAS: dict[bytes, CaGeneration] = {}
 
 
-def issue_in_worker(ca_cert_der: bytes, ca_key_pem: bytes, generation: int, external: bool, csr_pem: str | bytes,
+def issue_in_worker(ca_cert_der: bytes, signer_spec: tuple[Any, ...], generation: int, external: bool,
+                    csr_pem: str | bytes,
                     service_id: str, kind: str, trust_domain: str, lifetime_seconds: float, pki_addr: str | None,
                     now_ts: float) -> bytes:
     """load_csr + issue_client_certificate in the PKI worker process (off the reactor); the certificate's DER.
 
     The CA is parsed once per worker and generation. A CsrRejected raised here reaches the caller as is.
     """
-    from cryptography.hazmat.primitives import serialization
     digest = hashlib.sha256(ca_cert_der).digest()
     ca = _WORKER_CAS.get(digest)
     if ca is None:
         if len(_WORKER_CAS) >= 4:
             _WORKER_CAS.clear()
-        ca = CaGeneration(generation, x509.load_der_x509_certificate(ca_cert_der),
-                          serialization.load_pem_private_key(ca_key_pem, password=None), external)
+        ca = CaGeneration(generation, x509.load_der_x509_certificate(ca_cert_der), signer_from_spec(signer_spec),
+                          external)
         _WORKER_CAS[digest] = ca
     issued = issue_client_certificate(ca, load_csr(csr_pem), service_id, kind, trust_domain,
                                       datetime.timedelta(seconds=lifetime_seconds), pki_addr,

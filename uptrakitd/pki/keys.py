@@ -19,11 +19,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .ca import key_pem
 from .files import PkiFiles
+from .signer import KeySigner
 
 SEALED_PREFIX = "v1"
 
@@ -73,9 +72,15 @@ class FileKeys:
     def __init__(self, files: PkiFiles) -> None:
         self.files = files
 
-    def save(self, generation: int, key: Any) -> tuple[str, str | None]:
+    custody = "file"
+
+    def new(self, generation: int) -> KeySigner:
+        """A new CA key for this generation, not kept anywhere yet."""
+        return KeySigner.generate(self.custody)
+
+    def save(self, generation: int, signer: Any) -> tuple[str, str | None]:
         """(key_file, key_sealed) for the new row: the key is on disk before the row names it."""
-        return self.files.write_ca_key(generation, key), None
+        return self.files.write_ca_key(generation, signer), None
 
     def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
         if not key_file and key_sealed:
@@ -97,13 +102,18 @@ class SealedKeys:
         self.current = kek_id(keks[0])
         self.files = files
 
-    def seal(self, generation: int, key: Any) -> str:
+    custody = "sealed"
+
+    def new(self, generation: int) -> KeySigner:
+        return KeySigner.generate(self.custody)
+
+    def seal(self, generation: int, signer: KeySigner) -> str:
         nonce = os.urandom(12)
-        sealed = AESGCM(self.keks[self.current]).encrypt(nonce, key_pem(key), _aad(generation))
+        sealed = AESGCM(self.keks[self.current]).encrypt(nonce, signer.pem(), _aad(generation))
         return f"{SEALED_PREFIX}:{self.current}:{base64.b64encode(nonce + sealed).decode('ascii')}"
 
-    def save(self, generation: int, key: Any) -> tuple[str, str | None]:
-        return "", self.seal(generation, key)
+    def save(self, generation: int, signer: Any) -> tuple[str, str | None]:
+        return "", self.seal(generation, signer)
 
     def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
         if not key_sealed and key_file and self.files is not None:
@@ -127,7 +137,7 @@ class SealedKeys:
         except Exception:
             raise KeyStoreError(f"the sealed key of CA generation {generation} does not open with key-encryption key "
                             f"{wanted}: damaged, or not this generation's") from None
-        return serialization.load_pem_private_key(pem, password=None)
+        return KeySigner.from_pem(pem, "sealed")
 
     def needs_resealing(self, key_sealed: str | None) -> bool:
         return bool(key_sealed) and not str(key_sealed).startswith(f"{SEALED_PREFIX}:{self.current}:")

@@ -75,6 +75,17 @@ def _http_date(when: datetime.datetime) -> str:
     return email.utils.format_datetime(when.astimezone(datetime.timezone.utc), usegmt=True)
 
 
+_SHA256_ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+def _delegated_sign(key: ec.EllipticCurvePrivateKey) -> Callable[[ocsp.OCSPResponseBuilder], ocsp.OCSPResponse]:
+    return lambda builder: builder.sign(key, hashes.SHA256())
+
+
+def _delegated_sign_data(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes], bytes]:
+    return lambda data: key.sign(data, _SHA256_ECDSA)
+
+
 class DelegatedSigners:
     """One OCSP-signing certificate per CA generation (RFC 6960 §4.2.2.2), issued by that CA at first use.
 
@@ -107,7 +118,7 @@ class DelegatedSigners:
     def _issue(self, ca: Any, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         ca_key_id = x509.SubjectKeyIdentifier.from_public_key(ca.cert.public_key())
-        cert = (x509.CertificateBuilder()
+        builder = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
                                                             f"Uptrakit OCSP Responder G{ca.generation}")]))
                 .issuer_name(ca.cert.subject).public_key(key.public_key())
@@ -122,8 +133,8 @@ class DelegatedSigners:
                 .add_extension(x509.OCSPNoCheck(), critical=False)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id),
-                               critical=False)
-                .sign(ca.key, ca.signing_hash()))
+                               critical=False))
+        cert = ca.signer.certificate(builder)
         log.info("OCSP responder certificate {serial:X} issued by CA generation {generation}, valid until {until}",
                  serial=cert.serial_number, generation=ca.generation, until=cert.not_valid_after_utc.isoformat())
         return cert, key
@@ -249,11 +260,17 @@ class OcspResponder:
         started = self.budget.cpu()
         validity = UNKNOWN_VALIDITY if label == "unknown" else self.validity
         next_update = now + validity
+        sign: Callable[[ocsp.OCSPResponseBuilder], ocsp.OCSPResponse]
+        sign_data: Callable[[bytes], bytes] | None
+        if ca.signer is None:   # (an old external CA whose key was not given is not served at all)
+            return self._try_later(serial)
         if self.delegated is None:
-            signer, key, signing_hash, embedded = ca.cert, ca.key, ca.signing_hash(), []
+            signer, sign, sign_data, embedded = ca.cert, ca.signer.ocsp, ca.signer.sign, []
+            if not ca.signer.signs_data():
+                sign_data = None
         else:
             signer, key = self.delegated.for_ca(ca, now)
-            signing_hash, embedded = hashes.SHA256(), [signer]
+            sign, sign_data, embedded = _delegated_sign(key), _delegated_sign_data(key), [signer]
 
         def build(nonce: bytes | None, this_update: datetime.datetime, next_update: datetime.datetime) -> bytes:
             builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
@@ -265,14 +282,14 @@ class OcspResponder:
                 builder = builder.certificates(embedded)
             if nonce is not None:
                 builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-            return builder.sign(key, signing_hash).public_bytes(Encoding.DER)
+            return sign(builder).public_bytes(Encoding.DER)
         if nonce is None:
             resp_der = build(None, now, next_update)
         else:
             # everything in the answer but its times and nonce names the template
             template = (ca.generation, signer.serial_number, serial, alg_name, name_hash, key_hash, label,
                         kwargs.get("revocation_time"), kwargs.get("revocation_reason"), validity)
-            resp_der = self.nonces.answer(template, build, key, signing_hash, nonce, now, next_update)
+            resp_der = self.nonces.answer(template, build, sign_data, nonce, now, next_update)
         self.budget.spent(self.budget.cpu() - started)
         if nonce is None and label != "unknown":
             self._cache[cache_key] = (resp_der, now, next_update)

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable, Hashable
+from typing import Callable, Hashable
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
+
+from .der import BASIC_OCSP_OID, OCSP_SUCCESSFUL, read, tlv
 
 MAX_TEMPLATES = 10_000
 MIN_NONCE = 8   # a shorter placeholder could be found elsewhere in the data by chance
 _TEMPLATE_TIME = datetime.datetime(2000, 1, 1, 0, 0, 1, tzinfo=datetime.timezone.utc)
-_BASIC_OID = bytes.fromhex("06092b0601050507300101")   # id-pkix-ocsp-basic
-_SUCCESSFUL = bytes.fromhex("0a0100")                   # OCSPResponseStatus successful
 
 # build(nonce, this_update, next_update) -> the DER answer, as cryptography makes it
 Build = Callable[[bytes, datetime.datetime, datetime.datetime], bytes]
@@ -52,25 +50,6 @@ class _Times:
         return text
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes((tag, n)) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + content
-
-
-def _read(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the DER element at `pos`."""
-    tag, n, pos = data[pos], data[pos + 1], pos + 2
-    if n & 0x80:
-        count = n & 0x7F
-        n, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
-    if pos + n > len(data):
-        raise ValueError("DER element runs past its container")
-    return tag, pos, pos + n
-
-
 class _Template:
     """The signed data around its holes, and how the signed answer is wrapped."""
 
@@ -84,8 +63,8 @@ class _Template:
         return b"".join((p[0], produced, p[1], this_update, p[2], next_update, p[3], nonce, p[4]))
 
     def wrap(self, data: bytes, signature: bytes) -> bytes:
-        basic = _tlv(0x30, data + self.signature_algorithm + _tlv(0x03, b"\x00" + signature) + self.certs)
-        return _tlv(0x30, _SUCCESSFUL + _tlv(0xA0, _tlv(0x30, _BASIC_OID + _tlv(0x04, basic))))
+        basic = tlv(0x30, data + self.signature_algorithm + tlv(0x03, b"\x00" + signature) + self.certs)
+        return tlv(0x30, OCSP_SUCCESSFUL + tlv(0xA0, tlv(0x30, BASIC_OCSP_OID + tlv(0x04, basic))))
 
 
 def _make(der: bytes, placeholder: bytes, this_update: datetime.datetime,
@@ -101,11 +80,11 @@ def _parts(der: bytes, placeholder: bytes, this_update: datetime.datetime,
            next_update: datetime.datetime) -> _Template | None:
     data = ocsp.load_der_ocsp_response(der).tbs_response_bytes
     # ResponseData { [0] version (absent: v1), responderID, producedAt, responses, [1] extensions }
-    _, pos, _ = _read(data, 0)
-    tag, _, pos = _read(data, pos)
+    _, pos, _ = read(data, 0)
+    tag, _, pos = read(data, pos)
     if tag == 0xA0:
-        _, _, pos = _read(data, pos)
-    tag, produced, after = _read(data, pos)
+        _, _, pos = read(data, pos)
+    tag, produced, after = read(data, pos)
     if tag != 0x18 or after - produced != 15:
         return None
     # the rest is searched: the placeholder times (in 2000) and nonce must each be there exactly once
@@ -119,16 +98,16 @@ def _parts(der: bytes, placeholder: bytes, this_update: datetime.datetime,
     sizes = (15, 15, 15, len(placeholder))
     pieces = (data[:at[0]], *(data[at[i] + sizes[i]:at[i + 1]] for i in range(3)), data[at[3] + sizes[3]:])
     # OCSPResponse { status, [0] { OID, OCTET STRING { BasicOCSPResponse { data, algorithm, signature, certs } } } }
-    _, start, end = _read(der, 0)
-    _, start, end = _read(der, _read(der, start)[2])          # [0]
-    _, start, end = _read(der, start)                        # SEQUENCE
-    _, start, end = _read(der, _read(der, start)[2])          # OCTET STRING, after the OID
-    _, start, end = _read(der, start)                        # BasicOCSPResponse
-    alg_start = _read(der, start)[2]                          # after the signed data
+    _, start, end = read(der, 0)
+    _, start, end = read(der, read(der, start)[2])          # [0]
+    _, start, end = read(der, start)                        # SEQUENCE
+    _, start, end = read(der, read(der, start)[2])          # OCTET STRING, after the OID
+    _, start, end = read(der, start)                        # BasicOCSPResponse
+    alg_start = read(der, start)[2]                          # after the signed data
     if der[start:alg_start] != data:
         return None
-    alg_end = _read(der, alg_start)[2]
-    certs_start = _read(der, alg_end)[2]                      # after the signature BIT STRING
+    alg_end = read(der, alg_start)[2]
+    certs_start = read(der, alg_end)[2]                      # after the signature BIT STRING
     template = _Template(pieces, der[alg_start:alg_end], der[certs_start:end])
     if template.data(data[produced:after], marks[0][2:], marks[1][2:], placeholder) != data:
         return None
@@ -144,18 +123,18 @@ class NonceTemplates:
         self.built = 0    # answers cryptography built (templates made, and what cannot be templated)
         self.filled = 0   # answers made from a template
         self._times = _Times()
-        self._ecdsa: dict[str, ec.ECDSA] = {}
 
     def __len__(self) -> int:
         return len(self._templates)
 
-    def answer(self, key: Hashable, build: Build, signing_key: Any, algorithm: hashes.HashAlgorithm | None,
+    def answer(self, key: Hashable, build: Build, sign: Callable[[bytes], bytes] | None,
                nonce: bytes, this_update: datetime.datetime, next_update: datetime.datetime) -> bytes:
-        """The DER answer `build` would make for `nonce` and these times, signed by `signing_key`.
+        """The DER answer `build` would make for `nonce` and these times, signed by `sign` (the signature over
+        the data as the answer carries it, with the key and hash `build` signs with; None: build every answer).
 
         `key` must name everything else the answer holds (certificate, status, signer, validity).
         """
-        if len(nonce) < MIN_NONCE or not isinstance(signing_key, ec.EllipticCurvePrivateKey) or algorithm is None:
+        if len(nonce) < MIN_NONCE or sign is None:
             self.built += 1
             return build(nonce, this_update, next_update)
         key = (key, len(nonce))
@@ -175,7 +154,4 @@ class NonceTemplates:
         times = self._times
         data = template.data(times(datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)),
                              times(this_update), times(next_update), nonce)
-        ecdsa = self._ecdsa.get(algorithm.name)
-        if ecdsa is None:
-            ecdsa = self._ecdsa[algorithm.name] = ec.ECDSA(algorithm)
-        return template.wrap(data, signing_key.sign(data, ecdsa))
+        return template.wrap(data, sign(data))

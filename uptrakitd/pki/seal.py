@@ -20,6 +20,7 @@ from ..store import open_database, sqlite_path, transaction
 from ..store import ca_generations
 from .files import PkiFiles
 from .keys import KeyStoreError, SealedKeys, load_keks
+from .signer import KeySigner
 
 
 class SealError(Exception):
@@ -77,8 +78,8 @@ def _clear_key(files: PkiFiles, row: Any) -> Any:
                         f"{getattr(e, 'strerror', None) or e}") from None
 
 
-def _same_key(a: Any, b: Any) -> bool:
-    return bool(a.private_numbers() == b.private_numbers())
+def _same_key(a: KeySigner, b: KeySigner) -> bool:
+    return a.pem() == b.pem()
 
 
 def _sync_dir(path: Path) -> None:
