@@ -103,13 +103,14 @@ class _DeterministicKey(KeySigner):
 
 class OnePlaceTests(TestCase):
     def test_no_module_but_the_signer_signs_with_a_key(self) -> None:
-        """Every `.sign(` on a builder or key in the daemon is in pki/signer.py, except the delegated OCSP
-        responder's own P-256 key (not a CA key) and the agent's CSR."""
+        """Every `.sign(` on a builder or key in the daemon is in the Signer implementations (pki/signer.py, and
+        pki/pkcs11.py for a token), except the delegated OCSP responder's own P-256 key (not a CA key) and the
+        agent's CSR."""
         package = Path(__file__).parent.parent / "uptrakitd"
         found = []
         for path in sorted(package.rglob("*.py")):
             for line in path.read_text().splitlines():
-                if ".sign(" in line and path.name != "signer.py":
+                if ".sign(" in line and path.name not in ("signer.py", "pkcs11.py"):
                     found.append(f"{path.relative_to(package)}: {line.strip()}")
         self.assertEqual(found, [
             "agent/state.py: csr = builder.sign(key, hashes.SHA256())",

@@ -32,6 +32,7 @@ from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_exter
 from .pki.files import PkiFiles
 from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
+from .pki.signer import SignerUnavailable
 from .pki.state import CaState, insert_generation, insert_issued, load_records
 from .runtime_settings import ServiceCertSettings
 from .store import ca_generations, changes, settings as stored_settings, tokens as stored_tokens
@@ -83,6 +84,7 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
     reached = fault or (lambda step: None)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     data_dir = settings.data_dir
+    token = _open_token(settings)   # a wrong module, token or PIN creates nothing
     try:
         ensure_private_dir(data_dir)
         ensure_private_dir(data_dir / "pki")
@@ -94,7 +96,7 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
     except (DataDirInUse, OSError) as e:
         raise StartupError(str(e)) from None
     try:
-        return _boot(settings, now, reached, lock)
+        return _boot(settings, now, reached, lock, token)
     except store_mod.StoreError as e:
         lock.release()
         raise StartupError(str(e)) from None
@@ -103,7 +105,7 @@ def boot(settings: Settings, now: datetime.datetime | None = None,
         raise
 
 
-def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDirLock) -> Booted:
+def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDirLock, token: Any) -> Booted:
     data_dir = settings.data_dir
     reached("data_dir")
     files = PkiFiles(data_dir)
@@ -126,7 +128,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
         # (the listeners were tried before the data dir was touched: tap.makeService, listen_problem)
         network = store_mod.transaction(conn, _network_settings, settings)
         reached("network")
-        keys = _ca_keys(settings, files)
+        keys = _ca_keys(settings, files, token)
         state = _load_ca_state(conn, settings, files, keys, network, now, reached)
         reached("ca")
         service_certs = ServiceCertSettings.from_json(store_mod.transaction(conn, stored_settings.get,
@@ -182,21 +184,43 @@ def _stored_or_default(stored: Any) -> NetworkSettings:
         return NetworkSettings()
 
 
-def _ca_keys(settings: Settings, files: PkiFiles) -> Any:
-    """Where this controller keeps managed CA keys: sealed in the database under the key-encryption key when
-    one is given (required with PostgreSQL), else clear files in the data dir."""
-    if settings.ca_key_encryption_key_file is None:
-        return FileKeys(files)
+def _open_token(settings: Settings) -> Any:
+    """The PKCS#11 token of --ca-key-uri, logged in (None without one); StartupError with one line."""
+    if settings.ca_key_uri is None:
+        return None
+    from .pki.pkcs11 import Pkcs11Uri, Token, TokenError, read_pin
+    uri = Pkcs11Uri.parse(settings.ca_key_uri)
     try:
-        return SealedKeys(load_keks(settings.ca_key_encryption_key_file), None if settings.database else files)
-    except KeyStoreError as e:
-        raise StartupError(str(e)) from None
+        token = Token(str(settings.pkcs11_module), uri.token, read_pin(settings.pkcs11_pin_file), uri.serial)
+        token.open()
+    except TokenError as e:
+        raise StartupError(f"{e} (nothing was created or changed)") from None
+    log.info("CA keys: PKCS#11 token {label!r} through {module}", label=uri.token, module=str(settings.pkcs11_module))
+    return token
+
+
+def _ca_keys(settings: Settings, files: PkiFiles, token: Any = None) -> Any:
+    """Where this controller keeps managed CA keys: in the PKCS#11 token of --ca-key-uri (older generations
+    still opened where they were), sealed in the database under the key-encryption key when one is given
+    (required with PostgreSQL without a token), else clear files in the data dir."""
+    older: Any = FileKeys(files)
+    if settings.ca_key_encryption_key_file is not None:
+        try:
+            older = SealedKeys(load_keks(settings.ca_key_encryption_key_file), None if settings.database else files)
+        except KeyStoreError as e:
+            raise StartupError(str(e)) from None
+    if token is None:
+        return older
+    from .pki.pkcs11 import Pkcs11Keys, Pkcs11Uri
+    assert settings.ca_key_uri is not None
+    return Pkcs11Keys(token, Pkcs11Uri.parse(settings.ca_key_uri), older)
 
 
 def _load_key(keys: Any, files: PkiFiles, row: Any) -> Any:
+    from .pki.pkcs11 import TokenError
     try:
         return keys.load(row["generation"], row["key_file"], row["key_sealed"])
-    except KeyStoreError as e:
+    except (KeyStoreError, TokenError, SignerUnavailable) as e:
         raise StartupError(str(e)) from None
     except FileNotFoundError:
         raise StartupError(f"cannot load CA key {files.dir / row['key_file']}: file not found") from None
@@ -248,14 +272,20 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
         state.generations[generation] = CaGeneration(generation, cert, signer, True)
         if generation != max(state.generations):
             raise StartupError("the external CA is older than the active managed CA; refusing to downgrade")
-    elif not state.generations:
-        signer = keys.new(1)
-        cert = create_ca(1, network.pki_addr, now, signer)
-        key_file, key_sealed = keys.save(1, signer)
-        reached("ca_key_written")
-        state.generations[1] = CaGeneration(1, cert, signer, False)
-        store_mod.transaction(conn, insert_generation, state.generations[1], key_file, int(time.time()), key_sealed)
-        log.info("created managed CA generation 1: {cn}", cn=state.generations[1].common_name)
+    else:
+        signer = _next_key(keys, state)
+        if signer is not None:
+            generation = max(state.generations, default=0) + 1
+            cert = create_ca(generation, network.pki_addr, now, signer)
+            key_file, key_sealed = keys.save(generation, signer)
+            reached("ca_key_written")
+            state.generations[generation] = CaGeneration(generation, cert, signer, False)
+            store_mod.transaction(conn, insert_generation, state.generations[generation], key_file, int(time.time()),
+                                  key_sealed)
+            log.info("created managed CA generation {generation}: {cn}, its key {custody}{previous}",
+                     generation=generation, cn=state.generations[generation].common_name,
+                     custody=_CUSTODY_WORDS.get(signer.custody, signer.custody),
+                     previous=f" (G{generation - 1} stays trusted)" if generation > 1 else "")
 
     for ca in list(state.generations.values()):
         state.add_generation(ca)
@@ -276,6 +306,30 @@ def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles
     for record in store_mod.transaction(conn, load_records):
         state.add_record(record)
     return state
+
+
+_CUSTODY_WORDS = {"file": "in a clear file", "sealed": "sealed in the database", "pkcs11": "in the PKCS#11 token"}
+
+
+def _next_key(keys: Any, state: CaState) -> Any:
+    """The signer of a generation to make at start, or None: on first start, and with --ca-key-uri when the
+    active CA's key is not in the token (a move into it) or is not the operator-made key the URI names."""
+    from .pki.pkcs11 import Pkcs11Keys, TokenError
+    active = state.generations[max(state.generations)] if state.generations else None
+    if not isinstance(keys, Pkcs11Keys):
+        return keys.new(1) if active is None else None
+    try:
+        wanted = keys.operator_key()
+        if active is not None and active.custody == "pkcs11" and (
+                wanted is None or same_public_key(wanted.public_key(), active.cert.public_key())):
+            return None
+        if active is not None:
+            log.info("the active CA (generation {generation}) has its key {custody}: making a new generation "
+                     "in the token", generation=active.generation, custody=_CUSTODY_WORDS.get(active.custody,
+                                                                                                active.custody))
+        return wanted or keys.new(max(state.generations, default=0) + 1)
+    except (TokenError, SignerUnavailable) as e:
+        raise StartupError(str(e)) from None
 
 
 def _server_certificate(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, state: CaState,

@@ -1,6 +1,7 @@
 """Typed, validated settings from flags, the TOML file and the store (SPEC §1, §7)."""
 from __future__ import annotations
 
+import os
 import ipaddress
 import re
 import tomllib
@@ -207,6 +208,9 @@ class Settings:
     cluster_max_staleness: float = 10.0  # with database: seconds without a confirmed change-log read before
                                          # OCSP answers tryLater and identities are refused (cluster.ClusterFreshness)
     ca_key_encryption_key_file: Path | None = None   # seals the CA keys kept in the database (either engine)
+    ca_key_uri: str | None = None        # pkcs11:token=…: new CA keys are made and used in that token
+    pkcs11_module: Path | None = None    # the token's PKCS#11 library
+    pkcs11_pin_file: Path | None = None  # its user PIN (else UPTRAKIT_PKCS11_PIN); read at start, never kept here
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pki_listen_endpoint(self) -> str | None:
@@ -251,7 +255,8 @@ class Scalar:
 
 
 SCALARS = (
-    Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (default: the issuing CA) or 'delegated' (a two-day P-256 "
+    Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (the issuing CA; the default unless the CA key is in a "
+                          "token) or 'delegated' (a two-day P-256 "
                           "responder certificate that CA issues, its key only in memory, embedded in each answer: a "
                           "tenth of the CPU per signed answer).", choices=OCSP_SIGNERS, section="pki"),
     Scalar("ocsp_nonce_rate", "OCSP answers signed per request (a nonce, or a serial never issued) each client address "
@@ -288,7 +293,8 @@ SCALARS = (
 _TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "network", "pki",
              "proxy_protocol_senders", "proxy_protocol_trust_headers", "metrics_require_auth", "database",
              "ca_key_encryption_key_file", *(s.name for s in SCALARS if not s.section)}
-_PKI_KEYS = {"ca_cert", "ca_key", "trust_domain", *(s.name for s in SCALARS if s.section == "pki")}
+_PKI_KEYS = {"ca_cert", "ca_key", "ca_key_uri", "pkcs11_module", "pkcs11_pin_file", "trust_domain",
+             *(s.name for s in SCALARS if s.section == "pki")}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -387,6 +393,33 @@ def _proxy_protocol(merged: Mapping[str, Any], kw: dict[str, Any]) -> None:
                           "only make sense with a haproxy:... --https-listen")
 
 
+def _token(merged: dict[str, Any], kw: dict[str, Any]) -> None:
+    """--ca-key-uri with --pkcs11-module and (--pkcs11-pin-file or UPTRAKIT_PKCS11_PIN)."""
+    from .pki.pkcs11 import PIN_ENVIRONMENT, Pkcs11Uri
+    if not merged.get("ca_key_uri"):
+        for name in ("pkcs11_module", "pkcs11_pin_file"):
+            if merged.get(name):
+                raise ConfigError(name, f"--{name.replace('_', '-')} only makes sense with --ca-key-uri")
+        return
+    uri = _string(merged["ca_key_uri"], "ca_key_uri")
+    try:
+        Pkcs11Uri.parse(uri)
+    except ValueError as e:
+        raise ConfigError("ca_key_uri", str(e)) from None
+    if merged.get("ca_cert"):
+        raise ConfigError("ca_key_uri", "--ca-key-uri and --ca-cert/--ca-key are two different CAs: give one")
+    if not merged.get("pkcs11_module"):
+        raise ConfigError("pkcs11_module", "--ca-key-uri needs --pkcs11-module, the token's PKCS#11 library "
+                                           "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
+    kw["ca_key_uri"] = uri
+    kw["pkcs11_module"] = _readable_file(merged["pkcs11_module"], "pkcs11_module")
+    if merged.get("pkcs11_pin_file"):
+        kw["pkcs11_pin_file"] = _readable_file(merged["pkcs11_pin_file"], "pkcs11_pin_file")
+    elif not os.environ.get(PIN_ENVIRONMENT):
+        raise ConfigError("pkcs11_pin_file", f"--ca-key-uri needs the token's user PIN: --pkcs11-pin-file FILE "
+                                             f"(mode 0600) or the environment variable {PIN_ENVIRONMENT}")
+
+
 def _database_url(value: Any) -> str:
     """A PostgreSQL connection URL (postgresql://user@host:port/dbname?...); the password may be in it."""
     url = _string(value, "database")
@@ -429,10 +462,11 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     if merged.get("ca_key_encryption_key_file"):
         kw["ca_key_encryption_key_file"] = Path(_string(merged["ca_key_encryption_key_file"],
                                                         "ca_key_encryption_key_file"))
-    if kw.get("database") and "ca_key_encryption_key_file" not in kw:
+    _token(merged, kw)
+    if kw.get("database") and "ca_key_encryption_key_file" not in kw and "ca_key_uri" not in kw:
         raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
                                       "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "
-                                      "chmod 600 FILE)")
+                                      "chmod 600 FILE), or in a PKCS#11 token (--ca-key-uri)")
     if "metrics_require_auth" in merged:
         if not isinstance(merged["metrics_require_auth"], bool):
             raise ConfigError("metrics_require_auth", "must be true or false")
@@ -443,6 +477,13 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
             (limits if scalar.limit else kw)[scalar.name] = scalar.parse(merged[scalar.name])
     if limits:
         kw["limits"] = ConnectionLimits(**limits)
+    if "ca_key_uri" in kw:
+        if "ocsp_signer" not in kw:
+            kw["ocsp_signer"] = "delegated"   # the CA key is not in memory: it signs only the responder's certificate
+        elif kw["ocsp_signer"] == "ca":
+            raise ConfigError("ocsp_signer", "with --ca-key-uri OCSP answers are signed by the delegated responder "
+                                             "(the CA key in the token signs its certificate): leave --ocsp-signer "
+                                             "unset or 'delegated'")
     if "trust_domain" in merged:
         td = _string(merged["trust_domain"], "trust_domain").lower()
         if not _DNS_NAME.match(td) or td.startswith("*"):

@@ -138,7 +138,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
               "every change the other controllers made", registry=metrics.registry).set_function(freshness.staleness)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer,
                                    log_answers=settings.log_level == "debug", nonce_rate=settings.ocsp_nonce_rate,
-                                   signing_share=settings.ocsp_signing_share, stale=stale)
+                                   signing_share=settings.ocsp_signing_share, stale=stale, run_blocking=run_blocking)
+    ocsp.prepare()
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
                                      settings.trust_domain, booted.keys)
     ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor

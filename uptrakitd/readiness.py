@@ -11,6 +11,7 @@ from .store import Store, read_probe, write_probe
 
 DATABASE_TIMEOUT = 2.0
 WRITE_PROBE_EVERY = 10.0  # seconds: a probe answered within this reuses the last write's result
+SIGNER_PROBE_EVERY = 2.0  # seconds: a CA key in a token is tried again after this (unplugged, back)
 
 
 class Readiness:
@@ -22,6 +23,7 @@ class Readiness:
         self.ca = ca
         self.crls = crls
         self._last_probe: tuple[float, str] | None = None
+        self._signer_probe: tuple[float, str, Any] | None = None
         self.last: dict[str, str] = {}  # the latest answer, for the uptrakit_ready gauge
 
     @inlineCallbacks
@@ -31,6 +33,8 @@ class Readiness:
         now = self.ca.now()
         active = self.ca.state.active()
         ca = "ok" if not active.expired(now) and active.signer is not None else "active CA unusable"
+        if ca == "ok":
+            ca = yield self._signer(active.signer)
         stale = self.crls.stale(now)
         if stale:
             crl = f"CRL of generation {stale[-1]} missing or stale"
@@ -43,6 +47,22 @@ class Readiness:
             self.last["cluster"] = (f"stale ({self.freshness.staleness():.0f} s without a confirmed read of the "
                                     f"other controllers' changes)" if self.freshness.stale() else "ok")
         return self.last
+
+    @inlineCallbacks
+    def _signer(self, signer: Any) -> Any:
+        # a key in a token: one signature off the reactor, at most every 2 s (a token's state can change any time)
+        if signer.in_memory:
+            return "ok"
+        now = self.ca.clock.seconds()
+        if self._signer_probe is None or now - self._signer_probe[0] >= SIGNER_PROBE_EVERY or \
+                self._signer_probe[2] is not signer:
+            try:
+                yield self.ca.run_blocking(signer.check).addTimeout(DATABASE_TIMEOUT, self.ca.clock)
+                result = "ok"
+            except Exception as e:
+                result = f"CA key unavailable ({getattr(e, 'message', None) or type(e).__name__})"
+            self._signer_probe = (now, result, signer)
+        return self._signer_probe[1]
 
     @inlineCallbacks
     def _database(self) -> Any:

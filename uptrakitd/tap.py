@@ -49,6 +49,13 @@ class Options(usage.Options):
                                                    "kept in the database (no clear key file), the others only open "
                                                    "older ones. Required with --database; with SQLite, an existing "
                                                    "data dir is sealed first with `uptrakitd-keys seal`."],
+        ["ca-key-uri", None, None, "RFC 7512 URI of a PKCS#11 token (pkcs11:token=LABEL): new CA keys are generated "
+                                   "and used inside it, never in the clear; with object=NAME or id=…, that existing "
+                                   "key is the next one. Needs --pkcs11-module and the PIN "
+                                   "(docs/deployment/ca-keys.md)."],
+        ["pkcs11-module", None, None, "The token's PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)."],
+        ["pkcs11-pin-file", None, None, "File (mode 0600) whose first line is the token's user PIN; or set "
+                                        "UPTRAKIT_PKCS11_PIN. Never on the command line."],
         ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
         ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
         ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
@@ -91,7 +98,8 @@ def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
     keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
             "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
-            "pki-addr", "database", "ca-key-encryption-key-file", "pki-http", "pki-listen", "ca-cert", "ca-key",
+            "pki-addr", "database", "ca-key-encryption-key-file", "ca-key-uri", "pkcs11-module", "pkcs11-pin-file",
+            "pki-http", "pki-listen", "ca-cert", "ca-key",
             "trust-domain", *(scalar.flag for scalar in SCALARS)]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))

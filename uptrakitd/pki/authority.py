@@ -102,8 +102,9 @@ class CertificateAuthority:
     @inlineCallbacks
     def issue_server_certificate(self, hostname: str, sans: Iterable[str], ca: CaGeneration | None = None) -> Any:
         """A recorded server certificate from `ca` (default: the active CA); fires with (Issued, key)."""
-        issued, key = issue_server_certificate(ca or self.state.active(), hostname, tuple(sans), self.pki_addr(),
-                                               self.now())
+        # (off the reactor: the CA key may be in a token)
+        issued, key = yield self.run_blocking(issue_server_certificate, ca or self.state.active(), hostname,
+                                              tuple(sans), self.pki_addr(), self.now())
         # recorded before anyone uses it: a certificate the records lack would get OCSP "unknown"
         yield self._record(issued, None, "server")
         return issued, key

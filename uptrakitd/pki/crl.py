@@ -205,7 +205,8 @@ class CrlPublisher:
         records = list(self.state.records.values())
         for ca in self.state.served(now):
             entries = revoked_entries(records, ca.generation, int(now.timestamp()))
-            der, pem = sign_crl(ca.cert.public_bytes(serialization.Encoding.DER), _signer_of(ca), entries, numbers[ca.generation], now.timestamp(),
+            der, pem = sign_crl(ca.cert.public_bytes(serialization.Encoding.DER), _signer_of(ca), entries,
+                                numbers[ca.generation], now.timestamp(),
                                 int(self.validity.total_seconds()), {})
             out.append(_published(ca.generation, der, pem, numbers[ca.generation],
                                   now.replace(microsecond=0), len(entries)))

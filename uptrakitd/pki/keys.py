@@ -66,6 +66,12 @@ def _aad(generation: int) -> bytes:
     return f"uptrakitd CA key, generation {generation}".encode()
 
 
+def _not_in_a_token(generation: int, key_file: str) -> None:
+    if key_file.startswith("pkcs11:"):
+        raise KeyStoreError(f"CA generation {generation}'s key is in a PKCS#11 token ({key_file}): start with "
+                            "--ca-key-uri, --pkcs11-module and the PIN")
+
+
 class FileKeys:
     """CA keys as 0600 files in the data dir; the row names the file."""
 
@@ -83,6 +89,7 @@ class FileKeys:
         return self.files.write_ca_key(generation, signer), None
 
     def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
+        _not_in_a_token(generation, key_file)
         if not key_file and key_sealed:
             raise KeyStoreError(f"CA generation {generation}'s key is sealed in the database: start with "
                                 "--ca-key-encryption-key-file (the file it was sealed with)")
@@ -116,6 +123,7 @@ class SealedKeys:
         return "", self.seal(generation, signer)
 
     def load(self, generation: int, key_file: str, key_sealed: str | None) -> Any:
+        _not_in_a_token(generation, key_file)
         if not key_sealed and key_file and self.files is not None:
             return self.files.load_ca_key(key_file)
         if not key_sealed:

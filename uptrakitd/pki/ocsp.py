@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import Counter
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -97,19 +98,50 @@ class DelegatedSigners:
     """
 
     def __init__(self, validity: datetime.timedelta = OCSP_VALIDITY,
-                 lifetime: datetime.timedelta = RESPONDER_LIFETIME) -> None:
+                 lifetime: datetime.timedelta = RESPONDER_LIFETIME,
+                 run_blocking: Callable[..., Deferred] | None = None) -> None:
         self.validity = validity
         self.lifetime = max(lifetime, 3 * validity)
         self._signers: dict[int, tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = {}
+        self.run_blocking = run_blocking   # where a CA key in a token signs the responder certificate
+        self._pending: set[int] = set()
+        self._failure: str | None = None
 
-    def for_ca(self, ca: Any, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        """The (certificate, key) that signs answers about `ca`'s certificates at `now`."""
+    def for_ca(self, ca: Any, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+        """The (certificate, key) that signs answers about `ca`'s certificates at `now`; None: none yet (a CA key
+        in a token signs a new one off the reactor, and the one held meanwhile answers while it outlives the
+        answer it signs, also while the token is gone)."""
         signer = self._signers.get(ca.generation)
         if signer is None or (signer[0].not_valid_after_utc - now < self.validity + datetime.timedelta(hours=1)
                               and signer[0].not_valid_after_utc < ca.cert.not_valid_after_utc):
             # (one already lasting as long as its CA is kept: a new one could not last longer)
-            signer = self._signers[ca.generation] = self._issue(ca, now)
+            if ca.signer.in_memory or self.run_blocking is None:
+                signer = self._signers[ca.generation] = self._issue(ca, now)
+            else:
+                self._issue_off_the_reactor(ca, now)
+                if signer is None or signer[0].not_valid_after_utc - now < self.validity:
+                    return None
         return signer
+
+    def _issue_off_the_reactor(self, ca: Any, now: datetime.datetime) -> None:
+        if ca.generation in self._pending or self.run_blocking is None:
+            return
+        self._pending.add(ca.generation)
+
+        def issued(signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> None:
+            self._signers[ca.generation] = signer
+            self._failure = None
+
+        def failed(failure: Any) -> None:
+            message = str(failure.value)
+            if message != self._failure:   # once per cause, not once per OCSP request
+                log.error("the OCSP responder certificate of CA generation {generation} could not be issued "
+                          "({error}); answers come from the current one until it expires, then tryLater",
+                          generation=ca.generation, error=message)
+            self._failure = message
+        d = self.run_blocking(self._issue, ca, now)
+        d.addCallbacks(issued, failed)
+        d.addBoth(lambda _: self._pending.discard(ca.generation))
 
     def forget(self) -> None:
         """Drop every signer (a rotation): the next answer about each generation gets a new one."""
@@ -146,7 +178,8 @@ class OcspResponder:
     def __init__(self, state: CaState, clock: IReactorTime, counter: Counter | None = None,
                  validity: datetime.timedelta = OCSP_VALIDITY, signer: str = "ca", log_answers: bool = True,
                  nonce_rate: int = 0, signing_share: float = 0.0,
-                 stale: Callable[[], bool] = lambda: False) -> None:
+                 stale: Callable[[], bool] = lambda: False,
+                 run_blocking: Callable[..., Deferred] | None = None) -> None:
         self.state = state
         # several controllers: True while this one cannot confirm it has applied the others' changes (a
         # certificate revoked elsewhere would still look good): every answer is tryLater meanwhile
@@ -160,7 +193,7 @@ class OcspResponder:
         self.clock = clock
         self.validity = validity
         # "ca": signed by the issuing CA (SPEC §4.4); "delegated": by a responder certificate it issued
-        self.delegated = DelegatedSigners(validity) if signer == "delegated" else None
+        self.delegated = DelegatedSigners(validity, run_blocking=run_blocking) if signer == "delegated" else None
         self._counter = CounterChildren(counter)  # labelled by status
         self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
         self.version = 0   # changes whenever cached answers may have become wrong (revocation, rotation)
@@ -176,6 +209,15 @@ class OcspResponder:
         self.nonces = NonceTemplates()
         if self.delegated is not None:
             self.delegated.forget()
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Delegated: have a responder certificate for every served CA before the first request asks (a CA
+        key in a token signs them off the reactor)."""
+        if self.delegated is not None:
+            for ca in self.state.served(self._now()):
+                if ca.signer is not None:
+                    self.delegated.for_ca(ca, self._now())
 
     def invalidate(self, serial: int | None = None) -> None:
         """Forget cached responses: for one serial (revocation) or all (CA change)."""
@@ -269,7 +311,10 @@ class OcspResponder:
             if not ca.signer.signs_data():
                 sign_data = None
         else:
-            signer, key = self.delegated.for_ca(ca, now)
+            delegated = self.delegated.for_ca(ca, now)
+            if delegated is None:
+                return self._try_later(serial)
+            signer, key = delegated
             sign, sign_data, embedded = _delegated_sign(key), _delegated_sign_data(key), [signer]
 
         def build(nonce: bytes | None, this_update: datetime.datetime, next_update: datetime.datetime) -> bytes:

@@ -73,6 +73,9 @@ class Signer:
         """What signer_from_spec needs to make this signer in the PKI worker process."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise SignerUnavailable when this key cannot sign now (a token's key: one signature is tried)."""
+
     def spki_sha256(self) -> str:
         der = self.public_key().public_bytes(serialization.Encoding.DER,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -156,6 +159,9 @@ class TokenSigner(Signer):
 
     def sign_digest(self, digest: bytes) -> bytes:
         raise NotImplementedError
+
+    def check(self) -> None:
+        self.sign(b"uptrakitd: can this key sign?")
 
     def sign(self, data: bytes) -> bytes:
         assert self._hash is not None
