@@ -145,6 +145,32 @@ class TokenLifecycleTests(TestCase):
                          "the PIN is never logged")
 
     @inlineCallbacks
+    def test_a_rotation_that_dies_before_its_commit_leaves_an_orphan_key_that_breaks_nothing(self):
+        """The moment a kill -9 would hit between the key made in the token and the generation committed."""
+        from uptrakitd.pki.state import insert_generation
+        real_run = self.c.ca.store.run
+
+        def dying_run(fn, *args, **kw):
+            if fn is insert_generation:
+                raise RuntimeError("killed before the commit")
+            return real_run(fn, *args, **kw)
+        self.c.ca.store.run = dying_run
+        with self.assertRaises(RuntimeError):
+            yield self.c.ca.rotate()
+        self.c.ca.store.run = real_run
+        self.assertEqual(sorted(k["label"] for k in self.hsm.private_keys()), ["uptrakit-ca-g1", "uptrakit-ca-g2"])
+        self.assertEqual(self.c.ca.state.active().generation, 1, "the old generation stays active")
+        status, body = yield request_json(self.c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, body)
+        yield self.c.stopService()
+        self.c = yield self.start()
+        self.assertEqual(self.c.ca.state.active().generation, 2)
+        labels = sorted(k["label"] for k in self.hsm.private_keys())
+        self.assertEqual(labels, ["uptrakit-ca-g1", "uptrakit-ca-g2", "uptrakit-ca-g2"], "the orphan is never loaded")
+        issued, _, _ = yield new_leaf(self.c)
+        issued.cert.verify_directly_issued_by(self.c.ca.state.active().cert)
+
+    @inlineCallbacks
     def test_a_token_unplugged_at_run_time_fails_issuing_with_503_keeps_ocsp_and_crls_and_recovers(self):
         yield wait_until(lambda: self.c.ocsp.delegated._signers.get(1) is not None, 10)
         issued, _, service = yield new_leaf(self.c)

@@ -191,7 +191,7 @@ def _open_token(settings: Settings) -> Any:
     from .pki.pkcs11 import Pkcs11Uri, Token, TokenError, read_pin
     uri = Pkcs11Uri.parse(settings.ca_key_uri)
     try:
-        token = Token(str(settings.pkcs11_module), uri.token, read_pin(settings.pkcs11_pin_file), uri.serial)
+        token = Token.shared(str(settings.pkcs11_module), uri.token, read_pin(settings.pkcs11_pin_file), uri.serial)
         token.open()
     except TokenError as e:
         raise StartupError(f"{e} (nothing was created or changed)") from None

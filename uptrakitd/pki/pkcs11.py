@@ -119,7 +119,12 @@ def _pkcs11() -> Any:
 
 
 class Token:
-    """One token through one module, logged in with the user PIN; one session per process, used under a lock."""
+    """One token through one module, logged in with the user PIN; one session per process, used under a lock.
+
+    `Token.shared` gives every user in a process the same one (the daemon's components, the PKI worker, and
+    in tests several controllers): a module is initialised once per process, so two sessions that each
+    re-initialised it would close each other's.
+    """
 
     def __init__(self, module: str, label: str, pin: str, serial: str | None = None) -> None:
         self.module, self.label, self.serial = module, label, serial
@@ -135,9 +140,19 @@ class Token:
     def spec(self) -> tuple[str, str, str, str | None]:
         return (self.module, self.label, self._pin, self.serial)
 
+    @classmethod
+    def shared(cls, module: str, label: str, pin: str, serial: str | None = None) -> Token:
+        """The process's Token for this module, token and PIN."""
+        with _SHARED_LOCK:
+            token = _SHARED.get((module, label, pin, serial))
+            if token is None:
+                token = _SHARED[(module, label, pin, serial)] = cls(module, label, pin, serial)
+            return token
+
     def open(self) -> None:
-        """Log in now (at start): TokenError with one clear line when the module, token or PIN is wrong."""
+        """Log in now, afresh (at start): TokenError with one clear line when the module, token or PIN is wrong."""
         with self._lock:
+            self._session = None
             try:
                 self._ensure_session()
             except TokenError:
@@ -255,6 +270,10 @@ class Token:
             raise SignerUnavailable(f"the CA key cannot sign: {e.args[0]}") from None
 
 
+_SHARED: dict[tuple[str, str, str, str | None], Token] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class Pkcs11Signer(TokenSigner):
     """A CA key in a token, by CKA_ID."""
 
@@ -275,16 +294,11 @@ class Pkcs11Signer(TokenSigner):
         return ("pkcs11", *self.token.spec(), self.key_id, self.label, der)
 
 
-_WORKER_TOKENS: dict[tuple[str, str, str, str | None], Token] = {}
-
-
 def signer_from_token_spec(spec: tuple[Any, ...]) -> Pkcs11Signer:
     """Pkcs11Signer.spec() made into a signer in this process (the PKI worker), one Token per token."""
     _, module, label, pin, serial, key_id, key_label, der = spec
-    token = _WORKER_TOKENS.get((module, label, pin, serial))
-    if token is None:
-        token = _WORKER_TOKENS[(module, label, pin, serial)] = Token(module, label, pin, serial)
-    return Pkcs11Signer(token, key_id, key_label, serialization.load_der_public_key(der))
+    return Pkcs11Signer(Token.shared(module, label, pin, serial), key_id, key_label,
+                        serialization.load_der_public_key(der))
 
 
 class Pkcs11Keys:
