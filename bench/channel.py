@@ -9,6 +9,8 @@ Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes ab
      UPTRAKIT_BENCH_IGNORE_WINDOW=1 makes every agent renew at once on `request_cert_renewal`, as a client written
      to the protocol without the pacing hint would (the controller then answers `renewal_deferred` with a
      `retry_after_seconds` beyond its pace, which these agents honour).
+     UPTRAKIT_BENCH_SOFTHSM=1 keeps the CA keys in a SoftHSM2 token made in a temp dir (--ca-key-uri): the
+     rotation's new key is generated in it and every certificate is signed through it.
      UPTRAKIT_BENCH_CONTROLLERS=2 runs that many controllers on one PostgreSQL (Debian's, started in a temp
      dir) behind HAProxy (TCP passthrough, leastconn): the agents spread over them; CPU and memory are summed
      over the controllers, `/healthz` is probed on the first, the rotation is asked of the first.
@@ -283,12 +285,29 @@ def full_collections(daemon) -> str:
     return f"{', '.join(runs)}; {spent:.2f} s"
 
 
+def softhsm_flags() -> list[str]:
+    """A SoftHSM2 token in a temp dir (SOFTHSM2_CONF, inherited by the daemons) and the flags that use it."""
+    work = Path(tempfile.mkdtemp(prefix="uptrakit-fleet-hsm-"))
+    (work / "tokens").mkdir()
+    conf = work / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {work / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "fleet", "--pin", "1234", "--so-pin",
+                    "5678"], check=True, capture_output=True)
+    (work / "pin").write_text("1234\n")
+    (work / "pin").chmod(0o600)
+    module = next(m for m in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
+                  if os.path.exists(m))
+    return ["--ca-key-uri", "pkcs11:token=fleet", "--pkcs11-module", module, "--pkcs11-pin-file", str(work / "pin")]
+
+
 def main() -> None:
     agents = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     count = int(os.environ.get("UPTRAKIT_BENCH_CONTROLLERS", "1"))
     rate = os.environ.get("UPTRAKIT_BENCH_RATE")   # --rotation-renewal-rate (default 100)
+    token = softhsm_flags() if os.environ.get("UPTRAKIT_BENCH_SOFTHSM") == "1" else []
     controllers = Controllers(count, "--max-connections", str(agents * 2 + 100), "--max-connections-per-ip",
-                              str(agents * 2), *(["--rotation-renewal-rate", rate] if rate else []))
+                              str(agents * 2), *(["--rotation-renewal-rate", rate] if rate else []), *token)
     daemon = controllers.first
     pinned = os.environ.get("UPTRAKIT_BENCH_PIN") == "1"
     if pinned:
