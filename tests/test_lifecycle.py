@@ -28,6 +28,36 @@ class PeriodicJobTests(TestCase):
         clock.advance(3600)
         self.assertEqual(len(runs), 3, "stopped jobs do not run")
 
+    def test_a_slow_run_is_not_overlapped_and_stopping_waits_for_it(self):
+        clock, runs = Clock(), []
+
+        def job():
+            runs.append(Deferred())
+            return runs[-1]
+        svc = PeriodicJob("slow", 60, job, clock)
+        svc.startService()
+        clock.advance(60)
+        clock.advance(600)
+        self.assertEqual(len(runs), 1, "the next run waits for the running one")
+        runs[0].callback(None)
+        clock.advance(60)
+        self.assertEqual(len(runs), 2)
+        stopped = svc.stopService()
+        self.assertFalse(stopped.called, "stopping waits for the running call")
+        runs[1].callback(None)
+        self.assertTrue(stopped.called)
+
+    def test_stopping_waits_for_a_stuck_run_only_so_long(self):
+        from uptrakitd.lifecycle import STOP_WAIT_SECONDS
+        clock = Clock()
+        svc = PeriodicJob("stuck", 60, Deferred, clock, run_at_start=True)
+        svc.startService()
+        stopped = svc.stopService()
+        clock.advance(STOP_WAIT_SECONDS - 1)
+        self.assertFalse(stopped.called)
+        clock.advance(1)
+        self.assertTrue(stopped.called)
+
     def test_run_at_start(self):
         clock, runs = Clock(), []
         svc = PeriodicJob("daily", 86400, lambda: runs.append(clock.seconds()), clock, run_at_start=True)

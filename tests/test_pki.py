@@ -16,7 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
 from cryptography.x509 import ocsp
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -93,8 +92,7 @@ class OpensslOcspCrlTests(TestCase):
         self.assertEqual(parsed.responder_key_hash, x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest)
         self.assertEqual(parsed.next_update_utc - parsed.this_update_utc, datetime.timedelta(hours=1))
         ca.public_key().verify(parsed.signature, parsed.tbs_response_bytes,
-                               __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(
-                                   parsed.signature_hash_algorithm))
+                               ECDSA(parsed.signature_hash_algorithm))
         # unescaped '/', base64url without padding and a path prefix all decode to the same request
         b64 = base64.b64encode(der).decode()
         for form in (f"/api/v1/pki/ocsp/{b64}", f"/api/v1/pki/ocsp/{base64.urlsafe_b64encode(der).decode().rstrip('=')}",
@@ -335,12 +333,11 @@ class OpensslOcspCrlTests(TestCase):
         revoked, _, _ = yield new_leaf(self.c)
         good, _, _ = yield new_leaf(self.c)
         before = self.c.crls.current[1].number
-        start = reactor.seconds()
         status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{format_serial(revoked.serial).lower()}"
                                        "/revoke", {"reason": "keyCompromise"})
         self.assertEqual(status, 200)
-        yield wait_until(lambda: self.c.crls.current[1].number > before, timeout=2.0)
-        self.assertLess(reactor.seconds() - start, 2.0)
+        # rebuilt after the revocation, not at the hourly rebuild (an hour away)
+        yield wait_until(lambda: self.c.crls.current[1].number > before, timeout=10)
         r = yield plain.get(f"http://127.0.0.1:{self.pki_port}/api/v1/pki/crl/1.crl")
         self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/pkix-crl"])
         der = yield treq.content(r)

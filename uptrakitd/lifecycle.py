@@ -31,8 +31,16 @@ class OrderedServices(MultiService):
                     log.failure("stopping {name} failed", name=child.name)
 
 
+STOP_WAIT_SECONDS = 10.0
+
+
 class PeriodicJob(Service):
-    """Runs `job()` every `interval` seconds on an injected clock; a failing run is logged, never fatal."""
+    """Runs `job()` every `interval` seconds on an injected clock; a failing run is logged, never fatal.
+
+    As Twisted's TimerService: a run that returns a Deferred is waited for before the next is scheduled
+    (runs never overlap), and stopping waits for the running one (here at most STOP_WAIT_SECONDS: a run
+    stuck on an unreachable database must not hold the whole shutdown).
+    """
 
     def __init__(self, name: str, interval: float, job: Callable[[], Any], clock: IReactorTime,
                  run_at_start: bool = False) -> None:
@@ -44,10 +52,11 @@ class PeriodicJob(Service):
         self._loop: LoopingCall | None = None
         self._current: Deferred | None = None
 
-    def _run(self) -> None:
+    def _run(self) -> Deferred:
         d = maybeDeferred(self.job)
         d.addErrback(lambda f: log.failure("{name} failed", f, name=self.name))
         self._current = d
+        return d   # LoopingCall schedules the next run only once this one is over
 
     def startService(self) -> None:
         super().startService()
@@ -59,7 +68,24 @@ class PeriodicJob(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return None
+        current = self._current
+        if current is None or current.called:
+            return None
+        waited: Deferred = Deferred()
+
+        def give_up() -> None:
+            if not waited.called:
+                log.warn("{name}: stopped without waiting longer for its running call", name=self.name)
+                waited.callback(None)
+        timer = self.clock.callLater(STOP_WAIT_SECONDS, give_up)
+
+        def over(result: Any) -> Any:
+            if not waited.called:
+                timer.cancel()
+                waited.callback(None)
+            return result
+        current.addBoth(over)
+        return waited
 
 
 class _Reactor(Protocol):

@@ -72,6 +72,12 @@ class OcspAnswer:
     next_update: float | None = None   # its nextUpdate, for max-age
 
 
+def _produced_at() -> datetime.datetime:
+    """producedAt of a templated answer: cryptography's builder takes it from the wall clock (whole seconds), so
+    the templates do too, and both paths give the same answers (tests/test_ocsp.py NonceTemplateTests)."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+
 def _http_date(when: datetime.datetime) -> str:
     return email.utils.format_datetime(when.astimezone(datetime.timezone.utc), usegmt=True)
 
@@ -197,7 +203,7 @@ class OcspResponder:
         self._counter = CounterChildren(counter)  # labelled by status
         self._cache: dict[tuple[int, int, str | None], tuple[bytes, datetime.datetime, datetime.datetime]] = {}
         self.version = 0   # changes whenever cached answers may have become wrong (revocation, rotation)
-        self.nonces = NonceTemplates()   # nonce answers: cryptography's first one, re-dated and re-signed
+        self.nonces = NonceTemplates(_produced_at)   # nonce answers: cryptography's first one, re-dated and re-signed
 
     def on_revoked(self, event: Any) -> None:
         """CertificateRevoked: the cached answer for that serial is wrong now."""
@@ -206,7 +212,7 @@ class OcspResponder:
     def on_ca_rotated(self, event: Any) -> None:
         """CaRotated: forget every cached answer (and delegated signer, and nonce template)."""
         self.invalidate()
-        self.nonces = NonceTemplates()
+        self.nonces = NonceTemplates(_produced_at)
         if self.delegated is not None:
             self.delegated.forget()
             self.prepare()

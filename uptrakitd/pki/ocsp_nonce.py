@@ -117,7 +117,8 @@ def _parts(der: bytes, placeholder: bytes, this_update: datetime.datetime,
 class NonceTemplates:
     """Bounded templates by key (cleared when full); `built` and `filled` count what was done."""
 
-    def __init__(self, max_templates: int = MAX_TEMPLATES) -> None:
+    def __init__(self, now: Callable[[], datetime.datetime], max_templates: int = MAX_TEMPLATES) -> None:
+        self.now = now   # producedAt, whole seconds
         self.max_templates = max_templates
         self._templates: dict[Hashable, _Template | None] = {}
         self.built = 0    # answers cryptography built (templates made, and what cannot be templated)
@@ -152,6 +153,6 @@ class NonceTemplates:
         self.filled += 1
         # producedAt is the moment of signing (whole seconds), as cryptography sets it
         times = self._times
-        data = template.data(times(datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)),
+        data = template.data(times(self.now()),
                              times(this_update), times(next_update), nonce)
         return template.wrap(data, sign(data))
