@@ -92,6 +92,7 @@ class Daemon(OrderedServices):
     reloader: ConfigReloader
     https: ListenerService
     pki_listener: ListenerService | None
+    https_site: Any                 # its resource is the HTTPS router (docs/reference/http-api.md is made from it)
     cluster: ClusterSync          # PostgreSQL only: other controllers' changes applied here
     feed: ChangeFeed              # PostgreSQL only: reads them
     freshness: ClusterFreshness | None   # PostgreSQL only: how current those reads are
@@ -217,6 +218,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                         "http_requests": metrics.http_requests,
                                         "tls_handshake_failures": metrics.tls_handshake_failures},
                                        settings.access_log, fast_ocsp, settings.limits.close_grace)
+    d.https_site = https_site
 
     def guarded(factory: Any, what: str, wrap: bool = True) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,

@@ -42,7 +42,8 @@ class Options(usage.Options):
                                  "Requires --pki-addr."],
         ["pki-listen", None, None, "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."],
         ["database", None, None, "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in "
-                                 "--data-dir; needs uptrakitd[postgresql] and --ca-key-encryption-key-file. Several "
+                                 "--data-dir; needs uptrakitd[postgresql] and --ca-key-encryption-key-file (or the CA "
+                                 "keys in a token: --ca-key-uri). Several "
                                  "controllers may share one database (docs/deployment/high-availability.md)."],
         ["ca-key-encryption-key-file", None, None, "File of base64 AES-256 keys, one per line (head -c 32 "
                                                    "/dev/urandom | base64), mode 0600: the first seals the CA keys "

@@ -1,0 +1,48 @@
+"""The project's own reference documents stay true: docs/reference/ is what the code makes (flags, TOML keys,
+defaults, routes, error codes), and the README points there, not outside the project."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from uptrakitd import reference
+
+from .helpers import start_controller
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = "run `python -m uptrakitd.reference` and commit the result"
+
+
+class ReferenceTests(TestCase):
+    def test_the_configuration_reference_is_what_the_flags_make(self):
+        committed = (ROOT / "docs/reference/configuration.md").read_text()
+        self.assertEqual(committed, reference.configuration_markdown(), f"configuration.md is stale: {FIX}")
+
+    @inlineCallbacks
+    def test_the_http_reference_lists_every_route_and_error_code(self):
+        c = yield start_controller(self)
+        router = c.https_site.resource
+        committed = (ROOT / "docs/reference/http-api.md").read_text()
+        self.assertEqual(committed, reference.http_api_markdown(router.routes, router.resources),
+                         f"http-api.md is stale (a route or an error code was added or changed): {FIX}")
+        # a route added to the router shows up in what the document must be
+        from uptrakitd.web.router import route
+        extra = reference.http_api_markdown(router.routes + [route("DELETE", r"/api/v1/new", lambda r: None,
+                                                                   admin=True)], router.resources)
+        self.assertIn("| `DELETE` | `/api/v1/new` | admin token |", extra)
+        self.assertNotEqual(extra, committed)
+
+    def test_error_codes_are_found_where_they_are_raised(self):
+        codes = reference.error_codes()
+        for code in ("signer_unavailable", "rotation_in_progress", "invalid_reason", "server_certificate",
+                     "storage_unavailable", "external_ca"):
+            self.assertIn(code, codes)
+
+    def test_the_readme_points_to_the_reference_not_outside_the_project(self):
+        readme = (ROOT / "README.md").read_text()
+        self.assertNotIn("planning documents", readme)
+        for doc in ("docs/reference/configuration.md", "docs/reference/http-api.md", "docs/protocol.md"):
+            self.assertIn(doc, readme)
+            self.assertTrue((ROOT / doc).exists(), doc)
