@@ -2,7 +2,9 @@
 
 This module is wiring only. The tree's order is the start order (and, reversed, the stop order):
 
-    signals -> data-dir lock -> store -> crl-worker -> hourly CRL, daily CA / server-certificate checks,
+    signals -> data-dir lock -> store -> the cluster's (PostgreSQL: leadership check, rotation barrier,
+    catch-up store, freshness, change feed, change-log pruning, session check) -> crl-worker -> hourly CRL,
+    daily CA / server-certificate checks,
     daily record pruning -> channel (+ renewal check) -> readiness check -> HTTPS listener
     -> plain-HTTP PKI listener -> setup warnings -> systemd notifications (+ watchdog)
 
@@ -14,16 +16,12 @@ import datetime
 import os
 import sys
 from functools import partial
-from typing import Any, Callable, Mapping
-
-from prometheus_client import Gauge
-
-from twisted.internet.defer import Deferred
+from typing import Any, Mapping
 
 from twisted.logger import ILogObserver, Logger
 
 from .admin_tokens import AdminTokenRegistry
-from .cluster import ClusterFreshness, ClusterSync, TrustedGeneration
+from .cluster import Cluster, build_cluster
 from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from .config import Settings, is_proxy_protocol
@@ -49,8 +47,7 @@ from .reload import ConfigReloader
 from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .status_metrics import state_families
-from .store import PostgresStore, SqliteStore, changes, make_store, read_probe
-from .store.postgresql import ChangeFeed, Leadership
+from .store import PostgresStore, SqliteStore, make_store
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.cluster import ControllerRoutes
@@ -93,11 +90,7 @@ class Daemon(OrderedServices):
     https: ListenerService
     pki_listener: ListenerService | None
     https_site: Any                 # its resource is the HTTPS router (docs/reference/http-api.md is made from it)
-    cluster: ClusterSync          # PostgreSQL only: other controllers' changes applied here
-    feed: ChangeFeed              # PostgreSQL only: reads them
-    freshness: ClusterFreshness | None   # PostgreSQL only: how current those reads are
-    trusted: TrustedGeneration    # PostgreSQL only: the CA generation every controller trusts
-    leadership: Leadership        # PostgreSQL only: whether this one runs the once-per-database jobs
+    cluster: Cluster              # the other controllers (SharedDatabase with PostgreSQL), or none
     full_collections: FullCollections   # the real daemon process only (gcpolicy)
 
     def setServiceParent(self, parent: Any) -> Any:
@@ -116,34 +109,28 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                  handle_sigterm: bool = False, environ: Mapping[str, str] | None = None,
                  manage_gc: bool = False) -> Daemon:
     """Wire every component for `booted` state on `reactor`; nothing runs until startService()."""
-    settings = booted.settings
+    settings, state = booted.settings, booted.state
     d = Daemon()
     d.settings = settings
     run_blocking = partial(in_thread, reactor)
     d.metrics = metrics = Metrics()
     d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
     d.store = store = make_store(settings.data_dir, settings.database, reactor, booted.controller_id)
+    d.cluster = cluster = build_cluster(settings, booted, store, reactor, metrics)
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
     files = PkiFiles(settings.data_dir)
-    state = booted.state
-
     d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
     stale_crls = crls.publish_at_start(booted.crl_numbers,
                                        datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
-    # several controllers: how current this one's view of the others' changes is (never stale alone)
-    d.freshness = freshness = ClusterFreshness(reactor, settings.cluster_max_staleness) if settings.database else None
-    stale: Callable[[], bool] = freshness.stale if freshness is not None else (lambda: False)
-    if freshness is not None:
-        Gauge("uptrakit_cluster_staleness_seconds", "Seconds since this controller last confirmed it applied "
-              "every change the other controllers made", registry=metrics.registry).set_function(freshness.staleness)
     d.ocsp = ocsp = OcspResponder(state, reactor, metrics.ocsp_responses, signer=settings.ocsp_signer,
                                    log_answers=settings.log_level == "debug", nonce_rate=settings.ocsp_nonce_rate,
-                                   signing_share=settings.ocsp_signing_share, stale=stale, run_blocking=run_blocking)
+                                   signing_share=settings.ocsp_signing_share, stale=cluster.stale,
+                                   run_blocking=run_blocking)
     ocsp.prepare()
+    # CSR checks and signatures in the PKI worker process, off the reactor
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
-                                     settings.trust_domain, booted.keys)
-    ca.worker = crls.submit   # CSR checks and signatures in the PKI worker process, off the reactor
+                                     settings.trust_domain, booted.keys, worker=crls.submit)
     d.tls = tls = SwappableServerContext()
     d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
                                                     (booted.hostname, settings.san), run_blocking,
@@ -152,118 +139,108 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                                     .labels(reason).inc())
     server_cert.install()
     metrics.ca_generation.set_function(lambda: state.active().generation)
-
-    d.directory = directory = ServiceDirectory(store, ca, runtime, bus, reactor, booted.services)
-    if settings.database:
-        directory.controller_id = booted.controller_id
-    d.enrollment_tokens = enrollment_tokens = EnrollmentTokens(store)
-    d.admin_tokens = admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
+    several = cluster.controller_id if cluster.shared else None
+    d.directory = directory = ServiceDirectory(store, ca, runtime, bus, reactor, booted.services, controller_id=several)
+    d.enrollment_tokens = EnrollmentTokens(store)
+    d.admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
     d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain,
-                                            renewals_per_second=settings.rotation_renewal_rate,
-                                            close_grace=settings.limits.close_grace)
+                                     renewals_per_second=settings.rotation_renewal_rate,
+                                     close_grace=settings.limits.close_grace,
+                                     barrier=cluster.barrier if cluster.shared else None)
     metrics.services_connected.set_function(lambda: len(channel.connected))
-
-    d.readiness = readiness = Readiness(store, ca, crls, freshness)
+    d.readiness = readiness = Readiness(store, ca, crls, cluster.freshness)
     metrics.watch(lambda: state_families(ca, crls, server_cert, channel, readiness, reactor))
-    d.reloader = reloader = ConfigReloader(flags or {}, settings, runtime)
-
-    # effects of a revocation: OCSP, CRL, the socket that used the certificate
-    bus.subscribe(CertificateRevoked, ocsp.on_revoked)
-    bus.subscribe(CertificateRevoked, crls.on_revoked)
-    bus.subscribe(CertificateRevoked, channel.on_revoked)
-    # effects of a rotation, in this order: OCSP cache, CRLs, TLS context, then the services are told
-    bus.subscribe(CaRotated, ocsp.on_ca_rotated)
-    bus.subscribe(CaRotated, crls.on_ca_rotated)
-    bus.subscribe(CaRotated, server_cert.on_ca_rotated)
-    leadership: Leadership | None = None
-    if settings.database:   # tell the other controllers; renewals wait until they all trust the new CA
-        d.trusted = trusted = TrustedGeneration(store, booted.controller_id, state.active().generation, reactor)
-        bus.subscribe(CaRotated, trusted.on_ca_rotated)
-        channel.barrier = trusted.everywhere
-        d.leadership = leadership = Leadership(settings.database, booted.controller_id, booted.hostname,
-                                               int(reactor.seconds()), lambda: trusted.generation)
-    is_leader = (lambda: True) if leadership is None else (lambda: leadership.leader)
-    bus.subscribe(CaRotated, channel.on_ca_rotated)
-    bus.subscribe(ServiceChanged, channel.on_service_changed)
-
+    d.reloader = ConfigReloader(flags or {}, settings, runtime)
     proxy_protocol = is_proxy_protocol(settings.https_listen)
-    d.resolver = resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor, metrics,
-                                forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers,
-                                stale=stale)
-    bus.subscribe(CertificateRevoked, resolver.verified.on_revoked)
-    bus.subscribe(CaRotated, resolver.verified.on_ca_rotated)
-    d.fast_ocsp = fast_ocsp = OcspFastPath(ocsp, reactor, metrics.http_requests)
-    pki_routes = PkiRoutes(ca, crls, ocsp, fast_ocsp).routes()
+    d.resolver = IdentityResolver(lambda: runtime.network, state, directory, settings.trust_domain, reactor,
+                                  metrics, forwarded_headers=not proxy_protocol or settings.proxy_protocol_trust_headers,
+                                  stale=cluster.stale)
+    _subscribe(d, cluster)
+    https_site, pki_site = _sites(d, booted, cluster, reactor)
+    d.https_site = https_site
+    _services(d, booted, cluster, reactor, run_blocking, https_site, pki_site, stale_crls, handle_sigterm,
+              manage_gc, environ)
+    return d
+
+
+def _subscribe(d: Daemon, cluster: Cluster) -> None:
+    """Who hears which event, in the order the effects must happen (events.py)."""
+    bus = d.bus
+    # effects of a revocation: OCSP, CRL, the socket that used the certificate, the checked-header cache
+    for on_revoked in (d.ocsp.on_revoked, d.crls.on_revoked, d.channel.on_revoked, d.resolver.verified.on_revoked):
+        bus.subscribe(CertificateRevoked, on_revoked)
+    # effects of a rotation, in this order: OCSP cache, CRLs, TLS context, the other controllers, the services
+    for on_rotated in (d.ocsp.on_ca_rotated, d.crls.on_ca_rotated, d.server_cert.on_ca_rotated):
+        bus.subscribe(CaRotated, on_rotated)
+    cluster.attach(d.ca, d.directory, d.runtime, d.admin_tokens, d.channel, bus)
+    bus.subscribe(CaRotated, d.channel.on_ca_rotated)
+    bus.subscribe(CaRotated, d.resolver.verified.on_ca_rotated)
+    bus.subscribe(ServiceChanged, d.channel.on_service_changed)
+
+
+def _sites(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any) -> tuple[Any, Any]:
+    """The HTTPS site (every route) and the plain-HTTP PKI site."""
+    settings, ca, crls, channel, directory = d.settings, d.ca, d.crls, d.channel, d.directory
+    d.fast_ocsp = fast_ocsp = OcspFastPath(d.ocsp, reactor, d.metrics.http_requests)
+    pki_routes = PkiRoutes(ca, crls, d.ocsp, fast_ocsp).routes()
     rotation = RotationProgress(ca, directory, channel)
-    status_routes = StatusRoutes(readiness, metrics, settings.metrics_require_auth, admin_tokens.check)
-    https_routes = (status_routes.routes() + NetworkSettingsRoutes(runtime, state).routes()
-                    + PkiSettingsRoutes(ca, crls, runtime).routes() + CertificateRoutes(ca).routes()
+    status_routes = StatusRoutes(d.readiness, d.metrics, settings.metrics_require_auth, d.admin_tokens.check)
+    https_routes = (status_routes.routes() + NetworkSettingsRoutes(d.runtime, booted.state).routes()
+                    + PkiSettingsRoutes(ca, crls, d.runtime).routes() + CertificateRoutes(ca).routes()
                     + ServiceRoutes(directory, channel, ca).routes()
-                    + TokenRoutes(enrollment_tokens, admin_tokens).routes()
-                    + OverviewRoutes(ca, crls, runtime, directory, channel, server_cert, rotation).routes()
-                    + rotation.routes() + DiagnosticsRoutes(resolver.doctor, runtime).routes()
-                    + SessionRoutes(admin_tokens).routes()
-                    + ControllerRoutes(store, directory.controller_id, booted.hostname, reactor.seconds(),
-                                       is_leader, lambda: len(channel.connected), reactor,
-                                       freshness.describe if freshness is not None else None).routes()
+                    + TokenRoutes(d.enrollment_tokens, d.admin_tokens).routes()
+                    + OverviewRoutes(ca, crls, d.runtime, directory, channel, d.server_cert, rotation).routes()
+                    + rotation.routes() + DiagnosticsRoutes(d.resolver.doctor, d.runtime).routes()
+                    + SessionRoutes(d.admin_tokens).routes()
+                    + ControllerRoutes(d.store, directory.controller_id, booted.hostname, reactor.seconds(),
+                                       lambda: cluster.leader, lambda: len(channel.connected), reactor,
+                                       cluster.describe if cluster.shared else None).routes()
                     + UiRoutes().routes() + pki_routes)
     # the plain-HTTP PKI listener answers readiness too: a load balancer in front of OCSP must see a
     # controller that cannot vouch for its answers (docs/high-availability.md)
-    https_site, pki_site = build_sites(https_routes, [route("GET", r"/healthz", healthz),
-                                                      route("GET", r"/readyz", status_routes.readyz)] + pki_routes,
-                                       channel.resources, resolver, admin_tokens.check,
-                                       settings.limits.request_head_timeout,
-                                       {"head_timeouts": metrics.http_head_timeouts,
-                                        "bodies_refused": metrics.http_bodies_refused,
-                                        "http_requests": metrics.http_requests,
-                                        "tls_handshake_failures": metrics.tls_handshake_failures},
-                                       settings.access_log, fast_ocsp, settings.limits.close_grace)
-    d.https_site = https_site
+    return build_sites(https_routes, [route("GET", r"/healthz", healthz),
+                                      route("GET", r"/readyz", status_routes.readyz)] + pki_routes,
+                       channel.resources, d.resolver, d.admin_tokens.check, settings.limits.request_head_timeout,
+                       {"head_timeouts": d.metrics.http_head_timeouts, "bodies_refused": d.metrics.http_bodies_refused,
+                        "http_requests": d.metrics.http_requests,
+                        "tls_handshake_failures": d.metrics.tls_handshake_failures},
+                       settings.access_log, fast_ocsp, settings.limits.close_grace,
+                       catch_up=cluster.catch_up if cluster.shared else None)
+
+
+def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blocking: Any, https_site: Any,
+              pki_site: Any, stale_crls: bool, handle_sigterm: bool, manage_gc: bool,
+              environ: Mapping[str, str] | None) -> None:
+    """The service tree, in start order (stopped in reverse)."""
+    settings, metrics, ca, crls, store = d.settings, d.metrics, d.ca, d.crls, d.store
 
     def guarded(factory: Any, what: str, wrap: bool = True) -> ConnectionGuard:
         guard = ConnectionGuard(factory, what, settings.limits,
-                                lambda ip: is_trusted(ip, runtime.network.trusted_proxies),
+                                lambda ip: is_trusted(ip, d.runtime.network.trusted_proxies),
                                 metrics.connections_refused, reactor, wrap)
         metrics.connections_open.labels(what).set_function(lambda: guard.open)
         return guard
 
-    SignalHandlers(reactor, reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
+    SignalHandlers(reactor, d.reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
     if manage_gc:   # process-wide: only the real daemon process (a test process runs several daemons)
         d.full_collections = collections = FullCollections(reactor, metrics.registry)
         Hooks("garbage collection", start=collections.start, stop=collections.stop).setServiceParent(d)
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
-    on_leader = _leadership(d, leadership, metrics, ca, reactor, run_blocking)
+    cluster.add_to(d, store, run_blocking)   # several controllers: leadership, change feed, barrier, catch-up
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
-    PeriodicJob("daily CA check", DAY, on_leader(ca.check_expiry), reactor, run_at_start=True).setServiceParent(d)
-    PeriodicJob("daily server certificate check", DAY, server_cert.check_due, reactor,
+    PeriodicJob("daily CA check", DAY, cluster.on_leader(ca.check_expiry), reactor,
+                run_at_start=True).setServiceParent(d)
+    PeriodicJob("daily server certificate check", DAY, d.server_cert.check_due, reactor,
                 run_at_start=True).setServiceParent(d)
     PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
-    Hooks("channel", stop=channel.stop).setServiceParent(d)
-    if settings.database:
-        Hooks("rotation barrier", stop=d.trusted.stop).setServiceParent(d)
-    if settings.database:   # what the other controllers on the database change, applied here
-        reads = make_store(settings.data_dir, settings.database, reactor, booted.controller_id)
-        Hooks("catch-up store", start=reads.start, stop=reads.close).setServiceParent(d)
-        d.cluster = cluster = ClusterSync(ca, directory, runtime, admin_tokens, channel, metrics, reactor, reads)
-        assert freshness is not None
-        feed = ChangeFeed(settings.database, reactor, booted.change_seq, booted.controller_id, cluster.apply,
-                          freshness.confirm)
-        PeriodicJob("cluster freshness", 1, freshness.watch, reactor).setServiceParent(d)
-        https_site.catch_up = cluster.catch_up
-        d.feed = feed
-        Hooks("change feed", start=feed.start, stop=feed.stop).setServiceParent(d)
-        PeriodicJob("daily change-log pruning", DAY,
-                    on_leader(lambda: store.run(changes.prune, int(reactor.seconds()))), reactor).setServiceParent(d)
-    PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, channel.check_renewals, reactor).setServiceParent(d)
-    PeriodicJob("readiness check", 30, readiness.check, reactor).setServiceParent(d)
-    if settings.database:   # a write-free check of the database session (and so of the lock) every 2 s
-        PeriodicJob("database session check", 2, lambda: store.run(read_probe).addErrback(lambda f: None),
-                    reactor).setServiceParent(d)
+    Hooks("channel", stop=d.channel.stop).setServiceParent(d)
+    PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, d.channel.check_renewals, reactor).setServiceParent(d)
+    PeriodicJob("readiness check", 30, d.readiness.check, reactor).setServiceParent(d)
     d.https = ListenerService(reactor, settings.https_listen,
-                              guarded(ClosingTLSFactory(tls, False, https_site, reactor,
+                              guarded(ClosingTLSFactory(d.tls, False, https_site, reactor,
                                                         settings.limits.close_grace), "HTTPS"), "HTTPS",
                               proxy_senders=lambda ip: is_trusted(ip, settings.proxy_protocol_senders),
                               refuse_sender=lambda ip: metrics.connections_refused.labels(
@@ -280,30 +257,6 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     Hooks("systemd", start=lambda: reactor.callWhenRunning(systemd.ready), stop=systemd.stopping).setServiceParent(d)
     if systemd.watchdog_seconds:
         PeriodicJob("systemd watchdog", systemd.watchdog_seconds / 2, systemd.watchdog, reactor).setServiceParent(d)
-    return d
-
-
-def _leadership(tree: OrderedServices, leadership: Leadership | None, metrics: Metrics, ca: CertificateAuthority,
-                reactor: Any, run_blocking: Any) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
-    """Who runs the once-per-database jobs: with PostgreSQL the holder of the leader lock (checked every
-    2 s in a thread; a new leader runs the CA check at once), with SQLite this controller. Adds the check
-    to `tree`; returns `on_leader(job)`: the job, run only while this controller leads."""
-    if leadership is None:
-        metrics.cluster_leader.set(1)
-        return lambda job: job
-    metrics.cluster_leader.set_function(lambda: 1 if leadership.leader else 0)
-
-    def check() -> Deferred:
-        was = leadership.leader
-
-        def checked(leader: bool) -> Any:
-            if leader and not was:
-                return ca.check_expiry()
-            return None
-        return run_blocking(leadership.check).addCallback(checked)
-    PeriodicJob("leadership check", 2, check, reactor, run_at_start=True).setServiceParent(tree)
-    Hooks("leadership", stop=lambda: run_blocking(leadership.release)).setServiceParent(tree)
-    return lambda job: lambda: job() if leadership.leader else None
 
 
 def _warm(crls: CrlPublisher, rebuild: bool) -> None:

@@ -73,14 +73,14 @@ class ServiceDirectory:
     """Owns the service records; every change is committed, applied in memory, then announced."""
 
     def __init__(self, store: Store, ca: CertificateAuthority, runtime: RuntimeSettings, bus: EventBus,
-                 clock: IReactorTime, records: list[ServiceRecord]) -> None:
+                 clock: IReactorTime, records: list[ServiceRecord], controller_id: str | None = None) -> None:
         self.store = store
         self.ca = ca
         self.runtime = runtime
         self.bus = bus
         self.clock = clock
         self._records = {r.id: r for r in records}
-        self.controller_id: str | None = None   # set with PostgreSQL: this controller, among several
+        self.controller_id = controller_id   # with PostgreSQL: this controller, among several (cluster.Cluster)
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -165,7 +165,7 @@ class ClusterTests(TestCase):
         status, body = yield request_json(b, "GET", "/api/v1/controllers")
         self.assertEqual((status, body["cluster"]["stale"]), (200, True), body)
         relay.resume()
-        yield wait_until(lambda: b.ca.state.is_revoked(revoked.serial) and not b.freshness.stale(), timeout=30)
+        yield wait_until(lambda: b.ca.state.is_revoked(revoked.serial) and not b.cluster.stale(), timeout=30)
         self.assertEqual((yield ocsp_outcome(b, revoked.cert, nonce=False)), "revoked")
         self.assertEqual((yield ocsp_outcome(b, revoked.cert, nonce=True)), "revoked")
         whoami = yield deferToThread(self._whoami, b, other.pem, other_key)
@@ -248,8 +248,8 @@ class ClusterTests(TestCase):
                 return service_id, json.loads(ws.recv(timeout=10))["cert_pem"].encode(), key
         # B's feed is held: it reads A's changes but does not apply them until the test lets it
         held: Deferred = Deferred()
-        apply = b.feed.apply
-        b.feed.apply = lambda rows: held.addCallback(lambda _: apply(rows))
+        apply = b.cluster.feed.apply
+        b.cluster.feed.apply = lambda rows: held.addCallback(lambda _: apply(rows))
         self.addCleanup(lambda: None if held.called else held.callback(None))   # never leave B's feed held
         service_id, cert, key = yield deferToThread(enroll_on_a)
         self.assertNotIn(service_id, b.directory)
@@ -260,7 +260,7 @@ class ClusterTests(TestCase):
         # B reads the certificate and the service it does not know yet itself, with its feed still held
         self.assertEqual((yield deferToThread(session_on_b)), "service_settings")   # authenticated on B
         self.assertIn(service_id, b.directory)
-        b.feed.apply = apply
+        b.cluster.feed.apply = apply
         held.callback(None)
 
     @inlineCallbacks
@@ -302,7 +302,7 @@ class ClusterTests(TestCase):
                          (200, True, me, "127.0.0.1"))
         status, listed = yield request_json(b, "GET", "/api/v1/services?connected=true")
         self.assertEqual([s["id"] for s in listed["services"]], [agent.service_id])
-        yield wait_until(lambda: a.leadership.leader or b.leadership.leader, timeout=10)
+        yield wait_until(lambda: a.cluster.leader or b.cluster.leader, timeout=10)
         status, body = yield request_json(b, "GET", "/api/v1/controllers")
         self.assertEqual(status, 200, body)
         rows = {c["id"]: c for c in body["controllers"]}
@@ -409,11 +409,11 @@ class LeadershipTests(TestCase):
         a = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
         b = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
         (b.settings.data_dir / "admin.token").write_bytes((a.settings.data_dir / "admin.token").read_bytes())
-        yield wait_until(lambda: a.leadership.leader or b.leadership.leader, timeout=10)
-        self.assertEqual([a.leadership.leader, b.leadership.leader].count(True), 1)
-        leader, other = (a, b) if a.leadership.leader else (b, a)
+        yield wait_until(lambda: a.cluster.leader or b.cluster.leader, timeout=10)
+        self.assertEqual([a.cluster.leader, b.cluster.leader].count(True), 1)
+        leader, other = (a, b) if a.cluster.leader else (b, a)
         yield leader.stopService()
-        yield wait_until(lambda: other.leadership.leader, timeout=10)
+        yield wait_until(lambda: other.cluster.leader, timeout=10)
         metrics = yield https_client(other).get(url(other, "/metrics"))
         text = (yield treq.content(metrics)).decode()
         self.assertIn("uptrakit_cluster_leader 1.0", text)

@@ -54,7 +54,8 @@ class ChannelHub:
     def __init__(self, directory: ServiceDirectory, ca: CertificateAuthority, runtime: RuntimeSettings,
                  metrics: Metrics, clock: IReactorTime, trust_domain: str,
                  enroll_timeout: float = ENROLL_TIMEOUT, renewals_per_second: int = RENEWALS_PER_SECOND,
-                 close_grace: float = DEFAULT_CLOSE_GRACE) -> None:
+                 close_grace: float = DEFAULT_CLOSE_GRACE,
+                 barrier: Callable[[int], Deferred | None] | None = None) -> None:
         self.directory = directory
         self.ca = ca
         self.runtime = runtime
@@ -76,7 +77,7 @@ class ChannelHub:
         self._next_slot = 0.0   # the last moment given to a deferred renewal
         self._stopping = False
         self._turns: set[Any] = set()   # pending broadcast_in_turns calls, cancelled by stop()
-        self.barrier: Callable[[int], Deferred] | None = None   # several controllers: cluster.TrustedGeneration
+        self.barrier = barrier   # several controllers: Cluster.barrier (renewals wait until all trust the CA)
 
     def is_connected(self, service_id: str) -> bool:
         """True while the service holds an authenticated socket."""
@@ -343,13 +344,14 @@ class ChannelHub:
         # Per socket the bundle goes first; the sockets are served a few hundred per reactor turn.
         updated = ("ca_bundle_updated", {"ca_bundle_pem": bundle.decode("ascii"), "ca_bundle_hash": event.bundle_hash})
         renew = ("request_cert_renewal", {"reason": "ca_rotation", "within_seconds": renewal_spread(len(targets), self.renewals_per_second)})
-        if self.barrier is None:
+        waiting = self.barrier(event.generation) if self.barrier is not None else None
+        if waiting is None:
             asked = self.broadcast_in_turns([updated, renew], targets)
         else:
             # several controllers: a renewed service may reconnect to any of them, so the renewal requests
             # wait until all of them trust the new CA (cluster.TrustedGeneration)
             asked = self.broadcast_in_turns([updated], targets)
-            self.barrier(event.generation).addCallback(lambda _: self.broadcast_in_turns(
+            waiting.addCallback(lambda _: self.broadcast_in_turns(
                 [renew], [p for p in targets if p.phase == "authenticated" and not p.closing]))
         self.last_rotation = {"generation": event.generation, "at": self.clock.seconds(), "notified": asked}
         return asked

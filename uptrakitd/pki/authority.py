@@ -36,10 +36,11 @@ class CertificateAuthority:
 
     def __init__(self, state: CaState, store: Store, bus: EventBus, metrics: Metrics, files: PkiFiles,
                  clock: IReactorTime, run_blocking: Callable[..., Deferred],
-                 pki_addr: Callable[[], str | None], trust_domain: str, keys: Any = None) -> None:
+                 pki_addr: Callable[[], str | None], trust_domain: str, keys: Any = None,
+                 worker: Callable[..., Deferred] | None = None) -> None:
         self.state = state
         self.keys = keys if keys is not None else FileKeys(files)   # where new CA keys are kept
-        self.worker: Callable[..., Deferred] | None = None          # submit(fn, *args) to the PKI worker process
+        self.worker = worker   # submit(fn, *args) to the PKI worker process (None: here, as unit tests do)
         self._materials: dict[int, tuple[CaGeneration, bytes, tuple[Any, ...]]] = {}
         self.store = store
         self.bus = bus

@@ -22,7 +22,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
-from cryptography.x509 import ocsp
+from cryptography.x509 import ocsp as x509_ocsp
 
 from ..errors import Unavailable
 from .der import resign
@@ -66,7 +66,7 @@ class Signer:
     def crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
         raise NotImplementedError
 
-    def ocsp(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
+    def ocsp(self, builder: x509_ocsp.OCSPResponseBuilder) -> x509_ocsp.OCSPResponse:
         raise NotImplementedError
 
     def spec(self) -> tuple[Any, ...]:
@@ -125,7 +125,7 @@ class KeySigner(Signer):
     def crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
         return builder.sign(self._key, self._hash)   # type: ignore[arg-type]
 
-    def ocsp(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
+    def ocsp(self, builder: x509_ocsp.OCSPResponseBuilder) -> x509_ocsp.OCSPResponse:
         return builder.sign(self._key, self._hash)
 
     def spec(self) -> tuple[Any, ...]:
@@ -179,7 +179,7 @@ class TokenSigner(Signer):
         signed = builder.sign(_placeholder(), self._hash)   # type: ignore[arg-type]
         return x509.load_der_x509_crl(resign(signed.public_bytes(serialization.Encoding.DER), self.sign))
 
-    def ocsp(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
+    def ocsp(self, builder: x509_ocsp.OCSPResponseBuilder) -> x509_ocsp.OCSPResponse:
         # cryptography checks the responder certificate's key against the signing key, so no placeholder
         # can stand in; a CA key in a token signs OCSP answers only through the delegated responder
         raise SignerUnavailable("a CA key in a token does not sign OCSP answers: they are signed by the delegated "

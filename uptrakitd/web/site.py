@@ -290,7 +290,7 @@ class IdentifyingSite(Site):
     def __init__(self, resource: Any, resolver: Callable[..., RequestContext] | None = None,
                  head_timeout: float = GuardedChannel.head_timeout, counters: dict[str, Counter] | None = None,
                  access_log: str = "off", fast_ocsp: Any = None, close_grace: float = DEFAULT_CLOSE_GRACE,
-                 **kw: Any) -> None:
+                 catch_up: Callable[[Any], Any] | None = None, **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.close_grace = close_grace
         self.access_log = access_log
@@ -298,7 +298,7 @@ class IdentifyingSite(Site):
         self.fast_ocsp = fast_ocsp if access_log == "off" else None
         self._seen = 0
         self.resolver = resolver
-        self.catch_up: Callable[[Any], Any] | None = None   # several controllers: ClusterSync.catch_up
+        self.catch_up = catch_up   # several controllers: Cluster.catch_up
         self.displayTracebacks = False
         self.head_timeout = head_timeout
         self.counters = counters or {}

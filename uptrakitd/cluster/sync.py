@@ -14,17 +14,17 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .admin_tokens import AdminTokenRegistry
-from .channel.hub import ChannelHub
-from .directory import ServiceDirectory
-from .errors import StorageUnavailable
-from .metrics import Metrics
-from .pki.authority import CertificateAuthority
-from .pki.serials import format_serial
-from .runtime_settings import RuntimeSettings
-from .store import controllers
-from .store import certificates, services as stored_services
-from .store.changes import Change
+from ..admin_tokens import AdminTokenRegistry
+from ..channel.hub import ChannelHub
+from ..directory import ServiceDirectory
+from ..errors import StorageUnavailable
+from ..metrics import Metrics
+from ..pki.authority import CertificateAuthority
+from ..pki.serials import format_serial
+from ..runtime_settings import RuntimeSettings
+from ..store import controllers
+from ..store import certificates, services as stored_services
+from ..store.changes import Change
 
 log = Logger()
 CATCH_UP_SECONDS = 5.0
