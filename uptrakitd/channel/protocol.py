@@ -30,7 +30,10 @@ MAX_UNKNOWN_IN_A_ROW = 10
 
 
 def buffered_bytes(transport: Any) -> int:
-    """Bytes written but not yet accepted by the kernel, summed down a TLS/TCP transport chain."""
+    """Bytes written but not yet accepted by the kernel, summed down a TLS/TCP transport chain.
+
+    Reads Twisted's private `_tempDataLen` (FileDescriptor) and `_appSendBuffer` (TLSMemoryBIOProtocol), as of
+    Twisted 26.10; tests/test_library_internals.py fails when they change."""
     total, seen = 0, 0
     while transport is not None and seen < 6:
         total += getattr(transport, "_tempDataLen", 0) or 0

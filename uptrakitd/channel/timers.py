@@ -25,7 +25,8 @@ class PlainTimer:
 
 def use_plain_timers(factory: Any, clock: IReactorTime) -> None:
     """Give an Autobahn WebSocket factory plain (cancellable) timers instead of its batched ones."""
-    factory._batched_timer = PlainTimer(clock)  # Autobahn reads only .call_later() of it
+    # Autobahn 26.11 reads only .call_later() of it (tests/test_library_internals.py checks it is still there)
+    factory._batched_timer = PlainTimer(clock)
 
 
 _AUTOBAHN_TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall",

@@ -72,7 +72,8 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
 def limit_groups(ctx: SSL.Context) -> None:
     """Offer only GROUPS for key exchange. pyOpenSSL has no public call for SSL_CTX_set1_groups_list; the
     bindings it already loads have the same function under its older name (set1_curves_list), used here on
-    the context's handle. Without it the daemon still starts, and says which groups it offers instead."""
+    the context's handle (`Context._context`, pyOpenSSL 26.4; tests/test_library_internals.py). Without it the
+    daemon still starts, and says which groups it offers instead."""
     from OpenSSL._util import lib
     setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
     handle = getattr(ctx, "_context", None)

@@ -182,7 +182,7 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _write_result(self, request: Any, result: Any) -> None:
-        if request._disconnected or request.finished:
+        if request.channel is None or request.finished:   # (twisted.web drops the channel when the client went)
             return
         if isinstance(result, Response):
             request.setResponseCode(result.status)
@@ -202,7 +202,7 @@ class Router(Resource):
         _finish(request, body)
 
     def _write_failure(self, request: Any, failure: Failure) -> None:
-        if request._disconnected or request.finished:
+        if request.channel is None or request.finished:   # (twisted.web drops the channel when the client went)
             return
         if isinstance(failure.value, UptrakitError):
             body = self._write_error(request, failure.value)

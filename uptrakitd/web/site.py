@@ -177,7 +177,9 @@ class GuardedChannel(HTTPChannel):
     def _answer_directly(self, data: bytes) -> bool:
         """OCSP on an idle connection, complete in this one read: a `GET …/ocsp/…` whose answer is known,
         or a `POST /api/v1/pki/ocsp` with its whole body, written at once without twisted.web's request
-        machinery (see web.pki.OcspFastPath); anything else goes the ordinary way."""
+        machinery (see web.pki.OcspFastPath); anything else goes the ordinary way. Idle is read from
+        HTTPChannel's private `_handlingRequest`, `_dataBuffer` and `_buffer` (Twisted 26.10;
+        tests/test_library_internals.py fails when they change)."""
         if (not data.startswith((b"GET ", b"POST ")) or self.requests or self._handlingRequest
                 or self._dataBuffer or self._buffer or not self.line_mode or self._request_line is not None):
             return False
