@@ -112,7 +112,7 @@ async function loadBanners() {
 
 async function loadOverview() {
   const o = lastOverview || await api("GET", "/api/v1/overview");
-  const custody = {file: "key in a clear file", sealed: "key sealed", external: "external CA"};
+  const custody = {file: "key in a clear file", sealed: "key sealed", pkcs11: "key in a PKCS#11 token", external: "external CA"};
   const ca = (c) => c ? `generation ${c.generation}, expires ${c.not_after.slice(0, 10)} (${c.days_left} days left), ${custody[c.custody] || c.custody}` : "none";
   const crl = (c) => c && c.crl_number !== null ? `#${c.crl_number}, ${c.crl_entries} entries, built ${Math.round(c.crl_age_seconds / 60)} min ago` : "–";
   dlRows($("#ov-ca"), [["Active CA", ca(o.active_ca)], ["Active CA's CRL", crl(o.active_ca)],
