@@ -287,18 +287,9 @@ def full_collections(daemon) -> str:
 
 def softhsm_flags() -> list[str]:
     """A SoftHSM2 token in a temp dir (SOFTHSM2_CONF, inherited by the daemons) and the flags that use it."""
-    work = Path(tempfile.mkdtemp(prefix="uptrakit-fleet-hsm-"))
-    (work / "tokens").mkdir()
-    conf = work / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {work / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "fleet", "--pin", "1234", "--so-pin",
-                    "5678"], check=True, capture_output=True)
-    (work / "pin").write_text("1234\n")
-    (work / "pin").chmod(0o600)
-    module = next(m for m in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
-                  if os.path.exists(m))
-    return ["--ca-key-uri", "pkcs11:token=fleet", "--pkcs11-module", module, "--pkcs11-pin-file", str(work / "pin")]
+    from common import softhsm_token
+    module, pin = softhsm_token("fleet")
+    return ["--ca-key-uri", "pkcs11:token=fleet", "--pkcs11-module", module, "--pkcs11-pin-file", str(pin)]
 
 
 def main() -> None:

@@ -115,3 +115,21 @@ def enrolled_certificate(daemon: Daemon, path: str) -> str:
     Path(path).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()) + cert_pem.encode())
     return cert_pem
+
+
+def softhsm_token(label: str) -> tuple[str, Path]:
+    """A SoftHSM2 token `label` (user PIN 1234) in a temp dir, SOFTHSM2_CONF set for this process and the
+    daemons it starts; (the module's path, a 0600 file holding the PIN)."""
+    work = Path(tempfile.mkdtemp(prefix="uptrakit-bench-hsm-"))
+    (work / "tokens").mkdir()
+    conf = work / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {work / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", "1234", "--so-pin", "5678"],
+                   check=True, capture_output=True)
+    (work / "pin").write_text("1234\n")
+    (work / "pin").chmod(0o600)
+    module = next(m for m in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
+                  if os.path.exists(m))
+    return module, work / "pin"
+

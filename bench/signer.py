@@ -10,18 +10,16 @@ the two differ by noise only. A token key costs a round trip through PKCS#11 per
 """
 from __future__ import annotations
 
-import base64
 import datetime
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
@@ -37,16 +35,9 @@ SERVICE = "3f0b3c1e-7a4e-4b8e-9a51-0d1e2f3a4b5c"
 
 
 def softhsm_signer():
+    from common import softhsm_token
     from uptrakitd.pki.pkcs11 import Pkcs11Keys, Pkcs11Uri, Token
-    work = Path(tempfile.mkdtemp(prefix="uptrakit-bench-hsm-"))
-    (work / "tokens").mkdir()
-    conf = work / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {work / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", "1234", "--so-pin", "5678"],
-                   check=True, capture_output=True)
-    module = next(m for m in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
-                  if os.path.exists(m))
+    module, _ = softhsm_token("bench")
     token = Token.shared(module, "bench", "1234")
     token.open()
     return Pkcs11Keys(token, Pkcs11Uri("bench"), None).new(1)
