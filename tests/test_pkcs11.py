@@ -145,6 +145,23 @@ class TokenLifecycleTests(TestCase):
                          "the PIN is never logged")
 
     @inlineCallbacks
+    def test_the_reference_agent_enrolls_and_follows_a_rotation_through_the_token(self):
+        from .channel_helpers import connected_agent, next_event
+        agent = yield connected_agent(self, self.c)          # enrollment over the WebSocket, issued by the token
+        cert = x509.load_pem_x509_certificate(agent.state.identity_pem().split(b"-----END PRIVATE KEY-----")[-1])
+        cert.verify_directly_issued_by(self.c.ca.state.active().cert)
+        renewed = next_event(agent, "service_settings", timeout=60)
+        status, body = yield request_json(self.c, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["notified"], 1)
+        yield renewed
+        yield wait_until(lambda: agent.proto is not None and self.c.channel.connected.get(agent.service_id)
+                         is not None and self.c.channel.connected[agent.service_id].context.identity is not None
+                         and self.c.channel.connected[agent.service_id].context.identity.ca_generation == 2, 60)
+        cert = x509.load_pem_x509_certificate(agent.state.identity_pem().split(b"-----END PRIVATE KEY-----")[-1])
+        cert.verify_directly_issued_by(self.c.ca.state.active().cert)
+
+    @inlineCallbacks
     def test_a_rotation_that_dies_before_its_commit_leaves_an_orphan_key_that_breaks_nothing(self):
         """The moment a kill -9 would hit between the key made in the token and the generation committed."""
         from uptrakitd.pki.state import insert_generation
