@@ -46,3 +46,13 @@ class ReferenceTests(TestCase):
         for doc in ("docs/reference/configuration.md", "docs/reference/http-api.md", "docs/protocol.md"):
             self.assertIn(doc, readme)
             self.assertTrue((ROOT / doc).exists(), doc)
+
+
+class PackagingTests(TestCase):
+    def test_every_package_of_the_source_tree_is_installed(self):
+        """pyproject.toml lists its packages one by one: a new one missing there works from the checkout (and so
+        in every test) and is absent from an installed daemon ("No module named …" at start)."""
+        import tomllib
+        listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+        found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "uptrakitd").rglob("__init__.py")}
+        self.assertEqual(sorted(found - listed), [], "packages missing from pyproject.toml")
