@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import socket
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -116,7 +115,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
         change_seq = 0
         if settings.database:
             # controllers starting together on a new database: one creates the CA, the others load it
-            store_mod.postgresql.boot_lock(conn)
+            conn.engine.startup_lock(conn)
             change_seq = store_mod.transaction(conn, changes.newest)   # before any record is read
     except store_mod.StoreError as e:
         raise StartupError(str(e)) from None
@@ -154,7 +153,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
                   keys=keys, controller_id=controller_id, change_seq=change_seq)
 
 
-def _network_settings(conn: sqlite3.Connection, settings: Settings) -> NetworkSettings:
+def _network_settings(conn: store_mod.Connection, settings: Settings) -> NetworkSettings:
     stored = stored_settings.get(conn, "network")
     if stored is None or settings.force_settings_override:
         if stored is not None:
@@ -229,7 +228,7 @@ def _load_key(keys: Any, files: PkiFiles, row: Any) -> Any:
             from None
 
 
-def _load_ca_state(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, keys: Any, network: NetworkSettings,
+def _load_ca_state(conn: store_mod.Connection, settings: Settings, files: PkiFiles, keys: Any, network: NetworkSettings,
                    now: datetime.datetime, reached: Any) -> CaState:
     state = CaState()
     stored = store_mod.transaction(conn, ca_generations.load_all)
@@ -332,7 +331,7 @@ def _next_key(keys: Any, state: CaState) -> Any:
         raise StartupError(str(e)) from None
 
 
-def _server_certificate(conn: sqlite3.Connection, settings: Settings, files: PkiFiles, state: CaState,
+def _server_certificate(conn: store_mod.Connection, settings: Settings, files: PkiFiles, state: CaState,
                         network: NetworkSettings, hostname: str, now: datetime.datetime,
                         reached: Any) -> tuple[x509.Certificate, Any]:
     cert_path, key_path = files.server_cert_path, files.server_key_path
@@ -382,7 +381,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
-def _admin_token(conn: sqlite3.Connection, data_dir: Path, reached: Any) -> Path:
+def _admin_token(conn: store_mod.Connection, data_dir: Path, reached: Any) -> Path:
     path = data_dir / "admin.token"
     if store_mod.transaction(conn, stored_tokens.active_admin_tokens):
         if not path.exists():

@@ -2,7 +2,7 @@
 schema in lockstep with SQLite's, migrations under the advisory lock, and an outage answered with 503."""
 from __future__ import annotations
 
-import sqlite3
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -24,7 +24,7 @@ class PostgresqlStoreTests(TestCase):
         self.addCleanup(self.cluster.destroy)
 
     def test_the_schemas_are_in_lockstep(self):
-        lite = sqlite3.connect(":memory:")
+        lite = database.connect(Path(":memory:"))
         database.migrate(lite)
         tables = [r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         expected = {t: [r[1] for r in lite.execute(f"PRAGMA table_info({t})")] for t in tables}

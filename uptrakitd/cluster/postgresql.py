@@ -13,8 +13,8 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
 from ..store import changes, controllers
-from ..store.database import close_quietly
-from ..store.postgresql import LEADER_LOCK, PgConnection, connect, transaction
+from ..store.common import close_quietly, transaction
+from ..store.postgresql import LEADER_LOCK, PgConnection, connect
 
 log = Logger()
 

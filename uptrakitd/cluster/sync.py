@@ -1,7 +1,7 @@
 """Several controllers on one PostgreSQL: what another controller changed, applied here.
 
 `ClusterSync.apply` receives the change-log rows other controllers wrote (store/changes.py, read by
-store.postgresql.ChangeFeed) and makes this controller agree with the database, through the same
+cluster.postgresql.ChangeFeed) and makes this controller agree with the database, through the same
 domain methods and events a local change uses: a revocation made on A closes the socket on B, fails
 B's next handshake and changes B's OCSP answer; a rotation made on A swaps B's TLS context and tells
 B's services. Each change names a row; the row is read again, so applying twice changes nothing.

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from ..errors import StorageUnavailable, BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
 from ..metrics import Metrics
-from ..store import Store, ca_generations, certificates
+from ..store import DuplicateRow, Store, ca_generations, certificates
 from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca
 from .crl import REASONS
 from .keys import FileKeys
@@ -213,9 +213,7 @@ class CertificateAuthority:
             ca = CaGeneration(generation, cert, signer, False)
             try:
                 yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
-            except Exception as e:
-                if type(e).__name__ not in ("IntegrityError", "UniqueViolation"):
-                    raise
+            except DuplicateRow:
                 # several controllers: another one created this generation a moment ago
                 raise Conflict(f"CA generation {generation} was just created by another controller",
                                "rotation_in_progress") from None

@@ -9,7 +9,11 @@ The interface the rest of the daemon uses is small, so that another engine can s
 - Start-up, before the reactor runs: `open_database(data_dir, url)` gives a connection and
   `transaction(conn, operation, *args)` runs an operation on it synchronously.
 - Engines: SQLite in the data dir (`database.py`, the default) or PostgreSQL (`postgresql.py`, when
-  `--database postgresql://…` is given); `make_store` picks the Store.
+  `--database postgresql://…` is given); `make_store` picks the Store. What both share is in `common.py`:
+  the migration runner, `transaction`, the one-thread Store with group commit, `DuplicateRow` (a taken
+  unique key, whatever the engine calls it). A connection carries its `Engine`, the little that differs
+  (schema version, statement splitting, the migration and start-up locks, which errors are faults, the
+  write probe): nothing above store/ names an engine.
 
 An *operation* is a function from the query modules (`settings`, `ca_generations`, `certificates`,
 `services`, `tokens`) or a composition of them written by a domain module. `conn` is a DB-API
@@ -23,24 +27,10 @@ from typing import Any, Callable, Protocol
 from twisted.internet.defer import Deferred
 
 from . import database, postgresql
-from .database import (SqliteStore, StoreError, backup_path, connect, migrate, migrations, open_and_migrate, read_probe,
-                       schema_version)
+from .common import Connection, DuplicateRow, StoreError, transaction
+from .database import (SqliteStore, backup_path, connect, migrate, migrations, open_and_migrate, read_probe,
+                       schema_version, write_probe)
 from .postgresql import PgConnection, PostgresStore
-
-
-def transaction(conn: Any, operation: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Run operation(conn, *args) in one transaction on a start-up connection of either engine."""
-    if isinstance(conn, PgConnection):
-        return postgresql.transaction(conn, operation, *args, **kw)
-    return database.transaction(conn, operation, *args, **kw)
-
-
-def write_probe(conn: Any, now: int) -> None:
-    """A write the database must accept (readiness), in the engine's own SQL."""
-    if isinstance(conn, PgConnection):
-        postgresql.write_probe(conn, now)
-    else:
-        database.write_probe(conn, now)
 
 
 def sqlite_path(data_dir: Path) -> Path:
@@ -73,6 +63,6 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["PgConnection", "PostgresStore", "SqliteStore", "Store", "StoreError", "backup_path", "connect", "make_store",
+__all__ = ["Connection", "DuplicateRow", "PgConnection", "PostgresStore", "SqliteStore", "Store", "StoreError", "backup_path", "connect", "make_store",
            "migrate", "migrations", "open_and_migrate", "open_database", "read_probe", "schema_version", "sqlite_path", "transaction",
            "write_probe"]

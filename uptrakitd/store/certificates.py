@@ -1,12 +1,12 @@
 """Issued certificates and their revocation. Serials are stored as uppercase hex."""
 from __future__ import annotations
 
-import sqlite3
 
 from . import changes
+from .common import Connection, Row
 
 
-def insert(conn: sqlite3.Connection, serial: str, service_id: str | None, purpose: str, ca_generation: int,
+def insert(conn: Connection, serial: str, service_id: str | None, purpose: str, ca_generation: int,
            not_before: int, not_after: int, cert_pem: str, issued_at: int) -> None:
     """Record an issued certificate."""
     conn.execute("INSERT INTO certificates (serial, service_id, purpose, ca_generation, not_before, not_after, "
@@ -15,22 +15,22 @@ def insert(conn: sqlite3.Connection, serial: str, service_id: str | None, purpos
     changes.note(conn, "certificate", serial)
 
 
-def load_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+def load_all(conn: Connection) -> list[Row]:
     """Every certificate record in issue order: serial, service_id, purpose, ca_generation, not_before,
     not_after, revoked_at, revocation_reason."""
     return conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
                         "revocation_reason FROM certificates ORDER BY issued_at, rowid").fetchall()
 
 
-def load_one(conn: sqlite3.Connection, serial: str) -> sqlite3.Row | None:
+def load_one(conn: Connection, serial: str) -> Row | None:
     """One certificate record (the columns of load_all), or None."""
     return conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
                         "revocation_reason FROM certificates WHERE serial = ?", (serial,)).fetchone()
 
 
-def load_many(conn: sqlite3.Connection, serials: list[str]) -> dict[str, sqlite3.Row]:
+def load_many(conn: Connection, serials: list[str]) -> dict[str, Row]:
     """Records by serial (the columns of load_all), for those that exist; read 500 at a time."""
-    out: dict[str, sqlite3.Row] = {}
+    out: dict[str, Row] = {}
     for i in range(0, len(serials), 500):
         chunk = serials[i:i + 500]
         for row in conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
@@ -40,7 +40,7 @@ def load_many(conn: sqlite3.Connection, serials: list[str]) -> dict[str, sqlite3
     return out
 
 
-def mark_revoked(conn: sqlite3.Connection, serial: str, revoked_at: int, reason: str) -> bool:
+def mark_revoked(conn: Connection, serial: str, revoked_at: int, reason: str) -> bool:
     """Revoke one certificate; False when it was already revoked or is unknown."""
     cur = conn.execute("UPDATE certificates SET revoked_at = ?, revocation_reason = ? "
                        "WHERE serial = ? AND revoked_at IS NULL", (revoked_at, reason, serial))
@@ -49,7 +49,7 @@ def mark_revoked(conn: sqlite3.Connection, serial: str, revoked_at: int, reason:
     return cur.rowcount == 1
 
 
-def revoke_all_of_service(conn: sqlite3.Connection, service_id: str, revoked_at: int, reason: str) -> list[str]:
+def revoke_all_of_service(conn: Connection, service_id: str, revoked_at: int, reason: str) -> list[str]:
     """Revoke every unrevoked certificate of a service; returns their serials."""
     serials = [row["serial"] for row in conn.execute(
         "SELECT serial FROM certificates WHERE service_id = ? AND revoked_at IS NULL", (service_id,))]

@@ -12,15 +12,15 @@ change log (uptrakitd.cluster: `ChangeFeed`), and the jobs that must run once pe
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
-from ..errors import StorageUnavailable
-from . import database
-from .database import OneThreadStore, StoreError, close_quietly
+from . import common
+from .common import Engine, OneThreadStore, StoreError, statements_split_on_semicolons
 
 log = Logger()
 MIGRATION_LOCK = 0x7570_7472_616B_6974 & 0x7FFF_FFFF_FFFF_FFFF   # "uptrakit": pg_advisory_lock's bigint key
@@ -74,6 +74,8 @@ class PgConnection:
 
     With an `origin` (the controller's id), writes through it append to the change log (changes.py)."""
 
+    engine: Engine   # POSTGRES, set below
+
     def __init__(self, conn: Any, origin: str | None = None) -> None:
         self.raw = conn
         self.origin = origin
@@ -88,6 +90,53 @@ class PgConnection:
         self.raw.close()
 
 
+class PostgresEngine(Engine):
+    name = "postgresql"
+    schema_folder = "schema_postgresql"
+    drop_connection_on_fault = True   # a lost connection stays lost: the next operation reconnects
+
+    def schema_version(self, conn: Any) -> int:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
+        return int(row["v"] or 0)
+
+    def record_version(self, conn: Any, version: int) -> None:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    def statements(self, sql: str) -> list[str]:
+        return list(statements_split_on_semicolons(sql))
+
+    @contextlib.contextmanager
+    def migration_lock(self, conn: Any) -> Iterator[None]:
+        """pg_advisory_lock: controllers starting together apply each migration once."""
+        conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
+
+    def startup_lock(self, conn: Any) -> None:
+        """Controllers starting together on an empty database boot one after the other (the first creates the
+        CA, the next ones load it): held until the start-up connection closes."""
+        conn.execute("SELECT pg_advisory_lock(?)", (BOOT_LOCK,))
+
+    def is_duplicate(self, error: BaseException) -> bool:
+        psycopg = _psycopg()
+        return isinstance(error, psycopg.errors.UniqueViolation)
+
+    def is_fault(self, error: BaseException) -> bool:
+        psycopg = _psycopg()
+        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError, StoreError))
+
+    def write_probe(self, conn: Any, now: int) -> None:
+        conn.execute("INSERT INTO health (id, checked_at, scratch) VALUES (1, ?, decode(repeat(md5(random()::text), "
+                     "512), 'hex')) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, "
+                     "scratch = excluded.scratch", (now,))
+
+
+POSTGRES = PostgresEngine()
+
+
 def connect(url: str, origin: str | None = None) -> PgConnection:
     """A connection in autocommit mode (transactions are explicit), or StoreError; see PgConnection for `origin`."""
     psycopg = _psycopg()
@@ -99,48 +148,12 @@ def connect(url: str, origin: str | None = None) -> PgConnection:
 
 def migrations() -> list[tuple[int, str, str]]:
     """The PostgreSQL schema files as (version, name, sql), in order."""
-    return database.migrations("schema_postgresql")
-
-
-def _statements(sql: str) -> Iterator[str]:
-    text = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
-    for statement in text.split(";"):
-        if statement.strip():
-            yield statement.strip()
-
-
-def schema_version(conn: PgConnection) -> int:
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
-    return int(row["v"] or 0)
+    return common.migrations(POSTGRES.schema_folder)
 
 
 def migrate(conn: PgConnection) -> list[str]:
     """Apply pending migrations, each in one transaction, holding the advisory lock; names applied."""
-    psycopg = _psycopg()
-    known = migrations()
-    newest = known[-1][0]
-    applied = []
-    conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
-    try:
-        current = schema_version(conn)
-        if current > newest:
-            raise StoreError(f"database schema version {current} is newer than this uptrakitd ({newest}); "
-                             "refusing to run an older release against it")
-        for version, name, sql in known:
-            if version <= current:
-                continue
-            try:
-                with conn.raw.transaction():
-                    for statement in _statements(sql):
-                        conn.execute(statement)
-                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            except psycopg.Error as e:
-                raise StoreError(f"migration {name} failed: {str(e).strip()}") from None
-            applied.append(name)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
-    return applied
+    return common.migrate(conn)
 
 
 def open_and_migrate(url: str, origin: str | None = None) -> PgConnection:
@@ -155,47 +168,22 @@ def open_and_migrate(url: str, origin: str | None = None) -> PgConnection:
     return conn
 
 
-def transaction(conn: PgConnection, operation: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Run operation(conn, *args) in one transaction: committed when it returns, rolled back when it raises."""
-    with conn.raw.transaction():
-        return operation(conn, *args, **kw)
-
-
-def write_probe(conn: PgConnection, now: int) -> None:
-    """database.write_probe for PostgreSQL: one row rewritten with 8 KiB of fresh bytes."""
-    conn.execute("INSERT INTO health (id, checked_at, scratch) VALUES (1, ?, decode(repeat(md5(random()::text), "
-                 "512), 'hex')) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, "
-                 "scratch = excluded.scratch", (now,))
-
-
 class PostgresStore(OneThreadStore):
-    """The Store over one PostgreSQL connection used from one thread; reconnects after a failure.
-
-    Its writes carry `origin` into the change log, which the other controllers apply (ChangeFeed).
-    """
+    """The Store over one PostgreSQL connection used from one thread (group commit as SQLite's); reconnects
+    after a failure. Its writes carry `origin` into the change log, which the other controllers apply."""
 
     def __init__(self, url: str, reactor: IReactorFromThreads, origin: str) -> None:
         super().__init__(reactor)
         self.url = url
         self.origin = origin
-        self._conn: PgConnection | None = None
 
-    def _in_thread(self, operation: Callable[..., Any], args: tuple, kw: dict) -> Any:
-        psycopg = _psycopg()
-        try:
-            if self._conn is None:
-                self._conn = connect(self.url, self.origin)
-            return transaction(self._conn, operation, *args, **kw)
-        except (psycopg.OperationalError, psycopg.InterfaceError, StoreError) as e:
-            # the connection is gone or unusable: drop it, so the next operation reconnects
-            if self._conn is not None:
-                close_quietly(self._conn)
-                self._conn = None
-            log.error("database operation failed, answering 503: {error}", error=str(e).strip())
-            raise StorageUnavailable("storage unavailable: the database cannot be reached") from None
+    def _connect(self) -> Any:
+        return connect(self.url, self.origin)
+
+    def _describe(self, error: BaseException) -> str:
+        return "the database cannot be reached"
 
 
-def boot_lock(conn: PgConnection) -> None:
-    """Held by a controller's start-up connection until it closes: controllers starting together on an
-    empty database boot one after the other (the first creates the CA, the next ones load it)."""
-    conn.execute("SELECT pg_advisory_lock(?)", (BOOT_LOCK,))
+
+
+PgConnection.engine = POSTGRES

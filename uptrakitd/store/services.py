@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from . import changes
+from .common import Connection
 
 COLUMNS = ("id", "kind", "hostname", "status", "created_at", "friendly_name", "capabilities", "ip_address",
            "proxy_ip", "identity_source", "last_seen_at", "cert_lifetime_hours", "ping_interval_seconds",
@@ -14,18 +14,18 @@ WRITABLE = frozenset({"status", "cert_lifetime_hours", "ping_interval_seconds", 
                       "last_seen_at", "friendly_name"})
 
 
-def load_all(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def load_all(conn: Connection) -> list[dict[str, Any]]:
     """Every service as a dict of COLUMNS (capabilities decoded)."""
     return [_values(row) for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services")]
 
 
-def load_one(conn: sqlite3.Connection, service_id: str) -> dict[str, Any] | None:
+def load_one(conn: Connection, service_id: str) -> dict[str, Any] | None:
     """One service as a dict of COLUMNS, or None."""
     row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM services WHERE id = ?", (service_id,)).fetchone()
     return _values(row) if row is not None else None
 
 
-def load_many(conn: sqlite3.Connection, service_ids: list[str]) -> dict[str, dict[str, Any]]:
+def load_many(conn: Connection, service_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Services by id (dicts of COLUMNS), for those that exist; read 500 at a time."""
     out: dict[str, dict[str, Any]] = {}
     for i in range(0, len(service_ids), 500):
@@ -42,7 +42,7 @@ def _values(row: Any) -> dict[str, Any]:
     return values
 
 
-def insert(conn: sqlite3.Connection, service_id: str, kind: str, hostname: str, status: str, created_at: int,
+def insert(conn: Connection, service_id: str, kind: str, hostname: str, status: str, created_at: int,
            friendly_name: str | None, capabilities: list[str], enrollment_secret_hash: str | None) -> None:
     """Create a service row."""
     conn.execute("INSERT INTO services (id, kind, hostname, friendly_name, status, capabilities, created_at, "
@@ -52,7 +52,7 @@ def insert(conn: sqlite3.Connection, service_id: str, kind: str, hostname: str, 
     changes.note(conn, "service", service_id)
 
 
-def record_connection(conn: sqlite3.Connection, service_id: str, ip_address: str, proxy_ip: str | None,
+def record_connection(conn: Connection, service_id: str, ip_address: str, proxy_ip: str | None,
                       identity_source: str, seen_at: int) -> int | None:
     """Durably note where a service connected from and how it was identified; the change's seq (PostgreSQL)."""
     conn.execute("UPDATE services SET ip_address = ?, proxy_ip = ?, identity_source = ?, last_seen_at = ?, "
@@ -61,7 +61,7 @@ def record_connection(conn: sqlite3.Connection, service_id: str, ip_address: str
     return changes.note(conn, "connected", service_id)
 
 
-def record_disconnection(conn: sqlite3.Connection, service_id: str) -> None:
+def record_disconnection(conn: Connection, service_id: str) -> None:
     """The service's socket on this controller is gone (unless another controller holds a newer one)."""
     cur = conn.execute("UPDATE services SET controller = NULL WHERE id = ? AND controller = ?",
                        (service_id, changes.origin_of(conn)))
@@ -69,7 +69,7 @@ def record_disconnection(conn: sqlite3.Connection, service_id: str) -> None:
         changes.note(conn, "service", service_id)
 
 
-def release_controller(conn: sqlite3.Connection, controller: str) -> list[str]:
+def release_controller(conn: Connection, controller: str) -> list[str]:
     """No socket is held by `controller` any more (it stopped, or died): the services it held."""
     ids = [row["id"] for row in conn.execute("SELECT id FROM services WHERE controller = ?", (controller,))]
     conn.execute("UPDATE services SET controller = NULL WHERE controller = ?", (controller,))
@@ -78,7 +78,7 @@ def release_controller(conn: sqlite3.Connection, controller: str) -> list[str]:
     return ids
 
 
-def update_fields(conn: sqlite3.Connection, service_id: str, **fields: Any) -> None:
+def update_fields(conn: Connection, service_id: str, **fields: Any) -> None:
     """Update named columns of one service (only the WRITABLE ones)."""
     if not set(fields) <= WRITABLE:
         raise ValueError(f"not writable: {sorted(set(fields) - WRITABLE)}")

@@ -1,21 +1,21 @@
 """Enrollment tokens and admin tokens, stored as SHA-256 hashes only."""
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from . import changes
+from .common import Connection, Row
 
 _ENROLL_COLS = "id, name, kind, max_uses, uses, expires_at, auto_approve, created_at, revoked_at"
 
 
-def _enrollment(row: sqlite3.Row) -> dict[str, Any]:
+def _enrollment(row: Row) -> dict[str, Any]:
     out = dict(row)
     out["auto_approve"] = bool(out["auto_approve"])
     return out
 
 
-def insert_enrollment_token(conn: sqlite3.Connection, token_id: str, name: str, kind: str | None, digest: str,
+def insert_enrollment_token(conn: Connection, token_id: str, name: str, kind: str | None, digest: str,
                             max_uses: int | None, expires_at: int | None, auto_approve: bool,
                             created_at: int) -> dict[str, Any]:
     """Store a new enrollment token; returns its record (without the hash)."""
@@ -26,30 +26,30 @@ def insert_enrollment_token(conn: sqlite3.Connection, token_id: str, name: str, 
                                     (token_id,)).fetchone())
 
 
-def list_enrollment_tokens(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def list_enrollment_tokens(conn: Connection) -> list[dict[str, Any]]:
     """Every enrollment token (without hashes), oldest first."""
     return [_enrollment(r) for r in conn.execute(f"SELECT {_ENROLL_COLS} FROM enrollment_tokens "
                                                   "ORDER BY created_at")]
 
 
-def find_enrollment_token(conn: sqlite3.Connection, digest: str) -> dict[str, Any] | None:
+def find_enrollment_token(conn: Connection, digest: str) -> dict[str, Any] | None:
     """The enrollment token with this hash, or None."""
     row = conn.execute(f"SELECT {_ENROLL_COLS} FROM enrollment_tokens WHERE token_hash = ?", (digest,)).fetchone()
     return _enrollment(row) if row else None
 
 
-def count_enrollment_use(conn: sqlite3.Connection, token_id: str) -> None:
+def count_enrollment_use(conn: Connection, token_id: str) -> None:
     """Count one use of an enrollment token."""
     conn.execute("UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = ?", (token_id,))
 
 
-def revoke_enrollment_token(conn: sqlite3.Connection, token_id: str, revoked_at: int) -> bool:
+def revoke_enrollment_token(conn: Connection, token_id: str, revoked_at: int) -> bool:
     """Revoke one token; False when unknown or already revoked."""
     return conn.execute("UPDATE enrollment_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                         (revoked_at, token_id)).rowcount == 1
 
 
-def insert_admin_token(conn: sqlite3.Connection, token_id: str, name: str, digest: str, permissions_json: str,
+def insert_admin_token(conn: Connection, token_id: str, name: str, digest: str, permissions_json: str,
                        created_at: int) -> None:
     """Store a new admin token."""
     conn.execute("INSERT INTO admin_tokens (id, name, token_hash, permissions, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -57,24 +57,24 @@ def insert_admin_token(conn: sqlite3.Connection, token_id: str, name: str, diges
     changes.note(conn, "admin_tokens", token_id)
 
 
-def list_admin_tokens(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+def list_admin_tokens(conn: Connection) -> list[Row]:
     """Every admin token (without hashes): id, name, permissions (JSON), created_at, revoked_at."""
     return conn.execute("SELECT id, name, permissions, created_at, revoked_at FROM admin_tokens "
                         "ORDER BY created_at").fetchall()
 
 
-def active_admin_tokens(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+def active_admin_tokens(conn: Connection) -> list[Row]:
     """token_hash and permissions (JSON) of every admin token not revoked."""
     return conn.execute("SELECT token_hash, permissions FROM admin_tokens WHERE revoked_at IS NULL").fetchall()
 
 
-def admin_token_by_hash(conn: sqlite3.Connection, digest: str) -> sqlite3.Row | None:
+def admin_token_by_hash(conn: Connection, digest: str) -> Row | None:
     """id, name and permissions (JSON) of the active admin token with this hash, or None."""
     return conn.execute("SELECT id, name, permissions FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
                         (digest,)).fetchone()
 
 
-def revoke_admin_token(conn: sqlite3.Connection, token_id: str, revoked_at: int) -> str | None:
+def revoke_admin_token(conn: Connection, token_id: str, revoked_at: int) -> str | None:
     """Revoke one admin token; returns its hash (to forget in memory) or None when unknown."""
     row = conn.execute("SELECT token_hash FROM admin_tokens WHERE id = ? AND revoked_at IS NULL",
                        (token_id,)).fetchone()
