@@ -225,15 +225,21 @@ class Settings:
         return f"tcp:{port}:interface=" + host.replace(":", "\\:")  # endpoint strings escape ":"
 
 
+FILE = "file"   # Scalar.kind: a path that must be readable when the daemon starts
+
+
 @dataclass(frozen=True)
 class Scalar:
-    """A setting that is one number or one word, declared once: its Settings (or ConnectionLimits) field and
-    TOML key `name`, its flag (`name` with dashes), its --help text and the values it takes. tap.py makes
-    the flags from SCALARS, read_config_file takes their keys, build_settings checks them."""
+    """A setting that is one value, declared once: its Settings (or ConnectionLimits) field and TOML key `name`,
+    its flag (`name` with dashes), its --help text and the values it takes. tap.py makes the flags from SCALARS,
+    read_config_file takes their keys, build_settings checks them, SIGHUP knows they need a restart, and
+    docs/reference/configuration.md is made from them. What is checked across settings stays in
+    build_settings."""
 
     name: str
     help: str
-    kind: type = str                 # int, float, or str with `choices`
+    kind: Any = str                  # int, float, str (with `choices`, or any non-empty string), Path, FILE,
+                                     # or a function (value, name) -> the checked value
     low: float = 0
     high: float = 0
     choices: tuple[str, ...] = ()
@@ -251,10 +257,45 @@ class Scalar:
             if value not in self.choices:
                 raise ConfigError(self.name, f"must be one of {', '.join(self.choices)}")
             return value
-        return _number(value, self.name, self.low, self.high, integer=self.kind is int)
+        if self.kind is str:
+            return _string(value, self.name)
+        if self.kind is Path:
+            return Path(_string(value, self.name))
+        if self.kind == FILE:
+            return _readable_file(value, self.name)
+        if self.kind in (int, float):
+            return _number(value, self.name, self.low, self.high, integer=self.kind is int)
+        return self.kind(value, self.name)
 
 
 SCALARS = (
+    Scalar("data_dir", "State directory: database, CA keys, CRL files (default ./uptrakit-data).", Path),
+    Scalar("https_listen", f"Twisted endpoint string for HTTPS; TLS is applied by uptrakitd (default "
+                           f"{DEFAULT_HTTPS_LISTEN}; e.g. systemd:domain=INET6:index=0 or haproxy:tcp:8443)."),
+    Scalar("pki_http", "'listener': also serve the PKI routes over plain HTTP on the --pki-addr host/port (or "
+                       "--pki-listen); 'external': something else serves them. Requires --pki-addr.",
+           choices=PKI_HTTP_MODES),
+    Scalar("pki_listen", "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."),
+    Scalar("database", "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in --data-dir; "
+                       "needs uptrakitd[postgresql] and --ca-key-encryption-key-file (or the CA keys in a token: "
+                       "--ca-key-uri). Several controllers may share one database "
+                       "(docs/deployment/high-availability.md).", lambda value, name: _database_url(value)),
+    Scalar("ca_key_encryption_key_file", "File of base64 AES-256 keys, one per line (head -c 32 /dev/urandom | "
+                                         "base64), mode 0600: the first seals the CA keys kept in the database (no "
+                                         "clear key file), the others only open older ones. Required with "
+                                         "--database; with SQLite, an existing data dir is sealed first with "
+                                         "`uptrakitd-keys seal`.", Path),
+    Scalar("ca_key_uri", "RFC 7512 URI of a PKCS#11 token (pkcs11:token=LABEL): new CA keys are generated and used "
+                         "inside it, never in the clear; with object=NAME or id=…, that existing key is the next "
+                         "one. Needs --pkcs11-module and the PIN (docs/deployment/ca-keys.md).", section="pki"),
+    Scalar("pkcs11_module", "The token's PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so).", FILE,
+           section="pki"),
+    Scalar("pkcs11_pin_file", "File (mode 0600) whose first line is the token's user PIN; or set "
+                              "UPTRAKIT_PKCS11_PIN. Never on the command line.", FILE, section="pki"),
+    Scalar("ca_cert", "External CA certificate (PEM); with --ca-key. Rotation is then refused.", FILE, section="pki"),
+    Scalar("ca_key", "External CA private key (PEM, unencrypted); with --ca-cert.", FILE, section="pki"),
+    Scalar("trust_domain", "SPIFFE trust domain in issued certificates (default uptrakit.local).",
+           lambda value, name: _trust_domain(value), section="pki"),
     Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (the issuing CA; the default unless the CA key is in a "
                           "token) or 'delegated' (a two-day P-256 "
                           "responder certificate that CA issues, its key only in memory, embedded in each answer: a "
@@ -290,11 +331,9 @@ SCALARS = (
                           "WebSocket after its close, HTTP after a refusal, TLS waiting for the peer's close_notify.",
            float, 0.1, 60, limit=True),
 )
-_TOP_KEYS = {"data_dir", "https_listen", "pki_http", "pki_listen", "san", "network", "pki",
-             "proxy_protocol_senders", "proxy_protocol_trust_headers", "metrics_require_auth", "database",
-             "ca_key_encryption_key_file", *(s.name for s in SCALARS if not s.section)}
-_PKI_KEYS = {"ca_cert", "ca_key", "ca_key_uri", "pkcs11_module", "pkcs11_pin_file", "trust_domain",
-             *(s.name for s in SCALARS if s.section == "pki")}
+_TOP_KEYS = {"san", "network", "pki", "proxy_protocol_senders", "proxy_protocol_trust_headers",
+             "metrics_require_auth", *(s.name for s in SCALARS if not s.section)}
+_PKI_KEYS = {s.name for s in SCALARS if s.section == "pki"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -393,29 +432,31 @@ def _proxy_protocol(merged: Mapping[str, Any], kw: dict[str, Any]) -> None:
                           "only make sense with a haproxy:... --https-listen")
 
 
-def _token(merged: dict[str, Any], kw: dict[str, Any]) -> None:
+def _trust_domain(value: Any) -> str:
+    td = _string(value, "trust_domain").lower()
+    if not _DNS_NAME.match(td) or td.startswith("*"):
+        raise ConfigError("trust_domain", f"not a valid SPIFFE trust domain: {td!r}")
+    return td
+
+
+def _token(kw: dict[str, Any]) -> None:
     """--ca-key-uri with --pkcs11-module and (--pkcs11-pin-file or UPTRAKIT_PKCS11_PIN)."""
     from .pki.pkcs11 import PIN_ENVIRONMENT, Pkcs11Uri
-    if not merged.get("ca_key_uri"):
+    if "ca_key_uri" not in kw:
         for name in ("pkcs11_module", "pkcs11_pin_file"):
-            if merged.get(name):
+            if name in kw:
                 raise ConfigError(name, f"--{name.replace('_', '-')} only makes sense with --ca-key-uri")
         return
-    uri = _string(merged["ca_key_uri"], "ca_key_uri")
     try:
-        Pkcs11Uri.parse(uri)
+        Pkcs11Uri.parse(kw["ca_key_uri"])
     except ValueError as e:
         raise ConfigError("ca_key_uri", str(e)) from None
-    if merged.get("ca_cert"):
+    if "ca_cert" in kw:
         raise ConfigError("ca_key_uri", "--ca-key-uri and --ca-cert/--ca-key are two different CAs: give one")
-    if not merged.get("pkcs11_module"):
+    if "pkcs11_module" not in kw:
         raise ConfigError("pkcs11_module", "--ca-key-uri needs --pkcs11-module, the token's PKCS#11 library "
                                            "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
-    kw["ca_key_uri"] = uri
-    kw["pkcs11_module"] = _readable_file(merged["pkcs11_module"], "pkcs11_module")
-    if merged.get("pkcs11_pin_file"):
-        kw["pkcs11_pin_file"] = _readable_file(merged["pkcs11_pin_file"], "pkcs11_pin_file")
-    elif not os.environ.get(PIN_ENVIRONMENT):
+    if "pkcs11_pin_file" not in kw and not os.environ.get(PIN_ENVIRONMENT):
         raise ConfigError("pkcs11_pin_file", f"--ca-key-uri needs the token's user PIN: --pkcs11-pin-file FILE "
                                              f"(mode 0600) or the environment variable {PIN_ENVIRONMENT}")
 
@@ -447,22 +488,15 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     network_changes = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("network.")}
     network = NetworkSettings().updated(network_changes)
     kw: dict[str, Any] = {"network": network, "network_given": frozenset(network_changes)}
-    if "data_dir" in merged:
-        kw["data_dir"] = Path(_string(merged["data_dir"], "data_dir"))
-    if "https_listen" in merged:
-        kw["https_listen"] = _string(merged["https_listen"], "https_listen")
-    if "pki_http" in merged:
-        if merged["pki_http"] not in PKI_HTTP_MODES:
-            raise ConfigError("pki_http", f"must be one of {', '.join(PKI_HTTP_MODES)}")
-        kw["pki_http"] = merged["pki_http"]
-    if "pki_listen" in merged:
-        kw["pki_listen"] = _string(merged["pki_listen"], "pki_listen")
-    if merged.get("database"):
-        kw["database"] = _database_url(merged["database"])
-    if merged.get("ca_key_encryption_key_file"):
-        kw["ca_key_encryption_key_file"] = Path(_string(merged["ca_key_encryption_key_file"],
-                                                        "ca_key_encryption_key_file"))
-    _token(merged, kw)
+    if ("ca_cert" in merged) != ("ca_key" in merged):
+        raise ConfigError("ca_cert", "--ca-cert and --ca-key must be given together (both or neither)")
+    limits: dict[str, Any] = {}
+    for scalar in SCALARS:
+        if scalar.name in merged:
+            (limits if scalar.limit else kw)[scalar.name] = scalar.parse(merged[scalar.name])
+    if limits:
+        kw["limits"] = ConnectionLimits(**limits)
+    _token(kw)
     if kw.get("database") and "ca_key_encryption_key_file" not in kw and "ca_key_uri" not in kw:
         raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
                                       "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "
@@ -471,12 +505,6 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         if not isinstance(merged["metrics_require_auth"], bool):
             raise ConfigError("metrics_require_auth", "must be true or false")
         kw["metrics_require_auth"] = merged["metrics_require_auth"]
-    limits: dict[str, Any] = {}
-    for scalar in SCALARS:
-        if scalar.name in merged:
-            (limits if scalar.limit else kw)[scalar.name] = scalar.parse(merged[scalar.name])
-    if limits:
-        kw["limits"] = ConnectionLimits(**limits)
     if "ca_key_uri" in kw:
         if "ocsp_signer" not in kw:
             kw["ocsp_signer"] = "delegated"   # the CA key is not in memory: it signs only the responder's certificate
@@ -484,19 +512,9 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
             raise ConfigError("ocsp_signer", "with --ca-key-uri OCSP answers are signed by the delegated responder "
                                              "(the CA key in the token signs its certificate): leave --ocsp-signer "
                                              "unset or 'delegated'")
-    if "trust_domain" in merged:
-        td = _string(merged["trust_domain"], "trust_domain").lower()
-        if not _DNS_NAME.match(td) or td.startswith("*"):
-            raise ConfigError("trust_domain", f"not a valid SPIFFE trust domain: {td!r}")
-        kw["trust_domain"] = td
     if "san" in merged:
         sans = merged["san"] if isinstance(merged["san"], list) else [merged["san"]]
         kw["san"] = tuple(dict.fromkeys(_san(s) for s in sans))
-    if ("ca_cert" in merged) != ("ca_key" in merged):
-        raise ConfigError("ca_cert", "--ca-cert and --ca-key must be given together (both or neither)")
-    if "ca_cert" in merged:
-        kw["ca_cert"] = _readable_file(merged["ca_cert"], "ca_cert")
-        kw["ca_key"] = _readable_file(merged["ca_key"], "ca_key")
     if kw.get("pki_http") and network.pki_addr is None:
         raise ConfigError("pki_http", "--pki-http requires --pki-addr")
     if kw.get("pki_listen") and kw.get("pki_http") != "listener":

@@ -11,9 +11,7 @@ from .runtime_settings import RuntimeSettings
 
 log = Logger()
 # every setting but the runtime ones (network.*) takes effect at the next start
-RESTART_KEYS = ("https_listen", "data_dir", "pki_http", "pki_listen", "ca_cert", "ca_key", "san", "trust_domain",
-                "metrics_require_auth", "limits", "proxy_protocol_senders", "proxy_protocol_trust_headers", "database",
-                "ca_key_encryption_key_file", "ca_key_uri", "pkcs11_module", "pkcs11_pin_file",
+RESTART_KEYS = ("san", "metrics_require_auth", "limits", "proxy_protocol_senders", "proxy_protocol_trust_headers",
                 *(scalar.name for scalar in SCALARS if not scalar.limit))
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from .config import DEFAULT_HTTPS_LISTEN, SCALARS, ConfigError, build_settings
+from .config import SCALARS, ConfigError, build_settings
 
 
 class Options(usage.Options):
@@ -19,10 +19,6 @@ class Options(usage.Options):
 
     optParameters = [
         ["config", "c", None, "TOML config file with the same keys as these flags (flag > file > stored > default)."],
-        ["data-dir", None, None, "State directory: database, CA keys, CRL files (default ./uptrakit-data)."],
-        ["https-listen", None, None,
-         f"Twisted endpoint string for HTTPS; TLS is applied by uptrakitd (default {DEFAULT_HTTPS_LISTEN}; "
-         "e.g. systemd:domain=INET6:index=0 or haproxy:tcp:8443)."],
         ["real-ip-header", None, None, "Header with the client address, read only from trusted proxies "
                                        "(default X-Forwarded-For; also Forwarded, X-Real-IP, ...)."],
         ["forwarded-client-cert-info-header", None, None,
@@ -37,29 +33,6 @@ class Options(usage.Options):
          "= $ssl_client_verify); anything but SUCCESS then means no identity."],
         ["pki-addr", None, None, "Base URL embedded in certificates (AIA OCSP + caIssuers, CDP); http:// or "
                                  "https://. Changing it needs a CA rotation."],
-        ["pki-http", None, None, "'listener': also serve the PKI routes over plain HTTP on the --pki-addr "
-                                 "host/port (or --pki-listen); 'external': something else serves them. "
-                                 "Requires --pki-addr."],
-        ["pki-listen", None, None, "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."],
-        ["database", None, None, "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in "
-                                 "--data-dir; needs uptrakitd[postgresql] and --ca-key-encryption-key-file (or the CA "
-                                 "keys in a token: --ca-key-uri). Several "
-                                 "controllers may share one database (docs/deployment/high-availability.md)."],
-        ["ca-key-encryption-key-file", None, None, "File of base64 AES-256 keys, one per line (head -c 32 "
-                                                   "/dev/urandom | base64), mode 0600: the first seals the CA keys "
-                                                   "kept in the database (no clear key file), the others only open "
-                                                   "older ones. Required with --database; with SQLite, an existing "
-                                                   "data dir is sealed first with `uptrakitd-keys seal`."],
-        ["ca-key-uri", None, None, "RFC 7512 URI of a PKCS#11 token (pkcs11:token=LABEL): new CA keys are generated "
-                                   "and used inside it, never in the clear; with object=NAME or id=…, that existing "
-                                   "key is the next one. Needs --pkcs11-module and the PIN "
-                                   "(docs/deployment/ca-keys.md)."],
-        ["pkcs11-module", None, None, "The token's PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)."],
-        ["pkcs11-pin-file", None, None, "File (mode 0600) whose first line is the token's user PIN; or set "
-                                        "UPTRAKIT_PKCS11_PIN. Never on the command line."],
-        ["ca-cert", None, None, "External CA certificate (PEM); with --ca-key. Rotation is then refused."],
-        ["ca-key", None, None, "External CA private key (PEM, unencrypted); with --ca-cert."],
-        ["trust-domain", None, None, "SPIFFE trust domain in issued certificates (default uptrakit.local)."],
     ] + [[scalar.flag, None, None, scalar.help] for scalar in SCALARS]
     optFlags = [
         ["force-settings-override", None, "Flags and config file overwrite the stored runtime settings."],
@@ -97,11 +70,9 @@ class Options(usage.Options):
 
 def flags_from_options(options: Any) -> dict[str, Any]:
     """Flag values given on the command line, keyed by config name."""
-    keys = ["data-dir", "https-listen", "real-ip-header", "forwarded-client-cert-info-header",
-            "forwarded-client-cert-pem-header", "forwarded-client-cert-info-format", "forwarded-client-verify-header",
-            "pki-addr", "database", "ca-key-encryption-key-file", "ca-key-uri", "pkcs11-module", "pkcs11-pin-file",
-            "pki-http", "pki-listen", "ca-cert", "ca-key",
-            "trust-domain", *(scalar.flag for scalar in SCALARS)]
+    keys = ["real-ip-header", "forwarded-client-cert-info-header", "forwarded-client-cert-pem-header",
+            "forwarded-client-cert-info-format", "forwarded-client-verify-header", "pki-addr",
+            *(scalar.flag for scalar in SCALARS)]
     flags = {k.replace("-", "_"): options[k] for k in keys if options.get(k) is not None}
     flags["trusted_proxies"] = list(options.get("trusted_proxies", []))
     flags["san"] = list(options.get("san", []))
