@@ -17,7 +17,7 @@ class ExpiryTests(TestCase):
         ca, _, _ = make_pki(self.mktemp())
         clock = ca.clock
         rotations = []
-        ca.rotate = lambda: rotations.append(ca.now()) or succeed({})
+        ca.rotate = lambda **kw: rotations.append(ca.now()) or succeed({})
         job = PeriodicJob("daily CA check", 86400, ca.check_expiry, clock, run_at_start=True)
         job.startService()
         self.addCleanup(job.stopService)

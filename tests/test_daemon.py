@@ -24,7 +24,7 @@ class TreeTests(TestCase):
     def test_start_order_is_the_tree_order(self):
         d = self.daemon(pki_addr="http://127.0.0.1:1", pki_http="listener")
         self.assertEqual([s.name for s in d], [
-            "signals", "data-dir lock", "store", "crl-worker", "hourly CRL rebuild", "daily CA check",
+            "signals", "data-dir lock", "store", "audit", "audit checkpoint", "crl-worker", "hourly CRL rebuild", "daily CA check",
             "daily server certificate check", "daily record pruning", "channel", "renewal check", "readiness check", "HTTPS", "plain-HTTP PKI",
             "setup warnings", "systemd"])
 
@@ -35,7 +35,8 @@ class TreeTests(TestCase):
                     "daily server certificate check": (DAY, d.server_cert.check_due, True),
                     "renewal check": (60, d.channel.check_renewals, False),
                     "daily record pruning": (DAY, d.ca.prune_expired_records, True),
-                    "readiness check": (30, d.readiness.check, False)}
+                    "readiness check": (30, d.readiness.check, False),
+                    "audit checkpoint": (60, d.audit.checkpoint_if_due, False)}
         jobs = {s.name: s for s in d if isinstance(s, PeriodicJob)}
         self.assertEqual(set(jobs), set(expected))
         for name, (interval, work, at_start) in expected.items():

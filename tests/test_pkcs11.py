@@ -164,17 +164,15 @@ class TokenLifecycleTests(TestCase):
     @inlineCallbacks
     def test_a_rotation_that_dies_before_its_commit_leaves_an_orphan_key_that_breaks_nothing(self):
         """The moment a kill -9 would hit between the key made in the token and the generation committed."""
+        from uptrakitd.pki import authority
         from uptrakitd.pki.state import insert_generation
-        real_run = self.c.ca.store.run
 
-        def dying_run(fn, *args, **kw):
-            if fn is insert_generation:
-                raise RuntimeError("killed before the commit")
-            return real_run(fn, *args, **kw)
-        self.c.ca.store.run = dying_run
+        def dying(*args, **kw):
+            raise RuntimeError("killed before the commit")
+        self.patch(authority, "insert_generation", dying)
         with self.assertRaises(RuntimeError):
             yield self.c.ca.rotate()
-        self.c.ca.store.run = real_run
+        self.patch(authority, "insert_generation", insert_generation)
         self.assertEqual(sorted(k["label"] for k in self.hsm.private_keys()), ["uptrakit-ca-g1", "uptrakit-ca-g2"])
         self.assertEqual(self.c.ca.state.active().generation, 1, "the old generation stays active")
         status, body = yield request_json(self.c, "POST", "/api/v1/settings/rotate-ca")

@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from .audit import BY_SYSTEM, AuditTrail, Said, audited
 from .store import Store, tokens as stored
 from .tokens import new_token, token_hash
 
@@ -17,9 +18,21 @@ ROLES = ("admin", "read")
 class AdminTokenRegistry:
     """Owns the admin tokens: hashes and permissions in memory, in step with the store."""
 
-    def __init__(self, store: Store, active: dict[str, list[str]]) -> None:
+    def __init__(self, store: Store, active: dict[str, list[str]], names: dict[str, tuple[str, str]] | None = None,
+                 audit: AuditTrail | None = None) -> None:
         self.store = store
+        self.audit = audit
         self._permissions = dict(active)  # token hash -> permissions
+        self._names = dict(names or {})   # token hash -> (id, name): who made a change, for the audit trail
+
+    def describe(self, token: str) -> dict[str, Any] | None:
+        """The audit trail's actor for a known token: {kind: admin_token, id, name, role} (None if unknown)."""
+        digest = token_hash(token)
+        perms = self._permissions.get(digest)
+        if perms is None:
+            return None
+        token_id, name = self._names.get(digest, ("", ""))
+        return {"kind": "admin_token", "id": token_id, "name": name, "role": "admin" if "admin" in perms else "read"}
 
     def check(self, token: str, method: str = "GET") -> bool | None:
         """True: allowed; False: a known token without the permission; None: unknown token."""
@@ -29,13 +42,16 @@ class AdminTokenRegistry:
         return "admin" in perms or ("read" in perms and method in ("GET", "HEAD"))
 
     @inlineCallbacks
-    def create(self, name: str, permissions: list[str]) -> Any:
+    def create(self, name: str, permissions: list[str], said: Said = BY_SYSTEM) -> Any:
         """A new token; fires with its record including the plaintext `token` (shown once)."""
         token = new_token("upt_admin_")
         token_id, perms, created_at = str(uuid.uuid4()), list(permissions), int(time.time())
-        yield self.store.run(stored.insert_admin_token, token_id, name, token_hash(token), json.dumps(perms),
-                             created_at)
+        yield audited(self.audit, self.store, stored.insert_admin_token, token_id, name, token_hash(token),
+                      json.dumps(perms), created_at, action="admin_token.created",
+                      obj={"kind": "admin_token", "id": token_id}, details={"name": name, "permissions": perms},
+                      said=said)
         self._permissions[token_hash(token)] = perms
+        self._names[token_hash(token)] = (token_id, name)
         return {"id": token_id, "name": name, "permissions": perms, "created_at": created_at, "token": token}
 
     @inlineCallbacks
@@ -59,11 +75,14 @@ class AdminTokenRegistry:
         """Another controller created or revoked a token: read the active ones again."""
         rows = yield self.store.run(stored.active_admin_tokens)
         self._permissions = {row["token_hash"]: json.loads(row["permissions"]) for row in rows}
+        self._names = {row["token_hash"]: (row["id"], row["name"]) for row in rows}
 
     @inlineCallbacks
-    def revoke(self, token_id: str) -> Any:
+    def revoke(self, token_id: str, said: Said = BY_SYSTEM) -> Any:
         """Revoke one token; fires with False when it is unknown or already revoked."""
-        digest = yield self.store.run(stored.revoke_admin_token, token_id, int(time.time()))
+        digest = yield audited(self.audit, self.store, stored.revoke_admin_token, token_id, int(time.time()),
+                               action="admin_token.revoked", obj={"kind": "admin_token", "id": token_id},
+                               details=lambda digest: None if digest is None else {}, said=said)
         if digest is None:
             return False
         self._permissions.pop(digest, None)

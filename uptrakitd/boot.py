@@ -63,6 +63,7 @@ class Booted:
     service_certs: ServiceCertSettings = field(default_factory=ServiceCertSettings)
     hostname: str = ""
     admin_tokens: dict[str, list[str]] = field(default_factory=dict)
+    admin_token_names: dict[str, tuple[str, str]] = field(default_factory=dict)   # hash -> (id, name)
     services: list[ServiceRecord] = field(default_factory=list)
     keys: Any = None               # where new CA keys go (pki.keys.FileKeys or SealedKeys)
     controller_id: str = ""        # this process among the controllers of one database (the change log's origin)
@@ -142,14 +143,16 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
         reached("crl_numbers")
         files.write_bundle(state.bundle_pem(now))
         reached("bundle")
-        admin_tokens = {row["token_hash"]: json.loads(row["permissions"])
-                        for row in store_mod.transaction(conn, stored_tokens.active_admin_tokens)}
+        admin_rows = store_mod.transaction(conn, stored_tokens.active_admin_tokens)
+        admin_tokens = {row["token_hash"]: json.loads(row["permissions"]) for row in admin_rows}
+        admin_token_names = {row["token_hash"]: (row["id"], row["name"]) for row in admin_rows}
         services = store_mod.transaction(conn, load_services)
     finally:
         conn.close()
     return Booted(settings=settings, lock=lock, network=network, state=state, server_cert=server_cert,
                   server_key=server_key, crl_numbers=numbers, admin_token_path=token_path,
-                  service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens, services=services,
+                  service_certs=service_certs, hostname=hostname, admin_tokens=admin_tokens,
+                  admin_token_names=admin_token_names, services=services,
                   keys=keys, controller_id=controller_id, change_seq=change_seq)
 
 

@@ -20,7 +20,9 @@ from typing import Any, Mapping
 
 from twisted.logger import ILogObserver, Logger
 
+from . import __version__
 from .admin_tokens import AdminTokenRegistry
+from .audit import AuditTrail
 from .cluster import Cluster, build_cluster
 from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
@@ -50,6 +52,7 @@ from .status_metrics import state_families
 from .store import PostgresStore, SqliteStore, make_store
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
+from .web.api.audit import AuditRoutes
 from .web.api.cluster import ControllerRoutes
 from .web.api.identity import NetworkSettingsRoutes
 from .web.api.overview import DiagnosticsRoutes, OverviewRoutes, RotationProgress, SessionRoutes
@@ -78,6 +81,7 @@ class Daemon(OrderedServices):
     ocsp: OcspResponder
     fast_ocsp: OcspFastPath
     server_cert: ServerCertificate
+    audit: AuditTrail
     tls: SwappableServerContext
     runtime: RuntimeSettings
     directory: ServiceDirectory
@@ -117,7 +121,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.bus = bus = EventBus(on_failure=lambda event: metrics.event_subscriber_failures.labels(event).inc())
     d.store = store = make_store(settings.data_dir, settings.database, reactor, booted.controller_id)
     d.cluster = cluster = build_cluster(settings, booted, store, reactor, metrics)
-    d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs)
+    # every security action, in the transaction of its change (audit.py); checkpoints signed by the active CA
+    d.audit = audit = AuditTrail(store, cluster.controller_id, reactor, run_blocking,
+                                 lambda: (state.active().generation, state.active().signer))
+    d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs, audit)
     files = PkiFiles(settings.data_dir)
     d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
     stale_crls = crls.publish_at_start(booted.crl_numbers,
@@ -130,7 +137,7 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     ocsp.prepare()
     # CSR checks and signatures in the PKI worker process, off the reactor
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
-                                     settings.trust_domain, booted.keys, worker=crls.submit)
+                                     settings.trust_domain, booted.keys, worker=crls.submit, audit=audit)
     d.tls = tls = SwappableServerContext()
     d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
                                                     (booted.hostname, settings.san), run_blocking,
@@ -140,9 +147,10 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     server_cert.install()
     metrics.ca_generation.set_function(lambda: state.active().generation)
     several = cluster.controller_id if cluster.shared else None
-    d.directory = directory = ServiceDirectory(store, ca, runtime, bus, reactor, booted.services, controller_id=several)
-    d.enrollment_tokens = EnrollmentTokens(store)
-    d.admin_tokens = AdminTokenRegistry(store, booted.admin_tokens)
+    d.directory = directory = ServiceDirectory(store, ca, runtime, bus, reactor, booted.services, controller_id=several,
+                                               audit=audit)
+    d.enrollment_tokens = EnrollmentTokens(store, audit)
+    d.admin_tokens = AdminTokenRegistry(store, booted.admin_tokens, booted.admin_token_names, audit)
     d.channel = channel = ChannelHub(directory, ca, runtime, metrics, reactor, settings.trust_domain,
                                      renewals_per_second=settings.rotation_renewal_rate,
                                      close_grace=settings.limits.close_grace,
@@ -191,7 +199,7 @@ def _sites(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any) -> tuple[A
                     + TokenRoutes(d.enrollment_tokens, d.admin_tokens).routes()
                     + OverviewRoutes(ca, crls, d.runtime, directory, channel, d.server_cert, rotation).routes()
                     + rotation.routes() + DiagnosticsRoutes(d.resolver.doctor, d.runtime).routes()
-                    + SessionRoutes(d.admin_tokens).routes()
+                    + SessionRoutes(d.admin_tokens).routes() + AuditRoutes(d.store).routes()
                     + ControllerRoutes(d.store, directory.controller_id, booted.hostname, reactor.seconds(),
                                        lambda: cluster.leader, lambda: len(channel.connected), reactor,
                                        cluster.describe if cluster.shared else None).routes()
@@ -205,7 +213,7 @@ def _sites(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any) -> tuple[A
                         "http_requests": d.metrics.http_requests,
                         "tls_handshake_failures": d.metrics.tls_handshake_failures},
                        settings.access_log, fast_ocsp, settings.limits.close_grace,
-                       catch_up=cluster.catch_up if cluster.shared else None)
+                       catch_up=cluster.catch_up if cluster.shared else None, describe_admin=d.admin_tokens.describe)
 
 
 def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blocking: Any, https_site: Any,
@@ -228,6 +236,13 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
     Hooks("data-dir lock", stop=booted.lock.release).setServiceParent(d)
     Hooks("store", start=store.start, stop=store.close).setServiceParent(d)
     cluster.add_to(d, store, run_blocking)   # several controllers: leadership, change feed, barrier, catch-up
+    me = {"kind": "controller", "id": cluster.controller_id}
+    Hooks("audit", start=lambda: d.audit.record("controller.started", me, {"version": __version__}).addErrback(
+              lambda f: log.warn("audit: the start could not be recorded ({error})", error=f.getErrorMessage())),
+          stop=lambda: d.audit.record("controller.stopped", me).addErrback(
+              lambda f: log.warn("audit: the stop could not be recorded ({error})", error=f.getErrorMessage()))
+          ).setServiceParent(d)
+    PeriodicJob("audit checkpoint", 60, cluster.on_leader(d.audit.checkpoint_if_due), reactor).setServiceParent(d)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .enrollment import consume_enrollment_token
+from .audit import BY_SYSTEM, AuditTrail, Said, audited
 from .errors import Conflict, Forbidden, NotFound, StorageUnavailable
 from .events import EventBus, ServiceChanged
 from .pki.authority import CertificateAuthority
@@ -73,7 +74,9 @@ class ServiceDirectory:
     """Owns the service records; every change is committed, applied in memory, then announced."""
 
     def __init__(self, store: Store, ca: CertificateAuthority, runtime: RuntimeSettings, bus: EventBus,
-                 clock: IReactorTime, records: list[ServiceRecord], controller_id: str | None = None) -> None:
+                 clock: IReactorTime, records: list[ServiceRecord], controller_id: str | None = None,
+                 audit: AuditTrail | None = None) -> None:
+        self.audit = audit
         self.store = store
         self.ca = ca
         self.runtime = runtime
@@ -163,34 +166,38 @@ class ServiceDirectory:
                 setattr(service, key, value)
         return service
 
-    def approve(self, service_id: str) -> Any:
+    def approve(self, service_id: str, said: Said = BY_SYSTEM) -> Any:
         """pending -> approved; fires with the record (Conflict when not pending)."""
-        return self._decide(service_id, "approved")
+        return self._decide(service_id, "approved", said)
 
-    def reject(self, service_id: str) -> Any:
+    def reject(self, service_id: str, said: Said = BY_SYSTEM) -> Any:
         """pending -> rejected (its socket is closed); fires with the record."""
-        return self._decide(service_id, "rejected")
+        return self._decide(service_id, "rejected", said)
 
     @inlineCallbacks
-    def _decide(self, service_id: str, status: str) -> Any:
+    def _decide(self, service_id: str, status: str, said: Said) -> Any:
         service = self.require(service_id)
         if service.status != "pending":
             raise Conflict(f"service is {service.status}, not pending", "not_pending")
-        yield self.store.run(stored.update_fields, service.id, status=status)
+        yield audited(self.audit, self.store, lambda conn, sid: stored.update_fields(conn, sid, status=status),
+                      service.id, action=f"service.{status}", obj={"kind": "service", "id": service.id},
+                      details={"hostname": service.hostname, "kind": service.kind}, said=said)
         service.status = status
         yield self.bus.publish(ServiceChanged(service.id, status))
         return service
 
     @inlineCallbacks
-    def deactivate(self, service_id: str) -> Any:
+    def deactivate(self, service_id: str, said: Said = BY_SYSTEM) -> Any:
         """Deactivate and revoke every certificate of the service, in one transaction; fires with the record.
 
         Idempotent: deactivating again revokes whatever is still valid (nothing, normally).
         """
         service = self.require(service_id)
         revoked_at = int(self.clock.seconds())
-        serials = yield self.store.run(_deactivate, service.id, revoked_at)
         was = service.status
+        serials = yield audited(self.audit, self.store, _deactivate, service.id, revoked_at,
+                                action="service.deactivated", obj={"kind": "service", "id": service.id},
+                                details=lambda serials: {"revoked": list(serials), "was": was}, said=said)
         service.status, service.enrollment_secret_hash = "deactivated", None
         if was != "deactivated":
             log.info("service {service} deactivated", service=service.id)

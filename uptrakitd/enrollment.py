@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from .audit import BY_SYSTEM, AuditTrail, Said, audited
 from .store import Store, tokens as stored
 from .tokens import new_token, token_hash
 
@@ -44,27 +45,33 @@ def consume_enrollment_token(conn: Any, token: str, kind: str, now: float) -> di
 class EnrollmentTokens:
     """Create, list and revoke enrollment tokens."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, audit: AuditTrail | None = None) -> None:
         self.store = store
+        self.audit = audit
 
     @inlineCallbacks
     def create(self, name: str, kind: str | None = None, max_uses: int | None = DEFAULT_MAX_USES,
-               expires_in: int | None = DEFAULT_EXPIRES_IN, auto_approve: bool = False) -> Any:
+               expires_in: int | None = DEFAULT_EXPIRES_IN, auto_approve: bool = False, said: Said = BY_SYSTEM) -> Any:
         """A new token; fires with its record plus the plaintext `token` (shown once).
 
         By default one use within 24 h, and the service waits for approval; None means no limit.
         """
         token = new_token("upt_")
         now = int(time.time())
-        record = yield self.store.run(stored.insert_enrollment_token, str(uuid.uuid4()), name, kind,
-                                      token_hash(token), max_uses, now + expires_in if expires_in else None,
-                                      auto_approve, now)
+        token_id = str(uuid.uuid4())
+        record = yield audited(self.audit, self.store, stored.insert_enrollment_token, token_id, name, kind,
+                               token_hash(token), max_uses, now + expires_in if expires_in else None, auto_approve,
+                               now, action="enrollment_token.created", obj={"kind": "enrollment_token", "id": token_id},
+                               details={"name": name, "kind": kind, "max_uses": max_uses, "expires_in": expires_in,
+                                        "auto_approve": auto_approve}, said=said)
         return dict(record, token=token)
 
     def list(self) -> Any:
         """Every token (without secrets); fires with a list of dicts."""
         return self.store.run(stored.list_enrollment_tokens)
 
-    def revoke(self, token_id: str) -> Any:
+    def revoke(self, token_id: str, said: Said = BY_SYSTEM) -> Any:
         """Revoke one token; fires with False when it is unknown or already revoked."""
-        return self.store.run(stored.revoke_enrollment_token, token_id, int(time.time()))
+        return audited(self.audit, self.store, stored.revoke_enrollment_token, token_id, int(time.time()),
+                       action="enrollment_token.deleted", obj={"kind": "enrollment_token", "id": token_id},
+                       details=lambda done: {} if done else None, said=said)

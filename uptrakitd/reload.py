@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from .audit import Said
 from .config import SCALARS, ConfigError, Settings, build_settings, read_config_file
 from .runtime_settings import RuntimeSettings
 
@@ -69,7 +70,8 @@ class ConfigReloader:
                          "--force-settings-override to make the file authoritative", key=key,
                          stored=self.runtime.network.to_json()[key])
             return None
-        d = self.runtime.replace_network(replace(self.runtime.network, **changed))
+        d = self.runtime.replace_network(replace(self.runtime.network, **changed),
+                                         Said({"kind": "system", "via": "SIGHUP (the config file)"}))
         d.addCallbacks(lambda _: log.info("SIGHUP: applied {keys}", keys=", ".join(sorted(changed))),
                        lambda f: log.failure("SIGHUP: could not apply settings", f))
         return d

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from .config import NetworkSettings
 from .events import EventBus, NetworkSettingsChanged
 from .pki.issue import renewal_window
+from .audit import BY_SYSTEM, AuditTrail, Said, audited
 from .store import Store, settings as stored
 
 log = Logger()
@@ -38,8 +39,9 @@ class RuntimeSettings:
     """The current runtime settings; changes are validated, stored, applied, then announced."""
 
     def __init__(self, store: Store, bus: EventBus, network: NetworkSettings,
-                 service_certs: ServiceCertSettings) -> None:
+                 service_certs: ServiceCertSettings, audit: AuditTrail | None = None) -> None:
         self.store = store
+        self.audit = audit
         self.bus = bus
         self.network = network
         self.service_certs = service_certs
@@ -48,14 +50,17 @@ class RuntimeSettings:
         """The base URL embedded in certificates issued from now on."""
         return self.network.pki_addr
 
-    def update_network(self, changes: dict[str, Any]) -> Any:
+    def update_network(self, changes: dict[str, Any], said: Said = BY_SYSTEM) -> Any:
         """Validate (ConfigError naming the field), store, then apply network settings; fires with them."""
-        return self.replace_network(self.network.updated(changes))
+        return self.replace_network(self.network.updated(changes), said)
 
     @inlineCallbacks
-    def replace_network(self, new: NetworkSettings) -> Any:
+    def replace_network(self, new: NetworkSettings, said: Said = BY_SYSTEM) -> Any:
         """Store validated network settings, then use them from the next request on."""
-        yield self.store.run(stored.put, "network", new.to_json())
+        before, after = self.network.to_json(), new.to_json()
+        changes = {k: {"old": before[k], "new": after[k]} for k in after if before.get(k) != after[k]}
+        yield audited(self.audit, self.store, stored.put, "network", after, action="settings.network.changed",
+                      obj={"kind": "settings", "id": "network"}, details={"changes": changes}, said=said)
         old, self.network = self.network, new
         if new.trusts_everything():
             log.warn("network.trusted_proxies trusts every address: ANY client can claim any identity "
@@ -65,12 +70,14 @@ class RuntimeSettings:
         return new
 
     @inlineCallbacks
-    def update_service_certs(self, changes: dict[str, Any]) -> Any:
+    def update_service_certs(self, changes: dict[str, Any], said: Said = BY_SYSTEM) -> Any:
         """Store then apply new service-certificate settings; fires with them."""
         current = self.service_certs
         new = ServiceCertSettings(changes.get("lifetime_hours", current.lifetime_hours),
                                   changes.get("renewal_window_hours", current.renewal_window_hours))
-        yield self.store.run(stored.put, "service_certificates", new.to_json())
+        yield audited(self.audit, self.store, stored.put, "service_certificates", new.to_json(),
+                      action="settings.certificates.changed", obj={"kind": "settings", "id": "service_certificates"},
+                      details={"old": current.to_json(), "new": new.to_json()}, said=said)
         self.service_certs = new
         return new
 

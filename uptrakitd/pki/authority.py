@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..audit import BY_SYSTEM, AuditTrail, Said, audited
 from ..errors import StorageUnavailable, BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
 from ..metrics import Metrics
@@ -37,8 +38,9 @@ class CertificateAuthority:
     def __init__(self, state: CaState, store: Store, bus: EventBus, metrics: Metrics, files: PkiFiles,
                  clock: IReactorTime, run_blocking: Callable[..., Deferred],
                  pki_addr: Callable[[], str | None], trust_domain: str, keys: Any = None,
-                 worker: Callable[..., Deferred] | None = None) -> None:
+                 worker: Callable[..., Deferred] | None = None, audit: AuditTrail | None = None) -> None:
         self.state = state
+        self.audit = audit
         self.keys = keys if keys is not None else FileKeys(files)   # where new CA keys are kept
         self.worker = worker   # submit(fn, *args) to the PKI worker process (None: here, as unit tests do)
         self._materials: dict[int, tuple[CaGeneration, bytes, tuple[Any, ...]]] = {}
@@ -112,14 +114,20 @@ class CertificateAuthority:
 
     @inlineCallbacks
     def _record(self, issued: Issued, service_id: str | None, purpose: str) -> Any:
-        record = yield self.store.run(insert_issued, issued, service_id, purpose, int(self.clock.seconds()))
+        said = Said({"kind": "service", "id": service_id}) if service_id else BY_SYSTEM
+        record = yield audited(self.audit, self.store, insert_issued, issued, service_id, purpose,
+                               int(self.clock.seconds()), action="certificate.issued",
+                               obj={"kind": "certificate", "id": format_serial(issued.serial)},
+                               details={"purpose": purpose, "service_id": service_id,
+                                        "ca_generation": issued.ca_generation,
+                                        "not_after": issued.cert.not_valid_after_utc.isoformat()}, said=said)
         self.state.add_record(record)
         return record
 
     # -- revoking ------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def revoke(self, serial: int, reason: str) -> Any:
+    def revoke(self, serial: int, reason: str, said: Said = BY_SYSTEM) -> Any:
         """Revoke durably, then announce it (OCSP, CRL, TLS and sockets follow); fires with the CertRecord."""
         if reason not in REASONS:
             raise BadRequest(f"unknown revocation reason {reason!r}; one of {', '.join(REASONS)}",
@@ -135,7 +143,10 @@ class CertificateAuthority:
                            "not revoked through the API. It is re-issued automatically 30 days before expiry and "
                            "on every CA rotation: rotate the CA to replace it now.", "server_certificate")
         revoked_at = int(self.clock.seconds())
-        yield self.store.run(certificates.mark_revoked, format_serial(serial), revoked_at, reason)
+        yield audited(self.audit, self.store, certificates.mark_revoked, format_serial(serial), revoked_at, reason,
+                      action="certificate.revoked", obj={"kind": "certificate", "id": format_serial(serial)},
+                      details={"reason": reason, "service_id": record.service_id, "purpose": record.purpose},
+                      said=said)
         yield self.apply_revocations([format_serial(serial)], revoked_at, reason)
         return record
 
@@ -191,7 +202,7 @@ class CertificateAuthority:
         return self._rotating
 
     @inlineCallbacks
-    def rotate(self) -> Any:
+    def rotate(self, said: Said = BY_SYSTEM, trigger: str = "api") -> Any:
         """Create generation n+1, make it active, then announce it (SPEC §4.6); fires with the API's answer."""
         active = self.state.active()
         if active.external:
@@ -212,7 +223,11 @@ class CertificateAuthority:
                                          f"({e.strerror or e})") from None
             ca = CaGeneration(generation, cert, signer, False)
             try:
-                yield self.store.run(insert_generation, ca, key_file, int(self.clock.seconds()), key_sealed)
+                yield audited(self.audit, self.store, insert_generation, ca, key_file, int(self.clock.seconds()),
+                              key_sealed, action="ca.rotated", obj={"kind": "ca_generation", "id": str(generation)},
+                              details={"previous": active.generation, "fingerprint": ca.fingerprint,
+                                       "custody": ca.custody, "not_after": ca.not_after.isoformat(),
+                                       "trigger": trigger}, said=said)
             except DuplicateRow:
                 # several controllers: another one created this generation a moment ago
                 raise Conflict(f"CA generation {generation} was just created by another controller",
@@ -268,7 +283,7 @@ class CertificateAuthority:
         if active.external or self._rotating or active.not_after - self.now() >= AUTO_ROTATE_WHEN_LEFT:
             return None
         log.info("active CA expires {when}: rotating automatically", when=active.not_after.isoformat())
-        return self.rotate()
+        return self.rotate(trigger="expiry")
 
 
 def _superseded_failed(failure: Failure, serial: int) -> None:

@@ -56,6 +56,10 @@ class Engine:
     def before_migrating(self, conn: Any, current: int) -> None:
         """A database at schema `current` (> 0) is about to change."""
 
+    def serialize(self, conn: Any, name: str) -> None:
+        """Inside a transaction: transactions that call this with the same `name` run one after the other (the
+        audit trail's head). SQLite's write transactions already do."""
+
     def startup_lock(self, conn: Any) -> None:
         """Held by a start-up connection until it closes, so that controllers starting together on one database
         start one after the other (SQLite: the data dir's lock does that already)."""

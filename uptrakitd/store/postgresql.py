@@ -13,6 +13,7 @@ change log (uptrakitd.cluster: `ChangeFeed`), and the jobs that must run once pe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -114,6 +115,10 @@ class PostgresEngine(Engine):
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
+
+    def serialize(self, conn: Any, name: str) -> None:
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (key,))
 
     def startup_lock(self, conn: Any) -> None:
         """Controllers starting together on an empty database boot one after the other (the first creates the

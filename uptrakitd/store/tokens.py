@@ -64,8 +64,9 @@ def list_admin_tokens(conn: Connection) -> list[Row]:
 
 
 def active_admin_tokens(conn: Connection) -> list[Row]:
-    """token_hash and permissions (JSON) of every admin token not revoked."""
-    return conn.execute("SELECT token_hash, permissions FROM admin_tokens WHERE revoked_at IS NULL").fetchall()
+    """id, name, token_hash and permissions (JSON) of every admin token not revoked."""
+    return conn.execute("SELECT id, name, token_hash, permissions FROM admin_tokens WHERE revoked_at IS NULL"
+                        ).fetchall()
 
 
 def admin_token_by_hash(conn: Connection, digest: str) -> Row | None:

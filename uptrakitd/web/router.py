@@ -30,6 +30,9 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+STREAMED = object()   # a handler's answer when it wrote and finished the response itself
+
+
 @dataclass(frozen=True)
 class Route:
     """METHOD + path regex -> handler(request, **groups); `admin` routes need an admin bearer token.
@@ -123,7 +126,9 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, routes: list[Route], check_admin: Callable[[str, str], bool | None] | None = None) -> None:
+    def __init__(self, routes: list[Route], check_admin: Callable[[str, str], bool | None] | None = None,
+                 describe_admin: Callable[[str], Any] | None = None) -> None:
+        self.describe_admin = describe_admin   # the audit trail's actor for a token (AdminTokenRegistry.describe)
         super().__init__()
         self.routes = routes
         self._identity_routes = [r for r in routes if r.identity]
@@ -176,13 +181,14 @@ class Router(Resource):
                 return self._write_error(request, Unauthorized("admin token not recognized"))
             if verdict is False:
                 return self._write_error(request, Forbidden(f"this token may not {method} here"))
+            request.admin_actor = self.describe_admin(token) if self.describe_admin else None
         d = maybeDeferred(r.handler, request, **m.groupdict())
         d.addCallbacks(lambda result: self._write_result(request, result),
                        lambda failure: self._write_failure(request, failure))
         return NOT_DONE_YET
 
     def _write_result(self, request: Any, result: Any) -> None:
-        if request.channel is None or request.finished:   # (twisted.web drops the channel when the client went)
+        if request.channel is None or request.finished or result is STREAMED:   # (no channel: the client went)
             return
         if isinstance(result, Response):
             request.setResponseCode(result.status)

@@ -12,6 +12,7 @@ from ...pki.serials import format_serial
 from ...pki.state import CaState
 from ...runtime_settings import RuntimeSettings
 from ..router import Route, json_body, route
+from .audit import said_by
 
 
 def whoami(request: Any) -> dict:
@@ -47,7 +48,7 @@ class NetworkSettingsRoutes:
     def put_network(self, request: Any) -> Any:
         body = json_body(request, NetworkSettings.FIELDS)
         try:
-            new = yield self.runtime.update_network(body)
+            new = yield self.runtime.update_network(body, said_by(request))
         except ConfigError as e:
             raise BadRequest(str(e), "invalid_setting", field=e.field) from None
         result = new.to_json()

@@ -15,6 +15,7 @@ from ...pki.ocsp import OCSP_VALIDITY
 from ...pki.serials import BadSerial, format_serial, parse_serial
 from ...runtime_settings import RuntimeSettings
 from ..router import Response, Route, int_field, iso, json_body, route
+from .audit import said_by
 
 
 class PkiSettingsRoutes:
@@ -60,7 +61,7 @@ class PkiSettingsRoutes:
             changes["lifetime_hours"] = int_field(body, "lifetime_hours", 1, 730 * 24, nullable=False)
         if "renewal_window_hours" in body:
             changes["renewal_window_hours"] = int_field(body, "renewal_window_hours", 1, 730 * 24)
-        new = yield self.runtime.update_service_certs(changes)
+        new = yield self.runtime.update_service_certs(changes, said_by(request))
         return {"lifetime_hours": new.lifetime_hours, "renewal_window_hours": self.runtime.renewal_window_hours()}
 
 
@@ -79,7 +80,7 @@ class CertificateRoutes:
 
     def rotate(self, request: Any) -> Any:
         json_body(request, ())  # takes no fields: anything sent is a mistake worth reporting
-        return self.ca.rotate()
+        return self.ca.rotate(said_by(request))
 
     @inlineCallbacks
     def revoke(self, request: Any, serial: str) -> Any:
@@ -91,7 +92,7 @@ class CertificateRoutes:
         reason = body.get("reason", "unspecified")
         if not isinstance(reason, str):
             raise BadRequest("reason must be a string", "invalid_reason")
-        record = yield self.ca.revoke(number, reason)
+        record = yield self.ca.revoke(number, reason, said_by(request))
         return {"serial": format_serial(record.serial), "revoked": True, "reason": record.reason,
                 "revoked_at": iso(record.revoked_at), "service_id": record.service_id}
 

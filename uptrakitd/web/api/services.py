@@ -9,6 +9,7 @@ from ...pki.authority import CertificateAuthority
 from ...pki.serials import format_serial
 from ...printable import has_control
 from ..router import Route, int_field, iso, json_body, route
+from .audit import said_by
 
 UUID = r"[0-9a-fA-F-]{36}"
 KINDS = ("agent", "mqtt")
@@ -96,10 +97,10 @@ class ServiceRoutes:
         return self.directory.update(service.id, changes).addCallback(self.describe)
 
     def deactivate(self, request: Any, service_id: str) -> Any:
-        return self.directory.deactivate(service_id).addCallback(self.describe)
+        return self.directory.deactivate(service_id, said_by(request)).addCallback(self.describe)
 
     def approve(self, request: Any, service_id: str) -> Any:
-        return self.directory.approve(service_id).addCallback(self.describe)
+        return self.directory.approve(service_id, said_by(request)).addCallback(self.describe)
 
     def reject(self, request: Any, service_id: str) -> Any:
-        return self.directory.reject(service_id).addCallback(self.describe)
+        return self.directory.reject(service_id, said_by(request)).addCallback(self.describe)

@@ -11,6 +11,7 @@ from ...errors import BadRequest, NotFound
 from ...printable import has_control
 from ..router import Route, int_field, iso, json_body, route
 from .services import KINDS, UUID
+from .audit import said_by
 
 
 def _name(body: dict[str, Any]) -> str:
@@ -57,7 +58,8 @@ class TokenRoutes:
         auto_approve = body.get("auto_approve", False)
         if not isinstance(auto_approve, bool):
             raise BadRequest("auto_approve: must be true or false", "invalid_field")
-        record = yield self.enrollment.create(name, kind, max_uses, expires, auto_approve)
+        record = yield self.enrollment.create(name, kind, max_uses, expires, auto_approve,
+                                               said=said_by(request))
         return 201, _times(record)
 
     @inlineCallbacks
@@ -67,7 +69,7 @@ class TokenRoutes:
 
     @inlineCallbacks
     def revoke_enrollment_token(self, request: Any, token_id: str) -> Any:
-        done = yield self.enrollment.revoke(token_id.lower())
+        done = yield self.enrollment.revoke(token_id.lower(), said_by(request))
         if not done:
             raise NotFound("no such active enrollment token", "token_not_found")
         return {"id": token_id.lower(), "revoked": True}
@@ -79,7 +81,7 @@ class TokenRoutes:
         permissions = body.get("permissions", ["admin"])
         if not isinstance(permissions, list) or not all(p in ROLES for p in permissions):
             raise BadRequest("permissions: a list of 'admin' and/or 'read'", "invalid_field")
-        record = yield self.admin_tokens.create(name, permissions)
+        record = yield self.admin_tokens.create(name, permissions, said_by(request))
         return 201, _times(record)
 
     @inlineCallbacks
@@ -89,7 +91,7 @@ class TokenRoutes:
 
     @inlineCallbacks
     def revoke_admin_token(self, request: Any, token_id: str) -> Any:
-        done = yield self.admin_tokens.revoke(token_id.lower())
+        done = yield self.admin_tokens.revoke(token_id.lower(), said_by(request))
         if not done:
             raise NotFound("no such active admin token", "token_not_found")
         return {"id": token_id.lower(), "revoked": True}

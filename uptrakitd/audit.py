@@ -1,0 +1,128 @@
+"""The audit trail: security actions recorded in the transaction of the change they record, on a hash chain with
+checkpoints signed by the active CA, so an export can be verified offline (`uptrakit-audit verify`).
+
+An entry: sequence number, time, controller id, actor (`{"kind": "admin_token", "id", "name", "role"}`,
+`{"kind": "service", "id"}`, `{"kind": "system"}`), action (`certificate.revoked`, `ca.rotated`, …), object
+(`{"kind": "certificate", "id": serial}`, …), details, the client address as the trusted-proxy rules resolved
+it, the request id the client sent (`X-Request-Id`), the previous entry's hash and its own:
+`hash = SHA-256(prev_hash ‖ canonical JSON of the entry)` (store/audit.py). `AuditTrail.run` composes the
+change's store operation with the entry's append, so the two commit together or not at all, and writes the
+entry as one JSON log line with `"audit": true` once committed.
+
+Every CHECKPOINT_EVERY entries or CHECKPOINT_MINUTES minutes (whichever comes first, checked each minute) an
+`audit.checkpoint` entry carries the active CA's signature over `uptrakitd-audit-checkpoint:<seq>:<hash>` of
+the entry before it, made through the CA's Signer (so a key in a token signs it too).
+"""
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from .store import audit as stored
+
+log = Logger()
+SYSTEM: dict[str, Any] = {"kind": "system"}
+CHECKPOINT_EVERY = 1000
+CHECKPOINT_MINUTES = 10
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+
+
+def checkpoint_message(seq: int, digest: str) -> bytes:
+    """What a checkpoint's signature covers."""
+    return f"uptrakitd-audit-checkpoint:{seq}:{digest}".encode("ascii")
+
+
+@dataclass(frozen=True)
+class Said:
+    """Who asked for a change, and from where."""
+
+    actor: dict[str, Any] = field(default_factory=lambda: dict(SYSTEM))
+    client: str | None = None
+    request_id: str | None = None
+
+
+BY_SYSTEM = Said()
+
+
+def request_id_of(raw: bytes | None) -> str | None:
+    """The client's X-Request-Id when it is a plain token (anything else is not recorded)."""
+    text = raw.decode("latin-1") if raw else None
+    return text if text and _REQUEST_ID.match(text) else None
+
+
+def audited(audit: AuditTrail | None, store: Any, operation: Callable[..., Any], *args: Any, action: str,
+            obj: dict[str, Any], details: Any = None, said: Said = BY_SYSTEM) -> Deferred:
+    """audit.run(…) — or store.run(operation, *args) where no trail is kept (unit tests of one component)."""
+    if audit is None:
+        return store.run(operation, *args)
+    return audit.run(operation, *args, action=action, obj=obj, details=details, said=said)
+
+
+class AuditTrail:
+    """Appends entries with the changes they record; writes checkpoints."""
+
+    def __init__(self, store: Any, controller_id: str, clock: Any, run_blocking: Callable[..., Deferred],
+                 signer_of: Callable[[], Any]) -> None:
+        self.store = store
+        self.controller_id = controller_id
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.signer_of = signer_of   # () -> (generation, Signer) of the active CA
+
+    def run(self, operation: Callable[..., Any], *args: Any, action: str, obj: dict[str, Any],
+            details: dict[str, Any] | Callable[[Any], dict[str, Any] | None] | None = None,
+            said: Said = BY_SYSTEM) -> Deferred:
+        """store.run(operation, *args) with the entry appended in the same transaction; fires with the
+        operation's result. `details` may be a function of that result (None from it: nothing to record)."""
+        written: list[dict[str, Any]] = []
+
+        def together(conn: Any, *a: Any) -> Any:
+            result = operation(conn, *a)
+            said_details = details(result) if callable(details) else (details or {})
+            if said_details is not None:
+                written.append(stored.append(conn, int(self.clock.seconds()), self.controller_id, said.actor, action,
+                                             obj, said_details, said.client, said.request_id))
+            return result
+
+        def logged(result: Any) -> Any:
+            for entry in written:
+                _log(entry)
+            return result
+        return self.store.run(together, *args).addCallback(logged)
+
+    def record(self, action: str, obj: dict[str, Any], details: dict[str, Any] | None = None,
+               said: Said = BY_SYSTEM) -> Deferred:
+        """An entry on its own (start-up, shutdown)."""
+        return self.run(lambda conn: None, action=action, obj=obj, details=details or {}, said=said)
+
+    @inlineCallbacks
+    def checkpoint_if_due(self) -> Any:
+        """Sign the chain's head when CHECKPOINT_EVERY entries or CHECKPOINT_MINUTES passed since the last one."""
+        count, oldest, _ = yield self.store.run(stored.since_checkpoint)
+        now = self.clock.seconds()
+        if count == 0 or (count < CHECKPOINT_EVERY and oldest is not None
+                          and now - oldest < CHECKPOINT_MINUTES * 60):
+            return None
+        seq, digest = yield self.store.run(stored.head)
+        generation, signer = self.signer_of()
+        if signer is None or not signer.signs_data():
+            log.warn("audit: the active CA's key cannot sign checkpoints (not an EC key here); the chain is kept "
+                     "without them")
+            return None
+        signature = yield self.run_blocking(signer.sign, checkpoint_message(seq, digest))
+        entry = yield self.record("audit.checkpoint", {"kind": "audit", "id": str(seq)},
+                                  {"sequence": seq, "hash": digest, "ca_generation": generation,
+                                   "signature": base64.b64encode(signature).decode("ascii")})
+        return entry
+
+
+def _log(entry: dict[str, Any]) -> None:
+    log.info("audit #{seq}: {action} {object_kind} {object_id} by {actor_kind} {actor_name}", audit=True,
+             seq=entry["seq"], action=entry["action"], object_kind=entry["object"].get("kind"),
+             object_id=entry["object"].get("id"), actor_kind=entry["actor"].get("kind"),
+             actor_name=entry["actor"].get("name") or entry["actor"].get("id") or "", entry=entry)

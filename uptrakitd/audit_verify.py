@@ -1,0 +1,130 @@
+"""`uptrakit-audit verify EXPORT --ca CA_BUNDLE`: check an audit export offline (GET /api/v1/audit/export).
+
+Every entry must follow the one before it (sequence + 1, its `prev_hash` the previous `hash`; the first one
+follows the genesis hash), and its `hash` must be SHA-256(prev_hash ‖ canonical JSON of the entry). Every
+`audit.checkpoint` entry must carry a valid signature, by one of the CA certificates given, over the
+sequence number and hash of an earlier entry of the export, and those must match it. The first entry that
+fails is named. What this proves: nothing in the export was modified, inserted, deleted or reordered, and
+nothing before its last checkpoint was cut. Entries after the last checkpoint could have been cut off the
+end without a trace: keep the last checkpoint's sequence and hash elsewhere and compare (`--expect`).
+Exit status: 0 verified, 1 not, 2 the files cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .audit import checkpoint_message
+from .store.audit import GENESIS, entry_hash
+
+
+class Broken(Exception):
+    """The export fails verification at `seq`."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"first bad sequence {seq}: {reason}")
+        self.seq = seq
+
+
+def _signature_ok(cas: list[x509.Certificate], signature: bytes, message: bytes) -> bool:
+    for cert in cas:
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            continue
+        algorithm = hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()
+        try:
+            key.verify(signature, message, ec.ECDSA(algorithm))
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def verify(lines: Iterable[str], cas: list[x509.Certificate], expect: tuple[int, str] | None = None) -> dict[str, Any]:
+    """Check an export (its lines); Broken naming the first bad sequence, else a summary."""
+    hashes_by_seq: dict[int, str] = {}
+    previous_seq, previous_hash, checkpoints, last_checkpoint = 0, GENESIS, 0, 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            seq = int(entry["seq"])
+        except (ValueError, KeyError, TypeError):
+            raise Broken(previous_seq + 1, f"line {number} is not an audit entry") from None
+        if seq != previous_seq + 1:
+            raise Broken(previous_seq + 1, f"the next entry is {seq} (missing, inserted or reordered entries)")
+        if entry.get("prev_hash") != previous_hash:
+            raise Broken(seq, "its prev_hash is not the previous entry's hash")
+        try:
+            computed = entry_hash(entry)
+        except (KeyError, ValueError, TypeError):
+            raise Broken(seq, "the entry lacks fields or is malformed") from None
+        if computed != entry.get("hash"):
+            raise Broken(seq, "its hash does not match its content (modified)")
+        if entry.get("action") == "audit.checkpoint":
+            details = entry.get("details") or {}
+            covered, digest = details.get("sequence"), details.get("hash")
+            if not isinstance(covered, int) or not isinstance(digest, str) or hashes_by_seq.get(covered) != digest:
+                raise Broken(seq, f"the checkpoint names sequence {covered} with a hash the export does not have")
+            try:
+                signature = base64.b64decode(details.get("signature", ""), validate=True)
+            except (ValueError, TypeError):
+                raise Broken(seq, "the checkpoint's signature is not base64") from None
+            if not _signature_ok(cas, signature, checkpoint_message(covered, digest)):
+                raise Broken(seq, "the checkpoint's signature does not verify with the CA certificates given")
+            checkpoints, last_checkpoint = checkpoints + 1, covered
+        hashes_by_seq[seq] = computed
+        previous_seq, previous_hash = seq, computed
+    if expect is not None and hashes_by_seq.get(expect[0]) != expect[1]:
+        raise Broken(expect[0], "the export does not hold the entry expected there (cut or replaced)")
+    return {"entries": previous_seq, "checkpoints": checkpoints, "covered_by_checkpoint": last_checkpoint,
+            "last_hash": previous_hash}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="uptrakit-audit", description="Verify an uptrakitd audit export offline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("verify", help="check an export's hash chain and signed checkpoints",
+                                description=__doc__.split("\n\n")[1] if __doc__ else None)
+    check.add_argument("export", type=Path, help="the JSON Lines of GET /api/v1/audit/export")
+    check.add_argument("--ca", type=Path, required=True, action="append",
+                       help="PEM file of CA certificates that may have signed checkpoints (the bundle "
+                            "/api/v1/pki/ca.crt, plus older generations' certificates); repeatable")
+    check.add_argument("--expect", metavar="SEQ:HASH",
+                       help="an entry known to exist (e.g. the last checkpoint you kept): catches a cut-off end")
+    args = parser.parse_args(argv)
+    try:
+        cas = [c for path in args.ca for c in x509.load_pem_x509_certificates(path.read_bytes())]
+        lines = args.export.read_text("utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        print(f"uptrakit-audit: cannot read: {e}", file=sys.stderr)
+        return 2
+    expect = None
+    if args.expect:
+        seq, _, digest = args.expect.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            print("uptrakit-audit: --expect is SEQ:HASH (a sequence number and 64 hex digits)", file=sys.stderr)
+            return 2
+        expect = (int(seq), digest.lower())
+    try:
+        summary = verify(lines, cas, expect)
+    except Broken as e:
+        print(f"NOT VERIFIED: {e}")
+        return 1
+    print(f"verified: {summary['entries']} entries, {summary['checkpoints']} signed checkpoint(s), the last covering "
+          f"entries 1-{summary['covered_by_checkpoint']}; last hash {summary['last_hash']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

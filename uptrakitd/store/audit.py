@@ -1,0 +1,93 @@
+"""The audit trail's rows (uptrakitd/audit.py says what they mean). `append` runs inside the transaction of the
+change it records; the chain's head is read under the engine's lock, so controllers sharing a database write
+one chain."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .common import Connection
+
+GENESIS = "0" * 64
+FIELDS = ("seq", "at", "controller", "actor", "action", "object", "details", "client", "request_id", "prev_hash")
+
+
+def canonical(entry: dict[str, Any]) -> bytes:
+    """The bytes a row's hash covers: its fields but `hash`, as sorted, compact JSON (UTF-8)."""
+    return json.dumps({k: entry[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256(previous hash ‖ canonical JSON of the entry), hex."""
+    return hashlib.sha256(bytes.fromhex(entry["prev_hash"]) + canonical(entry)).hexdigest()
+
+
+def _row(row: Any) -> dict[str, Any]:
+    entry = {k: row[k] for k in FIELDS + ("hash",)}
+    for key in ("actor", "object", "details"):
+        entry[key] = json.loads(entry[key])
+    entry["seq"], entry["at"] = int(entry["seq"]), int(entry["at"])
+    return entry
+
+
+def head(conn: Connection) -> tuple[int, str]:
+    """(last sequence number, its hash), (0, GENESIS) for an empty trail."""
+    row = conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    return (int(row["seq"]), row["hash"]) if row is not None else (0, GENESIS)
+
+
+def append(conn: Connection, at: int, controller: str, actor: dict[str, Any], action: str, obj: dict[str, Any],
+           details: dict[str, Any], client: str | None = None, request_id: str | None = None) -> dict[str, Any]:
+    """Chain one entry to the trail in the caller's transaction; returns it (with seq and hash)."""
+    conn.engine.serialize(conn, "audit")
+    seq, prev = head(conn)
+    entry = {"seq": seq + 1, "at": int(at), "controller": controller, "actor": actor, "action": action,
+             "object": obj, "details": details, "client": client, "request_id": request_id, "prev_hash": prev}
+    entry["hash"] = entry_hash(entry)
+    conn.execute("INSERT INTO audit_log (seq, at, controller, actor, action, object, details, client, request_id, "
+                 "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (entry["seq"], entry["at"], controller, json.dumps(actor, sort_keys=True), action,
+                  json.dumps(obj, sort_keys=True), json.dumps(details, sort_keys=True), client, request_id, prev,
+                  entry["hash"]))
+    return entry
+
+
+def page(conn: Connection, before: int | None, limit: int, action: str | None = None, actor: str | None = None,
+         obj: str | None = None, since: int | None = None, until: int | None = None) -> list[dict[str, Any]]:
+    """Newest first, below sequence `before`; `actor`/`obj` match an id or name anywhere in that field."""
+    where: list[str] = []
+    params: list[Any] = []
+    if before is not None:
+        where.append("seq < ?")
+        params.append(before)
+    if action:
+        where.append("action = ?")
+        params.append(action)
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("at <= ?")
+        params.append(until)
+    for column, needle in (("actor", actor), ("object", obj)):
+        if needle:
+            where.append(f"{column} LIKE ?")
+            params.append("%" + json.dumps(needle)[1:-1].replace("%", "").replace("_", "") + "%")
+    sql = "SELECT * FROM audit_log" + (" WHERE " + " AND ".join(where) if where else "")
+    return [_row(r) for r in conn.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit)).fetchall()]
+
+
+def after(conn: Connection, seq: int, limit: int) -> list[dict[str, Any]]:
+    """Oldest first, above sequence `seq` (the export)."""
+    rows = conn.execute("SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+    return [_row(r) for r in rows]
+
+
+def since_checkpoint(conn: Connection) -> tuple[int, int | None, int]:
+    """(entries after the last checkpoint, the time of the oldest of them, the last checkpoint's seq or 0)."""
+    row = conn.execute("SELECT max(seq) AS seq FROM audit_log WHERE action = 'audit.checkpoint'").fetchone()
+    last = int(row["seq"] or 0)
+    row = conn.execute("SELECT count(*) AS n, min(at) AS oldest FROM audit_log WHERE seq > ?", (last,)).fetchone()
+    return int(row["n"]), (int(row["oldest"]) if row["oldest"] is not None else None), last
