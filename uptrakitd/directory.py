@@ -55,12 +55,12 @@ def load_services(conn: Any) -> list[ServiceRecord]:
     return [ServiceRecord(**row) for row in stored.load_all(conn)]
 
 
-def _enroll(conn: Any, record: ServiceRecord, token: str, now: float) -> ServiceRecord:
+def _enroll(conn: Any, record: ServiceRecord, token: str, now: float) -> tuple[ServiceRecord, str]:
     token_record = consume_enrollment_token(conn, token, record.kind, now)
     record.status = "approved" if token_record["auto_approve"] else "pending"
     stored.insert(conn, record.id, record.kind, record.hostname, record.status, record.created_at,
                   record.friendly_name, record.capabilities, record.enrollment_secret_hash)
-    return record
+    return record, token_record["id"]
 
 
 def _deactivate(conn: Any, service_id: str, revoked_at: int) -> list[str]:
@@ -132,7 +132,11 @@ class ServiceDirectory:
         record = ServiceRecord(id=str(uuid.uuid4()), kind=kind, hostname=hostname, status="pending",
                                created_at=int(time.time()), friendly_name=friendly_name,
                                capabilities=list(capabilities or []), enrollment_secret_hash=token_hash(secret))
-        record = yield self.store.run(_enroll, record, token, time.time())
+        record, _ = yield audited(self.audit, self.store, _enroll, record, token, time.time(),
+                                  action="service.enrolled", obj={"kind": "service", "id": record.id},
+                                  details=lambda done: {"kind": done[0].kind, "hostname": done[0].hostname,
+                                                        "status": done[0].status, "enrollment_token": done[1]},
+                                  said=Said({"kind": "service", "id": record.id}))
         self._records[record.id] = record
         return record, secret
 

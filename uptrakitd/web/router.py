@@ -188,7 +188,7 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _write_result(self, request: Any, result: Any) -> None:
-        if request.channel is None or request.finished or result is STREAMED:   # (no channel: the client went)
+        if getattr(request, "channel", None) is None or request.finished or result is STREAMED:   # (no channel: gone)
             return
         if isinstance(result, Response):
             request.setResponseCode(result.status)
@@ -208,7 +208,7 @@ class Router(Resource):
         _finish(request, body)
 
     def _write_failure(self, request: Any, failure: Failure) -> None:
-        if request.channel is None or request.finished:   # (twisted.web drops the channel when the client went)
+        if getattr(request, "channel", None) is None or request.finished:   # (no channel: the client went)
             return
         if isinstance(failure.value, UptrakitError):
             body = self._write_error(request, failure.value)

@@ -81,13 +81,13 @@ class AuditRoutes:
         request.setHeader(b"Content-Disposition", b'attachment; filename="uptrakitd-audit.jsonl"')
         request.setHeader(b"Cache-Control", b"no-store")
         last = 0
-        while request.channel is not None:
+        while getattr(request, "channel", None) is not None:
             batch = yield self.store.run(stored.after, last, EXPORT_BATCH)
             if not batch:
                 break
             request.write(b"".join(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n"
                                    for entry in batch))
             last = batch[-1]["seq"]
-        if request.channel is not None and not request.finished:
+        if getattr(request, "channel", None) is not None and not request.finished:
             request.finish()
         return STREAMED

@@ -1,0 +1,202 @@
+"""The audit trail (issue 24): who did what, recorded with the change or not at all, on a chain an auditor can
+verify offline with `uptrakit-audit verify`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from uptrakitd import audit_verify
+from uptrakitd.pki.serials import format_serial
+from uptrakitd.store import audit as stored
+
+from .helpers import env, new_leaf, request_json, run, start_controller
+
+
+def export_lines(c):
+    """The export, as an auditor downloads it."""
+    import treq
+
+    from .helpers import admin_token, https_client, url
+
+    @inlineCallbacks
+    def get():
+        response = yield https_client(c).get(url(c, "/api/v1/audit/export"),
+                                             headers={"Authorization": f"Bearer {admin_token(c)}"})
+        assert response.code == 200, response.code
+        assert response.headers.getRawHeaders("content-type") == ["application/jsonl"]
+        body = yield treq.content(response)
+        return body.decode().splitlines()
+    return get()
+
+
+class AuditTrailTests(TestCase):
+    timeout = 90
+
+    @inlineCallbacks
+    def setUp(self):
+        self.c = yield start_controller(self)
+        self.events = []
+        observer = lambda event: self.events.append(event) if event.get("audit") else None   # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @inlineCallbacks
+    def entries(self, **filters):
+        query = "&".join(f"{k}={v}" for k, v in filters.items())
+        status, body = yield request_json(self.c, "GET", "/api/v1/audit" + ("?" + query if query else ""))
+        self.assertEqual(status, 200, body)
+        return body
+
+    @inlineCallbacks
+    def test_an_api_change_names_the_token_the_address_and_the_request_id(self):
+        status, alice = yield request_json(self.c, "POST", "/api/v1/admin-tokens", {"name": "alice",
+                                                                                    "permissions": ["admin"]})
+        self.assertEqual(status, 201 if status == 201 else 200, alice)
+        issued, _, service = yield new_leaf(self.c)
+        serial = format_serial(issued.serial)
+        status, body = yield request_json(self.c, "POST", f"/api/v1/certificates/{serial}/revoke",
+                                          {"reason": "keyCompromise"}, token=alice["token"],
+                                          headers={"X-Request-Id": "ticket-4711"})
+        self.assertEqual(status, 200, body)
+        body = yield self.entries(action="certificate.revoked")
+        (entry,) = body["entries"]
+        self.assertEqual((entry["actor"]["kind"], entry["actor"]["name"], entry["actor"]["role"]),
+                         ("admin_token", "alice", "admin"))
+        self.assertEqual(entry["actor"]["id"], alice["id"])
+        self.assertEqual((entry["object"], entry["details"]["reason"], entry["details"]["service_id"]),
+                         ({"kind": "certificate", "id": serial}, "keyCompromise", service.id))
+        self.assertEqual((entry["client"], entry["request_id"]), ("127.0.0.1", "ticket-4711"))
+        # the token's creation names the bootstrap token, the certificate's issue the service
+        body = yield self.entries(action="admin_token.created")
+        self.assertEqual((body["entries"][0]["actor"]["name"], body["entries"][0]["details"]["name"]),
+                         ("bootstrap", "alice"))
+        body = yield self.entries(action="certificate.issued", object=serial)
+        self.assertEqual(body["entries"][0]["actor"], {"kind": "service", "id": service.id})
+        # a network change records the old and new values; a rotation its generations
+        status, _ = yield request_json(self.c, "PUT", "/api/v1/settings/network", {"real_ip_header": "X-Real-IP"})
+        self.assertEqual(status, 200)
+        body = yield self.entries(action="settings.network.changed")
+        self.assertEqual(body["entries"][0]["details"]["changes"]["real_ip_header"],
+                         {"old": "X-Forwarded-For", "new": "X-Real-IP"})
+        status, _ = yield request_json(self.c, "POST", "/api/v1/settings/rotate-ca")
+        body = yield self.entries(action="ca.rotated")
+        self.assertEqual((body["entries"][0]["object"]["id"], body["entries"][0]["details"]["previous"],
+                          body["entries"][0]["details"]["trigger"]), ("2", 1, "api"))
+        # every entry was also a log line with "audit": true (for a SIEM reading the journal)
+        logged = {event["entry"]["seq"] for event in self.events}
+        body = yield self.entries(limit=500)
+        self.assertLessEqual({e["seq"] for e in body["entries"]} - logged, {1},
+                             "every entry (the start's may come before the observer)")
+        self.assertGreaterEqual(len(logged), 7)   # token, enrollment token, service issue, revoke, network, rotation…
+
+    @inlineCallbacks
+    def test_the_entry_and_its_change_commit_together_or_not_at_all(self):
+        issued, _, _ = yield new_leaf(self.c)
+        serial = format_serial(issued.serial)
+        real = stored.append
+
+        def refusing(*args, **kw):
+            raise RuntimeError("the trail cannot be written")
+        self.patch(stored, "append", refusing)
+        status, _ = yield request_json(self.c, "POST", f"/api/v1/certificates/{serial}/revoke",
+                                       {"reason": "keyCompromise"})
+        self.assertEqual(status, 500)
+        self.flushLoggedErrors(RuntimeError)
+        self.patch(stored, "append", real)
+        row = yield self.c.store.run(lambda conn: conn.execute(
+            "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)).fetchone())
+        self.assertIsNone(row["revoked_at"], "no entry, no revocation")
+        self.assertFalse(self.c.ca.state.is_revoked(issued.serial))
+        body = yield self.entries(action="certificate.revoked")
+        self.assertEqual(body["entries"], [])
+
+    @inlineCallbacks
+    def test_pages_newest_first_with_a_cursor_and_filters(self):
+        for n in range(5):
+            yield self.c.enrollment_tokens.create(f"t{n}")
+        body = yield self.entries(action="enrollment_token.created", limit=2)
+        self.assertEqual([e["details"]["name"] for e in body["entries"]], ["t4", "t3"])
+        body = yield self.entries(action="enrollment_token.created", limit=2, before=body["next_before"])
+        self.assertEqual([e["details"]["name"] for e in body["entries"]], ["t2", "t1"])
+        status, body = yield request_json(self.c, "GET", "/api/v1/audit?limit=0")
+        self.assertEqual((status, body["code"]), (400, "invalid_filter"))
+        status, body = yield request_json(self.c, "GET", "/api/v1/audit?since=yesterday")
+        self.assertEqual((status, body["code"]), (400, "invalid_filter"))
+
+
+class VerifyTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self):
+        self.c = yield start_controller(self)
+        for n in range(3):
+            yield self.c.enrollment_tokens.create(f"t{n}")
+        self.patch(__import__("uptrakitd.audit", fromlist=["x"]), "CHECKPOINT_EVERY", 1)
+        checkpoint = yield self.c.audit.checkpoint_if_due()
+        self.assertEqual(checkpoint, None, "record() fires with the operation's result")
+        yield self.c.enrollment_tokens.create("after the checkpoint")
+        self.lines = yield export_lines(self.c)
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.ca = self.dir / "ca.pem"
+        self.ca.write_bytes(self.c.ca.bundle_pem())
+
+    @inlineCallbacks
+    def verify(self, lines):
+        export = self.dir / "export.jsonl"
+        export.write_text("\n".join(lines) + "\n")
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export),
+                                   "--ca", str(self.ca), env=env())
+        return code, (out + err).decode()
+
+    @inlineCallbacks
+    def test_an_untouched_export_verifies_with_its_signed_checkpoint(self):
+        code, out = yield self.verify(self.lines)
+        self.assertEqual(code, 0, out)
+        self.assertIn("1 signed checkpoint(s)", out)
+        kinds = [json.loads(line)["action"] for line in self.lines]
+        self.assertIn("audit.checkpoint", kinds)
+
+    @inlineCallbacks
+    def test_each_kind_of_tampering_names_the_first_bad_sequence(self):
+        entries = [json.loads(line) for line in self.lines]
+        dump = lambda es: [json.dumps(e) for e in es]   # noqa: E731
+        modified = [dict(e) for e in entries]
+        modified[2] = dict(modified[2], details={"name": "someone else"})
+        deleted = entries[:1] + entries[2:]
+        reordered = entries[:1] + [entries[2], entries[1]] + entries[3:]
+        inserted = entries[:2] + [dict(entries[1], seq=3)] + [dict(e, seq=e["seq"] + 1) for e in entries[2:]]
+        cases = {"modified": (modified, 3), "deleted": (deleted, 2), "reordered": (reordered, 2),
+                 "inserted": (inserted, 3)}
+        for name, (lines, bad) in cases.items():
+            code, out = yield self.verify(dump(lines))
+            self.assertEqual(code, 1, name)
+            self.assertIn(f"first bad sequence {bad}:", out, name)
+        # a checkpoint re-signed by another CA, or pointing at another hash, does not verify
+        other = self.dir / "other.pem"
+        from .helpers import foreign_ca_and_leaf
+        other.write_bytes(foreign_ca_and_leaf()[0])
+        export = self.dir / "export.jsonl"
+        export.write_text("\n".join(self.lines) + "\n")
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export),
+                                   "--ca", str(other), env=env())
+        self.assertEqual(code, 1)
+        self.assertIn("signature does not verify", out.decode())
+        # the end cut off after the last checkpoint is only seen with --expect
+        last = entries[-1]
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export),
+                                   "--ca", str(self.ca), "--expect", f"{last['seq'] + 1}:{'0' * 64}",
+                                   env=env())
+        self.assertEqual(code, 1)
+        self.assertIn(f"first bad sequence {last['seq'] + 1}", out.decode())
+
+    def test_the_library_and_the_command_agree(self):
+        summary = audit_verify.verify(self.lines, [__import__("cryptography.x509", fromlist=["x"])
+                                                   .load_pem_x509_certificate(self.ca.read_bytes())])
+        self.assertEqual((summary["entries"], summary["checkpoints"]), (len(self.lines), 1))
