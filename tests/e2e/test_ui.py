@@ -25,7 +25,7 @@ from ..helpers import (E2E_REQUIRED, admin_token, blocking_get, blocking_tls_soc
 SHOTS = Path("ui-screenshots")   # relative to where trial runs the tests: _trial_temp/ui-screenshots/
 UNTRUSTED = "127.0.0.7"    # sends client-certificate headers but is not a trusted proxy
 PROXY = "127.0.0.3"        # a trusted proxy that forgets X-Forwarded-For
-PAGES = ["overview", "services", "certificates", "rotation", "tokens", "network", "doctor"]
+PAGES = ["overview", "services", "certificates", "rotation", "tokens", "network", "audit", "doctor"]
 WIDE, NARROW = 1280, 375
 
 
@@ -253,10 +253,36 @@ class UiTests(TestCase):
                 page.click("#network-form button[type=submit]")
                 page.wait_for_selector("#banners .banner[data-code=trusts_everything]", state="detached")
 
+                # 6. the audit trail names who revoked alpha's certificate and rotated the CA; a row opens its
+                # details; the actor's name filters
+                b.go("audit")
+                page.select_option("#audit-action", "certificate.revoked")
+                revoked = page.locator("#audit-table tr[data-action='certificate.revoked']",
+                                       has_text="admin token: bootstrap")
+                revoked.first.wait_for()
+                assert revoked.count() == 1, revoked.count()   # (the others: superseded at the rotation, by system)
+                text = revoked.first.inner_text()
+                assert "admin token: bootstrap (admin)" in text and "127.0.0.1" in text, text
+                revoked.first.get_by_role("button", name="Details").click()
+                page.wait_for_selector("#audit-table tr.audit-detail:not([hidden]) >> text=keyCompromise")
+                b.shoot("admin-audit-detail-1280")
+                page.select_option("#audit-action", "")
+                page.wait_for_selector("#audit-table tr[data-action='ca.rotated']")
+                page.locator("#audit-table tr[data-action='certificate.revoked']", has_text="admin token: bootstrap") \
+                    .get_by_role("button", name="admin token: bootstrap (admin)").click()
+                page.wait_for_function("() => document.querySelector('#audit-actor').value && ![...document"
+                                       ".querySelectorAll('#audit-table tr[data-action]')].some((r) => "
+                                       "r.dataset.action === 'certificate.issued')")
+                actions = set(page.locator("#audit-table tr[data-action]").evaluate_all(
+                    "(rows) => rows.map((r) => r.dataset.action)"))
+                assert {"certificate.revoked", "ca.rotated", "settings.network.changed"} <= actions, actions
+                assert "certificate.issued" not in actions, "the actor filter keeps the token's own entries"
+                page.fill("#audit-actor", "")
+
                 too_wide += b.every_page("admin-after", NARROW)
                 b.every_page("admin-after", WIDE)
 
-                # 6. sign-out forgets the token
+                # 7. sign-out forgets the token
                 page.click("#logout")
                 page.wait_for_selector("#login:not([hidden])")
                 assert page.input_value("#token") == "", "the token stayed in the sign-in box"
@@ -327,7 +353,8 @@ class UiTests(TestCase):
                         b.shoot(f"readonly-{name}-{width}")
                         live = b.page.evaluate("""() => {
                             const page = document.querySelector('.page:not([hidden])');
-                            return Array.from(page.querySelectorAll('button:not(.copy), input, textarea, select'))
+                            // (.view buttons only read: the audit trail's filters and details)
+                            return Array.from(page.querySelectorAll('button:not(.copy):not(.view), input, textarea, select'))
                               .filter((e) => !e.disabled && e.getAttribute('aria-disabled') !== 'true'
                                       && !e.closest('.filters'))
                               .map((e) => e.textContent || e.name || e.id); }""")

@@ -370,8 +370,57 @@ async function loadDoctor() {
   if (!d.peers.length) emptyRow(body, 7, "No peers recorded yet.");
 }
 
+// -- audit trail -------------------------------------------------------------------------------------
+
+let auditBefore = null;
+let auditHeld = false;   // older pages shown or a detail open: the poll leaves the table as it is
+async function loadAudit(more = false) {
+  auditHeld = more;
+  await loadNames();
+  const params = new URLSearchParams({limit: "50"});
+  for (const [key, id] of [["action", "#audit-action"], ["actor", "#audit-actor"], ["object", "#audit-object"]]) {
+    const value = $(id).value.trim();
+    if (value) params.set(key, value);
+  }
+  if (more && auditBefore) params.set("before", String(auditBefore));
+  const {entries, next_before} = await api("GET", "/api/v1/audit?" + params);
+  const body = $("#audit-table tbody");
+  if (!more) body.replaceChildren();
+  for (const e of entries) body.append(...auditRows(e));
+  auditBefore = next_before;
+  $("#audit-more").hidden = !next_before;
+  if (!body.children.length) emptyRow(body, 7, "No entry matches these filters.");
+}
+
+function filterBy(id, value) { $(id).value = value || ""; loadAudit().catch((e) => say(e.message, true)); }
+function pollAudit() { return auditHeld ? Promise.resolve() : loadAudit(); }
+
+function auditRows(e) {
+  const a = e.actor, o = e.object;
+  const who = a.name || (a.kind === "service" ? (names[a.id] || a.id) : a.id) || a.via;
+  // (class "view": reading buttons, which a read-only session may use too)
+  const actor = el("button", {type: "button", class: "link view", title: "only this actor's entries",
+    text: who ? `${a.kind.replace("_", " ")}: ${who}${a.role ? " (" + a.role + ")" : ""}` : a.kind,
+    onclick: () => filterBy("#audit-actor", a.id || a.name)});
+  const shown = o.kind === "service" ? (names[o.id] || o.id) : o.id;
+  const object = el("button", {type: "button", class: "link view", title: "only this object's entries",
+    text: `${o.kind.replace("_", " ")} ${shown || ""}`, onclick: () => filterBy("#audit-object", o.id)});
+  const detail = el("tr", {class: "audit-detail", hidden: ""}, el("td", {colspan: "7"}, el("pre", {class: "mono",
+    text: JSON.stringify({details: e.details, controller: e.controller, request_id: e.request_id,
+                          prev_hash: e.prev_hash, hash: e.hash}, null, 2)})));
+  const toggle = el("button", {type: "button", class: "view", text: "Details", "aria-expanded": "false",
+    onclick: () => {
+      detail.hidden = !detail.hidden; toggle.setAttribute("aria-expanded", String(!detail.hidden));
+      auditHeld = auditHeld || !detail.hidden;
+    }});
+  const row = el("tr", {"data-seq": String(e.seq), "data-action": e.action}, td(String(e.seq)),
+    td(when(new Date(e.at * 1000).toISOString())), td(e.action), td(actor), td(object), td(e.client || "–"),
+    td(toggle, "actions"));
+  return [row, detail];
+}
+
 const LOADERS = {overview: loadOverview, services: loadServices, certificates: loadCertificates, rotation: loadRotation,
-                 tokens: loadTokens, network: null, doctor: loadDoctor};
+                 tokens: loadTokens, network: null, audit: pollAudit, doctor: loadDoctor};
 
 async function refresh() {
   if (!token || !session) return;
@@ -426,6 +475,8 @@ document.addEventListener("DOMContentLoaded", () => {
   window.addEventListener("hashchange", () => { if (session) show(location.hash.slice(1)); });
   for (const id of ["#svc-status", "#svc-connected", "#svc-search"]) $(id).addEventListener("input", () => loadServices().catch(() => {}));
   for (const id of ["#cert-status", "#cert-search"]) $(id).addEventListener("input", () => loadCertificates().catch(() => {}));
+  for (const id of ["#audit-action", "#audit-actor", "#audit-object"]) $(id).addEventListener("input", () => loadAudit().catch(() => {}));
+  $("#audit-more").addEventListener("click", () => loadAudit(true).catch((e) => say(e.message, true)));
   $("#rotate").addEventListener("click", async () => {
     if ((await dialogAnswer($("#rotate-dialog"))) !== "rotate") return;
     try { const r = await api("POST", "/api/v1/settings/rotate-ca");
