@@ -116,6 +116,27 @@ class AuditTrailTests(TestCase):
         self.assertEqual(body["entries"], [])
 
     @inlineCallbacks
+    def test_unknown_tokens_are_recorded_once_a_minute_per_address_and_a_used_up_token_once(self):
+        for _ in range(30):   # a guessing flood from one address
+            status, _ = yield request_json(self.c, "GET", "/api/v1/services", token="upt_admin_guess")
+            self.assertEqual(status, 401)
+        body = yield self.entries(action="admin.sign_in_failed")
+        (entry,) = body["entries"]
+        self.assertEqual((entry["actor"], entry["client"], entry["object"]["id"], entry["details"]["method"]),
+                         ({"kind": "anonymous"}, "127.0.0.1", "/api/v1/services", "GET"))
+        token = yield self.c.enrollment_tokens.create("one use", max_uses=1, auto_approve=True)
+        service, _ = yield self.c.directory.enroll("agent", "host-9", token["token"])
+        body = yield self.entries(action="enrollment_token.used_up")
+        (entry,) = body["entries"]
+        self.assertEqual((entry["object"]["id"], entry["details"]["by"]), (token["id"], service.id))
+        body = yield self.entries(action="service.enrolled", object=service.id)
+        self.assertEqual(body["entries"][0]["details"]["enrollment_token"], token["id"])
+        many = yield self.c.enrollment_tokens.create("many uses", max_uses=5, auto_approve=True)
+        yield self.c.directory.enroll("agent", "host-10", many["token"])   # uses left: not "used up"
+        body = yield self.entries(action="enrollment_token.used_up")
+        self.assertEqual(len(body["entries"]), 1)
+
+    @inlineCallbacks
     def test_pages_newest_first_with_a_cursor_and_filters(self):
         for n in range(5):
             yield self.c.enrollment_tokens.create(f"t{n}")

@@ -29,6 +29,8 @@ log = Logger()
 SYSTEM: dict[str, Any] = {"kind": "system"}
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_MINUTES = 10
+SIGN_IN_FAILURE_EVERY = 60.0   # seconds: at most one sign-in failure entry per client address in that time
+MAX_FAILING_ADDRESSES = 4096
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 
@@ -56,11 +58,11 @@ def request_id_of(raw: bytes | None) -> str | None:
 
 
 def audited(audit: AuditTrail | None, store: Any, operation: Callable[..., Any], *args: Any, action: str,
-            obj: dict[str, Any], details: Any = None, said: Said = BY_SYSTEM) -> Deferred:
+            obj: dict[str, Any], details: Any = None, said: Said = BY_SYSTEM, also: Any = None) -> Deferred:
     """audit.run(…) — or store.run(operation, *args) where no trail is kept (unit tests of one component)."""
     if audit is None:
         return store.run(operation, *args)
-    return audit.run(operation, *args, action=action, obj=obj, details=details, said=said)
+    return audit.run(operation, *args, action=action, obj=obj, details=details, said=said, also=also)
 
 
 class AuditTrail:
@@ -73,20 +75,25 @@ class AuditTrail:
         self.clock = clock
         self.run_blocking = run_blocking
         self.signer_of = signer_of   # () -> (generation, Signer) of the active CA
+        self._failures: dict[str | None, tuple[float, int]] = {}   # client -> (last recorded, failures since)
 
     def run(self, operation: Callable[..., Any], *args: Any, action: str, obj: dict[str, Any],
             details: dict[str, Any] | Callable[[Any], dict[str, Any] | None] | None = None,
-            said: Said = BY_SYSTEM) -> Deferred:
+            said: Said = BY_SYSTEM, also: Callable[[Any], list[tuple[str, dict[str, Any], dict[str, Any]]]] | None = None
+            ) -> Deferred:
         """store.run(operation, *args) with the entry appended in the same transaction; fires with the
-        operation's result. `details` may be a function of that result (None from it: nothing to record)."""
+        operation's result. `details` may be a function of that result (None from it: nothing to record);
+        `also(result)` gives more entries (action, object, details) that the same change made."""
         written: list[dict[str, Any]] = []
 
         def together(conn: Any, *a: Any) -> Any:
             result = operation(conn, *a)
             said_details = details(result) if callable(details) else (details or {})
-            if said_details is not None:
-                written.append(stored.append(conn, int(self.clock.seconds()), self.controller_id, said.actor, action,
-                                             obj, said_details, said.client, said.request_id))
+            entries = ([(action, obj, said_details)] if said_details is not None else []) + \
+                (also(result) if also is not None else [])
+            for entry_action, entry_obj, entry_details in entries:
+                written.append(stored.append(conn, int(self.clock.seconds()), self.controller_id, said.actor,
+                                             entry_action, entry_obj, entry_details, said.client, said.request_id))
             return result
 
         def logged(result: Any) -> Any:
@@ -99,6 +106,22 @@ class AuditTrail:
                said: Said = BY_SYSTEM) -> Deferred:
         """An entry on its own (start-up, shutdown)."""
         return self.run(lambda conn: None, action=action, obj=obj, details=details or {}, said=said)
+
+    def sign_in_failed(self, client: str | None, method: str, path: str, request_id: str | None) -> None:
+        """An admin API request with a token nobody holds: recorded at most once a minute per client address
+        (with how many were not), so a flood of guesses cannot flood the trail."""
+        now = self.clock.seconds()
+        last, since = self._failures.get(client, (0.0, 0))
+        if now - last < SIGN_IN_FAILURE_EVERY:
+            self._failures[client] = (last, since + 1)
+            return
+        if len(self._failures) >= MAX_FAILING_ADDRESSES:
+            self._failures.clear()
+        self._failures[client] = (now, 0)
+        self.record("admin.sign_in_failed", {"kind": "admin_api", "id": path},
+                    {"method": method, "not_recorded_before": since},
+                    Said({"kind": "anonymous"}, client, request_id)).addErrback(
+            lambda f: log.warn("audit: a sign-in failure could not be recorded ({error})", error=f.getErrorMessage()))
 
     @inlineCallbacks
     def checkpoint_if_due(self) -> Any:

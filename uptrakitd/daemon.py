@@ -52,7 +52,7 @@ from .status_metrics import state_families
 from .store import PostgresStore, SqliteStore, make_store
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
-from .web.api.audit import AuditRoutes
+from .web.api.audit import AuditRoutes, unknown_token
 from .web.api.cluster import ControllerRoutes
 from .web.api.identity import NetworkSettingsRoutes
 from .web.api.overview import DiagnosticsRoutes, OverviewRoutes, RotationProgress, SessionRoutes
@@ -213,7 +213,8 @@ def _sites(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any) -> tuple[A
                         "http_requests": d.metrics.http_requests,
                         "tls_handshake_failures": d.metrics.tls_handshake_failures},
                        settings.access_log, fast_ocsp, settings.limits.close_grace,
-                       catch_up=cluster.catch_up if cluster.shared else None, describe_admin=d.admin_tokens.describe)
+                       catch_up=cluster.catch_up if cluster.shared else None, describe_admin=d.admin_tokens.describe,
+                       on_unknown_token=unknown_token(d.audit))
 
 
 def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blocking: Any, https_site: Any,

@@ -55,12 +55,21 @@ def load_services(conn: Any) -> list[ServiceRecord]:
     return [ServiceRecord(**row) for row in stored.load_all(conn)]
 
 
-def _enroll(conn: Any, record: ServiceRecord, token: str, now: float) -> tuple[ServiceRecord, str]:
+def _enroll(conn: Any, record: ServiceRecord, token: str, now: float) -> tuple[ServiceRecord, dict[str, Any]]:
     token_record = consume_enrollment_token(conn, token, record.kind, now)
     record.status = "approved" if token_record["auto_approve"] else "pending"
     stored.insert(conn, record.id, record.kind, record.hostname, record.status, record.created_at,
                   record.friendly_name, record.capabilities, record.enrollment_secret_hash)
-    return record, token_record["id"]
+    return record, dict(token_record)
+
+
+def _used_up(done: tuple[ServiceRecord, dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The enrollment token's own entry when this enrollment was its last use."""
+    token = done[1]
+    if token["max_uses"] is None or token["uses"] + 1 < token["max_uses"]:
+        return []
+    return [("enrollment_token.used_up", {"kind": "enrollment_token", "id": token["id"]},
+             {"uses": token["uses"] + 1, "by": done[0].id})]
 
 
 def _deactivate(conn: Any, service_id: str, revoked_at: int) -> list[str]:
@@ -135,8 +144,8 @@ class ServiceDirectory:
         record, _ = yield audited(self.audit, self.store, _enroll, record, token, time.time(),
                                   action="service.enrolled", obj={"kind": "service", "id": record.id},
                                   details=lambda done: {"kind": done[0].kind, "hostname": done[0].hostname,
-                                                        "status": done[0].status, "enrollment_token": done[1]},
-                                  said=Said({"kind": "service", "id": record.id}))
+                                                        "status": done[0].status, "enrollment_token": done[1]["id"]},
+                                  also=_used_up, said=Said({"kind": "service", "id": record.id}))
         self._records[record.id] = record
         return record, secret
 

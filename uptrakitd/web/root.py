@@ -16,9 +16,10 @@ def build_sites(https_routes: list[Route], pki_routes: list[Route], endpoints: M
                 counters: dict[str, Any], access_log: str = "off",
                 fast_ocsp: Any = None, close_grace: float = DEFAULT_CLOSE_GRACE,
                 catch_up: Callable[[Any], Any] | None = None,
-                describe_admin: Callable[[str], Any] | None = None) -> tuple[IdentifyingSite, IdentifyingSite]:
+                describe_admin: Callable[[str], Any] | None = None,
+                on_unknown_token: Callable[[Any, str], None] | None = None) -> tuple[IdentifyingSite, IdentifyingSite]:
     """(https_site, pki_site). The PKI site serves only `pki_routes`, without identity resolution."""
-    router = Router(https_routes, check_admin, describe_admin)
+    router = Router(https_routes, check_admin, describe_admin, on_unknown_token)
     router.resources.update(endpoints)
     return (IdentifyingSite(router, resolver=resolver, head_timeout=head_timeout, counters=counters,
                             access_log=access_log, fast_ocsp=fast_ocsp, close_grace=close_grace, catch_up=catch_up),

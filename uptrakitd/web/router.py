@@ -127,8 +127,10 @@ class Router(Resource):
     isLeaf = True
 
     def __init__(self, routes: list[Route], check_admin: Callable[[str, str], bool | None] | None = None,
-                 describe_admin: Callable[[str], Any] | None = None) -> None:
+                 describe_admin: Callable[[str], Any] | None = None,
+                 on_unknown_token: Callable[[Any, str], None] | None = None) -> None:
         self.describe_admin = describe_admin   # the audit trail's actor for a token (AdminTokenRegistry.describe)
+        self.on_unknown_token = on_unknown_token   # (request, route label): the audit trail's sign-in failures
         super().__init__()
         self.routes = routes
         self._identity_routes = [r for r in routes if r.identity]
@@ -177,6 +179,8 @@ class Router(Resource):
                 return self._write_error(request, Unauthorized("admin token required (Authorization: Bearer …)"))
             verdict = self.check_admin(token, lookup) if self.check_admin else None
             if verdict is None:
+                if self.on_unknown_token is not None:
+                    self.on_unknown_token(request, r.label)
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="uptrakitd", error="invalid_token"')
                 return self._write_error(request, Unauthorized("admin token not recognized"))
             if verdict is False:

@@ -27,6 +27,14 @@ def said_by(request: Any) -> Said:
                 request_id_of(request.getHeader(b"x-request-id")))
 
 
+def unknown_token(audit: Any) -> Any:
+    """The router's hook for an admin request with a token nobody holds: AuditTrail.sign_in_failed."""
+    def record(request: Any, label: str) -> None:
+        said = said_by(request)
+        audit.sign_in_failed(said.client, request.method.decode("latin-1"), label, said.request_id)
+    return record
+
+
 def _arg(request: Any, name: str) -> str | None:
     values = request.args.get(name.encode())
     return values[0].decode("utf-8", "replace") if values else None
