@@ -221,3 +221,84 @@ class VerifyTests(TestCase):
         summary = audit_verify.verify(self.lines, [__import__("cryptography.x509", fromlist=["x"])
                                                    .load_pem_x509_certificate(self.ca.read_bytes())])
         self.assertEqual((summary["entries"], summary["checkpoints"]), (len(self.lines), 1))
+
+
+class RealDaemonTests(TestCase):
+    """`twistd -n uptrakit` killed with -9 in a burst of changes, and its database edited with `sqlite3`."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def start(self):
+        from .test_tap import start_daemon
+        daemon = start_daemon(self, "--https-listen", f"tcp:{self.port}:interface=127.0.0.1", cwd=self.cwd)
+        yield daemon.wait_for(b"listening on")
+        return daemon
+
+    def api(self, method, path, body=None):
+        data = Path(self.cwd) / "uptrakit-data"
+        argv = [self.curl, "-sS", "--cacert", str(data / "pki" / "ca.crt"), "-X", method, "-H",
+                f"Authorization: Bearer {(data / 'admin.token').read_text().strip()}"]
+        if body is not None:
+            argv += ["-d", json.dumps(body)]
+        return run(*argv, f"https://localhost:{self.port}{path}")
+
+    @inlineCallbacks
+    def verify(self):
+        out, _, code = yield self.api("GET", "/api/v1/audit/export")
+        export, ca = Path(self.cwd) / "export.jsonl", Path(self.cwd) / "ca.pem"
+        export.write_bytes(out)
+        ca.write_bytes((Path(self.cwd) / "uptrakit-data" / "pki" / "ca.crt").read_bytes())
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export), "--ca",
+                                   str(ca), env=env())
+        return code, out.decode() + err.decode(), [json.loads(line) for line in export.read_text().splitlines()]
+
+    @inlineCallbacks
+    def test_kill_9_in_a_burst_keeps_every_acknowledged_entry_and_edits_with_sqlite3_are_caught(self):
+        from twisted.internet import defer
+
+        from .helpers import require_program
+        from .test_tap import workdir
+        self.curl = require_program("curl", "apt-get install curl")
+        sqlite = require_program("sqlite3", "apt-get install sqlite3")
+        self.cwd, self.port = workdir(self)
+        daemon = yield self.start()
+        acknowledged, burst = [], []
+        for n in range(40):
+            d = self.api("POST", "/api/v1/enrollment-tokens", {"name": f"burst-{n}"})
+            d.addCallback(lambda r: acknowledged.append(json.loads(r[0])["id"]) if r[2] == 0 and r[0] else None)
+            burst.append(d)
+        while len(acknowledged) < 10:
+            yield defer.DeferredList(burst[:1])
+            burst = burst[1:] or burst
+        daemon.transport.signalProcess("KILL")   # in the middle of the burst, right after 10+ acknowledgements
+        yield daemon.ended
+        yield defer.DeferredList(burst, consumeErrors=True)
+        daemon = yield self.start()
+        code, out, entries = yield self.verify()
+        self.assertEqual(code, 0, out)
+        recorded = {e["object"]["id"] for e in entries if e["action"] == "enrollment_token.created"}
+        self.assertLessEqual(set(acknowledged), recorded, "every acknowledged change has its entry")
+        daemon.transport.signalProcess("TERM")
+        yield daemon.ended
+
+        database = str(Path(self.cwd) / "uptrakit-data" / "uptrakit.sqlite3")
+        edits = {
+            "modified": ("UPDATE audit_log SET details = '{\"name\": \"nobody\"}' WHERE seq = 5", 5),
+            "deleted": ("DELETE FROM audit_log WHERE seq = 7", 7),
+            "reordered": ("UPDATE audit_log SET seq = -1 WHERE seq = 8; UPDATE audit_log SET seq = 8 WHERE seq = 9; "
+                          "UPDATE audit_log SET seq = 9 WHERE seq = -1", 8),
+        }
+        backup = Path(database).read_bytes()
+        for name, (sql, bad) in edits.items():
+            Path(database).write_bytes(backup)
+            for suffix in ("-wal", "-shm"):
+                Path(database + suffix).unlink(missing_ok=True)
+            _, err, status = yield run(sqlite, database, sql)
+            self.assertEqual(status, 0, err)
+            daemon = yield self.start()
+            code, out, _ = yield self.verify()
+            self.assertEqual(code, 1, f"{name}: {out}")
+            self.assertIn(f"first bad sequence {bad}:", out, name)
+            daemon.transport.signalProcess("TERM")
+            yield daemon.ended
