@@ -217,6 +217,27 @@ class VerifyTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn(f"first bad sequence {last['seq'] + 1}", out.decode())
 
+    @inlineCallbacks
+    def test_a_pruned_trail_still_verifies_and_its_new_start_is_vouched_for(self):
+        import time
+        entries = [json.loads(line) for line in self.lines]
+        checkpoint = next(e for e in entries if e["action"] == "audit.checkpoint")
+        kept_from, deleted = yield self.c.audit.prune(int(time.time()) + 1)
+        self.assertEqual((kept_from, deleted), (checkpoint["details"]["sequence"], kept_from - 1))
+        lines = yield export_lines(self.c)
+        pruned = [json.loads(line) for line in lines]
+        self.assertEqual(pruned[0]["seq"], kept_from)
+        self.assertEqual(pruned[-1]["action"], "audit.pruned")
+        code, out = yield self.verify(lines)
+        self.assertEqual(code, 0, out)
+        # without the checkpoint that vouches for it (the export cut before it), a later start is a cut
+        until = next(i for i, line in enumerate(lines) if json.loads(line)["action"] == "audit.checkpoint")
+        code, out = yield self.verify(lines[:until])
+        self.assertEqual(code, 1)
+        self.assertIn(f"first bad sequence {kept_from}", out)
+        nothing = yield self.c.audit.prune(int(time.time()) + 1)
+        self.assertIsNone(nothing, "nothing more is due before the next checkpoint")
+
     def test_the_library_and_the_command_agree(self):
         summary = audit_verify.verify(self.lines, [__import__("cryptography.x509", fromlist=["x"])
                                                    .load_pem_x509_certificate(self.ca.read_bytes())])

@@ -123,6 +123,16 @@ class AuditTrail:
                     Said({"kind": "anonymous"}, client, request_id)).addErrback(
             lambda f: log.warn("audit: a sign-in failure could not be recorded ({error})", error=f.getErrorMessage()))
 
+    def prune(self, cutoff: int) -> Deferred:
+        """Delete the checkpointed segments written before `cutoff` (store/audit.py prune), recording it in the
+        same transaction; fires with (first sequence kept, entries deleted) or None."""
+        return self.run(stored.prune, cutoff, action="audit.pruned", obj={"kind": "audit", "id": "trail"},
+                        details=lambda done: None if done is None else {"kept_from": done[0], "deleted": done[1]})
+
+    def prune_by_age(self, days: int) -> Deferred | None:
+        """Daily, with --audit-retention-days: prune what is older than that."""
+        return self.prune(int(self.clock.seconds()) - days * 86400) if days > 0 else None
+
     @inlineCallbacks
     def checkpoint_if_due(self) -> Any:
         """Sign the chain's head when CHECKPOINT_EVERY entries or CHECKPOINT_MINUTES passed since the last one."""

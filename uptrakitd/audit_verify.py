@@ -53,6 +53,8 @@ def verify(lines: Iterable[str], cas: list[x509.Certificate], expect: tuple[int,
     """Check an export (its lines); Broken naming the first bad sequence, else a summary."""
     hashes_by_seq: dict[int, str] = {}
     previous_seq, previous_hash, checkpoints, last_checkpoint = 0, GENESIS, 0, 0
+    start: int | None = None   # an export of a pruned trail starts later: a checkpoint must vouch for that entry
+    vouched: set[int] = set()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -61,6 +63,8 @@ def verify(lines: Iterable[str], cas: list[x509.Certificate], expect: tuple[int,
             seq = int(entry["seq"])
         except (ValueError, KeyError, TypeError):
             raise Broken(previous_seq + 1, f"line {number} is not an audit entry") from None
+        if previous_seq == 0 and seq > 1 and start is None:
+            start, previous_seq, previous_hash = seq, seq - 1, entry.get("prev_hash")
         if seq != previous_seq + 1:
             raise Broken(previous_seq + 1, f"the next entry is {seq} (missing, inserted or reordered entries)")
         if entry.get("prev_hash") != previous_hash:
@@ -83,8 +87,12 @@ def verify(lines: Iterable[str], cas: list[x509.Certificate], expect: tuple[int,
             if not _signature_ok(cas, signature, checkpoint_message(covered, digest)):
                 raise Broken(seq, "the checkpoint's signature does not verify with the CA certificates given")
             checkpoints, last_checkpoint = checkpoints + 1, covered
+            vouched.add(covered)
         hashes_by_seq[seq] = computed
         previous_seq, previous_hash = seq, computed
+    if start is not None and not (last_checkpoint and start in vouched):
+        raise Broken(start, "the export starts after sequence 1 and no signed checkpoint vouches for its first "
+                            "entry (entries cut from the start)")
     if expect is not None and hashes_by_seq.get(expect[0]) != expect[1]:
         raise Broken(expect[0], "the export does not hold the entry expected there (cut or replaced)")
     return {"entries": previous_seq, "checkpoints": checkpoints, "covered_by_checkpoint": last_checkpoint,

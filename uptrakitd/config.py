@@ -208,6 +208,7 @@ class Settings:
     cluster_max_staleness: float = 10.0  # with database: seconds without a confirmed change-log read before
                                          # OCSP answers tryLater and identities are refused (cluster.ClusterFreshness)
     ca_key_encryption_key_file: Path | None = None   # seals the CA keys kept in the database (either engine)
+    audit_retention_days: int = 0        # 0: the audit trail is never pruned
     ca_key_uri: str | None = None        # pkcs11:token=…: new CA keys are made and used in that token
     pkcs11_module: Path | None = None    # the token's PKCS#11 library
     pkcs11_pin_file: Path | None = None  # its user PIN (else UPTRAKIT_PKCS11_PIN); read at start, never kept here
@@ -296,6 +297,9 @@ SCALARS = (
     Scalar("ca_key", "External CA private key (PEM, unencrypted); with --ca-cert.", FILE, section="pki"),
     Scalar("trust_domain", "SPIFFE trust domain in issued certificates (default uptrakit.local).",
            lambda value, name: _trust_domain(value), section="pki"),
+    Scalar("audit_retention_days", "Days the audit trail keeps entries (default 0: forever). Only whole segments "
+                                   "up to a signed checkpoint are pruned, keeping the entry it vouches for, so an "
+                                   "export still verifies (docs/audit.md).", int, 0, 36500),
     Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (the issuing CA; the default unless the CA key is in a "
                           "token) or 'delegated' (a two-day P-256 "
                           "responder certificate that CA issues, its key only in memory, embedded in each answer: a "

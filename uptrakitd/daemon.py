@@ -244,6 +244,10 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
               lambda f: log.warn("audit: the stop could not be recorded ({error})", error=f.getErrorMessage()))
           ).setServiceParent(d)
     PeriodicJob("audit checkpoint", 60, cluster.on_leader(d.audit.checkpoint_if_due), reactor).setServiceParent(d)
+    if settings.audit_retention_days:
+        PeriodicJob("daily audit pruning", DAY,
+                    cluster.on_leader(lambda: d.audit.prune_by_age(settings.audit_retention_days)), reactor,
+                    run_at_start=True).setServiceParent(d)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
           stop=crls.stop).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)

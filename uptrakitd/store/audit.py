@@ -85,6 +85,26 @@ def after(conn: Connection, seq: int, limit: int) -> list[dict[str, Any]]:
     return [_row(r) for r in rows]
 
 
+def prune(conn: Connection, cutoff: int) -> tuple[int, int] | None:
+    """Delete whole checkpointed segments older than `cutoff` (unix seconds): every entry before the newest
+    checkpointed entry written before `cutoff`, which is kept (the checkpoint vouches for its hash, so an export
+    that starts with it still verifies). (first sequence kept, entries deleted), or None when nothing is due."""
+    checkpoints = conn.execute("SELECT details FROM audit_log WHERE action = 'audit.checkpoint' ORDER BY seq DESC"
+                               ).fetchall()
+    for row in checkpoints:
+        covered = int(json.loads(row["details"])["sequence"])
+        written = conn.execute("SELECT at FROM audit_log WHERE seq = ?", (covered,)).fetchone()
+        if written is None:
+            return None   # pruned there already
+        if int(written["at"]) < cutoff:
+            gone = conn.execute("SELECT count(*) AS n FROM audit_log WHERE seq < ?", (covered,)).fetchone()["n"]
+            if not gone:
+                return None
+            conn.execute("DELETE FROM audit_log WHERE seq < ?", (covered,))
+            return covered, int(gone)
+    return None
+
+
 def since_checkpoint(conn: Connection) -> tuple[int, int | None, int]:
     """(entries after the last checkpoint, the time of the oldest of them, the last checkpoint's seq or 0)."""
     row = conn.execute("SELECT max(seq) AS seq FROM audit_log WHERE action = 'audit.checkpoint'").fetchone()
