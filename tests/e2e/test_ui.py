@@ -197,7 +197,7 @@ class UiTests(TestCase):
                 page.wait_for_selector("#certificates-table tr:has-text('alpha') >> text=revoked (keyCompromise")
                 # the controller's own server certificate offers no Revoke
                 server_row = page.locator("#certificates-table tr", has_text="server certificate").first
-                assert server_row.get_by_role("button").count() == 0, "Revoke offered on the server certificate"
+                assert server_row.get_by_role("button", name="Revoke…").count() == 0, "Revoke offered on the server certificate"
                 b.go("services")
                 page.wait_for_selector("#services-table tr:has-text('alpha') td.connected >> text=no", timeout=10_000)
 
@@ -278,6 +278,33 @@ class UiTests(TestCase):
                 assert {"certificate.revoked", "ca.rotated", "settings.network.changed"} <= actions, actions
                 assert "certificate.issued" not in actions, "the actor filter keeps the token's own entries"
                 page.fill("#audit-actor", "")
+
+                # the certificate's panel: what it says, its issuer's custody, its revocation, its PEM, its entries
+                b.go("certificates")
+                alpha_revoked = page.locator("#certificates-table tr", has_text="alpha").filter(has_text="revoked")
+                serial = alpha_revoked.first.locator(".serial").inner_text()
+                alpha_revoked.first.locator(".serial").click()
+                page.wait_for_selector("#detail-dialog[open] #detail-audit tr[data-action='certificate.revoked']")
+                facts = page.inner_text("#detail-facts")
+                assert serial in facts and "spiffe://" in facts and "keyCompromise" in facts, facts
+                assert "its key: file" in facts, facts
+                issued = page.locator("#detail-audit tr[data-action='certificate.issued']")
+                assert issued.count() == 1, issued.count()
+                with page.expect_download() as download:
+                    page.click("#detail-extra a.download")
+                pem = Path(download.value.path()).read_bytes()
+                from cryptography import x509 as _x509
+                assert format(_x509.load_pem_x509_certificate(pem).serial_number, "X") == serial.lstrip("0"), serial
+                b.shoot("admin-certificate-panel-1280")
+                # from it, the service's panel: its certificates and its enrollment
+                page.locator("#detail-facts button.link").click()
+                page.wait_for_selector("#detail-dialog[open] #detail-audit tr[data-action='service.enrolled']")
+                held = page.inner_text("#detail-certificates tbody")
+                assert serial in held and "revoked (keyCompromise)" in held, held
+                assert "Service alpha" in page.inner_text("#detail-title")
+                b.shoot("admin-service-panel-1280")
+                page.click("#detail-close")
+                page.wait_for_selector("#detail-dialog", state="hidden")
 
                 too_wide += b.every_page("admin-after", NARROW)
                 b.every_page("admin-after", WIDE)

@@ -28,6 +28,12 @@ def load_one(conn: Connection, serial: str) -> Row | None:
                         "revocation_reason FROM certificates WHERE serial = ?", (serial,)).fetchone()
 
 
+def pem_of(conn: Connection, serial: str) -> str | None:
+    """The certificate itself (PEM), or None."""
+    row = conn.execute("SELECT cert_pem FROM certificates WHERE serial = ?", (serial,)).fetchone()
+    return str(row["cert_pem"]) if row is not None else None
+
+
 def load_many(conn: Connection, serials: list[str]) -> dict[str, Row]:
     """Records by serial (the columns of load_all), for those that exist; read 500 at a time."""
     out: dict[str, Row] = {}

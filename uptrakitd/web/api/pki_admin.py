@@ -7,13 +7,14 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from ... import __version__
-from ...errors import BadRequest
+from ...errors import BadRequest, NotFound
 from ...offload import in_thread
 from ...pki.authority import CertificateAuthority
 from ...pki.crl import CrlPublisher
 from ...pki.ocsp import OCSP_VALIDITY
 from ...pki.serials import BadSerial, format_serial, parse_serial
 from ...runtime_settings import RuntimeSettings
+from ...store import certificates
 from ..router import Response, Route, int_field, iso, json_body, route
 from .audit import said_by
 
@@ -76,6 +77,7 @@ class CertificateRoutes:
             route("POST", r"/api/v1/settings/rotate-ca", self.rotate, admin=True),
             route("POST", r"/api/v1/certificates/(?P<serial>[^/]+)/revoke", self.revoke, admin=True),
             route("GET", r"/api/v1/certificates", self.list_certificates, admin=True),
+            route("GET", r"/api/v1/certificates/(?P<serial>[0-9A-Fa-f:]{1,100})", self.get_certificate, admin=True),
         ]
 
     def rotate(self, request: Any) -> Any:
@@ -96,6 +98,26 @@ class CertificateRoutes:
         return {"serial": format_serial(record.serial), "revoked": True, "reason": record.reason,
                 "revoked_at": iso(record.revoked_at), "service_id": record.service_id}
 
+    @inlineCallbacks
+    def get_certificate(self, request: Any, serial: str) -> Any:
+        """One certificate whole: what it says (subject, names, SPIFFE ID, validity), its issuer's custody,
+        its revocation, and its PEM."""
+        try:
+            number = parse_serial(serial)
+        except BadSerial as e:
+            raise BadRequest(str(e), "invalid_serial") from None
+        record = self.ca.state.records.get(number)
+        pem = yield self.ca.store.run(certificates.pem_of, format_serial(number))
+        if record is None or pem is None:
+            raise NotFound(f"no certificate with serial {format_serial(number)}", "certificate_not_found")
+        issuer = self.ca.state.generations.get(record.ca_generation)
+        described = yield in_thread(self.ca.clock, _describe_certificate, pem)
+        now = int(self.ca.clock.seconds())
+        return dict(described, serial=format_serial(number), service_id=record.service_id, purpose=record.purpose,
+                    ca_generation=record.ca_generation, issuer_custody=issuer.custody if issuer else None,
+                    status=_status(record, now), revoked_at=iso(record.revoked_at),
+                    revocation_reason=record.reason, pem=pem)
+
     def list_certificates(self, request: Any) -> Any:
         def arg(name: str) -> str | None:
             value = request.args.get(name.encode(), [None])[0]
@@ -115,6 +137,19 @@ class CertificateRoutes:
             records = list(state.records.values())  # snapshot; filtering and formatting happen off the reactor
         return in_thread(self.ca.clock, _certificates_json, records, int(self.ca.clock.seconds()), status,
                          (q or "").strip().upper() or None, limit)
+
+
+def _describe_certificate(pem: str) -> dict[str, Any]:
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(getattr(n, "value", n)) for n in sans]
+    except x509.ExtensionNotFound:
+        names = []
+    return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(), "sans": names,
+            "spiffe_id": next((n for n in names if n.startswith("spiffe://")), None),
+            "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat()}
 
 
 def _status(r: Any, now: int) -> str:

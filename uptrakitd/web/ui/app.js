@@ -165,7 +165,8 @@ async function loadServices() {
       }, "action danger"));
     }
     body.append(el("tr", {"data-service": s.id},
-      td(el("span", {}, el("strong", {text: names[s.id]}), el("br"), el("small", {class: "mono", text: s.id.slice(0, 8)}))),
+      td(el("span", {}, el("strong", {}, opens(names[s.id], () => openService(s.id))), el("br"),
+             el("small", {class: "mono", text: s.id.slice(0, 8)}))),
       td(s.kind), td(s.status, "status-" + s.status),
       td(el("span", {class: s.connected ? "dot on" : "dot off", text: s.connected ? "yes" : "no",
         title: s.controller ? "held by controller " + s.controller : ""}), "connected"),
@@ -200,7 +201,8 @@ async function loadCertificates() {
     } else if (c.status === "valid") {
       actions.append(actionButton("Revoke…", () => revokeDialog(c, who), "action danger"));
     }
-    const serial = el("span", {class: "mono serial", text: c.serial});   // whole: what is copied is what is used
+    // whole: what is copied is what is used; a click opens the certificate
+    const serial = opens(c.serial, () => openCertificate(c.serial), "link view mono serial");
     body.append(el("tr", {"data-serial": c.serial}, td(who), td(serial), td("G" + c.ca_generation),
       td(when(c.not_after), expiring ? "expiring" : ""),
       td(c.status + (c.revocation_reason ? ` (${c.revocation_reason}, ${rel(c.revoked_at)})` : ""), "status-" + c.status),
@@ -417,6 +419,71 @@ function auditRows(e) {
     td(when(new Date(e.at * 1000).toISOString())), td(e.action), td(actor), td(object), td(e.client || "–"),
     td(toggle, "actions"));
   return [row, detail];
+}
+
+// -- detail panels: one certificate, one service --------------------------------------------------
+
+function actorText(a) {
+  const who = a.name || (a.kind === "service" ? (names[a.id] || a.id) : a.id) || a.via;
+  return who ? `${a.kind.replace("_", " ")}: ${who}${a.role ? " (" + a.role + ")" : ""}` : a.kind;
+}
+
+async function detailAudit(objectId) {
+  const {entries} = await api("GET", "/api/v1/audit?" + new URLSearchParams({object: objectId, limit: "100"}));
+  const body = $("#detail-audit tbody"); body.replaceChildren();
+  for (const e of entries) {
+    body.append(el("tr", {"data-action": e.action}, td(String(e.seq)), td(when(new Date(e.at * 1000).toISOString())),
+      td(e.action + (e.details && e.details.reason ? ` (${e.details.reason})` : "")), td(actorText(e.actor))));
+  }
+  if (!entries.length) emptyRow(body, 4, "No audit entry names it.");
+}
+
+async function openCertificate(serial) {
+  await loadNames();
+  const c = await api("GET", `/api/v1/certificates/${serial}`);
+  $("#detail-title").textContent = "Certificate";
+  const holder = c.purpose === "server" ? "this controller (server certificate)"
+    : el("button", {type: "button", class: "link view", text: names[c.service_id] || c.service_id,
+                    onclick: () => { $("#detail-dialog").close(); openService(c.service_id); }});
+  dlRows($("#detail-facts"), [
+    ["Serial", el("span", {class: "mono serial", text: c.serial})], ["Held by", holder], ["Subject", c.subject],
+    ["Names", c.sans.join(", ") || "–"], ["SPIFFE ID", c.spiffe_id], ["Issuer", `CA generation ${c.ca_generation}` +
+      (c.issuer_custody ? ` (its key: ${c.issuer_custody})` : "")],
+    ["Valid", `${c.not_before.slice(0, 16).replace("T", " ")} to ${c.not_after.slice(0, 16).replace("T", " ")} UTC`],
+    ["Status", c.status + (c.revocation_reason ? ` (${c.revocation_reason}, ${rel(c.revoked_at)})` : "")]]);
+  const pem = el("a", {class: "download", href: URL.createObjectURL(new Blob([c.pem], {type: "application/x-pem-file"})),
+                       download: c.serial + ".pem", text: "Download PEM"});
+  $("#detail-extra").replaceChildren(pem);
+  await detailAudit(c.serial);
+  if (!$("#detail-dialog").open) $("#detail-dialog").showModal();
+}
+
+async function openService(id) {
+  await loadNames();
+  const s = await api("GET", `/api/v1/services/${id}`);
+  const {certificates} = await api("GET", "/api/v1/certificates?" + new URLSearchParams({service_id: id}));
+  $("#detail-title").textContent = "Service " + (names[id] || s.hostname);
+  dlRows($("#detail-facts"), [
+    ["Id", el("span", {class: "mono", text: s.id})], ["Kind", s.kind], ["Status", s.status], ["Host name", s.hostname],
+    ["Address", s.ip_address ? s.ip_address + (s.proxy_ip ? ` via ${s.proxy_ip} (${s.identity_source})` : "") : "–"],
+    ["Connected", s.connected ? "yes" + (s.controller ? ", to " + s.controller : "") : "no"],
+    ["Enrolled", when(s.created_at)], ["Last seen", when(s.last_seen_at)]]);
+  const rows = el("tbody");
+  for (const c of certificates.slice().reverse()) {
+    rows.append(el("tr", {}, td(el("button", {type: "button", class: "link view mono", text: c.serial,
+                                             onclick: () => openCertificate(c.serial)})),
+      td("G" + c.ca_generation), td(when(c.not_after)), td(c.status + (c.revocation_reason ? ` (${c.revocation_reason})` : ""),
+                                                           "status-" + c.status)));
+  }
+  $("#detail-extra").replaceChildren(el("h3", {text: "Certificates"}), el("div", {class: "scroll"},
+    el("table", {id: "detail-certificates"}, el("thead", {}, el("tr", {}, el("th", {text: "Serial"}),
+      el("th", {text: "CA"}), el("th", {text: "Expires"}), el("th", {text: "Status"}))), rows)));
+  await detailAudit(id);
+  if (!$("#detail-dialog").open) $("#detail-dialog").showModal();
+}
+
+function opens(text, opener, cls = "link view") {
+  return el("button", {type: "button", class: cls, text, onclick: () => opener().catch((e) => say(e.message, true))});
 }
 
 const LOADERS = {overview: loadOverview, services: loadServices, certificates: loadCertificates, rotation: loadRotation,
