@@ -399,10 +399,9 @@ function pollAudit() { return auditHeld ? Promise.resolve() : loadAudit(); }
 
 function auditRows(e) {
   const a = e.actor, o = e.object;
-  const who = a.name || (a.kind === "service" ? (names[a.id] || a.id) : a.id) || a.via;
   // (class "view": reading buttons, which a read-only session may use too)
   const actor = el("button", {type: "button", class: "link view", title: "only this actor's entries",
-    text: who ? `${a.kind.replace("_", " ")}: ${who}${a.role ? " (" + a.role + ")" : ""}` : a.kind,
+    text: actorText(a),
     onclick: () => filterBy("#audit-actor", a.id || a.name)});
   const shown = o.kind === "service" ? (names[o.id] || o.id) : o.id;
   const object = el("button", {type: "button", class: "link view", title: "only this object's entries",
