@@ -137,6 +137,25 @@ class AuditTrailTests(TestCase):
         self.assertEqual(body["entries"], [])
 
     @inlineCallbacks
+    def test_an_admin_tokens_first_use_is_recorded_once(self):
+        status, carol = yield request_json(self.c, "POST", "/api/v1/admin-tokens", {"name": "carol",
+                                                                                    "permissions": ["read"]})
+        self.assertIn(status, (200, 201), carol)
+        for _ in range(3):
+            status, _ = yield request_json(self.c, "GET", "/api/v1/services", token=carol["token"])
+            self.assertEqual(status, 200)
+        from .helpers import wait_until
+        yield wait_until(lambda: True, 0)
+        body = yield self.entries(action="admin_token.first_used", object=carol["id"])
+        (entry,) = body["entries"]
+        self.assertEqual((entry["actor"]["name"], entry["actor"]["role"]), ("carol", "read"))
+        # another process (a restart, another controller) seeing it again writes no second entry
+        self.c.admin_tokens._seen.clear()
+        status, _ = yield request_json(self.c, "GET", "/api/v1/services", token=carol["token"])
+        body = yield self.entries(action="admin_token.first_used", object=carol["id"])
+        self.assertEqual(len(body["entries"]), 1)
+
+    @inlineCallbacks
     def test_unknown_tokens_are_recorded_once_a_minute_per_address_and_a_used_up_token_once(self):
         for _ in range(30):   # a guessing flood from one address
             status, _ = yield request_json(self.c, "GET", "/api/v1/services", token="upt_admin_guess")

@@ -7,11 +7,13 @@ import uuid
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
 
 from .audit import BY_SYSTEM, AuditTrail, Said, audited
 from .store import Store, tokens as stored
 from .tokens import new_token, token_hash
 
+log = Logger()
 ROLES = ("admin", "read")
 
 
@@ -24,6 +26,7 @@ class AdminTokenRegistry:
         self.audit = audit
         self._permissions = dict(active)  # token hash -> permissions
         self._names = dict(names or {})   # token hash -> (id, name): who made a change, for the audit trail
+        self._seen: set[str] = set()      # hashes this process has seen used (their first use is noted once)
 
     def describe(self, token: str) -> dict[str, Any] | None:
         """The audit trail's actor for a known token: {kind: admin_token, id, name, role} (None if unknown)."""
@@ -36,10 +39,25 @@ class AdminTokenRegistry:
 
     def check(self, token: str, method: str = "GET") -> bool | None:
         """True: allowed; False: a known token without the permission; None: unknown token."""
-        perms = self._permissions.get(token_hash(token))
+        digest = token_hash(token)
+        perms = self._permissions.get(digest)
         if perms is None:
             return None
+        if digest not in self._seen:
+            self._seen.add(digest)
+            self._first_use(digest, token)
         return "admin" in perms or ("read" in perms and method in ("GET", "HEAD"))
+
+    def _first_use(self, digest: str, token: str) -> None:
+        """The token's first use anywhere is an audit entry (the database says whether this is it)."""
+        if self.audit is None:
+            return
+        actor = self.describe(token) or {}
+        audited(self.audit, self.store, stored.mark_first_use, digest, int(time.time()),
+                action="admin_token.first_used", obj={"kind": "admin_token", "id": actor.get("id", "")}, details=lambda first: {} if first else None,
+                said=Said(actor)).addErrback(
+            lambda f: log.warn("audit: an admin token's first use could not be recorded ({error})",
+                               error=f.getErrorMessage()))
 
     @inlineCallbacks
     def create(self, name: str, permissions: list[str], said: Said = BY_SYSTEM) -> Any:

@@ -69,6 +69,13 @@ def active_admin_tokens(conn: Connection) -> list[Row]:
                         ).fetchall()
 
 
+def mark_first_use(conn: Connection, digest: str, now: int) -> bool:
+    """Note an admin token's first use; True only the first time (on any controller)."""
+    cursor = conn.execute("UPDATE admin_tokens SET first_used_at = ? WHERE token_hash = ? AND first_used_at IS NULL",
+                          (now, digest))
+    return bool(cursor.rowcount == 1)
+
+
 def admin_token_by_hash(conn: Connection, digest: str) -> Row | None:
     """id, name and permissions (JSON) of the active admin token with this hash, or None."""
     return conn.execute("SELECT id, name, permissions FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
