@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ SYSTEM: dict[str, Any] = {"kind": "system"}
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_MINUTES = 10
 SIGN_IN_FAILURE_EVERY = 60.0   # seconds: at most one sign-in failure entry per client address in that time
+SIGN_IN_FAILURES_PER_MINUTE = 60   # and at most this many entries a minute from all addresses together
 MAX_FAILING_ADDRESSES = 4096
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
@@ -49,6 +51,17 @@ class Said:
 
 
 BY_SYSTEM = Said()
+
+
+def with_entry(operation: Callable[..., Any], controller: str, action: str, obj: dict[str, Any],
+               details: dict[str, Any], actor: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """`operation` followed, in its transaction, by an entry made by `system` (or `actor`): for the changes the
+    start-up makes before the reactor runs (boot.py), where no AuditTrail exists yet."""
+    def together(conn: Any, *args: Any) -> Any:
+        result = operation(conn, *args)
+        log_entry(stored.append(conn, int(time.time()), controller, actor or dict(SYSTEM), action, obj, details))
+        return result
+    return together
 
 
 def request_id_of(raw: bytes | None) -> str | None:
@@ -76,6 +89,7 @@ class AuditTrail:
         self.run_blocking = run_blocking
         self.signer_of = signer_of   # () -> (generation, Signer) of the active CA
         self._failures: dict[str | None, tuple[float, int]] = {}   # client -> (last recorded, failures since)
+        self._minute: tuple[float, int] = (0.0, 0)   # (its start, sign-in failure entries written in it)
 
     def run(self, operation: Callable[..., Any], *args: Any, action: str, obj: dict[str, Any],
             details: dict[str, Any] | Callable[[Any], dict[str, Any] | None] | None = None,
@@ -87,6 +101,8 @@ class AuditTrail:
         written: list[dict[str, Any]] = []
 
         def together(conn: Any, *a: Any) -> Any:
+            # (a group-commit batch that failed is run again alone: only the attempt that commits is logged)
+            written.clear()
             result = operation(conn, *a)
             said_details = details(result) if callable(details) else (details or {})
             entries = ([(action, obj, said_details)] if said_details is not None else []) + \
@@ -98,7 +114,7 @@ class AuditTrail:
 
         def logged(result: Any) -> Any:
             for entry in written:
-                _log(entry)
+                log_entry(entry)
             return result
         return self.store.run(together, *args).addCallback(logged)
 
@@ -112,9 +128,13 @@ class AuditTrail:
         (with how many were not), so a flood of guesses cannot flood the trail."""
         now = self.clock.seconds()
         last, since = self._failures.get(client, (0.0, 0))
-        if now - last < SIGN_IN_FAILURE_EVERY:
+        start, written = self._minute if now - self._minute[0] < 60 else (now, 0)
+        if now - last < SIGN_IN_FAILURE_EVERY or written >= SIGN_IN_FAILURES_PER_MINUTE:
+            # (many addresses at once cannot turn guesses into a write each: the rest is counted, not written)
             self._failures[client] = (last, since + 1)
+            self._minute = (start, written)
             return
+        self._minute = (start, written + 1)
         if len(self._failures) >= MAX_FAILING_ADDRESSES:
             self._failures.clear()
         self._failures[client] = (now, 0)
@@ -148,13 +168,14 @@ class AuditTrail:
                      "without them")
             return None
         signature = yield self.run_blocking(signer.sign, checkpoint_message(seq, digest))
-        entry = yield self.record("audit.checkpoint", {"kind": "audit", "id": str(seq)},
-                                  {"sequence": seq, "hash": digest, "ca_generation": generation,
-                                   "signature": base64.b64encode(signature).decode("ascii")})
-        return entry
+        yield self.record("audit.checkpoint", {"kind": "audit", "id": str(seq)},
+                          {"sequence": seq, "hash": digest, "ca_generation": generation,
+                           "signature": base64.b64encode(signature).decode("ascii")})
+        return seq   # the sequence number the new checkpoint vouches for
 
 
-def _log(entry: dict[str, Any]) -> None:
+def log_entry(entry: dict[str, Any]) -> None:
+    """One JSON-able log line per committed entry, with "audit": true (for a SIEM reading the journal)."""
     log.info("audit #{seq}: {action} {object_kind} {object_id} by {actor_kind} {actor_name}", audit=True,
              seq=entry["seq"], action=entry["action"], object_kind=entry["object"].get("kind"),
              object_id=entry["object"].get("id"), actor_kind=entry["actor"].get("kind"),

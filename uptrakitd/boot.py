@@ -31,6 +31,8 @@ from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_exter
 from .pki.files import PkiFiles
 from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
+from .audit import with_entry
+from .pki.serials import format_serial
 from .pki.signer import SignerUnavailable
 from .pki.state import CaState, insert_generation, insert_issued, load_records
 from .runtime_settings import ServiceCertSettings
@@ -129,14 +131,15 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
         network = store_mod.transaction(conn, _network_settings, settings)
         reached("network")
         keys = _ca_keys(settings, files, token)
-        state = _load_ca_state(conn, settings, files, keys, network, now, reached)
+        state = _load_ca_state(conn, settings, files, keys, network, now, reached, controller_id)
         reached("ca")
         service_certs = ServiceCertSettings.from_json(store_mod.transaction(conn, stored_settings.get,
                                                                             "service_certificates"))
         hostname = socket.gethostname()
-        server_cert, server_key = _server_certificate(conn, settings, files, state, network, hostname, now, reached)
+        server_cert, server_key = _server_certificate(conn, settings, files, state, network, hostname, now, reached,
+                                                      controller_id)
         reached("server_cert")
-        token_path = _admin_token(conn, data_dir, reached)
+        token_path = _admin_token(conn, data_dir, reached, controller_id)
         reached("admin_token")
         numbers = store_mod.transaction(conn, ca_generations.next_crl_numbers,
                                         [ca.generation for ca in state.served(now)])
@@ -232,7 +235,7 @@ def _load_key(keys: Any, files: PkiFiles, row: Any) -> Any:
 
 
 def _load_ca_state(conn: store_mod.Connection, settings: Settings, files: PkiFiles, keys: Any, network: NetworkSettings,
-                   now: datetime.datetime, reached: Any) -> CaState:
+                   now: datetime.datetime, reached: Any, controller_id: str) -> CaState:
     state = CaState()
     stored = store_mod.transaction(conn, ca_generations.load_all)
     for row in stored:
@@ -247,7 +250,10 @@ def _load_ca_state(conn: store_mod.Connection, settings: Settings, files: PkiFil
         else:
             signer = _load_key(keys, files, row)
             if keys.needs_resealing(row["key_sealed"]):   # sealed with an older key-encryption key
-                store_mod.transaction(conn, ca_generations.reseal, generation, keys.seal(generation, signer))
+                sealed = keys.seal(generation, signer)
+                store_mod.transaction(conn, with_entry(ca_generations.reseal, controller_id, "ca_key.resealed",
+                                                       {"kind": "ca_generation", "id": str(generation)},
+                                                       {"kek": sealed.split(":")[1]}), generation, sealed)
                 log.info("sealed CA generation {generation}'s key with the current key-encryption key",
                          generation=generation)
         state.generations[generation] = CaGeneration(generation, cert, signer, external)
@@ -264,8 +270,10 @@ def _load_ca_state(conn: store_mod.Connection, settings: Settings, files: PkiFil
             generation = match[0]
         else:
             generation = max(state.generations, default=0) + 1
-            store_mod.transaction(conn, insert_generation, CaGeneration(generation, cert, signer, True),
-                                  str(settings.ca_key), int(time.time()))
+            store_mod.transaction(conn, with_entry(insert_generation, controller_id, "ca.external_adopted",
+                                                   {"kind": "ca_generation", "id": str(generation)},
+                                                   {"fingerprint": fp.hex(), "subject": cert.subject.rfc4514_string()}),
+                                  CaGeneration(generation, cert, signer, True), str(settings.ca_key), int(time.time()))
             log.info("using external CA {cn} as generation {generation}",
                      cn=cert.subject.rfc4514_string(), generation=generation)
         for g in list(state.generations):
@@ -282,8 +290,13 @@ def _load_ca_state(conn: store_mod.Connection, settings: Settings, files: PkiFil
             key_file, key_sealed = keys.save(generation, signer)
             reached("ca_key_written")
             state.generations[generation] = CaGeneration(generation, cert, signer, False)
-            store_mod.transaction(conn, insert_generation, state.generations[generation], key_file, int(time.time()),
-                                  key_sealed)
+            made = state.generations[generation]
+            store_mod.transaction(conn, with_entry(insert_generation, controller_id, "ca.created",
+                                                   {"kind": "ca_generation", "id": str(generation)},
+                                                   {"fingerprint": made.fingerprint, "custody": made.custody,
+                                                    "not_after": made.not_after.isoformat(),
+                                                    "trigger": "first start" if generation == 1 else "start"}),
+                                  made, key_file, int(time.time()), key_sealed)
             log.info("created managed CA generation {generation}: {cn}, its key {custody}{previous}",
                      generation=generation, cn=state.generations[generation].common_name,
                      custody=_CUSTODY_WORDS.get(signer.custody, signer.custody),
@@ -336,7 +349,7 @@ def _next_key(keys: Any, state: CaState) -> Any:
 
 def _server_certificate(conn: store_mod.Connection, settings: Settings, files: PkiFiles, state: CaState,
                         network: NetworkSettings, hostname: str, now: datetime.datetime,
-                        reached: Any) -> tuple[x509.Certificate, Any]:
+                        reached: Any, controller_id: str) -> tuple[x509.Certificate, Any]:
     cert_path, key_path = files.server_cert_path, files.server_key_path
     reason = _server_cert_problem(cert_path, key_path, state, settings, hostname, now)
     if reason is None:
@@ -344,7 +357,12 @@ def _server_certificate(conn: store_mod.Connection, settings: Settings, files: P
         return cert, serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     issued, key = issue_server_certificate(state.active(), hostname, settings.san, network.pki_addr, now)
     # Record first: a certificate on disk that the records lack would get OCSP "unknown".
-    record = store_mod.transaction(conn, insert_issued, issued, None, "server", int(time.time()))
+    record = store_mod.transaction(conn, with_entry(insert_issued, controller_id, "certificate.issued",
+                                                    {"kind": "certificate", "id": format_serial(issued.serial)},
+                                                    {"purpose": "server", "service_id": None,
+                                                     "ca_generation": issued.ca_generation, "reason": reason,
+                                                     "not_after": issued.cert.not_valid_after_utc.isoformat()}),
+                                   issued, None, "server", int(time.time()))
     state.add_record(record)
     reached("server_cert_recorded")
     files.write_server(issued.cert, key)
@@ -384,7 +402,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
-def _admin_token(conn: store_mod.Connection, data_dir: Path, reached: Any) -> Path:
+def _admin_token(conn: store_mod.Connection, data_dir: Path, reached: Any, controller_id: str) -> Path:
     path = data_dir / "admin.token"
     if store_mod.transaction(conn, stored_tokens.active_admin_tokens):
         if not path.exists():
@@ -393,7 +411,10 @@ def _admin_token(conn: store_mod.Connection, data_dir: Path, reached: Any) -> Pa
     token = "upt_admin_" + secrets.token_urlsafe(32)
     atomic_write(path, (token + "\n").encode(), mode=0o600)
     reached("admin_token_written")
-    store_mod.transaction(conn, stored_tokens.insert_admin_token, str(uuid.uuid4()), "bootstrap", token_hash(token),
-                          json.dumps(["admin"]), int(time.time()))
+    token_id = str(uuid.uuid4())
+    store_mod.transaction(conn, with_entry(stored_tokens.insert_admin_token, controller_id, "admin_token.created",
+                                           {"kind": "admin_token", "id": token_id},
+                                           {"name": "bootstrap", "permissions": ["admin"]}),
+                          token_id, "bootstrap", token_hash(token), json.dumps(["admin"]), int(time.time()))
     log.info("wrote the bootstrap admin token to {path} (mode 0600)", path=str(os.path.abspath(path)))
     return path

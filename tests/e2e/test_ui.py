@@ -296,6 +296,9 @@ class UiTests(TestCase):
                 from cryptography import x509 as _x509
                 assert format(_x509.load_pem_x509_certificate(pem).serial_number, "X") == serial.lstrip("0"), serial
                 b.shoot("admin-certificate-panel-1280")
+                b.resize(NARROW)
+                b.shoot("admin-certificate-panel-375")
+                b.resize(WIDE)
                 # from it, the service's panel: its certificates and its enrollment
                 page.locator("#detail-facts button.link").click()
                 page.wait_for_selector("#detail-dialog[open] #detail-audit tr[data-action='service.enrolled']")
@@ -303,6 +306,9 @@ class UiTests(TestCase):
                 assert serial in held and "revoked (keyCompromise)" in held, held
                 assert "Service alpha" in page.inner_text("#detail-title")
                 b.shoot("admin-service-panel-1280")
+                b.resize(NARROW)
+                b.shoot("admin-service-panel-375")
+                b.resize(WIDE)
                 page.click("#detail-close")
                 page.wait_for_selector("#detail-dialog", state="hidden")
 

@@ -7,7 +7,7 @@ import datetime
 import json
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
 from ...audit import SYSTEM, Said, request_id_of
 from ...errors import BadRequest
@@ -85,17 +85,54 @@ class AuditRoutes:
 
     @inlineCallbacks
     def export(self, request: Any) -> Any:
+        """Oldest first, a batch at a time: read and encoded in the store thread, and the next batch is read only
+        once the client took the last one (a slow reader holds one batch, not the trail)."""
         request.setHeader(b"Content-Type", b"application/jsonl")
         request.setHeader(b"Content-Disposition", b'attachment; filename="uptrakitd-audit.jsonl"')
         request.setHeader(b"Cache-Control", b"no-store")
+        flow = _Flow()
+        request.registerProducer(flow, True)
         last = 0
-        while getattr(request, "channel", None) is not None:
-            batch = yield self.store.run(stored.after, last, EXPORT_BATCH)
-            if not batch:
-                break
-            request.write(b"".join(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-                                   for entry in batch))
-            last = batch[-1]["seq"]
-        if getattr(request, "channel", None) is not None and not request.finished:
-            request.finish()
+        try:
+            while getattr(request, "channel", None) is not None:
+                yield flow.writable()
+                lines, last = yield self.store.run(_jsonl_after, last)
+                if not lines:
+                    break
+                request.write(lines)
+        finally:
+            if getattr(request, "channel", None) is not None:
+                request.unregisterProducer()
+                if not request.finished:
+                    request.finish()
         return STREAMED
+
+
+def _jsonl_after(conn: Any, seq: int) -> tuple[bytes, int]:
+    """Store operation: the next batch after `seq` as JSON Lines, and its last sequence number."""
+    batch = stored.after(conn, seq, EXPORT_BATCH)
+    lines = b"".join(json.dumps(e, sort_keys=True, separators=(",", ":")).encode() + b"\n" for e in batch)
+    return lines, batch[-1]["seq"] if batch else seq
+
+
+class _Flow:
+    """A push producer for a streamed response: the transport pauses it when its buffer is full."""
+
+    def __init__(self) -> None:
+        self._waiting: Deferred | None = None
+
+    def writable(self) -> Deferred:
+        """Fires when the transport takes more (at once unless paused)."""
+        return self._waiting if self._waiting is not None else succeed(None)
+
+    def pauseProducing(self) -> None:
+        if self._waiting is None:
+            self._waiting = Deferred()
+
+    def resumeProducing(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()   # the client went: the loop sees no channel and ends
