@@ -170,11 +170,16 @@ class ServiceDirectory:
         return issued
 
     @inlineCallbacks
-    def update(self, service_id: str, changes: dict[str, Any]) -> Any:
-        """Change writable fields (lifetime, ping interval, friendly name); fires with the record."""
+    def update(self, service_id: str, changes: dict[str, Any], said: Said = BY_SYSTEM) -> Any:
+        """Change writable fields (lifetime, ping interval, friendly name); fires with the record. What really
+        changed is recorded as `service.updated` (old and new value of each field)."""
         service = self.require(service_id)
-        if changes:
-            yield self.store.run(stored.update_fields, service.id, **changes)
+        changed = {key: {"old": getattr(service, key), "new": value} for key, value in changes.items()
+                   if getattr(service, key) != value}
+        if changed:
+            yield audited(self.audit, self.store, lambda conn, sid: stored.update_fields(conn, sid, **changes),
+                          service.id, action="service.updated", obj={"kind": "service", "id": service.id},
+                          details={"changed": changed}, said=said)
             for key, value in changes.items():
                 setattr(service, key, value)
         return service

@@ -94,7 +94,7 @@ class ServiceRoutes:
                 raise BadRequest("friendly_name: must be a string of up to 200 characters without control "
                                  "characters", "invalid_field")
             changes["friendly_name"] = body["friendly_name"]
-        return self.directory.update(service.id, changes).addCallback(self.describe)
+        return self.directory.update(service.id, changes, said_by(request)).addCallback(self.describe)
 
     def deactivate(self, request: Any, service_id: str) -> Any:
         return self.directory.deactivate(service_id, said_by(request)).addCallback(self.describe)
