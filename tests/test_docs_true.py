@@ -1,6 +1,7 @@
 """The hand-written design documents name what the code has: every module in docs/architecture.md's map, every
 event in its event table, every WebSocket message and close reason in docs/protocol.md. A module, an event,
-a message type or a close reason added without its line fails here."""
+a message type or a close reason added without its line fails here; so does an audit action missing from
+docs/audit.md."""
 from __future__ import annotations
 
 import re
@@ -49,3 +50,29 @@ class ProtocolTests(TestCase):
         from uptrakitd.channel import wire
         reasons = [v for n, v in vars(wire).items() if n.isupper() and isinstance(v, str)]
         self.assertEqual([r for r in reasons if r not in text], [], "close reasons docs/protocol.md does not name")
+
+
+class AuditActionTests(TestCase):
+    def test_every_audit_action_is_in_the_table_of_docs_audit(self):
+        """Each action the code records (action=…, with_entry's third argument, record's first) has its row."""
+        import ast
+        actions: set[str] = set()
+        for path in PACKAGE.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+                given = [k.value for k in node.keywords if k.arg == "action"]
+                if name == "with_entry" and len(node.args) > 2:
+                    given.append(node.args[2])
+                if name == "record" and node.args:
+                    given.append(node.args[0])
+                for value in given:
+                    if isinstance(value, ast.Constant) and isinstance(value.value, str) and "." in value.value:
+                        actions.add(value.value)
+                    elif isinstance(value, ast.JoinedStr):   # f"service.{status}": approved, rejected
+                        actions.update({"service.approved", "service.rejected"})
+        self.assertGreaterEqual(len(actions), 20, sorted(actions))
+        text = (ROOT / "docs/audit.md").read_text()
+        self.assertEqual(sorted(a for a in actions if f"`{a}`" not in text.split("## An entry")[0]), [],
+                         "actions docs/audit.md's table does not name")

@@ -3,6 +3,7 @@ data dir whose keys are clear files (crash-safe at every step)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import sys
@@ -136,6 +137,21 @@ class SealCommandTests(TestCase):
         self.assertIn(b"sealed CA generation(s) 1, 2", out)
         self.assertEqual(list((data_dir / "pki").glob("ca-*.key")), [])
         self.assertEqual(self.boots(data_dir, path), self.keys)
+        # on the audit trail, which still verifies: each generation sealed, then its file removed, by whom
+        from uptrakitd.store import open_database, transaction
+        from uptrakitd.store import audit as stored
+        conn = open_database(data_dir)
+        try:
+            entries = [e for e in transaction(conn, stored.page, None, 500) if e["action"].startswith("ca_key.")]
+            export = [json.dumps(e) for e in transaction(conn, stored.after, 0, 10_000)]
+        finally:
+            conn.close()
+        self.assertEqual(sorted((e["action"], e["object"]["id"]) for e in entries),
+                         [("ca_key.file_removed", "1"), ("ca_key.file_removed", "2"),
+                          ("ca_key.sealed", "1"), ("ca_key.sealed", "2")])
+        self.assertEqual(entries[0]["actor"]["command"], "uptrakitd-keys seal")
+        from uptrakitd import audit_verify
+        self.assertEqual(audit_verify.verify(export, [])["entries"], len(export), "the chain still links")
         out, err, code = yield run(*cli, env=env())
         self.assertEqual((code, out.strip()), (0, b"no clear CA key file to seal"))
         booted = boot(build_settings({"data_dir": str(data_dir), "https_listen": "tcp:0:interface=127.0.0.1",

@@ -10,11 +10,14 @@ without it. Start the daemon with `--ca-key-encryption-key-file` afterwards.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..audit import with_entry
 from ..datadir_lock import DataDirInUse, DataDirLock
 from ..store import open_database, sqlite_path, transaction
 from ..store import ca_generations
@@ -43,6 +46,9 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
         raise SealError(str(e)) from None
     files = PkiFiles(data_dir)
     conn = open_database(data_dir)
+    # on the audit trail, in the transaction of each change: who ran the command where (the daemon is stopped)
+    controller, actor = f"{socket.gethostname()}-uptrakitd-keys", {"kind": "local", "command": "uptrakitd-keys seal",
+                                                                   "user": _user()}
     try:
         clear = [row for row in transaction(conn, ca_generations.load_all)
                  if not row["external"] and row["key_file"]]
@@ -50,7 +56,10 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
             if row["key_sealed"] and not keys.needs_resealing(row["key_sealed"]):
                 continue
             key = _clear_key(files, row)
-            transaction(conn, ca_generations.reseal, row["generation"], keys.seal(row["generation"], key))
+            sealed = keys.seal(row["generation"], key)
+            transaction(conn, with_entry(ca_generations.reseal, controller, "ca_key.sealed", _object(row["generation"]),
+                                         {"kek": sealed.split(":")[1], "key_file": row["key_file"]}, actor),
+                        row["generation"], sealed)
             fault("sealed")
         for row in transaction(conn, ca_generations.load_all):   # 2: the clear files go, one by one
             if row["external"] or not row["key_file"]:
@@ -62,12 +71,24 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
             path.unlink(missing_ok=True)
             _sync_dir(files.dir)
             fault("removed")
-            transaction(conn, ca_generations.forget_key_file, generation)
+            transaction(conn, with_entry(ca_generations.forget_key_file, controller, "ca_key.file_removed",
+                                         _object(generation), {"key_file": row["key_file"]}, actor), generation)
             fault("forgotten")
         return [row["generation"] for row in clear]
     finally:
         conn.close()
         lock.release()
+
+
+def _object(generation: int) -> dict[str, str]:
+    return {"kind": "ca_generation", "id": str(generation)}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def _clear_key(files: PkiFiles, row: Any) -> Any:
