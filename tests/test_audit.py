@@ -125,7 +125,6 @@ class AuditTrailTests(TestCase):
         status, _ = yield request_json(self.c, "PUT", "/api/v1/settings/network", {"trusted_proxies": ["127.0.0.2/32"]})
         self.assertEqual(status, 200)
         for source, expected in (("127.0.0.2", "203.0.113.9"), ("127.0.0.3", "127.0.0.3")):
-            from twisted.internet import reactor
             agent = Agent(reactor, contextFactory=TrustPolicy(ca_pem(self.c)), bindAddress=(source, 0))
             response = yield treq.client.HTTPClient(agent).post(
                 f"https://127.0.0.1:{https_port(self.c)}/api/v1/enrollment-tokens",

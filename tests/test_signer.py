@@ -3,7 +3,6 @@ the key itself, and every CA signature in the package goes through a Signer."""
 from __future__ import annotations
 
 import datetime
-import re
 from pathlib import Path
 
 from cryptography import x509

@@ -11,7 +11,6 @@ import base64
 from typing import Any
 from urllib.parse import quote
 
-from cryptography.hazmat.primitives import hashes
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
