@@ -52,6 +52,77 @@ class OneChainTests(TestCase):
             yield a.store.run(_restore, entries)
 
 
+    @inlineCallbacks
+    def test_every_admin_action_through_another_controller_is_one_entry_there_with_its_actor(self) -> Any:
+        """The objects are made on A; every change is asked of B, by a token made on B: each leaves exactly one
+        entry, written by B with that token as actor, and A (which applies the changes) writes none of its own."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from uptrakitd.pki.serials import format_serial
+
+        from ..helpers import admin_token, enrolled_service, new_leaf, request_json
+        cluster = PostgresCluster()
+        self.addCleanup(cluster.destroy)
+        db, kek = cluster.new_database(), kek_file(self)
+        a = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        b = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        issued, _, service = yield new_leaf(a)
+        serial = format_serial(issued.serial)
+        token = yield a.enrollment_tokens.create("manual review", max_uses=2)   # not auto-approved: pending
+        pending = []
+        for n in range(2):
+            record, _ = yield a.directory.enroll("agent", f"pending-{n}", token["token"])
+            pending.append(record.id)
+        status, carol = yield request_json(b, "POST", "/api/v1/admin-tokens", {"name": "carol",
+                                                                               "permissions": ["admin"]},
+                                           token=admin_token(a))
+        self.assertIn(status, (200, 201), carol)
+        yield deferLater(reactor, 1.0, lambda: None)   # B has applied A's changes
+        status, spare = yield request_json(b, "POST", "/api/v1/admin-tokens", {"name": "spare",
+                                                                               "permissions": ["read"]},
+                                           token=carol["token"])
+        self.assertIn(status, (200, 201), spare)
+        status, made = yield request_json(b, "POST", "/api/v1/enrollment-tokens", {"name": "via b"},
+                                          token=carol["token"])
+        self.assertIn(status, (200, 201), made)
+        asked = [
+            ("POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"}, "certificate.revoked",
+             serial),
+            ("PUT", f"/api/v1/services/{service.id}", {"friendly_name": "via b"}, "service.updated", service.id),
+            ("POST", f"/api/v1/services/{pending[0]}/approve", None, "service.approved", pending[0]),
+            ("POST", f"/api/v1/services/{pending[1]}/reject", None, "service.rejected", pending[1]),
+            ("DELETE", f"/api/v1/services/{service.id}", None, "service.deactivated", service.id),
+            ("DELETE", f"/api/v1/enrollment-tokens/{made['id']}", None, "enrollment_token.deleted", made["id"]),
+            ("DELETE", f"/api/v1/admin-tokens/{spare['id']}", None, "admin_token.revoked", spare["id"]),
+            ("PUT", "/api/v1/settings/network", {"real_ip_header": "X-Real-IP"}, "settings.network.changed",
+             "network"),
+            ("PUT", "/api/v1/settings/service-certificates", {"lifetime_hours": 48}, "settings.certificates.changed",
+             "service_certificates"),
+            ("POST", "/api/v1/settings/rotate-ca", {}, "ca.rotated", "2"),
+        ]
+        for method, path, body, _, _ in asked:
+            status, answer = yield request_json(b, method, path, body, token=carol["token"],
+                                                headers={"X-Request-Id": "change-7"})
+            self.assertIn(status, (200, 201, 202), (path, answer))
+        yield deferLater(reactor, 1.5, lambda: None)   # A has applied B's changes (and could have recorded them)
+        entries = yield a.store.run(stored.after, 0, 1000)
+        expected = [("enrollment_token.created", made["id"]), ("admin_token.created", spare["id"])] + \
+            [(action, obj) for *_, action, obj in asked]
+        for action, obj in expected:
+            found = [e for e in entries if e["action"] == action and e["object"]["id"] == obj]
+            self.assertEqual(len(found), 1, f"{action} {obj}: {found}")
+            (entry,) = found
+            self.assertEqual((entry["controller"], entry["actor"].get("name"), entry["actor"].get("id")),
+                             (b.cluster.controller_id, "carol", carol["id"]), action)
+            self.assertEqual(entry["client"], "127.0.0.1", action)
+        self.assertEqual([e["request_id"] for e in entries if e["request_id"]], ["change-7"] * len(asked))
+        # the one revocation the deactivation made is its own entry's detail, not another revocation entry
+        self.assertEqual(len([e for e in entries if e["action"] == "certificate.revoked"]), 1)
+        self.assertEqual([e["seq"] for e in entries], list(range(1, len(entries) + 1)))
+        self.assertEqual(audit_verify.verify([json.dumps(e) for e in entries], [])["entries"], len(entries))
+
+
 def _restore(conn: Any, entries: list[Any]) -> None:
     conn.execute("DELETE FROM audit_log")
     for e in entries:
