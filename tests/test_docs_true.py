@@ -76,3 +76,6 @@ class AuditActionTests(TestCase):
         text = (ROOT / "docs/audit.md").read_text()
         self.assertEqual(sorted(a for a in actions if f"`{a}`" not in text.split("## An entry")[0]), [],
                          "actions docs/audit.md's table does not name")
+        page = (PACKAGE / "web/ui/index.html").read_text()
+        self.assertEqual(sorted(a for a in actions if f"<option>{a}</option>" not in page), [],
+                         "actions the web UI's Audit filter does not offer")

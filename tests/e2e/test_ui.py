@@ -278,6 +278,16 @@ class UiTests(TestCase):
                 assert {"certificate.revoked", "ca.rotated", "settings.network.changed"} <= actions, actions
                 assert "certificate.issued" not in actions, "the actor filter keeps the token's own entries"
                 page.fill("#audit-actor", "")
+                # the whole trail downloads from the page and verifies offline with the CA fetched elsewhere
+                with page.expect_download() as download:
+                    page.click("#audit-export")
+                exported = Path(download.value.path())
+                assert download.value.suggested_filename == "uptrakit-audit.jsonl"
+                ca_file = Path(c.tmp) / "ca-for-audit.pem"
+                ca_file.write_bytes(c.ca.bundle_pem())
+                from uptrakitd import audit_verify
+                assert audit_verify.main(["verify", str(exported), "--ca", str(ca_file)]) == 0
+                assert len(exported.read_text().splitlines()) >= 10
 
                 # the certificate's panel: what it says, its issuer's custody, its revocation, its PEM, its entries
                 b.go("certificates")

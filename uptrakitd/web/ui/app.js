@@ -394,6 +394,17 @@ async function loadAudit(more = false) {
   if (!body.children.length) emptyRow(body, 7, "No entry matches these filters.");
 }
 
+async function exportAudit() {
+  // the export needs the bearer token, so it is fetched here and handed to the browser as a file
+  const r = await fetch("/api/v1/audit/export", {headers: {"Authorization": "Bearer " + token}});
+  if (r.status === 401) { signOut("Your token is no longer accepted: sign in again."); return; }
+  if (!r.ok) throw new ApiError((await r.json().catch(() => ({}))).error || r.statusText, r.status);
+  const link = el("a", {href: URL.createObjectURL(await r.blob()), download: "uptrakit-audit.jsonl"});
+  document.body.append(link); link.click(); link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+  say("Export downloaded: verify it with uptrakit-audit verify.");
+}
+
 function filterBy(id, value) { $(id).value = value || ""; loadAudit().catch((e) => say(e.message, true)); }
 function pollAudit() { return auditHeld ? Promise.resolve() : loadAudit(); }
 
@@ -543,6 +554,7 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const id of ["#cert-status", "#cert-search"]) $(id).addEventListener("input", () => loadCertificates().catch(() => {}));
   for (const id of ["#audit-action", "#audit-actor", "#audit-object"]) $(id).addEventListener("input", () => loadAudit().catch(() => {}));
   $("#audit-more").addEventListener("click", () => loadAudit(true).catch((e) => say(e.message, true)));
+  $("#audit-export").addEventListener("click", () => exportAudit().catch((e) => say("Export failed: " + e.message, true)));
   $("#rotate").addEventListener("click", async () => {
     if ((await dialogAnswer($("#rotate-dialog"))) !== "rotate") return;
     try { const r = await api("POST", "/api/v1/settings/rotate-ca");
