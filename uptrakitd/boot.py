@@ -32,6 +32,7 @@ from .pki.files import PkiFiles
 from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
 from .audit import with_entry
+from .restored import finish_restore
 from .pki.serials import format_serial
 from .pki.signer import SignerUnavailable
 from .pki.state import CaState, insert_generation, insert_issued, load_records
@@ -141,6 +142,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
         reached("server_cert")
         token_path = _admin_token(conn, data_dir, reached, controller_id)
         reached("admin_token")
+        finish_restore(conn, controller_id)   # a database from a backup: CRL numbers move on first
         numbers = store_mod.transaction(conn, ca_generations.next_crl_numbers,
                                         [ca.generation for ca in state.served(now)])
         reached("crl_numbers")

@@ -61,7 +61,7 @@ class OneChainTests(TestCase):
 
         from uptrakitd.pki.serials import format_serial
 
-        from ..helpers import admin_token, enrolled_service, new_leaf, request_json
+        from ..helpers import admin_token, new_leaf, request_json
         cluster = PostgresCluster()
         self.addCleanup(cluster.destroy)
         db, kek = cluster.new_database(), kek_file(self)
