@@ -128,6 +128,9 @@ class ServiceAgent(Service):
         self.stopped_reason: str | None = None
         self.observers: list[Callable[[str, Any], None]] = []
         self._retry: Any = None
+        self._renew_when_settled = False   # connected with the previous certificate: renew once settled
+        self._fell_back = False   # the current identity is the previous one, the newer one put aside
+        self._fall_back_tried = False
         self._renewal_timer: Any = None
         self._ping: LoopingCall | None = None
         self._connecting: Deferred | None = None
@@ -259,6 +262,7 @@ class ServiceAgent(Service):
         """Send a CSR for a fresh key; the controller answers `certificate` and closes the socket."""
         if self.proto is None or self.mode_in_use != "mtls" or self.pending_key is not None:
             return  # one renewal at a time: the controller closes the socket once it answers
+        self._renew_when_settled = False
         self.pending_key, csr = new_key_and_csr(self.service_id or "", self.settings.get("trust_domain"))
         log.info("renewing the certificate ({reason})", reason=reason or "requested")
         self.proto.send("renew_certificate", csr_pem=csr.decode())
@@ -303,6 +307,7 @@ class ServiceAgent(Service):
             log.error("the certificate received is not for the key we generated; ignored")
             return
         self.state.save_identity(self.pending_key, m["cert_pem"].encode())
+        self._fell_back = self._fall_back_tried = False
         self.state.save_bundle(m["ca_bundle_pem"].encode())
         self.pending_key = None
         self.state.save_service(enrollment_secret=None)
@@ -330,7 +335,9 @@ class ServiceAgent(Service):
                 return
         cert = self.state.certificate()
         window = datetime.timedelta(hours=m.get("renewal_window_hours", 24))
-        if cert is not None and cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) <= window:
+        if self._renew_when_settled:
+            self.renew("the controller knew only our previous certificate")
+        elif cert is not None and cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) <= window:
             self.renew("expiring")
 
     @inlineCallbacks
@@ -403,6 +410,21 @@ class ServiceAgent(Service):
         if self.on_stop is not None:
             self.on_stop(reason)
 
+    def _fall_back(self) -> bool:
+        """The controller does not know our certificate: restored from a backup taken before our last renewal,
+        it knows the one before. Connect with that one (if still valid) and renew at once; True if so."""
+        previous = self.state.previous_certificate()
+        if self._fall_back_tried or previous is None or \
+                previous.not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc):
+            return False
+        self._fall_back_tried = True   # once per identity (and per start): the two are not swapped back and forth
+        log.warn("the controller does not recognize our certificate (was it restored from a backup?): connecting "
+                 "with the previous one, serial {serial:X}, to renew", serial=previous.serial_number)
+        self.state.swap_identities()
+        self._fell_back = self._renew_when_settled = True
+        self.event("fell_back", previous.serial_number)
+        return True
+
     def _stop_ping(self) -> None:
         if self._ping is not None and self._ping.running:
             self._ping.stop()
@@ -417,6 +439,17 @@ class ServiceAgent(Service):
             self.proto = None
             self._stop_ping()
         self.event("disconnected", (code, reason))
+        if self._fell_back and reason in (wire.CERT_NOT_RECOGNIZED, wire.CERT_REVOKED):
+            # the previous certificate is refused as well: back to the newer one, and to retrying with backoff
+            log.error("the previous certificate is refused too ({reason}): re-enroll this agent if the controller "
+                      "keeps refusing its certificate", reason=reason)
+            self.state.swap_identities()
+            self._fell_back = self._renew_when_settled = False
+            self._schedule_reconnect()
+            return
+        if reason == wire.CERT_NOT_RECOGNIZED and self.mode_in_use == "mtls" and self._fall_back():
+            self._schedule_reconnect(immediately=True)
+            return
         if reason in STOP_REASONS:
             log.critical("the controller closed the connection: {reason}; stopping", reason=reason)
             self._give_up(reason)

@@ -1,4 +1,5 @@
-"""What an agent keeps on disk: its service id and enrollment secret, key+certificate, CA bundle.
+"""What an agent keeps on disk: its service id and enrollment secret, key+certificate (and the previous ones), CA
+bundle.
 
 Key and certificate live in one file written atomically, so a crash never pairs a new key with an
 old certificate.
@@ -81,8 +82,30 @@ class AgentState:
         except ValueError:
             return None
 
+    @property
+    def previous_file(self) -> Path:
+        return self.directory / "identity.previous.pem"
+
     def save_identity(self, key_pem: bytes, cert_pem: bytes) -> None:
+        """The new key and certificate; the ones they replace are kept as the previous identity (a controller
+        restored from a backup taken before this renewal knows only those)."""
+        current = self.identity_pem()
+        if current:
+            atomic_write(self.previous_file, current, mode=0o600)
         atomic_write(self.identity_file, key_pem + cert_pem, mode=0o600)
+
+    def previous_certificate(self) -> x509.Certificate | None:
+        try:
+            pem = self.previous_file.read_bytes()
+            return x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE-----"):])
+        except (OSError, ValueError):
+            return None
+
+    def swap_identities(self) -> None:
+        """The previous identity becomes current, and the current one previous (a fall-back, or its undoing)."""
+        current, previous = self.identity_file.read_bytes(), self.previous_file.read_bytes()
+        atomic_write(self.previous_file, current, mode=0o600)
+        atomic_write(self.identity_file, previous, mode=0o600)
 
     def bundle(self) -> bytes | None:
         try:

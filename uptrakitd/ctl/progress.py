@@ -21,22 +21,26 @@ POLL_SECONDS = 1.0
 BAR = 24
 
 
-def snapshot(api: Api, generation: int) -> dict[str, Any]:
-    """Where the rotation to `generation` stands."""
+def snapshot(api: Api, generation: int, tracked: dict[str, str]) -> dict[str, Any]:
+    """Where the rotation to `generation` stands for the services `tracked` (id -> name): every service seen
+    connected since the rotation began is added to it and stays, so one that is reconnecting when asked (as each
+    does right after renewing) is still counted."""
     rotation = api.get("/api/v1/rotation")
     if rotation["generation"] != generation:
         raise CtlError(f"generation {rotation['generation']} is active now, not {generation}: another rotation "
                        "started; follow it with uptrakitctl status", REFUSED)
-    renewed = [s for s in rotation["renewed"] if s["connected"]]
-    waiting = [s for s in rotation["on_old_generation"] if s["connected"]]
-    offline = [s for s in rotation["on_old_generation"] if not s["connected"]]
+    for s in rotation["renewed"] + rotation["on_old_generation"]:
+        if s["connected"]:
+            tracked.setdefault(s["id"], s["name"])
+    renewed = {s["id"] for s in rotation["renewed"]}
+    waiting = [name for sid, name in tracked.items() if sid not in renewed]
+    offline = [s for s in rotation["on_old_generation"] if not s["connected"] and s["id"] not in tracked]
     controllers = api.get("/api/v1/controllers")["controllers"]
     lagging = [c.get("id") or c.get("hostname") for c in controllers
                if c.get("ca_generation") is not None and c["ca_generation"] < generation]
-    return {"generation": generation, "renewed": len(renewed), "total": len(renewed) + len(waiting),
-            "waiting": [s["name"] for s in waiting], "offline_on_old_generation": len(offline),
-            "lagging_controllers": lagging, "rotating": rotation["rotating"],
-            "complete": not waiting and not rotation["rotating"] and not lagging}
+    return {"generation": generation, "renewed": len(tracked) - len(waiting), "total": len(tracked),
+            "waiting": waiting, "offline_on_old_generation": len(offline), "lagging_controllers": lagging,
+            "rotating": rotation["rotating"], "complete": not waiting and not rotation["rotating"] and not lagging}
 
 
 def line(s: dict[str, Any], eta: float | None) -> str:
@@ -54,8 +58,9 @@ def wait_for_rotation(api: Api, generation: int, timeout: float, json_lines: boo
     started = clock()
     first: tuple[float, int] | None = None
     shown = None
+    tracked: dict[str, str] = {}
     while True:
-        s = snapshot(api, generation)
+        s = snapshot(api, generation, tracked)
         now = clock()
         if first is None:
             first = (now, s["renewed"])
@@ -82,7 +87,7 @@ def wait_for_rotation(api: Api, generation: int, timeout: float, json_lines: boo
             if live:
                 click.echo("")
             names = ", ".join(s["waiting"][:10]) + (" …" if len(s["waiting"]) > 10 else "")
-            raise CtlError(f"not complete after {timeout:g} s: {s['total'] - s['renewed']} connected service(s) "
-                           f"still on the old generation ({names or 'none'}); lagging controllers: "
+            raise CtlError(f"not complete after {timeout:g} s: {s['total'] - s['renewed']} service(s) connected "
+                           f"during the rotation still on the old generation ({names or 'none'}); lagging controllers: "
                            f"{', '.join(map(str, s['lagging_controllers'])) or 'none'}", REFUSED)
         sleep(POLL_SECONDS)

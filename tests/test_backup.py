@@ -1,0 +1,335 @@
+"""Backup and restore (issue 25): `uptrakitctl backup` of a running controller, `uptrakitctl restore` into a new
+data dir, and a first start from it that keeps every promise made before the backup (revocations) and never
+sends a CRL number backwards. The drill runs it all with 150 reference agents and real twistd processes."""
+from __future__ import annotations
+
+import io
+import json
+import ssl
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from uptrakitd.ctl.backup import make_backup, read_backup, restore_backup
+from uptrakitd.ctl.client import CtlError
+from uptrakitd.pki.serials import format_serial
+from uptrakitd.restored import RESTORE_MARKER
+
+from .helpers import env, new_leaf, run, start_controller, tls_refusal
+from .test_seal import kek
+
+
+def crl_numbers(controller: Any) -> dict[int, int]:
+    return {g: crl.number for g, crl in controller.crls.current.items()}
+
+
+class BackupTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_a_running_controllers_backup_restores_into_a_data_dir_that_keeps_its_revocations(self):
+        key_file = kek(self)
+        c = yield start_controller(self, ca_key_encryption_key_file=str(key_file))
+        kept, _, _ = yield new_leaf(c)
+        revoked, _, _ = yield new_leaf(c)
+        yield c.ca.revoke(revoked.serial, "keyCompromise")
+        archive = Path(self.mktemp()).with_suffix(".tgz")
+        manifest = yield deferToThread(make_backup, c.settings.data_dir, archive)   # the daemon keeps running
+        self.assertEqual((manifest["schema"], manifest["revoked"], manifest["certificates"]), (6, 1, 3))
+        self.assertEqual([g["custody"] for g in manifest["ca_generations"]], ["sealed"])
+        self.assertEqual(oct(archive.stat().st_mode & 0o777), "0o600")
+        _, members = read_backup(archive)
+        self.assertEqual(sorted(members), ["pki/ca.crt", "pki/server.crt", "pki/server.key", "uptrakit.sqlite3"],
+                         "no CRL, no admin token, no clear CA key")
+        live = yield c.store.run(lambda conn: conn.execute("SELECT 1 FROM settings WHERE key = ?",
+                                                           (RESTORE_MARKER,)).fetchone())
+        self.assertIsNone(live, "the marker is only in the copy")
+        served = crl_numbers(c)
+        yield c.ca.revoke(kept.serial, "superseded")   # after the backup: this one is lost with the restore
+        served_after = crl_numbers(c)
+        yield c.stopService()
+
+        target = Path(self.mktemp()) / "restored"
+        restore_backup(archive, target)
+        self.assertEqual(oct(target.stat().st_mode & 0o777), "0o700")
+        r = yield start_controller(self, tmp=self.mktemp(), data_dir=str(target),
+                                   ca_key_encryption_key_file=str(key_file))
+        self.assertEqual(r.ca.state.records[revoked.serial].reason, "keyCompromise")
+        self.assertIsNone(r.ca.state.records[kept.serial].revoked_at, "a revocation after the backup is not in it")
+        for generation, number in crl_numbers(r).items():
+            self.assertGreater(number, served_after[generation] + 1_000_000, (served, served_after))
+        entries = yield r.store.run(lambda conn: [json.loads(row["details"]) for row in conn.execute(
+            "SELECT details FROM audit_log WHERE action = 'controller.restored'").fetchall()])
+        (details,) = entries
+        self.assertEqual(details["backup_id"], manifest["backup_id"])
+        # a later start is an ordinary start: no second bump
+        numbers = crl_numbers(r)
+        yield r.stopService()
+        again = yield start_controller(self, tmp=self.mktemp(), data_dir=str(target),
+                                       ca_key_encryption_key_file=str(key_file))
+        self.assertEqual({g: n - numbers[g] for g, n in crl_numbers(again).items()}, {1: 1})
+
+    @inlineCallbacks
+    def test_clear_keys_are_refused_unless_asked_for(self):
+        c = yield start_controller(self)   # the default custody: clear files
+        with self.assertRaises(CtlError) as refused:
+            make_backup(c.settings.data_dir, Path(self.mktemp()))
+        self.assertIn("clear CA keys: generation 1 (pki/ca-1.key)", str(refused.exception))
+        self.assertIn("uptrakitd-keys seal", str(refused.exception))
+        archive = Path(self.mktemp())
+        manifest = make_backup(c.settings.data_dir, archive, include_clear_keys=True)
+        self.assertTrue(manifest["clear_keys_included"])
+        self.assertIn("pki/ca-1.key", read_backup(archive)[1])
+
+    @inlineCallbacks
+    def test_a_damaged_archive_a_newer_schema_and_a_non_empty_target_are_refused(self):
+        c = yield start_controller(self)
+        archive = Path(self.mktemp())
+        make_backup(c.settings.data_dir, archive, include_clear_keys=True)
+        manifest, members = read_backup(archive)
+
+        def rewrite(manifest: dict, members: dict) -> Path:
+            path = Path(self.mktemp())
+            with tarfile.open(path, "w:gz") as tar:
+                for name, data in [("manifest.json", json.dumps(manifest).encode())] + list(members.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            return path
+        damaged = dict(members)
+        damaged["uptrakit.sqlite3"] = damaged["uptrakit.sqlite3"][:-1] + b"\x01"
+        cases = [(rewrite(manifest, damaged), "uptrakit.sqlite3 does not match the sha256"),
+                 (rewrite(dict(manifest, schema=99), members), "newer than this uptrakitd"),
+                 (rewrite(manifest, dict(members, extra=b"x")), "differ from its manifest")]
+        for path, expected in cases:
+            target = Path(self.mktemp())
+            with self.assertRaises(CtlError) as refused:
+                restore_backup(path, target)
+            self.assertIn(expected, str(refused.exception))
+            self.assertFalse(target.exists(), "nothing written")
+        busy = Path(self.mktemp())
+        busy.mkdir()
+        (busy / "something").write_text("x")
+        with self.assertRaises(CtlError) as refused:
+            restore_backup(archive, busy)
+        self.assertIn("is not empty", str(refused.exception))
+        # the command says the same, with its exit status
+        _, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "restore", "--in", str(cases[0][0]),
+                                 "--data-dir", str(Path(self.mktemp())), env=env())
+        self.assertEqual(code, 1)
+        self.assertIn(b"does not match the sha256 in its manifest", err)
+
+
+class Api:
+    """Blocking HTTPS calls to a twistd controller (run in threads), verified with its CA."""
+
+    def __init__(self, port: int, data: Path) -> None:
+        self.port, self.data = port, data
+        self.context = ssl.create_default_context(cafile=str(data / "pki" / "ca.crt"))
+
+    def __call__(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        token = (self.data / "admin.token").read_text().strip()
+        request = urllib.request.Request(f"https://localhost:{self.port}{path}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, context=self.context, timeout=20) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+
+def served_crl_numbers(pki_port: int) -> dict[int, int]:
+    """The number of each generation's CRL the PKI listener serves."""
+    numbers = {}
+    for generation in (1, 2, 3):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{pki_port}/api/v1/pki/crl/{generation}.crl",
+                                        timeout=5) as r:
+                crl = x509.load_der_x509_crl(r.read())
+        except urllib.error.HTTPError:
+            continue
+        numbers[generation] = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return numbers
+
+
+class RestoreDrillTests(TestCase):
+    """150 reference agents on a real twistd; a rotation (renewals in flight) and 30 revocations while the backup
+    is taken, 20 more revocations after it; stop, restore into a fresh dir, start the restored controller on the
+    same address."""
+
+    timeout = 300
+
+    @inlineCallbacks
+    def test_restore_drill(self):
+        from uptrakitd.agent.client import ServiceAgent
+
+        from .channel_helpers import agent_identity, next_event
+        from .helpers import free_port, require_program
+        from .test_tap import start_daemon, workdir
+        openssl = require_program("openssl", "apt-get install openssl")
+        cwd, port = workdir(self)
+        pki = free_port()
+        key_file = kek(self)
+
+        def daemon(data: Path) -> Any:
+            return start_daemon(self, "--data-dir", str(data), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
+                                "--pki-addr", f"http://127.0.0.1:{pki}", "--pki-http", "listener",
+                                "--ca-key-encryption-key-file", str(key_file), "--rotation-renewal-rate", "50",
+                                cwd=cwd)
+        data = Path(cwd) / "data"
+        first = daemon(data)
+        yield first.wait_for(b"HTTPS listening on", 30)
+        api = Api(port, data)
+        status, token = yield deferToThread(api, "POST", "/api/v1/enrollment-tokens",
+                                            {"name": "drill", "max_uses": 150, "auto_approve": True})
+        self.assertEqual(status, 201, token)
+        ca = (data / "pki" / "ca.crt").read_bytes()
+        agents = []
+        for _ in range(150):
+            agent = ServiceAgent(reactor, f"wss://localhost:{port}", self.mktemp(), enrollment_token=token["token"],
+                                 ca_cert=ca, backoff=(0.2, 2.0))
+            agents.append(agent)
+            self.addCleanup(lambda agent=agent: agent.stopService() if agent.running else None)
+        settled = [next_event(agent, "service_settings", timeout=120) for agent in agents]
+        for agent in agents:
+            agent.startService()
+        yield gatherResults(settled)
+        fleet, victims = agents[:100], agents[100:]
+        for agent in victims:   # their certificates are revoked below; they would stop anyway
+            yield agent.stopService()
+        victim_ids = {format_serial(a.state.certificate().serial_number): agent_identity(a) for a in victims}
+        serials = list(victim_ids)
+
+        # a rotation: 100 renewals over ~2 s; 30 revocations at once; the backup once 15 are acknowledged
+        status, rotated = yield deferToThread(api, "POST", "/api/v1/settings/rotate-ca")
+        self.assertEqual(status, 200, rotated)
+        acknowledged: list[str] = []
+
+        def revoke(serial: str) -> Any:
+            return deferToThread(api, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"}) \
+                .addCallback(lambda r: acknowledged.append(serial) if r[0] == 200 else None)
+        burst = [deferLater(reactor, n * 0.03, revoke, s) for n, s in enumerate(serials[:30])]   # a steady stream
+        while len(acknowledged) < 10:
+            yield deferLater(reactor, 0.01, lambda: None)
+        before_backup = list(acknowledged)
+        archive = Path(cwd) / "backup.tgz"
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "backup", "--data-dir", str(data), "--out",
+                                   str(archive), env=env())
+        self.assertEqual(code, 0, err)
+        yield DeferredList(burst)
+        self.assertLess(len(before_backup), 30, "revocations were still coming while the backup was taken")
+        for serial in serials[30:]:   # after the backup: lost with the restore, as the guide says
+            yield revoke(serial)
+        self.assertEqual(len(acknowledged), 50)
+        yield deferLater(reactor, 1.5, lambda: None)   # the CRLs are rebuilt (0.5 s after a revocation)
+        last_served = yield deferToThread(served_crl_numbers, pki)
+        fell_back: set[int] = set()
+        for n, agent in enumerate(fleet):
+            agent.observers.append(lambda event, detail, n=n: fell_back.add(n) if event == "fell_back" else None)
+        first.transport.signalProcess("TERM")
+        yield first.ended
+
+        restored = Path(cwd) / "restored"
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "restore", "--in", str(archive),
+                                   "--data-dir", str(restored), env=env())
+        self.assertEqual(code, 0, err)
+        (restored / "admin.token").write_bytes((data / "admin.token").read_bytes())   # the operator keeps it
+        second = daemon(restored)
+        yield second.wait_for(b"HTTPS listening on", 30)
+        self.assertIn(b"was restored from backup", second.output)
+
+        # every revocation acknowledged before the backup: in the CRL, revoked by OCSP, refused at the handshake
+        now_served = yield deferToThread(served_crl_numbers, pki)
+        for generation, number in last_served.items():
+            self.assertGreater(now_served[generation], number, "CRL numbers never go backwards")
+        with urllib.request.urlopen(f"http://127.0.0.1:{pki}/api/v1/pki/crl/1.crl", timeout=5) as r:
+            listed = {format_serial(e.serial_number) for e in x509.load_der_x509_crl(r.read())}
+        self.assertEqual(set(before_backup) - listed, set())
+        issuer = Path(cwd) / "g1.pem"
+        issuer.write_bytes(x509.load_pem_x509_certificates(ca)[0].public_bytes(serialization.Encoding.PEM))
+        for serial in before_backup[:3]:
+            leaf = Path(cwd) / f"{serial}.pem"
+            leaf.write_bytes(victim_ids[serial][0])
+            out, err, _ = yield run(openssl, "ocsp", "-issuer", str(issuer), "-cert", str(leaf), "-url",
+                                    f"http://127.0.0.1:{pki}/api/v1/pki/ocsp", "-CAfile", str(issuer))
+            self.assertIn(": revoked", out.decode(), err)
+        for serial in before_backup[:2]:
+            alert = yield tls_refusal(port, (restored / "pki" / "ca.crt").read_bytes(), *victim_ids[serial])
+            self.assertIn("certificate revoked", alert)
+
+        # the fleet comes back by itself, then renews through a rotation followed by uptrakitctl
+        restored_api = Api(port, restored)
+        for _ in range(300):
+            status, listed_services = yield deferToThread(restored_api, "GET", "/api/v1/services?connected=true")
+            if len(listed_services["services"]) >= 100:
+                break
+            yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(listed_services["services"]), 100, "every agent of the fleet reconnected")
+        token_file = restored / "admin.token"
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "--url", f"https://localhost:{port}",
+                                   "--token-file", str(token_file), "--ca-file", str(restored / "pki" / "ca.crt"),
+                                   "ca", "rotate", "--yes", "--wait", "--wait-timeout", "120", "-o", "json",
+                                   env=env())
+        self.assertEqual(code, 0, err)
+        last = json.loads(out.decode().splitlines()[-1])
+        self.assertEqual((last["complete"], last["renewed"], last["total"]), (True, 100, 100))
+        print(f"\nrestore drill: {len(before_backup)} revocations acknowledged before the backup kept; CRL numbers "
+              f"{last_served} -> {now_served}; {len(fell_back)} agents came back with their previous certificate")
+        yield gatherResults([maybeDeferred(agent.stopService) for agent in fleet])
+        second.transport.signalProcess("TERM")
+        yield second.ended
+
+
+class AgentAfterRestoreTests(TestCase):
+    """A restored controller knows the certificates issued before its backup only. The reference agent then
+    connects with its previous certificate and renews; when that one is unknown too, it keeps its newer one and
+    retries (it never stops, which a 'revoked' answer to the old certificate would otherwise make it do)."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_two_renewals_after_the_backup_leave_the_agent_retrying_with_its_newest_certificate(self):
+        from .channel_helpers import connected_agent, next_event
+        from .helpers import https_port
+        key_file = str(kek(self))
+        c = yield start_controller(self, ca_key_encryption_key_file=key_file)
+        port = https_port(c)
+        agent = yield connected_agent(self, c, backoff=(0.05, 0.3))
+        archive = Path(self.mktemp())
+        yield deferToThread(make_backup, c.settings.data_dir, archive)
+        for _ in range(2):   # two renewals the backup does not know
+            settled = next_event(agent, "certificate")
+            agent.renew("test")
+            yield settled
+            yield next_event(agent, "service_settings")
+        newest = agent.state.certificate().serial_number
+        previous = agent.state.previous_certificate().serial_number
+        yield c.stopService()
+        target = Path(self.mktemp()) / "restored"
+        restore_backup(archive, target)
+        events: list[tuple[str, Any]] = []
+        agent.observers.append(lambda event, detail: events.append((event, detail)))
+        r = yield start_controller(self, tmp=self.mktemp(), data_dir=str(target), ca_key_encryption_key_file=key_file,
+                                   https_listen=f"tcp:{port}:interface=127.0.0.1")
+        self.assertNotIn(newest, r.ca.state.records)
+        self.assertNotIn(previous, r.ca.state.records)
+        yield next_event(agent, "fell_back", timeout=20)
+        refused = yield next_event(agent, "disconnected", timeout=20)
+        self.assertEqual(refused[1], "certificate not recognized")
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertIsNone(agent.stopped_reason, "the agent keeps trying")
+        self.assertEqual(agent.state.certificate().serial_number, newest, "its newest certificate is current again")
+        self.assertEqual(agent.state.previous_certificate().serial_number, previous)
+        yield agent.stopService()
