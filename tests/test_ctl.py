@@ -17,14 +17,20 @@ from .helpers import admin_token, enrolled_service, env, free_port, https_port, 
 class Ctl:
     """uptrakitctl as an operator runs it: a process, its flags, its exit status."""
 
-    def __init__(self, testcase: TestCase, controller, token: str | None = None, ca: bool = True) -> None:
+    def __init__(self, testcase: TestCase, url: str, token: str, ca_pem: bytes, ca: bool = True) -> None:
         tmp = Path(testcase.mktemp())
         tmp.mkdir()
         self.token_file, self.ca_file = tmp / "token", tmp / "ca.crt"
-        self.token_file.write_text((token or admin_token(controller)) + "\n")
-        self.ca_file.write_bytes(controller.ca.bundle_pem())
-        self.url = f"https://localhost:{https_port(controller)}"
+        self.token_file.write_text(token + "\n")
+        self.ca_file.write_bytes(ca_pem)
+        self.url = url
         self.ca = ca
+
+    @classmethod
+    def of(cls, testcase: TestCase, controller, token: str | None = None, ca: bool = True) -> "Ctl":
+        """For an in-process controller (start_controller)."""
+        return cls(testcase, f"https://localhost:{https_port(controller)}", token or admin_token(controller),
+                   controller.ca.bundle_pem(), ca)
 
     def __call__(self, *args: str, columns: int = 200):
         e = dict(env(), COLUMNS=str(columns))
@@ -47,7 +53,7 @@ class CommandTests(TestCase):
     @inlineCallbacks
     def setUp(self):
         self.c = yield start_controller(self)
-        self.ctl = Ctl(self, self.c)
+        self.ctl = Ctl.of(self, self.c)
 
     @inlineCallbacks
     def test_services_certificates_tokens_network_and_status(self):
@@ -153,23 +159,23 @@ class CommandTests(TestCase):
     def test_each_failure_has_its_sentence_and_exit_status(self):
         c = self.c
         # cannot connect
-        nobody = Ctl(self, c)
+        nobody = Ctl.of(self, c)
         nobody.url = f"https://localhost:{free_port()}"
         _, err, code = yield nobody("status")
         self.assertEqual(code, 3)
         self.assertIn("connection refused (is uptrakitd running", err)
         # TLS: the controller's CA is not in the system's trust store
-        _, err, code = yield Ctl(self, c, ca=False)("status")
+        _, err, code = yield Ctl.of(self, c, ca=False)("status")
         self.assertEqual(code, 3)
         self.assertIn("TLS verification of localhost", err)
         self.assertIn("pass the controller's CA with --ca-file", err)
         # 401
-        _, err, code = yield Ctl(self, c, token="upt_admin_nobody-holds-this")("certs", "list")
+        _, err, code = yield Ctl.of(self, c, token="upt_admin_nobody-holds-this")("certs", "list")
         self.assertEqual(code, 4)
         self.assertIn("does not accept this token (401)", err)
         # 403: a read token reads, and is told it may not change
         reader = yield c.admin_tokens.create("auditor", ["read"])
-        read_only = Ctl(self, c, token=reader["token"])
+        read_only = Ctl.of(self, c, token=reader["token"])
         out, err, code = yield read_only("certs", "list")
         self.assertEqual(code, 0, err)
         _, err, code = yield read_only("ca", "rotate", "--yes")
