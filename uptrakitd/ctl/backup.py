@@ -29,10 +29,11 @@ import click
 
 from .. import __version__
 from ..restored import RESTORE_MARKER, marker_sql
-from .client import REFUSED, USAGE, CtlError
+from .client import REFUSED, UNREACHABLE, USAGE, CtlError
 
 FORMAT = "uptrakitd-backup/1"
 DATABASE = "uptrakit.sqlite3"
+POSTGRESQL_DUMP = "database.sql"
 PKI_FILES = ["pki/ca.crt", "pki/server.crt", "pki/server.key"]
 
 
@@ -73,14 +74,17 @@ def describe(database: Path) -> dict[str, Any]:
     conn = sqlite3.connect(str(database))
     conn.row_factory = sqlite3.Row
     try:
-        schema = conn.execute("PRAGMA user_version").fetchone()[0]
-        generations = [{"generation": r["generation"], "custody": _custody(r), "crl_number": r["crl_number"],
-                        "key_file": r["key_file"] if _custody(r) == "file" else None}
-                       for r in conn.execute("SELECT * FROM ca_generations ORDER BY generation")]
-        serials = [r[0] for r in conn.execute("SELECT serial FROM certificates")]
-        revoked = conn.execute("SELECT count(*) FROM certificates WHERE revoked_at IS NOT NULL").fetchone()[0]
+        return _facts(conn, conn.execute("PRAGMA user_version").fetchone()[0])
     finally:
         conn.close()
+
+
+def _facts(conn: Any, schema: int) -> dict[str, Any]:
+    generations = [{"generation": r["generation"], "custody": _custody(r), "crl_number": r["crl_number"],
+                    "key_file": r["key_file"] if _custody(r) == "file" else None}
+                   for r in conn.execute("SELECT * FROM ca_generations ORDER BY generation").fetchall()]
+    serials = [r["serial"] for r in conn.execute("SELECT serial FROM certificates").fetchall()]
+    revoked = conn.execute("SELECT count(*) AS n FROM certificates WHERE revoked_at IS NOT NULL").fetchone()["n"]
     return {"schema": schema, "ca_generations": generations, "certificates": len(serials), "revoked": revoked,
             "highest_serial": max(serials, key=lambda s: int(s, 16)) if serials else None,
             "crl_numbers": {str(g["generation"]): g["crl_number"] for g in generations}}
@@ -113,20 +117,111 @@ def make_backup(data_dir: Path, out: Path, include_clear_keys: bool = False) -> 
             path = data_dir / name
             if path.is_file():
                 members[name] = path.read_bytes()
-        manifest = {"format": FORMAT, "version": __version__, "backup_id": backup_id, "taken_at": taken_at,
-                    "data_dir": str(data_dir.resolve()), "clear_keys_included": bool(clear), **facts,
-                    "members": {name: _sha256(data) for name, data in members.items()}}
-        partial = out.with_name(out.name + ".partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            for name, data in [("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())] + \
-                    sorted(members.items()):
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = len(data), 0o600, taken_at
-                tar.addfile(info, io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(partial, out)
+        manifest = _manifest(backup_id, taken_at, facts, members, data_dir=str(data_dir.resolve()),
+                             clear_keys_included=bool(clear))
+        _write_archive(out, manifest, members)
+    return manifest
+
+
+def _manifest(backup_id: str, taken_at: int, facts: dict[str, Any], members: dict[str, bytes],
+              **more: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "version": __version__, "backup_id": backup_id, "taken_at": taken_at, **more, **facts,
+            "members": {name: _sha256(data) for name, data in members.items()}}
+
+
+def _write_archive(out: Path, manifest: dict[str, Any], members: dict[str, bytes]) -> None:
+    """manifest.json first, then the members; written to a .partial file (0600), synced, then renamed."""
+    partial = out.with_name(out.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for name, data in [("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())] + \
+                sorted(members.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, manifest["taken_at"]
+            tar.addfile(info, io.BytesIO(data))
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(partial, out)
+
+
+def make_postgresql_backup(database: str, out: Path) -> dict[str, Any]:
+    """pg_dump (plain SQL) of the controllers' database in the snapshot the manifest's facts were read in, with
+    the restore marker appended; sealed keys stay sealed (a PostgreSQL deployment has no clear CA key)."""
+    import shutil
+    import subprocess
+    if out.exists():
+        raise CtlError(f"{out} exists: name a new file", USAGE)
+    pg_dump = shutil.which("pg_dump")
+    if pg_dump is None:
+        raise CtlError("pg_dump is not installed (apt-get install postgresql-client)", USAGE)
+    try:
+        import psycopg
+        from psycopg.rows import dict_row
+    except ImportError:
+        raise CtlError("--database needs psycopg: pip install 'uptrakitd[postgresql]'", USAGE) from None
+    try:
+        conn = psycopg.connect(database, row_factory=dict_row)
+    except psycopg.Error as e:
+        raise CtlError(f"cannot connect to the database: {str(e).strip()}", UNREACHABLE) from None
+    conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
+    with conn:   # one transaction: its snapshot is the one pg_dump reads
+        query = _Qmark(conn)
+        snapshot_id = query.execute("SELECT pg_export_snapshot() AS s").fetchone()["s"]
+        version = query.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
+        facts = _facts(query, int(version or 0))
+        dump = subprocess.run([pg_dump, "--format=plain", "--no-owner", "--no-privileges",
+                               f"--snapshot={snapshot_id}", "--dbname", database], capture_output=True)
+        if dump.returncode != 0:
+            raise CtlError(f"pg_dump failed: {dump.stderr.decode(errors='replace').strip()}", REFUSED)
+    backup_id, taken_at = str(uuid.uuid4()), int(time.time())
+    statement, (key, value) = marker_sql(backup_id, taken_at)
+    # (pg_dump empties the search_path: the table is named with its schema)
+    marker = statement.replace("INTO settings", "INTO public.settings").replace("?", "{}").format(
+        _literal(key), _literal(value))
+    members = {POSTGRESQL_DUMP: dump.stdout + b"\n-- uptrakitctl: this is a backup (uptrakitd/restored.py)\n" +
+               marker.encode() + b";\n"}
+    manifest = _manifest(backup_id, taken_at, facts, members, engine="postgresql", clear_keys_included=False)
+    _write_archive(out, manifest, members)
+    return manifest
+
+
+class _Qmark:
+    """A psycopg connection taking the store's `?` placeholders (for _facts)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)   # (a cursor: fetchone() gives a dict)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def restore_postgresql(archive: Path, database: str) -> dict[str, Any]:
+    """Load a --database backup into an empty database with psql (one transaction)."""
+    import shutil
+    import subprocess
+    manifest, members = read_backup(archive)
+    if POSTGRESQL_DUMP not in members:
+        raise CtlError(f"{archive} is a backup of an embedded SQLite data dir: restore it with --data-dir", USAGE)
+    psql = shutil.which("psql")
+    if psql is None:
+        raise CtlError("psql is not installed (apt-get install postgresql-client)", USAGE)
+    check = subprocess.run([psql, "--no-psqlrc", "-At", "-v", "ON_ERROR_STOP=1", "--dbname", database, "-c",
+                            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"],
+                           capture_output=True)
+    if check.returncode != 0:
+        raise CtlError(f"cannot use the database: {check.stderr.decode(errors='replace').strip()}", UNREACHABLE)
+    if int(check.stdout.strip() or 0):
+        raise CtlError("the target database is not empty: restore into a new one (createdb), then point the "
+                       "controllers' --database at it", USAGE)
+    loaded = subprocess.run([psql, "--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+                             "--dbname", database, "-f", "-"], input=members[POSTGRESQL_DUMP], capture_output=True)
+    if loaded.returncode != 0:
+        raise CtlError(f"psql failed (nothing was loaded): {loaded.stderr.decode(errors='replace').strip()}",
+                       REFUSED)
     return manifest
 
 
@@ -175,7 +270,9 @@ def restore_backup(archive: Path, data_dir: Path) -> dict[str, Any]:
         raise CtlError(f"the backup's database is schema {manifest['schema']}, newer than this uptrakitd's "
                        f"({newest}): restore it with uptrakitd {manifest.get('version')} or later", REFUSED)
     if DATABASE not in members:
-        raise CtlError(f"{archive} holds no database", REFUSED)
+        raise CtlError(f"{archive} holds no SQLite database" + (": it is a PostgreSQL backup, restore it with "
+                                                               "--database" if POSTGRESQL_DUMP in members else ""),
+                       USAGE if POSTGRESQL_DUMP in members else REFUSED)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     (data_dir / "pki").mkdir(mode=0o700, exist_ok=True)
@@ -204,14 +301,19 @@ def summary(m: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="the daemon's --data-dir (embedded SQLite); the daemon may keep running")
+@click.option("--database", metavar="URL", help="instead: the controllers' PostgreSQL (postgresql://…; pg_dump)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="archive to write")
 @click.option("--include-clear-keys", is_flag=True,
               help="put clear CA key files in the backup (refused otherwise: seal them with uptrakitd-keys seal)")
-def backup(data_dir: Path, out: Path, include_clear_keys: bool) -> None:
-    """Take a consistent backup of a data dir while the daemon runs (local: needs the data dir, not the API)."""
-    manifest = make_backup(data_dir, out, include_clear_keys)
+def backup(data_dir: Path | None, database: str | None, out: Path, include_clear_keys: bool) -> None:
+    """Take a consistent backup while the daemon runs (local: it needs the data dir or the database, not the
+    API)."""
+    if (data_dir is None) == (database is None):
+        raise CtlError("give --data-dir (embedded SQLite) or --database (PostgreSQL)", USAGE)
+    manifest = make_backup(data_dir, out, include_clear_keys) if data_dir is not None \
+        else make_postgresql_backup(database or "", out)
     click.echo(f"wrote {out}: " + summary(manifest))
     sealed = [g["generation"] for g in manifest["ca_generations"] if g["custody"] == "sealed"]
     if sealed:
@@ -224,10 +326,19 @@ def backup(data_dir: Path, out: Path, include_clear_keys: bool) -> None:
 @click.command()
 @click.option("--in", "archive", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="archive made by uptrakitctl backup")
-@click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="a new or empty directory")
-def restore(archive: Path, data_dir: Path) -> None:
-    """Make a new data dir from a backup, its manifest checked (local). The daemon's first start from it moves
-    every CRL number past any it may have served, and says so."""
-    manifest = restore_backup(archive, data_dir)
-    click.echo(f"restored into {data_dir}: " + summary(manifest))
-    click.echo(f"start it: twistd -n uptrakit --data-dir {data_dir} (with the same flags or config as before)")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="a new or empty directory")
+@click.option("--database", metavar="URL", help="instead: an empty PostgreSQL database (psql)")
+def restore(archive: Path, data_dir: Path | None, database: str | None) -> None:
+    """Make a new data dir (or fill an empty database) from a backup, its manifest checked (local). The first start
+    from it moves every CRL number past any that may have been served since, and says so."""
+    if (data_dir is None) == (database is None):
+        raise CtlError("give --data-dir (embedded SQLite) or --database (PostgreSQL)", USAGE)
+    if data_dir is not None:
+        manifest = restore_backup(archive, data_dir)
+        click.echo(f"restored into {data_dir}: " + summary(manifest))
+        click.echo(f"start it: twistd -n uptrakit --data-dir {data_dir} (with the same flags or config as before)")
+    else:
+        manifest = restore_postgresql(archive, database or "")
+        click.echo("restored into the database: " + summary(manifest))
+        click.echo("start the controllers with --database pointing at it, and the same "
+                   "--ca-key-encryption-key-file")
