@@ -20,6 +20,12 @@ class ReferenceTests(TestCase):
         committed = (ROOT / "docs/reference/configuration.md").read_text()
         self.assertEqual(committed, reference.configuration_markdown(), f"configuration.md is stale: {FIX}")
 
+    def test_the_uptrakitctl_reference_is_what_the_command_line_has(self):
+        committed = (ROOT / "docs/reference/uptrakitctl.md").read_text()
+        self.assertEqual(committed, reference.uptrakitctl_markdown(), f"uptrakitctl.md is stale: {FIX}")
+        self.assertIn("## `uptrakitctl ca rotate`", committed)
+        self.assertIn("`--wait`", committed)
+
     @inlineCallbacks
     def test_the_http_reference_lists_every_route_and_error_code(self):
         c = yield start_controller(self)

@@ -145,8 +145,42 @@ def error_codes() -> set[str]:
     return codes
 
 
+def uptrakitctl_markdown() -> str:
+    """docs/reference/uptrakitctl.md: every command of uptrakitctl with its arguments, options and help."""
+    import click
+
+    from .ctl.commands import cli
+    lines = ["# uptrakitctl reference", "",
+             "Generated from the command line itself (`python -m uptrakitd.reference`); a test fails when it is stale.",
+             "Each command also answers `--help`. Exit status: 0 done, 1 refused by the controller or a check failed, "
+             "2 bad usage or an unreadable local file, 3 the controller unreachable or its certificate not verified, "
+             "4 the token refused.", ""]
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        ctx = click.Context(command, info_name=" ".join(path))
+        if path[1:]:
+            lines.extend([f"## `{' '.join(path)}`", "", " ".join((command.help or "").split()), ""])
+            usage = command.collect_usage_pieces(ctx)
+            lines.extend(["```", " ".join(path + usage), "```", ""])
+        options = [p for p in command.get_params(ctx) if isinstance(p, click.Option) and "--help" not in p.opts]
+        if options and not isinstance(command, click.Group) or not path[1:]:
+            for p in options:
+                record = p.get_help_record(ctx)
+                if record:
+                    lines.append(f"- `{record[0]}`: {' '.join(record[1].split())}")
+            lines.append("")
+        if isinstance(command, click.Group):
+            for name in sorted(command.list_commands(ctx)):
+                sub = command.get_command(ctx, name)
+                if sub is not None:
+                    walk(sub, path + [name])
+    walk(cli, ["uptrakitctl"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def write_all(routes: Iterable[Any], websockets: Iterable[str]) -> None:
     DOCS.mkdir(exist_ok=True)
+    (DOCS / "uptrakitctl.md").write_text(uptrakitctl_markdown())
     (DOCS / "configuration.md").write_text(configuration_markdown())
     (DOCS / "http-api.md").write_text(http_api_markdown(routes, websockets))
 
@@ -169,7 +203,7 @@ def main() -> None:
             write_all(router.routes, router.resources)
         finally:
             booted.lock.release()
-    print(f"wrote {DOCS}/configuration.md and {DOCS}/http-api.md", file=sys.stderr)
+    print(f"wrote {DOCS}/configuration.md, {DOCS}/http-api.md and {DOCS}/uptrakitctl.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.restored import RESTORE_MARKER
 
+from ..e2e.guides import Guide, standard_paths
 from ..helpers import env, new_leaf, require_program, run, start_controller
 from .postgres import PostgresCluster, kek_file
 
@@ -35,10 +36,15 @@ class PostgresqlBackupTests(TestCase):
         kept, _, _ = yield new_leaf(a)
         revoked, _, _ = yield new_leaf(a)
         yield a.ca.revoke(revoked.serial, "keyCompromise")
-        archive = Path(self.mktemp())
-        out, err, code = yield ctl("backup", "--database", db, "--out", str(archive))   # a is running
-        self.assertEqual(code, 0, err)
-        self.assertIn(b"its CA keys are sealed", out)
+        archive, fresh = Path(self.mktemp()).resolve(), cluster.new_database()
+        work = Path(self.mktemp()).resolve()
+        work.mkdir()
+        # docs/deployment/backup.md's PostgreSQL blocks, as written (placeholders and the venv's path filled)
+        guide = Guide("backup", {"DATABASE_URL": db, "NEW_DATABASE_URL": fresh, "PG_BACKUP_FILE": archive,
+                                 "BACKUP_FILE": "-", "CONTROLLER_PORT": "-", "ADMIN_TOKEN_FILE": "-"},
+                      standard_paths(work), {}, work)
+        _, out = yield guide.run("pg-backup")   # while a runs
+        self.assertIn("its CA keys are sealed", out)
         from uptrakitd.ctl.backup import read_backup
         manifest, members = read_backup(archive)
         self.assertEqual((manifest["engine"], manifest["schema"], manifest["revoked"]), ("postgresql", 6, 1))
@@ -56,9 +62,7 @@ class PostgresqlBackupTests(TestCase):
         _, err, code = yield ctl("restore", "--in", str(archive), "--data-dir", self.mktemp())
         self.assertEqual(code, 2)
         self.assertIn(b"it is a PostgreSQL backup, restore it with --database", err)
-        fresh = cluster.new_database()
-        out, err, code = yield ctl("restore", "--in", str(archive), "--database", fresh)
-        self.assertEqual(code, 0, err)
+        yield guide.run("pg-restore")
         b = yield start_controller(self, database=fresh, ca_key_encryption_key_file=kek)
         self.assertEqual(b.ca.state.records[revoked.serial].reason, "keyCompromise")
         self.assertIsNone(b.ca.state.records[kept.serial].revoked_at)

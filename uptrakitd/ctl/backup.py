@@ -132,16 +132,20 @@ def _manifest(backup_id: str, taken_at: int, facts: dict[str, Any], members: dic
 def _write_archive(out: Path, manifest: dict[str, Any], members: dict[str, bytes]) -> None:
     """manifest.json first, then the members; written to a .partial file (0600), synced, then renamed."""
     partial = out.with_name(out.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        for name, data in [("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())] + \
-                sorted(members.items()):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o600, manifest["taken_at"]
-            tar.addfile(info, io.BytesIO(data))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(partial, out)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            for name, data in [("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())] + \
+                    sorted(members.items()):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o600, manifest["taken_at"]
+                tar.addfile(info, io.BytesIO(data))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(partial, out)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise CtlError(f"cannot write {out}: {e.strerror or e}", USAGE) from None
 
 
 def make_postgresql_backup(database: str, out: Path) -> dict[str, Any]:

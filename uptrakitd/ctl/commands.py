@@ -214,7 +214,7 @@ def certs() -> None:
 @with_api
 def certs_list(api: Api, output: str, status: str | None, service_id: str | None, search: str | None,
                limit: int) -> None:
-    """Certificates, newest first."""
+    """Certificates in issue order; with more than --limit, the newest."""
     query = {k: v for k, v in (("status", status), ("service_id", service_id), ("q", search),
                                ("limit", str(limit))) if v}
     answer = api.get("/api/v1/certificates?" + urlencode(query))
