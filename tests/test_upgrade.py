@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from .helpers import env, run, tls_refusal
 
 FIXTURE = Path(__file__).parent / "data" / "upgrade" / "schema4-2606677.tar.gz"
-REVOKED = "46F62C31CBC9FCBBE0589E11F67E057AEAAA9BF0"
+REVOKED = "123F006997DA8AEACD3D14D6ABE918DACC3F49D8"
 
 
 class UpgradeTests(TestCase):
@@ -33,7 +33,10 @@ class UpgradeTests(TestCase):
         with tarfile.open(FIXTURE) as tar:
             tar.extractall(cwd, filter="data")
         data = Path(cwd) / "uptrakit-data"
-        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
+        kek = Path(cwd) / "fixture.kek"
+        kek.chmod(0o600)
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", "--ca-key-encryption-key-file",
+                              str(kek), cwd=cwd)
         yield daemon.wait_for(b"HTTPS listening on", 30)
         log = daemon.output.decode(errors="replace")
         self.assertIn("copied the database (schema 4)", log)

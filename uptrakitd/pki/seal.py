@@ -80,6 +80,22 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
         lock.release()
 
 
+def _schema(data_dir: Path) -> int | None:
+    """The schema version of a data dir's database (None when there is none to read)."""
+    import sqlite3
+    path = sqlite_path(data_dir)
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
 def _object(generation: int) -> dict[str, str]:
     return {"kind": "ca_generation", "id": str(generation)}
 
@@ -124,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     seal.add_argument("--ca-key-encryption-key-file", required=True, type=Path,
                       help="base64 AES-256 keys, one per line, mode 0600 (head -c 32 /dev/urandom | base64)")
     args = parser.parse_args(argv)
+    before = _schema(args.data_dir)
     try:
         sealed = seal_data_dir(args.data_dir, args.ca_key_encryption_key_file)
     except SealError as e:
         sys.stderr.write(f"uptrakitd-keys: error: {e}\n")
         return 2
+    after = _schema(args.data_dir)
+    if before is not None and after is not None and after > before:
+        print(f"the database was at schema {before}, an earlier release's: upgraded to {after} first, as the daemon's "
+              f"start would (a copy is kept as uptrakit.sqlite3.v{before}.bak; docs/deployment/upgrade.md)")
     if sealed:
         print(f"sealed CA generation(s) {', '.join(map(str, sealed))}; the clear key files are removed. Start the "
               f"daemon with --ca-key-encryption-key-file {args.ca_key_encryption_key_file}")
