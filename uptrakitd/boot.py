@@ -35,7 +35,7 @@ from .audit import with_entry
 from .restored import finish_restore
 from .pki.serials import format_serial
 from .pki.signer import SignerUnavailable
-from .pki.state import CaState, insert_generation, insert_issued, load_records
+from .pki.state import EXPIRED_RECORD_GRACE, CaState, insert_generation, insert_issued, load_records
 from .runtime_settings import ServiceCertSettings
 from .store import ca_generations, changes, settings as stored_settings, tokens as stored_tokens
 from .tokens import token_hash
@@ -320,8 +320,12 @@ def _load_ca_state(conn: store_mod.Connection, settings: Settings, files: PkiFil
                 "/api/v1/settings/network, POST /api/v1/settings/rotate-ca, then restart with the new flag "
                 f"(a controller that has issued no service certificate yet can instead be reset: stop it and "
                 f"delete {settings.data_dir})")
-    for record in store_mod.transaction(conn, load_records):
+    # (records of client certificates expired over a day ago matter to nothing in memory: not read at all)
+    records = store_mod.transaction(conn, load_records, int(now.timestamp()) - EXPIRED_RECORD_GRACE)
+    for record in records:
         state.add_record(record)
+    log.info("loaded {count} certificate records (client certificates expired over a day ago stay in the store)",
+             count=len(records))
     return state
 
 

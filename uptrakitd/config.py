@@ -209,6 +209,7 @@ class Settings:
                                          # OCSP answers tryLater and identities are refused (cluster.ClusterFreshness)
     ca_key_encryption_key_file: Path | None = None   # seals the CA keys kept in the database (either engine)
     audit_retention_days: int = 0        # 0: the audit trail is never pruned
+    certificate_retention_days: int = 90   # certificate rows deleted that long after they expired; 0: never
     ca_key_uri: str | None = None        # pkcs11:token=…: new CA keys are made and used in that token
     pkcs11_module: Path | None = None    # the token's PKCS#11 library
     pkcs11_pin_file: Path | None = None  # its user PIN (else UPTRAKIT_PKCS11_PIN); read at start, never kept here
@@ -300,6 +301,11 @@ SCALARS = (
     Scalar("audit_retention_days", "Days the audit trail keeps entries (default 0: forever). Only whole segments "
                                    "up to a signed checkpoint are pruned, keeping the entry it vouches for, so an "
                                    "export still verifies (docs/audit.md).", int, 0, 36500),
+    Scalar("certificate_retention_days", "Days a certificate's row is kept after it expired (default 90; 0: "
+                                         "forever; at least 2, since a revoked certificate stays on the CRL a day "
+                                         "after it expires). Spent enrollment tokens go 30 days after their last "
+                                         "use, expiry or deletion. Deleted daily in batches, on the leader.",
+           lambda value, name: _retention_days(value, name)),
     Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (the issuing CA; the default unless the CA key is in a "
                           "token) or 'delegated' (a two-day P-256 "
                           "responder certificate that CA issues, its key only in memory, embedded in each answer: a "
@@ -394,6 +400,14 @@ def _number(value: Any, name: str, low: float, high: float, integer: bool) -> An
         kind = "a whole number" if integer else "a number"
         raise ConfigError(name, f"must be {kind} from {low:g} to {high:g}, got {value!r}")
     return number
+
+
+def _retention_days(value: Any, name: str) -> int:
+    days = _number(value, name, 0, 36500, True)
+    if days == 1:
+        raise ConfigError(name, "must be 0 (forever) or at least 2: a revoked certificate stays on the CRL a day "
+                                "after it expires")
+    return int(days)
 
 
 def _string(value: Any, name: str) -> str:

@@ -46,6 +46,7 @@ from .pki.files import PkiFiles
 from .pki.ocsp import OcspResponder
 from .readiness import Readiness
 from .reload import ConfigReloader
+from .retention import Retention
 from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .status_metrics import state_families
@@ -256,6 +257,9 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
     PeriodicJob("daily server certificate check", DAY, d.server_cert.check_due, reactor,
                 run_at_start=True).setServiceParent(d)
     PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
+    retention = Retention(store, d.audit, reactor, settings.certificate_retention_days, d.metrics.pruned_rows)
+    PeriodicJob("daily retention", DAY, cluster.on_leader(retention.run), reactor,
+                run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=d.channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, d.channel.check_renewals, reactor).setServiceParent(d)
     PeriodicJob("readiness check", 30, d.readiness.check, reactor).setServiceParent(d)

@@ -38,7 +38,7 @@ def check_enrollment_token(record: dict[str, Any] | None, kind: str, now: float)
 def consume_enrollment_token(conn: Any, token: str, kind: str, now: float) -> dict[str, Any]:
     """Store operation: check a presented token and count one use, in the caller's transaction."""
     record = check_enrollment_token(stored.find_enrollment_token(conn, token_hash(token)), kind, now)
-    stored.count_enrollment_use(conn, record["id"])
+    stored.count_enrollment_use(conn, record["id"], int(now))
     return record
 
 

@@ -47,6 +47,8 @@ class Metrics:
             {"version": __version__, "twisted": copyright.version, "python": platform.python_version()})
         self.ocsp_responses = Counter("uptrakit_ocsp_responses", "OCSP responses by status",
                                       ["status"], registry=self.registry)
+        self.pruned_rows = Counter("uptrakit_pruned_rows", "Rows deleted past their retention, by table",
+                                   ["table"], registry=self.registry)
         self.revocations = Counter("uptrakit_revocations", "Certificates revoked, by reason",
                                    ["reason"], registry=self.registry)
         self.headers_removed = Counter("uptrakit_forwarded_headers_removed",

@@ -13,6 +13,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.restored import RESTORE_MARKER
+from uptrakitd.store.common import migrations
 
 from ..e2e.guides import Guide, standard_paths
 from ..helpers import env, new_leaf, require_program, run, start_controller
@@ -47,7 +48,7 @@ class PostgresqlBackupTests(TestCase):
         self.assertIn("its CA keys are sealed", out)
         from uptrakitd.ctl.backup import read_backup
         manifest, members = read_backup(archive)
-        self.assertEqual((manifest["engine"], manifest["schema"], manifest["revoked"]), ("postgresql", 6, 1))
+        self.assertEqual((manifest["engine"], manifest["schema"], manifest["revoked"]), ("postgresql", migrations()[-1][0], 1))
         self.assertEqual(list(members), ["database.sql"])
         self.assertNotIn(b"BEGIN PRIVATE KEY", members["database.sql"], "sealed keys stay sealed")
         marker = yield a.store.run(lambda conn: conn.execute("SELECT 1 FROM settings WHERE key = ?",

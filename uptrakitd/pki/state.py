@@ -13,6 +13,8 @@ from ..store import ca_generations, certificates
 from .issue import Issued
 from .serials import format_serial
 
+EXPIRED_RECORD_GRACE = 86400   # seconds a client certificate's record stays in memory after it expired
+
 
 @dataclass(slots=True)
 class CertRecord:
@@ -75,7 +77,7 @@ class CaState:
         record = self.records.get(serial)
         return record is not None and record.revoked_at is not None
 
-    def prune_expired(self, now_ts: float, grace: float = 86400) -> int:
+    def prune_expired(self, now_ts: float, grace: float = EXPIRED_RECORD_GRACE) -> int:
         """Forget (in memory only: the store keeps them) records expired more than `grace` ago.
 
         CRLs stop listing a revoked certificate 24 h after it expires (SPEC §4.5), and nothing else
@@ -83,13 +85,15 @@ class CaState:
         """
         cutoff = now_ts - grace
         gone = [serial for serial, r in self.records.items() if r.not_after < cutoff and r.purpose == "client"]
+        services = set()
         for serial in gone:
-            record = self.records.pop(serial)
-            kept = [r for r in self.by_service.get(record.service_id or "", []) if r.serial != serial]
+            services.add(self.records.pop(serial).service_id or "")
+        for service_id in services:   # each service's list filtered once, not once per record (O(n))
+            kept = [r for r in self.by_service.get(service_id, []) if r.serial in self.records]
             if kept:
-                self.by_service[record.service_id or ""] = kept
+                self.by_service[service_id] = kept
             else:
-                self.by_service.pop(record.service_id or "", None)
+                self.by_service.pop(service_id, None)
         return len(gone)
 
     def valid_client_certificates(self, service_id: str, now_ts: float) -> int:
@@ -152,12 +156,14 @@ class CaState:
         return None
 
 
-def load_records(conn: Any) -> list[CertRecord]:
-    """Store operation: every certificate record, in issue order."""
+def load_records(conn: Any, expired_before: int | None = None) -> list[CertRecord]:
+    """Store operation: the certificate records in issue order; with `expired_before`, none of the client
+    certificates that expired before then (CaState.prune_expired would drop them at once)."""
+    rows = certificates.load_all(conn) if expired_before is None else certificates.load_current(conn, expired_before)
     # stored serials are our own canonical hex: int(..., 16) is a fifth of parse_serial's cost at start
     return [CertRecord(int(row["serial"], 16), row["service_id"], row["purpose"], row["ca_generation"],
                        row["not_before"], row["not_after"], row["revoked_at"], row["revocation_reason"])
-            for row in certificates.load_all(conn)]
+            for row in rows]
 
 
 def insert_issued(conn: Any, issued: Issued, service_id: str | None, purpose: str, issued_at: int) -> CertRecord:

@@ -22,6 +22,25 @@ def load_all(conn: Connection) -> list[Row]:
                         "revocation_reason FROM certificates ORDER BY issued_at, rowid").fetchall()
 
 
+def load_current(conn: Connection, expired_before: int) -> list[Row]:
+    """load_all's rows, without the client certificates that expired before `expired_before` (nothing in memory
+    needs them: CRLs stop listing a certificate a day after it expires; the store keeps the row)."""
+    return conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "
+                        "revocation_reason FROM certificates WHERE not_after >= ? OR purpose = 'server' "
+                        "ORDER BY issued_at, rowid", (expired_before,)).fetchall()
+
+
+def delete_expired(conn: Connection, expired_before: int, batch: int) -> list[str]:
+    """Delete up to `batch` certificate rows that expired before `expired_before`; returns their serials."""
+    rows = conn.execute("SELECT serial FROM certificates WHERE not_after < ? ORDER BY not_after LIMIT ?",
+                        (expired_before, batch)).fetchall()
+    serials = [row["serial"] for row in rows]
+    for start in range(0, len(serials), 500):
+        chunk = serials[start:start + 500]
+        conn.execute(f"DELETE FROM certificates WHERE serial IN ({', '.join('?' * len(chunk))})", tuple(chunk))
+    return serials
+
+
 def load_one(conn: Connection, serial: str) -> Row | None:
     """One certificate record (the columns of load_all), or None."""
     return conn.execute("SELECT serial, service_id, purpose, ca_generation, not_before, not_after, revoked_at, "

@@ -38,9 +38,20 @@ def find_enrollment_token(conn: Connection, digest: str) -> dict[str, Any] | Non
     return _enrollment(row) if row else None
 
 
-def count_enrollment_use(conn: Connection, token_id: str) -> None:
-    """Count one use of an enrollment token."""
-    conn.execute("UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = ?", (token_id,))
+def count_enrollment_use(conn: Connection, token_id: str, now: int) -> None:
+    """Count one use of an enrollment token (and when it was the last one it had, when)."""
+    conn.execute("UPDATE enrollment_tokens SET uses = uses + 1, used_up_at = CASE WHEN max_uses IS NOT NULL AND "
+                 "uses + 1 >= max_uses THEN ? ELSE used_up_at END WHERE id = ?", (now, token_id))
+
+
+def delete_spent_enrollment_tokens(conn: Connection, before: int, batch: int) -> list[str]:
+    """Delete up to `batch` enrollment tokens used up, expired or revoked before `before`; returns their ids."""
+    rows = conn.execute("SELECT id FROM enrollment_tokens WHERE used_up_at < ? OR expires_at < ? OR revoked_at < ? "
+                        "LIMIT ?", (before, before, before, batch)).fetchall()
+    ids = [row["id"] for row in rows]
+    for token_id in ids:
+        conn.execute("DELETE FROM enrollment_tokens WHERE id = ?", (token_id,))
+    return ids
 
 
 def revoke_enrollment_token(conn: Connection, token_id: str, revoked_at: int) -> bool:
