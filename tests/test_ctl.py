@@ -206,3 +206,63 @@ class CommandTests(TestCase):
         e.update(COMP_WORDS="uptrakitctl tokens admin ", COMP_CWORD="3")
         out, _, _ = yield run(sys.executable, "-m", "uptrakitd.ctl", env=e)
         self.assertEqual(sorted(out.split()), [b"plain,create", b"plain,list", b"plain,revoke"])
+
+
+def on_a_terminal(argv: list[str], answer: bytes | None, environ: dict[str, str]) -> tuple[int, bytes]:
+    """Run argv with a pseudo-terminal as stdin and stdout (as a person at a shell would); type `answer` once
+    the question shows. Blocking: call it in a thread."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time as clock
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, env=environ,
+                               close_fds=True)
+    os.close(terminal)
+    seen, answered, deadline = b"", answer is None, clock.monotonic() + 60
+    while clock.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:   # the program ended and closed its side
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if not answered and b"[y/N]" in seen:
+                os.write(controller, answer)
+                answered = True
+        elif process.poll() is not None:
+            break
+    os.close(controller)
+    return process.wait(10), seen
+
+
+class TerminalTests(TestCase):
+    """What a person at a terminal sees: the question before a destructive change, and the live progress bar."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_a_destructive_command_asks_and_the_rotation_progress_is_one_redrawn_line(self):
+        from twisted.internet.threads import deferToThread
+        c = yield start_controller(self)
+        ctl = Ctl.of(self, c)
+        issued, _, _ = yield new_leaf(c)
+        serial = format_serial(issued.serial)
+        argv = [sys.executable, "-m", "uptrakitd.ctl", "--url", ctl.url, "--token-file", str(ctl.token_file),
+                "--ca-file", str(ctl.ca_file)]
+        code, seen = yield deferToThread(on_a_terminal, argv + ["certs", "revoke", serial], b"n\n", env())
+        self.assertIn(f"Revoke certificate {serial} (unspecified)? This cannot be undone. [y/N]".encode(), seen)
+        self.assertEqual(code, 1)
+        self.assertIn(b"nothing changed", seen)
+        self.assertIsNone(c.ca.state.records[issued.serial].revoked_at)
+        code, seen = yield deferToThread(on_a_terminal, argv + ["certs", "revoke", serial], b"y\n", env())
+        self.assertEqual(code, 0, seen)
+        self.assertIsNotNone(c.ca.state.records[issued.serial].revoked_at)
+        code, seen = yield deferToThread(on_a_terminal, argv + ["ca", "rotate", "--wait"], b"y\n", env())
+        self.assertEqual(code, 0, seen)
+        self.assertIn(b"\r[########################] 0/0 renewed  lagging controllers: none", seen)
+        self.assertIn(b"rotation to generation 2 complete", seen)
