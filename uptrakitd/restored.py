@@ -6,8 +6,9 @@ from a backup, and what the controller served after that backup is unknown to it
 backwards (RFC 5280 §5.2.3: relying parties keep the highest they saw), so every CA generation's CRL number
 moves past anything that may have been published since: a rebuild is at most one every 0.5 s per controller
 (coalesced revocations) plus one per rotation, so BUMP_MARGIN + BUMP_PER_SECOND × seconds since the backup
-covers five controllers revoking without pause. The marker goes, and `controller.restored` is recorded, in the
-same transaction, so it happens once.
+covers five controllers revoking without pause. The controllers listed at the backup's time are forgotten (each
+live one lists itself again within seconds). The marker goes, and `controller.restored` is recorded, in the same
+transaction, so it happens once.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def _finish(conn: Connection, now: int, controller_id: str) -> tuple[dict[str, A
         conn.execute("UPDATE ca_generations SET crl_number = ? WHERE generation = ?", (number + bump, generation))
         moved[str(generation)] = {"from": number, "to": number + bump}
     conn.execute("DELETE FROM settings WHERE key = ?", (RESTORE_MARKER,))
+    # the controllers of the backup's time, and the sockets they held, belong to another life
+    conn.execute("UPDATE services SET controller = NULL WHERE controller IS NOT NULL")
+    conn.execute("DELETE FROM controllers")
     details = {"backup_id": marker.get("backup_id"), "taken_at": marker.get("taken_at"), "crl_numbers": moved,
                "bump": bump}
     entry = stored_audit.append(conn, now, controller_id, dict(SYSTEM), "controller.restored",

@@ -72,6 +72,13 @@ class PostgresqlBackupTests(TestCase):
         restored = yield b.store.run(lambda conn: [json.loads(r["details"]) for r in conn.execute(
             "SELECT details FROM audit_log WHERE action = 'controller.restored'").fetchall()])
         self.assertEqual([d["backup_id"] for d in restored], [manifest["backup_id"]])
+        # the controllers of the backup's time are forgotten: only the live one lists itself
+        from uptrakitd.store import controllers
+
+        from ..helpers import wait_until
+        yield wait_until(lambda: b.cluster.leader, timeout=10)
+        listed = yield b.store.run(lambda conn: [r["id"] for r in controllers.load_all(conn)])
+        self.assertEqual(listed, [b.cluster.controller_id])
         # a second controller joining the restored database is an ordinary start
         c = yield start_controller(self, database=fresh, ca_key_encryption_key_file=kek)
         again = yield c.store.run(lambda conn: conn.execute(

@@ -8,6 +8,7 @@ controllers and an estimate of the time left; otherwise a line is printed each t
 """
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -18,6 +19,7 @@ import click
 from .client import REFUSED, Api, CtlError
 
 POLL_SECONDS = 1.0
+LIVE_SECONDS = 30.0
 BAR = 24
 
 
@@ -35,12 +37,23 @@ def snapshot(api: Api, generation: int, tracked: dict[str, str]) -> dict[str, An
     renewed = {s["id"] for s in rotation["renewed"]}
     waiting = [name for sid, name in tracked.items() if sid not in renewed]
     offline = [s for s in rotation["on_old_generation"] if not s["connected"] and s["id"] not in tracked]
-    controllers = api.get("/api/v1/controllers")["controllers"]
-    lagging = [c.get("id") or c.get("hostname") for c in controllers
-               if c.get("ca_generation") is not None and c["ca_generation"] < generation]
+    lagging = lagging_controllers(api.get("/api/v1/controllers")["controllers"], generation)
     return {"generation": generation, "renewed": len(tracked) - len(waiting), "total": len(tracked),
             "waiting": waiting, "offline_on_old_generation": len(offline), "lagging_controllers": lagging,
             "rotating": rotation["rotating"], "complete": not waiting and not rotation["rotating"] and not lagging}
+
+
+def lagging_controllers(controllers: list[dict[str, Any]], generation: int) -> list[str]:
+    """Live controllers whose TLS does not trust `generation` yet. Live: seen within LIVE_SECONDS of the most
+    recently seen one (the database's clock, not this host's; a dead controller's row lingers until the leader
+    clears it)."""
+    def seen(c: dict[str, Any]) -> float:
+        return datetime.datetime.fromisoformat(c["seen_at"].replace("Z", "+00:00")).timestamp() \
+            if c.get("seen_at") else 0.0
+    newest = max((seen(c) for c in controllers), default=0.0)
+    return [str(c.get("id") or c.get("hostname")) for c in controllers
+            if c.get("ca_generation") is not None and c["ca_generation"] < generation
+            and newest - seen(c) <= LIVE_SECONDS]
 
 
 def line(s: dict[str, Any], eta: float | None) -> str:
