@@ -11,7 +11,8 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.pki.serials import format_serial
 
-from .helpers import admin_token, enrolled_service, env, free_port, https_port, new_leaf, run, start_controller
+from .helpers import (admin_token, enrolled_service, env, free_port, https_port, new_leaf, request_json, run,
+                      start_controller)
 
 
 class Ctl:
@@ -129,8 +130,14 @@ class CommandTests(TestCase):
         status = yield ctl.json("status")
         self.assertEqual(status["ready"]["status"], "ready")
         self.assertEqual(status["pki"]["active_ca"]["generation"], 1)
+        # an untrusted peer claiming an identity: the doctor names it and says what to do
+        yield request_json(c, "GET", "/api/v1/whoami", token=None, headers={"X-SSL-Client-Cert": "forged"})
         out, _, _ = yield ctl("doctor")
         self.assertIn("trusted proxies:       127.0.0.2/32, 10.0.0.0/8", out)
+        self.assertIn("WARNING  untrusted_sender: 127.0.0.1: 127.0.0.1 sends client-certificate headers", out)
+        self.assertIn("add --trusted-proxy 127.0.0.1/32", out)
+        doctor = yield ctl.json("doctor")
+        self.assertEqual([a["code"] for p in doctor["peers"] for a in p["advice"]], ["untrusted_sender"])
         out, err, code = yield ctl("ca", "rotate", "--yes", "--wait")
         self.assertEqual(code, 0, err)
         self.assertIn("rotation to generation 2 complete", out)
