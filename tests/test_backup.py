@@ -81,7 +81,8 @@ class BackupTests(TestCase):
         yield r.stopService()
         again = yield start_controller(self, tmp=self.mktemp(), data_dir=str(target),
                                        ca_key_encryption_key_file=str(key_file))
-        self.assertEqual({g: n - numbers[g] for g, n in crl_numbers(again).items()}, {1: 1})
+        for generation, number in crl_numbers(again).items():
+            self.assertTrue(numbers[generation] < number < numbers[generation] + 10, (numbers, crl_numbers(again)))
 
     @inlineCallbacks
     def test_clear_keys_are_refused_unless_asked_for(self):

@@ -25,7 +25,7 @@ class TreeTests(TestCase):
         d = self.daemon(pki_addr="http://127.0.0.1:1", pki_http="listener")
         self.assertEqual([s.name for s in d], [
             "signals", "data-dir lock", "store", "audit", "audit checkpoint", "crl-worker", "hourly CRL rebuild", "daily CA check",
-            "daily server certificate check", "daily record pruning", "channel", "renewal check", "readiness check", "HTTPS", "plain-HTTP PKI",
+            "daily server certificate check", "daily record pruning", "daily retention", "channel", "renewal check", "readiness check", "HTTPS", "plain-HTTP PKI",
             "setup warnings", "systemd"])
 
     def test_periodic_jobs_run_the_right_work_at_the_right_interval(self):
@@ -35,6 +35,7 @@ class TreeTests(TestCase):
                     "daily server certificate check": (DAY, d.server_cert.check_due, True),
                     "renewal check": (60, d.channel.check_renewals, False),
                     "daily record pruning": (DAY, d.ca.prune_expired_records, True),
+                    "daily retention": (DAY, d.retention.run, True),
                     "readiness check": (30, d.readiness.check, False),
                     "audit checkpoint": (60, d.audit.checkpoint_if_due, False)}
         jobs = {s.name: s for s in d if isinstance(s, PeriodicJob)}

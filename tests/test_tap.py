@@ -103,6 +103,7 @@ class OptionsTests(TestCase):
             (["--cluster-max-staleness", "4.5"], lambda s: s.cluster_max_staleness, 4.5),
             (["--rotation-renewal-rate", "40"], lambda s: s.rotation_renewal_rate, 40),
             (["--audit-retention-days", "400"], lambda s: s.audit_retention_days, 400),
+            (["--certificate-retention-days", "30"], lambda s: s.certificate_retention_days, 30),
             (["--force-settings-override"], lambda s: s.force_settings_override, True),
             (["--log-format", "json"], lambda s: s.log_format, "json"),
             (["--database", "postgresql://uptrakit@db.example/uptrakit", "--ca-key-encryption-key-file",

@@ -83,6 +83,7 @@ class Daemon(OrderedServices):
     fast_ocsp: OcspFastPath
     server_cert: ServerCertificate
     audit: AuditTrail
+    retention: Retention
     tls: SwappableServerContext
     runtime: RuntimeSettings
     directory: ServiceDirectory
@@ -257,8 +258,8 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
     PeriodicJob("daily server certificate check", DAY, d.server_cert.check_due, reactor,
                 run_at_start=True).setServiceParent(d)
     PeriodicJob("daily record pruning", DAY, ca.prune_expired_records, reactor, run_at_start=True).setServiceParent(d)
-    retention = Retention(store, d.audit, reactor, settings.certificate_retention_days, d.metrics.pruned_rows)
-    PeriodicJob("daily retention", DAY, cluster.on_leader(retention.run), reactor,
+    d.retention = Retention(store, d.audit, reactor, settings.certificate_retention_days, d.metrics.pruned_rows)
+    PeriodicJob("daily retention", DAY, cluster.on_leader(d.retention.run), reactor,
                 run_at_start=True).setServiceParent(d)
     Hooks("channel", stop=d.channel.stop).setServiceParent(d)
     PeriodicJob("renewal check", RENEWAL_CHECK_SECONDS, d.channel.check_renewals, reactor).setServiceParent(d)
