@@ -332,8 +332,11 @@ def main() -> None:
             prober.take()
             if phase == "rotate" and os.environ.get("UPTRAKIT_BENCH_PROFILE"):
                 # py-spy over the daemon for the rotation only (collapsed stacks, e.g. for flamegraph.pl)
+                # (--nonblocking: py-spy reads the daemon's memory without stopping it; stopping it 100 times a
+                # second made the rotation itself fail)
                 spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
-                                        "-o", os.environ["UPTRAKIT_BENCH_PROFILE"], "-p", str(daemon.proc.pid)],
+                                        "--nonblocking", "--threads", "-o", os.environ["UPTRAKIT_BENCH_PROFILE"],
+                                        "-p", str(daemon.proc.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if phase == "rotate":
                 rotated_at = time.time()

@@ -6,10 +6,10 @@ Screenshots of every page at 1280 px and 375 px go to `_trial_temp/ui-screenshot
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,14 @@ class Browser:
             scroll = self.page.evaluate("document.documentElement.scrollWidth")
             if scroll > width:
                 wide.append(f"{name}: {scroll} px")
+            if width == NARROW:   # no table scrolls sideways either: its rows are cards of labelled lines
+                sideways = self.page.evaluate("""() => Array.from(document.querySelectorAll('.page:not([hidden]) .scroll'))
+                    .filter((e) => e.scrollWidth > e.clientWidth + 1).map((e) => e.querySelector('table').id)""")
+                wide += [f"{name}: table {t} scrolls sideways" for t in sideways]
+                unlabelled = self.page.evaluate("""() => Array.from(document.querySelectorAll(
+                    '.page:not([hidden]) table.rows tbody td:not([colspan])')).filter((td) => !td.dataset.label).length""")
+                if unlabelled:
+                    wide.append(f"{name}: {unlabelled} table cells without their column's label")
         return wide
 
     def problems(self, expected: list[tuple[int, str, str]]) -> list[str]:
@@ -174,6 +182,21 @@ class UiTests(TestCase):
                 b.go("services")
                 page.wait_for_function("() => document.querySelectorAll('#services-table .dot.on').length === 3")
 
+                # the plaintext is gone once the page is left
+                b.go("services")
+                b.go("tokens")
+                assert page.is_hidden("#enroll-created") and page.inner_text("#enroll-token-text") == "", \
+                    "a token's plaintext stayed on screen after leaving the page"
+
+                # a refresh keeps the row with the keyboard focus (rows are updated in place)
+                b.go("services")
+                focused = page.locator("#services-table tr", has_text="alpha").get_by_role("button", name="Deactivate")
+                focused.focus()
+                page.evaluate("document.activeElement.dataset.marked = 'yes'")
+                page.wait_for_timeout(3500)   # one refresh (every 3 s)
+                assert page.evaluate("document.activeElement.dataset.marked") == "yes", \
+                    "the refresh moved the keyboard focus"
+
                 # an enrollment token is deleted only after a question
                 b.go("tokens")
                 page.fill("#enroll-form input[name=name]", "throwaway")
@@ -194,7 +217,7 @@ class UiTests(TestCase):
                 row.get_by_role("button", name="Revoke…").click()
                 page.select_option("#revoke-reason", "keyCompromise")
                 page.click("#revoke-confirm")
-                page.wait_for_selector("#certificates-table tr:has-text('alpha') >> text=revoked (keyCompromise")
+                page.wait_for_selector("#certificates-table tr:has-text('alpha') >> text=revoked (key compromise")
                 # the controller's own server certificate offers no Revoke
                 server_row = page.locator("#certificates-table tr", has_text="server certificate").first
                 assert server_row.get_by_role("button", name="Revoke…").count() == 0, "Revoke offered on the server certificate"
@@ -343,27 +366,33 @@ class UiTests(TestCase):
                                      f"third agent's log:\n{agent_log}") from e
             finally:
                 b.close()
-                if agent_process is not None:
-                    agent_process.send_signal(signal.SIGTERM)
+                if agent_process is not None:   # the shell and the agent it started
+                    os.killpg(agent_process.pid, signal.SIGTERM)
                     agent_process.wait(timeout=20)
 
     def _run_shown_command(self, command: str) -> subprocess.Popen:
-        """Run the UI's lines as an operator pastes them: the checks, then the agent (left running)."""
-        lines = command.strip().splitlines()
-        assert len(lines) == 3 and lines[2].startswith("UPTRAKIT_ENROLLMENT_TOKEN="), lines
+        """Run the UI's lines as an operator pastes them into a shell: the checks, then the agent (left running).
+        With one character of the hash changed, the same lines stop at the check and start no agent."""
         workdir = self._agent_dir = Path(self.mktemp())
         workdir.mkdir()
         environ = env()
         environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environ.get("PATH", "")
-        checked = subprocess.run(["sh", "-ec", "\n".join(lines[:2])], cwd=workdir, env=environ,
-                                 capture_output=True, text=True, timeout=30)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        assert "ca.crt: OK" in checked.stdout, checked.stdout
-        argv = shlex.split(lines[2])
-        assignment = argv.pop(0)
-        environ["UPTRAKIT_ENROLLMENT_TOKEN"] = assignment.split("=", 1)[1]
+        hash_line = next(line for line in command.splitlines() if "sha256sum -c" in line)
+        digest = hash_line.split('"')[1].split()[0]
+        tampered = command.replace(digest, ("0" if digest[0] != "0" else "1") + digest[1:])
+        refused = subprocess.run(["sh", "-c", tampered], cwd=workdir, env=environ, capture_output=True, text=True,
+                                 timeout=30)
+        assert refused.returncode != 0 and "FAILED" in refused.stdout + refused.stderr, refused
+        assert not (workdir / "uptrakit-agent.pid").exists() and not (workdir / "uptrakit-agent").exists(), \
+            "an agent started after a failed hash check"
         log = open(workdir / "agent.log", "wb")
-        return subprocess.Popen(argv, cwd=workdir, env=environ, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(["sh", "-c", command], cwd=workdir, env=environ, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while b"ca.crt: OK" not in (workdir / "agent.log").read_bytes():
+            assert time.monotonic() < deadline and process.poll() is None, (workdir / "agent.log").read_text()
+            time.sleep(0.1)
+        return process
 
     @inlineCallbacks
     def test_a_read_only_token_sees_every_action_disabled_and_changes_nothing(self):

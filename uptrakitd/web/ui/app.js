@@ -89,6 +89,46 @@ function emptyRow(tbody, columns, text) {
   tbody.append(el("tr", {class: "empty"}, el("td", {colspan: String(columns), text})));
 }
 
+// Every data table's cells carry their column's heading (data-label): on a phone a row is a card of labelled lines.
+function labelCells() {
+  for (const table of document.querySelectorAll("table.rows")) {
+    const headings = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+    for (const row of table.tBodies[0]?.rows || []) {
+      [...row.cells].forEach((cell, i) => {
+        if (headings[i] && !cell.hasAttribute("colspan") && cell.dataset.label !== headings[i]) cell.dataset.label = headings[i];
+      });
+    }
+  }
+}
+new MutationObserver(labelCells).observe(document.documentElement, {childList: true, subtree: true});
+
+// What a row shows, but for its relative times (they change every refresh without the row changing).
+function signature(row) {
+  const copy = row.cloneNode(true);
+  for (const t of copy.querySelectorAll("time")) t.textContent = "";
+  copy.removeAttribute("data-sig");
+  return copy.outerHTML;
+}
+
+// Put `rows` (each with data-key) into `body`, keeping the rows already there that show the same thing: the
+// element with keyboard focus, a text selection and the scroll position survive a refresh. Kept rows get
+// the new relative times. Each cell is labelled with its column's heading (data-label: cards on a phone).
+function fill(body, rows) {
+  const headings = [...(body.closest("table")?.querySelectorAll("thead th") || [])].map((th) => th.textContent);
+  const old = new Map([...body.children].filter((r) => r.dataset.key).map((r) => [r.dataset.key, r]));
+  const wanted = rows.map((row) => {
+    [...row.children].forEach((cell, i) => { if (headings[i] && !cell.hasAttribute("colspan")) cell.dataset.label = headings[i]; });
+    row.dataset.sig = signature(row);
+    const kept = old.get(row.dataset.key);
+    if (!kept || kept.dataset.sig !== row.dataset.sig) return row;
+    const times = row.querySelectorAll("time");
+    kept.querySelectorAll("time").forEach((t, i) => { if (times[i] && t.textContent !== times[i].textContent) t.textContent = times[i].textContent; });
+    return kept;
+  });
+  wanted.forEach((row, i) => { if (body.children[i] !== row) body.insertBefore(row, body.children[i] || null); });
+  while (body.children.length > wanted.length) body.lastElementChild.remove();
+}
+
 // a dialog answering a Promise: the value of the button that closed it ("cancel" on Escape)
 function dialogAnswer(dialog) {
   dialog.returnValue = "cancel";
@@ -144,7 +184,7 @@ async function loadServices() {
   const services = await loadNames();
   const status = $("#svc-status").value, connected = $("#svc-connected").value, q = $("#svc-search").value.trim().toLowerCase();
   const window = (lastOverview ? lastOverview.renewal_window_hours : 0) * 3600e3;
-  const body = $("#services-table tbody"); body.replaceChildren();
+  const body = $("#services-table tbody"), rows = [];
   let shown = 0;
   for (const s of services) {
     if (status && s.status !== status) continue;
@@ -164,7 +204,7 @@ async function loadServices() {
         await api("DELETE", `/api/v1/services/${s.id}`); return `Deactivated ${names[s.id]}`;
       }, "action danger"));
     }
-    body.append(el("tr", {"data-service": s.id},
+    rows.push(el("tr", {"data-service": s.id, "data-key": s.id},
       td(el("span", {}, el("strong", {}, opens(names[s.id], () => openService(s.id))), el("br"),
              el("small", {class: "mono", text: s.id.slice(0, 8)}))),
       td(s.kind), td(s.status, "status-" + s.status),
@@ -174,10 +214,14 @@ async function loadServices() {
       td(cert ? el("span", {}, "G" + cert.ca_generation + ", expires ", when(cert.not_after)) : null, expiring ? "expiring" : ""),
       td(when(s.last_seen_at)), actions));
   }
+  fill(body, rows);
   if (!shown) emptyRow(body, 9, services.length ? "No service matches these filters."
     : "No services yet. Create an enrollment token (Tokens page) and start an agent with the command it shows.");
 }
 
+const REASON_WORDS = {keyCompromise: "key compromise", cACompromise: "CA compromise", affiliationChanged: "affiliation changed",
+  superseded: "superseded", cessationOfOperation: "cessation of operation", certificateHold: "on hold",
+  privilegeWithdrawn: "privilege withdrawn", aACompromise: "AA compromise", unspecified: "no reason given"};
 const CERT_PAGE = 500;   // the newest matching certificates the page shows; the server filters the rest
 
 async function loadCertificates() {
@@ -188,7 +232,7 @@ async function loadCertificates() {
   if (/^[0-9a-f]{4,}$/.test(q)) params.set("q", q);   // a serial (prefix): let the server find it among all
   const {certificates, total} = await api("GET", "/api/v1/certificates?" + params);
   const window = (lastOverview ? lastOverview.renewal_window_hours : 0) * 3600e3;
-  const body = $("#certificates-table tbody"); body.replaceChildren();
+  const body = $("#certificates-table tbody"), rows = [];
   let shown = 0;
   for (const c of certificates.reverse()) {
     const who = c.purpose === "server" ? "controller (server certificate)" : (names[c.service_id] || c.service_id);
@@ -203,11 +247,13 @@ async function loadCertificates() {
     }
     // whole: what is copied is what is used; a click opens the certificate
     const serial = opens(c.serial, () => openCertificate(c.serial), "link view mono serial");
-    body.append(el("tr", {"data-serial": c.serial}, td(who), td(serial), td("G" + c.ca_generation),
+    rows.push(el("tr", {"data-serial": c.serial, "data-key": c.serial}, td(who), td(serial), td("G" + c.ca_generation),
       td(when(c.not_after), expiring ? "expiring" : ""),
-      td(c.status + (c.revocation_reason ? ` (${c.revocation_reason}, ${rel(c.revoked_at)})` : ""), "status-" + c.status),
+      td(c.revocation_reason ? el("span", {}, `revoked (${REASON_WORDS[c.revocation_reason] || c.revocation_reason}, `,
+                                      when(c.revoked_at), ")") : c.status, "status-" + c.status),
       actions));
   }
+  fill(body, rows);
   if (!shown) emptyRow(body, 6, total ? "No certificate matches these filters." : "No certificates yet.");
   else if (total > certificates.length) emptyRow(body, 6, `Showing the newest ${certificates.length} of ${total}: filter by status, or search a serial.`);
 }
@@ -237,48 +283,54 @@ async function loadRotation() {
     + `${r.renewed.length} of ${total} renewed on the new generation, ${r.on_old_generation.length} still on an older one. `
     + (r.complete ? "All renewed: proxies may drop the previous CA." : "Keep the previous CA on the proxies until every service has renewed (offline services renew when they reconnect).");
   }
-  const body = $("#rot-table tbody"); body.replaceChildren();
+  const body = $("#rot-table tbody"), rows = [];
   for (const [items, state] of [[r.on_old_generation, "old"], [r.renewed, "renewed"], [r.without_certificate, "none"]]) {
     for (const s of items) {
-      body.append(el("tr", {class: "rot-" + state}, td(s.name), td(s.connected ? "yes" : "no"),
+      rows.push(el("tr", {class: "rot-" + state, "data-key": s.id}, td(s.name), td(s.connected ? "yes" : "no"),
         td(s.ca_generation ? `generation ${s.ca_generation}` + (state === "old" ? " (not renewed yet)" : "") : "no valid certificate")));
     }
   }
+  fill(body, rows);
   if (!body.children.length) emptyRow(body, 3, "No approved services.");
 }
 
 function agentCommand(tokenText) {
+  // stops at the first failure (&&): an agent never starts with a ca.crt whose hash did not match
   const host = location.host, hash = lastOverview ? lastOverview.ca_bundle_hash : "";
-  return [`curl -fsSk https://${host}/api/v1/pki/ca.crt -o ca.crt`,
-    `echo "${hash}  ca.crt" | sha256sum -c`,
-    `UPTRAKIT_ENROLLMENT_TOKEN='${tokenText}' twistd -n uptrakit-agent --controller wss://${host} --ca-cert ca.crt --state-dir ./uptrakit-agent`].join("\n");
+  return [`# needs curl, and uptrakitd installed (docs/deployment/install.md): twistd is in its venv`,
+    `curl -fsSk https://${host}/api/v1/pki/ca.crt -o ca.crt && \\`,
+    `echo "${hash}  ca.crt" | sha256sum -c && \\`,
+    `UPTRAKIT_ENROLLMENT_TOKEN='${tokenText}' twistd --pidfile=uptrakit-agent.pid -n uptrakit-agent \\`,
+    `  --controller wss://${host} --ca-cert ca.crt --state-dir ./uptrakit-agent --friendly-name "$(hostname)"`].join("\n");
 }
 
 async function loadTokens() {
   const [{tokens: enroll}, {tokens: admins}] = await Promise.all([api("GET", "/api/v1/enrollment-tokens"), api("GET", "/api/v1/admin-tokens")]);
   const now = Date.now();
-  const eb = $("#enroll-table tbody"); eb.replaceChildren();
+  const eb = $("#enroll-table tbody"), enrollRows = [];
   for (const t of enroll.slice().reverse()) {
     const expired = t.expires_at && Date.parse(t.expires_at) < now, used = t.max_uses !== null && t.uses >= t.max_uses;
     const state = t.revoked_at ? "deleted" : expired ? "expired" : used ? "used up" : "active";
     const actions = el("td", {class: "actions"});
     if (state === "active") actions.append(actionButton("Delete", async () => {
       if (!await ask(`Delete enrollment token ${t.name}?`, "Agents that have not enrolled with it yet cannot use it any more; services it already enrolled keep working.", "Delete")) return null;
-      await api("DELETE", `/api/v1/enrollment-tokens/${t.id}`); return `Deleted enrollment token ${t.name}`; }, "action danger"));
-    eb.append(el("tr", {}, td(t.name), td(t.kind || "any"), td(`${t.uses} of ${t.max_uses ?? "∞"}`),
+      await api("DELETE", `/api/v1/enrollment-tokens/${t.id}`); forgetShownTokens(t.id); return `Deleted enrollment token ${t.name}`; }, "action danger"));
+    enrollRows.push(el("tr", {"data-key": t.id}, td(t.name), td(t.kind || "any"), td(`${t.uses} of ${t.max_uses ?? "∞"}`),
       td(t.expires_at ? when(t.expires_at) : "never"), td(t.auto_approve ? "yes" : "no"), td(state), actions));
   }
+  fill(eb, enrollRows);
   if (!enroll.length) emptyRow(eb, 7, "No enrollment tokens yet: create one above to connect the first agent.");
-  const ab = $("#admin-table tbody"); ab.replaceChildren();
+  const ab = $("#admin-table tbody"), adminRows = [];
   for (const t of admins.slice().reverse()) {
     const mine = session && t.id === session.id;
     const actions = el("td", {class: "actions"});
     if (!t.revoked_at) actions.append(actionButton("Delete", async () => {
       if (!await ask(mine ? "Delete your own token?" : `Delete admin token ${t.name}?`, mine ? "You are signed in with it: you will be signed out." : "Whoever uses it is refused from now on.", "Delete")) return null;
-      await api("DELETE", `/api/v1/admin-tokens/${t.id}`); return `Deleted admin token ${t.name}`; }, "action danger"));
-    ab.append(el("tr", {}, td(t.name + (mine ? " (you)" : "")), td(t.permissions.includes("admin") ? "admin" : "read"),
+      await api("DELETE", `/api/v1/admin-tokens/${t.id}`); forgetShownTokens(t.id); return `Deleted admin token ${t.name}`; }, "action danger"));
+    adminRows.push(el("tr", {"data-key": t.id}, td(t.name + (mine ? " (you)" : "")), td(t.permissions.includes("admin") ? "admin" : "read"),
       td(when(t.created_at)), td(t.revoked_at ? "deleted" : "active"), actions));
   }
+  fill(ab, adminRows);
 }
 
 const NETWORK_FIELDS = [
@@ -505,9 +557,19 @@ async function refresh() {
   catch (e) { if (e.status !== 401) say(e.message, true); }
 }
 
+function forgetShownTokens(only) {
+  // a token's plaintext stays on screen only until the page is left or that token is deleted
+  for (const [box, text] of [["enroll-created", "enroll-token-text"], ["admin-created", "admin-token-text"]]) {
+    if (only && $("#" + box).dataset.id !== only) continue;
+    $("#" + box).hidden = true; $("#" + text).textContent = ""; $("#" + box).dataset.id = "";
+    if (box === "enroll-created") $("#enroll-command").textContent = "";
+  }
+}
+
 async function show(name) {
   if (!(name in LOADERS)) name = "overview";
   const changed = name !== page;
+  if (changed) forgetShownTokens();
   page = name;
   for (const s of $$(".page")) s.hidden = s.id !== "page-" + name;
   for (const a of $$("nav a")) { if (a.dataset.page === name) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current"); }
@@ -525,7 +587,7 @@ function signOut(why, isError = true) {
   $("#app").hidden = true; $("#session").hidden = true; $("#login").hidden = false;
   $("#login-error").textContent = why || "";
   $("#login-error").className = isError ? "error" : "note";   // "Signed out." is no error
-  for (const id of ["enroll-created", "admin-created"]) $("#" + id).hidden = true;
+  forgetShownTokens();
 }
 
 async function signIn() {
@@ -570,7 +632,7 @@ document.addEventListener("DOMContentLoaded", () => {
     try {
       const t = await api("POST", "/api/v1/enrollment-tokens", body);
       $("#enroll-token-text").textContent = t.token; $("#enroll-command").textContent = agentCommand(t.token);
-      $("#enroll-created").hidden = false; say(`Created enrollment token ${t.name}.`); f.reset(); await loadTokens();
+      $("#enroll-created").hidden = false; $("#enroll-created").dataset.id = t.id; say(`Created enrollment token ${t.name}.`); f.reset(); await loadTokens();
     } catch (err) { if (err.status !== 401) say("Not created: " + err.message, true); }
   });
   $("#admin-form").addEventListener("submit", async (e) => {
@@ -578,14 +640,14 @@ document.addEventListener("DOMContentLoaded", () => {
     const f = e.target;
     try {
       const t = await api("POST", "/api/v1/admin-tokens", {name: f.name.value.trim(), permissions: [f.role.value]});
-      $("#admin-token-text").textContent = t.token; $("#admin-created").hidden = false;
+      $("#admin-token-text").textContent = t.token; $("#admin-created").hidden = false; $("#admin-created").dataset.id = t.id;
       say(`Created ${f.role.value} token ${t.name}.`); f.reset(); await loadTokens();
     } catch (err) { if (err.status !== 401) say("Not created: " + err.message, true); }
   });
   for (const b of $$("button.copy")) b.addEventListener("click", async () => {
     const text = $("#" + b.dataset.copy).textContent;
     try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; }
-    catch (e) { getSelection().selectAllChildren($("#" + b.dataset.copy)); b.textContent = "Selected: press Ctrl+C"; }
+    catch (e) { getSelection().selectAllChildren($("#" + b.dataset.copy)); b.textContent = "Selected: copy it (Ctrl+C, or Copy on a phone)"; }
     setTimeout(() => { b.textContent = "Copy"; }, 2000);
   });
   $("#network-form").addEventListener("submit", saveNetwork);
