@@ -135,7 +135,7 @@ class CommandTests(TestCase):
         out, _, _ = yield ctl("doctor")
         self.assertIn("trusted proxies:       127.0.0.2/32, 10.0.0.0/8", out)
         self.assertIn("WARNING  untrusted_sender: 127.0.0.1: 127.0.0.1 sends client-certificate headers", out)
-        self.assertIn("add --trusted-proxy 127.0.0.1/32", out)
+        self.assertIn("add 127.0.0.1/32 to the trusted proxies", out)
         doctor = yield ctl.json("doctor")
         self.assertEqual([a["code"] for p in doctor["peers"] for a in p["advice"]], ["untrusted_sender"])
         out, err, code = yield ctl("ca", "rotate", "--yes", "--wait")

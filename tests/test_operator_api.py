@@ -129,7 +129,15 @@ class OperatorApiTests(TestCase):
         outsider = peers[UNTRUSTED]
         self.assertEqual((outsider["trusted"], outsider["decisions"]), (False, {"ignored": 1}))
         advice = {a["code"]: a["text"] for a in outsider["advice"]}
-        self.assertIn(f"--trusted-proxy {UNTRUSTED}/32", advice["untrusted_sender"])
+        self.assertIn(f"add {UNTRUSTED}/32 to the trusted proxies", advice["untrusted_sender"])
+        self.assertEqual([a.get("trust") for a in outsider["advice"]], [f"{UNTRUSTED}/32"])
+        # trusted from now on: the record made before says what it was, and its advice is gone
+        status, _ = yield request_json(c, "PUT", "/api/v1/settings/network",
+                                       {"trusted_proxies": [PROXY + "/32", UNTRUSTED + "/32"]})
+        self.assertEqual(status, 200)
+        status, report = yield request_json(c, "GET", "/api/v1/diagnostics/identity")
+        outsider = {p["peer"]: p for p in report["peers"]}[UNTRUSTED]
+        self.assertEqual((outsider["trusted"], outsider["trusted_when_seen"], outsider["advice"]), (True, False, []))
         proxy = peers[PROXY]
         self.assertEqual((proxy["trusted"], proxy["count"], proxy["decisions"]), (True, 2, {"accepted": 2}))
         self.assertTrue(proxy["configured_header_seen"])

@@ -253,8 +253,17 @@ class UiTests(TestCase):
                 b.go("doctor")
                 advice = page.locator(f".advice[data-peer='{UNTRUSTED}'][data-code=untrusted_sender]")
                 advice.wait_for()
-                assert f"--trusted-proxy {UNTRUSTED}/32" in advice.inner_text(), advice.inner_text()
+                assert f"add {UNTRUSTED}/32 to the trusted proxies" in advice.inner_text(), advice.inner_text()
+                assert "--force-settings-override" in advice.inner_text(), "the flag alone would not work"
                 page.locator(f".advice[data-peer='{PROXY}'][data-code=no_forwarded_for]").wait_for()
+                # the fix that works, from the advice itself: the stored setting, on every controller
+                advice.get_by_role("button", name=f"Trust {UNTRUSTED}/32").click()
+                page.wait_for_selector("#confirm-dialog[open]")
+                page.click("#confirm-ok")
+                page.wait_for_function(f"() => !document.querySelector(\".advice[data-peer='{UNTRUSTED}']\")")
+                assert [str(n) for n in c.runtime.network.trusted_proxies] == [PROXY + "/32", UNTRUSTED + "/32"]
+                row = page.locator(f"#doc-table tr[data-peer='{UNTRUSTED}']")
+                assert "yes (was not trusted when last seen)" in row.inner_text(), row.inner_text()
 
                 # 5. network settings: a bad CIDR is shown beside its field; 0.0.0.0/0 asks first, then warns
                 b.go("network")

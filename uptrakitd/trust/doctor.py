@@ -90,17 +90,26 @@ class IdentityDoctor:
             if forwarded_for is not None:
                 record.forwarded_for = forwarded_for
 
-    def report(self, real_ip_header: str, configured: dict[str, str | None]) -> dict[str, Any]:
-        """The API's JSON: every recorded peer, most recent first, each with its advice."""
+    def report(self, real_ip_header: str, configured: dict[str, str | None],
+               trusted_now: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """The API's JSON: every recorded peer, most recent first, each with its advice. `trusted_now` says
+        whether an address is a trusted proxy under the settings in force: a record made before the settings
+        changed is shown as they are now (`trusted`), with what it was when seen (`trusted_when_seen`)."""
         peers = []
         for record in sorted(self.peers.values(), key=lambda r: r.last_seen, reverse=True):
-            peers.append({"peer": record.peer, "trusted": record.trusted, "count": record.count,
+            now_trusted = record.trusted if trusted_now is None else trusted_now(record.peer)
+            if now_trusted != record.trusted:   # the settings changed since: no advice from stale evidence
+                shown = []
+            else:
+                shown = advice(record, real_ip_header, configured)
+            peers.append({"peer": record.peer, "trusted": now_trusted, "trusted_when_seen": record.trusted,
+                          "count": record.count,
                           "first_seen": record.first_seen, "last_seen": record.last_seen,
                           "decisions": dict(record.decisions), "header_families": sorted(record.families),
                           "configured_header_seen": record.configured_seen,
                           "forwarded_for_present": record.forwarded_for, "last_rejection": record.last_reason,
                           "last_identity_source": record.last_source,
-                          "advice": advice(record, real_ip_header, configured)})
+                          "advice": shown})
         return {"peers": peers, "max_peers": self.max_peers * 2}
 
 
@@ -111,12 +120,15 @@ def advice(record: PeerRecord, real_ip_header: str, configured: dict[str, str | 
     if not record.trusted:
         if record.families or record.configured_seen:
             families = ", ".join(sorted(record.families | ({"the configured one"} if record.configured_seen else set())))
-            out.append({"code": "untrusted_sender", "severity": "warning",
+            cidr = f"{record.peer}/{128 if ':' in record.peer else 32}"
+            out.append({"code": "untrusted_sender", "severity": "warning", "trust": cidr,
                         "text": f"{record.peer} sends client-certificate headers ({families}) but is not a trusted "
                                 f"proxy, so they are removed and ignored. If {record.peer} is your reverse proxy, "
-                                f"add --trusted-proxy {record.peer}/{128 if ':' in record.peer else 32} (or "
-                                "trusted_proxies in the network settings); if it is not, it is trying to claim "
-                                "an identity it does not have."})
+                                f"add {cidr} to the trusted proxies in the network settings (the Network page, or "
+                                f"uptrakitctl network set --trusted-proxy ...). They are stored and outlive a "
+                                "restart: a --trusted-proxy flag alone does not replace stored settings (only with "
+                                "--force-settings-override). If it is not your proxy, it is trying to claim an "
+                                "identity it does not have."})
         return out
     names = {k: v for k, v in configured.items() if v}
     if record.families and not record.configured_seen:

@@ -17,6 +17,7 @@ from ...pki.crl import CrlPublisher
 from ...pki.serials import format_serial
 from ...runtime_settings import RuntimeSettings
 from ...trust.doctor import IdentityDoctor
+from ...trust.proxies import is_trusted
 from ..router import Route, bearer_token, iso, route
 
 SERVER_CERT_WARN = datetime.timedelta(days=30)
@@ -186,7 +187,8 @@ class DiagnosticsRoutes:
         configured = {"forwarded_client_cert_pem_header": net.forwarded_client_cert_pem_header,
                       "forwarded_client_cert_info_header": net.forwarded_client_cert_info_header,
                       "forwarded_client_verify_header": net.forwarded_client_verify_header}
-        report = self.doctor.report(net.real_ip_header, configured)
+        report = self.doctor.report(net.real_ip_header, configured,
+                                    lambda peer: is_trusted(peer, net.trusted_proxies))
         for peer in report["peers"]:
             peer["first_seen"], peer["last_seen"] = iso(peer["first_seen"]), iso(peer["last_seen"])
         report["trusted_proxies"] = [str(n) for n in net.trusted_proxies]

@@ -411,12 +411,21 @@ async function loadDoctor() {
     ["Certificate header", h.forwarded_client_cert_pem_header || "not set"], ["Info header", h.forwarded_client_cert_info_header || "not set"],
     ["Verify header", h.forwarded_client_verify_header || "not set"]]);
   const advice = $("#doc-advice"); advice.replaceChildren();
-  for (const p of d.peers) for (const a of p.advice) advice.append(el("p", {class: "advice " + a.severity, "data-code": a.code, "data-peer": p.peer, text: a.text}));
+  for (const p of d.peers) for (const a of p.advice) {
+    const item = el("p", {class: "advice " + a.severity, "data-code": a.code, "data-peer": p.peer, text: a.text + " "});
+    if (a.trust) item.append(actionButton(`Trust ${a.trust}`, async () => {   // the fix that outlives a restart
+      if (!await ask(`Trust ${a.trust} as a reverse proxy?`, `Its client-certificate and ${d.real_ip_header} headers will be believed from now on, on every controller. Do this only if ${p.peer} is your proxy.`, "Trust it")) return null;
+      await api("PUT", "/api/v1/settings/network", {trusted_proxies: [...d.trusted_proxies, a.trust]});
+      return `${a.trust} is a trusted proxy now.`;
+    }));
+    advice.append(item);
+  }
   if (!advice.children.length) advice.append(el("p", {class: "ok", text: d.peers.length ? "No problems seen in recent requests." : "Nothing recorded yet: no trusted proxy has sent a request, and no untrusted peer sent client-certificate headers."}));
   const body = $("#doc-table tbody"); body.replaceChildren();
   for (const p of d.peers) {
     const decisions = Object.entries(p.decisions).map(([k, v]) => `${k} ${v}`).join(", ");
-    body.append(el("tr", {"data-peer": p.peer}, td(p.peer, "mono"), td(p.trusted ? "yes" : "no"), td(String(p.count)),
+    const trust = (p.trusted ? "yes" : "no") + (p.trusted === p.trusted_when_seen ? "" : ` (${p.trusted_when_seen ? "was trusted" : "was not trusted"} when last seen)`);
+    body.append(el("tr", {"data-peer": p.peer}, td(p.peer, "mono"), td(trust), td(String(p.count)),
       td([...p.header_families, ...(p.configured_header_seen ? ["the configured header"] : [])].join(", ") || "none"),
       td(p.forwarded_for_present === null ? "–" : p.forwarded_for_present ? "yes" : "missing"),
       td(decisions + (p.last_rejection ? ` (last refusal: ${p.last_rejection})` : "")), td(when(p.last_seen))));
