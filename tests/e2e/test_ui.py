@@ -230,14 +230,24 @@ class UiTests(TestCase):
                 page.click("#rotate")
                 page.wait_for_selector("#rotate-dialog[open]")
                 b.shoot("admin-rotate-dialog-1280")
+                assert page.is_hidden("#rotate-leaving"), "no generation leaves the bundle at the first rotation"
                 assert "Rotated to" not in page.inner_text("#rot-summary")
                 page.click("#rotate-confirm")
                 page.wait_for_selector("#rot-summary >> text=Rotated to generation 2")
                 early = page.inner_text("#rot-summary")
                 page.wait_for_function("() => document.querySelector('#rot-summary').textContent.includes("
-                                       "'All renewed')", timeout=60_000)
+                                       "'Every service holding a certificate renewed')", timeout=60_000)
                 summary = page.inner_text("#rot-summary")
                 assert "2 of 2 renewed on the new generation" in summary, summary
+                assert " UTC (" in summary, f"the rotation's time is given, not only how long ago: {summary}"
+                assert c.ca.state.active().generation == 2
+                # a second rotation would drop generation 1 from the bundle: the dialog says so (cancelled here)
+                page.click("#rotate")
+                page.wait_for_selector("#rotate-dialog[open] #rotate-leaving:not([hidden])")
+                leaving = page.inner_text("#rotate-leaving")
+                assert "Generation 1 leaves the trust bundle" in leaving, leaving
+                page.keyboard.press("Escape")
+                page.wait_for_selector("#rotate-dialog:not([open])", state="attached")
                 assert c.ca.state.active().generation == 2
                 print(f"\nrotation progress: first {early!r}, then {summary!r}")
                 b.shoot("admin-rotation-done-1280")

@@ -73,6 +73,7 @@ function applyRole() {
   }
 }
 
+function absolute(iso) { return iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace("Z", " UTC").replace("+00:00", " UTC") : "–"; }
 function rel(iso) {
   if (!iso) return "–";
   const s = (Date.parse(iso) - Date.now()) / 1000, a = Math.abs(s);
@@ -142,10 +143,23 @@ async function ask(title, text, okLabel) {
 
 // -- banners (on every page) ----------------------------------------------------------------------
 
+// a banner that names something to do links to where it is done
+const BANNER_LINKS = {
+  services_pending: ["services", "Review them", () => { $("#svc-status").value = "pending"; }],
+  rotation_in_progress: ["rotation", "Follow the rotation"],
+  ca_rotation_due: ["rotation", "Rotation page"],
+  trusts_everything: ["network", "Network settings"],
+};
+
 async function loadBanners() {
   lastOverview = await api("GET", "/api/v1/overview");
   const box = $("#banners"); box.replaceChildren();
-  for (const b of lastOverview.banners) box.append(el("p", {class: "banner " + b.severity, "data-code": b.code, text: b.text}));
+  for (const b of lastOverview.banners) {
+    const banner = el("p", {class: "banner " + b.severity, "data-code": b.code, text: b.text + " "});
+    const go = BANNER_LINKS[b.code];
+    if (go) banner.append(el("a", {href: "#" + go[0], text: go[1], onclick: () => { if (go[2]) go[2](); }}));
+    box.append(banner);
+  }
 }
 
 // -- pages ----------------------------------------------------------------------------------------
@@ -155,12 +169,13 @@ async function loadOverview() {
   const custody = {file: "key in a clear file", sealed: "key sealed", pkcs11: "key in a PKCS#11 token", external: "external CA"};
   const ca = (c) => c ? `generation ${c.generation}, expires ${c.not_after.slice(0, 10)} (${c.days_left} days left), ${custody[c.custody] || c.custody}` : "none";
   const crl = (c) => c && c.crl_number !== null ? `#${c.crl_number}, ${c.crl_entries} entries, built ${Math.round(c.crl_age_seconds / 60)} min ago` : "–";
+  // (a certificate revoked lately may be on the previous generation's CRL: both are shown)
   dlRows($("#ov-ca"), [["Active CA", ca(o.active_ca)], ["Active CA's CRL", crl(o.active_ca)],
-    ["Previous CA", ca(o.previous_ca)], ["Server certificate", `expires ${o.server_certificate.not_after.slice(0, 10)} (${o.server_certificate.days_left} days left)`]]);
+    ["Previous CA", ca(o.previous_ca)], ...(o.previous_ca ? [["Previous CA's CRL", crl(o.previous_ca)]] : []), ["Server certificate", `expires ${o.server_certificate.not_after.slice(0, 10)} (${o.server_certificate.days_left} days left)`]]);
   dlRows($("#ov-services"), [["Connected", String(o.services.connected)], ["Total", String(o.services.total)],
     ["Waiting for approval", String(o.services.pending)]]);
   dlRows($("#ov-certs"), [["Valid client certificates", String(o.certificates.valid)],
-    [`Expiring within ${o.renewal_window_hours} h`, String(o.certificates.expiring_in_window)],
+    ["In the renewal window", `${o.certificates.expiring_in_window} (the last ${o.renewal_window_hours} h of a certificate's life: connected services renew by themselves then)`],
     ["Revoked in the last 24 h", String(o.certificates.revoked_last_24h)]]);
   const {controllers} = await api("GET", "/api/v1/controllers");
   const cbody = $("#ov-controllers tbody"); cbody.replaceChildren();
@@ -278,10 +293,12 @@ async function loadRotation() {
     summary.className = "";
     summary.textContent = `No rotation yet: generation ${r.generation} is the only CA.`;
   } else {
+  const without = r.without_certificate.length;
   summary.className = r.complete ? "ok" : "pending";
-  summary.textContent = (r.rotated_at ? `Rotated to generation ${r.generation} ${rel(r.rotated_at)}; ${r.notified} connected service(s) were notified. ` : `Active generation ${r.generation}. `)
+  summary.textContent = (r.rotated_at ? `Rotated to generation ${r.generation} at ${absolute(r.rotated_at)} (${rel(r.rotated_at)}); ${r.notified} connected service(s) were notified. ` : `Active generation ${r.generation}. `)
     + `${r.renewed.length} of ${total} renewed on the new generation, ${r.on_old_generation.length} still on an older one. `
-    + (r.complete ? "All renewed: proxies may drop the previous CA." : "Keep the previous CA on the proxies until every service has renewed (offline services renew when they reconnect).");
+    + (r.complete ? "Every service holding a certificate renewed: proxies may drop the previous CA." : "Keep the previous CA on the proxies until every service has renewed (offline services renew when they reconnect).")
+    + (without ? ` ${without} approved service(s) hold no valid certificate: they get one from the new generation when they connect.` : "");
   }
   const body = $("#rot-table tbody"), rows = [];
   for (const [items, state] of [[r.on_old_generation, "old"], [r.renewed, "renewed"], [r.without_certificate, "none"]]) {
@@ -627,6 +644,14 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#audit-more").addEventListener("click", () => loadAudit(true).catch((e) => say(e.message, true)));
   $("#audit-export").addEventListener("click", () => exportAudit().catch((e) => say("Export failed: " + e.message, true)));
   $("#rotate").addEventListener("click", async () => {
+    const o = lastOverview, leaving = $("#rotate-leaving");
+    leaving.hidden = !(o && o.previous_ca);
+    if (o && o.previous_ca) {   // the bundle keeps two generations: the previous one leaves it now
+      const r = await api("GET", "/api/v1/rotation").catch(() => null);
+      const stuck = r ? r.on_old_generation.filter((s) => s.ca_generation === o.previous_ca.generation).length : 0;
+      leaving.textContent = `Generation ${o.previous_ca.generation} leaves the trust bundle with this rotation: certificates it issued stop working.`
+        + (stuck ? ` ${stuck} service(s) still hold one and will be refused until they enroll again.` : " No service holds one now.");
+    }
     if ((await dialogAnswer($("#rotate-dialog"))) !== "rotate") return;
     try { const r = await api("POST", "/api/v1/settings/rotate-ca");
           say(`Rotated: generation ${r.generation} is active; ${r.notified} connected service(s) asked to renew.`); await refresh(); }
