@@ -15,6 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.errors import Conflict
+from uptrakitd.pki.serials import format_serial
 
 from .helpers import (tls_refusal, blocking_get, blocking_tls_socket, https_client, https_port, request_json,
                       new_leaf, start_controller, url)
@@ -82,6 +83,16 @@ class RotationTests(TestCase):
         self.assertEqual(issuers, [c.ca.state.generations[g].cert.subject for g in (3, 2, 1)])
         status, body = yield request_json(c, "GET", "/api/v1/settings/pki")
         self.assertEqual((body["active_ca"]["generation"], body["previous_ca"]["generation"]), (3, 2))
+        # the certificates generation 1 issued are not "valid" any more: nothing accepts them
+        status, listed = yield request_json(c, "GET", "/api/v1/certificates?status=untrusted")
+        self.assertEqual(status, 200)
+        self.assertEqual({(r["ca_generation"], r["purpose"]) for r in listed["certificates"]},
+                         {(1, "client"), (1, "server")})
+        g1 = format_serial(g1_leaf.serial)
+        status, shown = yield request_json(c, "GET", f"/api/v1/certificates/{g1}")
+        self.assertEqual(shown["status"], "untrusted")
+        status, listed = yield request_json(c, "GET", "/api/v1/certificates?status=valid")
+        self.assertNotIn(g1, [r["serial"] for r in listed["certificates"]])
 
     @inlineCallbacks
     def test_concurrent_rotation_is_409(self):

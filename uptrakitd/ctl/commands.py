@@ -207,7 +207,8 @@ def certs() -> None:
 
 
 @certs.command("list")
-@click.option("--status", type=click.Choice(["valid", "revoked", "expired"]))
+@click.option("--status", type=click.Choice(["valid", "revoked", "expired", "untrusted"]),
+              help="untrusted: its CA generation left the trust bundle")
 @click.option("--service", "service_id", metavar="ID", help="only this service's")
 @click.option("--search", metavar="TEXT", help="serial (or part of it)")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)

@@ -1,6 +1,8 @@
 """Admin PKI routes: PKI settings, service-certificate settings, rotation, revocation, certificate list."""
 from __future__ import annotations
 
+import datetime
+
 import json
 from typing import Any
 
@@ -115,7 +117,7 @@ class CertificateRoutes:
         now = int(self.ca.clock.seconds())
         return dict(described, serial=format_serial(number), service_id=record.service_id, purpose=record.purpose,
                     ca_generation=record.ca_generation, issuer_custody=issuer.custody if issuer else None,
-                    status=_status(record, now), revoked_at=iso(record.revoked_at),
+                    status=_status(record, now, self._trusted()), revoked_at=iso(record.revoked_at),
                     revocation_reason=record.reason, pem=pem)
 
     def list_certificates(self, request: Any) -> Any:
@@ -123,8 +125,8 @@ class CertificateRoutes:
             value = request.args.get(name.encode(), [None])[0]
             return value.decode("utf-8", "replace") if value is not None else None
         wanted, status, q, limit_text = arg("service_id"), arg("status"), arg("q"), arg("limit")
-        if status is not None and status not in ("valid", "revoked", "expired"):
-            raise BadRequest("status: must be valid, revoked or expired", "invalid_filter")
+        if status is not None and status not in STATUSES:
+            raise BadRequest("status: must be valid, revoked, expired or untrusted", "invalid_filter")
         limit = None
         if limit_text is not None:
             if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100_000:
@@ -135,8 +137,13 @@ class CertificateRoutes:
             records = list(state.by_service.get(wanted, ()))
         else:
             records = list(state.records.values())  # snapshot; filtering and formatting happen off the reactor
-        return in_thread(self.ca.clock, _certificates_json, records, int(self.ca.clock.seconds()), status,
-                         (q or "").strip().upper() or None, limit)
+        return in_thread(self.ca.clock, _certificates_json, records, int(self.ca.clock.seconds()), self._trusted(),
+                         status, (q or "").strip().upper() or None, limit)
+
+    def _trusted(self) -> frozenset[int]:
+        """The generations in the trust bundle now."""
+        now = datetime.datetime.fromtimestamp(self.ca.clock.seconds(), datetime.timezone.utc)
+        return frozenset(ca.generation for ca in self.ca.state.trusted(now))
 
 
 def _describe_certificate(pem: str) -> dict[str, Any]:
@@ -152,17 +159,25 @@ def _describe_certificate(pem: str) -> dict[str, Any]:
             "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat()}
 
 
-def _status(r: Any, now: int) -> str:
-    return "revoked" if r.revoked_at else ("expired" if r.not_after < now else "valid")
+def _status(r: Any, now: int, trusted: frozenset[int]) -> str:
+    """revoked, expired, untrusted (its issuer left the trust bundle: nothing accepts it any more) or valid."""
+    if r.revoked_at:
+        return "revoked"
+    if r.not_after < now:
+        return "expired"
+    return "valid" if r.ca_generation in trusted else "untrusted"
 
 
-def _certificates_json(records: list[Any], now: int, status: str | None = None, q: str | None = None,
-                       limit: int | None = None) -> Response:
+STATUSES = ("valid", "revoked", "expired", "untrusted")
+
+
+def _certificates_json(records: list[Any], now: int, trusted: frozenset[int], status: str | None = None,
+                       q: str | None = None, limit: int | None = None) -> Response:
     """In issue order (the records' order; not_before ties within a second); with `limit`, the newest `limit`
     that match, and `total`: how many matched."""
     chosen = []
     for r in records:
-        if status is not None and _status(r, now) != status:
+        if status is not None and _status(r, now, trusted) != status:
             continue
         if q is not None and not (format_serial(r.serial).startswith(q) or (r.service_id or "").upper() == q):
             continue
@@ -174,5 +189,6 @@ def _certificates_json(records: list[Any], now: int, status: str | None = None, 
     for r in chosen:
         out.append({"serial": format_serial(r.serial), "service_id": r.service_id, "purpose": r.purpose,
                     "ca_generation": r.ca_generation, "not_before": iso(r.not_before), "not_after": iso(r.not_after),
-                    "status": _status(r, now), "revoked_at": iso(r.revoked_at), "revocation_reason": r.reason})
+                    "status": _status(r, now, trusted), "revoked_at": iso(r.revoked_at),
+                    "revocation_reason": r.reason})
     return Response(json.dumps({"certificates": out, "total": total}).encode() + b"\n", "application/json")

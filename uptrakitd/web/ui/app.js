@@ -265,7 +265,8 @@ async function loadCertificates() {
     rows.push(el("tr", {"data-serial": c.serial, "data-key": c.serial}, td(who), td(serial), td("G" + c.ca_generation),
       td(when(c.not_after), expiring ? "expiring" : ""),
       td(c.revocation_reason ? el("span", {}, `revoked (${REASON_WORDS[c.revocation_reason] || c.revocation_reason}, `,
-                                      when(c.revoked_at), ")") : c.status, "status-" + c.status),
+                                      when(c.revoked_at), ")")
+         : c.status === "untrusted" ? "untrusted: its CA left the trust bundle" : c.status, "status-" + c.status),
       actions));
   }
   fill(body, rows);
