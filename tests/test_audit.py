@@ -6,12 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from uptrakitd import audit_verify
+from uptrakitd import audit, audit_verify
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.store import audit as stored
 
@@ -223,7 +224,7 @@ class VerifyTests(TestCase):
         self.c = yield start_controller(self)
         for n in range(3):
             yield self.c.enrollment_tokens.create(f"t{n}")
-        self.patch(__import__("uptrakitd.audit", fromlist=["x"]), "CHECKPOINT_EVERY", 1)
+        self.patch(audit, "CHECKPOINT_EVERY", 1)
         covered = yield self.c.audit.checkpoint_if_due()
         self.assertIsInstance(covered, int, "a checkpoint was due and written")
         yield self.c.enrollment_tokens.create("after the checkpoint")
@@ -304,8 +305,7 @@ class VerifyTests(TestCase):
         self.assertIsNone(nothing, "nothing more is due before the next checkpoint")
 
     def test_the_library_and_the_command_agree(self):
-        summary = audit_verify.verify(self.lines, [__import__("cryptography.x509", fromlist=["x"])
-                                                   .load_pem_x509_certificate(self.ca.read_bytes())])
+        summary = audit_verify.verify(self.lines, [x509.load_pem_x509_certificate(self.ca.read_bytes())])
         self.assertEqual((summary["entries"], summary["checkpoints"]), (len(self.lines), 1))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -220,7 +221,7 @@ class TwistdTests(TestCase):
                         pass
             return held
         held = yield deferToThread(flood)
-        yield deferToThread(__import__("time").sleep, 1)
+        yield deferToThread(time.sleep, 1)
         for s in held:
             s.close()
         ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
