@@ -112,7 +112,8 @@ class BackupTests(TestCase):
                     tar.addfile(info, io.BytesIO(data))
             return path
         damaged = dict(members)
-        damaged["uptrakit.sqlite3"] = damaged["uptrakit.sqlite3"][:-1] + b"\x01"
+        data = damaged["uptrakit.sqlite3"]
+        damaged["uptrakit.sqlite3"] = data[:-1] + bytes([data[-1] ^ 0xFF])   # (always a change)
         cases = [(rewrite(manifest, damaged), "uptrakit.sqlite3 does not match the sha256"),
                  (rewrite(dict(manifest, schema=99), members), "newer than this uptrakitd"),
                  (rewrite(manifest, dict(members, extra=b"x")), "differ from its manifest")]
