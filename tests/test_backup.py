@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import ssl
 import sys
 import tarfile
 import urllib.error
@@ -22,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.ctl.backup import make_backup, read_backup, restore_backup
-from uptrakitd.ctl.client import CtlError
+from uptrakitd.ctl.client import Api, Connection, CtlError
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.restored import RESTORE_MARKER
 from uptrakitd.store.common import migrations
@@ -85,6 +84,14 @@ class BackupTests(TestCase):
             # (the stored CRLs may be served as they are until the rebuild after start: equal is fine)
             self.assertTrue(numbers[generation] <= number < numbers[generation] + 10, (numbers, crl_numbers(again)))
 
+    def test_a_database_password_goes_to_pg_dump_by_the_environment_not_argv(self):
+        from uptrakitd.ctl.backup import _without_password
+        url, environ = _without_password("postgresql://uptrakitd:s%40cret@db.example:5433/uptrakit?sslmode=require")
+        self.assertEqual((url, environ["PGPASSWORD"]),
+                         ("postgresql://uptrakitd@db.example:5433/uptrakit?sslmode=require", "s@cret"))
+        self.assertEqual(_without_password("postgresql://uptrakitd@/uptrakit?host=/run/postgresql")[0],
+                         "postgresql://uptrakitd@/uptrakit?host=/run/postgresql")
+
     @inlineCallbacks
     def test_clear_keys_are_refused_unless_asked_for(self):
         c = yield start_controller(self)   # the default custody: clear files
@@ -137,23 +144,10 @@ class BackupTests(TestCase):
         self.assertIn(b"does not match the sha256 in its manifest", err)
 
 
-class Api:
-    """Blocking HTTPS calls to a twistd controller (run in threads), verified with its CA."""
-
-    def __init__(self, port: int, data: Path) -> None:
-        self.port, self.data = port, data
-        self.context = ssl.create_default_context(cafile=str(data / "pki" / "ca.crt"))
-
-    def __call__(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        token = (self.data / "admin.token").read_text().strip()
-        request = urllib.request.Request(f"https://localhost:{self.port}{path}", method=method,
-                                         data=json.dumps(body).encode() if body is not None else None,
-                                         headers={"Authorization": f"Bearer {token}"})
-        try:
-            with urllib.request.urlopen(request, context=self.context, timeout=20) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
+def api_of(port: int, data: Path) -> Any:
+    """The project's own HTTPS client (uptrakitctl's), blocking: call it in a thread. (status, JSON)."""
+    api = Api(Connection(f"https://localhost:{port}", str(data / "admin.token"), str(data / "pki" / "ca.crt"), 20))
+    return api.exchange
 
 
 def served_crl_numbers(pki_port: int) -> dict[int, int]:
@@ -197,7 +191,7 @@ class RestoreDrillTests(TestCase):
         data = Path(cwd) / "data"
         first = daemon(data)
         yield first.wait_for(b"HTTPS listening on", 30)
-        api = Api(port, data)
+        api = api_of(port, data)
         status, token = yield deferToThread(api, "POST", "/api/v1/enrollment-tokens",
                                             {"name": "drill", "max_uses": 150, "auto_approve": True})
         self.assertEqual(status, 201, token)
@@ -276,13 +270,15 @@ class RestoreDrillTests(TestCase):
             self.assertIn("certificate revoked", alert)
 
         # the fleet comes back by itself, then renews through a rotation followed by uptrakitctl
-        restored_api = Api(port, restored)
+        restored_api = api_of(port, restored)
         for _ in range(300):
             status, listed_services = yield deferToThread(restored_api, "GET", "/api/v1/services?connected=true")
             if len(listed_services["services"]) >= 100:
                 break
             yield deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(len(listed_services["services"]), 100, "every agent of the fleet reconnected")
+        self.assertGreater(len(fell_back), 0, "some agents renewed after the backup: they came back with their "
+                                              "previous certificate (otherwise this drill proves nothing of that)")
         token_file = restored / "admin.token"
         out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "--url", f"https://localhost:{port}",
                                    "--token-file", str(token_file), "--ca-file", str(restored / "pki" / "ca.crt"),

@@ -29,6 +29,7 @@ import click
 
 from .. import __version__
 from ..restored import RESTORE_MARKER, marker_sql
+from ..store.database import schema_version
 from .client import REFUSED, UNREACHABLE, USAGE, CtlError
 
 FORMAT = "uptrakitd-backup/1"
@@ -74,7 +75,7 @@ def describe(database: Path) -> dict[str, Any]:
     conn = sqlite3.connect(str(database))
     conn.row_factory = sqlite3.Row
     try:
-        return _facts(conn, conn.execute("PRAGMA user_version").fetchone()[0])
+        return _facts(conn, schema_version(conn))
     finally:
         conn.close()
 
@@ -158,25 +159,24 @@ def make_postgresql_backup(database: str, out: Path) -> dict[str, Any]:
     pg_dump = shutil.which("pg_dump")
     if pg_dump is None:
         raise CtlError("pg_dump is not installed (apt-get install postgresql-client)", USAGE)
+    from ..store import postgresql
+    from ..store.common import StoreError
     try:
-        import psycopg
-        from psycopg.rows import dict_row
-    except ImportError:
-        raise CtlError("--database needs psycopg: pip install 'uptrakitd[postgresql]'", USAGE) from None
-    try:
-        conn = psycopg.connect(database, row_factory=dict_row)
-    except psycopg.Error as e:
-        raise CtlError(f"cannot connect to the database: {str(e).strip()}", UNREACHABLE) from None
-    conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
-    with conn:   # one transaction: its snapshot is the one pg_dump reads
-        query = _Qmark(conn)
-        snapshot_id = query.execute("SELECT pg_export_snapshot() AS s").fetchone()["s"]
-        version = query.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
-        facts = _facts(query, int(version or 0))
+        conn = postgresql.connect(database)   # speaks the store's `?` style; its errors hide the password
+    except StoreError as e:
+        raise CtlError(str(e), UNREACHABLE) from None
+    url, environ = _without_password(database)
+    try:   # one transaction: its snapshot is the one pg_dump reads
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot_id = conn.execute("SELECT pg_export_snapshot() AS s").fetchone()["s"]
+        version = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
+        facts = _facts(conn, int(version or 0))
         dump = subprocess.run([pg_dump, "--format=plain", "--no-owner", "--no-privileges",
-                               f"--snapshot={snapshot_id}", "--dbname", database], capture_output=True)
+                               f"--snapshot={snapshot_id}", "--dbname", url], capture_output=True, env=environ)
         if dump.returncode != 0:
             raise CtlError(f"pg_dump failed: {dump.stderr.decode(errors='replace').strip()}", REFUSED)
+    finally:
+        conn.close()
     backup_id, taken_at = str(uuid.uuid4()), int(time.time())
     statement, (key, value) = marker_sql(backup_id, taken_at)
     # (pg_dump empties the search_path: the table is named with its schema)
@@ -189,14 +189,19 @@ def make_postgresql_backup(database: str, out: Path) -> dict[str, Any]:
     return manifest
 
 
-class _Qmark:
-    """A psycopg connection taking the store's `?` placeholders (for _facts)."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def execute(self, sql: str, params: Any = ()) -> Any:
-        return self.conn.execute(sql.replace("?", "%s"), params)   # (a cursor: fetchone() gives a dict)
+def _without_password(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without its password, and the environment that gives it to pg_dump/psql (PGPASSWORD): a password
+    in argv is readable by every user of the host in `ps`."""
+    import os
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    parts = urlsplit(url)
+    environ = dict(os.environ)
+    if parts.password is None:
+        return url, environ
+    environ["PGPASSWORD"] = unquote(parts.password)
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}")), environ
 
 
 def _literal(text: str) -> str:
@@ -213,16 +218,18 @@ def restore_postgresql(archive: Path, database: str) -> dict[str, Any]:
     psql = shutil.which("psql")
     if psql is None:
         raise CtlError("psql is not installed (apt-get install postgresql-client)", USAGE)
-    check = subprocess.run([psql, "--no-psqlrc", "-At", "-v", "ON_ERROR_STOP=1", "--dbname", database, "-c",
+    url, environ = _without_password(database)
+    check = subprocess.run([psql, "--no-psqlrc", "-At", "-v", "ON_ERROR_STOP=1", "--dbname", url, "-c",
                             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"],
-                           capture_output=True)
+                           capture_output=True, env=environ)
     if check.returncode != 0:
         raise CtlError(f"cannot use the database: {check.stderr.decode(errors='replace').strip()}", UNREACHABLE)
     if int(check.stdout.strip() or 0):
         raise CtlError("the target database is not empty: restore into a new one (createdb), then point the "
                        "controllers' --database at it", USAGE)
     loaded = subprocess.run([psql, "--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
-                             "--dbname", database, "-f", "-"], input=members[POSTGRESQL_DUMP], capture_output=True)
+                             "--dbname", url, "-f", "-"], input=members[POSTGRESQL_DUMP], capture_output=True,
+                            env=environ)
     if loaded.returncode != 0:
         raise CtlError(f"psql failed (nothing was loaded): {loaded.stderr.decode(errors='replace').strip()}",
                        REFUSED)

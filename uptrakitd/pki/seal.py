@@ -83,13 +83,15 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
 def _schema(data_dir: Path) -> int | None:
     """The schema version of a data dir's database (None when there is none to read)."""
     import sqlite3
+
+    from ..store.database import schema_version
     path = sqlite_path(data_dir)
     if not path.exists():
         return None
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+            return schema_version(conn)
         finally:
             conn.close()
     except sqlite3.Error:
