@@ -107,18 +107,17 @@ new MutationObserver(labelCells).observe(document.documentElement, {childList: t
 function signature(row) {
   const copy = row.cloneNode(true);
   for (const t of copy.querySelectorAll("time")) t.textContent = "";
+  for (const cell of copy.querySelectorAll("[data-label]")) cell.removeAttribute("data-label");   // (labelCells' own)
   copy.removeAttribute("data-sig");
   return copy.outerHTML;
 }
 
 // Put `rows` (each with data-key) into `body`, keeping the rows already there that show the same thing: the
 // element with keyboard focus, a text selection and the scroll position survive a refresh. Kept rows get
-// the new relative times. Each cell is labelled with its column's heading (data-label: cards on a phone).
+// the new relative times. (labelCells labels the cells with their column's heading.)
 function fill(body, rows) {
-  const headings = [...(body.closest("table")?.querySelectorAll("thead th") || [])].map((th) => th.textContent);
   const old = new Map([...body.children].filter((r) => r.dataset.key).map((r) => [r.dataset.key, r]));
   const wanted = rows.map((row) => {
-    [...row.children].forEach((cell, i) => { if (headings[i] && !cell.hasAttribute("colspan")) cell.dataset.label = headings[i]; });
     row.dataset.sig = signature(row);
     const kept = old.get(row.dataset.key);
     if (!kept || kept.dataset.sig !== row.dataset.sig) return row;
