@@ -152,7 +152,8 @@ def https_client(controller: Any, cert_pem: bytes | None = None, key_pem: bytes 
 
 
 def url(controller: Any, path: str) -> str:
-    return f"https://127.0.0.1:{https_port(controller)}{path}"
+    host = controller.listening_ports()[0].getHost().host
+    return f"https://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{https_port(controller)}{path}"
 
 
 @inlineCallbacks

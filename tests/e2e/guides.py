@@ -3,13 +3,22 @@
 A guide marks the blocks the tests use with `test=NAME` in the fence's info string (```nginx
 test=snippet). The tests fill the placeholders listed in the guide's table (every one must be given,
 none may be left) and move the guide's absolute paths into a temporary directory; nothing else of a
-block is changed. Shell blocks run with `sh -e` and a PATH where `sudo` simply runs the command and
-the proxy's own program is pointed at the test's copy of the package layout.
+block is changed. Shell blocks run with `sh -e` and a PATH where the proxy's own program is pointed
+at the test's copy of the package layout.
+
+A guide walked `as_user` runs its blocks as that unprivileged user (as a person with sudo rights
+would), with a `sudo` that becomes root (or `-u USER`) only for the command it prefixes, and names
+looked up in a private /etc/hosts (its own mount namespace): a block that reads a root-only file
+without sudo, writes where its user may not, or works only because a name is `localhost` fails.
+Without `as_user`, `sudo` simply runs the command. Everything a test substitutes (placeholders,
+paths, programs) must be named in the guide's "How this guide is tested" paragraph.
 """
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +47,7 @@ class Guide:
     """One guide's tested blocks and placeholders, filled for one test run."""
 
     def __init__(self, name: str, values: dict[str, Any], paths: dict[str, Path], shims: dict[str, str],
-                 workdir: Path) -> None:
+                 workdir: Path, as_user: str | None = None, hosts: dict[str, str] | None = None) -> None:
         self.path = DOCS / f"{name}.md"
         text = self.path.read_text()
         self.blocks = {m.group(2): m.group(3) for m in _FENCE.finditer(text)}
@@ -49,11 +58,38 @@ class Guide:
         assert not unknown, f"{self.path.name}: {sorted(unknown)} not in the guide's placeholder table"
         self.values = {k: str(v) for k, v in values.items()}
         self.paths = {k: str(v) for k, v in paths.items()}
+        _check_substitutions_named(self.path, text, paths, shims)
         self.workdir = workdir
         self.bin = workdir / "bin"
         self.bin.mkdir(parents=True, exist_ok=True)
-        for name, body in dict(shims, sudo='exec "$@"').items():
+        self.user = pwd.getpwnam(as_user) if as_user else None
+        self.home = workdir / "home"   # where the user stands: their own directory
+        self.home.mkdir(exist_ok=True)
+        self.hosts: Path | None = None
+        if hosts:
+            self.hosts = workdir / "hosts"
+            self.hosts.write_text("127.0.0.1 localhost\n::1 localhost\n"
+                                  + "".join(f"{addr} {host}\n" for host, addr in hosts.items()))
+        sudo = 'exec "$@"'
+        if self.user is not None:
+            self.give(self.home)
+            for parent in (workdir, *workdir.parents):   # trial's mkdtemp is 0700: let the user pass, not list
+                if not parent.stat().st_mode & 0o001:
+                    parent.chmod(parent.stat().st_mode | 0o011)
+            # the user holds CAP_SETUID/SETGID only to let this `sudo` switch; after the switch the command
+            # runs with exactly what root (or USER) has
+            sudo = ('if [ "$1" = -u ]; then u=$2; shift 2\n'
+                    '  exec setpriv --reuid="$u" --regid="$(id -g "$u")" --init-groups --inh-caps=-all '
+                    'env HOME="$(getent passwd "$u" | cut -d: -f6)" "$@"\nfi\n'
+                    'exec setpriv --reuid=0 --regid=0 --init-groups env HOME=/root "$@"')
+        for name, body in dict(shims, sudo=sudo).items():
             self.shim(name, body)
+
+    def give(self, *paths: Path) -> None:
+        """Hand files or directories (not their contents) to the guide's user, as `scp` would have made them."""
+        if self.user is not None:
+            for path in paths:
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
 
     def shim(self, name: str, body: str) -> None:
         """A program `name` first on the blocks' PATH, running the shell `body`."""
@@ -78,27 +114,69 @@ class Guide:
         assert not left, f"{self.path.name} test={name}: placeholders left {left}"
         return text
 
-    def environ(self) -> dict[str, str]:
+    def environ(self, as_root: bool = True) -> dict[str, str]:
         e = env()
         e["PATH"] = os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), e.get("PATH", "")])
+        if self.user is not None and not as_root:
+            e.update(HOME=str(self.home), USER=self.user.pw_name, LOGNAME=self.user.pw_name)
         return e
 
-    def run(self, name: str, cwd: Path | None = None, ok: bool = True) -> Any:
-        """Run shell block `name` with sh -e; fires with (exit code, stdout text); asserts success if `ok`."""
-        return self.run_command(self.block(name), cwd, ok, f"test={name}")
+    def argv(self, script: str, as_root: bool, sudo: bool = True) -> list[str]:
+        """How `script` is started: as the guide's user (allowed to `sudo` if `sudo`), in the private hosts view."""
+        argv = ["/bin/sh", "-ec", script]
+        if self.user is not None and not as_root:
+            caps = ["--inh-caps=+setuid,+setgid", "--ambient-caps=+setuid,+setgid"] if sudo else ["--inh-caps=-all"]
+            argv = [_program("setpriv"), f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}",
+                    "--clear-groups", *caps, *argv]
+        if self.hosts is not None:
+            argv = [_program("unshare"), "--mount", "--", "/bin/sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+                    str(self.hosts), *argv]
+        return argv
+
+    def run(self, name: str, cwd: Path | None = None, ok: bool = True, as_root: bool = False) -> Any:
+        """Run shell block `name` with sh -e (as the guide's user unless `as_root`); fires with (exit code,
+        stdout text); asserts success if `ok`."""
+        return self.run_command(self.block(name), cwd, ok, f"test={name}", as_root)
 
     @inlineCallbacks
-    def run_command(self, script: str, cwd: Path | None = None, ok: bool = True, what: str = "") -> Any:
+    def run_command(self, script: str, cwd: Path | None = None, ok: bool = True, what: str = "",
+                    as_root: bool = False) -> Any:
         """Run `script` with sh -e in the blocks' environment; fires with (exit code, stdout text)."""
-        out, err, code = yield run("/bin/sh", "-ec", script, env=self.environ(), cwd=str(cwd or self.workdir))
+        argv = self.argv(script, as_root)
+        where = cwd or (self.workdir if self.user is None or as_root else self.home)
+        out, err, code = yield run(*argv, env=self.environ(as_root), cwd=str(where))
         text = out.decode(errors="replace")
         if ok:
             assert code == 0, f"{self.path.name} {what or script} failed ({code}):\n{text}\n{err.decode(errors='replace')}"
         return code, text
 
     def spawn(self, name: str, cwd: Path) -> Any:
-        """Start shell block `name` (a long-running command) in the background; a WatchedProcess."""
-        return spawn(["/bin/sh", "-ec", "exec env " + self.block(name).strip()], env=self.environ(), cwd=str(cwd))
+        """Start shell block `name` (a long-running command, run as the guide's user without sudo) in the
+        background; a WatchedProcess."""
+        argv = self.argv("exec env " + self.block(name).strip(), as_root=False, sudo=False)
+        return spawn(argv, env=self.environ(as_root=False), cwd=str(cwd))
+
+
+def _program(name: str) -> str:
+    found = shutil.which(name)
+    assert found, f"{name} missing: apt-get install util-linux"
+    return found
+
+
+_TESTED = re.compile(r"^\*\*How this guide is tested\.\*\*(.*?)(?:\n\n|\Z)", re.S | re.M)
+
+
+def _check_substitutions_named(guide: Path, text: str, paths: dict[str, Path], shims: dict[str, str]) -> None:
+    """Every path the test moves and every program it replaces is named in the guide's "How this guide is
+    tested" paragraph: nothing else is changed."""
+    found = _TESTED.search(text)
+    assert found, f"{guide.name} has no 'How this guide is tested' paragraph"
+    said = found.group(1)
+    named = re.findall(r"`(/[\w./-]+)`", said)
+    unsaid = {p for p in paths if not any(p == n or p.startswith(n + "/") for n in named)}
+    assert not unsaid, f"{guide.name}: the test moves {sorted(unsaid)} without saying so"
+    for program in shims:
+        assert f"`{program}" in said, f"{guide.name}: the test replaces `{program}` without saying so"
 
 
 @inlineCallbacks
@@ -114,19 +192,23 @@ def follow_to_a_connected_agent(testcase: Any, guide: Guide, pki_dir: str, start
     from ..helpers import start_controller, wait_until
     toml = guide.workdir / "uptrakit.toml"
     toml.write_text(guide.block("controller"))
+    # the guide's https_listen binds every address: the test's binds CONTROLLER_HOST only
     c = yield start_controller(testcase, str(guide.workdir), config=str(toml),
                                data_dir=guide.paths["/var/lib/uptrakitd"],
-                               https_listen=f"tcp:{guide.values['CONTROLLER_PORT']}:interface=127.0.0.1")
+                               https_listen=f"tcp:{guide.values['CONTROLLER_PORT']}:interface={guide.values['CONTROLLER_HOST']}")
     yield guide.run("fetch")
     if "server-cert" in guide.blocks:   # (NPM makes its certificate in its UI: start_proxy does it)
         yield guide.run("server-cert")
     yield start_proxy()
     code, out = yield guide.run("token")
     guide.values["ENROLLMENT_TOKEN"] = json.loads(out)["token"]
-    host = guide.workdir / "agent-host"
+    host = guide.workdir / "agent-host"   # the agent user's directory on the agent host
     host.mkdir()
+    # what the guide's scp lines do: the proxy's copy of ca.crt and its server certificate, owned by the user
     shutil.copy(Path(guide.local(pki_dir)) / "ca.crt", host / "ca.crt")
     shutil.copy(Path(guide.local(pki_dir)) / "server.crt", host / "proxy-server.crt")
+    guide.give(host, host / "ca.crt", host / "proxy-server.crt")
+    yield guide.run("agent-dirs", host)
     agent = guide.spawn("agent", host)
     testcase.addCleanup(_stop, agent)
     try:
@@ -135,11 +217,56 @@ def follow_to_a_connected_agent(testcase: Any, guide: Guide, pki_dir: str, start
         raise AssertionError(f"the agent started from {guide.path.name} did not connect:\n"
                              + agent.output.decode(errors="replace")[-3000:]) from None
     (service_id,) = list(c.channel.connected)
+    if guide.user is not None:   # the agent ran as the guide's user: its key is that user's, unreadable by others
+        identity = (Path(guide.paths["/var/lib/uptrakit-agent"]) / "identity.pem").stat()
+        testcase.assertEqual((identity.st_uid, identity.st_mode & 0o077), (guide.user.pw_uid, 0))
     code, out = yield guide.run("check", host)
     answer = json.loads(out)
     testcase.assertEqual((answer["identity_source"], answer["identity"]["service_id"], answer["proxy_ip"]),
                          ("proxy-cert", service_id, "127.0.0.1"))
     return c, host, agent, service_id
+
+
+# A guide walked as a person would: an unprivileged user with sudo, the controller on an address that is not
+# 127.0.0.1 (so not in its server certificate unless the guide puts it there), names that are not localhost
+WALK_USER = "nobody"
+WALK_NAMES = {"CONTROLLER_HOST": "127.0.0.10", "CONTROLLER_NAME": "controller.uptrakit.test",
+              "PROXY_HOST": "edge.uptrakit.test"}
+WALK_HOSTS = {"controller.uptrakit.test": "127.0.0.10", "edge.uptrakit.test": "127.0.0.1"}
+
+
+def walk(name: str, address_key: str, paths: dict[str, Path], shims: dict[str, str], work: Path,
+         **known: Any) -> Guide:
+    """Guide `name` filled for a walk as its reader: WALK_USER, WALK_NAMES resolved by a private /etc/hosts,
+    `/opt/uptrakitd/venv` a venv of the system's python3 as install.md makes it."""
+    values = guide_values(address_key, **WALK_NAMES)
+    values.update(known)
+    paths = dict(paths, **{"/opt/uptrakitd/venv/bin": system_venv(work / "venv") / "bin"})
+    return Guide(name, values, paths, shims, work, as_user=WALK_USER, hosts=WALK_HOSTS)
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def system_venv(where: Path) -> Path:
+    """A venv of the distribution's python3 (as install.md makes one) seeing this venv's packages.
+
+    The test's own interpreter may live where an unprivileged user cannot reach it (pyenv under /root);
+    the system's python3 of the same minor version runs the same installed wheels.
+    """
+    import subprocess
+    import sysconfig
+    version = subprocess.run([str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == str(sys.version_info[:2]), f"{SYSTEM_PYTHON} is {version}, the tests run {sys.version_info[:2]}"
+    subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", "--without-pip", str(where)], check=True)
+    site = where / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    (site / "uptrakit-tests.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    for script in ("twistd", "uptrakitctl"):
+        body = (Path(sys.executable).parent / script).read_text().split("\n", 1)[1]
+        (where / "bin" / script).write_text(f"#!{where / 'bin' / 'python3'}\n{body}")
+        (where / "bin" / script).chmod(0o755)
+    return where
 
 
 def guide_values(address_key: str, **known: Any) -> dict[str, Any]:
@@ -163,7 +290,7 @@ def rotate_then_refresh(testcase: Any, guide: Guide, c: Any, agent: Any, service
     status, body = yield request_json(c, "POST", "/api/v1/settings/rotate-ca")
     testcase.assertEqual(status, 200, body)
     yield agent.wait_for(b"re-download ca.crt on the proxy", timeout=60)
-    yield guide.run("refresh")
+    yield guide.run("refresh", as_root=True)   # as its timer's service runs it
     if after_refresh is not None:
         yield after_refresh()
     yield wait_until(lambda: generation_of(c, service_id) == 2, timeout=60)
@@ -180,6 +307,34 @@ def revoke_current(c: Any, service_id: str) -> Any:
     serial = format_serial(c.channel.connected[service_id].serial)
     status, body = yield request_json(c, "POST", f"/api/v1/certificates/{serial}/revoke", {"reason": "keyCompromise"})
     assert status == 200, body
+
+
+@inlineCallbacks
+def revoke_as_written(guide: Guide, c: Any, service_id: str, host: Path) -> Any:
+    """The guide's step 9: the serial as openssl prints it on the agent host, revoked by the guide's block."""
+    code, out = yield guide.run_command(guide.local("openssl x509 -in /var/lib/uptrakit-agent/identity.pem -noout -serial"),
+                                        host)
+    guide.values["SERIAL"] = out.strip().removeprefix("serial=")
+    assert int(guide.values["SERIAL"], 16) == c.channel.connected[service_id].serial, out
+    yield guide.run("revoke")
+
+
+@inlineCallbacks
+def let_back_in(testcase: Any, guide: Guide, c: Any, agent: Any, revoked_service: str, host: Path) -> Any:
+    """After a revocation the agent stops for good; the guide's `forget` block and step 6's command bring
+    the host back as a new service, which the guide's check shows. Fires with the new agent process."""
+    import json
+
+    from ..helpers import wait_until
+    yield agent.wait_for(b"revoked", timeout=30)
+    yield _stop(agent)   # Ctrl+C, or systemctl stop
+    yield guide.run("forget", host)
+    again = guide.spawn("agent", host)
+    testcase.addCleanup(_stop, again)
+    yield wait_until(lambda: set(c.channel.connected) - {revoked_service}, timeout=60)
+    code, out = yield guide.run("check", host)
+    testcase.assertNotEqual(json.loads(out)["identity"]["service_id"], revoked_service)
+    return again
 
 
 @inlineCallbacks

@@ -12,8 +12,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from ..helpers import require_program
-from .guides import (Guide, caddy_main_config, check_refused_by_the_controller, follow_to_a_connected_agent,
-                     guide_values, revoke_current, rotate_then_refresh, standard_paths)
+from .guides import (caddy_main_config, check_refused_by_the_controller, follow_to_a_connected_agent, revoke_current,
+                     rotate_then_refresh, standard_paths, walk)
 from .harness import RunningProxy
 
 
@@ -26,9 +26,9 @@ class CaddyGuideTests(TestCase):
         work = Path(self.mktemp()).resolve()
         work.mkdir(parents=True)
         paths = dict(standard_paths(work), **{"/etc/caddy": work / "etc-caddy"})
-        values = guide_values("CADDY_ADDR")
         main, argv, env, reload = caddy_main_config(caddy, work, paths["/etc/caddy"])
-        guide = Guide("caddy", values, paths, {"systemctl": reload, "chown": "exit 0"}, work)
+        guide = walk("caddy", "CADDY_ADDR", paths, {"systemctl": reload, "chown": "exit 0"}, work)
+        values = guide.values
 
         @inlineCallbacks
         def start_caddy() -> Any:

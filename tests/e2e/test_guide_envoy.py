@@ -15,8 +15,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from ..helpers import require_program, wait_until
-from .guides import (CURL_TLS_REFUSED, Guide, follow_to_a_connected_agent, guide_values, revoke_current,
-                     rotate_then_refresh, standard_paths)
+from .guides import (CURL_TLS_REFUSED, follow_to_a_connected_agent, revoke_current, rotate_then_refresh,
+                     standard_paths, walk)
 from .harness import _accepts
 
 
@@ -31,8 +31,8 @@ class EnvoyGuideTests(TestCase):
         etc = work / "etc-envoy"
         pidfile, log = work / "envoy.pid", work / "envoy.log"
         paths = dict(standard_paths(work), **{"/etc/envoy": etc, "/usr/bin/envoy": envoy})
-        values = guide_values("ENVOY_ADDR")
-        guide = Guide("envoy", values, paths, {}, work)
+        guide = walk("envoy", "ENVOY_ADDR", paths, {}, work)
+        values = guide.values
         exec_start = next(line.split("=", 1)[1] for line in guide.block("unit").splitlines()
                           if line.startswith("ExecStart="))
         # systemd's restart: stop the running one, start ExecStart again
@@ -53,14 +53,14 @@ class EnvoyGuideTests(TestCase):
         @inlineCallbacks
         def start_envoy() -> Any:
             (etc / "envoy.yaml").write_text(guide.block("snippet"))
-            yield guide.run_command("systemctl restart envoy")   # what `systemctl enable --now envoy` starts
+            yield guide.run_command("systemctl restart envoy", as_root=True)   # what `systemctl enable --now envoy` starts
             yield listening()
         c, host, agent, service_id = yield follow_to_a_connected_agent(self, guide, "/etc/envoy/uptrakit", start_envoy)
         # a rotation before Envoy has the new ca.crt: the agent names the refusal; the refresh restarts Envoy
         yield rotate_then_refresh(self, guide, c, agent, service_id, host, after_refresh=listening)
         yield revoke_current(c, service_id)
         yield wait_until(lambda: c.crls.current[2].entries >= 1, timeout=5)
-        yield guide.run("refresh")
+        yield guide.run("refresh", as_root=True)
         yield listening()
         code, out = yield guide.run("check", host, ok=False)
         self.assertIn(code, CURL_TLS_REFUSED, f"curl: Envoy refuses the revoked certificate (exit {code})\n{out}")

@@ -15,8 +15,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from ..helpers import require_program, wait_until
-from .guides import (CURL_TLS_REFUSED, Guide, follow_to_a_connected_agent, guide_values, haproxy_package_layout,
-                     revoke_current, rotate_then_refresh, standard_paths, verify_refresh_units)
+from .guides import (CURL_TLS_REFUSED, follow_to_a_connected_agent, haproxy_package_layout, let_back_in,
+                     revoke_as_written, rotate_then_refresh, standard_paths, verify_refresh_units, walk)
 from .harness import RunningProxy
 
 class HaproxyGuideTests(TestCase):
@@ -33,10 +33,11 @@ class HaproxyGuideTests(TestCase):
         pidfile = work / "haproxy.pid"
         paths = dict(standard_paths(work), **{"/etc/haproxy/uptrakit": work / "etc-haproxy-uptrakit",
                                               "/run/haproxy": runtime})
-        values = guide_values("HAPROXY_ADDR")
+
         reload_only = f'[ "$*" = "reload haproxy" ] || {{ echo "unexpected: systemctl $*" >&2; exit 1; }}\n' \
                       f'kill -USR2 "$(cat {pidfile})"'
-        guide = Guide("haproxy", values, paths, {"systemctl": reload_only}, work)
+        guide = walk("haproxy", "HAPROXY_ADDR", paths, {"systemctl": reload_only}, work, SERIAL="(step 9)")
+        values = guide.values
 
         @inlineCallbacks
         def start_haproxy() -> Any:
@@ -49,9 +50,11 @@ class HaproxyGuideTests(TestCase):
         yield rotate_then_refresh(self, guide, c, agent, service_id, host)   # refresh: new ca.crt, reload
         self.assertIn(b"unknown ca", agent.output)
         # a revocation reaches HAProxy with the next refresh, through the runtime API
-        yield revoke_current(c, service_id)
+        yield revoke_as_written(guide, c, service_id, host)
         yield wait_until(lambda: c.crls.current[2].entries >= 1, timeout=5)
-        yield guide.run("refresh")   # same ca.crt: no reload, the CRL is committed at runtime
+        yield guide.run("refresh", as_root=True)   # same ca.crt: no reload, the CRL is committed at runtime
         code, out = yield guide.run("check", host, ok=False)
         self.assertIn(code, CURL_TLS_REFUSED, f"curl: HAProxy refuses the revoked certificate (exit {code})\n{out}")
+        # the agent stops for good; forgetting its identity and step 6's command let the host back
+        yield let_back_in(self, guide, c, agent, service_id, host)
         yield verify_refresh_units(self, guide)

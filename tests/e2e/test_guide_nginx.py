@@ -16,8 +16,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ..helpers import require_program, wait_until
-from .guides import (Guide, follow_to_a_connected_agent, guide_values, nginx_package_layout, nginx_snippet,
-                     revoke_current, rotate_then_refresh, standard_paths, verify_refresh_units)
+from .guides import (follow_to_a_connected_agent, let_back_in, nginx_package_layout, nginx_snippet,
+                     revoke_as_written, rotate_then_refresh, standard_paths, verify_refresh_units, walk)
 from .harness import RunningProxy
 
 
@@ -35,8 +35,8 @@ class NginxGuideTests(TestCase):
         prefix = work / "nginx"
         conf = nginx_package_layout(prefix)
         paths = dict(standard_paths(work), **{"/etc/nginx/uptrakit": work / "etc-nginx-uptrakit"})
-        values = guide_values("NGINX_ADDR")
-        guide = Guide("nginx", values, paths, {"nginx": f'exec {nginx} -c {conf} "$@"'}, work)
+        guide = walk("nginx", "NGINX_ADDR", paths, {"nginx": f'exec {nginx} -c {conf} "$@"'}, work, SERIAL="(step 9)")
+        values = guide.values
 
         @inlineCallbacks
         def start_nginx() -> Any:
@@ -51,20 +51,22 @@ class NginxGuideTests(TestCase):
         guide, c, host, agent, service_id = yield self.follow_guide(crl=False)
         # 8. a rotation before the proxy has the new ca.crt: the agent says what to do, the refresh does it
         yield rotate_then_refresh(self, guide, c, agent, service_id, host)
-        # revocation: nginx asks OCSP at the handshake, so the check fails at once
-        yield revoke_current(c, service_id)
+        # 9. revocation: nginx asks OCSP at the handshake, so the check fails at once
+        yield revoke_as_written(guide, c, service_id, host)
         code, out = yield guide.run("check", host, ok=False)
         self.assertEqual(code, 22, "curl -f: nginx answers 400 for the revoked certificate")
+        # the agent stops for good; forgetting its identity and step 6's command let the host back
+        yield let_back_in(self, guide, c, agent, service_id, host)
 
     @inlineCallbacks
     def test_crl_variant_and_the_timer_units(self):
         guide, c, host, agent, service_id = yield self.follow_guide(crl=True)
-        yield revoke_current(c, service_id)
+        yield revoke_as_written(guide, c, service_id, host)
         yield wait_until(lambda: c.crls.current[1].entries >= 1, timeout=5)
         code, out = yield guide.run("check", host, ok=False)
         self.assertEqual(code, 0, "before the refresh nginx still has the old CRL (the controller says no identity)")
         self.assertIsNone(json.loads(out)["identity"])
-        yield guide.run("refresh")   # what the timer runs
+        yield guide.run("refresh", as_root=True)   # what the timer runs
         for _ in range(50):   # `nginx -s reload` returns before the new workers run
             code, out = yield guide.run("check", host, ok=False)
             if code == 22:

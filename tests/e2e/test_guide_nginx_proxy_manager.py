@@ -13,8 +13,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from ..helpers import DATA, require_program, run
-from .guides import (Guide, follow_to_a_connected_agent, guide_values, revoke_current, rotate_then_refresh,
-                     standard_paths)
+from .guides import (follow_to_a_connected_agent, revoke_current, rotate_then_refresh, standard_paths, walk)
 from .harness import RunningProxy, render
 
 
@@ -30,20 +29,21 @@ class NpmGuideTests(TestCase):
         prefix, data = work / "npm-nginx", work / "npm-data"
         (prefix / "conf.d" / "include").mkdir(parents=True)
         paths = dict(standard_paths(work), **{"/data": data})
-        values = guide_values("NPM_ADDR", NPM_DATA=data)
+
         conf = prefix / "nginx.conf"
-        guide = Guide("nginx-proxy-manager", values, paths,
-                      {"nginx": f'exec {nginx} -p {prefix} -c {conf} "$@"',
-                       "docker": '[ "$1 $2" = "exec npm" ] || { echo "unexpected: docker $*" >&2; exit 1; }\n'
-                                 'shift 2\nexec "$@"'}, work)
+        guide = walk("nginx-proxy-manager", "NPM_ADDR", paths,
+                     {"nginx": f'exec {nginx} -p {prefix} -c {conf} "$@"',
+                      "docker": '[ "$1 $2" = "exec npm" ] || { echo "unexpected: docker $*" >&2; exit 1; }\n'
+                                'shift 2\nexec "$@"'}, work, NPM_DATA=data)
+        values = guide.values
 
         @inlineCallbacks
         def start_npm() -> Any:
             # step 4's SSL tab: a custom certificate for PROXY_HOST, where the test keeps NPM's certificates
             certs = data / "custom_ssl" / "uptrakit"
             out, err, code = yield run(openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                                       "-nodes", "-days", "30", "-subj", "/CN=localhost",
-                                       "-addext", "subjectAltName=DNS:localhost",
+                                       "-nodes", "-days", "30", "-subj", f"/CN={values['PROXY_HOST']}",
+                                       "-addext", f"subjectAltName=DNS:{values['PROXY_HOST']}",
                                        "-keyout", str(certs / "server.key"), "-out", str(certs / "server.crt"))
             self.assertEqual(code, 0, err)
             advanced = prefix / "advanced.conf"

@@ -12,8 +12,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from ..helpers import require_program
-from .guides import (Guide, check_refused_by_the_controller, follow_to_a_connected_agent, guide_values,
-                     revoke_current, rotate_then_refresh, standard_paths)
+from .guides import (check_refused_by_the_controller, follow_to_a_connected_agent, revoke_current,
+                     rotate_then_refresh, standard_paths, walk)
 from .harness import RunningProxy
 
 
@@ -27,8 +27,8 @@ class TraefikGuideTests(TestCase):
         work.mkdir(parents=True)
         etc = work / "etc-traefik"
         paths = dict(standard_paths(work), **{"/etc/traefik": etc})
-        values = guide_values("TRAEFIK_ADDR")
-        guide = Guide("traefik", values, paths, {}, work)
+        guide = walk("traefik", "TRAEFIK_ADDR", paths, {}, work)
+        values = guide.values
 
         @inlineCallbacks
         def start_traefik() -> Any:

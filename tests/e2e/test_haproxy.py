@@ -47,7 +47,7 @@ def start_haproxy(testcase, c):
     runtime = Path(tempfile.mkdtemp(prefix="upt-haproxy-"))  # unix socket paths are limited to ~100 bytes
     testcase.addCleanup(shutil.rmtree, runtime, True)
     port = free_port()
-    values = guide_values("HAPROXY_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=1, HAPROXY_ADDR=PROXY_ADDR, PROXY_PORT=port)
+    values = guide_values("HAPROXY_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=1, HAPROXY_ADDR=PROXY_ADDR, PROXY_PORT=port, SERIAL="-")
     guide = Guide("haproxy", values, {"/etc/haproxy/uptrakit": work / "etc-haproxy-uptrakit"}, {}, work)
     conf = haproxy_package_layout(work, runtime, guide.block("snippet"))
     proxy = RunningProxy(testcase, "haproxy", [haproxy, "-db", "-f", str(conf)], port)

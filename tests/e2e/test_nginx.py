@@ -32,7 +32,8 @@ def start_nginx(testcase, c, crl=False):
     prefix = work / "nginx"
     conf = nginx_package_layout(prefix)
     port = free_port()
-    values = guide_values("NGINX_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=urlsplit(c.runtime.network.pki_addr).port, NGINX_ADDR=PROXY_ADDR, PROXY_PORT=port)
+    values = guide_values("NGINX_ADDR", CONTROLLER_PORT=https_port(c), PKI_PORT=urlsplit(c.runtime.network.pki_addr).port, NGINX_ADDR=PROXY_ADDR,
+                          PROXY_PORT=port, SERIAL="-")
     guide = Guide("nginx", values, {"/etc/nginx/uptrakit": work / "etc-nginx-uptrakit"},
                   {"nginx": f'exec {nginx} -c {conf} "$@"'}, work)
     (prefix / "conf.d" / "uptrakit.conf").write_text(nginx_snippet(guide, crl))
