@@ -30,16 +30,32 @@ def _bindir() -> Path:
 class PostgresCluster:
     """initdb + pg_ctl start in a temp dir; `url(dbname)`; stop()/start() to play an outage; destroy()."""
 
-    def __init__(self) -> None:
+    def __init__(self, debian_port: int | None = None) -> None:
+        """With `debian_port`: as Debian's pg_createcluster makes one (peer on the socket, scram-sha-256 over
+        TCP, listening on localhost at that port, `include_dir = 'conf.d'`), its settings left to its files."""
         self.bin = _bindir()
         self.dir = Path(tempfile.mkdtemp(prefix="upt-pg-"))   # short: unix socket paths are limited
         self.data = self.dir / "data"
+        self.debian_port = debian_port
         self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         entry = pwd.getpwnam(self.user)
         self._ids = (entry.pw_uid, entry.pw_gid)
         os.chown(self.dir, *self._ids)
-        self._as_user(["initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+        auth = ["--auth-local=peer", "--auth-host=scram-sha-256"] if debian_port else ["-A", "trust"]
+        self._as_user(["initdb", "-D", str(self.data), *auth, "-U", "postgres", "--no-sync", "-E", "UTF8"])
+        if debian_port:
+            with open(self.data / "postgresql.conf", "a") as conf:
+                conf.write("include_dir = 'conf.d'\n")
+            (self.data / "conf.d").mkdir()
+            os.chown(self.data / "conf.d", *self._ids)
         self.start()
+
+    def pg_ctl(self, action: str) -> list[str]:
+        """The pg_ctl command line (run as the cluster's user) that starts, stops or restarts this cluster."""
+        options = f"-k {self.dir} -p {self.debian_port}" if self.debian_port else \
+            f"-k {self.dir} -c listen_addresses='' -c max_connections=50"   # no TCP: our own socket only
+        return [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-o", options,
+                action]
 
     def _as_user(self, argv: list[str]) -> None:
         uid, gid = self._ids
@@ -48,15 +64,14 @@ class PostgresCluster:
             if os.geteuid() == 0:
                 os.setgid(gid)
                 os.setuid(uid)
-        done = subprocess.run([str(self.bin / argv[0]), *argv[1:]], preexec_fn=drop, cwd=str(self.dir),
+        program = argv[0] if argv[0].startswith("/") else str(self.bin / argv[0])
+        done = subprocess.run([program, *argv[1:]], preexec_fn=drop, cwd=str(self.dir),
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise AssertionError(f"{argv[0]} failed: {done.stdout}{done.stderr}")
 
     def start(self) -> None:
-        # no TCP at all (listen_addresses ''): the unix socket in our own directory only
-        self._as_user(["pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-o",
-                       f"-k {self.dir} -c listen_addresses='' -c max_connections=50", "start"])
+        self._as_user(self.pg_ctl("start"))
 
     def stop(self) -> None:
         self._as_user(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"])
