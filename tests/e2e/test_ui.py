@@ -1,7 +1,8 @@
 """The admin web UI in a real browser (Debian's chromium driven by Playwright), against a real controller.
 
 Two reference agents run in this process, a third is started from the command line the UI shows.
-Screenshots of every page at 1280 px and 375 px go to `_trial_temp/ui-screenshots/` (the test prints it).
+Screenshots of every page at 1280 px and 375 px go to `tests/e2e/output/ui-screenshots/` (the test prints it;
+`.ci/run` keeps them as the run's artefacts, outside `_trial_temp`, which the next trial run empties).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..channel_helpers import agent_identity, connected_agent
 from ..helpers import (E2E_REQUIRED, admin_token, blocking_get, blocking_tls_socket, ca_pem, env, https_port,
                        request_json, require_program, start_controller)
 
-SHOTS = Path("ui-screenshots")   # relative to where trial runs the tests: _trial_temp/ui-screenshots/
+SHOTS = Path(__file__).resolve().parent / "output" / "ui-screenshots"
 UNTRUSTED = "127.0.0.7"    # sends client-certificate headers but is not a trusted proxy
 PROXY = "127.0.0.3"        # a trusted proxy that forgets X-Forwarded-For
 PAGES = ["overview", "services", "certificates", "rotation", "tokens", "network", "audit", "doctor"]
@@ -125,6 +126,11 @@ class Browser:
 
 class UiTests(TestCase):
     timeout = 300
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        import shutil
+        shutil.rmtree(SHOTS, ignore_errors=True)   # this run's screenshots only
 
     def setUp(self) -> None:
         self.sync_playwright = _playwright()
