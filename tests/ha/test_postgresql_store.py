@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from uptrakitd.config import ConfigError, build_settings
 from uptrakitd.pki.serials import format_serial
-from uptrakitd.store import database, postgresql
+from uptrakitd.store import common, database, postgresql
 
 from ..helpers import enrolled_service, new_leaf, request_json, start_controller
 from .postgres import PostgresCluster, kek_file, together
@@ -25,10 +25,10 @@ class PostgresqlStoreTests(TestCase):
 
     def test_the_schemas_are_in_lockstep(self):
         lite = database.connect(Path(":memory:"))
-        database.migrate(lite)
+        common.migrate(lite)
         tables = [r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         expected = {t: [r[1] for r in lite.execute(f"PRAGMA table_info({t})")] for t in tables}
-        conn = postgresql.open_and_migrate(self.cluster.new_database())
+        conn = common.open_and_migrate(postgresql.connect(self.cluster.new_database()), "test")
         try:
             got: dict[str, list[str]] = {}
             for row in conn.execute("SELECT table_name, column_name FROM information_schema.columns "
@@ -38,7 +38,7 @@ class PostgresqlStoreTests(TestCase):
         finally:
             conn.close()
         self.assertEqual(got, expected)
-        self.assertEqual(len(database.migrations()), len(postgresql.migrations()))
+        self.assertEqual(len(common.migrations()), len(common.migrations(postgresql.POSTGRES.schema_folder)))
 
     def test_controllers_starting_together_apply_each_migration_once(self):
         url = self.cluster.new_database()
@@ -46,11 +46,11 @@ class PostgresqlStoreTests(TestCase):
         def start() -> list[str]:
             conn = postgresql.connect(url)
             try:
-                return postgresql.migrate(conn)
+                return common.migrate(conn)
             finally:
                 conn.close()
         results = together(start, 4)
-        every = len(postgresql.migrations())
+        every = len(common.migrations(postgresql.POSTGRES.schema_folder))
         self.assertEqual(sorted(len(r) for r in results), [0, 0, 0, every], "exactly one applied the migrations")
         conn = postgresql.connect(url)
         versions = [r["version"] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")]

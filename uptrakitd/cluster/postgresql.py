@@ -14,9 +14,10 @@ from twisted.logger import Logger
 
 from ..store import changes, controllers
 from ..store.common import close_quietly, transaction
-from ..store.postgresql import LEADER_LOCK, PgConnection, connect
+from ..store.postgresql import MIGRATION_LOCK, PgConnection, connect
 
 log = Logger()
+LEADER_LOCK = MIGRATION_LOCK - 1   # pg_advisory_lock key held by the controller that runs the periodic jobs
 
 
 class Leadership:

@@ -29,7 +29,7 @@ import click
 
 from .. import __version__
 from ..restored import RESTORE_MARKER, marker_sql
-from ..store.database import schema_version
+from ..store.database import SQLITE
 from .client import REFUSED, UNREACHABLE, USAGE, CtlError
 
 FORMAT = "uptrakitd-backup/1"
@@ -75,7 +75,7 @@ def describe(database: Path) -> dict[str, Any]:
     conn = sqlite3.connect(str(database))
     conn.row_factory = sqlite3.Row
     try:
-        return _facts(conn, schema_version(conn))
+        return _facts(conn, SQLITE.schema_version(conn))
     finally:
         conn.close()
 

@@ -84,14 +84,14 @@ def _schema(data_dir: Path) -> int | None:
     """The schema version of a data dir's database (None when there is none to read)."""
     import sqlite3
 
-    from ..store.database import schema_version
+    from ..store.database import SQLITE
     path = sqlite_path(data_dir)
     if not path.exists():
         return None
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            return schema_version(conn)
+            return SQLITE.schema_version(conn)
         finally:
             conn.close()
     except sqlite3.Error:

@@ -26,10 +26,10 @@ from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 
-from . import database, postgresql
-from .common import Connection, DuplicateRow, StoreError, transaction
-from .database import (SqliteStore, backup_path, connect, migrate, migrations, open_and_migrate, read_probe,
-                       schema_version, write_probe)
+from . import common, database, postgresql
+from .common import (Connection, DuplicateRow, StoreError, migrate, migrations, read_probe, schema_version,
+                     transaction, write_probe)
+from .database import SqliteStore, backup_path, connect
 from .postgresql import PgConnection, PostgresStore
 
 
@@ -42,8 +42,14 @@ def open_database(data_dir: Path, url: str | None = None, origin: str | None = N
     """The start-up connection: PostgreSQL when `url` is given (its writes noted in the change log as
     `origin`'s), else SQLite in `data_dir`; migrated."""
     if url:
-        return postgresql.open_and_migrate(url, origin)
-    return database.open_and_migrate(sqlite_path(data_dir))
+        return common.open_and_migrate(postgresql.connect(url, origin), common.safe_url(url))
+    path = sqlite_path(data_dir)
+    return common.open_and_migrate(database.connect(path), str(path))
+
+
+def open_and_migrate(path: Path) -> Any:
+    """The SQLite database at `path`, migrated (tools and tests that name the file)."""
+    return common.open_and_migrate(database.connect(path), str(path))
 
 
 def make_store(data_dir: Path, url: str | None, reactor: Any, origin: str = "") -> SqliteStore | PostgresStore:

@@ -113,6 +113,42 @@ def migrate(conn: Any, known: list[Migration] | None = None) -> list[str]:
     return applied
 
 
+def open_and_migrate(conn: Any, where: str) -> Any:
+    """`conn` migrated, for the synchronous start-up phase (closed if migrating fails); `where` names the
+    database in the log."""
+    try:
+        for name in migrate(conn):
+            log.info("applied schema migration {name} to {database}", name=name, database=where)
+    except BaseException:
+        close_quietly(conn)
+        raise
+    return conn
+
+
+def safe_url(url: str) -> str:
+    """A database URL without its password, for logs and errors."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def schema_version(conn: Any) -> int:
+    """The schema version recorded in the database (0 for a new one)."""
+    return int(conn.engine.schema_version(conn))
+
+
+def read_probe(conn: Any) -> None:
+    """A query the database must answer (readiness)."""
+    conn.execute("SELECT COUNT(*) FROM ca_generations").fetchone()
+
+
+def write_probe(conn: Any, now: int) -> None:
+    """A write the database must accept (readiness), in the connection's engine's SQL."""
+    conn.engine.write_probe(conn, now)
+
+
 def _apply(conn: Any, engine: Engine, version: int, sql: str) -> None:
     for statement in engine.statements(sql):
         conn.execute(statement)
@@ -160,7 +196,24 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
-Row = Any   # sqlite3.Row or postgresql.Row: by name and by position
+class Row(tuple):
+    """A result row addressable by column name and by position, like sqlite3.Row (dict(row) works), for a
+    driver whose rows are not (psycopg)."""
+
+    _index: dict[str, int]
+
+    def __new__(cls, index: dict[str, int], values: Any) -> Row:
+        row = super().__new__(cls, values)
+        row._index = index
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
 
 
 class OneThreadStore:

@@ -9,12 +9,10 @@ from typing import Any
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
-from .common import (Engine, Migration, OneThreadStore, StoreError, close_quietly, migrations, transaction,
-                     migrate as _migrate)
+from .common import Engine, OneThreadStore, StoreError
 
 log = Logger()
-__all__ = ["SqliteStore", "StoreError", "backup_path", "close_quietly", "connect", "migrate", "migrations",
-           "open_and_migrate", "read_probe", "schema_version", "transaction", "write_probe"]
+__all__ = ["SqliteStore", "backup_path", "connect"]
 
 
 class SqliteEngine(Engine):
@@ -93,37 +91,9 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def schema_version(conn: Any) -> int:
-    """The schema version recorded in the database (0 for a new one)."""
-    return SQLITE.schema_version(conn)
-
-
 def backup_path(db_path: Path, version: int) -> Path:
     """Where the copy of a database at schema `version` is kept before it is migrated further."""
     return db_path.with_name(f"{db_path.name}.v{version}.bak")
-
-
-def migrate(conn: Any, known: list[Migration] | None = None) -> list[str]:
-    """Apply pending migrations (a copy of the file is taken first when it already has a schema)."""
-    return _migrate(conn, known)
-
-
-def open_and_migrate(path: Path) -> sqlite3.Connection:
-    """Open the database for the synchronous start-up phase, migrating it first."""
-    conn = connect(path)
-    for name in migrate(conn):
-        log.info("applied schema migration {name}", name=name)
-    return conn
-
-
-def read_probe(conn: Any) -> None:
-    """A query the database must answer (readiness)."""
-    conn.execute("SELECT COUNT(*) FROM ca_generations").fetchone()
-
-
-def write_probe(conn: Any, now: int) -> None:
-    """A write the database must accept (readiness), in the connection's engine's SQL."""
-    conn.engine.write_probe(conn, now)
 
 
 class SqliteStore(OneThreadStore):

@@ -1,31 +1,23 @@
-"""PostgreSQL (`--database postgresql://…`): the same query modules, migrations under an advisory lock.
+"""PostgreSQL (`--database postgresql://…`): its Engine, its connections and its Store.
 
-The query modules are written once, for DB-API connections that take `?` parameters and give rows
-addressable by name and position (sqlite3's style). `PgConnection` lets a psycopg 3 connection be
-used that way: `?` becomes `%s`, rows are `Row`s. The schema lives in `schema_postgresql/`, kept in
-lockstep with `schema/` (same tables and columns; a test compares them).
-
-Migrations run under `pg_advisory_lock`, so controllers starting together apply each one once.
-Several controllers share one database, all active: what one changes reaches the others through the
-change log (uptrakitd.cluster: `ChangeFeed`), and the jobs that must run once per database run on the
-`Leadership` holder; those live in uptrakitd.cluster, this module is engine code only.
+`PgConnection` lets a psycopg 3 connection be used in the query modules' style (`?` parameters, rows by
+name and position); the schema in `schema_postgresql/` is kept in lockstep with `schema/` (a test compares
+them). Migrations and the first start run under advisory locks, so controllers starting together apply each
+migration once and create one CA. Clustering (change feed, leadership) is uptrakitd.cluster's.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from typing import Any, Callable, Iterator, Sequence
-from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
-from . import common
-from .common import Engine, OneThreadStore, StoreError, statements_split_on_semicolons
+from .common import Engine, OneThreadStore, Row, StoreError, safe_url, statements_split_on_semicolons
 
 log = Logger()
 MIGRATION_LOCK = 0x7570_7472_616B_6974 & 0x7FFF_FFFF_FFFF_FFFF   # "uptrakit": pg_advisory_lock's bigint key
-LEADER_LOCK = MIGRATION_LOCK - 1                                   # held by the controller that runs the periodic jobs
 BOOT_LOCK = MIGRATION_LOCK - 2                                     # held while a controller starts
 
 
@@ -35,60 +27,6 @@ def _psycopg() -> Any:
     except ImportError:
         raise StoreError("--database postgresql://… needs psycopg: pip install 'uptrakitd[postgresql]'") from None
     return psycopg
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
-
-
-class Row(tuple):
-    """A result row addressable by column name and by position, like sqlite3.Row (dict(row) works)."""
-
-    _index: dict[str, int]
-
-    def __new__(cls, index: dict[str, int], values: Sequence[Any]) -> Row:
-        row = super().__new__(cls, values)
-        row._index = index
-        return row
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            return tuple.__getitem__(self, self._index[key])
-        return tuple.__getitem__(self, key)
-
-    def keys(self) -> list[str]:
-        return list(self._index)
-
-
-def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
-    index = {column.name: i for i, column in enumerate(cursor.description or ())}
-    return lambda values: Row(index, values)
-
-
-class PgConnection:
-    """A psycopg connection spoken to in the query modules' style (`?` parameters, Row results).
-
-    With an `origin` (the controller's id), writes through it append to the change log (changes.py)."""
-
-    engine: Engine   # POSTGRES, set below
-
-    def __init__(self, conn: Any, origin: str | None = None) -> None:
-        self.raw = conn
-        self.origin = origin
-        self.records_changes = origin is not None
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        cursor = self.raw.cursor(row_factory=_rows)
-        cursor.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
-        return cursor
-
-    def close(self) -> None:
-        self.raw.close()
 
 
 class PostgresEngine(Engine):
@@ -126,12 +64,10 @@ class PostgresEngine(Engine):
         conn.execute("SELECT pg_advisory_lock(?)", (BOOT_LOCK,))
 
     def is_duplicate(self, error: BaseException) -> bool:
-        psycopg = _psycopg()
-        return isinstance(error, psycopg.errors.UniqueViolation)
+        return isinstance(error, _psycopg().errors.UniqueViolation)
 
     def is_fault(self, error: BaseException) -> bool:
-        psycopg = _psycopg()
-        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError, StoreError))
+        return isinstance(error, (_psycopg().OperationalError, _psycopg().InterfaceError, StoreError))
 
     def write_probe(self, conn: Any, now: int) -> None:
         conn.execute("INSERT INTO health (id, checked_at, scratch) VALUES (1, ?, decode(repeat(md5(random()::text), "
@@ -142,6 +78,33 @@ class PostgresEngine(Engine):
 POSTGRES = PostgresEngine()
 
 
+def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: Row(index, values)
+
+
+class PgConnection:
+    """A psycopg connection spoken to in the query modules' style (`?` parameters, Row results).
+
+    With an `origin` (the controller's id), writes through it append to the change log (changes.py)."""
+
+    engine: Engine = POSTGRES
+
+    def __init__(self, conn: Any, origin: str | None = None) -> None:
+        self.raw = conn
+        self.origin = origin
+        self.records_changes = origin is not None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        cursor = self.raw.cursor(row_factory=_rows)
+        cursor.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        return cursor
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+
 def connect(url: str, origin: str | None = None) -> PgConnection:
     """A connection in autocommit mode (transactions are explicit), or StoreError; see PgConnection for `origin`."""
     psycopg = _psycopg()
@@ -149,28 +112,6 @@ def connect(url: str, origin: str | None = None) -> PgConnection:
         return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=10), origin)
     except psycopg.Error as e:
         raise StoreError(f"cannot connect to {safe_url(url)}: {str(e).strip()}") from None
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The PostgreSQL schema files as (version, name, sql), in order."""
-    return common.migrations(POSTGRES.schema_folder)
-
-
-def migrate(conn: PgConnection) -> list[str]:
-    """Apply pending migrations, each in one transaction, holding the advisory lock; names applied."""
-    return common.migrate(conn)
-
-
-def open_and_migrate(url: str, origin: str | None = None) -> PgConnection:
-    """Connect and migrate, for the synchronous start-up phase."""
-    conn = connect(url, origin)
-    try:
-        for name in migrate(conn):
-            log.info("applied schema migration {name} to {database}", name=name, database=safe_url(url))
-    except BaseException:
-        conn.close()
-        raise
-    return conn
 
 
 class PostgresStore(OneThreadStore):
@@ -188,7 +129,3 @@ class PostgresStore(OneThreadStore):
     def _describe(self, error: BaseException) -> str:
         return "the database cannot be reached"
 
-
-
-
-PgConnection.engine = POSTGRES
