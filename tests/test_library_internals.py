@@ -10,16 +10,6 @@ from twisted.trial.unittest import TestCase
 
 
 class TwistedInternalsTests(TestCase):
-    def test_http_channel_state_the_ocsp_fast_path_checks_is_there(self):
-        """web/site.py GuardedChannel._answer_directly: an idle channel (no request being handled, nothing
-        buffered, reading lines) is the only one the fast path may answer on."""
-        from twisted.web.http import HTTPChannel
-        channel = HTTPChannel()
-        self.assertEqual((type(channel._handlingRequest), type(channel._dataBuffer), type(channel._buffer)),
-                         (bool, list, bytes))
-        self.assertEqual((channel._handlingRequest, channel._dataBuffer, channel._buffer), (False, [], b""))
-        self.assertIn("self._handlingRequest = True", inspect.getsource(HTTPChannel))
-
     def test_the_write_buffers_a_slow_socket_is_measured_by_are_there(self):
         """channel/protocol.py buffered_bytes: TCP's pending bytes and TLS's unsent application data."""
         from twisted.internet.abstract import FileDescriptor

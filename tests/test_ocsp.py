@@ -119,7 +119,7 @@ class FastPathTests(TestCase):
     """The channel's repeated-GET answers: reused within a second, never after the answer changed."""
 
     def test_a_response_is_reused_within_its_second_and_never_outlives_its_answer(self):
-        from uptrakitd.web.pki import OcspFastPath
+        from uptrakitd.web.ocsp_fast import OcspFastPath
         r, ca, issued = responder()
         fast = OcspFastPath(r, r.clock)
         path = b"/api/v1/pki/ocsp/" + quote(base64.b64encode(request_der(ca=ca, issued=issued)).decode(),

@@ -19,7 +19,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.web.pki import OcspFastPath, PkiRoutes
+from uptrakitd.web.ocsp_fast import OcspFastPath
+from uptrakitd.web.pki import PkiRoutes
 from uptrakitd.web.router import Router
 from uptrakitd.web.site import IdentifyingSite
 
@@ -41,12 +42,14 @@ def build_site(fast: bool) -> IdentifyingSite:
     return site
 
 
-def serve(site: IdentifyingSite, data: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """([(status line, body)...], whether the server closed) for `data` arriving in one read."""
+def serve(site: IdentifyingSite, *reads: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """([(status line, body)...], whether the server closed) for `reads` arriving one read each."""
     channel: Any = site.buildProtocol(PEER)
     transport = StringTransport(peerAddress=PEER)
     channel.makeConnection(transport)
-    channel.dataReceived(data)
+    for data in reads:
+        if not transport.disconnecting:
+            channel.dataReceived(data)
     out, closed = transport.value(), bool(transport.disconnecting)
     channel.connectionLost(Failure(ConnectionDone()))
     return responses(out), closed
@@ -90,6 +93,13 @@ _tail = st.sampled_from([b"", _POST_BODY, b"GET /nope HTTP/1.1\r\n\r\n", b"GET "
                          _POST_BODY + b"GET /nope HTTP/1.1\r\n\r\n", b"x"])
 
 
+_EARLIER_READS = [b"X", b"G", b"GET /nope HTTP/1.1\r\n", b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+                  b"GET " + GET_PATH + b" HTTP/1.1\r\n\r\n", b"GET " + GET_PATH[:20],
+                  b"POST /api/v1/pki/ocsp HTTP/1.1\r\nContent-Length: " + str(len(DER)).encode() + b"\r\n\r\n",
+                  b"POST /api/v1/pki/ocsp HTTP/1.1\r\nContent-Length: " + str(len(DER)).encode() + b"\r\n\r\n"
+                  + DER, b"\r\n"]
+
+
 @st.composite
 def heads(draw: Any) -> bytes:
     line = draw(_request_line)
@@ -116,6 +126,24 @@ class DifferentialTests(TestCase):
         fast = serve(SITES[True], data)
         slow = serve(SITES[False], data)
         self.assertEqual(fast, slow, data)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(_EARLIER_READS), heads())
+    @example(b"X", b"GET " + GET_PATH + b" HTTP/1.0\r\n\r\n")   # a partial line before: one bad request line
+    @example(b"GET /nope HTTP/1.1\r\n", b"GET " + GET_PATH + b" HTTP/1.0\r\n\r\n")   # inside a head
+    def test_after_an_earlier_read_too(self, earlier: bytes, data: bytes) -> None:
+        """What came before on the connection (a partial line, half a head, a request answered either way)
+        decides whether the connection is idle; the fast path must see it as twisted.web does."""
+        self.assertEqual(serve(SITES[True], earlier, data), serve(SITES[False], earlier, data), (earlier, data))
+
+    def test_a_kept_alive_connection_is_idle_again_after_a_request(self) -> None:
+        site = SITES[True]
+        get = b"GET " + GET_PATH + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        before = site.fast_ocsp.hits
+        answers, closed = serve(site, b"GET /api/v1/pki/ocsp/AAAA HTTP/1.1\r\nHost: x\r\n\r\n", get, get)
+        self.assertEqual([a[0] for a in answers], [b"HTTP/1.1 200 OK"] * 3)   # the first: malformedRequest
+        self.assertEqual(site.fast_ocsp.hits, before + 2, "after a request answered the ordinary way, the next "
+                                                           "two took the fast path")
 
     def test_the_fast_path_is_taken_for_the_forms_nginx_and_openssl_send(self) -> None:
         site = SITES[True]

@@ -61,7 +61,8 @@ from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
 from .web.api.services import ServiceRoutes
 from .web.api.status import StatusRoutes, healthz
 from .web.api.tokens import TokenRoutes
-from .web.pki import OcspFastPath, PkiRoutes
+from .web.ocsp_fast import OcspFastPath
+from .web.pki import PkiRoutes
 from .web.root import build_sites
 from .web.router import route
 from .web.ui_routes import UiRoutes

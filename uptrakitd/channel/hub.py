@@ -43,8 +43,12 @@ RENEWAL_CHECK_SECONDS = 60
 class ChannelResource(WebSocketResource):
     """Hands the request's RequestContext (SPEC §3) to the protocol the handshake creates."""
 
+    def __init__(self, factory: Any) -> None:
+        super().__init__(factory)
+        self.factory = factory
+
     def render(self, request: Any) -> Any:
-        self._factory.next_context = getattr(request, "context", None)
+        self.factory.next_context = getattr(request, "context", None)
         return super().render(request)
 
 

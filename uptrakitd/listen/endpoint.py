@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.logger import Logger
@@ -35,8 +35,9 @@ class ListenerFailed(SystemExit):
     """A listener could not start; raised out of startService so twistd exits before running."""
 
 
-class ListenerService(StreamServerEndpointService):
-    """StreamServerEndpointService that names what it serves and refuses to run without its port."""
+class ListenerService(Service):
+    """Listens on one endpoint while running (as Twisted's StreamServerEndpointService, whose private
+    `_waitingForPort` a subclass would have to set); names what it serves and refuses to run without its port."""
 
     def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str,
                  proxy_senders: Callable[[str], bool] | None = None,
@@ -54,31 +55,38 @@ class ListenerService(StreamServerEndpointService):
         except (ValueError, TypeError, KeyError) as e:
             self._endpoint_error = f"invalid {what} endpoint {description!r}: {e}"
             endpoint = None
-        super().__init__(endpoint, factory)
+        self.endpoint: Any = endpoint
+        self.factory = factory
         self.reactor = reactor
         self.description = description
+        self._binding: Deferred | None = None   # endpoint.listen()'s, until stopped
         self.what = what
         self.port: IListeningPort | None = None
         self.setName(what)
 
     def privilegedStartService(self) -> None:
-        if self._endpoint_error is not None:
-            self._fail(self._endpoint_error)
-        self._waitingForPort = self.endpoint.listen(self.factory)
+        if self._endpoint_error is not None or self.endpoint is None:
+            self._fail(self._endpoint_error or f"no {self.what} endpoint")
+        self._binding = self.endpoint.listen(self.factory)
         failed: list[Failure] = []
-        self._waitingForPort.addCallbacks(self._listening, failed.append)
+        self._binding.addCallbacks(self._listening, failed.append)
         if failed:  # endpoints that bind at once (tcp, haproxy, systemd) fail here, before the reactor runs
             self._fail(f"cannot listen for {self.what} on {self.description}: {failed[0].getErrorMessage()}")
-        elif not self._waitingForPort.called:
-            self._waitingForPort.addErrback(lambda f: self._fail_later(
+        elif not self._binding.called:
+            self._binding.addErrback(lambda f: self._fail_later(
                 f"cannot listen for {self.what} on {self.description}: {f.getErrorMessage()}"))
+
+    def startService(self) -> None:
+        if self._binding is None:   # not started by twistd's privileged phase (tests, the agent)
+            self.privilegedStartService()
+        super().startService()
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         log.info("{what} listening on {address}", what=self.what, address=str(port.getHost()))
         return port
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         _say(message)
         raise ListenerFailed(1)
 
@@ -91,8 +99,13 @@ class ListenerService(StreamServerEndpointService):
         self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred:
+        super().stopService()
         self.port = None
-        return super().stopService()
+        binding, self._binding = self._binding, None
+        if binding is None:
+            return succeed(None)
+        binding.cancel()   # still binding: give up; bound: the port stops listening
+        return binding.addCallback(lambda port: port.stopListening() if port is not None else None)
 
 
 def _say(message: str) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..errors import NotFound, PayloadTooLarge
-from ..metrics import CounterChildren
 from ..pki.authority import CertificateAuthority
 from ..pki.crl import CrlPublisher
 from ..pki.ocsp import MAX_REQUEST_BYTES, OcspAnswer, OcspDecodeError, OcspResponder, decode_get_path
+from .ocsp_fast import OcspFastPath
 from .router import Response, Route, route
 
 OCSP_GET = r"(?:/api/v1/pki)?(?:/[^?]*)?/ocsp/(?P<encoded>.+)"
@@ -124,99 +124,3 @@ def _conditional(request: Any, response: Response, etag: str | None = None) -> R
     if _not_modified(request, response.headers):
         return Response(b"", response.content_type, 304, response.headers)
     return response
-
-
-class _Remembered:
-    """One path's answer, and the last complete response built from it (reused within its second: only
-    `Date` and `max-age` change from one second to the next)."""
-
-    __slots__ = ("answer", "version", "fixed", "built")
-
-    def __init__(self, answer: OcspAnswer, version: int, fixed: bytes) -> None:
-        self.answer, self.version, self.fixed = answer, version, fixed
-        self.built: tuple[int, bytes, bool, bytes] = (-1, b"", False, b"")   # (second, HTTP version, close, bytes)
-
-
-class OcspFastPath:
-    """OCSP answers that `GuardedChannel` writes itself, without twisted.web's request machinery.
-
-    Profiles showed the request machinery (header parsing, `Request`, routing, rendering) costing more
-    reactor time than the OCSP work: most of a cached answer's ~0.25 ms, and ~45 % of a signed nonce
-    answer (twisted's Content-Type parse through the `email` package alone was 9 %). Two cases:
-
-    - GET, repeated: nginx's `ssl_ocsp` asks the same URL at every handshake of the same certificate. An
-      entry is the responder's answer for one exact request path; it is used until the answer's
-      half-life (as the responder's own cache) and dropped as soon as the responder forgets anything (a
-      revocation or a rotation bumps `OcspResponder.version`). Bounded: cleared when full.
-    - POST with its whole body in one read (what openssl and other clients send): handed straight to
-      the responder, which signs a nonce answer per request.
-    """
-
-    MAX_ENTRIES = 10_000
-    MAX_PATH = 1024   # nginx's paths are ~150 bytes; any prefix is accepted, so a long one is not kept
-    GET_ROUTE = "/api/v1/pki/ocsp/{encoded}"
-    POST_ROUTE = "/api/v1/pki/ocsp"
-
-    def __init__(self, ocsp: OcspResponder, clock: Any, requests: Any = None) -> None:
-        self.ocsp = ocsp
-        self.clock = clock
-        self.requests = CounterChildren(requests)   # uptrakit_http_requests, counted as the router would
-        self._entries: dict[bytes, _Remembered] = {}
-        self._date: tuple[int, bytes] = (-1, b"")
-        self.hits = 0    # repeated GETs answered here
-        self.posts = 0   # POSTs answered here
-
-    def remember(self, path: bytes, answer: OcspAnswer) -> None:
-        """Keep a reusable answer for this exact request path."""
-        if answer.reuse_until is None or answer.next_update is None or len(path) > self.MAX_PATH:
-            return
-        if len(self._entries) >= self.MAX_ENTRIES:
-            self._entries.clear()
-        fixed = _header_lines({k: v for k, v in answer.headers.items() if k != "Cache-Control"})
-        self._entries[path] = _Remembered(answer, self.ocsp.version, fixed)
-
-    def repeated_get(self, path: bytes, version: bytes, close: bool) -> bytes | None:
-        """The complete response for a GET of `path`, or None to answer it the ordinary way."""
-        entry = self._entries.get(path)
-        if entry is None or self.ocsp.stale():   # stale: the responder answers tryLater, the ordinary way
-            return None
-        answer, now = entry.answer, self.clock.seconds()
-        if entry.version != self.ocsp.version or now >= (answer.reuse_until or 0):
-            del self._entries[path]
-            return None
-        self.ocsp.count(answer.status)
-        self.hits += 1
-        self._count(self.GET_ROUTE, "GET")
-        second = int(now)
-        built = entry.built
-        if built[0] == second and built[1] == version and built[2] == close:
-            return built[3]
-        max_age = max(0, int((answer.next_update or now) - second))
-        response = self._http(version, close, b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
-                              % max_age + entry.fixed, answer.der)
-        entry.built = (second, version, close, response)
-        return response
-
-    def post(self, body: bytes, version: bytes, close: bool, client: str | None = None) -> bytes:
-        """The complete response to a POST of `body` (at most MAX_REQUEST_BYTES) from address `client`."""
-        answer = self.ocsp.answer(body, client)
-        self.posts += 1
-        self._count(self.POST_ROUTE, "POST")
-        return self._http(version, close, _header_lines(answer.headers), answer.der)
-
-    def _count(self, route: str, method: str) -> None:
-        self.requests.inc(route, method, "200")
-
-    def _http(self, version: bytes, close: bool, headers: bytes, der: bytes) -> bytes:
-        second = int(self.clock.seconds())
-        if self._date[0] != second:
-            self._date = (second, email.utils.formatdate(second, usegmt=True).encode())
-        return b"".join((version, b" 200 OK\r\nServer: uptrakitd\r\nDate: ", self._date[1],
-                         b"\r\nContent-Type: application/ocsp-response\r\n", headers,
-                         b"Content-Length: ", str(len(der)).encode(), b"\r\n",
-                         # HTTP/1.0 closes without saying so, as twisted.web answers it
-                         b"Connection: close\r\n\r\n" if close and version == b"HTTP/1.1" else b"\r\n", der))
-
-
-def _header_lines(headers: dict[str, str]) -> bytes:
-    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")

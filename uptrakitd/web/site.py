@@ -3,7 +3,6 @@ whose connections must send a request head in time and cannot send a body larger
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Callable
 
 from OpenSSL import SSL
@@ -98,7 +97,7 @@ class IdentifiedRequest(Request):
             # several controllers: the certificate or service may have been made on another one a moment
             # ago (an agent that enrolled or renewed there and reconnects here): read them, then decide
             self._caught_up = True
-            catch_up(self.context.unknown).addBoth(lambda _: None if self._disconnected else self.process())
+            catch_up(self.context.unknown).addBoth(lambda _: None if self.channel is None else self.process())
             return
         if self.context.identity_source == "mtls":
             mark_authenticated(getattr(self.channel, "transport", None))
@@ -112,15 +111,6 @@ def _anonymous(request: Any) -> RequestContext:
     return RequestContext(peer_ip=peer, client_ip=peer)
 
 
-# The fast path takes a head only when twisted.web would take it the same way (tests/test_site.py checks it
-# head for head): a target of visible ASCII, and field lines that are a token, a colon and visible ASCII,
-# each ended by CRLF. No bare CR or LF, no folding, no NUL, no space in a name: those go to twisted.web.
-_TARGET = re.compile(rb"[!-~]+")
-_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*")
-# the fast path leaves a request with one of these to twisted.web; and it reads these to answer it
-# conditional requests go the ordinary way (web.pki answers them 304)
-_FIELDS_REFUSED = (b"transfer-encoding", b"expect", b"upgrade", b"if-none-match", b"if-modified-since")
-_FIELDS_READ = _FIELDS_REFUSED + (b"content-length", b"connection")
 
 
 class GuardedChannel(HTTPChannel):
@@ -133,7 +123,8 @@ class GuardedChannel(HTTPChannel):
 
     head_timeout = 10.0
     counters: dict[str, Counter] = {}
-    fast_ocsp: Any = None   # web.pki.OcspFastPath: OCSP answered without the request machinery
+    fast_ocsp: Any = None   # web.ocsp_fast.OcspFastPath: OCSP answered without the request machinery
+    _fed = False            # HTTPChannel holds bytes of a request that is not done
     _head_timer: Any = None
     _request_line: bytes | None = None
     _closing = False
@@ -172,54 +163,20 @@ class GuardedChannel(HTTPChannel):
             return
         if self.line_mode and self._request_line is None and self._head_timer is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
+        self._fed = True
         super().dataReceived(data)
 
     def _answer_directly(self, data: bytes) -> bool:
-        """OCSP on an idle connection, complete in this one read: a `GET …/ocsp/…` whose answer is known,
-        or a `POST /api/v1/pki/ocsp` with its whole body, written at once without twisted.web's request
-        machinery (see web.pki.OcspFastPath); anything else goes the ordinary way. Idle is read from
-        HTTPChannel's private `_handlingRequest`, `_dataBuffer` and `_buffer` (Twisted 26.10;
-        tests/test_library_internals.py fails when they change)."""
-        if (not data.startswith((b"GET ", b"POST ")) or self.requests or self._handlingRequest
-                or self._dataBuffer or self._buffer or not self.line_mode or self._request_line is not None):
+        """OCSP on an idle connection, complete in this one read, answered by web.ocsp_fast (its contract is
+        there); anything else goes the ordinary way. Idle: no request in HTTPChannel's hands (`_fed`, ours:
+        set when bytes go to it, cleared when a request is done), and no head of ours begun."""
+        if self.requests or self._fed or not self.line_mode or self._request_line is not None:
             return False
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end > 8192:
+        answer = self.fast_ocsp.respond(data, lambda: getattr(self.transport.getPeer(), "host", None)
+                                        if self.transport is not None else None)
+        if answer is None:
             return False
-        line, _, fields = data[:end].partition(b"\r\n")
-        body = data[end + 4:]
-        parts = line.split(b" ")
-        if len(parts) != 3 or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1") or not _TARGET.fullmatch(parts[1]):
-            return False
-        if fields and not _FIELD_LINES.fullmatch(fields + b"\r\n"):
-            return False   # anything but plain `token: visible text` lines is twisted.web's to judge
-        method, path, version = parts
-        if not (method == b"GET" and b"/ocsp/" in path or method == b"POST" and path == b"/api/v1/pki/ocsp"):
-            return False   # every other request (WebSocket upgrades included) before its headers are read
-        close = version == b"HTTP/1.0"
-        length = None
-        lowered = fields.lower()
-        # nginx asks with a Host line only: the field loop is needed only when a field that matters is there
-        for header in lowered.split(b"\r\n") if any(name in lowered for name in _FIELDS_READ) else ():
-            name, _, value = header.partition(b":")
-            name = name.strip()
-            if name in _FIELDS_REFUSED:
-                return False
-            if name == b"content-length":
-                if length is not None or not value.strip().isdigit():
-                    return False
-                length = int(value)
-            elif name == b"connection" and b"close" in value:
-                close = True
-        if method == b"GET":
-            response = self.fast_ocsp.repeated_get(path, version, close) if length is None and not body else None
-            if response is None:
-                return False
-        elif length is not None and length == len(body) <= MAX_REQUEST_BYTES:
-            peer = getattr(self.transport.getPeer(), "host", None) if self.transport is not None else None
-            response = self.fast_ocsp.post(body, version, close, peer)
-        else:
-            return False
+        response, close = answer
         self._disarm()
         self.resetTimeout()
         transport: Any = self.transport
@@ -227,6 +184,10 @@ class GuardedChannel(HTTPChannel):
         if close:
             self.loseConnection()
         return True
+
+    def requestDone(self, request: Any) -> None:
+        self._fed = False   # bytes after this request (pipelined) come back through dataReceived
+        super().requestDone(request)
 
     def lineReceived(self, line: bytes) -> None:
         if self._request_line is None and line:
