@@ -34,8 +34,8 @@ def defer_debug_formatting() -> None:
     """Replace autobahn.websocket.protocol's module-level `pformat` by a lazy one: its two log calls get a
     value that formats itself when written; `Timings.__str__`, its only other user, keeps the real one."""
     import autobahn.websocket.protocol as protocol
-    # Autobahn 26.11's Timings keeps its figures in `_timings` (tests/test_library_internals.py)
-    protocol.Timings.__str__ = lambda self: pformat(self._timings)  # type: ignore[method-assign]
+    # through Timings' public mapping (iteration and [key]), as Autobahn 26.11's own __str__ prints it
+    protocol.Timings.__str__ = lambda self: pformat({key: self[key] for key in self})  # type: ignore[method-assign]
     protocol.pformat = _Lazy  # type: ignore[assignment]
 
 

@@ -32,17 +32,16 @@ MAX_UNKNOWN_IN_A_ROW = 10
 def buffered_bytes(transport: Any) -> int:
     """Bytes written but not yet accepted by the kernel, summed down a TLS/TCP transport chain.
 
-    Reads Twisted's private `_tempDataLen` (FileDescriptor) and `_appSendBuffer` (TLSMemoryBIOProtocol), as of
-    Twisted 26.10; tests/test_library_internals.py fails when they change."""
+    The TCP transport (FileDescriptor) holds them in `dataBuffer` past `offset`, and in the chunks written
+    since its last write to the socket, counted by its private `_tempDataLen` (read as of Twisted 26.10;
+    tests/test_library_internals.py fails when it changes). TLS adds nothing once its handshake is done
+    (every WebSocket is past it): TLSMemoryBIOProtocol hands each write to TCP at once."""
     total, seen = 0, 0
     while transport is not None and seen < 6:
         total += getattr(transport, "_tempDataLen", 0) or 0
         data = getattr(transport, "dataBuffer", None)
         if isinstance(data, (bytes, bytearray, memoryview)):
             total += len(data) - (getattr(transport, "offset", 0) or 0)
-        pending = getattr(transport, "_appSendBuffer", None)
-        if pending:
-            total += sum(len(p) for p in pending)
         transport = getattr(transport, "transport", None)
         seen += 1
     return total
@@ -224,7 +223,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol, ChannelState):  # type: ig
     # which can cost the peer our close frame, and with it the reason.
     _deaf = False
 
-    def _dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
         if self._deaf or self.state == self.STATE_CLOSED:
             return   # Autobahn would append it to its buffer, forever
         if self.state == self.STATE_CLOSING:
@@ -232,7 +231,7 @@ class ServiceChannelProtocol(WebSocketServerProtocol, ChannelState):  # type: ig
             if self._after_close_bytes > BYTES_AFTER_CLOSE:
                 self._stop_reading_after_close()
                 return
-        super()._dataReceived(data)
+        super().dataReceived(data)
 
     def processData(self) -> bool:
         if self._deaf:

@@ -85,10 +85,10 @@ def limit_groups(ctx: SSL.Context) -> None:
 def say_revoked() -> None:
     """Make the handshake's alert certificate_revoked (44) instead of internal_error (80).
 
-    OpenSSL picks the alert from the verification error on the X509_STORE_CTX, and a refusal by the
-    verify callback leaves that error at "ok". pyOpenSSL's callback API does not hand the store context
-    to the callback and binds no cert-verify callback; its wrapper, our caller, holds it as `store_ctx`,
-    and the bindings it loads have X509_STORE_CTX_set_error. Anything unexpected leaves the alert as it
+    OpenSSL picks the alert from the verification error on the X509_STORE_CTX, and a refusal by the verify
+    callback leaves that error at "ok". pyOpenSSL's callback API does not hand the store context to the
+    callback and binds no cert-verify callback; its wrapper, our caller, holds it as `store_ctx` (pyOpenSSL
+    26.4), and the bindings it loads have X509_STORE_CTX_set_error. Anything unexpected leaves the alert as it
     was (tests/test_tls.py asserts the alert, so a pyOpenSSL that changes this is noticed)."""
     import sys
 
