@@ -326,3 +326,65 @@ class VerifiedCacheTests(TestCase):
         cache.on_revoked(CertificateRevoked(4, None, 1, "keyCompromise", 0))
         cache.get(long_value, lambda: calls.append("long") or Checked(Facts(4), 1))
         self.assertEqual(calls, ["b", "long", "long"])
+
+
+class VerifiedCacheDifferentialTests(TestCase):
+    """The verified-header cache (trust/verified.py) shortcuts a full verification of a forwarded certificate:
+    through a random run of requests, revocations, deactivations and CA rotations, the controller's resolver
+    (with its cache) decides every request exactly as a twin resolver that verifies every header in full."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_the_cache_decides_as_a_full_verification_does(self):
+        import random
+
+        from uptrakitd.errors import Conflict
+        from uptrakitd.trust.verified import VerifiedCertificates
+        c = yield start_controller(self, trusted_proxies=[PROXY])
+        yield request_json(c, "PUT", "/api/v1/settings/network",
+                           {"forwarded_client_cert_pem_header": "X-SSL-Client-Cert"})
+        cached = c.resolver
+        full = IdentityResolver(cached.network, cached.authority, cached.services, cached.trust_domain, cached.clock)
+        full.verified = VerifiedCertificates(max_entries=0)   # every header verified in full, every time
+        leaves = []
+        for _ in range(4):
+            leaf, _, service = yield new_leaf(c)
+            leaves.append((leaf, service))
+        foreign = x509.load_pem_x509_certificate(foreign_ca_and_leaf()[1])
+        values = [base64.b64encode(leaf.cert.public_bytes(serialization.Encoding.DER)).decode() for leaf, _ in leaves]
+        values += [leaves[0][0].pem.decode().replace("\n", " "), quote(leaves[1][0].pem.decode()),
+                   base64.b64encode(foreign.public_bytes(serialization.Encoding.DER)).decode(), "junk", "A" * 5000]
+        rng = random.Random(20261203)
+        decisions: dict[str, int] = {}
+        for step in range(160):
+            roll = rng.random()
+            if roll < 0.03:
+                try:   # (a deactivation revoked its service's certificates already)
+                    yield c.ca.revoke(rng.choice(leaves)[0].serial, "keyCompromise")
+                except Conflict:
+                    pass
+            elif roll < 0.05:
+                yield c.directory.deactivate(rng.choice(leaves)[1].id)
+            elif roll < 0.065:   # two or three in a run: the first leaves are then untrusted
+                yield c.ca.rotate()
+            elif roll < 0.13:   # a new certificate for a service, as a renewal would make
+                leaf, _, service = yield new_leaf(c)
+                leaves.append((leaf, service))
+                values.append(base64.b64encode(leaf.cert.public_bytes(serialization.Encoding.DER)).decode())
+            value = rng.choice(values)
+            headers = Headers({b"X-SSL-Client-Cert": [value.encode()]})
+            fast = cached(FakeRequest(PROXY, headers.copy()))
+            slow = full(FakeRequest(PROXY, headers.copy()))
+            got = [(ctx.identity_source, ctx.identity and (ctx.identity.service_id, ctx.identity.serial,
+                                                           ctx.identity.ca_generation), ctx.rejected, ctx.rejected_code)
+                   for ctx in (fast, slow)]
+            self.assertEqual(got[0], got[1], f"step {step}: {value[:60]}")
+            decisions[got[0][2] or "identity"] = decisions.get(got[0][2] or "identity", 0) + 1
+        # the run met the cases that matter: identities, revoked and deactivated certificates, foreign and
+        # malformed headers, and the cache answered many of them
+        self.assertGreater(decisions.get("identity", 0), 10, decisions)
+        for reason in ("certificate revoked", "certificate not issued by a trusted CA",
+                       "certificate header unusable: certificate is not DER"):
+            self.assertIn(reason, decisions)
+        self.assertGreater(cached.verified.hits, 40)
