@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from uptrakitd.config import NetworkSettings
-from uptrakitd.pki.state import CaState as Authority
+from uptrakitd.pki.state import CaState
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.trust.identity import IdentityResolver, header_family
 
@@ -242,7 +242,7 @@ def mangle(name: str, data) -> str:
 
 class StrippingPropertyTests(TestCase):
     def resolver(self, network):
-        return IdentityResolver(lambda: network, Authority(), {}, "uptrakit.local", Clock())
+        return IdentityResolver(lambda: network, CaState(), {}, "uptrakit.local", Clock())
 
     @settings(max_examples=300, deadline=None)
     @given(st.data(), st.lists(st.tuples(NAME, st.text(max_size=50)), max_size=12))
@@ -345,7 +345,7 @@ class VerifiedCacheDifferentialTests(TestCase):
         yield request_json(c, "PUT", "/api/v1/settings/network",
                            {"forwarded_client_cert_pem_header": "X-SSL-Client-Cert"})
         cached = c.resolver
-        full = IdentityResolver(cached.network, cached.authority, cached.services, cached.trust_domain, cached.clock)
+        full = IdentityResolver(cached.current_network, cached.ca_state, cached.services, cached.trust_domain, cached.clock)
         full.verified = VerifiedCertificates(max_entries=0)   # every header verified in full, every time
         leaves = []
         for _ in range(4):

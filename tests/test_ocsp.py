@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.pki.state import CaState as Authority, CertRecord
+from uptrakitd.pki.state import CaState, CertRecord
 from uptrakitd.pki.ca import CaGeneration, create_ca
 from uptrakitd.pki.signer import KeySigner
 from uptrakitd.pki.issue import issue_client_certificate
@@ -27,15 +27,15 @@ def responder():
     signer = KeySigner.generate()
     cert = create_ca(1, None, NOW - datetime.timedelta(days=1), signer)
     ca = CaGeneration(1, cert, signer)
-    authority = Authority()
-    authority.add_generation(ca)
+    state = CaState()
+    state.add_generation(ca)
     sid = "3f0b3c1e-7a4e-4b8e-9a51-0d1e2f3a4b5c"
     issued = issue_client_certificate(ca, x509.load_pem_x509_csr(make_csr(sid)[0]), sid, "agent", "uptrakit.local",
                                       datetime.timedelta(hours=1), None, NOW)
-    authority.add_record(CertRecord(issued.serial, sid, "client", 1, 0, 2**40))
+    state.add_record(CertRecord(issued.serial, sid, "client", 1, 0, 2**40))
     clock = Clock()
     clock.advance(NOW.timestamp())
-    return OcspResponder(authority, clock), ca, issued
+    return OcspResponder(state, clock), ca, issued
 
 
 R, CA, ISSUED = responder()

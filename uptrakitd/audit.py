@@ -53,13 +53,13 @@ class Said:
 BY_SYSTEM = Said()
 
 
-def with_entry(operation: Callable[..., Any], controller: str, action: str, obj: dict[str, Any],
+def with_entry(operation: Callable[..., Any], controller_id: str, action: str, obj: dict[str, Any],
                details: dict[str, Any], actor: dict[str, Any] | None = None) -> Callable[..., Any]:
     """`operation` followed, in its transaction, by an entry made by `system` (or `actor`): for the changes the
     start-up makes before the reactor runs (boot.py), where no AuditTrail exists yet."""
     def together(conn: Any, *args: Any) -> Any:
         result = operation(conn, *args)
-        log_entry(stored.append(conn, int(time.time()), controller, actor or dict(SYSTEM), action, obj, details))
+        log_entry(stored.append(conn, int(time.time()), controller_id, actor or dict(SYSTEM), action, obj, details))
         return result
     return together
 

@@ -368,14 +368,14 @@ class ChannelHub:
                      service=event.service_id, serial=format_serial(event.serial))
             proto.close(wire.CERT_REVOKED)
 
-    def connected_elsewhere(self, service_id: str, seq: int, origin: str) -> None:
+    def connected_elsewhere(self, service_id: str, seq: int, controller_id: str) -> None:
         """Another controller authenticated this service (change `seq`): the socket here is superseded if
         it is the older one. A socket whose own note is not committed yet, or committed later, is newer."""
         proto = self.connected.get(service_id)
         if proto is None or proto.closing or proto.connected_seq is None or proto.connected_seq > seq:
             return
-        log.info("service {service} connected to controller {origin}: closing its older socket here",
-                 service=service_id, origin=origin)
+        log.info("service {service} connected to controller {controller_id}: closing its older socket here",
+                 service=service_id, controller_id=controller_id)
         proto.close(wire.SUPERSEDED)
 
     def on_service_changed(self, event: ServiceChanged) -> None:

@@ -27,11 +27,11 @@ class Leadership:
     drops a dead controller's session, and its lock with it, so another one takes over at its next
     `check()` (every 2 s). Every check also refreshes this controller's row in `controllers`."""
 
-    def __init__(self, url: str, controller: str, hostname: str, started_at: int,
+    def __init__(self, url: str, controller_id: str, hostname: str, started_at: int,
                  ca_generation: Callable[[], int] = lambda: 0) -> None:
         self.url = url
         self.ca_generation = ca_generation   # the active CA generation (its TLS context trusts it)
-        self.controller = controller
+        self.controller_id = controller_id
         self.hostname = hostname
         self.started_at = started_at
         self._conn: PgConnection | None = None
@@ -47,14 +47,14 @@ class Leadership:
     def _check(self) -> bool:
         try:
             if self._conn is None:
-                self._conn = connect(self.url, self.controller)
+                self._conn = connect(self.url, self.controller_id)
             if not self.leader and self._conn.execute("SELECT pg_try_advisory_lock(?) AS locked",
                                                       (LEADER_LOCK,)).fetchone()["locked"]:
                 self.leader = True
                 log.info("this controller is now the leader: it runs the jobs that run once per database")
             now = int(time.time())
             # a live session means the lock is still ours
-            transaction(self._conn, controllers.heartbeat, self.controller, self.hostname, self.started_at, now,
+            transaction(self._conn, controllers.heartbeat, self.controller_id, self.hostname, self.started_at, now,
                         self.leader, self.ca_generation())
             if self.leader:
                 for dead in transaction(self._conn, controllers.clear_dead, now):
@@ -76,7 +76,7 @@ class Leadership:
             self._released = True
             if self._conn is not None:
                 try:
-                    transaction(self._conn, controllers.leave, self.controller)
+                    transaction(self._conn, controllers.leave, self.controller_id)
                 except Exception as e:
                     log.warn("could not remove this controller's row: {error}", error=str(e).strip())
                 close_quietly(self._conn)
@@ -97,13 +97,13 @@ class ChangeFeed:
     WINDOW = 200
     BATCH = 1000
 
-    def __init__(self, url: str, reactor: Any, after: int, origin: str,
+    def __init__(self, url: str, reactor: Any, after: int, controller_id: str,
                  apply: Callable[[list[Any]], Any], confirm: Callable[[float], None] = lambda started: None) -> None:
         self.url = url
         self.confirm = confirm   # ClusterFreshness.confirm: every change committed before `started` is applied
         self.reactor = reactor
         self.last = after
-        self.origin = origin
+        self.controller_id = controller_id
         self.apply = apply
         self._seen: set[int] = set()
         self._running = False
@@ -134,7 +134,7 @@ class ChangeFeed:
                     started = time.time()
                     rows = changes.since(conn, max(0, self.last - self.WINDOW), self.BATCH)
                     fresh = [c for c in rows if c.seq not in self._seen]
-                    theirs = [c for c in fresh if c.origin != self.origin]
+                    theirs = [c for c in fresh if c.controller_id != self.controller_id]
                     done = len(theirs)
                     if theirs and self._running:
                         done = blockingCallFromThread(self.reactor, self.apply, theirs)

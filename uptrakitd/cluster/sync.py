@@ -143,8 +143,8 @@ class ClusterSync:
                          seq=change.seq, kind=change.kind)
                 return done
             except Exception:
-                log.failure("could not apply change {seq} ({kind} {key}) from controller {origin}",
-                            seq=change.seq, kind=change.kind, key=change.key, origin=change.origin)
+                log.failure("could not apply change {seq} ({kind} {key}) from controller {controller_id}",
+                            seq=change.seq, kind=change.kind, key=change.key, controller_id=change.controller_id)
                 self.metrics.cluster_changes.labels(change.kind, "failed").inc()
             else:
                 self.metrics.cluster_changes.labels(change.kind, "applied").inc()
@@ -243,7 +243,7 @@ class ClusterSync:
             if key not in services:
                 return None
             d = self.directory.refresh(key, services.get(key))
-            d.addCallback(lambda _: self.channel.connected_elsewhere(key, change.seq, change.origin))
+            d.addCallback(lambda _: self.channel.connected_elsewhere(key, change.seq, change.controller_id))
             return d
         if kind == "settings":
             return self.runtime.reload(key)
@@ -267,9 +267,9 @@ class TrustedGeneration:
     BARRIER_SECONDS = 10.0
     POLL_SECONDS = 0.1
 
-    def __init__(self, store: Any, controller: str, generation: int, clock: Any) -> None:
+    def __init__(self, store: Any, controller_id: str, generation: int, clock: Any) -> None:
         self.store = store
-        self.controller = controller
+        self.controller_id = controller_id
         self.generation = generation
         self.clock = clock
         self._stopped = False
@@ -284,7 +284,7 @@ class TrustedGeneration:
     def on_ca_rotated(self, event: Any) -> Any:
         """CaRotated, after the TLS context was swapped: record that this controller trusts it."""
         self.generation = max(self.generation, event.generation)
-        return self.store.run(controllers.trusts, self.controller, event.generation).addErrback(
+        return self.store.run(controllers.trusts, self.controller_id, event.generation).addErrback(
             lambda f: log.warn("could not record that this controller trusts CA generation {generation}",
                                generation=event.generation))
 

@@ -38,11 +38,11 @@ def sqlite_path(data_dir: Path) -> Path:
     return data_dir / "uptrakit.sqlite3"
 
 
-def open_database(data_dir: Path, url: str | None = None, origin: str | None = None) -> Any:
+def open_database(data_dir: Path, url: str | None = None, controller_id: str | None = None) -> Any:
     """The start-up connection: PostgreSQL when `url` is given (its writes noted in the change log as
-    `origin`'s), else SQLite in `data_dir`; migrated."""
+    `controller_id`'s), else SQLite in `data_dir`; migrated."""
     if url:
-        return common.open_and_migrate(postgresql.connect(url, origin), common.safe_url(url))
+        return common.open_and_migrate(postgresql.connect(url, controller_id), common.safe_url(url))
     path = sqlite_path(data_dir)
     return common.open_and_migrate(database.connect(path), str(path))
 
@@ -52,10 +52,10 @@ def open_and_migrate(path: Path) -> Any:
     return common.open_and_migrate(database.connect(path), str(path))
 
 
-def make_store(data_dir: Path, url: str | None, reactor: Any, origin: str = "") -> SqliteStore | PostgresStore:
-    """The daemon's Store for the configured engine (PostgreSQL: its writes noted as `origin`'s)."""
+def make_store(data_dir: Path, url: str | None, reactor: Any, controller_id: str = "") -> SqliteStore | PostgresStore:
+    """The daemon's Store for the configured engine (PostgreSQL: its writes noted as `controller_id`'s)."""
     if url:
-        return PostgresStore(url, reactor, origin)
+        return PostgresStore(url, reactor, controller_id)
     return SqliteStore(sqlite_path(data_dir), reactor)
 
 

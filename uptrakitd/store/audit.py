@@ -38,17 +38,17 @@ def head(conn: Connection) -> tuple[int, str]:
     return (int(row["seq"]), row["hash"]) if row is not None else (0, GENESIS)
 
 
-def append(conn: Connection, at: int, controller: str, actor: dict[str, Any], action: str, obj: dict[str, Any],
+def append(conn: Connection, at: int, controller_id: str, actor: dict[str, Any], action: str, obj: dict[str, Any],
            details: dict[str, Any], client: str | None = None, request_id: str | None = None) -> dict[str, Any]:
     """Chain one entry to the trail in the caller's transaction; returns it (with seq and hash)."""
     conn.engine.serialize(conn, "audit")
     seq, prev = head(conn)
-    entry = {"seq": seq + 1, "at": int(at), "controller": controller, "actor": actor, "action": action,
+    entry = {"seq": seq + 1, "at": int(at), "controller": controller_id, "actor": actor, "action": action,
              "object": obj, "details": details, "client": client, "request_id": request_id, "prev_hash": prev}
     entry["hash"] = entry_hash(entry)
     conn.execute("INSERT INTO audit_log (seq, at, controller, actor, action, object, details, client, request_id, "
                  "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (entry["seq"], entry["at"], controller, json.dumps(actor, sort_keys=True), action,
+                 (entry["seq"], entry["at"], controller_id, json.dumps(actor, sort_keys=True), action,
                   json.dumps(obj, sort_keys=True), json.dumps(details, sort_keys=True), client, request_id, prev,
                   entry["hash"]))
     return entry

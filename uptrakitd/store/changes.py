@@ -13,7 +13,7 @@ kinds and keys:
     revoked      serial (hex)   revoked; OCSP, CRL, TLS verify, identity and the socket follow
     ca           generation     a new CA generation (a rotation): TLS context, bundle, broadcast
     service      service id     enrolled, approved, rejected, deactivated, edited
-    connected    service id     authenticated on `origin`: an older socket elsewhere is superseded
+    connected    service id     authenticated on `controller_id`: an older socket elsewhere is superseded
     settings     setting key    network or service-certificate settings
     admin_tokens token id       created or revoked
 """
@@ -35,7 +35,7 @@ class Change:
     seq: int
     kind: str
     key: str
-    origin: str
+    controller_id: str   # the controller that wrote it (the column `origin`)
 
 
 def note(conn: Any, kind: str, key: str) -> int | None:
@@ -44,14 +44,14 @@ def note(conn: Any, kind: str, key: str) -> int | None:
         return None
     assert kind in KINDS, kind
     row = conn.execute("INSERT INTO changes (kind, key, origin, at) VALUES (?, ?, ?, ?) RETURNING seq",
-                       (kind, str(key), conn.origin, int(time.time()))).fetchone()
+                       (kind, str(key), conn.controller_id, int(time.time()))).fetchone()
     conn.execute(f"NOTIFY {CHANNEL}")
     return int(row["seq"])
 
 
-def origin_of(conn: Any) -> str | None:
+def controller_id_of(conn: Any) -> str | None:
     """The controller a connection writes for (None with SQLite: there is only one)."""
-    return getattr(conn, "origin", None)
+    return getattr(conn, "controller_id", None)
 
 
 def newest(conn: Any) -> int:

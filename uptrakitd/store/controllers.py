@@ -8,19 +8,19 @@ from . import services
 DEAD_AFTER_SECONDS = 15   # a controller not seen for this long is gone: its sockets are released
 
 
-def heartbeat(conn: Any, controller: str, hostname: str, started_at: int, now: int, leader: bool,
+def heartbeat(conn: Any, controller_id: str, hostname: str, started_at: int, now: int, leader: bool,
               ca_generation: int) -> None:
     """Insert or refresh this controller's row."""
     conn.execute("INSERT INTO controllers (id, hostname, started_at, seen_at, leader, ca_generation) "
                  "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, "
                  "leader = excluded.leader, ca_generation = excluded.ca_generation",
-                 (controller, hostname, started_at, now, int(leader), ca_generation))
+                 (controller_id, hostname, started_at, now, int(leader), ca_generation))
 
 
-def trusts(conn: Any, controller: str, ca_generation: int) -> None:
+def trusts(conn: Any, controller_id: str, ca_generation: int) -> None:
     """This controller's TLS context trusts CA generation `ca_generation` from now on."""
     conn.execute("UPDATE controllers SET ca_generation = ? WHERE id = ? AND ca_generation < ?",
-                 (ca_generation, controller, ca_generation))
+                 (ca_generation, controller_id, ca_generation))
 
 
 def behind(conn: Any, ca_generation: int, now: int) -> list[str]:
@@ -34,16 +34,16 @@ def clear_dead(conn: Any, now: int) -> list[str]:
     """Leader: forget controllers not seen for DEAD_AFTER_SECONDS and release their services; their ids."""
     dead = [row["id"] for row in conn.execute("SELECT id FROM controllers WHERE seen_at < ?",
                                               (now - DEAD_AFTER_SECONDS,))]
-    for controller in dead:
-        services.release_controller(conn, controller)
-        conn.execute("DELETE FROM controllers WHERE id = ?", (controller,))
+    for controller_id in dead:
+        services.release_controller(conn, controller_id)
+        conn.execute("DELETE FROM controllers WHERE id = ?", (controller_id,))
     return dead
 
 
-def leave(conn: Any, controller: str) -> None:
+def leave(conn: Any, controller_id: str) -> None:
     """A controller stops: its row goes, and so does its hold on any service."""
-    services.release_controller(conn, controller)
-    conn.execute("DELETE FROM controllers WHERE id = ?", (controller,))
+    services.release_controller(conn, controller_id)
+    conn.execute("DELETE FROM controllers WHERE id = ?", (controller_id,))
 
 
 def load_all(conn: Any) -> list[Any]:

@@ -86,14 +86,14 @@ def _rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 class PgConnection:
     """A psycopg connection spoken to in the query modules' style (`?` parameters, Row results).
 
-    With an `origin` (the controller's id), writes through it append to the change log (changes.py)."""
+    With a `controller_id` (the controller's id), writes through it append to the change log (changes.py)."""
 
     engine: Engine = POSTGRES
 
-    def __init__(self, conn: Any, origin: str | None = None) -> None:
+    def __init__(self, conn: Any, controller_id: str | None = None) -> None:
         self.raw = conn
-        self.origin = origin
-        self.records_changes = origin is not None
+        self.controller_id = controller_id
+        self.records_changes = controller_id is not None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         cursor = self.raw.cursor(row_factory=_rows)
@@ -105,26 +105,26 @@ class PgConnection:
 
 
 
-def connect(url: str, origin: str | None = None) -> PgConnection:
-    """A connection in autocommit mode (transactions are explicit), or StoreError; see PgConnection for `origin`."""
+def connect(url: str, controller_id: str | None = None) -> PgConnection:
+    """A connection in autocommit mode (transactions are explicit), or StoreError; see PgConnection for `controller_id`."""
     psycopg = _psycopg()
     try:
-        return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=10), origin)
+        return PgConnection(psycopg.connect(url, autocommit=True, connect_timeout=10), controller_id)
     except psycopg.Error as e:
         raise StoreError(f"cannot connect to {safe_url(url)}: {str(e).strip()}") from None
 
 
 class PostgresStore(OneThreadStore):
     """The Store over one PostgreSQL connection used from one thread (group commit as SQLite's); reconnects
-    after a failure. Its writes carry `origin` into the change log, which the other controllers apply."""
+    after a failure. Its writes carry `controller_id` into the change log, which the other controllers apply."""
 
-    def __init__(self, url: str, reactor: IReactorFromThreads, origin: str) -> None:
+    def __init__(self, url: str, reactor: IReactorFromThreads, controller_id: str) -> None:
         super().__init__(reactor)
         self.url = url
-        self.origin = origin
+        self.controller_id = controller_id
 
     def _connect(self) -> Any:
-        return connect(self.url, self.origin)
+        return connect(self.url, self.controller_id)
 
     def _describe(self, error: BaseException) -> str:
         return "the database cannot be reached"

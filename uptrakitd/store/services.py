@@ -57,22 +57,22 @@ def record_connection(conn: Connection, service_id: str, ip_address: str, proxy_
     """Durably note where a service connected from and how it was identified; the change's seq (PostgreSQL)."""
     conn.execute("UPDATE services SET ip_address = ?, proxy_ip = ?, identity_source = ?, last_seen_at = ?, "
                  "controller = ? WHERE id = ?",
-                 (ip_address, proxy_ip, identity_source, seen_at, changes.origin_of(conn), service_id))
+                 (ip_address, proxy_ip, identity_source, seen_at, changes.controller_id_of(conn), service_id))
     return changes.note(conn, "connected", service_id)
 
 
 def record_disconnection(conn: Connection, service_id: str) -> None:
     """The service's socket on this controller is gone (unless another controller holds a newer one)."""
     cur = conn.execute("UPDATE services SET controller = NULL WHERE id = ? AND controller = ?",
-                       (service_id, changes.origin_of(conn)))
+                       (service_id, changes.controller_id_of(conn)))
     if cur.rowcount:
         changes.note(conn, "service", service_id)
 
 
-def release_controller(conn: Connection, controller: str) -> list[str]:
-    """No socket is held by `controller` any more (it stopped, or died): the services it held."""
-    ids = [row["id"] for row in conn.execute("SELECT id FROM services WHERE controller = ?", (controller,))]
-    conn.execute("UPDATE services SET controller = NULL WHERE controller = ?", (controller,))
+def release_controller(conn: Connection, controller_id: str) -> list[str]:
+    """No socket is held by `controller_id` any more (it stopped, or died): the services it held."""
+    ids = [row["id"] for row in conn.execute("SELECT id FROM services WHERE controller = ?", (controller_id,))]
+    conn.execute("UPDATE services SET controller = NULL WHERE controller = ?", (controller_id,))
     for service_id in ids:
         changes.note(conn, "service", service_id)
     return ids

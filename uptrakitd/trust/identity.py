@@ -166,10 +166,10 @@ def _service_id_of(cert: x509.Certificate, trust_domain: str) -> str | None:
     return _uuid(str(cns[0].value)) if len(cns) == 1 else None
 
 
-def signed_by_trusted(cert: x509.Certificate, authority: CaState, now: datetime.datetime,
+def signed_by_trusted(cert: x509.Certificate, ca_state: CaState, now: datetime.datetime,
                       check_chain: bool = True) -> CaGeneration | None:
     """The trusted CA generation that signed `cert` (the signature checked unless told not to), or None."""
-    for candidate in authority.trusted(now):
+    for candidate in ca_state.trusted(now):
         if candidate.cert.subject == cert.issuer:
             if check_chain:
                 try:
@@ -180,17 +180,17 @@ def signed_by_trusted(cert: x509.Certificate, authority: CaState, now: datetime.
     return None
 
 
-def verify_certificate(cert: x509.Certificate, authority: CaState, services: ServiceLookup,
+def verify_certificate(cert: x509.Certificate, ca_state: CaState, services: ServiceLookup,
                        trust_domain: str, now: datetime.datetime, check_chain: bool = True,
                        issuer: CaGeneration | None = None) -> Identity:
     """Identity from a certificate: issued by a trusted CA, valid now, clientAuth, in our records, not revoked.
 
     `issuer`: the generation whose signature was already checked (the verified-certificate cache).
     """
-    ca = issuer or signed_by_trusted(cert, authority, now, check_chain)
+    ca = issuer or signed_by_trusted(cert, ca_state, now, check_chain)
     if ca is None:
         raise Rejected("certificate not issued by a trusted CA")
-    return check_facts(CertFacts.of(cert, trust_domain), ca, authority, services, now)
+    return check_facts(CertFacts.of(cert, trust_domain), ca, ca_state, services, now)
 
 
 @dataclass(frozen=True)
@@ -214,14 +214,14 @@ class CertFacts:
                    client_auth, _service_id_of(cert, trust_domain))
 
 
-def check_facts(facts: CertFacts, ca: CaGeneration, authority: CaState, services: ServiceLookup,
+def check_facts(facts: CertFacts, ca: CaGeneration, ca_state: CaState, services: ServiceLookup,
                 now: datetime.datetime) -> Identity:
     """The live checks: valid now, clientAuth, issued by us to that service, not revoked, service active."""
     if not facts.not_before <= now.timestamp() <= facts.not_after:
         raise Rejected("certificate expired or not yet valid")
     if not facts.client_auth:
         raise Rejected("certificate lacks the clientAuth usage")
-    record = authority.records.get(facts.serial)
+    record = ca_state.records.get(facts.serial)
     if record is None:
         raise Rejected("certificate not recognized", "unknown", facts.serial, facts.service_id)
     if record.purpose != "client" or record.ca_generation != ca.generation:
@@ -246,7 +246,7 @@ def _require_active(services: ServiceLookup, service_id: str) -> None:
         raise Rejected(f"service is {status}, not approved")
 
 
-def verify_info(info: ForwardedClientCert, authority: CaState, services: ServiceLookup,
+def verify_info(info: ForwardedClientCert, ca_state: CaState, services: ServiceLookup,
                 now: datetime.datetime) -> Identity:
     """Identity from Subject/Issuer/SerialNumber alone, checked against the trusted CAs and our records."""
     missing = [name for name, value in (("Subject", info.subject), ("Issuer", info.issuer),
@@ -254,7 +254,7 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Service
     if missing or info.subject is None or info.issuer is None or info.serial is None:
         raise Rejected(f"info header lacks {', '.join(missing)}")
     issuer_cn = common_name(info.issuer)
-    ca = authority.ca_for_issuer_cn(issuer_cn, now) if issuer_cn else None
+    ca = ca_state.ca_for_issuer_cn(issuer_cn, now) if issuer_cn else None
     if ca is None:
         raise Rejected("issuer CN does not match a trusted CA")
     service_id = _uuid(common_name(info.subject))
@@ -262,7 +262,7 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Service
         raise Rejected("subject CN is not a known service")
     if services.get(service_id) is None:
         raise Rejected("subject CN is not a known service", "unknown", info.serial, service_id)
-    record = authority.records.get(info.serial)
+    record = ca_state.records.get(info.serial)
     if record is None:
         raise Rejected("serial not issued to this service by this CA", "unknown", info.serial, service_id)
     if record.purpose != "client" or record.service_id != service_id \
@@ -281,13 +281,13 @@ def verify_info(info: ForwardedClientCert, authority: CaState, services: Service
 class IdentityResolver:
     """Runs before any resource: strips what cannot be trusted, then decides who the request is."""
 
-    def __init__(self, network: Callable[[], NetworkSettings], authority: CaState,
+    def __init__(self, current_network: Callable[[], NetworkSettings], ca_state: CaState,
                  services: ServiceLookup, trust_domain: str, clock: IReactorTime, metrics: Metrics | None = None,
                  forwarded_headers: bool = True, stale: Callable[[], bool] = lambda: False) -> None:
-        self.network = network
+        self.current_network = current_network   # the network settings in force now (they change at runtime)
         # several controllers: while this one cannot confirm the others' changes, no new identity is decided
         self.stale = stale
-        self.authority = authority
+        self.ca_state = ca_state
         self.services = services
         self.trust_domain = trust_domain
         self.clock = clock
@@ -306,7 +306,7 @@ class IdentityResolver:
         """The request's context; `identity` False: the route never reads the identity, so a trusted proxy's
         certificate evidence is not checked (except in the doctor's sampled request, one a second per proxy).
         Stripping and the client IP are the same either way."""
-        net = self.network()
+        net = self.current_network()
         peer = peer_ip_of(request)
         trusted = self.forwarded_headers and is_trusted(peer, net.trusted_proxies)
         headers = request.requestHeaders
@@ -323,7 +323,7 @@ class IdentityResolver:
         if peer_cert is not None:
             self._count_removed(remove_headers(headers, configured, net.real_ip_header, include_real_ip=not trusted))
             return self._decide(peer, client_ip, proxy_ip, "mtls", lambda: verify_certificate(
-                peer_cert, self.authority, self.services, self.trust_domain, self.now(), check_chain=False))
+                peer_cert, self.ca_state, self.services, self.trust_domain, self.now(), check_chain=False))
         if not trusted:
             removed = remove_headers(headers, configured, net.real_ip_header, include_real_ip=True)
             self._count_removed(removed)
@@ -397,7 +397,7 @@ class IdentityResolver:
         info = parse_info_header(value, net.forwarded_client_cert_info_format)
         if info.cert_der is not None:  # XFCC Cert= wins over Subject=
             return self._cert_evidence_der(info.cert_der)
-        return "proxy-info", lambda: verify_info(info, self.authority, self.services, self.now())
+        return "proxy-info", lambda: verify_info(info, self.ca_state, self.services, self.now())
 
     def _cert_evidence(self, value: str, net: NetworkSettings) -> tuple[str, Callable[[], Identity]]:
         return self._checked_evidence(value, lambda: _load_der(parse_cert_header(value)))
@@ -414,7 +414,7 @@ class IdentityResolver:
                 cert = load()
             except MalformedHeader as e:
                 return Checked(None, None, e)
-            ca = signed_by_trusted(cert, self.authority, now)
+            ca = signed_by_trusted(cert, self.ca_state, now)
             return Checked(CertFacts.of(cert, self.trust_domain), ca.generation if ca else None)
         checked = self.verified.get(key, check)
         if checked.error is not None:
@@ -422,10 +422,10 @@ class IdentityResolver:
         facts = checked.cert
         assert facts is not None
         # the cached signature counts only while its CA is still trusted
-        issuer = next((c for c in self.authority.trusted(now) if c.generation == checked.issuer_generation), None)
+        issuer = next((c for c in self.ca_state.trusted(now) if c.generation == checked.issuer_generation), None)
         if issuer is None:
             return "proxy-cert", _reject("certificate not issued by a trusted CA")
-        return "proxy-cert", lambda: check_facts(facts, issuer, self.authority, self.services, now)
+        return "proxy-cert", lambda: check_facts(facts, issuer, self.ca_state, self.services, now)
 
     def _decide(self, peer: str, client_ip: str, proxy_ip: str | None, source: str,
                 check: Callable[[], Identity]) -> RequestContext:
