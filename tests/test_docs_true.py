@@ -79,3 +79,46 @@ class AuditActionTests(TestCase):
         page = (PACKAGE / "web/ui/index.html").read_text()
         self.assertEqual(sorted(a for a in actions if f"<option>{a}</option>" not in page), [],
                          "actions the web UI's Audit filter does not offer")
+
+    def test_the_dependency_rules_of_docs_architecture_hold(self):
+        """"Dependencies point one way" in docs/architecture.md, checked on the runtime imports (those under
+        `if TYPE_CHECKING:` are types only)."""
+        import ast
+        package = Path(__file__).resolve().parents[1] / "uptrakitd"
+        edges: set[tuple[str, str]] = set()
+        for path in package.rglob("*.py"):
+            module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+            base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+
+            def visit(node: ast.AST) -> None:
+                for child in ast.iter_child_nodes(node):
+                    if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                        continue
+                    if isinstance(child, ast.ImportFrom) and child.level:
+                        target = ".".join(base[:len(base) - child.level + 1] + ([child.module] if child.module else []))
+                        for alias in child.names:
+                            full = f"{target}.{alias.name}"
+                            known = (package.parent / (full.replace(".", "/") + ".py")).exists() or \
+                                (package.parent / full.replace(".", "/")).is_dir()
+                            edges.add((module, full if known else target))
+                    elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("uptrakitd"):
+                        edges.add((module, child.module or ""))
+                    visit(child)
+            visit(ast.parse(path.read_text()))
+
+        def under(name: str, *prefixes: str) -> bool:
+            return any(name == f"uptrakitd.{p}" or name.startswith(f"uptrakitd.{p}.") for p in prefixes)
+        broken = []
+        for source, target in sorted(edges):
+            if under(target, "daemon", "boot") and source not in ("uptrakitd.tap", "uptrakitd.reference"):
+                broken.append(f"{source} -> {target}: only the entry points run the start-up and the wiring")
+            if under(source, "store") and not under(target, "store", "errors"):
+                broken.append(f"{source} -> {target}: store/ is engine and SQL code only")
+            if under(source, "directory", "pki", "runtime_settings", "tokens", "enrollment", "admin_tokens") and \
+                    under(target, "web", "channel", "listen", "cluster", "trust"):
+                broken.append(f"{source} -> {target}: the domain does not know its callers")
+            if under(source, "listen") and under(target, "web", "channel", "cluster"):
+                broken.append(f"{source} -> {target}: listen/ knows only pki")
+            if under(source, "trust") and under(target, "pki") and not under(target, "pki.state", "pki.serials"):
+                broken.append(f"{source} -> {target}: trust/ reads only pki.state")
+        self.assertEqual(broken, [])

@@ -16,7 +16,7 @@ import datetime
 import os
 import sys
 from functools import partial
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.logger import ILogObserver, Logger
 
@@ -24,7 +24,6 @@ from . import __version__
 from .admin_tokens import AdminTokenRegistry
 from .audit import AuditTrail
 from .cluster import Cluster, build_cluster
-from .boot import Booted
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from .config import Settings, is_proxy_protocol
 from .directory import ServiceDirectory
@@ -66,6 +65,9 @@ from .web.pki import PkiRoutes
 from .web.root import build_sites
 from .web.router import route
 from .web.ui_routes import UiRoutes
+
+if TYPE_CHECKING:   # the composition root is handed the start-up's result; it never runs boot itself
+    from .boot import Booted
 
 log = Logger()
 HOUR, DAY = 3600, 86400

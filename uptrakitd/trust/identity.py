@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -14,13 +14,15 @@ from twisted.logger import Logger
 
 from ..config import NetworkSettings
 from ..metrics import CounterChildren, Metrics
-from ..pki.ca import CaGeneration
 from ..pki.state import CaState
 from .dn import common_name
 from .doctor import IdentityDoctor
 from .headers import ForwardedClientCert, MalformedHeader, parse_cert_header, parse_info_header
 from .proxies import is_trusted, parse_address, resolve_client_ip
 from .verified import Checked, VerifiedCertificates
+
+if TYPE_CHECKING:
+    from ..pki.ca import CaGeneration
 
 log = Logger()
 
