@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import endpoints, ssl
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import Agent as HttpAgent, readBody
@@ -41,6 +43,17 @@ def _trust(pems: list[bytes]) -> Any:
     if not certs:
         raise AgentError("no CA certificate to verify the controller with (give --ca-cert)")
     return ssl.trustRootFromCertificates(certs)
+
+
+@implementer(IStreamClientEndpoint)
+class _Attempts:
+    """The endpoint ClientService connects through: each attempt is the agent's `attempt`."""
+
+    def __init__(self, agent: ServiceAgent) -> None:
+        self.agent = agent
+
+    def connect(self, factory: Any) -> Deferred:
+        return self.agent.attempt(factory)
 
 
 @implementer(IPolicyForHTTPS)
@@ -97,7 +110,15 @@ class AgentProtocol(WebSocketClientProtocol):
 
 
 class ServiceAgent(Service):
-    """A Twisted service that keeps one service connected to the controller."""
+    """A Twisted service that keeps one service connected to the controller.
+
+    The connection is Twisted's `ClientService`: it connects, notices the loss and connects again, waiting as
+    `_next_delay` says. What it connects with is decided at each attempt (`attempt`): the TLS client
+    certificate and the headers follow what the agent holds by then (nothing, an enrollment secret, a
+    certificate, or the previous certificate after a restore). The delay is the agent's own: a close the
+    controller asks to be followed at once (a new certificate, a rotation) is retried at once, and the backoff
+    keeps growing across connections that TCP accepts but the controller refuses, which ClientService's own
+    count (reset by every connection made) would not."""
 
     def __init__(self, reactor: Any, controller: str, state_dir: Any, kind: str = "agent",
                  enrollment_token: str | None = None, ca_cert: bytes | None = None, hostname: str | None = None,
@@ -127,7 +148,8 @@ class ServiceAgent(Service):
         self.settings: dict[str, Any] = {}
         self.stopped_reason: str | None = None
         self.observers: list[Callable[[str, Any], None]] = []
-        self._retry: Any = None
+        self._reconnect_now = False   # the next attempt at once (ClientService asks _next_delay)
+        self.client: ClientService | None = None
         self._renew_when_settled = False   # connected with the previous certificate: renew once settled
         self._fell_back = False   # the current identity is the previous one, the newer one put aside
         self._fall_back_tried = False
@@ -151,30 +173,52 @@ class ServiceAgent(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.connect()
+        factory = WebSocketClientFactory(f"wss://{self.host}:{self.port}/api/v1/ws/{self.kind}")
+        factory.protocol = AgentProtocol
+        factory.setProtocolOptions(autoPingInterval=30, autoPingTimeout=60, perMessageCompressionOffers=[])
+        use_plain_timers(factory, self.reactor)
+        agent = self
+
+        def build(addr: Any) -> AgentProtocol:
+            proto = cast(AgentProtocol, WebSocketClientFactory.buildProtocol(factory, addr))
+            proto.agent = agent
+            return proto
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        self.ws_factory = factory
+        self.client = ClientService(_Attempts(self), factory, retryPolicy=self._next_delay, clock=self.reactor)
+        self.client.startService()
 
     def stopService(self) -> Any:
         super().stopService()
-        for timer in (self._retry, self._renewal_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        if self._renewal_timer is not None and self._renewal_timer.active():
+            self._renewal_timer.cancel()
         self._stop_ping()
+        closing: Deferred | None = None
         if self.proto is not None and self.proto.transport is not None:
-            d: Deferred = Deferred()
+            closing = Deferred()
 
             def gone(event: str, detail: Any) -> None:
-                if event == "disconnected" and not d.called:
-                    d.callback(None)
+                if event == "disconnected" and not closing.called:
+                    closing.callback(None)
             self.observers.append(gone)
-            self.proto.sendClose(1000)
+            self.proto.sendClose(1000)   # a closing handshake first: ClientService would only drop the TCP
             proto = self.proto
 
             def abort(*_: Any) -> None:   # no closing handshake within 5 s: drop it (and Autobahn's timers)
                 abort_connection = getattr(proto.transport, "abortConnection", None)
                 if abort_connection is not None:
                     abort_connection()
-            return d.addTimeout(5, self.reactor, onTimeoutCancel=abort)
-        return None
+            closing.addTimeout(5, self.reactor, onTimeoutCancel=abort)
+        stopping = self._stop_client()
+        if closing is None:
+            return stopping
+        return DeferredList([closing, stopping], consumeErrors=True)
+
+    def _stop_client(self) -> Deferred:
+        client, self.client = self.client, None
+        if client is None or not client.running:
+            return succeed(None)
+        return client.stopService()
 
     def mode(self) -> str:
         if self.state.identity_pem() and self.state.certificate() is not None:
@@ -192,56 +236,44 @@ class ServiceAgent(Service):
             client = ssl.PrivateCertificate.loadPEM(self.state.identity_pem())
         return ssl.optionsForClientTLS(self.host, trustRoot=_trust(roots), clientCertificate=client)
 
-    def connect(self) -> None:
-        if not self.running or self.stopped_reason:
-            return
+    def attempt(self, factory: Any) -> Deferred:
+        """One connection attempt (ClientService's endpoint), with what the agent holds now."""
+        if self.stopped_reason:
+            return fail(AgentError(self.stopped_reason))
         try:
             mode = self.mode()
             options = self.tls_options(mode == "mtls")
         except (AgentError, ValueError) as e:
             log.critical("agent cannot connect: {error}", error=str(e))
             self._give_up(str(e))
-            return
+            return fail(e)
         headers = dict(self.extra_headers)
         if mode == "bearer":
             headers["Authorization"] = f"Bearer {self.state.service()['enrollment_secret']}"
-        url = f"wss://{self.host}:{self.port}/api/v1/ws/{self.kind}"
-        factory = WebSocketClientFactory(url, headers=headers)
-        factory.protocol = AgentProtocol
-        factory.setProtocolOptions(autoPingInterval=30, autoPingTimeout=60, perMessageCompressionOffers=[])
-        use_plain_timers(factory, self.reactor)
-        agent = self
-
-        def build(addr: Any) -> AgentProtocol:
-            proto = cast(AgentProtocol, WebSocketClientFactory.buildProtocol(factory, addr))
-            proto.agent = agent
-            return proto
-        factory.buildProtocol = build  # type: ignore[method-assign]
+        self.ws_factory.headers = headers   # read by the opening handshake of the protocol it builds
         tcp = endpoints.TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10,
                                            bindAddress=(self.bind_address, 0) if self.bind_address else None)
-        endpoint = endpoints.wrapClientTLS(options, tcp)
         self.mode_in_use = mode
         self.event("connecting", mode)
-        d = endpoint.connect(factory)
+        d = endpoints.wrapClientTLS(options, tcp).connect(factory)
         d.addErrback(self._connect_failed)
+        return d
 
-    def _connect_failed(self, failure: Any) -> None:
+    def _connect_failed(self, failure: Any) -> Any:
         log.info("could not reach the controller: {error}", error=failure.getErrorMessage())
         self.event("connect_failed", failure.getErrorMessage())
-        self._schedule_reconnect()
+        return failure   # ClientService tries again after _next_delay
 
-    def _schedule_reconnect(self, immediately: bool = False) -> None:
-        if not self.running or self.stopped_reason:
-            return
-        if self._retry is not None and self._retry.active():
-            return
-        if immediately:
-            delay = 0.05
-        else:
-            base, cap = self.backoff
-            delay = min(cap, base * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.5)
-            self.failures += 1
-        self._retry = self.reactor.callLater(delay, self.connect)
+    def _next_delay(self, attempt: int) -> float:
+        """ClientService's retry policy: at once when a close asked for it, else a backoff that keeps growing
+        until the controller sends this service its settings (a working session)."""
+        if self._reconnect_now:
+            self._reconnect_now = False
+            return 0.05
+        base, cap = self.backoff
+        delay = min(cap, base * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.5)
+        self.failures += 1
+        return delay
 
     # -- session -------------------------------------------------------------------------------
 
@@ -407,6 +439,7 @@ class ServiceAgent(Service):
     def _give_up(self, reason: str) -> None:
         self.stopped_reason = reason
         self.event("stopped", reason)
+        self.reactor.callLater(0, self._stop_client)   # no more attempts (not from inside ClientService's own call)
         if self.on_stop is not None:
             self.on_stop(reason)
 
@@ -445,10 +478,9 @@ class ServiceAgent(Service):
                       "keeps refusing its certificate", reason=reason)
             self.state.swap_identities()
             self._fell_back = self._renew_when_settled = False
-            self._schedule_reconnect()
-            return
+            return   # ClientService connects again, after the backoff
         if reason == wire.CERT_NOT_RECOGNIZED and self.mode_in_use == "mtls" and self._fall_back():
-            self._schedule_reconnect(immediately=True)
+            self._reconnect_now = True
             return
         if reason in STOP_REASONS:
             log.critical("the controller closed the connection: {reason}; stopping", reason=reason)
@@ -462,10 +494,8 @@ class ServiceAgent(Service):
             # another process holds this identity: come back slowly rather than fight over the socket
             log.error("another connection with this service's certificate replaced ours")
             self.failures = max(self.failures, 10)
-        if reason == wire.CERT_ROTATED or (code == 1000 and have_certificate):
-            self._schedule_reconnect(immediately=True)
-        else:
-            self._schedule_reconnect()
+        # ClientService connects again once this connection is gone: at once, or after the backoff
+        self._reconnect_now = reason == wire.CERT_ROTATED or (code == 1000 and have_certificate)
 
 
 _UPGRADE_STATUS = re.compile(r"upgrade failed \[(\d{3})\]")
