@@ -2,7 +2,7 @@
 
 Every write another controller must learn of appends `(kind, key)` here in the same transaction, and
 NOTIFY wakes the others at commit. A notification is only a hint: each controller reads the rows after
-the last one it applied (`ChangeFeed` in postgresql.py), so a missed notification, or a listener that
+the last one it applied (`ChangeFeed` in uptrakitd/cluster/postgresql.py), so a missed notification, or a listener that
 was reconnecting, costs a short delay and nothing else. Applying a change is idempotent: a controller
 reads the row it names and makes its memory agree with it.
 
@@ -19,7 +19,6 @@ kinds and keys:
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +42,9 @@ def note(conn: Any, kind: str, key: str) -> int | None:
     if not getattr(conn, "records_changes", False):
         return None
     assert kind in KINDS, kind
-    row = conn.execute("INSERT INTO changes (kind, key, origin, at) VALUES (?, ?, ?, ?) RETURNING seq",
-                       (kind, str(key), conn.controller_id, int(time.time()))).fetchone()
+    # `at` by the database's clock (only PostgreSQL connections record changes): store/ reads no clock
+    row = conn.execute("INSERT INTO changes (kind, key, origin, at) VALUES (?, ?, ?, CAST(extract(epoch FROM now()) "
+                       "AS BIGINT)) RETURNING seq", (kind, str(key), conn.controller_id)).fetchone()
     conn.execute(f"NOTIFY {CHANNEL}")
     return int(row["seq"])
 
