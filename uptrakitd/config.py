@@ -7,7 +7,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .printable import has_control
@@ -119,9 +119,7 @@ class NetworkSettings:
     forwarded_client_verify_header: str | None = None
     pki_addr: str | None = None
 
-    FIELDS = ("trusted_proxies", "real_ip_header", "forwarded_client_cert_info_header",
-              "forwarded_client_cert_info_format", "forwarded_client_cert_pem_header",
-              "forwarded_client_verify_header", "pki_addr")
+    FIELDS: ClassVar[tuple[str, ...]] = ()   # the names SETTINGS declares in section "network" (set below SETTINGS)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON shape used by the API and the store."""
@@ -227,16 +225,17 @@ class Settings:
         return f"tcp:{port}:interface=" + host.replace(":", "\\:")  # endpoint strings escape ":"
 
 
-FILE = "file"   # Scalar.kind: a path that must be readable when the daemon starts
+FILE = "file"   # Setting.kind: a path that must be readable when the daemon starts
 
 
 @dataclass(frozen=True)
-class Scalar:
-    """A setting that is one value, declared once: its Settings (or ConnectionLimits) field and TOML key `name`,
-    its flag (`name` with dashes), its --help text and the values it takes. tap.py makes the flags from SCALARS,
-    read_config_file takes their keys, build_settings checks them, SIGHUP knows they need a restart, and
-    docs/reference/configuration.md is made from them. What is checked across settings stays in
-    build_settings."""
+class Setting:
+    """One setting, declared once (SETTINGS): its name (the Settings, ConnectionLimits or NetworkSettings field,
+    and its TOML key, in the [pki] or [network] table when `section` says so), its flag (`name` with dashes
+    unless `flag` says otherwise), its --help text, the values it takes, and when it takes effect. tap.py makes
+    the flags from SETTINGS, read_config_file takes their keys, build_settings checks them, SIGHUP knows which
+    need a restart, and docs/reference/configuration.md is made from them. What is checked across settings stays
+    in build_settings; the network settings (changed at runtime too) are checked by NetworkSettings.updated."""
 
     name: str
     help: str
@@ -245,16 +244,32 @@ class Scalar:
     low: float = 0
     high: float = 0
     choices: tuple[str, ...] = ()
-    section: str = ""                # "pki": a key of the [pki] table
+    section: str = ""                # "pki" or "network": a key of that TOML table
     limit: bool = False              # a ConnectionLimits field
+    flag_name: str = ""              # the flag when it is not `name` with dashes (a repeatable one is singular)
+    in_file: bool = True             # False: a command-line switch only
 
     @property
     def flag(self) -> str:
         """The command-line flag, without its leading dashes."""
-        return self.name.replace("_", "-")
+        return self.flag_name or self.name.replace("_", "-")
+
+    @property
+    def live(self) -> bool:
+        """Changed without a restart (the API, and SIGHUP): the network settings."""
+        return self.section == "network"
+
+    @property
+    def restart_key(self) -> str:
+        """The Settings field a change of it shows in (the connection limits are one field)."""
+        return "limits" if self.limit else self.name
 
     def parse(self, value: Any) -> Any:
         """The checked value (ConfigError naming the setting when it is not one of its values)."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(self.name, "must be true or false")
+            return value
         if self.choices:
             if value not in self.choices:
                 raise ConfigError(self.name, f"must be one of {', '.join(self.choices)}")
@@ -270,80 +285,106 @@ class Scalar:
         return self.kind(value, self.name)
 
 
-SCALARS = (
-    Scalar("data_dir", "State directory: database, CA keys, CRL files (default ./uptrakit-data).", Path),
-    Scalar("https_listen", f"Twisted endpoint string for HTTPS; TLS is applied by uptrakitd (default "
+SETTINGS = (
+    Setting("data_dir", "State directory: database, CA keys, CRL files (default ./uptrakit-data).", Path),
+    Setting("https_listen", f"Twisted endpoint string for HTTPS; TLS is applied by uptrakitd (default "
                            f"{DEFAULT_HTTPS_LISTEN}; e.g. systemd:domain=INET6:index=0 or haproxy:tcp:8443)."),
-    Scalar("pki_http", "'listener': also serve the PKI routes over plain HTTP on the --pki-addr host/port (or "
+    Setting("pki_http", "'listener': also serve the PKI routes over plain HTTP on the --pki-addr host/port (or "
                        "--pki-listen); 'external': something else serves them. Requires --pki-addr.",
            choices=PKI_HTTP_MODES),
-    Scalar("pki_listen", "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."),
-    Scalar("database", "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in --data-dir; "
+    Setting("pki_listen", "Endpoint string for the plain-HTTP PKI listener (default from --pki-addr)."),
+    Setting("database", "PostgreSQL URL (postgresql://user@host/dbname) instead of the embedded SQLite in --data-dir; "
                        "needs uptrakitd[postgresql] and --ca-key-encryption-key-file (or the CA keys in a token: "
                        "--ca-key-uri). Several controllers may share one database "
                        "(docs/deployment/high-availability.md).", lambda value, name: _database_url(value)),
-    Scalar("ca_key_encryption_key_file", "File of base64 AES-256 keys, one per line (head -c 32 /dev/urandom | "
+    Setting("ca_key_encryption_key_file", "File of base64 AES-256 keys, one per line (head -c 32 /dev/urandom | "
                                          "base64), mode 0600: the first seals the CA keys kept in the database (no "
                                          "clear key file), the others only open older ones. Required with "
                                          "--database; with SQLite, an existing data dir is sealed first with "
                                          "`uptrakitd-keys seal`.", Path),
-    Scalar("ca_key_uri", "RFC 7512 URI of a PKCS#11 token (pkcs11:token=LABEL): new CA keys are generated and used "
+    Setting("ca_key_uri", "RFC 7512 URI of a PKCS#11 token (pkcs11:token=LABEL): new CA keys are generated and used "
                          "inside it, never in the clear; with object=NAME or id=…, that existing key is the next "
                          "one. Needs --pkcs11-module and the PIN (docs/deployment/ca-keys.md).", section="pki"),
-    Scalar("pkcs11_module", "The token's PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so).", FILE,
+    Setting("pkcs11_module", "The token's PKCS#11 library (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so).", FILE,
            section="pki"),
-    Scalar("pkcs11_pin_file", "File (mode 0600) whose first line is the token's user PIN; or set "
+    Setting("pkcs11_pin_file", "File (mode 0600) whose first line is the token's user PIN; or set "
                               "UPTRAKIT_PKCS11_PIN. Never on the command line.", FILE, section="pki"),
-    Scalar("ca_cert", "External CA certificate (PEM); with --ca-key. Rotation is then refused.", FILE, section="pki"),
-    Scalar("ca_key", "External CA private key (PEM, unencrypted); with --ca-cert.", FILE, section="pki"),
-    Scalar("trust_domain", "SPIFFE trust domain in issued certificates (default uptrakit.local).",
+    Setting("ca_cert", "External CA certificate (PEM); with --ca-key. Rotation is then refused.", FILE, section="pki"),
+    Setting("ca_key", "External CA private key (PEM, unencrypted); with --ca-cert.", FILE, section="pki"),
+    Setting("trust_domain", "SPIFFE trust domain in issued certificates (default uptrakit.local).",
            lambda value, name: _trust_domain(value), section="pki"),
-    Scalar("audit_retention_days", "Days the audit trail keeps entries (default 0: forever). Only whole segments "
+    Setting("audit_retention_days", "Days the audit trail keeps entries (default 0: forever). Only whole segments "
                                    "up to a signed checkpoint are pruned, keeping the entry it vouches for, so an "
                                    "export still verifies (docs/audit.md).", int, 0, 36500),
-    Scalar("certificate_retention_days", "Days a certificate's row is kept after it expired (default 90; 0: "
+    Setting("certificate_retention_days", "Days a certificate's row is kept after it expired (default 90; 0: "
                                          "forever; at least 2, since a revoked certificate stays on the CRL a day "
                                          "after it expires). Spent enrollment tokens go 30 days after their last "
                                          "use, expiry or deletion. Deleted daily in batches, on the leader.",
            lambda value, name: _retention_days(value, name)),
-    Scalar("ocsp_signer", "Who signs OCSP answers: 'ca' (the issuing CA; the default unless the CA key is in a "
+    Setting("ocsp_signer", "Who signs OCSP answers: 'ca' (the issuing CA; the default unless the CA key is in a "
                           "token) or 'delegated' (a two-day P-256 "
                           "responder certificate that CA issues, its key only in memory, embedded in each answer: a "
                           "tenth of the CPU per signed answer).", choices=OCSP_SIGNERS, section="pki"),
-    Scalar("ocsp_nonce_rate", "OCSP answers signed per request (a nonce, or a serial never issued) each client address "
+    Setting("ocsp_nonce_rate", "OCSP answers signed per request (a nonce, or a serial never issued) each client address "
                               "(IPv6: /64) may ask for per second, with bursts of twice that (default 100; 0: no "
                               "limit); beyond it, tryLater.", int, 0, 1_000_000, section="pki"),
-    Scalar("ocsp_signing_share", "Share of one core (0-1, default 0.5) that OCSP answers signed per request may take, "
+    Setting("ocsp_signing_share", "Share of one core (0-1, default 0.5) that OCSP answers signed per request may take, "
                                  "all clients together; beyond it they get tryLater. 0: no limit.", float, 0, 1,
            section="pki"),
-    Scalar("cluster_max_staleness", "With --database: seconds this controller may go without confirming it applied "
+    Setting("cluster_max_staleness", "With --database: seconds this controller may go without confirming it applied "
                                     "the other controllers' changes before OCSP answers tryLater and new identities "
                                     "are refused (default 10).", float, 1, 3600),
-    Scalar("log_format", "'text' (default) or 'json' (one JSON object per line: time, level, logger, message and "
+    Setting("log_format", "'text' (default) or 'json' (one JSON object per line: time, level, logger, message and "
                          "the event's fields).", choices=LOG_FORMATS),
-    Scalar("log_level", "Least severe level logged: debug, info (default), warn or error.", choices=LOG_LEVELS),
-    Scalar("access_log", "Log requests: off (default), sampled (1 in 100) or all. /metrics, /healthz and /readyz "
+    Setting("log_level", "Least severe level logged: debug, info (default), warn or error.", choices=LOG_LEVELS),
+    Setting("access_log", "Log requests: off (default), sampled (1 in 100) or all. /metrics, /healthz and /readyz "
                          "only with 'all'.", choices=ACCESS_LOG_MODES),
-    Scalar("max_connections", "Open connections per listener, all peers together (default 4096); past it new "
+    Setting("max_connections", "Open connections per listener, all peers together (default 4096); past it new "
                               "connections are refused and logged.", int, 1, 1_000_000, limit=True),
-    Scalar("max_connections_per_ip", "Connections one source address may hold before it authenticates with a "
+    Setting("max_connections_per_ip", "Connections one source address may hold before it authenticates with a "
                                      "client certificate (default 64); trusted proxies are exempt.", int, 1,
            1_000_000, limit=True),
-    Scalar("listen_backlog", "Accept queue of TCP listeners whose endpoint string sets no backlog= (default 1024; "
+    Setting("listen_backlog", "Accept queue of TCP listeners whose endpoint string sets no backlog= (default 1024; "
                              "Twisted's own is 50, which overflows when a fleet reconnects at once).", int, 1, 65535,
            limit=True),
-    Scalar("rotation_renewal_rate", "Renewals per second a CA rotation asks of this controller's connected services, "
+    Setting("rotation_renewal_rate", "Renewals per second a CA rotation asks of this controller's connected services, "
                                     "and the pace at which it admits renewals (default 100): they renew at random "
                                     "moments over services/rate seconds (docs/performance.md).", int, 1, 10_000),
-    Scalar("request_head_timeout", "Seconds a connection has to send a complete request head (default 10; the TLS "
+    Setting("request_head_timeout", "Seconds a connection has to send a complete request head (default 10; the TLS "
                                    "handshake counts).", float, 0.1, 3600, limit=True),
-    Scalar("close_grace", "Seconds a connection the daemon closes may take to go before it is cut (default 2): a "
+    Setting("close_grace", "Seconds a connection the daemon closes may take to go before it is cut (default 2): a "
                           "WebSocket after its close, HTTP after a refusal, TLS waiting for the peer's close_notify.",
            float, 0.1, 60, limit=True),
+    Setting("san", "Extra DNS name or IP address for the server certificate; repeatable.", list),
+    Setting("proxy_protocol_senders", "IP or CIDR allowed to send PROXY-protocol headers to a haproxy:... listener; "
+                                      "repeatable, required there.", list, flag_name="proxy-protocol-sender"),
+    Setting("proxy_protocol_trust_headers", "On a PROXY-protocol listener, still honour client-certificate headers "
+                                            "from --trusted-proxy addresses (off: only mTLS counts).", bool),
+    Setting("metrics_require_auth", "Serve /metrics only with an admin (or read) token.", bool),
+    Setting("force_settings_override", "Flags and config file overwrite the stored runtime settings.", bool,
+            in_file=False),
+    # the network settings (SPEC §7): also changed at runtime (PUT /api/v1/settings/network), stored in the database
+    Setting("trusted_proxies", "IP or CIDR (v4 or v6) of a reverse proxy whose forwarded headers are trusted; "
+                               "repeatable.", list, section="network", flag_name="trusted-proxy"),
+    Setting("real_ip_header", "Header with the client address, read only from trusted proxies (default "
+                              "X-Forwarded-For; also Forwarded, X-Real-IP, ...).", section="network"),
+    Setting("forwarded_client_cert_info_header", "Structured client-cert info header from a trusted proxy (e.g. "
+                                                 "X-Forwarded-Client-Cert-Info, X-Forwarded-Client-Cert for Envoy, "
+                                                 "X-Forwarded-Tls-Client-Cert-Info for Traefik).", section="network"),
+    Setting("forwarded_client_cert_pem_header", "Header carrying the client certificate itself (URL-encoded PEM, "
+                                                "base64 DER or RFC 9440).", section="network"),
+    Setting("forwarded_client_cert_info_format", "How the info header is written: auto (default), kv, xfcc (Envoy) "
+                                                 "or traefik.", section="network"),
+    Setting("forwarded_client_verify_header", "Header in which a trusted proxy reports its own client-certificate "
+                                              "check (nginx: X-SSL-Client-Verify = $ssl_client_verify); anything but "
+                                              "SUCCESS then means no identity.", section="network"),
+    Setting("pki_addr", "Base URL embedded in certificates (AIA OCSP + caIssuers, CDP); http:// or https://. "
+                        "Changing it needs a CA rotation.", section="network"),
 )
-_TOP_KEYS = {"san", "network", "pki", "proxy_protocol_senders", "proxy_protocol_trust_headers",
-             "metrics_require_auth", *(s.name for s in SCALARS if not s.section)}
-_PKI_KEYS = {s.name for s in SCALARS if s.section == "pki"}
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+_TOP_KEYS = {"network", "pki", *(s.name for s in SETTINGS if not s.section and s.in_file)}
+_PKI_KEYS = {s.name for s in SETTINGS if s.section == "pki"}
+NetworkSettings.FIELDS = tuple(s.name for s in SETTINGS if s.section == "network")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -436,10 +477,7 @@ def _proxy_protocol(merged: Mapping[str, Any], kw: dict[str, Any]) -> None:
     if not isinstance(senders, list):
         senders = [senders]
     kw["proxy_protocol_senders"] = tuple(dict.fromkeys(parse_network(s, "proxy_protocol_senders") for s in senders))
-    trust = merged.get("proxy_protocol_trust_headers", False)
-    if not isinstance(trust, bool):
-        raise ConfigError("proxy_protocol_trust_headers", "must be true or false")
-    kw["proxy_protocol_trust_headers"] = trust
+    trust = kw.get("proxy_protocol_trust_headers", False)
     listener = kw.get("https_listen", DEFAULT_HTTPS_LISTEN)
     if is_proxy_protocol(listener) and not kw["proxy_protocol_senders"]:
         raise ConfigError("proxy_protocol_senders", "a PROXY-protocol listener (haproxy:...) needs "
@@ -496,12 +534,9 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     for key, value in flags.items():
         if value is None or value == [] or value is False:
             continue
-        if key in ("trusted_proxies", "san", "proxy_protocol_senders"):
-            merged["network.trusted_proxies" if key == "trusted_proxies" else key] = list(value)
-        elif key in NetworkSettings.FIELDS:
-            merged[f"network.{key}"] = value
-        else:
-            merged[key] = value
+        setting = BY_NAME.get(key)
+        value = list(value) if setting is not None and setting.kind is list else value
+        merged[f"network.{key}" if setting is not None and setting.live else key] = value
 
     network_changes = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("network.")}
     network = NetworkSettings().updated(network_changes)
@@ -509,9 +544,9 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
     if ("ca_cert" in merged) != ("ca_key" in merged):
         raise ConfigError("ca_cert", "--ca-cert and --ca-key must be given together (both or neither)")
     limits: dict[str, Any] = {}
-    for scalar in SCALARS:
-        if scalar.name in merged:
-            (limits if scalar.limit else kw)[scalar.name] = scalar.parse(merged[scalar.name])
+    for setting in SETTINGS:   # one value each (lists, and the network table, are read below)
+        if setting.name in merged and setting.kind is not list and not setting.live:
+            (limits if setting.limit else kw)[setting.name] = setting.parse(merged[setting.name])
     if limits:
         kw["limits"] = ConnectionLimits(**limits)
     _token(kw)
@@ -519,10 +554,6 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         raise ConfigError("database", "--database needs --ca-key-encryption-key-file: the CA keys are kept in the "
                                       "database, sealed with it (create one: head -c 32 /dev/urandom | base64 > FILE; "
                                       "chmod 600 FILE), or in a PKCS#11 token (--ca-key-uri)")
-    if "metrics_require_auth" in merged:
-        if not isinstance(merged["metrics_require_auth"], bool):
-            raise ConfigError("metrics_require_auth", "must be true or false")
-        kw["metrics_require_auth"] = merged["metrics_require_auth"]
     if "ca_key_uri" in kw:
         if "ocsp_signer" not in kw:
             kw["ocsp_signer"] = "delegated"   # the CA key is not in memory: it signs only the responder's certificate
@@ -537,7 +568,6 @@ def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> 
         raise ConfigError("pki_http", "--pki-http requires --pki-addr")
     if kw.get("pki_listen") and kw.get("pki_http") != "listener":
         raise ConfigError("pki_listen", "--pki-listen only makes sense with --pki-http listener")
-    kw["force_settings_override"] = bool(merged.get("force_settings_override", False))
     _proxy_protocol(merged, kw)
     kw["config_path"] = Path(config_path) if config_path else None
     return Settings(**kw)

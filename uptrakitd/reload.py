@@ -7,13 +7,12 @@ from typing import Any
 from twisted.logger import Logger
 
 from .audit import Said
-from .config import SCALARS, ConfigError, Settings, build_settings, read_config_file
+from .config import SETTINGS, ConfigError, Settings, build_settings, read_config_file
 from .runtime_settings import RuntimeSettings
 
 log = Logger()
 # every setting but the runtime ones (network.*) takes effect at the next start
-RESTART_KEYS = ("san", "metrics_require_auth", "limits", "proxy_protocol_senders", "proxy_protocol_trust_headers",
-                *(scalar.name for scalar in SCALARS if not scalar.limit))
+RESTART_KEYS = tuple(dict.fromkeys(s.restart_key for s in SETTINGS if s.in_file and not s.live))
 
 
 class ConfigReloader:
