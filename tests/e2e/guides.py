@@ -73,9 +73,7 @@ class Guide:
         sudo = 'exec "$@"'
         if self.user is not None:
             self.give(self.home)
-            for parent in (workdir, *workdir.parents):   # trial's mkdtemp is 0700: let the user pass, not list
-                if not parent.stat().st_mode & 0o001:
-                    parent.chmod(parent.stat().st_mode | 0o011)
+            _let_pass(workdir, self.user.pw_name)
             # the user holds CAP_SETUID/SETGID only to let this `sudo` switch; after the switch the command
             # runs with exactly what root (or USER) has
             sudo = ('if [ "$1" = -u ]; then u=$2; shift 2\n'
@@ -155,6 +153,22 @@ class Guide:
         background; a WatchedProcess."""
         argv = self.argv("exec env " + self.block(name).strip(), as_root=False, sudo=False)
         return spawn(argv, env=self.environ(as_root=False), cwd=str(cwd))
+
+
+def _let_pass(workdir: Path, user: str) -> None:
+    """Let `user` pass through the directories above `workdir`: trial's own (its mkdtemp makes them 0700) are
+    opened for passing (not listing); above _trial_temp nothing is changed, and a closed one is an error."""
+    ours = True
+    for parent in (workdir, *workdir.parents):
+        mode = parent.stat().st_mode
+        if ours and not mode & 0o001:
+            parent.chmod(mode | 0o011)
+        elif not mode & 0o001:
+            raise AssertionError(f"{parent} (mode {oct(mode & 0o777)}) keeps the user {user} out of this checkout, "
+                                 "so the guides cannot be walked as a user: run the tests from a checkout others "
+                                 "may reach (.ci/run copies itself to one)")
+        if parent.name.startswith("_trial_temp"):
+            ours = False
 
 
 def _program(name: str) -> str:

@@ -15,7 +15,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from ..helpers import require_program, wait_until
+from uptrakitd.pki.serials import format_serial
+
+from ..helpers import new_leaf, request_json, require_program, wait_until
 from .guides import (follow_to_a_connected_agent, let_back_in, nginx_package_layout, nginx_snippet,
                      revoke_as_written, rotate_then_refresh, standard_paths, verify_refresh_units, walk)
 from .harness import RunningProxy
@@ -73,5 +75,17 @@ class NginxGuideTests(TestCase):
                 break
             yield deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(code, 22, "curl -f: nginx refuses the certificate listed in the refreshed CRL")
+        # a refresh whose result nginx -t refuses leaves nginx's copies as they were, and nothing else behind
+        copies = Path(guide.paths["/etc/nginx/uptrakit"])
+        before = {f.name: f.read_bytes() for f in copies.iterdir()}
+        leaf, _, _ = yield new_leaf(c)
+        yield request_json(c, "POST", f"/api/v1/certificates/{format_serial(leaf.serial)}/revoke", {})
+        yield wait_until(lambda: c.crls.current[1].entries >= 2, timeout=5)   # the CRL to download is a new one
+        broken = Path(guide.paths["/etc/nginx/uptrakit"]).parent / "nginx" / "conf.d" / "broken.conf"
+        broken.write_text("this is not nginx;\n")
+        code, out = yield guide.run("refresh", as_root=True, ok=False)
+        broken.unlink()
+        self.assertEqual(code, 1, out)
+        self.assertEqual({f.name: f.read_bytes() for f in copies.iterdir()}, before)
         # the guide's timer and service units are valid systemd units (with the script where they expect it)
         yield verify_refresh_units(self, guide)
