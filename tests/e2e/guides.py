@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SkipTest
 
-from ..helpers import env, run, spawn
+from ..helpers import E2E_REQUIRED, env, run, spawn
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deployment"
 _FENCE = re.compile(r"^```(\w+)[^\n]*\btest=([\w-]+)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -62,6 +63,11 @@ class Guide:
         self.workdir = workdir
         self.bin = workdir / "bin"
         self.bin.mkdir(parents=True, exist_ok=True)
+        if as_user and os.geteuid() != 0:
+            message = f"walking {self.path.name} as the user {as_user} (setpriv, unshare) needs root"
+            if E2E_REQUIRED:
+                raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
+            raise SkipTest(message)
         self.user = pwd.getpwnam(as_user) if as_user else None
         self.home = workdir / "home"   # where the user stands: their own directory
         self.home.mkdir(exist_ok=True)
