@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +31,12 @@ def require_program(name: str, install_hint: str) -> str:
     path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if path:
         return path
-    message = f"{name} not found: install it ({install_hint})"
+    missing(f"{name} not found: install it ({install_hint})")
+
+
+def missing(message: str) -> NoReturn:
+    """A test cannot run here (`message` says what to install or do): skip, or fail under
+    UPTRAKIT_E2E_REQUIRED=1, where nothing may be skipped."""
     if E2E_REQUIRED:
         raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
     raise SkipTest(message)

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest
 
-from ..helpers import E2E_REQUIRED, env, run, spawn
+from ..helpers import env, missing, run, spawn
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deployment"
 _FENCE = re.compile(r"^```(\w+)[^\n]*\btest=([\w-]+)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -53,8 +52,8 @@ class Guide:
         text = self.path.read_text()
         self.blocks = {m.group(2): m.group(3) for m in _FENCE.finditer(text)}
         self.placeholders = set(_ROW.findall(text))
-        missing = self.placeholders - set(values)
-        assert not missing, f"{self.path.name}: the test gives no value for {sorted(missing)}"
+        unfilled = self.placeholders - set(values)
+        assert not unfilled, f"{self.path.name}: the test gives no value for {sorted(unfilled)}"
         unknown = set(values) - self.placeholders
         assert not unknown, f"{self.path.name}: {sorted(unknown)} not in the guide's placeholder table"
         self.values = {k: str(v) for k, v in values.items()}
@@ -64,10 +63,7 @@ class Guide:
         self.bin = workdir / "bin"
         self.bin.mkdir(parents=True, exist_ok=True)
         if as_user and os.geteuid() != 0:
-            message = f"walking {self.path.name} as the user {as_user} (setpriv, unshare) needs root"
-            if E2E_REQUIRED:
-                raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
-            raise SkipTest(message)
+            missing(f"walking {self.path.name} as the user {as_user} (setpriv, unshare) needs root")
         self.user = pwd.getpwnam(as_user) if as_user else None
         self.home = workdir / "home"   # where the user stands: their own directory
         self.home.mkdir(exist_ok=True)
@@ -230,7 +226,7 @@ def follow_to_a_connected_agent(testcase: Any, guide: Guide, pki_dir: str, start
     guide.give(host, host / "ca.crt", host / "proxy-server.crt")
     yield guide.run("agent-dirs", host)
     agent = guide.spawn("agent", host)
-    testcase.addCleanup(_stop, agent)
+    testcase.addCleanup(stop_process, agent)
     try:
         yield wait_until(lambda: len(c.channel.connected) == 1, timeout=60)
     except AssertionError:
@@ -347,10 +343,10 @@ def let_back_in(testcase: Any, guide: Guide, c: Any, agent: Any, revoked_service
 
     from ..helpers import wait_until
     yield agent.wait_for(b"revoked", timeout=30)
-    yield _stop(agent)   # Ctrl+C, or systemctl stop
+    yield stop_process(agent)   # Ctrl+C, or systemctl stop
     yield guide.run("forget", host)
     again = guide.spawn("agent", host)
-    testcase.addCleanup(_stop, again)
+    testcase.addCleanup(stop_process, again)
     yield wait_until(lambda: set(c.channel.connected) - {revoked_service}, timeout=60)
     code, out = yield guide.run("check", host)
     testcase.assertNotEqual(json.loads(out)["identity"]["service_id"], revoked_service)
@@ -373,7 +369,8 @@ def generation_of(c: Any, service_id: str) -> int | None:
     return identity.ca_generation if identity is not None and not proto.closing else None
 
 
-def _stop(process: Any) -> Any:
+def stop_process(process: Any) -> Any:
+    """TERM a spawned process (if it still runs); fires when it has ended."""
     if not process.ended.called:
         process.transport.signalProcess("TERM")
     return process.ended

@@ -17,10 +17,10 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from ..channel_helpers import agent_identity, connected_agent
-from ..helpers import (E2E_REQUIRED, admin_token, blocking_get, blocking_tls_socket, ca_pem, env, https_port,
+from ..helpers import (admin_token, blocking_get, blocking_tls_socket, ca_pem, env, https_port, missing,
                        request_json, require_program, start_controller)
 
 SHOTS = Path(__file__).resolve().parent / "output" / "ui-screenshots"
@@ -34,10 +34,7 @@ def _playwright() -> Any:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        message = "playwright not installed: pip install playwright"
-        if E2E_REQUIRED:
-            raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
-        raise SkipTest(message)
+        missing("playwright not installed: pip install playwright")
     return sync_playwright
 
 

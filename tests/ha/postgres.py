@@ -12,18 +12,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SkipTest
 
-from ..helpers import E2E_REQUIRED
+from ..helpers import missing
 
 
 def _bindir() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if not found:
-        message = "PostgreSQL not found: apt-get install postgresql"
-        if E2E_REQUIRED:
-            raise AssertionError(message + " -- UPTRAKIT_E2E_REQUIRED=1 forbids skipping")
-        raise SkipTest(message)
+        missing("PostgreSQL not found: apt-get install postgresql")
     return Path(found[-1]).parent
 
 

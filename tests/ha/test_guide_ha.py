@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from ..e2e.guides import WALK_USER, Guide, guide_values, system_venv
+from ..e2e.guides import WALK_USER, Guide, guide_values, stop_process, system_venv
 from ..e2e.harness import RunningProxy
 from ..helpers import ROOT, free_port, require_program, start_controller, wait_until
 from .postgres import PostgresCluster
@@ -98,7 +98,7 @@ class HighAvailabilityGuideTests(TestCase):
         guide.give(host, host / "ca.crt")
         yield guide.run("agent-dirs", host)
         agent = guide.spawn("agent", host)
-        self.addCleanup(_stop, agent)
+        self.addCleanup(stop_process, agent)
         try:
             yield wait_until(lambda: len(a.channel.connected) + len(b.channel.connected) == 1, timeout=60)
         except AssertionError:
@@ -112,7 +112,7 @@ class HighAvailabilityGuideTests(TestCase):
         code, out = yield guide.run("controllers")
         self.assertEqual(len(json.loads(out)["controllers"]), 2)
         code, out = yield guide.run("one-controller")
-        self.assertIn("ready", out)
+        self.assertEqual(json.loads(out)["status"], "ready", out)
         # the controller holding the agent stops: the agent lands on the other, with the same identity
         holder, other = (a, b) if service_id in a.channel.connected else (b, a)
         yield holder.stopService()
@@ -127,9 +127,3 @@ def _with_pg(environ: Any, pg: PostgresCluster) -> Any:
         e.update(PGHOST=str(pg.dir), PGPORT=str(pg.debian_port))
         return e
     return wrapped
-
-
-def _stop(process: Any) -> Any:
-    if not process.ended.called:
-        process.transport.signalProcess("TERM")
-    return process.ended
