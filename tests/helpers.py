@@ -1,6 +1,7 @@
 """Test helpers: a real controller on 127.0.0.1, real processes, TLS clients trusting our CA."""
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import shutil
@@ -365,3 +366,11 @@ def tls_refusal(port: int, ca: bytes, cert_pem: bytes, key_pem: bytes, source: s
             return text
         raise AssertionError(f"the server accepted the certificate (HTTP {status})")
     return deferToThread(attempt)
+
+
+def kek(testcase: Any) -> Path:
+    """A new key file (a KEK, or a backup key: the same form), mode 0600."""
+    path = Path(testcase.mktemp()).resolve()
+    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    path.chmod(0o600)
+    return path

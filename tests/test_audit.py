@@ -16,7 +16,7 @@ from uptrakitd import audit, audit_verify
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.store import audit as stored
 
-from .helpers import env, new_leaf, request_json, run, start_controller
+from .helpers import env, log_lines, new_leaf, request_json, run, start_controller
 
 
 def export_lines(c):
@@ -246,14 +246,14 @@ class VerifyTests(TestCase):
     def test_an_untouched_export_verifies_with_its_signed_checkpoint(self):
         code, out = yield self.verify(self.lines)
         self.assertEqual(code, 0, out)
-        self.assertIn("1 signed checkpoint(s)", out)
+        self.assertIn("2 signed checkpoint(s)", out, "the one due, and the one the export signed first")
         kinds = [json.loads(line)["action"] for line in self.lines]
         self.assertIn("audit.checkpoint", kinds)
 
     @inlineCallbacks
     def test_each_kind_of_tampering_names_the_first_bad_sequence(self):
         entries = [json.loads(line) for line in self.lines]
-        dump = lambda es: [json.dumps(e) for e in es]   # noqa: E731
+        dump = lambda es: [stored.export_line(e) for e in es]   # noqa: E731
         modified = [dict(e) for e in entries]
         modified[2] = dict(modified[2], details={"name": "someone else"})
         deleted = entries[:1] + entries[2:]
@@ -287,13 +287,14 @@ class VerifyTests(TestCase):
     def test_a_pruned_trail_still_verifies_and_its_new_start_is_vouched_for(self):
         import time
         entries = [json.loads(line) for line in self.lines]
-        checkpoint = next(e for e in entries if e["action"] == "audit.checkpoint")
+        checkpoint = [e for e in entries if e["action"] == "audit.checkpoint"][-1]
         kept_from, deleted = yield self.c.audit.prune(int(time.time()) + 1)
         self.assertEqual((kept_from, deleted), (checkpoint["details"]["sequence"], kept_from - 1))
         lines = yield export_lines(self.c)
         pruned = [json.loads(line) for line in lines]
         self.assertEqual(pruned[0]["seq"], kept_from)
-        self.assertEqual(pruned[-1]["action"], "audit.pruned")
+        self.assertEqual([e["action"] for e in pruned[-2:]], ["audit.pruned", "audit.checkpoint"],
+                         "the prune is vouched for at once")
         code, out = yield self.verify(lines)
         self.assertEqual(code, 0, out)
         # without the checkpoint that vouches for it (the export cut before it), a later start is a cut
@@ -301,12 +302,33 @@ class VerifyTests(TestCase):
         code, out = yield self.verify(lines[:until])
         self.assertEqual(code, 1)
         self.assertIn(f"first bad sequence {kept_from}", out)
-        nothing = yield self.c.audit.prune(int(time.time()) + 1)
-        self.assertIsNone(nothing, "nothing more is due before the next checkpoint")
+        nothing = yield self.c.audit.prune(int(time.time()) - 3600)
+        self.assertIsNone(nothing, "nothing older than an hour")
+
+    @inlineCallbacks
+    def test_cuts_empty_exports_and_fields_no_hash_covers_are_refused(self):
+        """Issue 32, item 3: what the verifier accepted on main ac6af64 (each exited 0 there)."""
+        entries = [json.loads(line) for line in self.lines]
+        checkpoint = next(i for i, e in enumerate(entries) if e["action"] == "audit.checkpoint")
+        covered = entries[checkpoint]["details"]["sequence"]
+        added = dict(entries[1], note="no hash covers this")
+        cases = {
+            "a cut from the start up to the checkpointed entry, no audit.pruned": (
+                [line for line in self.lines if json.loads(line)["seq"] >= covered], "holds no audit.pruned entry"),
+            "an empty export": ([], "holds no entry"),
+            "a cut before every checkpoint": (self.lines[:checkpoint], "no signed checkpoint"),
+            "an added field": (self.lines[:1] + [stored.export_line(added)] + self.lines[2:], "fields an audit entry"),
+            "a line not in canonical form": (self.lines[:1] + [json.dumps(entries[1], indent=1).replace("\n", "")]
+                                             + self.lines[2:], "canonical form"),
+        }
+        for name, (lines, reason) in cases.items():
+            code, out = yield self.verify(lines)
+            self.assertEqual(code, 1, f"{name}: {out}")
+            self.assertIn(reason, out, name)
 
     def test_the_library_and_the_command_agree(self):
         summary = audit_verify.verify(self.lines, [x509.load_pem_x509_certificate(self.ca.read_bytes())])
-        self.assertEqual((summary["entries"], summary["checkpoints"]), (len(self.lines), 1))
+        self.assertEqual((summary["entries"], summary["checkpoints"]), (len(self.lines), 2))
 
 
 class RealDaemonTests(TestCase):
@@ -415,3 +437,51 @@ class RealDaemonTests(TestCase):
             self.assertIn(f"first bad sequence {bad}:", out, name)
             daemon.transport.signalProcess("TERM")
             yield daemon.ended
+
+
+class RewrittenChainTests(TestCase):
+    """Issue 32, item 3: whoever can write the database removed an entry and the checkpoint after it and re-hashed
+    the rest; on main ac6af64 the restarted controller signed a checkpoint over the forged head. It refuses now,
+    and says why."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_rewritten_trail_is_never_signed_after_a_restart(self):
+        import sqlite3
+        c = yield start_controller(self)
+        yield c.admin_tokens.create("backdoor", ["admin"])
+        for n in range(3):
+            yield c.enrollment_tokens.create(f"t{n}")
+        covered = yield c.audit.checkpoint_if_due(force=True)
+        yield c.enrollment_tokens.create("after")
+        yield c.stopService()
+        database = c.settings.data_dir / "uptrakit.sqlite3"
+        conn = sqlite3.connect(str(database))
+        conn.row_factory = sqlite3.Row
+        rows = [stored._row(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY seq").fetchall()]
+        forged, previous = [], stored.GENESIS
+        for entry in rows:
+            if entry["action"] in ("admin_token.created", "audit.checkpoint"):
+                continue
+            entry = dict(entry, seq=len(forged) + 1, prev_hash=previous)
+            entry["hash"] = previous = stored.entry_hash(entry)
+            forged.append(entry)
+        conn.execute("DELETE FROM audit_log")
+        for e in forged:
+            conn.execute("INSERT INTO audit_log (seq, at, controller, actor, action, object, details, client, "
+                         "request_id, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (e["seq"], e["at"], e["controller"], json.dumps(e["actor"]), e["action"],
+                          json.dumps(e["object"]), json.dumps(e["details"]), e["client"], e["request_id"],
+                          e["prev_hash"], e["hash"]))
+        conn.commit()
+        conn.close()
+        lines = log_lines(self)
+        again = yield start_controller(self, tmp=self.mktemp(), data_dir=str(c.settings.data_dir))
+        signed = yield again.audit.checkpoint_if_due(force=True)
+        self.assertIsNone(signed, "no checkpoint over a rewritten trail")
+        self.assertTrue(any("does not continue from the checkpoint this controller signed last" in line
+                            and f"entry {covered}" in line for line in lines), lines[-5:])
+        count = yield again.store.run(lambda conn: conn.execute(
+            "SELECT count(*) AS n FROM audit_log WHERE action = 'audit.checkpoint'").fetchone()["n"])
+        self.assertEqual(count, 0)

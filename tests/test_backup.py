@@ -26,8 +26,8 @@ from uptrakitd.pki.serials import format_serial
 from uptrakitd.restored import RESTORE_MARKER
 from uptrakitd.store.common import migrations
 
-from .helpers import env, new_leaf, run, start_controller, tls_refusal
-from .test_seal import kek
+from .helpers import env, kek, new_leaf, run, start_controller, tls_refusal
+
 
 NEWEST = migrations()[-1][0]
 
@@ -47,11 +47,11 @@ class BackupTests(TestCase):
         revoked, _, _ = yield new_leaf(c)
         yield c.ca.revoke(revoked.serial, "keyCompromise")
         archive = Path(self.mktemp()).with_suffix(".tgz")
-        manifest = yield deferToThread(make_backup, c.settings.data_dir, archive)   # the daemon keeps running
+        manifest = yield deferToThread(make_backup, c.settings.data_dir, archive, key_file)   # the daemon runs on
         self.assertEqual((manifest["schema"], manifest["revoked"], manifest["certificates"]), (NEWEST, 1, 3))
         self.assertEqual([g["custody"] for g in manifest["ca_generations"]], ["sealed"])
         self.assertEqual(oct(archive.stat().st_mode & 0o777), "0o600")
-        _, members = read_backup(archive)
+        _, members = read_backup(archive, key_file)
         self.assertEqual(sorted(members), ["pki/ca.crt", "pki/server.crt", "pki/server.key", "uptrakit.sqlite3"],
                          "no CRL, no admin token, no clear CA key")
         live = yield c.store.run(lambda conn: conn.execute("SELECT 1 FROM settings WHERE key = ?",
@@ -63,7 +63,8 @@ class BackupTests(TestCase):
         yield c.stopService()
 
         target = Path(self.mktemp()) / "restored"
-        restore_backup(archive, target)
+        _, facts = restore_backup(archive, target, key_file)
+        self.assertEqual((facts["certificates"], facts["revoked"]), (3, 1), "the summary is the restored database's")
         self.assertEqual(oct(target.stat().st_mode & 0o777), "0o700")
         r = yield start_controller(self, tmp=self.mktemp(), data_dir=str(target),
                                    ca_key_encryption_key_file=str(key_file))
@@ -84,64 +85,195 @@ class BackupTests(TestCase):
             # (the stored CRLs may be served as they are until the rebuild after start: equal is fine)
             self.assertTrue(numbers[generation] <= number < numbers[generation] + 10, (numbers, crl_numbers(again)))
 
-    def test_a_database_password_goes_to_pg_dump_by_the_environment_not_argv(self):
-        from uptrakitd.ctl.backup import _without_password
-        url, environ = _without_password("postgresql://uptrakitd:s%40cret@db.example:5433/uptrakit?sslmode=require")
-        self.assertEqual((url, environ["PGPASSWORD"]),
-                         ("postgresql://uptrakitd@db.example:5433/uptrakit?sslmode=require", "s@cret"))
-        self.assertEqual(_without_password("postgresql://uptrakitd@/uptrakit?host=/run/postgresql")[0],
-                         "postgresql://uptrakitd@/uptrakit?host=/run/postgresql")
+    def test_a_database_password_on_the_command_line_is_refused(self):
+        from uptrakitd.ctl.backup import make_postgresql_backup, restore_postgresql
+        for url in ("postgresql://uptrakitd:s%40cret@127.0.0.1:1/uptrakit", "postgresql://u@127.0.0.1:1/x?password=s"):
+            for call in (lambda: make_postgresql_backup(url, Path(self.mktemp()), kek(self)),
+                         lambda: restore_postgresql(Path(self.mktemp()), url, kek(self))):
+                with self.assertRaises(CtlError) as refused:
+                    call()
+                self.assertIn("carries a password", str(refused.exception))
+                self.assertNotIn("cret", str(refused.exception))
 
     @inlineCallbacks
     def test_clear_keys_are_refused_unless_asked_for(self):
         c = yield start_controller(self)   # the default custody: clear files
+        key_file = kek(self)   # a backup key (no KEK here)
         with self.assertRaises(CtlError) as refused:
-            make_backup(c.settings.data_dir, Path(self.mktemp()))
+            make_backup(c.settings.data_dir, Path(self.mktemp()), key_file)
         self.assertIn("clear CA keys: generation 1 (pki/ca-1.key)", str(refused.exception))
         self.assertIn("uptrakitd-keys seal", str(refused.exception))
         archive = Path(self.mktemp())
-        manifest = make_backup(c.settings.data_dir, archive, include_clear_keys=True)
+        manifest = make_backup(c.settings.data_dir, archive, key_file, include_clear_keys=True)
         self.assertTrue(manifest["clear_keys_included"])
-        self.assertIn("pki/ca-1.key", read_backup(archive)[1])
+        self.assertIn("pki/ca-1.key", read_backup(archive, key_file)[1])
 
     @inlineCallbacks
-    def test_a_damaged_archive_a_newer_schema_and_a_non_empty_target_are_refused(self):
+    def test_a_damaged_archive_and_a_non_empty_target_are_refused(self):
         c = yield start_controller(self)
-        archive = Path(self.mktemp())
-        make_backup(c.settings.data_dir, archive, include_clear_keys=True)
-        manifest, members = read_backup(archive)
-
-        def rewrite(manifest: dict, members: dict) -> Path:
-            path = Path(self.mktemp())
-            with tarfile.open(path, "w:gz") as tar:
-                for name, data in [("manifest.json", json.dumps(manifest).encode())] + list(members.items()):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-            return path
-        damaged = dict(members)
-        data = damaged["uptrakit.sqlite3"]
-        damaged["uptrakit.sqlite3"] = data[:-1] + bytes([data[-1] ^ 0xFF])   # (always a change)
-        cases = [(rewrite(manifest, damaged), "uptrakit.sqlite3 does not match the sha256"),
-                 (rewrite(dict(manifest, schema=99), members), "newer than this uptrakitd"),
-                 (rewrite(manifest, dict(members, extra=b"x")), "differ from its manifest")]
-        for path, expected in cases:
-            target = Path(self.mktemp())
-            with self.assertRaises(CtlError) as refused:
-                restore_backup(path, target)
-            self.assertIn(expected, str(refused.exception))
-            self.assertFalse(target.exists(), "nothing written")
+        archive, key_file = Path(self.mktemp()), kek(self)
+        make_backup(c.settings.data_dir, archive, key_file, include_clear_keys=True)
+        with tarfile.open(archive) as tar:
+            raw = {i.name: tar.extractfile(i).read() for i in tar}
+        data = raw["uptrakit.sqlite3"]
+        damaged = dict(raw, **{"uptrakit.sqlite3": data[:-1] + bytes([data[-1] ^ 0xFF])})   # (always a change)
+        target = Path(self.mktemp())
+        with self.assertRaises(CtlError) as refused:
+            restore_backup(repack(self, damaged), target, key_file)
+        self.assertIn("uptrakit.sqlite3 does not match the sha256", str(refused.exception))
+        self.assertFalse(target.exists(), "nothing written")
+        self.assertEqual([p.name for p in target.parent.iterdir()], [], "no partial directory left either")
         busy = Path(self.mktemp())
         busy.mkdir()
         (busy / "something").write_text("x")
         with self.assertRaises(CtlError) as refused:
-            restore_backup(archive, busy)
+            restore_backup(archive, busy, key_file)
         self.assertIn("is not empty", str(refused.exception))
         # the command says the same, with its exit status
-        _, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "restore", "--in", str(cases[0][0]),
-                                 "--data-dir", str(Path(self.mktemp())), env=env())
+        _, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "restore", "--in", str(repack(self, damaged)),
+                                 "--data-dir", str(Path(self.mktemp())), "--key-file", str(key_file), env=env())
         self.assertEqual(code, 1)
         self.assertIn(b"does not match the sha256 in its manifest", err)
+
+
+def repack(testcase: Any, members: dict[str, bytes], order: list[str] | None = None) -> Path:
+    """A tar.gz of `members` as given (an attacker's archive: nothing recomputed unless the caller did)."""
+    path = Path(testcase.mktemp())
+    with tarfile.open(path, "w:gz") as tar:
+        for name in order or list(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            tar.addfile(info, io.BytesIO(members[name]))
+    return path
+
+
+def forged(testcase: Any, archive: Path, change: Any) -> Path:
+    """`archive` with its database changed by `change(conn)` and every sha256 and size recomputed, as an attacker
+    who can write the archive but holds no key would do (the MAC member is kept as it was)."""
+    import hashlib
+    import sqlite3
+    with tarfile.open(archive) as tar:
+        raw = {i.name: tar.extractfile(i).read() for i in tar}
+    db = Path(testcase.mktemp())
+    db.write_bytes(raw["uptrakit.sqlite3"])
+    conn = sqlite3.connect(str(db))
+    change(conn)
+    conn.commit()
+    conn.close()
+    raw["uptrakit.sqlite3"] = db.read_bytes()
+    manifest = json.loads(raw["manifest.json"])
+    for name, data in raw.items():
+        if name in manifest["members"]:
+            manifest["members"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest["certificates"] = 99_999
+    raw["manifest.json"] = json.dumps(manifest).encode()
+    return repack(testcase, raw)
+
+
+class TamperedBackupTests(TestCase):
+    """Issue 32, items 2, 8 and 15: an archive is authenticated before anything in it is used, the restored database
+    is vetted against the migrations and its audit trail, and a failed restore leaves nothing."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_an_archive_altered_without_the_key_is_refused_before_any_byte_is_used(self):
+        key_file = kek(self)
+        c = yield start_controller(self, ca_key_encryption_key_file=str(key_file))
+        revoked, _, _ = yield new_leaf(c)
+        yield c.ca.revoke(revoked.serial, "keyCompromise")
+        yield c.stopService()
+        archive = Path(self.mktemp())
+        make_backup(c.settings.data_dir, archive, key_file)
+
+        def unrevoke_and_plant(conn: Any) -> None:
+            conn.execute("UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL")
+            conn.execute("INSERT INTO admin_tokens (id, name, token_hash, created_at) VALUES ('planted', 'x', 'x', 0)")
+        attacks = {"the database re-hashed": forged(self, archive, unrevoke_and_plant),
+                   "another key's archive": None}
+        other = Path(self.mktemp())
+        make_backup(c.settings.data_dir, other, kek(self))
+        attacks["another key's archive"] = other
+        for what, path in attacks.items():
+            target = Path(self.mktemp()) / "restored"
+            with self.assertRaises(CtlError, msg=what) as refused:
+                restore_backup(path, target, key_file)
+            self.assertIn("is not authenticated by the key", str(refused.exception), what)
+            self.assertFalse(target.parent.exists() and any(target.parent.iterdir()), f"{what}: nothing written")
+        # an archive of the old, unauthenticated format is refused with the reason
+        with tarfile.open(archive) as tar:
+            raw = {i.name: tar.extractfile(i).read() for i in tar}
+        del raw["manifest.json.hmac"]
+        with self.assertRaises(CtlError) as refused:
+            restore_backup(repack(self, raw), Path(self.mktemp()), key_file)
+        self.assertIn("made before archives were authenticated", str(refused.exception))
+
+    @inlineCallbacks
+    def test_a_database_changed_by_someone_else_is_refused_even_with_the_key(self):
+        """A backup of a live database someone wrote to (triggers, a column, a view planted), authenticated
+        because the operator's own backup took it: the vetting refuses it, and leaves nothing."""
+        import sqlite3
+        key_file = kek(self)
+        c = yield start_controller(self, ca_key_encryption_key_file=str(key_file))
+        revoked, _, _ = yield new_leaf(c)
+        yield c.ca.revoke(revoked.serial, "keyCompromise")
+        yield c.stopService()
+        live = c.settings.data_dir / "uptrakit.sqlite3"
+        plants = {"trigger": "CREATE TRIGGER keep_good AFTER UPDATE ON certificates BEGIN "
+                             "UPDATE certificates SET revoked_at = NULL WHERE serial = new.serial; END",
+                  "view": "CREATE VIEW v AS SELECT 1",
+                  "column": "ALTER TABLE admin_tokens ADD COLUMN backdoor TEXT"}
+        pristine = live.read_bytes()
+        for kind, sql in plants.items():
+            live.write_bytes(pristine)
+            conn = sqlite3.connect(str(live))
+            conn.execute(sql)
+            conn.commit()
+            conn.close()
+            archive = Path(self.mktemp())
+            make_backup(c.settings.data_dir, archive, key_file)
+            target = Path(self.mktemp()) / "restored"
+            with self.assertRaises(CtlError, msg=kind) as refused:
+                restore_backup(archive, target, key_file)
+            self.assertIn("not what uptrakitd's migrations create", str(refused.exception), kind)
+            self.assertFalse(target.exists(), kind)
+            self.assertEqual(list(target.parent.iterdir()), [], f"{kind}: no partial directory")
+        # an audit entry rewritten in the live database is refused by the chain check
+        live.write_bytes(pristine)
+        conn = sqlite3.connect(str(live))
+        conn.execute("UPDATE audit_log SET details = '{}' WHERE seq = 2")
+        conn.commit()
+        conn.close()
+        archive = Path(self.mktemp())
+        make_backup(c.settings.data_dir, archive, key_file)
+        with self.assertRaises(CtlError) as refused:
+            restore_backup(archive, Path(self.mktemp()), key_file)
+        self.assertIn("audit trail does not verify", str(refused.exception))
+
+    @inlineCallbacks
+    def test_a_gzip_bomb_and_bad_member_names_are_refused_in_bounded_memory(self):
+        import resource
+        key_file = kek(self)
+        c = yield start_controller(self, ca_key_encryption_key_file=str(key_file))
+        yield c.stopService()
+        archive = Path(self.mktemp())
+        make_backup(c.settings.data_dir, archive, key_file)
+        with tarfile.open(archive) as tar:
+            raw = {i.name: tar.extractfile(i).read() for i in tar}
+        bomb = dict(raw, **{"uptrakit.sqlite3": bytes(400 << 20)})   # 400 MiB of zeros: ~400 KB compressed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with self.assertRaises(CtlError) as refused:
+            restore_backup(repack(self, bomb), Path(self.mktemp()) / "r", key_file)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        self.assertIn("is not the size its manifest says", str(refused.exception))
+        self.assertLess(grown, 50, f"restore grew by {grown:.0f} MiB on a bomb")
+        for name in ("../escape", "/abs", "pki/\u202eevil", "a\x00b"):
+            member_names = dict(raw)
+            member_names[name] = b"x"
+            target = Path(self.mktemp()) / "r"
+            with self.assertRaises(CtlError, msg=name):
+                restore_backup(repack(self, member_names), target, key_file)
+            self.assertFalse(target.parent.exists() and any(target.parent.iterdir()), name)
 
 
 def api_of(port: int, data: Path) -> Any:
@@ -226,7 +358,7 @@ class RestoreDrillTests(TestCase):
         before_backup = list(acknowledged)
         archive = Path(cwd) / "backup.tgz"
         out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "backup", "--data-dir", str(data), "--out",
-                                   str(archive), env=env())
+                                   str(archive), "--key-file", str(key_file), env=env())
         self.assertEqual(code, 0, err)
         yield DeferredList(burst)
         self.assertLess(len(before_backup), 30, "revocations were still coming while the backup was taken")
@@ -243,7 +375,7 @@ class RestoreDrillTests(TestCase):
 
         restored = Path(cwd) / "restored"
         out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "restore", "--in", str(archive),
-                                   "--data-dir", str(restored), env=env())
+                                   "--data-dir", str(restored), "--key-file", str(key_file), env=env())
         self.assertEqual(code, 0, err)
         (restored / "admin.token").write_bytes((data / "admin.token").read_bytes())   # the operator keeps it
         second = daemon(restored)
@@ -310,7 +442,7 @@ class AgentAfterRestoreTests(TestCase):
         port = https_port(c)
         agent = yield connected_agent(self, c, backoff=(0.05, 0.3))
         archive = Path(self.mktemp())
-        yield deferToThread(make_backup, c.settings.data_dir, archive)
+        yield deferToThread(make_backup, c.settings.data_dir, archive, Path(key_file))
         for _ in range(2):   # two renewals the backup does not know
             settled = next_event(agent, "certificate")
             agent.renew("test")
@@ -320,7 +452,7 @@ class AgentAfterRestoreTests(TestCase):
         previous = agent.state.previous_certificate().serial_number
         yield c.stopService()
         target = Path(self.mktemp()) / "restored"
-        restore_backup(archive, target)
+        restore_backup(archive, target, Path(key_file))
         events: list[tuple[str, Any]] = []
         agent.observers.append(lambda event, detail: events.append((event, detail)))
         r = yield start_controller(self, tmp=self.mktemp(), data_dir=str(target), ca_key_encryption_key_file=key_file,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+
 import shutil
 import sys
 from pathlib import Path
@@ -17,14 +17,7 @@ from uptrakitd.boot import StartupError, boot
 from uptrakitd.config import build_settings
 from uptrakitd.pki.seal import SealError, seal_data_dir
 
-from .helpers import env, log_lines, request_json, run, start_controller
-
-
-def kek(testcase: TestCase) -> Path:
-    path = Path(testcase.mktemp()).resolve()
-    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
-    path.chmod(0o600)
-    return path
+from .helpers import env, kek, log_lines, request_json, run, start_controller
 
 
 def private_key(signer):

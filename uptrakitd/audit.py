@@ -11,14 +11,20 @@ entry as one JSON log line with `"audit": true` once committed.
 
 Every CHECKPOINT_EVERY entries or CHECKPOINT_MINUTES minutes (whichever comes first, checked each minute) an
 `audit.checkpoint` entry carries the active CA's signature over `uptrakitd-audit-checkpoint:<seq>:<hash>` of
-the entry before it, made through the CA's Signer (so a key in a token signs it too).
+the entry before it, made through the CA's Signer (so a key in a token signs it too). Before it signs, the
+controller checks that the stored chain continues from the last checkpoint it signed (its anchor, kept in the data
+dir as ANCHOR_FILE for the database it names): a trail rewritten in the database, even re-hashed, is never signed
+(docs/security.md, "Who can rewrite the audit trail"). An export and a prune sign the head first.
 """
 from __future__ import annotations
 
 import base64
+import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -33,6 +39,7 @@ CHECKPOINT_MINUTES = 10
 SIGN_IN_FAILURE_EVERY = 60.0   # seconds: at most one sign-in failure entry per client address in that time
 SIGN_IN_FAILURES_PER_MINUTE = 60   # and at most this many entries a minute from all addresses together
 MAX_FAILING_ADDRESSES = 4096
+ANCHOR_FILE = "audit-anchor.json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 
@@ -82,8 +89,12 @@ class AuditTrail:
     """Appends entries with the changes they record; writes checkpoints."""
 
     def __init__(self, store: Any, controller_id: str, clock: Any, run_blocking: Callable[..., Deferred],
-                 signer_of: Callable[[], Any]) -> None:
+                 signer_of: Callable[[], Any], anchor_file: Path | None = None, database: str = "sqlite") -> None:
         self.store = store
+        self.anchor_file = anchor_file
+        self.database = database   # the anchor holds for this database only (a restore makes a new one)
+        self.anchor = self._read_anchor()
+        self.broken: str | None = None   # why the stored chain does not continue from the anchor
         self.controller_id = controller_id
         self.clock = clock
         self.run_blocking = run_blocking
@@ -143,25 +154,80 @@ class AuditTrail:
                     Said({"kind": "anonymous"}, client, request_id)).addErrback(
             lambda f: log.warn("audit: a sign-in failure could not be recorded ({error})", error=f.getErrorMessage()))
 
-    def prune(self, cutoff: int) -> Deferred:
+    @inlineCallbacks
+    def prune(self, cutoff: int) -> Any:
         """Delete the checkpointed segments written before `cutoff` (store/audit.py prune), recording it in the
-        same transaction; fires with (first sequence kept, entries deleted) or None."""
-        return self.run(stored.prune, cutoff, action="audit.pruned", obj={"kind": "audit", "id": "trail"},
-                        details=lambda done: None if done is None else {"kept_from": done[0], "deleted": done[1]})
+        same transaction, then sign a checkpoint that vouches for that entry; fires with (first sequence kept,
+        entries deleted) or None."""
+        done = yield self.run(stored.prune, cutoff, action="audit.pruned", obj={"kind": "audit", "id": "trail"},
+                              details=lambda done: None if done is None else {"kept_from": done[0],
+                                                                              "deleted": done[1]})
+        if done is not None:
+            yield self.checkpoint_if_due(force=True)
+        return done
 
     def prune_by_age(self, days: int) -> Deferred | None:
         """Daily, with --audit-retention-days: prune what is older than that."""
         return self.prune(int(self.clock.seconds()) - days * 86400) if days > 0 else None
 
+    def _read_anchor(self) -> tuple[int, str] | None:
+        if self.anchor_file is None:
+            return None
+        try:
+            kept = json.loads(self.anchor_file.read_text("utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("audit: cannot read {file} ({error}): checkpoints are signed only once it is readable "
+                      "or removed", file=str(self.anchor_file), error=str(e))
+            return (-1, "")
+        if kept.get("database") != self.database:
+            log.info("audit: {file} is for another database (a restore or a new one): a new anchor starts with "
+                     "the next checkpoint", file=str(self.anchor_file))
+            return None
+        return int(kept["seq"]), str(kept["hash"])
+
+    def _keep_anchor(self, seq: int, digest: str) -> None:
+        self.anchor = (seq, digest)
+        if self.anchor_file is None:
+            return
+        partial = self.anchor_file.with_name(self.anchor_file.name + ".partial")
+        try:
+            with open(partial, "w", encoding="utf-8") as f:
+                json.dump({"database": self.database, "seq": seq, "hash": digest}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, self.anchor_file)
+        except OSError as e:
+            log.error("audit: cannot write {file} ({error})", file=str(self.anchor_file), error=str(e))
+
     @inlineCallbacks
-    def checkpoint_if_due(self) -> Any:
-        """Sign the chain's head when CHECKPOINT_EVERY entries or CHECKPOINT_MINUTES passed since the last one."""
+    def checkpoint_if_due(self, force: bool = False) -> Any:
+        """Sign the chain's head when CHECKPOINT_EVERY entries or CHECKPOINT_MINUTES passed since the last one
+        (`force`: whenever an entry is not yet covered), once the stored chain continues from this controller's
+        anchor."""
         count, oldest, _ = yield self.store.run(stored.since_checkpoint)
         now = self.clock.seconds()
-        if count == 0 or (count < CHECKPOINT_EVERY and oldest is not None
+        if count == 0 or (not force and count < CHECKPOINT_EVERY and oldest is not None
                           and now - oldest < CHECKPOINT_MINUTES * 60):
             return None
         seq, digest = yield self.store.run(stored.head)
+        if self.anchor is not None:
+            problem = "the anchor file is unreadable" if self.anchor[0] < 0 else None
+            at, reached = self.anchor, self.anchor[0] < 0
+            while not reached:
+                problem, *step, reached = yield self.store.run(stored.continues_from, *at)
+                at = (step[0], step[1])
+            if problem is not None:
+                if problem != self.broken:
+                    log.error("audit: the trail in the database does not continue from the checkpoint this "
+                              "controller signed last (entry {seq}): {problem}. Someone rewrote it; no checkpoint "
+                              "is signed until an operator has checked it (uptrakit-audit verify with --expect "
+                              "{seq}:{hash}) and removed {file}", seq=self.anchor[0], hash=self.anchor[1],
+                              problem=problem, file=str(self.anchor_file))
+                self.broken = problem
+                return None
+        self.broken = None
         generation, signer = self.signer_of()
         if signer is None or not signer.signs_data():
             log.warn("audit: the active CA's key cannot sign checkpoints (not an EC key here); the chain is kept "
@@ -171,6 +237,7 @@ class AuditTrail:
         yield self.record("audit.checkpoint", {"kind": "audit", "id": str(seq)},
                           {"sequence": seq, "hash": digest, "ca_generation": generation,
                            "signature": base64.b64encode(signature).decode("ascii")})
+        self._keep_anchor(seq, digest)
         return seq   # the sequence number the new checkpoint vouches for
 
 

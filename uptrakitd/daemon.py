@@ -22,7 +22,7 @@ from twisted.logger import ILogObserver, Logger
 
 from . import __version__
 from .admin_tokens import AdminTokenRegistry
-from .audit import AuditTrail
+from .audit import ANCHOR_FILE, AuditTrail
 from .cluster import Cluster, build_cluster
 from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from .config import Settings, is_proxy_protocol
@@ -50,6 +50,7 @@ from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .status_metrics import state_families
 from .store import PostgresStore, SqliteStore, make_store
+from .store.common import safe_url
 from .trust.identity import IdentityResolver
 from .trust.proxies import is_trusted
 from .web.api.audit import AuditRoutes, unknown_token
@@ -128,7 +129,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
     d.cluster = cluster = build_cluster(settings, booted, store, reactor, metrics)
     # every security action, in the transaction of its change (audit.py); checkpoints signed by the active CA
     d.audit = audit = AuditTrail(store, cluster.controller_id, reactor, run_blocking,
-                                 lambda: (state.active().generation, state.active().signer))
+                                 lambda: (state.active().generation, state.active().signer),
+                                 settings.data_dir / ANCHOR_FILE, safe_url(settings.database or "sqlite"))
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs, audit)
     files = PkiFiles(settings.data_dir)
     d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
@@ -204,7 +206,7 @@ def _sites(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any) -> tuple[A
                     + TokenRoutes(d.enrollment_tokens, d.admin_tokens).routes()
                     + OverviewRoutes(ca, crls, d.runtime, directory, channel, d.server_cert, rotation).routes()
                     + rotation.routes() + DiagnosticsRoutes(d.resolver.doctor, d.runtime).routes()
-                    + SessionRoutes(d.admin_tokens).routes() + AuditRoutes(d.store).routes()
+                    + SessionRoutes(d.admin_tokens).routes() + AuditRoutes(d.store, partial(d.audit.checkpoint_if_due, force=True)).routes()
                     + ControllerRoutes(d.store, directory.controller_id, booted.hostname, reactor.seconds(),
                                        lambda: cluster.leader, lambda: len(channel.connected), reactor,
                                        cluster.describe if cluster.shared else None).routes()

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from ..helpers import free_port, wait_until
 from ..test_ctl import Ctl
-from ..test_seal import kek
+from ..helpers import kek
 from ..test_tap import TWISTD
 from .guides import Guide, standard_paths
 
@@ -27,7 +27,9 @@ class BackupGuideTests(TestCase):
         work = Path(self.mktemp()).resolve()
         work.mkdir(parents=True)
         port, pidfile, log = free_port(), work / "uptrakitd.pid", work / "uptrakitd.log"
-        paths = dict(standard_paths(work), **{"/var/backups/uptrakitd": work / "backups"})
+        paths = dict(standard_paths(work), **{"/var/backups/uptrakitd": work / "backups", "/etc/uptrakitd": work / "etc"})
+        (work / "etc").mkdir(mode=0o700)
+        key_file = kek(self).rename(work / "etc" / "kek")   # the guide's backup key is the KEK
         keeper = work / "keeper.token"
         guide = Guide("backup", {"BACKUP_FILE": "-", "CONTROLLER_PORT": port, "ADMIN_TOKEN_FILE": keeper,
                                  "DATABASE_URL": "-", "NEW_DATABASE_URL": "-", "PG_BACKUP_FILE": "-"},
@@ -36,7 +38,7 @@ class BackupGuideTests(TestCase):
         guide.shim("systemctl", f'''case "$*" in
   "stop uptrakitd") kill "$(cat {pidfile})"; while kill -0 "$(cat {pidfile})" 2>/dev/null; do sleep 0.1; done ;;
   "start uptrakitd") cd {work} && {TWISTD} --pidfile={pidfile} -n uptrakit --data-dir {data} \\
-      --https-listen tcp:{port}:interface=127.0.0.1 --ca-key-encryption-key-file {kek(self)} >>{log} 2>&1 & ;;
+      --https-listen tcp:{port}:interface=127.0.0.1 --ca-key-encryption-key-file {key_file} >>{log} 2>&1 & ;;
   *) echo "unexpected: systemctl $*" >&2; exit 1 ;;
 esac''')
         self.addCleanup(lambda: guide.run_command("systemctl stop uptrakitd", ok=False) if pidfile.exists() else None)

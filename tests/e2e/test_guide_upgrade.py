@@ -42,7 +42,7 @@ class UpgradeGuideTests(TestCase):
         port, pidfile, log = free_port(), work / "uptrakitd.pid", work / "uptrakitd.log"
         keeper = work / "admin.token"
         paths = dict(standard_paths(work), **{"/var/backups/uptrakitd": work / "backups",
-                                              "/opt/uptrakitd/venv/bin": venv_bin})
+                                              "/opt/uptrakitd/venv/bin": venv_bin, "/etc/uptrakitd": work / "etc"})
         guide = Guide("upgrade", {"CONTROLLER_PORT": port, "ADMIN_TOKEN_FILE": keeper}, paths, {"chown": "exit 0"},
                       work)
         data = Path(guide.paths["/var/lib/uptrakitd"])
@@ -50,7 +50,8 @@ class UpgradeGuideTests(TestCase):
             tar.extractall(work, filter="data")
         (work / "uptrakit-data").rename(data)
         shutil.copy(data / "admin.token", keeper)
-        key_file = work / "fixture.kek"   # its CA key is sealed, as backup.md asks
+        (work / "etc").mkdir(mode=0o700)
+        key_file = (work / "fixture.kek").rename(work / "etc" / "kek")   # its CA key is sealed, as backup.md asks
         key_file.chmod(0o600)
         (work / "backups").mkdir(mode=0o700)
         guide.shim("systemctl", f'''case "$*" in
@@ -67,7 +68,7 @@ esac''')
         self.assertIn("copied the database (schema 4)", log.read_text())
         (backup,) = (work / "backups").glob("before-upgrade-*.tgz")
         from uptrakitd.ctl.backup import read_backup
-        self.assertEqual(read_backup(backup)[0]["schema"], 4, "the backup was taken before the upgrade")
+        self.assertEqual(read_backup(backup, key_file)[0]["schema"], 4, "the backup was taken before the upgrade")
         code, out = yield guide.run("check")
         lines = out.splitlines()
         self.assertIn("version", lines[0])

@@ -5,6 +5,7 @@ on, as with SQLite."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,26 +42,29 @@ class PostgresqlBackupTests(TestCase):
         work = Path(self.mktemp()).resolve()
         work.mkdir()
         # docs/deployment/backup.md's PostgreSQL blocks, as written (placeholders and the venv's path filled)
+        (work / "etc").mkdir(mode=0o700)
+        shutil.copy(kek, work / "etc" / "kek")   # the guide's backup key is the controllers' KEK
         guide = Guide("backup", {"DATABASE_URL": db, "NEW_DATABASE_URL": fresh, "PG_BACKUP_FILE": archive,
                                  "BACKUP_FILE": "-", "CONTROLLER_PORT": "-", "ADMIN_TOKEN_FILE": "-"},
-                      standard_paths(work), {}, work)
+                      dict(standard_paths(work), **{"/etc/uptrakitd": work / "etc"}), {}, work)
         _, out = yield guide.run("pg-backup")   # while a runs
         self.assertIn("its CA keys are sealed", out)
         from uptrakitd.ctl.backup import read_backup
-        manifest, members = read_backup(archive)
+        manifest, members = read_backup(archive, Path(kek))
         self.assertEqual((manifest["engine"], manifest["schema"], manifest["revoked"]), ("postgresql", migrations()[-1][0], 1))
-        self.assertEqual(list(members), ["database.sql"])
-        self.assertNotIn(b"BEGIN PRIVATE KEY", members["database.sql"], "sealed keys stay sealed")
+        self.assertEqual(list(members), ["database.dump"])
+        self.assertTrue(members["database.dump"].startswith(b"PGDMP"), "pg_dump's custom format")
+        self.assertNotIn(b"BEGIN PRIVATE KEY", members["database.dump"], "sealed keys stay sealed")
         marker = yield a.store.run(lambda conn: conn.execute("SELECT 1 FROM settings WHERE key = ?",
                                                              (RESTORE_MARKER,)).fetchone())
         self.assertIsNone(marker, "the live database never holds the marker")
         served = {g: crl.number for g, crl in a.crls.current.items()}
         yield a.ca.revoke(kept.serial, "superseded")   # after the backup: lost with it
 
-        _, err, code = yield ctl("restore", "--in", str(archive), "--database", db)
+        _, err, code = yield ctl("restore", "--in", str(archive), "--database", db, "--key-file", kek)
         self.assertEqual(code, 2)
         self.assertIn(b"the target database is not empty", err)
-        _, err, code = yield ctl("restore", "--in", str(archive), "--data-dir", self.mktemp())
+        _, err, code = yield ctl("restore", "--in", str(archive), "--data-dir", self.mktemp(), "--key-file", kek)
         self.assertEqual(code, 2)
         self.assertIn(b"it is a PostgreSQL backup, restore it with --database", err)
         yield guide.run("pg-restore")
@@ -84,3 +88,75 @@ class PostgresqlBackupTests(TestCase):
         again = yield c.store.run(lambda conn: conn.execute(
             "SELECT count(*) AS n FROM audit_log WHERE action = 'controller.restored'").fetchone()["n"])
         self.assertEqual(again, 1)
+
+
+class TamperedPostgresqlBackupTests(TestCase):
+    """Issue 32, item 1: a PostgreSQL archive runs nothing it brings. An archive of the old plain-SQL format (what a
+    `\\!` line turned into a root shell on restore) is refused before any tool sees it; one forged without the key
+    is refused by its MAC; and a backup of a live database that someone gave a function and a trigger is refused
+    from `pg_restore --list`, before a statement of it runs, even with the key."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_nothing_in_an_archive_runs_and_a_planted_trigger_is_refused_before_loading(self) -> Any:
+        import hashlib
+        import io
+        import tarfile
+
+        import psycopg
+        require_program("pg_restore", "apt-get install postgresql-client")
+        cluster = PostgresCluster()
+        self.addCleanup(cluster.destroy)
+        db, kek = cluster.new_database(), kek_file(self)
+        a = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        yield a.stopService()
+        proof = Path(self.mktemp()).resolve()
+        # 1. the archive the attack used: format 1, a database.sql with a shell line, its sha256 recomputed
+        sql = f"\\! id > {proof}\nSELECT 1;\n".encode()
+        manifest = {"format": "uptrakitd-backup/1", "members": {"database.sql": hashlib.sha256(sql).hexdigest()}}
+        old = Path(self.mktemp())
+        with tarfile.open(old, "w:gz") as tar:
+            for name, data in (("manifest.json", json.dumps(manifest).encode()), ("database.sql", sql)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        fresh = cluster.new_database()
+        _, err, code = yield ctl("restore", "--in", str(old), "--database", fresh, "--key-file", kek)
+        self.assertEqual(code, 1, err)
+        self.assertIn(b"made before archives were authenticated", err)
+        self.assertFalse(proof.exists(), "no shell command ran")
+
+        # 2. a live database given a function and a trigger: its own (authenticated) backup is refused unloaded
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f"CREATE FUNCTION keep_good() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                         f"NEW.revoked_at := NULL; RETURN NEW; END $$")
+            conn.execute("CREATE TRIGGER keep_good BEFORE UPDATE ON certificates FOR EACH ROW "
+                         "EXECUTE FUNCTION keep_good()")
+        archive = Path(self.mktemp()).resolve()
+        _, err, code = yield ctl("backup", "--database", db, "--key-file", kek, "--out", str(archive))
+        self.assertEqual(code, 0, err)
+        _, err, code = yield ctl("restore", "--in", str(archive), "--database", fresh, "--key-file", kek)
+        self.assertEqual(code, 1, err)
+        self.assertIn(b"refused before anything was loaded", err)
+        with psycopg.connect(fresh, autocommit=True) as conn:
+            left = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+                                ).fetchone()[0]
+        self.assertEqual(left, 0, "nothing was loaded")
+
+        # 3. a column added: loaded (a TABLE entry), then refused by the schema check and emptied again
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER keep_good ON certificates")
+            conn.execute("DROP FUNCTION keep_good()")
+            conn.execute("ALTER TABLE admin_tokens ADD COLUMN backdoor TEXT")
+        archive = Path(self.mktemp()).resolve()
+        _, err, code = yield ctl("backup", "--database", db, "--key-file", kek, "--out", str(archive))
+        self.assertEqual(code, 0, err)
+        _, err, code = yield ctl("restore", "--in", str(archive), "--database", fresh, "--key-file", kek)
+        self.assertEqual(code, 1, err)
+        self.assertIn(b"not what uptrakitd's migrations create", err)
+        self.assertIn(b"admin_tokens.backdoor", err)
+        with psycopg.connect(fresh, autocommit=True) as conn:
+            left = conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE n.nspname = 'public'").fetchone()[0]
+        self.assertEqual(left, 0, "a refused restore leaves the database empty")

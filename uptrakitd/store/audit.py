@@ -85,6 +85,41 @@ def after(conn: Connection, seq: int, limit: int) -> list[dict[str, Any]]:
     return [_row(r) for r in rows]
 
 
+def export_line(entry: dict[str, Any]) -> str:
+    """An entry as the export writes it (and as the verifier requires it): sorted keys, no spaces, ASCII."""
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"))
+
+
+def continues_from(conn: Connection, seq: int, digest: str, batch: int = 1000) -> tuple[str | None, int, str, bool]:
+    """One step of checking that the stored chain continues from entry `seq` with hash `digest` (Certificate
+    Transparency's consistency: the trail a controller signed last is a prefix of today's): (what is wrong or
+    None, the last entry checked and its hash, whether the head was reached). A step reads at most `batch`
+    entries, so other store operations run between steps."""
+    row = conn.execute("SELECT hash FROM audit_log WHERE seq = ?", (seq,)).fetchone()
+    if row is None:
+        return f"entry {seq}, which a checkpoint this controller signed covers, is gone", seq, digest, True
+    if row["hash"] != digest:
+        return f"entry {seq} no longer has the hash a checkpoint this controller signed covers", seq, digest, True
+    previous_seq, previous = seq, digest
+    found = after(conn, seq, batch)
+    for entry in found:
+        if entry["seq"] != previous_seq + 1 or entry["prev_hash"] != previous or entry_hash(entry) != entry["hash"]:
+            return f"the chain breaks at entry {previous_seq + 1}", previous_seq, previous, True
+        previous_seq, previous = entry["seq"], entry["hash"]
+    return None, previous_seq, previous, len(found) < batch
+
+
+def entries(conn: Connection, batch: int = 1000) -> Any:
+    """Every entry, oldest first, read a batch at a time (the restore's check)."""
+    seq = 0
+    while True:
+        found = after(conn, seq, batch)
+        if not found:
+            return
+        yield from found
+        seq = found[-1]["seq"]
+
+
 def prune(conn: Connection, cutoff: int) -> tuple[int, int] | None:
     """Delete whole checkpointed segments older than `cutoff` (unix seconds): every entry before the newest
     checkpointed entry written before `cutoff`, which is kept (the checkpoint vouches for its hash, so an export
