@@ -231,3 +231,62 @@ class FrameFloodTests(TestCase):
                 return until_closed(ws)[1:]
         self.assertEqual((yield deferToThread(fragments)), (1008, "rate limit exceeded"))
         self.assertEqual((yield deferToThread(pings)), (1008, "rate limit exceeded"))
+
+
+class CapsUnderConcurrencyTests(TestCase):
+    """Issue 32, item 4, through the `websockets` library: on main ac6af64, 20 renewals sent back to back on one
+    socket were 20 certificates (the cap is 3), and 20 sockets resuming one enrollment secret got 20."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_one_enrollment_is_one_certificate_and_back_to_back_renewals_are_one(self):
+        import asyncio
+        c = yield start_controller(self)
+        token = yield enrollment_token(c)
+        url = f"wss://localhost:{https_port(c)}/api/v1/ws/agent"
+
+        def enroll():
+            with ws_connect(url, ssl=ws_ssl(c)) as ws:
+                ws.send(frame("enroll", 1, hostname="racer", enrollment_token=token))
+                return json.loads(ws.recv(timeout=10))
+        enrolled = yield deferToThread(enroll)
+        service_id, secret = enrolled["service_id"], enrolled["enrollment_secret"]
+        csr, key = make_csr(service_id)
+
+        async def resume_all():
+            from websockets.asyncio.client import connect
+            sockets = await asyncio.gather(*[connect(url, ssl=ws_ssl(c), additional_headers={
+                "Authorization": f"Bearer {secret}"}) for _ in range(20)])
+            await asyncio.gather(*[ws.send(frame("request_certificate", 1, csr_pem=csr.decode())) for ws in sockets])
+            answers = []
+            for ws in sockets:
+                try:
+                    answers.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                except Exception:
+                    answers.append(None)
+                await ws.close()
+            return answers
+        answers = yield deferToThread(asyncio.run, resume_all())
+        certificates = [a for a in answers if a and a["type"] == "certificate"]
+        self.assertEqual(len(certificates), 1, [a and a.get("code") for a in answers])
+        import time
+        self.assertEqual(c.ca.state.valid_client_certificates(service_id, time.time()), 1)
+        cert = certificates[0]["cert_pem"].encode()
+
+        async def renew_twenty():
+            from websockets.asyncio.client import connect
+            async with connect(url, ssl=ws_ssl(c, cert, key)) as ws:
+                await ws.recv()   # service_settings
+                for seq in range(1, 21):
+                    await ws.send(frame("renew_certificate", seq, csr_pem=make_csr(service_id)[0].decode()))
+                kinds = []
+                try:
+                    while True:
+                        kinds.append(json.loads(await asyncio.wait_for(ws.recv(), 10)).get("type"))
+                except Exception:
+                    return kinds
+        kinds = yield deferToThread(asyncio.run, renew_twenty())
+        self.assertEqual(kinds.count("certificate"), 1, kinds)
+        issued = [r for r in c.ca.state.by_service[service_id] if r.purpose == "client"]
+        self.assertEqual(len(issued), 2, "the first certificate and one renewal")

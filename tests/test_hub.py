@@ -141,6 +141,37 @@ class HubTests(TestCase):
         self.hub.received(sock, {"type": "renew_certificate", "csr_pem": make_csr(sock.service_id)[0].decode()})
         self.assertEqual(sock.kinds()[-1], "certificate", "at its moment there is room again")
 
+    def test_a_client_that_knows_no_renewal_deferred_is_asked_again_at_its_moment(self):
+        """Issue 35, item 1: on main ac6af64 a deferred client that does not know `renewal_deferred` was never
+        asked again (4,424 of 5,000 such clients stayed on the old CA). The controller asks again once the moment
+        it gave has passed; a client that came back by itself is not asked twice."""
+        self.hub = ChannelHub(self.directory, self.ca, self.runtime, Metrics(), self.clock, "uptrakit.local",
+                              renewals_per_second=5)
+        sockets = [self.authenticated(*self.enrolled_with_certificate()) for _ in range(12)]
+        for sock in sockets:
+            self.hub.received(sock, {"type": "renew_certificate", "csr_pem": make_csr(sock.service_id)[0].decode()})
+        deferred = [s for s in sockets if not s.closing]
+        self.assertEqual(len(deferred), 7)
+        polite, deaf = deferred[0], deferred[1:]
+        moment = polite.sent[-1][1]["retry_after_seconds"]
+        self.clock.advance(moment)   # the reference agent comes back at its moment
+        self.hub.received(polite, {"type": "renew_certificate", "csr_pem": make_csr(polite.service_id)[0].decode()})
+        self.assertEqual(polite.kinds()[-1], "certificate")
+        self.clock.pump([0.1] * 100)   # 10 s: every moment given has passed
+        for sock in deaf:
+            self.assertEqual(sock.kinds().count("request_cert_renewal"), 1, "asked again, once")
+            self.assertEqual(sock.sent[-1], ("request_cert_renewal", {"reason": "expiring"}))
+        self.assertEqual(polite.kinds().count("request_cert_renewal"), 0, "it came back: not asked again")
+        self.assertEqual(self.hub.metrics.registry.get_sample_value("uptrakit_renewals_asked_again_total"), 6)
+        for sock in deaf:   # a client that renews whenever asked now gets its certificate (or a later moment)
+            self.hub.received(sock, {"type": "renew_certificate", "csr_pem": make_csr(sock.service_id)[0].decode()})
+        self.clock.pump([0.1] * 100)
+        for sock in deaf:
+            if not sock.closing:
+                self.hub.received(sock, {"type": "renew_certificate",
+                                         "csr_pem": make_csr(sock.service_id)[0].decode()})
+        self.assertTrue(all(s.closed_with == wire.CERT_ROTATED for s in deaf), [s.kinds()[-3:] for s in deaf])
+
     def test_rotation_tells_every_authenticated_socket_bundle_then_renewal(self):
         service_id, serial = self.enrolled_with_certificate()
         sock = self.authenticated(service_id, serial)

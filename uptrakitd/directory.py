@@ -92,6 +92,7 @@ class ServiceDirectory:
         self.bus = bus
         self.clock = clock
         self._records = {r.id: r for r in records}
+        self._issuing: set[str] = set()   # services with a certificate being issued (one at a time)
         self.controller_id = controller_id   # with PostgreSQL: this controller, among several (cluster.Cluster)
 
     # -- reading -------------------------------------------------------------------------------
@@ -158,16 +159,35 @@ class ServiceDirectory:
         service = self.require(service_id)
         if service.status != "approved":
             raise Forbidden(f"service is {service.status}, not approved", "service_not_approved")
+        if service.id in self._issuing:
+            raise Conflict("a certificate for this service is being issued already: wait for its answer",
+                           "issue_in_progress")
         valid = self.ca.state.valid_client_certificates(service.id, self.clock.seconds())
         if valid >= MAX_VALID_CERTIFICATES:
             raise Conflict(f"service already holds {valid} valid certificates; connect with the newest one "
                            "(older ones are revoked then) before asking for another", "too_many_certificates")
-        issued = yield self.ca.issue_for_service(csr_pem, service.id, service.kind,
-                                                 self.runtime.lifetime_for(service.cert_lifetime_hours))
-        if first:
-            yield self.store.run(stored.update_fields, service.id, enrollment_secret_hash=None)
-            service.enrollment_secret_hash = None
-        return issued
+        self._issuing.add(service.id)   # one issue in flight per service on this controller
+        try:
+            secret = service.enrollment_secret_hash
+            if first:
+                # one-time: consumed before anything is signed (step-ca records a token's jti first), so of several
+                # sockets presenting it, on any controller, one gets a certificate
+                if not secret or not (yield self.store.run(stored.take_enrollment_secret, service.id, secret)):
+                    raise Conflict("this enrollment's certificate was issued already: one per enrollment",
+                                   "enrollment_used")
+                service.enrollment_secret_hash = None
+            try:
+                issued = yield self.ca.issue_for_service(csr_pem, service.id, service.kind,
+                                                         self.runtime.lifetime_for(service.cert_lifetime_hours),
+                                                         cap=MAX_VALID_CERTIFICATES)
+            except Exception:
+                if first and secret:   # a refused CSR may be corrected and sent again
+                    yield self.store.run(stored.give_back_enrollment_secret, service.id, secret)
+                    service.enrollment_secret_hash = secret
+                raise
+            return issued
+        finally:
+            self._issuing.discard(service.id)
 
     @inlineCallbacks
     def update(self, service_id: str, changes: dict[str, Any], said: Said = BY_SYSTEM) -> Any:

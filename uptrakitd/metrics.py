@@ -87,6 +87,9 @@ class Metrics:
         self.renewals_deferred = Counter("uptrakit_renewals_deferred", "Certificate renewals answered "
                                          "renewal_deferred: more than --rotation-renewal-rate a second asked",
                                          registry=self.registry)
+        self.renewals_asked_again = Counter("uptrakit_renewals_asked_again", "Deferred renewals the controller "
+                                            "asked for again (request_cert_renewal) because the service did not "
+                                            "come back at its moment", registry=self.registry)
         self.http_bodies_refused = Counter("uptrakit_http_bodies_refused", "Requests refused (413) for a body "
                                            "larger than the route takes", registry=self.registry)
         self.crl_lag = Gauge("uptrakit_crl_lag_seconds", "How long the served CRLs have lacked a revocation "

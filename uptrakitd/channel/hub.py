@@ -32,6 +32,7 @@ log = Logger()
 DEFAULT_PING_INTERVAL = 30
 RENEWALS_PER_SECOND = DEFAULT_ROTATION_RENEWAL_RATE   # --rotation-renewal-rate
 MAX_RENEWAL_SPREAD = 600
+REASK_GRACE = 1.0   # seconds past a deferred renewal's moment before the controller asks again
 
 
 def renewal_spread(services: int, per_second: int = RENEWALS_PER_SECOND) -> int:
@@ -134,6 +135,8 @@ class ChannelHub:
 
     def closed(self, proto: ServiceChannelProtocol) -> None:
         self.sockets.discard(proto)
+        if proto.renewal_reask is not None and proto.renewal_reask.active():
+            proto.renewal_reask.cancel()
         if proto.service_id and self.connected.get(proto.service_id) is proto:
             del self.connected[proto.service_id]
             if not self._stopping:   # at stop, the controller leaves the database's list in one go
@@ -275,10 +278,28 @@ class ChannelHub:
         if slot is not None and slot > now:
             return round(slot - now, 1)
         if self._admission.take():
+            proto.renewal_slot = None
             return None
         self._next_slot = max(self._next_slot, now + 1.0) + 1.0 / self.renewals_per_second
-        proto.renewal_slot = self._next_slot
-        return round(self._next_slot - now, 1)
+        proto.renewal_slot = slot = self._next_slot
+        # the controller drives the pace: a client that does not know `renewal_deferred` (or ignores its
+        # retry_after_seconds) is asked again at its moment, so it still renews, at the controller's rate
+        if proto.renewal_reask is not None and proto.renewal_reask.active():
+            proto.renewal_reask.cancel()
+        proto.renewal_reask = self.clock.callLater(slot - now + REASK_GRACE, self._ask_again, proto, slot)
+        return round(slot - now, 1)
+
+    def _ask_again(self, proto: ServiceChannelProtocol, slot: float) -> None:
+        """A deferred renewal's moment passed and the service did not come back: request_cert_renewal again
+        (with the reason a service acts on: its certificate is from an older CA generation, or expiring)."""
+        proto.renewal_reask = None
+        if self._stopping or proto.phase != "authenticated" or proto.closing or proto.renewal_slot != slot:
+            return
+        record = self.ca.state.records.get(proto.serial or 0)
+        reason = "ca_rotation" if record is not None and record.ca_generation != self.ca.state.active().generation \
+            else "expiring"
+        self.metrics.renewals_asked_again.inc()
+        proto.send("request_cert_renewal", reason=reason)
 
     @inlineCallbacks
     def _on_renew(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:

@@ -93,6 +93,7 @@ class ChannelState:
     unknown_in_row: int = 0
     enroll_timer: Any = None
     renewal_slot: float | None = None   # the moment a deferred renewal was given (ChannelHub._admit_renewal)
+    renewal_reask: Any = None   # the call that asks again if the service does not come back by then
 
     def close(self, reason: str, code: int = wire.POLICY_VIOLATION) -> None:
         raise NotImplementedError

@@ -27,7 +27,7 @@ from .keys import FileKeys
 from .files import PkiFiles
 from .issue import Issued, issue_client_certificate, issue_in_worker, issue_server_certificate, load_csr
 from .serials import format_serial, parse_serial
-from .state import CaState, CertRecord, insert_generation, insert_issued
+from .state import CapReached, CaState, CertRecord, insert_generation, insert_issued
 
 log = Logger()
 
@@ -70,7 +70,7 @@ class CertificateAuthority:
 
     @inlineCallbacks
     def issue_for_service(self, csr_pem: str | bytes, service_id: str, kind: str,
-                          lifetime: datetime.timedelta) -> Any:
+                          lifetime: datetime.timedelta, cap: int | None = None) -> Any:
         """Check a CSR and sign it with the active CA, then record it; fires with Issued.
 
         With a worker (the daemon's PKI worker process), the CSR check and the signature run there, off
@@ -87,7 +87,11 @@ class CertificateAuthority:
                                     self.clock.seconds())
             cert = x509.load_der_x509_certificate(der)
             issued = Issued(cert, cert.serial_number, ca.generation)
-        yield self._record(issued, service_id, "client")
+        try:
+            yield self._record(issued, service_id, "client", cap)
+        except CapReached:
+            raise Conflict(f"service already holds {cap} valid certificates; connect with the newest one (older "
+                           "ones are revoked then) before asking for another", "too_many_certificates") from None
         log.info("issued certificate {serial} to service {service_id} (CA G{generation}, until {not_after})",
                  serial=format_serial(issued.serial), service_id=service_id, generation=ca.generation,
                  not_after=issued.cert.not_valid_after_utc.isoformat())
@@ -113,10 +117,10 @@ class CertificateAuthority:
         return issued, key
 
     @inlineCallbacks
-    def _record(self, issued: Issued, service_id: str | None, purpose: str) -> Any:
+    def _record(self, issued: Issued, service_id: str | None, purpose: str, cap: int | None = None) -> Any:
         said = Said({"kind": "service", "id": service_id}) if service_id else BY_SYSTEM
         record = yield audited(self.audit, self.store, insert_issued, issued, service_id, purpose,
-                               int(self.clock.seconds()), action="certificate.issued",
+                               int(self.clock.seconds()), cap, action="certificate.issued",
                                obj={"kind": "certificate", "id": format_serial(issued.serial)},
                                details={"purpose": purpose, "service_id": service_id,
                                         "ca_generation": issued.ca_generation,

@@ -166,8 +166,18 @@ def load_records(conn: Any, expired_before: int | None = None) -> list[CertRecor
             for row in rows]
 
 
-def insert_issued(conn: Any, issued: Issued, service_id: str | None, purpose: str, issued_at: int) -> CertRecord:
-    """Store operation: record an issued certificate; returns the in-memory record for it."""
+class CapReached(Exception):
+    """A service already holds as many valid certificates as it may (checked in the recording transaction)."""
+
+
+def insert_issued(conn: Any, issued: Issued, service_id: str | None, purpose: str, issued_at: int,
+                  cap: int | None = None) -> CertRecord:
+    """Store operation: record an issued certificate; returns the in-memory record for it. With `cap`, CapReached
+    when the service already holds that many valid ones (counted in the same transaction: the cap holds on every
+    controller of a cluster, whatever runs at once)."""
+    if cap is not None and service_id is not None and \
+            certificates.valid_for_service(conn, service_id, issued_at) >= cap:
+        raise CapReached(service_id)
     cert = issued.cert
     record = CertRecord(serial=issued.serial, service_id=service_id, purpose=purpose,
                         ca_generation=issued.ca_generation,

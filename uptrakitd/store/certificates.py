@@ -15,6 +15,14 @@ def insert(conn: Connection, serial: str, service_id: str | None, purpose: str, 
     changes.note(conn, "certificate", serial)
 
 
+def valid_for_service(conn: Connection, service_id: str, now: int) -> int:
+    """How many unrevoked, unexpired client certificates the database holds for a service, under a lock of that
+    service's (every controller of a cluster counts and records in turn)."""
+    conn.engine.serialize(conn, f"service-certificates:{service_id}")
+    return int(conn.execute("SELECT count(*) AS n FROM certificates WHERE service_id = ? AND purpose = 'client' AND "
+                            "revoked_at IS NULL AND not_after > ?", (service_id, now)).fetchone()["n"])
+
+
 def load_all(conn: Connection) -> list[Row]:
     """Every certificate record in issue order: serial, service_id, purpose, ca_generation, not_before,
     not_after, revoked_at, revocation_reason."""

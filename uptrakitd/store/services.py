@@ -86,3 +86,20 @@ def update_fields(conn: Connection, service_id: str, **fields: Any) -> None:
     conn.execute(f"UPDATE services SET {assignments} WHERE id = ?", (*fields.values(), service_id))
     if set(fields) != {"last_seen_at"}:   # a heartbeat is not worth waking every controller for
         changes.note(conn, "service", service_id)
+
+
+def take_enrollment_secret(conn: Connection, service_id: str, secret_hash: str) -> bool:
+    """Consume a one-time enrollment secret before its certificate is signed: True for the one caller (on any
+    controller) whose UPDATE cleared it, False for every other."""
+    taken = conn.execute("UPDATE services SET enrollment_secret_hash = NULL WHERE id = ? AND enrollment_secret_hash = ?",
+                         (service_id, secret_hash)).rowcount == 1
+    if taken:
+        changes.note(conn, "service", service_id)
+    return taken
+
+
+def give_back_enrollment_secret(conn: Connection, service_id: str, secret_hash: str) -> None:
+    """A refused CSR consumed nothing: the secret works again (unless it was given out anew meanwhile)."""
+    conn.execute("UPDATE services SET enrollment_secret_hash = ? WHERE id = ? AND enrollment_secret_hash IS NULL",
+                 (secret_hash, service_id))
+    changes.note(conn, "service", service_id)
