@@ -87,6 +87,9 @@ class Metrics:
         self.renewals_deferred = Counter("uptrakit_renewals_deferred", "Certificate renewals answered "
                                          "renewal_deferred: more than --rotation-renewal-rate a second asked",
                                          registry=self.registry)
+        self.renewals_refused_early = Counter("uptrakit_renewals_refused_early", "Renewals refused "
+                                              "renewal_not_due: unprompted, outside the renewal window, past the "
+                                              "service's allowance", registry=self.registry)
         self.renewals_asked_again = Counter("uptrakit_renewals_asked_again", "Deferred renewals the controller "
                                             "asked for again (request_cert_renewal) because the service did not "
                                             "come back at its moment", registry=self.registry)

@@ -409,6 +409,11 @@ class ServiceAgent(Service):
             log.info("renewal deferred by the controller: again in {delay:g} s", delay=delay)
             self._renewal_timer = self.reactor.callLater(delay, self.renew, "deferred")
             return
+        if m.get("code") in ("renewal_not_due", "issue_in_progress"):
+            # nothing is signed for this CSR: the key is dropped; the next request (or the window) renews
+            self.pending_key = None
+            log.warn("renewal refused by the controller: {message}", message=m.get("message"))
+            return
         if m.get("code") == "enrollment_refused":
             # a token that is expired, used up, revoked or unknown will not start working: say so and stop
             reason = f"{m.get('message')}: ask the operator for a new enrollment token"

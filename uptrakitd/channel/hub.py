@@ -6,6 +6,7 @@ revocations, rotations and service changes from the event bus.
 """
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ log = Logger()
 DEFAULT_PING_INTERVAL = 30
 RENEWALS_PER_SECOND = DEFAULT_ROTATION_RENEWAL_RATE   # --rotation-renewal-rate
 MAX_RENEWAL_SPREAD = 600
+EARLY_RENEWALS_BURST = 2            # renewals a service may ask for unprompted (not due, not asked) at once
+EARLY_RENEWALS_PER_HOUR = 1.0       # and then this many an hour: one agent cannot grow the CRL without bound
 REASK_GRACE = 1.0   # seconds past a deferred renewal's moment before the controller asks again
 
 
@@ -80,6 +83,7 @@ class ChannelHub:
         # check and a signature
         self._admission = TokenBucket(clock, float(renewals_per_second), float(renewals_per_second))
         self._next_slot = 0.0   # the last moment given to a deferred renewal
+        self._early: dict[str, TokenBucket] = {}   # per service: renewals asked for before they were due
         self._stopping = False
         self._turns: set[Any] = set()   # pending broadcast_in_turns calls, cancelled by stop()
         self.barrier = barrier   # several controllers: Cluster.barrier (renewals wait until all trust the CA)
@@ -299,10 +303,45 @@ class ChannelHub:
         reason = "ca_rotation" if record is not None and record.ca_generation != self.ca.state.active().generation \
             else "expiring"
         self.metrics.renewals_asked_again.inc()
+        if proto.serial is not None:
+            self._renewal_asked.add(proto.serial)   # asked: its renewal is due now
         proto.send("request_cert_renewal", reason=reason)
+
+    def _renewal_due(self, proto: ServiceChannelProtocol) -> bool:
+        """The certificate is in its renewal window, from an older CA generation, or the controller asked."""
+        record = self.ca.state.records.get(proto.serial or 0)
+        if record is None:
+            return True   # (the directory refuses what it does not know)
+        return (record.not_after - self.clock.seconds() <= self.runtime.renewal_window_hours() * 3600
+                or record.ca_generation != self.ca.state.active().generation or record.serial in self._renewal_asked)
+
+    def _refuse_early(self, proto: ServiceChannelProtocol) -> bool:
+        """True (and the service told why) for an unprompted renewal past the service's small allowance: each
+        renewal puts the certificate it replaces on the CRL for that certificate's lifetime plus a day."""
+        if self._renewal_due(proto):
+            return False
+        service_id = _service_id(proto)
+        bucket = self._early.get(service_id)
+        if bucket is None:
+            bucket = self._early[service_id] = TokenBucket(self.clock, EARLY_RENEWALS_PER_HOUR / 3600,
+                                                           EARLY_RENEWALS_BURST)
+        if bucket.take():
+            return False
+        record = self.ca.state.records[proto.serial or 0]
+        due = record.not_after - self.runtime.renewal_window_hours() * 3600
+        self.metrics.renewals_refused_early.inc()
+        proto.send("error", code="renewal_not_due", due_at=int(due), message=(
+            f"certificate {format_serial(record.serial)} is not due for renewal until "
+            f"{datetime.datetime.fromtimestamp(due, datetime.timezone.utc).isoformat(timespec='seconds')} (its "
+            f"renewal window), and this service renewed unprompted {EARLY_RENEWALS_BURST} times already: renew "
+            "inside the window or when asked (request_cert_renewal)"))
+        return True
 
     @inlineCallbacks
     def _on_renew(self, proto: ServiceChannelProtocol, message: dict[str, Any]) -> Any:
+        slot = proto.renewal_slot   # (a service asking again before its moment is told that moment again)
+        if (slot is None or slot <= self.clock.seconds()) and self._refuse_early(proto):
+            return
         wait = self._admit_renewal(proto)
         if wait is not None:
             self.metrics.renewals_deferred.inc()
