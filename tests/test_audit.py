@@ -485,3 +485,47 @@ class RewrittenChainTests(TestCase):
         count = yield again.store.run(lambda conn: conn.execute(
             "SELECT count(*) AS n FROM audit_log WHERE action = 'audit.checkpoint'").fetchone()["n"])
         self.assertEqual(count, 0)
+
+
+class SettingsAtStartTests(TestCase):
+    """Issue 32, item 7: on main ac6af64 a restart with --force-settings-override and --trusted-proxy 0.0.0.0/0
+    changed who may assert identities with 0 audit entries (the same change through the API made 1)."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_start_that_overrides_the_stored_network_settings_is_on_the_trail(self):
+        c = yield start_controller(self)
+        yield c.stopService()
+        again = yield start_controller(self, tmp=self.mktemp(), data_dir=str(c.settings.data_dir),
+                                       force_settings_override=True, trusted_proxies=["0.0.0.0/0"],
+                                       forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        entries = yield again.store.run(stored.page, None, 100, "settings.network.changed")
+        self.assertEqual([e["actor"] for e in entries], [{"kind": "system", "via": "start-up (--force-settings-override)"},
+                                                         {"kind": "system", "via": "start-up (first start)"}])
+        changed = entries[0]["details"]["changes"]
+        self.assertEqual(changed["trusted_proxies"]["new"], ["0.0.0.0/0"])
+        # the same flags again change nothing: no entry
+        yield again.stopService()
+        third = yield start_controller(self, tmp=self.mktemp(), data_dir=str(c.settings.data_dir),
+                                       force_settings_override=True, trusted_proxies=["0.0.0.0/0"],
+                                       forwarded_client_cert_pem_header="X-SSL-Client-Cert")
+        entries = yield third.store.run(stored.page, None, 100, "settings.network.changed")
+        self.assertEqual(len(entries), 2)
+
+
+class AuditQueryTests(TestCase):
+    """Issue 32, item 13: on main ac6af64 these query parameters gave five tracebacks and 500s."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_unicode_digits_and_huge_numbers_are_a_400(self):
+        from urllib.parse import quote
+        c = yield start_controller(self)
+        for query in ("limit=²", "limit=٣", "before=" + "9" * 30, "since=" + "9" * 30, "until=" + "9" * 19,
+                      "since=" + quote("２０２６"), "since=9999-99-99", "before=-1", "limit=" + "1" * 25):
+            status, body = yield request_json(c, "GET", f"/api/v1/audit?{query}")
+            self.assertEqual((status, body.get("code")), (400, "invalid_filter"), query)
+        status, _ = yield request_json(c, "GET", "/api/v1/audit?since=2026-01-01T00:00:00Z&limit=5")
+        self.assertEqual(status, 200)

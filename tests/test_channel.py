@@ -152,7 +152,11 @@ class IndependentClientTests(TestCase):
                         enrollment_token="t"), "invalid_message"),
                  (frame("enroll", 1, hostname="h", friendly_name="\x1b[2Jgone", enrollment_token="t"),
                   "invalid_message"),
-                 (frame("enroll", 1, hostname="h\rx", enrollment_token="t"), "invalid_message")]
+                 (frame("enroll", 1, hostname="h\rx", enrollment_token="t"), "invalid_message"),
+                 # issue 32, item 15: a bidi override shows "vm-evil" as "vm-live" in services list
+                 (frame("enroll", 1, hostname="vm-\u202elive", enrollment_token="t"), "invalid_message"),
+                 (frame("enroll", 1, hostname="vm", friendly_name="a\u200bb", enrollment_token="t"),
+                  "invalid_message")]
 
         def attempt(payload):
             with ws_connect(url, ssl=ws_ssl(c)) as ws:

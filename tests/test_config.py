@@ -22,6 +22,19 @@ class BuildSettingsTests(TestCase):
         self.assertIn(fragment, str(cm.exception))
         self.assertNotIn("\n", str(cm.exception))
 
+    def test_a_database_password_on_the_command_line_is_refused(self) -> None:
+        """Issue 32, item 12: a password in --database reaches /proc/PID/cmdline; the config file may hold one."""
+        kek = self.write("x")
+        for url in ("postgresql://u:s3cret@db/x", "postgresql://u@db/x?password=s3cret"):
+            self.assertRefused("database", {"database": url, "ca_key_encryption_key_file": kek},
+                               fragment="carries a password")
+        in_file = build_settings({"ca_key_encryption_key_file": kek},
+                                 self.write('database = "postgresql://u:s3cret@db/x"\n'))
+        self.assertEqual(in_file.database, "postgresql://u:s3cret@db/x")
+        passfile = build_settings({"database": "postgresql://u@db/x?passfile=/etc/uptrakitd/pgpass",
+                                   "ca_key_encryption_key_file": kek})
+        self.assertIn("passfile", passfile.database)
+
     def test_defaults(self) -> None:
         s = build_settings({})
         self.assertEqual(s.data_dir, Path("./uptrakit-data"))

@@ -41,8 +41,13 @@ class ControlCharacterTests(TestCase):
 
     def test_names_with_control_characters_are_refused_and_plain_ones_pass(self) -> None:
         from uptrakitd.printable import escape_controls, has_control
-        for text in ("a\tb", "a\nb", "\x00", "\x7f", "\x85", "\u2028", "\x1b[31m"):
+        for text in ("a\tb", "a\nb", "\x00", "\x7f", "\x85", "\u2028", "\x1b[31m",
+                     "vm-\u202elive", "\u2066x\u2069", "a\u200bb", "\ufeff", "\U000e0041"):   # bidi, zero-width, BOM, tag
             self.assertTrue(has_control(text), repr(text))
+        import unicodedata
+        every_format_character = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
+        self.assertEqual([c for c in every_format_character if not has_control(c)], [])
+        self.assertEqual(escape_controls("vm-\u202elive"), "vm-\\u202elive")
         for text in ("host-1.example", "Büro Köln", "日本", "a b"):
             self.assertFalse(has_control(text), text)
             self.assertEqual(escape_controls(text), text)

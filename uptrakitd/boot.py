@@ -31,13 +31,13 @@ from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_exter
 from .pki.files import PkiFiles
 from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
 from .pki.issue import issue_server_certificate, server_cert_due, server_names
-from .audit import with_entry
+from .audit import log_entry, with_entry
 from .restored import finish_restore
 from .pki.serials import format_serial
 from .pki.signer import SignerUnavailable
 from .pki.state import EXPIRED_RECORD_GRACE, CaState, insert_generation, insert_issued, load_records
 from .runtime_settings import ServiceCertSettings
-from .store import ca_generations, changes, settings as stored_settings, tokens as stored_tokens
+from .store import audit as stored_audit, ca_generations, changes, settings as stored_settings, tokens as stored_tokens
 from .tokens import token_hash
 
 log = Logger()
@@ -129,7 +129,7 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
     reached("database")
     try:
         # (the listeners were tried before the data dir was touched: tap.makeService, listen_problem)
-        network = store_mod.transaction(conn, _network_settings, settings)
+        network = store_mod.transaction(conn, _network_settings, settings, controller_id)
         reached("network")
         keys = _ca_keys(settings, files, token)
         state = _load_ca_state(conn, settings, files, keys, network, now, reached, controller_id)
@@ -161,14 +161,22 @@ def _boot(settings: Settings, now: datetime.datetime, reached: Any, lock: DataDi
                   keys=keys, controller_id=controller_id, change_seq=change_seq)
 
 
-def _network_settings(conn: store_mod.Connection, settings: Settings) -> NetworkSettings:
+def _network_settings(conn: store_mod.Connection, settings: Settings, controller_id: str) -> NetworkSettings:
     stored = stored_settings.get(conn, "network")
     if stored is None or settings.force_settings_override:
         if stored is not None:
             log.warn("network settings from flags/config replace the stored ones (--force-settings-override)")
         merged = settings.network if stored is None else _stored_or_default(stored).updated(
             {k: settings.network.to_json()[k] for k in settings.network_given})
-        stored_settings.put(conn, "network", merged.to_json())
+        after = merged.to_json()
+        stored_settings.put(conn, "network", after)
+        before = stored if isinstance(stored, dict) else {}
+        changed = {k: {"old": before.get(k), "new": after[k]} for k in after if before.get(k) != after[k]}
+        if changed:   # whatever path changes who may assert identities, it is on the trail (the API's entry)
+            via = "start-up (--force-settings-override)" if stored is not None else "start-up (first start)"
+            log_entry(stored_audit.append(conn, int(time.time()), controller_id, {"kind": "system", "via": via},
+                                          "settings.network.changed", {"kind": "settings", "id": "network"},
+                                          {"changes": changed}))
         return merged
     try:
         current = NetworkSettings().updated(stored)

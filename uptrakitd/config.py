@@ -517,6 +517,13 @@ def _token(kw: dict[str, Any]) -> None:
                                              f"(mode 0600) or the environment variable {PIN_ENVIRONMENT}")
 
 
+def url_has_password(url: str) -> bool:
+    """A database URL with a password in it (user:password@ or ?password=)."""
+    from urllib.parse import parse_qs
+    parts = urlsplit(url)
+    return parts.password is not None or "password" in parse_qs(parts.query)
+
+
 def _database_url(value: Any) -> str:
     """A PostgreSQL connection URL (postgresql://user@host:port/dbname?...); the password may be in it."""
     url = _string(value, "database")
@@ -529,6 +536,10 @@ def _database_url(value: Any) -> str:
 def build_settings(flags: Mapping[str, Any], config_path: str | None = None) -> Settings:
     """Merge flags over the config file over defaults, validating everything (flag > file)."""
     merged: dict[str, Any] = {}
+    if isinstance(flags.get("database"), str) and url_has_password(flags["database"]):
+        raise ConfigError("database", "the URL on the command line carries a password, which every user of the host "
+                                      "reads (ps, /proc/PID/cmdline): put it in a passfile (?passfile=FILE or "
+                                      "PGPASSFILE, mode 0600), in PGPASSWORD, or in the config file")
     if config_path:
         merged.update(read_config_file(Path(config_path)))
     for key, value in flags.items():

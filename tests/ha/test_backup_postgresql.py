@@ -129,8 +129,8 @@ class TamperedPostgresqlBackupTests(TestCase):
 
         # 2. a live database given a function and a trigger: its own (authenticated) backup is refused unloaded
         with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute(f"CREATE FUNCTION keep_good() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                         f"NEW.revoked_at := NULL; RETURN NEW; END $$")
+            conn.execute("CREATE FUNCTION keep_good() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                         "NEW.revoked_at := NULL; RETURN NEW; END $$")
             conn.execute("CREATE TRIGGER keep_good BEFORE UPDATE ON certificates FOR EACH ROW "
                          "EXECUTE FUNCTION keep_good()")
         archive = Path(self.mktemp()).resolve()

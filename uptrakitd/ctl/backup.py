@@ -144,9 +144,8 @@ def _manifest(backup_id: str, taken_at: int, facts: dict[str, Any], **more: Any)
 
 
 def _refuse_password_in_url(url: str) -> None:
-    from urllib.parse import parse_qs, urlsplit
-    parts = urlsplit(url)
-    if parts.password is not None or "password" in parse_qs(parts.query):
+    from ..config import url_has_password
+    if url_has_password(url):
         raise CtlError("the database URL carries a password: on a command line every user of the host reads it "
                        "(ps, /proc). Put it in a passfile (~/.pgpass, PGPASSFILE or ?passfile=) or PGPASSWORD",
                        USAGE)

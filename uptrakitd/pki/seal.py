@@ -10,7 +10,6 @@ without it. Start the daemon with `--ca-key-encryption-key-file` afterwards.
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import socket
 import sys
@@ -47,8 +46,10 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
     files = PkiFiles(data_dir)
     conn = open_database(data_dir)
     # on the audit trail, in the transaction of each change: who ran the command where (the daemon is stopped)
-    controller, actor = f"{socket.gethostname()}-uptrakitd-keys", {"kind": "local", "command": "uptrakitd-keys seal",
-                                                                   "user": _user()}
+    controller = f"{socket.gethostname()}-uptrakitd-keys"
+    actor: dict[str, Any] = {"kind": "local", "command": "uptrakitd-keys seal", "user": _user(), "uid": os.getuid()}
+    if _claimed_login() is not None:
+        actor["claimed_login"] = _claimed_login()
     try:
         clear = [row for row in transaction(conn, ca_generations.load_all)
                  if not row["external"] and row["key_file"]]
@@ -103,10 +104,19 @@ def _object(generation: int) -> dict[str, str]:
 
 
 def _user() -> str:
+    """Who ran the command, by its real uid (LOGNAME and USER are the caller's to set: getpass trusts them)."""
+    import pwd
+    uid = os.getuid()
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _claimed_login() -> str | None:
+    """The login name the environment claims, recorded as a claim only when it differs from the real user."""
+    claimed = os.environ.get("LOGNAME") or os.environ.get("USER")
+    return claimed if claimed and claimed != _user() else None
 
 
 def _clear_key(files: PkiFiles, row: Any) -> Any:

@@ -16,6 +16,7 @@ from ..router import STREAMED, route
 
 log = Logger()
 MAX_PAGE = 500
+MAX_TIME = 253402300799   # 9999-12-31T23:59:59Z
 EXPORT_BATCH = 1000
 
 
@@ -45,9 +46,14 @@ def _integer(request: Any, name: str, low: int, high: int) -> int | None:
     text = _arg(request, name)
     if text is None:
         return None
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not _ascii_digits(text) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}", "invalid_filter")
     return int(text)
+
+
+def _ascii_digits(text: str) -> bool:
+    """0-9 only, at most 19 of them (str.isdigit also takes '²' and other scripts' digits)."""
+    return 0 < len(text) <= 19 and text.isascii() and text.isdigit()
 
 
 def _time(request: Any, name: str) -> int | None:
@@ -55,11 +61,15 @@ def _time(request: Any, name: str) -> int | None:
     text = _arg(request, name)
     if text is None:
         return None
-    if text.isdigit():
+    if _ascii_digits(text):
+        if int(text) > MAX_TIME:
+            raise BadRequest(f"{name} must be unix seconds up to {MAX_TIME} or an ISO 8601 time", "invalid_filter")
         return int(text)
     try:
+        if not text.isascii() or len(text) > 40:
+            raise ValueError(text)
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadRequest(f"{name} must be unix seconds or an ISO 8601 time", "invalid_filter") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
