@@ -321,3 +321,66 @@ class TokenStartTests(TestCase):
         with self.assertRaises(StartupError) as raised:
             boot(self.settings("none"))
         self.assertIn("is in a PKCS#11 token", str(raised.exception))
+
+
+class NoSecretsInCoresTests(TestCase):
+    """Issue 32, item 9: on main ac6af64 a core of the daemon held the PIN 7 times, and the PIN's environment
+    variable was inherited by the PKI worker and multiprocessing's resource tracker."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_no_core_dumps_and_the_pin_never_reaches_a_child(self):
+        import os
+
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from .helpers import run, spawn
+        from .test_tap import TWISTD
+        from .softhsm import PIN
+        hsm = SoftHsm(self)
+        tmp = Path(self.mktemp()).absolute()
+        tmp.mkdir()
+        argv = [a for a in hsm.argv() if a not in ("--pkcs11-pin-file", str(hsm.pin_file))]
+        daemon = spawn([TWISTD, "--pidfile=", "-n", "uptrakit", "--data-dir", str(tmp / "data"), "--https-listen",
+                        "tcp:0:interface=127.0.0.1", *argv],
+                       env=dict(env(), **hsm.env(), UPTRAKIT_PKCS11_PIN=PIN), cwd=str(tmp))
+        self.addCleanup(lambda: None if daemon.ended.called else (daemon.transport.signalProcess("KILL"),
+                                                                   daemon.ended)[1])
+        yield daemon.wait_for(b"HTTPS listening on", 60)
+        pid = daemon.transport.pid
+        port = re.search(rb"HTTPS listening on .*?port=(\d+)", daemon.output).group(1).decode()
+        curl = require_program("curl", "apt-get install curl")
+        data = tmp / "data"
+        out, err, code = yield run(curl, "-sS", "--cacert", str(data / "pki" / "ca.crt"), "-X", "POST", "-H",
+                                   f"Authorization: Bearer {(data / 'admin.token').read_text().strip()}",
+                                   f"https://localhost:{port}/api/v1/settings/rotate-ca")   # CRLs: the worker signs
+        self.assertEqual(code, 0, err)
+
+        def children(of: int) -> list[int]:
+            found = []
+            for task in Path(f"/proc/{of}/task").iterdir():
+                found += [int(p) for p in (task / "children").read_text().split()]
+            return found + [g for c in found for g in children(c)]
+        for _ in range(100):   # the PKI worker starts with the first CRL
+            if children(pid):
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        kids = children(pid)
+        self.assertTrue(kids, "the PKI worker runs")
+        for process in [pid] + kids:
+            limits = Path(f"/proc/{process}/limits").read_text()
+            core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+            self.assertEqual(core.split()[4:6], ["0", "0"], f"{process}: {core}")
+        for child in kids:
+            self.assertNotIn(b"UPTRAKIT_PKCS11_PIN", Path(f"/proc/{child}/environ").read_bytes(), child)
+        # and no process of the same user may read its memory (PR_SET_DUMPABLE 0), checked from inside
+        probe = [sys.executable, "-c", "from uptrakitd.nodump import no_core_dumps, dumpable; "
+                 "before = dumpable(); no_core_dumps(); print(before, dumpable())"]
+        import subprocess
+        out = subprocess.run(probe, capture_output=True, check=True, env=env()).stdout.split()
+        self.assertEqual(out, [b"1", b"0"])
+        self.assertNotIn(PIN.encode(), os.environ.get("UPTRAKIT_PKCS11_PIN", "").encode() or b"-")
+        daemon.transport.signalProcess("TERM")
+        yield daemon.ended

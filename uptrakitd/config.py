@@ -497,7 +497,7 @@ def _trust_domain(value: Any) -> str:
 
 def _token(kw: dict[str, Any]) -> None:
     """--ca-key-uri with --pkcs11-module and (--pkcs11-pin-file or UPTRAKIT_PKCS11_PIN)."""
-    from .pki.pkcs11 import PIN_ENVIRONMENT, Pkcs11Uri
+    from .pki.pkcs11 import PIN_ENVIRONMENT, Pkcs11Uri, pin_taken_from_environment
     if "ca_key_uri" not in kw:
         for name in ("pkcs11_module", "pkcs11_pin_file"):
             if name in kw:
@@ -512,7 +512,7 @@ def _token(kw: dict[str, Any]) -> None:
     if "pkcs11_module" not in kw:
         raise ConfigError("pkcs11_module", "--ca-key-uri needs --pkcs11-module, the token's PKCS#11 library "
                                            "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)")
-    if "pkcs11_pin_file" not in kw and not os.environ.get(PIN_ENVIRONMENT):
+    if "pkcs11_pin_file" not in kw and not os.environ.get(PIN_ENVIRONMENT) and not pin_taken_from_environment():
         raise ConfigError("pkcs11_pin_file", f"--ca-key-uri needs the token's user PIN: --pkcs11-pin-file FILE "
                                              f"(mode 0600) or the environment variable {PIN_ENVIRONMENT}")
 

@@ -74,6 +74,8 @@ def makeService(options: Any) -> Any:
     from .listen.fdlimit import fit_open_file_limit
     from .listen.preflight import listen_problem
 
+    from .nodump import no_core_dumps
+    no_core_dumps()   # before any key or PIN is read into memory
     flags = flags_from_options(options)
     try:
         settings = build_settings(flags, options.get("config"))

@@ -123,6 +123,9 @@ def _worker_init(parent: int) -> None:
     import threading
     import time
 
+    from ..nodump import no_core_dumps
+    no_core_dumps()   # the worker holds the CA keys (or the token's PIN) too
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)

@@ -89,13 +89,24 @@ class Pkcs11Uri:
                 f"id={''.join(f'%{b:02x}' for b in key_id)};type=private")
 
 
+_taken: list[bool] = []
+
+
+def pin_taken_from_environment() -> bool:
+    """True once read_pin took the PIN out of the environment (SIGHUP's re-validation then still passes)."""
+    return bool(_taken)
+
+
 def read_pin(pin_file: Path | None) -> str:
-    """The user PIN from --pkcs11-pin-file (first line; not readable by others) or UPTRAKIT_PKCS11_PIN."""
+    """The user PIN from --pkcs11-pin-file (first line; not readable by others) or UPTRAKIT_PKCS11_PIN, which
+    is then removed from the environment: no process started from here on (the PKI worker, multiprocessing's
+    resource tracker) inherits it, and it is not in /proc/PID/environ's later copies."""
     if pin_file is None:
-        pin = os.environ.get(PIN_ENVIRONMENT)
+        pin = os.environ.pop(PIN_ENVIRONMENT, None)
         if not pin:
             raise TokenError(f"--ca-key-uri needs the token's user PIN: --pkcs11-pin-file FILE (mode 0600) or the "
                              f"environment variable {PIN_ENVIRONMENT}")
+        _taken.append(True)
         return pin
     try:
         mode = os.stat(pin_file).st_mode
