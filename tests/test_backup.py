@@ -467,3 +467,58 @@ class AgentAfterRestoreTests(TestCase):
         self.assertEqual(agent.state.certificate().serial_number, newest, "its newest certificate is current again")
         self.assertEqual(agent.state.previous_certificate().serial_number, previous)
         yield agent.stopService()
+
+
+class BackupFilesTests(TestCase):
+    """Issue 32, items 6 and 11: the backup runs as root over a data dir the daemon's account writes."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_link_in_the_data_dir_is_never_followed(self):
+        """On main ac6af64 a symlink from pki/server.crt to a root-only file put that file's bytes in the backup."""
+        import os
+        key_file = kek(self)
+        c = yield start_controller(self, ca_key_encryption_key_file=str(key_file))
+        yield c.stopService()
+        secret = Path(self.mktemp())
+        secret.write_bytes(b"root only: shadow")
+        secret.chmod(0o600)
+        server_crt = c.settings.data_dir / "pki" / "server.crt"
+        server_crt.unlink()
+        os.symlink(secret, server_crt)
+        out = Path(self.mktemp())
+        with self.assertRaises(CtlError) as refused:
+            make_backup(c.settings.data_dir, out, key_file)
+        self.assertIn("a link is never followed", str(refused.exception))
+        self.assertFalse(out.exists())
+        # another user's file in the daemon's dir is not copied either
+        server_crt.unlink()
+        server_crt.write_bytes(b"planted")
+        os.chown(server_crt, 65534, 65534)
+        with self.assertRaises(CtlError) as refused:
+            make_backup(c.settings.data_dir, out, key_file)
+        self.assertIn("not a regular file owned by the data dir's owner", str(refused.exception))
+
+    @inlineCallbacks
+    def test_a_file_another_user_made_first_is_never_used(self):
+        """On main ac6af64, FILE.partial made first by another user (mode 0666) became the backup, keys and all."""
+        import os
+        c = yield start_controller(self)
+        yield c.stopService()
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        out = folder / "backup.tgz"
+        for trap in (out.with_name(out.name + ".partial"),):
+            trap.write_bytes(b"")
+            trap.chmod(0o666)
+            os.chown(trap, 65534, 65534)
+        os.symlink("/nonexistent-target", folder / "link.tgz")
+        with self.assertRaises(CtlError):
+            make_backup(c.settings.data_dir, folder / "link.tgz", kek(self), include_clear_keys=True)
+        make_backup(c.settings.data_dir, out, kek(self), include_clear_keys=True)
+        info = out.stat()
+        self.assertEqual((info.st_uid, oct(info.st_mode & 0o777)), (os.getuid(), "0o600"))
+        self.assertEqual((folder / "backup.tgz.partial").read_bytes(), b"", "the other user's file is untouched")
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["backup.tgz", "backup.tgz.partial", "link.tgz"],
+                         "no temporary file left")

@@ -36,9 +36,9 @@ log = Logger()
 SYSTEM: dict[str, Any] = {"kind": "system"}
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_MINUTES = 10
-SIGN_IN_FAILURE_EVERY = 60.0   # seconds: at most one sign-in failure entry per client address in that time
-SIGN_IN_FAILURES_PER_MINUTE = 60   # and at most this many entries a minute from all addresses together
-MAX_FAILING_ADDRESSES = 4096
+SIGN_IN_WINDOW = 60.0   # seconds: one entry for the sign-in failures of each window that had any
+MAX_LISTED = 64         # address ranges (and routes) named in that entry, the most failing first
+MAX_COUNTED = 4096      # ranges counted one by one in a window; beyond, they are counted together
 ANCHOR_FILE = "audit-anchor.json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
@@ -99,8 +99,8 @@ class AuditTrail:
         self.clock = clock
         self.run_blocking = run_blocking
         self.signer_of = signer_of   # () -> (generation, Signer) of the active CA
-        self._failures: dict[str | None, tuple[float, int]] = {}   # client -> (last recorded, failures since)
-        self._minute: tuple[float, int] = (0.0, 0)   # (its start, sign-in failure entries written in it)
+        self._sign_ins: SignInWindow | None = None   # sign-in failures counted since the last entry
+        self._sign_in_flush: Any = None
 
     def run(self, operation: Callable[..., Any], *args: Any, action: str, obj: dict[str, Any],
             details: dict[str, Any] | Callable[[Any], dict[str, Any] | None] | None = None,
@@ -135,24 +135,27 @@ class AuditTrail:
         return self.run(lambda conn: None, action=action, obj=obj, details=details or {}, said=said)
 
     def sign_in_failed(self, client: str | None, method: str, path: str, request_id: str | None) -> None:
-        """An admin API request with a token nobody holds: recorded at most once a minute per client address
-        (with how many were not), so a flood of guesses cannot flood the trail."""
-        now = self.clock.seconds()
-        last, since = self._failures.get(client, (0.0, 0))
-        start, written = self._minute if now - self._minute[0] < 60 else (now, 0)
-        if now - last < SIGN_IN_FAILURE_EVERY or written >= SIGN_IN_FAILURES_PER_MINUTE:
-            # (many addresses at once cannot turn guesses into a write each: the rest is counted, not written)
-            self._failures[client] = (last, since + 1)
-            self._minute = (start, written)
-            return
-        self._minute = (start, written + 1)
-        if len(self._failures) >= MAX_FAILING_ADDRESSES:
-            self._failures.clear()
-        self._failures[client] = (now, 0)
-        self.record("admin.sign_in_failed", {"kind": "admin_api", "id": path},
-                    {"method": method, "not_recorded_before": since},
-                    Said({"kind": "anonymous"}, client, request_id)).addErrback(
-            lambda f: log.warn("audit: a sign-in failure could not be recorded ({error})", error=f.getErrorMessage()))
+        """An admin API request with a token nobody holds: counted, never dropped, and written as one entry per
+        SIGN_IN_WINDOW seconds that says how many came from which address range (/24, /64) to which route. A
+        flood of guesses, from one address or from thousands, cannot flood the trail (at most 1,440 such entries a
+        day) nor hide among decoys (every failure is in a count)."""
+        window = self._sign_ins
+        if window is None:
+            window = self._sign_ins = SignInWindow(self.clock.seconds())
+            self._sign_in_flush = self.clock.callLater(SIGN_IN_WINDOW, self.flush_sign_in_failures)
+        window.add(client, f"{method} {path}")
+
+    def flush_sign_in_failures(self) -> Deferred | None:
+        """Write the window's entry now (the timer does it SIGN_IN_WINDOW seconds after its first failure)."""
+        window, self._sign_ins = self._sign_ins, None
+        if self._sign_in_flush is not None and self._sign_in_flush.active():
+            self._sign_in_flush.cancel()
+        self._sign_in_flush = None
+        if window is None:
+            return None
+        return self.record("admin.sign_in_failed", {"kind": "admin_api", "id": "sign-in"},
+                           window.details(self.clock.seconds()), Said({"kind": "anonymous"})).addErrback(
+            lambda f: log.warn("audit: sign-in failures could not be recorded ({error})", error=f.getErrorMessage()))
 
     @inlineCallbacks
     def prune(self, cutoff: int) -> Any:
@@ -239,6 +242,46 @@ class AuditTrail:
                            "signature": base64.b64encode(signature).decode("ascii")})
         self._keep_anchor(seq, digest)
         return seq   # the sequence number the new checkpoint vouches for
+
+
+def address_range(client: str | None) -> str:
+    """The /24 (IPv4) or /64 (IPv6) of an address: one attacker's neighbours are one line of the count."""
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(client or "")
+    except ValueError:
+        return "unknown"
+    return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 64}", strict=False))
+
+
+class SignInWindow:
+    """The sign-in failures of one window: counted by address range and by route, bounded in memory."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.total = 0
+        self.ranges: dict[str, int] = {}
+        self.routes: dict[str, int] = {}
+        self.uncounted_ranges = 0   # failures from ranges past MAX_COUNTED
+
+    def add(self, client: str | None, route: str) -> None:
+        self.total += 1
+        key = address_range(client)
+        if key in self.ranges or len(self.ranges) < MAX_COUNTED:
+            self.ranges[key] = self.ranges.get(key, 0) + 1
+        else:
+            self.uncounted_ranges += 1
+        if route in self.routes or len(self.routes) < MAX_LISTED:
+            self.routes[route] = self.routes.get(route, 0) + 1
+
+    def details(self, now: float) -> dict[str, Any]:
+        """The entry's details: every failure is in `failures`; the ranges and routes most seen are named."""
+        top = sorted(self.ranges.items(), key=lambda kv: (-kv[1], kv[0]))
+        listed = dict(top[:MAX_LISTED])
+        return {"failures": self.total, "from": int(self.start), "until": int(now), "ranges": listed,
+                "other_ranges": len(top) - len(listed) + (1 if self.uncounted_ranges else 0),
+                "other_failures": self.total - sum(listed.values()),
+                "routes": dict(sorted(self.routes.items(), key=lambda kv: -kv[1])[:10])}
 
 
 def log_entry(entry: dict[str, Any]) -> None:

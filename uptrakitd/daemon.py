@@ -247,7 +247,7 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
     me = {"kind": "controller", "id": cluster.controller_id}
     Hooks("audit", start=lambda: d.audit.record("controller.started", me, {"version": __version__}).addErrback(
               lambda f: log.warn("audit: the start could not be recorded ({error})", error=f.getErrorMessage())),
-          stop=lambda: d.audit.record("controller.stopped", me).addErrback(
+          stop=lambda: (d.audit.flush_sign_in_failures(), d.audit.record("controller.stopped", me))[1].addErrback(
               lambda f: log.warn("audit: the stop could not be recorded ({error})", error=f.getErrorMessage()))
           ).setServiceParent(d)
     PeriodicJob("audit checkpoint", 60, cluster.on_leader(d.audit.checkpoint_if_due), reactor).setServiceParent(d)
