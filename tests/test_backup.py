@@ -316,13 +316,17 @@ class RestoreDrillTests(TestCase):
         key_file = kek(self)
 
         def daemon(data: Path) -> Any:
-            return start_daemon(self, "--data-dir", str(data), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
-                                "--pki-addr", f"http://127.0.0.1:{pki}", "--pki-http", "listener",
-                                "--ca-key-encryption-key-file", str(key_file), "--rotation-renewal-rate", "50",
-                                cwd=cwd)
+            started = start_daemon(self, "--data-dir", str(data), "--https-listen", f"tcp:{port}:interface=127.0.0.1",
+                                   "--pki-addr", f"http://127.0.0.1:{pki}", "--pki-http", "listener",
+                                   "--ca-key-encryption-key-file", str(key_file), "--rotation-renewal-rate", "50",
+                                   cwd=cwd)
+            # its output, for whoever reads a failure (the daemon's log is not the test's)
+            self.addCleanup(lambda: (Path(cwd) / f"{data.name}.log").write_bytes(started.output))
+            return started
         data = Path(cwd) / "data"
         first = daemon(data)
         yield first.wait_for(b"HTTPS listening on", 30)
+        yield first.wait_for(b"PKI listening on", 30)
         api = api_of(port, data)
         status, token = yield deferToThread(api, "POST", "/api/v1/enrollment-tokens",
                                             {"name": "drill", "max_uses": 150, "auto_approve": True})
@@ -380,6 +384,7 @@ class RestoreDrillTests(TestCase):
         (restored / "admin.token").write_bytes((data / "admin.token").read_bytes())   # the operator keeps it
         second = daemon(restored)
         yield second.wait_for(b"HTTPS listening on", 30)
+        yield second.wait_for(b"PKI listening on", 30)   # (it may start a moment after HTTPS)
         self.assertIn(b"was restored from backup", second.output)
 
         # every revocation acknowledged before the backup: in the CRL, revoked by OCSP, refused at the handshake
