@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor, task  # noqa: E402
 
 from uptrakitd import store  # noqa: E402
 from uptrakitd.audit import AuditTrail  # noqa: E402
-from uptrakitd.offload import in_thread  # noqa: E402
+from uptrakitd.process.offload import in_thread  # noqa: E402
 
 
 @defer.inlineCallbacks

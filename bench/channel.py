@@ -363,7 +363,7 @@ def main() -> None:
                 first = next(e for _, _, e in rows if e)
                 print(f"           first error: {first[0]}")
             collected[phase] = rows
-            print(f"           the daemon's full garbage collections so far (uptrakitd.gcpolicy): {full_collections(daemon)}")
+            print(f"           the daemon's full garbage collections so far (uptrakitd.process.gcpolicy): {full_collections(daemon)}")
             if phase == "connect":
                 rss = controllers.rss_kib()
                 print(f"           daemon RSS {rss_idle / 1024:.0f} MiB idle, {rss / 1024:.0f} MiB with {agents} "

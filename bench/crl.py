@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted.internet import reactor, task  # noqa: E402
 from twisted.internet.defer import inlineCallbacks  # noqa: E402
 
-from uptrakitd.boot import boot  # noqa: E402
+from uptrakitd.process.boot import boot  # noqa: E402
 from uptrakitd.config import build_settings  # noqa: E402
-from uptrakitd.daemon import Daemon, build_daemon  # noqa: E402
+from uptrakitd.process.daemon import Daemon, build_daemon  # noqa: E402
 from uptrakitd.pki.state import CertRecord  # noqa: E402
 from uptrakitd.pki.serials import format_serial  # noqa: E402
 

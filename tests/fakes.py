@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from uptrakitd import store
 from uptrakitd.channel.protocol import ChannelState
 from uptrakitd.events import EventBus
-from uptrakitd.metrics import Metrics
+from uptrakitd.observability.metrics import Metrics
 from uptrakitd.pki.authority import CertificateAuthority
 from uptrakitd.pki.ca import CaGeneration, create_ca
 from uptrakitd.pki.signer import KeySigner
@@ -113,9 +113,9 @@ class FakeSocket(ChannelState):
 def make_directory(ca: CertificateAuthority, memory: MemoryStore, bus: EventBus, lifetime_hours: int = 168) -> Any:
     """(ServiceDirectory, RuntimeSettings, an unused enrollment token) over the same store and bus."""
     from uptrakitd.config import NetworkSettings
-    from uptrakitd.directory import ServiceDirectory
-    from uptrakitd.enrollment import EnrollmentTokens
-    from uptrakitd.runtime_settings import RuntimeSettings, ServiceCertSettings
+    from uptrakitd.registry.directory import ServiceDirectory
+    from uptrakitd.registry.enrollment import EnrollmentTokens
+    from uptrakitd.registry.runtime_settings import RuntimeSettings, ServiceCertSettings
     runtime = RuntimeSettings(memory, bus, NetworkSettings(), ServiceCertSettings(lifetime_hours=lifetime_hours))
     directory = ServiceDirectory(memory, ca, runtime, bus, ca.clock, [])
     token = EnrollmentTokens(memory).create("t", max_uses=None, expires_in=None, auto_approve=True).result["token"]

@@ -61,9 +61,9 @@ def flags_for(tmp: str, **extra: Any) -> dict[str, Any]:
 @inlineCallbacks
 def start_controller(testcase: Any, tmp: str | None = None, config: str | None = None, **extra: Any) -> Any:
     """Boot and start a real daemon (the whole service tree) on the global reactor; stopped at cleanup."""
-    from uptrakitd.boot import boot
+    from uptrakitd.process.boot import boot
     from uptrakitd.config import build_settings
-    from uptrakitd.daemon import build_daemon
+    from uptrakitd.process.daemon import build_daemon
     tmp = tmp or testcase.mktemp()
     Path(tmp).mkdir(parents=True, exist_ok=True)
     flags = flags_for(tmp, **extra)

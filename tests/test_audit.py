@@ -12,7 +12,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from uptrakitd import audit, audit_verify
+from uptrakitd import audit
+from uptrakitd.audit import verify as audit_verify
 from uptrakitd.pki.serials import format_serial
 from uptrakitd.store import audit as stored
 
@@ -251,7 +252,7 @@ class VerifyTests(TestCase):
     def verify(self, lines):
         export = self.dir / "export.jsonl"
         export.write_text("\n".join(lines) + "\n")
-        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export),
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit.verify", "verify", str(export),
                                    "--ca", str(self.ca), env=env())
         return code, (out + err).decode()
 
@@ -284,13 +285,13 @@ class VerifyTests(TestCase):
         other.write_bytes(foreign_ca_and_leaf()[0])
         export = self.dir / "export.jsonl"
         export.write_text("\n".join(self.lines) + "\n")
-        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export),
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit.verify", "verify", str(export),
                                    "--ca", str(other), env=env())
         self.assertEqual(code, 1)
         self.assertIn("signature does not verify", out.decode())
         # the end cut off after the last checkpoint is only seen with --expect
         last = entries[-1]
-        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export),
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit.verify", "verify", str(export),
                                    "--ca", str(self.ca), "--expect", f"{last['seq'] + 1}:{'0' * 64}",
                                    env=env())
         self.assertEqual(code, 1)
@@ -370,7 +371,7 @@ class RealDaemonTests(TestCase):
         export, ca = Path(self.cwd) / "export.jsonl", Path(self.cwd) / "ca.pem"
         export.write_bytes(out)
         ca.write_bytes((Path(self.cwd) / "uptrakit-data" / "pki" / "ca.crt").read_bytes())
-        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export), "--ca",
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit.verify", "verify", str(export), "--ca",
                                    str(ca), env=env())
         return code, out.decode() + err.decode(), [json.loads(line) for line in export.read_text().splitlines()]
 
@@ -378,9 +379,9 @@ class RealDaemonTests(TestCase):
     def issue_certificates(self, count):
         """`count` service certificates in ./uptrakit-data, issued by the library itself before twistd starts
         there (a subprocess daemon has no quick way to issue them); fires with their serials."""
-        from uptrakitd.boot import boot
+        from uptrakitd.process.boot import boot
         from uptrakitd.config import build_settings
-        from uptrakitd.daemon import build_daemon
+        from uptrakitd.process.daemon import build_daemon
 
         from .helpers import new_leaf
         flags = {"data_dir": str(Path(self.cwd) / "uptrakit-data"), "https_listen": "tcp:0:interface=127.0.0.1"}

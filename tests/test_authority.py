@@ -5,7 +5,7 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import TestCase
 
 from uptrakitd.events import CertificateRevoked
-from uptrakitd.lifecycle import PeriodicJob
+from uptrakitd.process.lifecycle import PeriodicJob
 from uptrakitd.pki.ca import AUTO_ROTATE_WHEN_LEFT
 
 from .fakes import make_directory, make_pki

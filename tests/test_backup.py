@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.ctl.backup import make_backup, read_backup, restore_backup
 from uptrakitd.ctl.client import Api, Connection, CtlError
 from uptrakitd.pki.serials import format_serial
-from uptrakitd.restored import RESTORE_MARKER
+from uptrakitd.process.restored import RESTORE_MARKER
 from uptrakitd.store.common import migrations
 
 from .helpers import env, kek, new_leaf, run, start_controller, tls_refusal

@@ -13,8 +13,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.boot import StartupError, boot
-from uptrakitd.tokens import token_hash
+from uptrakitd.process.boot import StartupError, boot
+from uptrakitd.registry.tokens import token_hash
 from uptrakitd.config import build_settings
 
 from .helpers import require_program, run
@@ -182,7 +182,7 @@ class CrashPointTests(TestCase):
     """A first start interrupted after any step (as `kill -9` would) never breaks the next start."""
 
     def test_every_step_of_first_start(self):
-        from uptrakitd.boot import STEPS, FaultInjected
+        from uptrakitd.process.boot import STEPS, FaultInjected
         from uptrakitd.pki.state import load_records
         from uptrakitd import store
         for step in STEPS:

@@ -6,10 +6,10 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.boot import boot
+from uptrakitd.process.boot import boot
 from uptrakitd.config import build_settings
-from uptrakitd.daemon import DAY, HOUR, build_daemon
-from uptrakitd.lifecycle import PeriodicJob
+from uptrakitd.process.daemon import DAY, HOUR, build_daemon
+from uptrakitd.process.lifecycle import PeriodicJob
 
 from .helpers import flags_for
 

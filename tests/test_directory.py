@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.enrollment import TokenRejected
+from uptrakitd.registry.enrollment import TokenRejected
 from uptrakitd.errors import Conflict
 from uptrakitd.events import ServiceChanged
 from uptrakitd.store import certificates, services
@@ -61,7 +61,7 @@ class DeactivationTests(TestCase):
 
 class EnrollmentTests(TestCase):
     def test_tokens_uses_and_pending_approval(self):
-        from uptrakitd.enrollment import EnrollmentTokens
+        from uptrakitd.registry.enrollment import EnrollmentTokens
         ca, store, bus = make_pki(self.mktemp())
         directory, _, _ = make_directory(ca, store, bus)
         tokens = EnrollmentTokens(store)

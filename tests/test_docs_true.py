@@ -110,15 +110,20 @@ class AuditActionTests(TestCase):
             return any(name == f"uptrakitd.{p}" or name.startswith(f"uptrakitd.{p}.") for p in prefixes)
         broken = []
         for source, target in sorted(edges):
-            if under(target, "daemon", "boot") and source not in ("uptrakitd.tap", "uptrakitd.reference"):
+            if under(target, "process.daemon", "process.boot") and \
+                    source not in ("uptrakitd.process.tap", "uptrakitd.config.reference"):
                 broken.append(f"{source} -> {target}: only the entry points run the start-up and the wiring")
             if under(source, "store") and not under(target, "store", "errors"):
                 broken.append(f"{source} -> {target}: store/ is engine and SQL code only")
-            if under(source, "directory", "pki", "runtime_settings", "tokens", "enrollment", "admin_tokens") and \
+            if under(source, "registry", "pki") and \
                     under(target, "web", "channel", "listen", "cluster", "trust"):
                 broken.append(f"{source} -> {target}: the domain does not know its callers")
             if under(source, "listen") and under(target, "web", "channel", "cluster"):
                 broken.append(f"{source} -> {target}: listen/ knows only pki")
+            if under(source, "audit") and not under(target, "audit", "store"):
+                broken.append(f"{source} -> {target}: audit/ knows only store/")
+            if under(source, "observability.logs", "observability.metrics") and not under(target, "printable"):
+                broken.append(f"{source} -> {target}: logs and metrics, which everything uses, use nothing")
             if under(source, "trust") and under(target, "pki") and not under(target, "pki.state", "pki.serials"):
                 broken.append(f"{source} -> {target}: trust/ reads only pki.state")
         self.assertEqual(broken, [])

@@ -1,4 +1,4 @@
-"""The daemon's own full garbage collections (uptrakitd.gcpolicy): none while busy, one when quiet or grown."""
+"""The daemon's own full garbage collections (uptrakitd.process.gcpolicy): none while busy, one when quiet or grown."""
 from __future__ import annotations
 
 import gc
@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.gcpolicy import NEVER, FullCollections
+from uptrakitd.process.gcpolicy import NEVER, FullCollections
 
 
 class Meter:

@@ -6,8 +6,8 @@ from twisted.trial.unittest import TestCase
 from uptrakitd.channel import wire
 from uptrakitd.channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
 from uptrakitd.events import CaRotated, CertificateRevoked, ServiceChanged
-from uptrakitd.lifecycle import PeriodicJob
-from uptrakitd.metrics import Metrics
+from uptrakitd.process.lifecycle import PeriodicJob
+from uptrakitd.observability.metrics import Metrics
 from uptrakitd.trust.identity import Identity, RequestContext
 
 from .fakes import FakeSocket, make_directory, make_pki
@@ -230,7 +230,7 @@ class HubTests(TestCase):
         self.assertEqual(len(self.ca.state.by_service[service_id]), 1)
 
     def test_a_service_cannot_pile_up_valid_certificates(self):
-        from uptrakitd.directory import MAX_VALID_CERTIFICATES
+        from uptrakitd.registry.directory import MAX_VALID_CERTIFICATES
         service_id, serial = self.enrolled_with_certificate()
         sock = self.authenticated(service_id, serial)
         # inside the renewal window (unprompted early renewals are bounded on their own: EarlyRenewalTests)

@@ -6,7 +6,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.lifecycle import OrderedServices, PeriodicJob
+from uptrakitd.process.lifecycle import OrderedServices, PeriodicJob
 
 
 class PeriodicJobTests(TestCase):
@@ -48,7 +48,7 @@ class PeriodicJobTests(TestCase):
         self.assertTrue(stopped.called)
 
     def test_stopping_waits_for_a_stuck_run_only_so_long(self):
-        from uptrakitd.lifecycle import STOP_WAIT_SECONDS
+        from uptrakitd.process.lifecycle import STOP_WAIT_SECONDS
         clock = Clock()
         svc = PeriodicJob("stuck", 60, Deferred, clock, run_at_start=True)
         svc.startService()

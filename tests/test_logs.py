@@ -6,7 +6,7 @@ import io
 from twisted.logger import LogLevel, textFileLogObserver
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.logs import text_observer
+from uptrakitd.observability.logs import text_observer
 
 
 class TextLineTests(TestCase):
@@ -55,7 +55,7 @@ class ControlCharacterTests(TestCase):
 
 class AcceptErrorThrottleTests(TestCase):
     def test_one_accept_error_line_per_ten_seconds_says_how_many_were_left_out(self) -> None:
-        from uptrakitd.logs import AcceptErrorThrottle
+        from uptrakitd.observability.logs import AcceptErrorThrottle
         out = io.StringIO()
         throttle = AcceptErrorThrottle(text_observer(out))
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.boot import STEPS, FaultInjected, StartupError, boot
+from uptrakitd.process.boot import STEPS, FaultInjected, StartupError, boot
 from uptrakitd.config import build_settings
 from uptrakitd.pki.serials import format_serial
 
@@ -376,7 +376,7 @@ class NoSecretsInCoresTests(TestCase):
         for child in kids:
             self.assertNotIn(b"UPTRAKIT_PKCS11_PIN", Path(f"/proc/{child}/environ").read_bytes(), child)
         # and no process of the same user may read its memory (PR_SET_DUMPABLE 0), checked from inside
-        probe = [sys.executable, "-c", "from uptrakitd.nodump import no_core_dumps, dumpable; "
+        probe = [sys.executable, "-c", "from uptrakitd.process.nodump import no_core_dumps, dumpable; "
                  "before = dumpable(); no_core_dumps(); print(before, dumpable())"]
         import subprocess
         out = subprocess.run(probe, capture_output=True, check=True, env=env()).stdout.split()

@@ -7,12 +7,12 @@ from pathlib import Path
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd import reference
+from uptrakitd.config import reference
 
 from .helpers import start_controller
 
 ROOT = Path(__file__).resolve().parent.parent
-FIX = "run `python -m uptrakitd.reference` and commit the result"
+FIX = "run `python -m uptrakitd.config.reference` and commit the result"
 
 
 class ReferenceTests(TestCase):

@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd import retention
+from uptrakitd.registry import retention
 from uptrakitd.config import ConfigError, build_settings
 
 from .helpers import start_controller

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.boot import StartupError, boot
+from uptrakitd.process.boot import StartupError, boot
 from uptrakitd.config import build_settings
 from uptrakitd.pki.seal import SealError, seal_data_dir
 
@@ -147,7 +147,7 @@ class SealCommandTests(TestCase):
         # issue 32, item 14: on main ac6af64 LOGNAME=other was recorded as the user
         self.assertEqual((entries[0]["actor"]["user"], entries[0]["actor"]["uid"], entries[0]["actor"]["claimed_login"]),
                          (pwd.getpwuid(os.getuid()).pw_name, os.getuid(), "other"))
-        from uptrakitd import audit_verify
+        from uptrakitd.audit import verify as audit_verify
         self.assertEqual(audit_verify.verify(export, [], require_checkpoint=False)["entries"], len(export),
                          "the chain still links")
         out, err, code = yield run(*cli, env=env())

@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.tap import Options
+from uptrakitd.process.tap import Options
 
 from .channel_helpers import next_event
 from .helpers import WatchedProcess, env, free_port, require_program, run, spawn
@@ -70,7 +70,7 @@ class OptionsTests(TestCase):
     def test_every_flag_reaches_the_settings(self):
         import ipaddress
         from uptrakitd.config import build_settings
-        from uptrakitd.tap import flags_from_options
+        from uptrakitd.process.tap import flags_from_options
         tmp = Path(self.mktemp())
         tmp.mkdir()
         (tmp / "ca.pem").write_text("x")
@@ -178,7 +178,7 @@ class TwistdTests(TestCase):
         ca = Path(cwd) / "uptrakit-data" / "pki" / "ca.crt"
         out, err, code = yield run(require_program("curl", "apt-get install curl"), "-sS", "--cacert", str(ca), f"https://localhost:{port}/healthz")
         self.assertEqual(out, b"ok")
-        # the real process runs its own full garbage collections (uptrakitd.gcpolicy); test processes do not
+        # the real process runs its own full garbage collections (uptrakitd.process.gcpolicy); test processes do not
         out, err, code = yield run("curl", "-sS", "--cacert", str(ca), f"https://localhost:{port}/metrics")
         self.assertIn(b'uptrakit_gc_full_collections_total{trigger="memory"}', out)
         first_line = daemon.output.splitlines()[0]

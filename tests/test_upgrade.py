@@ -84,7 +84,7 @@ class UpgradeTests(TestCase):
         self.assertEqual((first["seq"], first["action"]), (1, "controller.started"))
         ca = Path(cwd) / "ca.pem"
         shutil.copy(data / "pki" / "ca.crt", ca)
-        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit_verify", "verify", str(export), "--ca",
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.audit.verify", "verify", str(export), "--ca",
                                    str(ca), env=env())
         self.assertEqual(code, 0, out + err)
         daemon.transport.signalProcess("TERM")

@@ -330,7 +330,7 @@ class UiTests(TestCase):
                 assert download.value.suggested_filename == "uptrakit-audit.jsonl"
                 ca_file = Path(c.tmp) / "ca-for-audit.pem"
                 ca_file.write_bytes(c.ca.bundle_pem())
-                from uptrakitd import audit_verify
+                from uptrakitd.audit import verify as audit_verify
                 assert audit_verify.main(["verify", str(exported), "--ca", str(ca_file)]) == 0
                 assert len(exported.read_text().splitlines()) >= 10
 

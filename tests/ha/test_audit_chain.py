@@ -9,7 +9,7 @@ from cryptography import x509
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd import audit_verify
+from uptrakitd.audit import verify as audit_verify
 from uptrakitd.store import audit as stored
 
 from ..helpers import start_controller

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from uptrakitd.restored import RESTORE_MARKER
+from uptrakitd.process.restored import RESTORE_MARKER
 from uptrakitd.store.common import migrations
 
 from ..e2e.guides import Guide, standard_paths

@@ -419,7 +419,7 @@ class LeadershipTests(TestCase):
         self.assertIn("uptrakit_cluster_leader 1.0", text)
 
     def test_controllers_starting_together_on_an_empty_database_share_one_ca(self):
-        from uptrakitd.boot import boot
+        from uptrakitd.process.boot import boot
         cluster = PostgresCluster()
         self.addCleanup(cluster.destroy)
         db, kek = cluster.new_database(), kek_file(self)

@@ -123,7 +123,7 @@ class KeyEncryptionKeyTests(TestCase):
         self.addCleanup(self.cluster.destroy)
 
     def boot(self, url: str, kek: str) -> Any:
-        from uptrakitd.boot import boot
+        from uptrakitd.process.boot import boot
         booted = boot(build_settings({"data_dir": self.mktemp() + "/data", "database": url,
                                       "ca_key_encryption_key_file": kek}))
         booted.lock.release()
@@ -131,7 +131,7 @@ class KeyEncryptionKeyTests(TestCase):
 
     def test_the_key_encryption_key_is_required_and_can_be_rotated(self):
         import os
-        from uptrakitd.boot import StartupError
+        from uptrakitd.process.boot import StartupError
         from uptrakitd.pki.keys import kek_id
         url = self.cluster.new_database()
         first, second = os.urandom(32), os.urandom(32)

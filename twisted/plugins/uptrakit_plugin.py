@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 uptrakit = ServiceMaker(
     "uptrakit",
-    "uptrakitd.tap",
+    "uptrakitd.process.tap",
     "Uptrakit controller security edge (identity, private CA, OCSP/CRL, service channel)",
     "uptrakit",
 )

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from ..channel import wire
 from ..channel.timers import cancel_autobahn_timers, use_plain_timers
 from .state import AgentState, new_key_and_csr
+from ..pki.serials import format_serial
 
 log = Logger()
 STOP_REASONS = {wire.CERT_REVOKED, wire.SERVICE_DEACTIVATED}
@@ -457,7 +458,7 @@ class ServiceAgent(Service):
             return False
         self._fall_back_tried = True   # once per identity (and per start): the two are not swapped back and forth
         log.warn("the controller does not recognize our certificate (was it restored from a backup?): connecting "
-                 "with the previous one, serial {serial:X}, to renew", serial=previous.serial_number)
+                 "with the previous one, serial {serial}, to renew", serial=format_serial(previous.serial_number))
         self.state.swap_identities()
         self._fell_back = self._renew_when_settled = True
         self.event("fell_back", previous.serial_number)

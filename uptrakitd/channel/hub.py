@@ -16,14 +16,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..config import DEFAULT_ROTATION_RENEWAL_RATE
-from ..directory import ServiceDirectory
-from ..enrollment import TokenRejected
+from uptrakitd.registry.directory import ServiceDirectory
+from uptrakitd.registry.enrollment import TokenRejected
 from ..errors import UptrakitError
 from ..events import CaRotated, CertificateRevoked, ServiceChanged
-from ..metrics import Metrics
+from uptrakitd.observability.metrics import Metrics
 from ..pki.authority import CertificateAuthority
 from ..pki.serials import format_serial
-from ..runtime_settings import RuntimeSettings
+from uptrakitd.registry.runtime_settings import RuntimeSettings
 from ..trust.identity import Identity
 from . import wire
 from ..listen.closing import DEFAULT_CLOSE_GRACE

@@ -7,7 +7,7 @@ from prometheus_client import Gauge
 from twisted.internet.defer import Deferred, succeed
 
 from ..events import CaRotated
-from ..lifecycle import Hooks, PeriodicJob
+from uptrakitd.process.lifecycle import Hooks, PeriodicJob
 from ..store import changes, make_store, read_probe
 from . import Cluster
 from .postgresql import ChangeFeed, Leadership

@@ -14,14 +14,14 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ..admin_tokens import AdminTokenRegistry
+from uptrakitd.registry.admin_tokens import AdminTokenRegistry
 from ..channel.hub import ChannelHub
-from ..directory import ServiceDirectory
+from uptrakitd.registry.directory import ServiceDirectory
 from ..errors import StorageUnavailable
-from ..metrics import Metrics
+from uptrakitd.observability.metrics import Metrics
 from ..pki.authority import CertificateAuthority
 from ..pki.serials import format_serial
-from ..runtime_settings import RuntimeSettings
+from uptrakitd.registry.runtime_settings import RuntimeSettings
 from ..store import controllers
 from ..store import certificates, services as stored_services
 from ..store.changes import Change

@@ -6,7 +6,7 @@ holds the database (SQLite's online backup API, or `pg_dump --format=custom`) an
 start needs: the CA bundle, the server certificate and its key. Sealed CA keys are rows of the database and stay
 sealed; keys in a PKCS#11 token stay there; clear CA key files are refused unless --include-clear-keys. Left out
 on purpose: the CRLs (a restored controller signs new ones, with numbers past any it may have served:
-uptrakitd/restored.py), `admin.token` (a secret: keep the admin tokens you use), the lock, and the copies
+uptrakitd/process/restored.py), `admin.token` (a secret: keep the admin tokens you use), the lock, and the copies
 migrations keep.
 
 A restore trusts nothing the archive says before its MAC verifies, and nothing the database says before it is
@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..restored import RESTORE_MARKER, marker_sql
+from uptrakitd.process.restored import RESTORE_MARKER, marker_sql
 from ..store.database import SQLITE
 from . import vetting
 from .archive import Reader, read_all, write_archive

@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography import x509
 
-from ..audit_verify import Broken, verify
+from uptrakitd.audit.verify import Broken, verify
 from ..store import audit as stored_audit
 from ..store.common import migrations
 from .client import REFUSED, CtlError

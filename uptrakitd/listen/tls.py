@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..pki.serials import format_serial
+
 log = Logger()
 # Mozilla "intermediate": X25519, P-256, P-384 (OpenSSL's default adds X448, P-521 and the FFDHE groups)
 GROUPS = b"X25519:P-256:P-384"
@@ -60,7 +62,7 @@ def build_context(server_cert: x509.Certificate, server_key: Any, trusted_cas: I
                     else "untrusted issuer" if "issuer" in reason or "unable to get" in reason else "invalid")
             return False
         if depth == 0 and is_revoked(cert.get_serial_number()):
-            log.info("TLS client certificate refused: serial {serial:X} is revoked", serial=cert.get_serial_number())
+            log.info("TLS client certificate refused: serial {serial} is revoked", serial=format_serial(cert.get_serial_number()))
             refused("revoked")
             say_revoked()
             return False

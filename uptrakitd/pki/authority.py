@@ -2,7 +2,7 @@
 
 What follows from a change (OCSP cache, CRL rebuild, TLS context, service sockets) is not done
 here: the CA publishes `CertificateRevoked` / `CaRotated` on the event bus and the components that
-care subscribe (see uptrakitd.daemon for who, and in which order).
+care subscribe (see uptrakitd.process.daemon for who, and in which order).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from ..audit import BY_SYSTEM, AuditTrail, Said, audited
 from ..errors import StorageUnavailable, BadRequest, Conflict, NotFound
 from ..events import CaRotated, CertificateRevoked, EventBus
-from ..metrics import Metrics
+from uptrakitd.observability.metrics import Metrics
 from ..store import DuplicateRow, Store, ca_generations, certificates
 from .ca import AUTO_ROTATE_WHEN_LEFT, CaGeneration, create_ca
 from .crl import REASONS

@@ -123,7 +123,7 @@ def _worker_init(parent: int) -> None:
     import threading
     import time
 
-    from ..nodump import no_core_dumps
+    from uptrakitd.process.nodump import no_core_dumps
     no_core_dumps()   # the worker holds the CA keys (or the token's PIN) too
 
     def watch() -> None:

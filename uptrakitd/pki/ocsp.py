@@ -23,11 +23,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..metrics import CounterChildren
+from uptrakitd.observability.metrics import CounterChildren
 from .state import CaState
 from .crl import REASONS
 from .ocsp_limit import SigningBudget, SigningRateLimit
 from .ocsp_nonce import NonceTemplates
+from .serials import format_serial
 
 log = Logger()
 
@@ -173,8 +174,8 @@ class DelegatedSigners:
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id),
                                critical=False))
         cert = ca.signer.certificate(builder)
-        log.info("OCSP responder certificate {serial:X} issued by CA generation {generation}, valid until {until}",
-                 serial=cert.serial_number, generation=ca.generation, until=cert.not_valid_after_utc.isoformat())
+        log.info("OCSP responder certificate {serial} issued by CA generation {generation}, valid until {until}",
+                 serial=format_serial(cert.serial_number), generation=ca.generation, until=cert.not_valid_after_utc.isoformat())
         return cert, key
 
 
@@ -248,7 +249,7 @@ class OcspResponder:
         # logged at debug
         if self.log_answers:
             log.debug("OCSP: {status} for serial {serial}", status=result.status,
-                      serial=format(result.serial, "X") if result.serial is not None else "-")
+                      serial=format_serial(result.serial) if result.serial is not None else "-")
         self.count(result.status)
         return result
 
@@ -282,8 +283,8 @@ class OcspResponder:
         alg_name = _HASH_NAMES.get(algorithm.name)
         ca = self.state.ca_for_certid(alg_name, name_hash, key_hash) if alg_name else None
         if ca is None:
-            log.info("OCSP request for serial {serial:X} of an issuer that is not ours: unauthorized",
-                     serial=serial)
+            log.info("OCSP request for serial {serial} of an issuer that is not ours: unauthorized",
+                     serial=format_serial(serial))
             return self._unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized")
         now = self._now()
         cache_key = (ca.generation, serial, alg_name)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..audit import with_entry
-from ..datadir_lock import DataDirInUse, DataDirLock
+from uptrakitd.process.datadir_lock import DataDirInUse, DataDirLock
 from ..store import open_database, sqlite_path, transaction
 from ..store import ca_generations
 from .files import PkiFiles

@@ -1,4 +1,4 @@
-"""The audit trail's rows (uptrakitd/audit.py says what they mean). `append` runs inside the transaction of the
+"""The audit trail's rows (uptrakitd/audit/__init__.py says what they mean). `append` runs inside the transaction of the
 change it records; the chain's head is read under the engine's lock, so controllers sharing a database write
 one chain."""
 from __future__ import annotations

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..config import NetworkSettings
-from ..metrics import CounterChildren, Metrics
+from uptrakitd.observability.metrics import CounterChildren, Metrics
 from ..pki.state import CaState
 from .dn import common_name
 from .doctor import IdentityDoctor

@@ -28,7 +28,7 @@ import email.utils
 import re
 from typing import Any, Callable
 
-from ..metrics import CounterChildren
+from uptrakitd.observability.metrics import CounterChildren
 from ..pki.ocsp import MAX_REQUEST_BYTES, OcspAnswer, OcspResponder
 
 # A head is taken only when twisted.web would take it the same way (tests/test_site.py checks it head for

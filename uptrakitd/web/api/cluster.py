@@ -8,7 +8,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
 from ...errors import StorageUnavailable
-from ...readiness import DATABASE_TIMEOUT
+from uptrakitd.observability.readiness import DATABASE_TIMEOUT
 from ...store import Store, controllers
 from ..router import Route, iso, route
 

@@ -10,7 +10,7 @@ from ...errors import BadRequest
 from ...pki.ca import same_pki_addr
 from ...pki.serials import format_serial
 from ...pki.state import CaState
-from ...runtime_settings import RuntimeSettings
+from uptrakitd.registry.runtime_settings import RuntimeSettings
 from ..router import Route, json_body, route
 from .audit import said_by
 

@@ -7,15 +7,15 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import inlineCallbacks
 
-from ...admin_tokens import AdminTokenRegistry
-from ...directory import ServiceDirectory
+from uptrakitd.registry.admin_tokens import AdminTokenRegistry
+from uptrakitd.registry.directory import ServiceDirectory
 from ...errors import Unauthorized
-from ...offload import in_thread
+from uptrakitd.process.offload import in_thread
 from ...pki.authority import CertificateAuthority
 from ...pki.ca import AUTO_ROTATE_WHEN_LEFT
 from ...pki.crl import CrlPublisher
 from ...pki.serials import format_serial
-from ...runtime_settings import RuntimeSettings
+from uptrakitd.registry.runtime_settings import RuntimeSettings
 from ...trust.doctor import IdentityDoctor
 from ...trust.proxies import is_trusted
 from ..router import Route, bearer_token, iso, route

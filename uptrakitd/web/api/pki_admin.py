@@ -10,12 +10,12 @@ from twisted.internet.defer import inlineCallbacks
 
 from ... import __version__
 from ...errors import BadRequest, NotFound
-from ...offload import in_thread
+from uptrakitd.process.offload import in_thread
 from ...pki.authority import CertificateAuthority
 from ...pki.crl import CrlPublisher
 from ...pki.ocsp import OCSP_VALIDITY
 from ...pki.serials import BadSerial, format_serial, parse_serial
-from ...runtime_settings import RuntimeSettings
+from uptrakitd.registry.runtime_settings import RuntimeSettings
 from ...store import certificates
 from ..router import Response, Route, int_field, iso, json_body, route
 from .audit import said_by

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ...directory import ServiceDirectory, ServiceRecord
+from uptrakitd.registry.directory import ServiceDirectory, ServiceRecord
 from ...errors import BadRequest
 from ...pki.authority import CertificateAuthority
 from ...pki.serials import format_serial

@@ -6,8 +6,8 @@ from typing import Any, Callable
 from twisted.internet.defer import inlineCallbacks
 
 from ... import __version__
-from ...metrics import Metrics
-from ...readiness import Readiness
+from uptrakitd.observability.metrics import Metrics
+from uptrakitd.observability.readiness import Readiness
 from ..router import Response, Route, bearer_token, route
 
 # what an unauthenticated peer may learn (docs/security.md "What a peer learns"): liveness, readiness and

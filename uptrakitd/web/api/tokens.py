@@ -5,8 +5,8 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from ...admin_tokens import ROLES, AdminTokenRegistry
-from ...enrollment import DEFAULT_EXPIRES_IN, DEFAULT_MAX_USES, EnrollmentTokens
+from uptrakitd.registry.admin_tokens import ROLES, AdminTokenRegistry
+from uptrakitd.registry.enrollment import DEFAULT_EXPIRES_IN, DEFAULT_MAX_USES, EnrollmentTokens
 from ...errors import BadRequest, NotFound
 from ...printable import has_control
 from ..router import Route, int_field, iso, json_body, route

@@ -8,11 +8,11 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from .config import NetworkSettings
-from .events import EventBus, NetworkSettingsChanged
-from .pki.issue import renewal_window
-from .audit import BY_SYSTEM, AuditTrail, Said, audited
-from .store import Store, settings as stored
+from uptrakitd.config import NetworkSettings
+from uptrakitd.events import EventBus, NetworkSettingsChanged
+from uptrakitd.pki.issue import renewal_window
+from uptrakitd.audit import BY_SYSTEM, AuditTrail, Said, audited
+from uptrakitd.store import Store, settings as stored
 
 log = Logger()
 

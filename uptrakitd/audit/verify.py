@@ -25,8 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .audit import checkpoint_message
-from .store.audit import FIELDS, GENESIS, entry_hash
+from uptrakitd.audit import checkpoint_message
+from uptrakitd.store.audit import FIELDS, GENESIS, entry_hash
 
 
 class Broken(Exception):

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
-from .store import audit as stored
+from uptrakitd.store import audit as stored
 
 log = Logger()
 SYSTEM: dict[str, Any] = {"kind": "system"}

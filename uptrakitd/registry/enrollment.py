@@ -7,9 +7,9 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .audit import BY_SYSTEM, AuditTrail, Said, audited
-from .store import Store, tokens as stored
-from .tokens import new_token, token_hash
+from uptrakitd.audit import BY_SYSTEM, AuditTrail, Said, audited
+from uptrakitd.store import Store, tokens as stored
+from uptrakitd.registry.tokens import new_token, token_hash
 
 
 DEFAULT_MAX_USES = 1

@@ -9,9 +9,9 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from .audit import BY_SYSTEM, AuditTrail, Said, audited
-from .store import Store, tokens as stored
-from .tokens import new_token, token_hash
+from uptrakitd.audit import BY_SYSTEM, AuditTrail, Said, audited
+from uptrakitd.store import Store, tokens as stored
+from uptrakitd.registry.tokens import new_token, token_hash
 
 log = Logger()
 ROLES = ("admin", "read")

@@ -6,9 +6,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .audit import Said
-from .config import SETTINGS, ConfigError, Settings, build_settings, read_config_file
-from .runtime_settings import RuntimeSettings
+from uptrakitd.audit import Said
+from uptrakitd.config import SETTINGS, ConfigError, Settings, build_settings, read_config_file
+from uptrakitd.registry.runtime_settings import RuntimeSettings
 
 log = Logger()
 # every setting but the runtime ones (network.*) takes effect at the next start

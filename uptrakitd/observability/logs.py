@@ -14,7 +14,7 @@ from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver,
                             formatEvent, formatEventAsClassicLogText, formatTime)
 from zope.interface import implementer
 
-from .printable import escape_controls, has_control
+from uptrakitd.printable import escape_controls, has_control
 
 _LEGACY = {"message", "system", "isError", "printed", "why", "failure", "time", "format", "format_args"}
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
@@ -65,7 +65,7 @@ class JsonLineObserver:
         try:
             line = json.dumps(json_record(event), ensure_ascii=False, separators=(",", ":"))
         except Exception as e:  # a log line must never take the daemon down
-            line = json.dumps({"time": "", "level": "error", "logger": "uptrakitd.logs",
+            line = json.dumps({"time": "", "level": "error", "logger": "uptrakitd.observability.logs",
                                "message": f"unserialisable log event: {e}"})
         self.stream.write(line + "\n")
         self.stream.flush()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from .printable import has_control
+from uptrakitd.printable import has_control
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -497,7 +497,7 @@ def _trust_domain(value: Any) -> str:
 
 def _token(kw: dict[str, Any]) -> None:
     """--ca-key-uri with --pkcs11-module and (--pkcs11-pin-file or UPTRAKIT_PKCS11_PIN)."""
-    from .pki.pkcs11 import PIN_ENVIRONMENT, Pkcs11Uri, pin_taken_from_environment
+    from uptrakitd.pki.pkcs11 import PIN_ENVIRONMENT, Pkcs11Uri, pin_taken_from_environment
     if "ca_key_uri" not in kw:
         for name in ("pkcs11_module", "pkcs11_pin_file"):
             if name in kw:

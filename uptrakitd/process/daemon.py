@@ -20,55 +20,55 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.logger import ILogObserver, Logger
 
-from . import __version__
-from .admin_tokens import AdminTokenRegistry
-from .audit import ANCHOR_FILE, AuditTrail
-from .cluster import Cluster, build_cluster
-from .channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
-from .config import Settings, is_proxy_protocol
-from .directory import ServiceDirectory
-from .enrollment import EnrollmentTokens
-from .events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
-from .gcpolicy import FullCollections
-from .lifecycle import Hooks, OrderedServices, PeriodicJob, SignalHandlers
-from .listen.endpoint import ListenerService
-from .listen.closing import ClosingTLSFactory
-from .listen.guard import ConnectionGuard
-from .listen.server_cert import ServerCertificate
-from .listen.tls import SwappableServerContext
-from .logs import log_observer
-from .metrics import Metrics
-from .offload import in_thread
-from .pki.authority import CertificateAuthority
-from .pki.crl import CrlPublisher
-from .pki.files import PkiFiles
-from .pki.ocsp import OcspResponder
-from .readiness import Readiness
-from .reload import ConfigReloader
-from .retention import Retention
-from .runtime_settings import RuntimeSettings
-from .sdnotify import Notifier
-from .status_metrics import state_families
-from .store import PostgresStore, SqliteStore, make_store
-from .store.common import safe_url
-from .trust.identity import IdentityResolver
-from .trust.proxies import is_trusted
-from .web.api.audit import AuditRoutes, unknown_token
-from .web.api.cluster import ControllerRoutes
-from .web.api.identity import NetworkSettingsRoutes
-from .web.api.overview import DiagnosticsRoutes, OverviewRoutes, RotationProgress, SessionRoutes
-from .web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
-from .web.api.services import ServiceRoutes
-from .web.api.status import StatusRoutes, healthz
-from .web.api.tokens import TokenRoutes
-from .web.ocsp_fast import OcspFastPath
-from .web.pki import PkiRoutes
-from .web.root import build_sites
-from .web.router import route
-from .web.ui_routes import UiRoutes
+from uptrakitd import __version__
+from uptrakitd.registry.admin_tokens import AdminTokenRegistry
+from uptrakitd.audit import ANCHOR_FILE, AuditTrail
+from uptrakitd.cluster import Cluster, build_cluster
+from uptrakitd.channel.hub import RENEWAL_CHECK_SECONDS, ChannelHub
+from uptrakitd.config import Settings, is_proxy_protocol
+from uptrakitd.registry.directory import ServiceDirectory
+from uptrakitd.registry.enrollment import EnrollmentTokens
+from uptrakitd.events import CaRotated, CertificateRevoked, EventBus, ServiceChanged
+from uptrakitd.process.gcpolicy import FullCollections
+from uptrakitd.process.lifecycle import Hooks, OrderedServices, PeriodicJob, SignalHandlers
+from uptrakitd.listen.endpoint import ListenerService
+from uptrakitd.listen.closing import ClosingTLSFactory
+from uptrakitd.listen.guard import ConnectionGuard
+from uptrakitd.listen.server_cert import ServerCertificate
+from uptrakitd.listen.tls import SwappableServerContext
+from uptrakitd.observability.logs import log_observer
+from uptrakitd.observability.metrics import Metrics
+from uptrakitd.process.offload import in_thread
+from uptrakitd.pki.authority import CertificateAuthority
+from uptrakitd.pki.crl import CrlPublisher
+from uptrakitd.pki.files import PkiFiles
+from uptrakitd.pki.ocsp import OcspResponder
+from uptrakitd.observability.readiness import Readiness
+from uptrakitd.process.reload import ConfigReloader
+from uptrakitd.registry.retention import Retention
+from uptrakitd.registry.runtime_settings import RuntimeSettings
+from uptrakitd.process.sdnotify import Notifier
+from uptrakitd.observability.status_metrics import state_families
+from uptrakitd.store import PostgresStore, SqliteStore, make_store
+from uptrakitd.store.common import safe_url
+from uptrakitd.trust.identity import IdentityResolver
+from uptrakitd.trust.proxies import is_trusted
+from uptrakitd.web.api.audit import AuditRoutes, unknown_token
+from uptrakitd.web.api.cluster import ControllerRoutes
+from uptrakitd.web.api.identity import NetworkSettingsRoutes
+from uptrakitd.web.api.overview import DiagnosticsRoutes, OverviewRoutes, RotationProgress, SessionRoutes
+from uptrakitd.web.api.pki_admin import CertificateRoutes, PkiSettingsRoutes
+from uptrakitd.web.api.services import ServiceRoutes
+from uptrakitd.web.api.status import StatusRoutes, healthz
+from uptrakitd.web.api.tokens import TokenRoutes
+from uptrakitd.web.ocsp_fast import OcspFastPath
+from uptrakitd.web.pki import PkiRoutes
+from uptrakitd.web.root import build_sites
+from uptrakitd.web.router import route
+from uptrakitd.web.ui_routes import UiRoutes
 
 if TYPE_CHECKING:   # the composition root is handed the start-up's result; it never runs boot itself
-    from .boot import Booted
+    from uptrakitd.process.boot import Booted
 
 log = Logger()
 HOUR, DAY = 3600, 86400

@@ -18,9 +18,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .audit import SYSTEM, log_entry
-from .store import audit as stored_audit
-from .store.common import Connection, transaction
+from uptrakitd.audit import SYSTEM, log_entry
+from uptrakitd.store import audit as stored_audit
+from uptrakitd.store.common import Connection, transaction
 
 log = Logger()
 RESTORE_MARKER = "restored_from_backup"

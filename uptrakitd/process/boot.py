@@ -21,24 +21,23 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from twisted.logger import Logger
 
-from . import store as store_mod
-from .config import ConfigError, NetworkSettings, Settings
-from .datadir_lock import DataDirInUse, DataDirLock
-from .directory import ServiceRecord, load_services
-from .files import atomic_write, ensure_private_dir
-from .pki.ca import (CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr,
-                     same_public_key)
-from .pki.files import PkiFiles
-from .pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
-from .pki.issue import issue_server_certificate, server_cert_due, server_names
-from .audit import log_entry, with_entry
-from .restored import finish_restore
-from .pki.serials import format_serial
-from .pki.signer import SignerUnavailable
-from .pki.state import EXPIRED_RECORD_GRACE, CaState, insert_generation, insert_issued, load_records
-from .runtime_settings import ServiceCertSettings
-from .store import audit as stored_audit, ca_generations, changes, settings as stored_settings, tokens as stored_tokens
-from .tokens import token_hash
+from uptrakitd import store as store_mod
+from uptrakitd.config import ConfigError, NetworkSettings, Settings
+from uptrakitd.process.datadir_lock import DataDirInUse, DataDirLock
+from uptrakitd.registry.directory import ServiceRecord, load_services
+from uptrakitd.files import atomic_write, ensure_private_dir
+from uptrakitd.pki.ca import CaError, CaGeneration, create_ca, embedded_urls, load_external_ca, same_pki_addr, same_public_key
+from uptrakitd.pki.files import PkiFiles
+from uptrakitd.pki.keys import FileKeys, KeyStoreError, SealedKeys, load_keks
+from uptrakitd.pki.issue import issue_server_certificate, server_cert_due, server_names
+from uptrakitd.audit import log_entry, with_entry
+from uptrakitd.process.restored import finish_restore
+from uptrakitd.pki.serials import format_serial
+from uptrakitd.pki.signer import SignerUnavailable
+from uptrakitd.pki.state import EXPIRED_RECORD_GRACE, CaState, insert_generation, insert_issued, load_records
+from uptrakitd.registry.runtime_settings import ServiceCertSettings
+from uptrakitd.store import audit as stored_audit, ca_generations, changes, settings as stored_settings, tokens as stored_tokens
+from uptrakitd.registry.tokens import token_hash
 
 log = Logger()
 
@@ -203,7 +202,7 @@ def _open_token(settings: Settings) -> Any:
     """The PKCS#11 token of --ca-key-uri, logged in (None without one); StartupError with one line."""
     if settings.ca_key_uri is None:
         return None
-    from .pki.pkcs11 import Pkcs11Uri, Token, TokenError, read_pin
+    from uptrakitd.pki.pkcs11 import Pkcs11Uri, Token, TokenError, read_pin
     uri = Pkcs11Uri.parse(settings.ca_key_uri)
     try:
         token = Token.shared(str(settings.pkcs11_module), uri.token, read_pin(settings.pkcs11_pin_file), uri.serial)
@@ -226,13 +225,13 @@ def _ca_keys(settings: Settings, files: PkiFiles, token: Any = None) -> Any:
             raise StartupError(str(e)) from None
     if token is None:
         return older
-    from .pki.pkcs11 import Pkcs11Keys, Pkcs11Uri
+    from uptrakitd.pki.pkcs11 import Pkcs11Keys, Pkcs11Uri
     assert settings.ca_key_uri is not None
     return Pkcs11Keys(token, Pkcs11Uri.parse(settings.ca_key_uri), older)
 
 
 def _load_key(keys: Any, files: PkiFiles, row: Any) -> Any:
-    from .pki.pkcs11 import TokenError
+    from uptrakitd.pki.pkcs11 import TokenError
     try:
         return keys.load(row["generation"], row["key_file"], row["key_sealed"])
     except (KeyStoreError, TokenError, SignerUnavailable) as e:
@@ -343,7 +342,7 @@ _CUSTODY_WORDS = {"file": "in a clear file", "sealed": "sealed in the database",
 def _next_key(keys: Any, state: CaState) -> Any:
     """The signer of a generation to make at start, or None: on first start, and with --ca-key-uri when the
     active CA's key is not in the token (a move into it) or is not the operator-made key the URI names."""
-    from .pki.pkcs11 import Pkcs11Keys, TokenError
+    from uptrakitd.pki.pkcs11 import Pkcs11Keys, TokenError
     active = state.generations[max(state.generations)] if state.generations else None
     if not isinstance(keys, Pkcs11Keys):
         return keys.new(1) if active is None else None
@@ -380,7 +379,7 @@ def _server_certificate(conn: store_mod.Connection, settings: Settings, files: P
     state.add_record(record)
     reached("server_cert_recorded")
     files.write_server(issued.cert, key)
-    log.info("issued server certificate {serial} ({reason})", serial=format(issued.serial, "X"), reason=reason)
+    log.info("issued server certificate {serial} ({reason})", serial=format_serial(issued.serial), reason=reason)
     return issued.cert, key
 
 

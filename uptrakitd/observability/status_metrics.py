@@ -6,12 +6,12 @@ from typing import Any, Iterator
 
 from twisted.internet.interfaces import IReactorTime
 
-from .channel.hub import ChannelHub
-from .listen.server_cert import ServerCertificate
-from .metrics import gauge
-from .pki.authority import CertificateAuthority
-from .pki.crl import CrlPublisher
-from .readiness import Readiness
+from uptrakitd.channel.hub import ChannelHub
+from uptrakitd.listen.server_cert import ServerCertificate
+from uptrakitd.observability.metrics import gauge
+from uptrakitd.pki.authority import CertificateAuthority
+from uptrakitd.pki.crl import CrlPublisher
+from uptrakitd.observability.readiness import Readiness
 
 
 def state_families(ca: CertificateAuthority, crls: CrlPublisher, server_cert: ServerCertificate,

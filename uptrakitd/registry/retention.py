@@ -15,8 +15,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .audit import AuditTrail, audited
-from .store import certificates, tokens
+from uptrakitd.audit import AuditTrail, audited
+from uptrakitd.store import certificates, tokens
 
 log = Logger()
 DAY = 86400

@@ -5,9 +5,9 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .pki.authority import CertificateAuthority
-from .pki.crl import CrlPublisher
-from .store import Store, read_probe, write_probe
+from uptrakitd.pki.authority import CertificateAuthority
+from uptrakitd.pki.crl import CrlPublisher
+from uptrakitd.store import Store, read_probe, write_probe
 
 DATABASE_TIMEOUT = 2.0
 WRITE_PROBE_EVERY = 10.0  # seconds: a probe answered within this reuses the last write's result

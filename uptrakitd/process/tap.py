@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from .config import SETTINGS, ConfigError, Setting, build_settings
+from uptrakitd.config import SETTINGS, ConfigError, Setting, build_settings
 
 
 class Options(usage.Options):
@@ -32,7 +32,7 @@ class Options(usage.Options):
         """Print uptrakitd's and Twisted's versions and exit."""
         from twisted import copyright
 
-        from . import __version__
+        from uptrakitd import __version__
         print(f"uptrakitd {__version__} (Twisted {copyright.version}, Python {sys.version.split()[0]})")
         sys.exit(0)
 
@@ -68,13 +68,13 @@ def makeService(options: Any) -> Any:
     """Validate settings, prepare state, return the service tree. Errors: one line, exit status 2."""
     from twisted.internet import reactor
 
-    from .boot import StartupError, boot
-    from .daemon import build_daemon
+    from uptrakitd.process.boot import StartupError, boot
+    from uptrakitd.process.daemon import build_daemon
 
-    from .listen.fdlimit import fit_open_file_limit
-    from .listen.preflight import listen_problem
+    from uptrakitd.listen.fdlimit import fit_open_file_limit
+    from uptrakitd.listen.preflight import listen_problem
 
-    from .nodump import no_core_dumps
+    from uptrakitd.process.nodump import no_core_dumps
     no_core_dumps()   # before any key or PIN is read into memory
     flags = flags_from_options(options)
     try:

@@ -13,14 +13,14 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .enrollment import consume_enrollment_token
-from .audit import BY_SYSTEM, AuditTrail, Said, audited
-from .errors import Conflict, Forbidden, NotFound, StorageUnavailable
-from .events import EventBus, ServiceChanged
-from .pki.authority import CertificateAuthority
-from .runtime_settings import RuntimeSettings
-from .store import Store, certificates, services as stored
-from .tokens import new_token, token_hash
+from uptrakitd.registry.enrollment import consume_enrollment_token
+from uptrakitd.audit import BY_SYSTEM, AuditTrail, Said, audited
+from uptrakitd.errors import Conflict, Forbidden, NotFound, StorageUnavailable
+from uptrakitd.events import EventBus, ServiceChanged
+from uptrakitd.pki.authority import CertificateAuthority
+from uptrakitd.registry.runtime_settings import RuntimeSettings
+from uptrakitd.store import Store, certificates, services as stored
+from uptrakitd.registry.tokens import new_token, token_hash
 
 log = Logger()
 DEACTIVATION_REASON = "cessationOfOperation"

@@ -40,7 +40,7 @@ class Metrics:
     def __init__(self) -> None:
         from twisted import copyright
 
-        from . import __version__
+        from uptrakitd import __version__
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         Info("uptrakit_build", "uptrakitd build", registry=self.registry).info(

@@ -1,0 +1,1 @@
+"""The domain registries: services, enrollment and admin tokens, runtime settings, retention."""
