@@ -34,7 +34,7 @@ DEFAULT_PING_INTERVAL = 30
 RENEWALS_PER_SECOND = DEFAULT_ROTATION_RENEWAL_RATE   # --rotation-renewal-rate
 MAX_RENEWAL_SPREAD = 600
 EARLY_RENEWALS_BURST = 2            # renewals a service may ask for unprompted (not due, not asked) at once
-EARLY_RENEWALS_PER_HOUR = 1.0       # and then this many an hour: one agent cannot grow the CRL without bound
+EARLY_RENEWAL_EVERY = 6 * 3600.0    # and then one per this many seconds: one agent cannot grow the CRL without bound
 REASK_GRACE = 1.0   # seconds past a deferred renewal's moment before the controller asks again
 
 
@@ -323,7 +323,7 @@ class ChannelHub:
         service_id = _service_id(proto)
         bucket = self._early.get(service_id)
         if bucket is None:
-            bucket = self._early[service_id] = TokenBucket(self.clock, EARLY_RENEWALS_PER_HOUR / 3600,
+            bucket = self._early[service_id] = TokenBucket(self.clock, 1 / EARLY_RENEWAL_EVERY,
                                                            EARLY_RENEWALS_BURST)
         if bucket.take():
             return False
