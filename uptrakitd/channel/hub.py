@@ -367,9 +367,11 @@ class ChannelHub:
         return self.broadcast_in_turns([(kind, payload)], targets)
 
     def broadcast_in_turns(self, messages: list[tuple[str, dict[str, Any]]],
-                           targets: list[ServiceChannelProtocol] | None = None, per_turn: int = 250) -> int:
+                           targets: list[ServiceChannelProtocol] | None = None, per_turn: int = 250,
+                           then: Callable[[], Any] | None = None) -> int:
         """Send `messages`, in order, to every authenticated service in `targets`, `per_turn` sockets per
-        reactor turn (5,000 sockets at once held the reactor for 0.7 s: every other request waited).
+        reactor turn (5,000 sockets at once held the reactor for 0.7 s: every other request waited), then call
+        `then()` once the last turn is done.
 
         Each frame is encoded once per distinct next seq, when it is sent, so a socket that got something
         else in between still gets the right seq. Returns how many sockets were authenticated at the start.
@@ -396,6 +398,8 @@ class ChannelHub:
             send(todo[start:start + per_turn])
             if start + per_turn < len(todo) and not self._stopping:
                 self._turns.add(self.clock.callLater(0, turn, start + per_turn))
+            elif then is not None and not self._stopping:
+                then()
         turn(0)
         return len(todo)
 
@@ -405,18 +409,21 @@ class ChannelHub:
         bundle = self.ca.bundle_pem()
         # every service asked at once would renew at once: each renewal is a CSR check, a signature, an
         # fsync'd insert and a full mTLS reconnect. Spread them over a window the signing rate can take.
-        # Per socket the bundle goes first; the sockets are served a few hundred per reactor turn.
+        # The sockets are served a few hundred per reactor turn.
         updated = ("ca_bundle_updated", {"ca_bundle_pem": bundle.decode("ascii"), "ca_bundle_hash": event.bundle_hash})
         renew = ("request_cert_renewal", {"reason": "ca_rotation", "within_seconds": renewal_spread(len(targets), self.renewals_per_second)})
         waiting = self.barrier(event.generation) if self.barrier is not None else None
-        if waiting is None:
-            asked = self.broadcast_in_turns([updated, renew], targets)
-        else:
-            # several controllers: a renewed service may reconnect to any of them, so the renewal requests
-            # wait until all of them trust the new CA (cluster.TrustedGeneration)
-            asked = self.broadcast_in_turns([updated], targets)
-            waiting.addCallback(lambda _: self.broadcast_in_turns(
-                [renew], [p for p in targets if p.phase == "authenticated" and not p.closing]))
+        bundled: Deferred = Deferred()
+        # the bundle reaches every socket first: renewal requests (and the reconnects they cause) would
+        # otherwise compete with it for the reactor, and the last sockets would wait seconds for their bundle.
+        # Several controllers: a renewed service may reconnect to any of them, so the requests also wait until
+        # all of them trust the new CA (cluster.TrustedGeneration)
+        asked = self.broadcast_in_turns([updated], targets, then=lambda: bundled.callback(None))
+        ready = bundled if waiting is None else DeferredList([bundled, waiting], fireOnOneErrback=True,
+                                                             consumeErrors=True)
+        ready.addCallback(lambda _: self.broadcast_in_turns(
+            [renew], [p for p in targets if p.phase == "authenticated" and not p.closing]))
+        ready.addErrback(lambda f: log.failure("rotation: renewal requests not sent", f))
         self.last_rotation = {"generation": event.generation, "at": self.clock.seconds(), "notified": asked}
         return asked
 
