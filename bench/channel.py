@@ -9,6 +9,9 @@ Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes ab
      UPTRAKIT_BENCH_IGNORE_WINDOW=1 makes every agent renew at once on `request_cert_renewal`, as a client written
      to the protocol without the pacing hint would (the controller then answers `renewal_deferred` with a
      `retry_after_seconds` beyond its pace, which these agents honour).
+     UPTRAKIT_BENCH_UPSTREAM=1 makes every agent a client of the upstream protocol only: it renews at once on
+     `request_cert_renewal` (ignoring `within_seconds`) and knows no `renewal_deferred`: after one it renews again
+     only when the controller asks again.
      UPTRAKIT_BENCH_SOFTHSM=1 keeps the CA keys in a SoftHSM2 token made in a temp dir (--ca-key-uri): the
      rotation's new key is generated in it and every certificate is signed through it.
      UPTRAKIT_BENCH_CONTROLLERS=2 runs that many controllers on one PostgreSQL (Debian's, started in a temp
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROCESSES = 4
 IGNORE_WINDOW = os.environ.get("UPTRAKIT_BENCH_IGNORE_WINDOW") == "1"
+UPSTREAM = os.environ.get("UPTRAKIT_BENCH_UPSTREAM") == "1"
 CONCURRENCY = 64   # enrollments / connection attempts in flight per process
 
 
@@ -108,7 +112,7 @@ class Agent:
             elif message["type"] == "request_cert_renewal":
                 within = float(message.get("within_seconds") or 0)
                 break
-        if not IGNORE_WINDOW:
+        if not (IGNORE_WINDOW or UPSTREAM):
             await asyncio.sleep(random.uniform(0, within))
         while True:
             csr, key = csr_for(self.service_id)
@@ -121,6 +125,10 @@ class Agent:
             if message["type"] == "certificate":
                 break
             self.deferred += 1
+            if UPSTREAM:   # it does not know the code: it waits until it is asked again
+                while json.loads(await self.ws.recv())["type"] != "request_cert_renewal":
+                    pass
+                continue
             await asyncio.sleep(float(message.get("retry_after_seconds") or 1))
         try:
             await self.ws.recv()   # the controller closes with "certificate rotated"

@@ -371,7 +371,7 @@ class OpensslOcspCrlTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         alert = yield tls_refusal(https_port(self.c), ca_pem(self.c), issued.pem, key)
         self.assertIn("certificate revoked", alert)
-        self.assertIn(f"serial {issued.serial:X} is revoked", "\n".join(formatEvent(e) for e in seen))
+        self.assertIn(f"serial {format_serial(issued.serial)} is revoked", "\n".join(formatEvent(e) for e in seen))
 
     @inlineCallbacks
     def test_etag_and_if_none_match(self):
