@@ -12,6 +12,8 @@ Run: .venv/bin/python bench/channel.py [AGENTS]     (default 1000; 5000 takes ab
      UPTRAKIT_BENCH_UPSTREAM=1 makes every agent a client of the upstream protocol only: it renews at once on
      `request_cert_renewal` (ignoring `within_seconds`) and knows no `renewal_deferred`: after one it renews again
      only when the controller asks again.
+     UPTRAKIT_BENCH_ROTATION_LIMIT=150 stops waiting for an agent's return after that many seconds (default 600):
+     the figures then count only the agents back by then.
      UPTRAKIT_BENCH_SOFTHSM=1 keeps the CA keys in a SoftHSM2 token made in a temp dir (--ca-key-uri): the
      rotation's new key is generated in it and every certificate is signed through it.
      UPTRAKIT_BENCH_CONTROLLERS=2 runs that many controllers on one PostgreSQL (Debian's, started in a temp
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PROCESSES = 4
 IGNORE_WINDOW = os.environ.get("UPTRAKIT_BENCH_IGNORE_WINDOW") == "1"
 UPSTREAM = os.environ.get("UPTRAKIT_BENCH_UPSTREAM") == "1"
+ROTATION_LIMIT = float(os.environ.get("UPTRAKIT_BENCH_ROTATION_LIMIT", "600"))   # seconds: an agent not back by then is not counted
 CONCURRENCY = 64   # enrollments / connection attempts in flight per process
 
 
@@ -163,8 +166,8 @@ async def run_worker(indices: list[int], url: str, ca: str, token: str, workdir:
         elif phase == "connect":
             await asyncio.gather(*(guarded(Agent.connect, a) for a in agents))
         else:
-            await asyncio.gather(*(a.follow_rotation(asyncio.Event()) for a in agents if a.ws is not None),
-                                 return_exceptions=True)
+            await asyncio.gather(*(asyncio.wait_for(a.follow_rotation(asyncio.Event()), ROTATION_LIMIT)
+                                   for a in agents if a.ws is not None), return_exceptions=True)
         results.put((phase, [(a.bundle_at, a.renewed_at, a.errors) for a in agents]))
     for a in agents:
         if a.ws is not None:
@@ -386,8 +389,11 @@ def main() -> None:
               f"{pct(renewed, 50):.1f} s p99 {pct(renewed, 99):.1f} s max {renewed[-1] if renewed else float('nan'):.1f} s")
         deferred = next((line.rsplit(" ", 1)[1] for line in daemon.request("GET", "/metrics")[1].decode().splitlines()
                          if line.startswith("uptrakit_renewals_deferred_total ")), "0")
-        print(f"          renewals answered renewal_deferred: {float(deferred):.0f}"
-              + (" (agents renewed at once, ignoring within_seconds)" if IGNORE_WINDOW else ""))
+        asked = next((line.rsplit(" ", 1)[1] for line in daemon.request("GET", "/metrics")[1].decode().splitlines()
+                      if line.startswith("uptrakit_renewals_asked_again_total ")), "0")
+        print(f"          renewals answered renewal_deferred: {float(deferred):.0f}, asked again: {float(asked):.0f}"
+              + (" (agents renewed at once, ignoring within_seconds)" if IGNORE_WINDOW else "")
+              + (" (upstream-protocol clients: no renewal_deferred)" if UPSTREAM else ""))
         prober.running = False
         for p in procs:
             p.join(timeout=60)
