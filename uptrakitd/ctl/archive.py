@@ -108,6 +108,20 @@ def _add(tar: tarfile.TarFile, name: str, size: int, mtime: int, data: IO[bytes]
     tar.addfile(info, data)
 
 
+def _parsed(text: bytes) -> dict[str, Any] | None:
+    """The manifest when it is a JSON object whose `members` name safe paths with an int size and a sha256."""
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return None
+    members = manifest.get("members") if isinstance(manifest, dict) else None
+    if not isinstance(members, dict) or not all(
+            safe_member_name(n) and isinstance(m, dict) and isinstance(m.get("size"), int)
+            and isinstance(m.get("sha256"), str) for n, m in members.items()):
+        return None
+    return manifest
+
+
 class Reader:
     """An archive opened and authenticated: `manifest` is trusted; `members()` streams the rest, each checked."""
 
@@ -130,15 +144,10 @@ class Reader:
             raise CtlError(f"{archive} is not authenticated by the key in {key_file}: altered, or made with another "
                            "key (the archive was made with the key file given to `uptrakitctl backup --key-file`)",
                            REFUSED)
-        try:
-            manifest = json.loads(text)
-            members = manifest["members"]
-            assert isinstance(members, dict) and all(
-                safe_member_name(n) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
-                for n, m in members.items())
-        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+        manifest = _parsed(text)
+        if manifest is None:
             self.close()
-            raise CtlError(f"{archive}: its manifest is authenticated but malformed", REFUSED) from None
+            raise CtlError(f"{archive}: its manifest is authenticated but malformed", REFUSED)
         self.manifest: dict[str, Any] = manifest
 
     def _next(self) -> tarfile.TarInfo | None:
