@@ -13,6 +13,33 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "uptrakitd"
 
 
+def runtime_imports() -> set[tuple[str, str]]:
+    """(importer, imported) for every import of an uptrakitd module by another, at any depth (a function-level
+    import included), but those under `if TYPE_CHECKING:` (types only)."""
+    import ast
+    package = Path(__file__).resolve().parents[1] / "uptrakitd"
+    edges: set[tuple[str, str]] = set()
+    for path in package.rglob("*.py"):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+        base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+
+        def visit(node: ast.AST) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                    continue
+                if isinstance(child, ast.ImportFrom) and (child.level or (child.module or "").startswith("uptrakitd")):
+                    target = child.module or "" if not child.level else \
+                        ".".join(base[:len(base) - child.level + 1] + ([child.module] if child.module else []))
+                    for alias in child.names:   # `from package import module` imports that module
+                        full = f"{target}.{alias.name}"
+                        known = (package.parent / (full.replace(".", "/") + ".py")).exists() or \
+                            (package.parent / full.replace(".", "/")).is_dir()
+                        edges.add((module, full if known else target))
+                visit(child)
+        visit(ast.parse(path.read_text()))
+    return edges
+
+
 class ArchitectureTests(TestCase):
     def test_every_module_is_in_the_module_map(self):
         text = (ROOT / "docs/architecture.md").read_text()
@@ -89,31 +116,30 @@ class AuditActionTests(TestCase):
         self.assertEqual(sorted(a for a in actions if f"<option>{a}</option>" not in page), [],
                          "actions the web UI's Audit filter does not offer")
 
+    def test_no_import_cycle(self):
+        """No two modules import each other, directly or around a loop (a function-level import hides none)."""
+        graph: dict[str, set[str]] = {}
+        for source, target in runtime_imports():
+            graph.setdefault(source, set()).add(target)
+        cycles, done = [], set()
+
+        def walk(node: str, path: list[str]) -> None:
+            if node in path:
+                cycles.append(" -> ".join(path[path.index(node):] + [node]))
+                return
+            if node in done:
+                return
+            for target in sorted(graph.get(node, ())):
+                walk(target, path + [node])
+            done.add(node)
+        for module in sorted(graph):
+            walk(module, [])
+        self.assertEqual(cycles, [])
+
     def test_the_dependency_rules_of_docs_architecture_hold(self):
         """"Dependencies point one way" in docs/architecture.md, checked on the runtime imports (those under
         `if TYPE_CHECKING:` are types only)."""
-        import ast
-        package = Path(__file__).resolve().parents[1] / "uptrakitd"
-        edges: set[tuple[str, str]] = set()
-        for path in package.rglob("*.py"):
-            module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
-            base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-
-            def visit(node: ast.AST) -> None:
-                for child in ast.iter_child_nodes(node):
-                    if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                        continue
-                    if isinstance(child, ast.ImportFrom) and child.level:
-                        target = ".".join(base[:len(base) - child.level + 1] + ([child.module] if child.module else []))
-                        for alias in child.names:
-                            full = f"{target}.{alias.name}"
-                            known = (package.parent / (full.replace(".", "/") + ".py")).exists() or \
-                                (package.parent / full.replace(".", "/")).is_dir()
-                            edges.add((module, full if known else target))
-                    elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("uptrakitd"):
-                        edges.add((module, child.module or ""))
-                    visit(child)
-            visit(ast.parse(path.read_text()))
+        edges = runtime_imports()
 
         def under(name: str, *prefixes: str) -> bool:
             return any(name == f"uptrakitd.{p}" or name.startswith(f"uptrakitd.{p}.") for p in prefixes)

@@ -13,63 +13,18 @@ jobs), `barrier(generation)` (renewals wait until every controller trusts a new 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from twisted.internet.defer import Deferred
-
+from .alone import Cluster
+from .shared import SharedDatabase
 from .sync import CATCH_UP_SECONDS, MAX_CATCH_UPS, ClusterFreshness, ClusterSync, TrustedGeneration
 
 __all__ = ["CATCH_UP_SECONDS", "MAX_CATCH_UPS", "Cluster", "ClusterFreshness", "ClusterSync",
            "TrustedGeneration", "build_cluster"]
 
 
-class Cluster:
-    """This controller alone."""
-
-    shared = False
-    freshness: Any = None   # SharedDatabase: how current its view of the others is (cluster.sync.ClusterFreshness)
-
-    def __init__(self, controller_id: str) -> None:
-        self.controller_id = controller_id
-
-    @property
-    def leader(self) -> bool:
-        return True
-
-    def stale(self) -> bool:
-        return False
-
-    def on_leader(self, job: Callable[[], Any]) -> Callable[[], Any]:
-        """`job`, made to run only while this controller runs the once-per-database jobs."""
-        return job
-
-    def barrier(self, generation: int) -> Deferred | None:
-        """Fires when every controller trusts CA `generation` (None: nobody else to wait for)."""
-        return None
-
-    def catch_up(self, unknown: Any) -> Deferred | None:
-        """Read now what a request named and this controller does not know (None: nothing can be elsewhere)."""
-        return None
-
-    def describe(self) -> Any:
-        """What GET /api/v1/controllers says of this controller's view of the others (None alone)."""
-        return None
-
-    def attach(self, ca: Any, directory: Any, runtime: Any, admin_tokens: Any, channel: Any, bus: Any) -> None:
-        """The components whose state the others' changes are applied to (built after the cluster)."""
-
-    def add_to(self, tree: Any, store: Any, run_blocking: Callable[..., Deferred]) -> None:
-        """What it runs (jobs, threads, connections) into the service tree."""
-        self.metrics.cluster_leader.set(1)
-
-    def with_metrics(self, metrics: Any) -> Cluster:
-        self.metrics = metrics
-        return self
-
-
 def build_cluster(settings: Any, booted: Any, store: Any, reactor: Any, metrics: Any) -> Cluster:
     """The Cluster for these settings: alone with SQLite, shared with --database."""
     if not settings.database:
         return Cluster(booted.controller_id).with_metrics(metrics)
-    from .shared import SharedDatabase
     return SharedDatabase(settings, booted, store, reactor, metrics)

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from ..events import CaRotated
 from uptrakitd.process.lifecycle import Hooks, PeriodicJob
 from ..store import changes, make_store, read_probe
-from . import Cluster
+from .alone import Cluster
 from .postgresql import ChangeFeed, Leadership
 from .sync import ClusterFreshness, ClusterSync, TrustedGeneration
 

@@ -302,12 +302,12 @@ class Pkcs11Signer(TokenSigner):
     def spec(self) -> tuple[Any, ...]:
         der = self.public_key().public_bytes(serialization.Encoding.DER,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-        return ("pkcs11", *self.token.spec(), self.key_id, self.label, der)
+        return (signer_from_token_spec, *self.token.spec(), self.key_id, self.label, der)
 
 
-def signer_from_token_spec(spec: tuple[Any, ...]) -> Pkcs11Signer:
+def signer_from_token_spec(module: str, label: str, pin: str, serial: str | None, key_id: bytes, key_label: str,
+                           der: bytes) -> Pkcs11Signer:
     """Pkcs11Signer.spec() made into a signer in this process (the PKI worker), one Token per token."""
-    _, module, label, pin, serial, key_id, key_label, der = spec
     return Pkcs11Signer(Token.shared(module, label, pin, serial), key_id, key_label,
                         serialization.load_der_public_key(der))
 

@@ -70,7 +70,9 @@ class Signer:
         raise NotImplementedError
 
     def spec(self) -> tuple[Any, ...]:
-        """What signer_from_spec needs to make this signer in the PKI worker process."""
+        """What signer_from_spec needs to make this signer in the PKI worker process: (a module-level function
+        that makes it, its arguments). Pickling names the function by module, so the worker imports what it
+        needs and this module imports no custody of its own (no cycle with pkcs11.py)."""
         raise NotImplementedError
 
     def check(self) -> None:
@@ -129,7 +131,7 @@ class KeySigner(Signer):
         return builder.sign(self._key, self._hash)
 
     def spec(self) -> tuple[Any, ...]:
-        return ("key", self.pem(), self.custody)
+        return (key_signer_from_spec, self.pem(), self.custody)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,6 +191,11 @@ class TokenSigner(Signer):
 _WORKER_SIGNERS: dict[bytes, Signer] = {}
 
 
+def key_signer_from_spec(pem: bytes, custody: str) -> Signer:
+    """KeySigner.spec() made into a signer in this process."""
+    return KeySigner.from_pem(pem, custody)
+
+
 def signer_from_spec(spec: tuple[Any, ...]) -> Signer:
     """The signer `spec` describes, made once per process (the PKI worker's side of Signer.spec)."""
     digest = hashlib.sha256(repr(spec).encode()).digest()
@@ -196,12 +203,9 @@ def signer_from_spec(spec: tuple[Any, ...]) -> Signer:
     if signer is None:
         if len(_WORKER_SIGNERS) >= 8:
             _WORKER_SIGNERS.clear()
-        if spec[0] == "key":
-            signer = KeySigner.from_pem(spec[1], spec[2])
-        elif spec[0] == "pkcs11":
-            from .pkcs11 import signer_from_token_spec
-            signer = signer_from_token_spec(spec)
-        else:
-            raise ValueError(f"unknown signer kind {spec[0]!r}")
+        make, *arguments = spec
+        if not callable(make):
+            raise ValueError(f"not a signer spec: {make!r}")
+        signer = make(*arguments)
         _WORKER_SIGNERS[digest] = signer
     return signer
