@@ -8,9 +8,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -117,22 +114,6 @@ def sign_crl_in_worker(ca_cert_der: bytes, signer_spec: tuple[Any, ...], entries
     return result
 
 
-def _worker_init(parent: int) -> None:
-    """In the worker: leave when the daemon is gone (kill -9 included), instead of lingering with its
-    stdout and stderr open."""
-    import threading
-    import time
-
-    from uptrakitd.process.nodump import no_core_dumps
-    no_core_dumps()   # the worker holds the CA keys (or the token's PIN) too
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-    threading.Thread(target=watch, name="uptrakitd-worker-parent-watch", daemon=True).start()
-
-
 def _signer_of(ca: CaGeneration) -> Signer:
     if ca.signer is None:
         raise SignerUnavailable(f"CA generation {ca.generation}'s key is not available here")
@@ -157,7 +138,7 @@ class CrlPublisher:
     """
 
     def __init__(self, state: CaState, store: Store, files: PkiFiles, clock: IReactorTime,
-                 run_blocking: Callable[..., Deferred],
+                 run_blocking: Callable[..., Deferred], worker: Callable[..., Deferred] | None = None,
                  validity: datetime.timedelta = datetime.timedelta(hours=24), coalesce_seconds: float = 0.5,
                  lag_grace: float = 30.0) -> None:
         self.state = state
@@ -170,7 +151,7 @@ class CrlPublisher:
         self.current: dict[int, PublishedCrl] = {}
         self.bundle = b""
         self.bundle_etag = '""'
-        self._executor: ProcessPoolExecutor | None = None
+        self.worker = worker   # PkiWorker.submit; without one (unit tests) a CRL is signed by run_blocking
         self._scheduled: Any = None
         self._running: Deferred | None = None
         self._dirty = False
@@ -266,23 +247,13 @@ class CrlPublisher:
         return self.lag_seconds() > self.lag_grace
 
     def stop(self) -> Deferred | None:
-        """Cancel a pending rebuild, retire the worker; returns the running rebuild (if any) to wait for."""
+        """Cancel a pending rebuild; returns the running rebuild (if any) to wait for."""
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
         self._dirty = False
         self._stopped = True
-        running = self._running
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            if running is not None:
-                def retire(result: Any) -> Any:
-                    executor.shutdown(wait=False)
-                    return result
-                running.addBoth(retire)
-            else:
-                executor.shutdown(wait=False)
-        return running
+        return self._running
 
     def on_revoked(self, event: Any) -> None:
         """CertificateRevoked: rebuild soon."""
@@ -339,16 +310,9 @@ class CrlPublisher:
         self._scheduled = self.clock.callLater(self._retry_delay, self._scheduled_rebuild)
 
     def _sign(self, ca: CaGeneration, entries: list[Entry], number: int, now: datetime.datetime) -> Deferred:
-        return self.submit(sign_crl_in_worker, *_ca_material(ca), entries, number, now.timestamp(),
-                           int(self.validity.total_seconds()))
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred:
-        """fn(*args) in the PKI worker process (CRL signing, and the CA's certificate issuing); fires with
-        its result. One process, started on first use (again, if a rebuild still runs after stop())."""
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_worker_init, initargs=(os.getpid(),))
-        return self.run_blocking(self._executor.submit(fn, *args).result)
+        submit = self.worker if self.worker is not None else self.run_blocking
+        return submit(sign_crl_in_worker, *_ca_material(ca), entries, number, now.timestamp(),
+                      int(self.validity.total_seconds()))
 
     @inlineCallbacks
     def warm(self) -> Any:

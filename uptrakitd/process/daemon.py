@@ -18,6 +18,7 @@ import sys
 from functools import partial
 from typing import TYPE_CHECKING, Any, Mapping
 
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
 from uptrakitd import __version__
@@ -43,6 +44,7 @@ from uptrakitd.pki.authority import CertificateAuthority
 from uptrakitd.pki.crl import CrlPublisher
 from uptrakitd.pki.files import PkiFiles
 from uptrakitd.pki.ocsp import OcspResponder
+from uptrakitd.pki.worker import PkiWorker
 from uptrakitd.observability.readiness import Readiness
 from uptrakitd.process.reload import ConfigReloader
 from uptrakitd.registry.retention import Retention
@@ -83,6 +85,7 @@ class Daemon(OrderedServices):
     metrics: Metrics
     ca: CertificateAuthority
     crls: CrlPublisher
+    pki_worker: PkiWorker
     ocsp: OcspResponder
     fast_ocsp: OcspFastPath
     server_cert: ServerCertificate
@@ -133,7 +136,9 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                  settings.data_dir / ANCHOR_FILE, safe_url(settings.database or "sqlite"))
     d.runtime = runtime = RuntimeSettings(store, bus, booted.network, booted.service_certs, audit)
     files = PkiFiles(settings.data_dir)
-    d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking)
+    # CRL signatures, and issuing's CSR checks and signatures, in the PKI worker process, off the reactor
+    d.pki_worker = pki_worker = PkiWorker(reactor)
+    d.crls = crls = CrlPublisher(state, store, files, reactor, run_blocking, worker=pki_worker.submit)
     stale_crls = crls.publish_at_start(booted.crl_numbers,
                                        datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc))
     metrics.crl_lag.set_function(crls.lag_seconds)
@@ -142,9 +147,8 @@ def build_daemon(booted: Booted, reactor: Any, flags: dict[str, Any] | None = No
                                    signing_share=settings.ocsp_signing_share, stale=cluster.stale,
                                    run_blocking=run_blocking)
     ocsp.prepare()
-    # CSR checks and signatures in the PKI worker process, off the reactor
     d.ca = ca = CertificateAuthority(state, store, bus, metrics, files, reactor, run_blocking, runtime.pki_addr,
-                                     settings.trust_domain, booted.keys, worker=crls.submit, audit=audit)
+                                     settings.trust_domain, booted.keys, worker=pki_worker.submit, audit=audit)
     d.tls = tls = SwappableServerContext()
     d.server_cert = server_cert = ServerCertificate(ca, files, tls, booted.server_cert, booted.server_key,
                                                     (booted.hostname, settings.san), run_blocking,
@@ -256,7 +260,7 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
                     cluster.on_leader(lambda: d.audit.prune_by_age(settings.audit_retention_days)), reactor,
                     run_at_start=True).setServiceParent(d)
     Hooks("crl-worker", start=lambda: reactor.callWhenRunning(_warm, crls, stale_crls),
-          stop=crls.stop).setServiceParent(d)
+          stop=lambda: maybeDeferred(crls.stop).addBoth(d.pki_worker.retire)).setServiceParent(d)
     PeriodicJob("hourly CRL rebuild", HOUR, crls.rebuild, reactor).setServiceParent(d)
     PeriodicJob("daily CA check", DAY, cluster.on_leader(ca.check_expiry), reactor,
                 run_at_start=True).setServiceParent(d)
