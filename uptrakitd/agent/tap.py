@@ -8,6 +8,8 @@ from typing import Any
 
 from twisted.python import usage
 
+from ..process.lifecycle import stop_with_status
+
 TOKEN_VARIABLE = "UPTRAKIT_ENROLLMENT_TOKEN"
 EXIT_STOPPED = 3  # revoked, deactivated, not approved, cannot connect: systemd sees a failure
 
@@ -69,10 +71,8 @@ def makeService(options: Any) -> Any:
 
     def stopped(reason: str) -> None:
         sys.stderr.write(f"uptrakit-agent: stopped: {reason}\n")
-        # twistd turns a normal reactor stop into exit status 0; an agent that gave up must not look
-        # like one that was asked to stop, so the exit status is set after the clean shutdown
-        reactor.addSystemEventTrigger("after", "shutdown", os._exit, EXIT_STOPPED)
-        reactor.callLater(0, reactor.stop)
+        # an agent that gave up must not look like one that was asked to stop
+        stop_with_status(reactor, EXIT_STOPPED)
 
     token = options["enrollment-token"]
     options["enrollment-token"] = None  # the agent keeps it only until it has enrolled

@@ -4,7 +4,6 @@ A listener that cannot bind ends the daemon with one clear line on stderr and a 
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 from typing import Any, Callable, NoReturn
@@ -18,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import is_proxy_protocol
+from ..process.lifecycle import stop_with_status
 from .guard import SendersOnlyEndpoint
 
 log = Logger()
@@ -92,11 +92,7 @@ class ListenerService(Service):
 
     def _fail_later(self, message: str) -> None:
         _say(message)
-        # The failure arrived after twistd handed control to the reactor, and twistd turns a normal
-        # reactor stop into exit status 0: exiting from an after-shutdown trigger is the only way left
-        # to report it (public API offers no exit status).
-        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self.reactor.callWhenRunning(self.reactor.stop)
+        stop_with_status(self.reactor, 1)   # (the failure arrived after twistd handed control to the reactor)
 
     def stopService(self) -> Deferred:
         super().stopService()

@@ -160,3 +160,15 @@ class Hooks(Service):
     def stopService(self) -> Any:
         super().stopService()
         return self._stop()
+
+
+def stop_with_status(reactor: Any, status: int) -> None:
+    """Stop the reactor cleanly, then exit with `status`. twistd turns a normal reactor stop into exit status 0,
+    and no public API sets another: exiting from an after-shutdown trigger is the only way to report a failure
+    found once the reactor runs (a listener that cannot bind, an agent that gave up)."""
+    import os
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
+    if getattr(reactor, "running", False):
+        reactor.callLater(0, reactor.stop)
+    else:
+        reactor.callWhenRunning(reactor.stop)

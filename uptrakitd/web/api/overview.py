@@ -19,18 +19,10 @@ from uptrakitd.registry.runtime_settings import RuntimeSettings
 from ...trust.doctor import IdentityDoctor
 from ...trust.proxies import is_trusted
 from ..router import Route, bearer_token, iso, route
+from .services import Connections
 
 SERVER_CERT_WARN = datetime.timedelta(days=30)
 DAY = 86400
-
-
-class Connections(Protocol):
-    """The channel hub as the overview and the rotation progress see it."""
-
-    connected: dict[str, Any]
-    last_rotation: dict[str, Any] | None   # generation, at, notified (ChannelHub.on_ca_rotated)
-
-    def is_connected(self, service_id: str) -> bool: ...
 
 
 class ServerCert(Protocol):

@@ -17,7 +17,11 @@ STATUSES = ("pending", "approved", "rejected", "deactivated")
 
 
 class Connections(Protocol):
-    """Who holds an authenticated socket (the channel hub)."""
+    """The channel hub as the routes see it: who holds an authenticated socket, and the last rotation's
+    progress (the overview)."""
+
+    connected: dict[str, Any]
+    last_rotation: dict[str, Any] | None   # generation, at, notified (ChannelHub.on_ca_rotated)
 
     def is_connected(self, service_id: str) -> bool: ...
 
