@@ -57,6 +57,20 @@ class CommandTests(TestCase):
         self.ctl = Ctl.of(self, self.c)
 
     @inlineCallbacks
+    def test_connection_options_work_after_the_command_too(self):
+        """Issue 37, item 8: `uptrakitctl status --ca-file F` was "No such option" (vault, kubectl and step take
+        them there)."""
+        ctl = self.ctl
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "status", "-o", "json", "--ca-file",
+                                   str(ctl.ca_file), f"--url={ctl.url}", "--token-file", str(ctl.token_file),
+                                   "--timeout", "20", env=env())
+        self.assertEqual(code, 0, err)
+        self.assertIn("ready", json.loads(out))
+        from uptrakitd.ctl.commands import connection_options_first
+        self.assertEqual(connection_options_first(["services", "show", "x", "--url", "U", "--", "--url", "v"]),
+                         ["--url", "U", "services", "show", "x", "--", "--url", "v"])
+
+    @inlineCallbacks
     def test_services_certificates_tokens_network_and_status(self):
         c, ctl = self.c, self.ctl
         token = yield c.enrollment_tokens.create("manual", max_uses=2)

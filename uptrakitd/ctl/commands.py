@@ -61,7 +61,8 @@ def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
 def cli(ctx: click.Context, url: str, token_file: str | None, ca_file: str | None, timeout: float,
         output: str) -> None:
     """Operate an uptrakitd controller: status, services, certificates, CA rotation, tokens, network settings,
-    the proxy doctor; backup and restore of a data dir.
+    the proxy doctor; backup and restore of a data dir. The connection options (--url, --token-file, --ca-file,
+    --timeout) may also follow the command.
 
     \b
     Exit status: 0 done; 1 refused by the controller or a check failed; 2 bad usage or an unreadable local file;
@@ -488,7 +489,34 @@ cli.add_command(backup)
 cli.add_command(restore)
 
 
+CONNECTION_OPTIONS = ("--url", "--token-file", "--ca-file", "--timeout")
+
+
+def connection_options_first(argv: list[str]) -> list[str]:
+    """The connection options moved before the command wherever they were given (`uptrakitctl status --ca-file
+    F`, as vault, kubectl and step accept them); no command has options of these names. After `--` nothing
+    moves."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            rest += argv[i:]
+            break
+        name = word.split("=", 1)[0]
+        if name in CONNECTION_OPTIONS and rest:
+            taken = 1 if "=" in word or i + 1 == len(argv) else 2
+            front += argv[i:i + taken]
+            i += taken
+            continue
+        rest.append(word)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = connection_options_first(list(sys.argv[1:] if argv is None else argv))
     try:
         cli.main(args=argv, prog_name="uptrakitctl", standalone_mode=False)
     except CtlError as e:
