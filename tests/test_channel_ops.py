@@ -240,6 +240,9 @@ class AgentTwistdTests(TestCase):
         self.assertEqual((service.kind, service.identity_source), ("mqtt", "mtls"))
         self.assertEqual(oct((tmp / "state" / "identity.pem").stat().st_mode & 0o777), "0o600")
         self.assertNotIn(token.encode(), proto.output)
+        # issue 37, item 7: its log says it is connected (its last lines read like a failure before)
+        yield wait_until(lambda: f"connected to the controller as service {service.id}".encode() in proto.output,
+                         timeout=10)
         # deactivated: the agent stops, and says so with its exit status (systemd marks the unit failed)
         status, _ = yield request_json(c, "DELETE", f"/api/v1/services/{service.id}")
         self.assertEqual(status, 200)

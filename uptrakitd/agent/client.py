@@ -353,6 +353,10 @@ class ServiceAgent(Service):
     def _on_service_settings(self, proto: AgentProtocol, m: dict[str, Any]) -> Any:
         self.settings = m
         self.failures = 0
+        cert = self.state.certificate()
+        log.info("connected to the controller as service {service} (certificate {serial}, {mode})",
+                 service=self.service_id, serial=format_serial(cert.serial_number) if cert is not None else "-",
+                 mode=self.mode_in_use)
         self._start_ping(proto, m.get("ping_interval", 30))
         if m.get("ca_bundle_hash") != self.state.bundle_hash():
             log.info("CA bundle changed while we were away: fetching it")

@@ -300,6 +300,12 @@ def _warm(crls: CrlPublisher, rebuild: bool) -> None:
         crls.warm().addErrback(lambda f: log.failure("CRL worker warm-up failed", f))
 
 
+def _installed(command: str) -> str:
+    """The full path of one of this installation's commands (it lives in the venv, often not on PATH)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), command)
+    return beside if os.path.exists(beside) else command
+
+
 def _warn_about_setup(booted: Booted) -> None:
     net, settings = booted.network, booted.settings
     if net.trusts_everything():
@@ -322,8 +328,9 @@ def _warn_about_setup(booted: Booted) -> None:
     if clear:
         log.warn("the CA private key(s) of generation(s) {generations} are clear files in {directory} (mode 0600): "
                  "whoever reads the data dir or a backup of it can mint identities. Seal them: stop the daemon, "
-                 "`uptrakitd-keys seal --data-dir {data_dir} --ca-key-encryption-key-file FILE` (a file of "
+                 "`{keys} seal --data-dir {data_dir} --ca-key-encryption-key-file FILE` (a file of "
                  "`head -c 32 /dev/urandom | base64`, mode 0600), then start it with --ca-key-encryption-key-file "
                  "FILE", generations=", ".join(str(ca.generation) for ca in clear),
-                 directory=str((settings.data_dir / "pki").resolve()), data_dir=str(settings.data_dir))
+                 directory=str((settings.data_dir / "pki").resolve()), data_dir=str(settings.data_dir),
+                 keys=_installed("uptrakitd-keys"))
     log.info("admin token file: {path}", path=str(booted.admin_token_path.resolve()))

@@ -64,8 +64,10 @@ def finish_restore(conn: Connection, controller_id: str, now: int | None = None)
         return None
     details, entry = done
     log_entry(entry)
+    taken = details["taken_at"]
     log.warn("this database was restored from backup {backup} (taken at {taken}): CRL numbers moved on by {bump} "
              "so they never go backwards; revocations, certificates and changes made after the backup are not "
-             "here (docs/deployment/backup.md)", backup=details["backup_id"], taken=details["taken_at"],
+             "here (docs/deployment/backup.md)", backup=details["backup_id"],
+             taken=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(taken)) if isinstance(taken, int) else taken,
              bump=details["bump"])
     return details
