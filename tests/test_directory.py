@@ -75,3 +75,28 @@ class EnrollmentTests(TestCase):
         self.successResultOf(directory.approve(service.id))
         self.failureResultOf(directory.approve(service.id), Conflict)
         self.assertIs(directory.find_by_enrollment_secret(secret), service)
+
+
+class IdPrefixTests(TestCase):
+    """Issue 37, item 2: the 8-character id the UI shows was refused by `services approve` (404 no route)."""
+
+    def test_a_unique_start_names_the_service_and_an_ambiguous_one_lists_the_matches(self):
+        import uuid
+
+        from uptrakitd.errors import Conflict, NotFound
+        from uptrakitd.registry import directory as directory_module
+        ca, store, bus = make_pki(self.mktemp())
+        directory, _, token = make_directory(ca, store, bus)
+        ids = iter(["47dceff1-0000-4000-8000-000000000001", "47dceff1-0000-4000-8000-000000000002",
+                    "9a0b1c2d-0000-4000-8000-000000000003"])
+        self.patch(directory_module.uuid, "uuid4", lambda: uuid.UUID(next(ids)))
+        made = [self.successResultOf(directory.enroll("agent", f"h{n}", token))[0] for n in range(3)]
+        self.assertIs(directory.resolve("9a0b1c2d"), made[2])
+        self.assertIs(directory.resolve("9A0B"), made[2], "any case")
+        self.assertIs(directory.resolve(made[0].id), made[0])
+        with self.assertRaises(Conflict) as ambiguous:
+            directory.resolve("47dceff1")
+        self.assertIn(f"2 service ids: {made[0].id}, {made[1].id}", ambiguous.exception.message)
+        for unknown in ("ffff", "9a0", "zzzzzzzz"):
+            with self.assertRaises(NotFound):
+                directory.resolve(unknown)

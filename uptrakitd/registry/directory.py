@@ -107,6 +107,22 @@ class ServiceDirectory:
         except (ValueError, TypeError, AttributeError):
             return None
 
+    def resolve(self, text: str) -> ServiceRecord:
+        """The service named by its id or by a unique start of it of 4 or more characters (the UI and `services
+        list` show 8): NotFound, or Conflict naming the services an ambiguous start matches."""
+        found = self.get(text)
+        if found is not None:
+            return found
+        prefix = text.lower()
+        if len(prefix) >= 4 and all(c in "0123456789abcdef-" for c in prefix):
+            matches = sorted(r.id for r in self._records.values() if r.id.startswith(prefix))
+            if len(matches) == 1:
+                return self._records[matches[0]]
+            if matches:
+                raise Conflict(f"{text} is the start of {len(matches)} service ids: {', '.join(matches[:10])}"
+                               f"{' …' if len(matches) > 10 else ''}: give more of it", "ambiguous_id")
+        raise NotFound("no such service", "service_not_found")
+
     def require(self, service_id: str) -> ServiceRecord:
         """get(), or NotFound."""
         service = self.get(service_id)

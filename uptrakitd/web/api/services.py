@@ -12,6 +12,7 @@ from ..router import Route, int_field, iso, json_body, route
 from .audit import said_by
 
 UUID = r"[0-9a-fA-F-]{36}"
+ID_OR_PREFIX = r"[0-9a-fA-F-]{4,36}"   # a service id, or a unique start of one (the UI shows 8 characters)
 KINDS = ("agent", "mqtt")
 STATUSES = ("pending", "approved", "rejected", "deactivated")
 
@@ -35,7 +36,7 @@ class ServiceRoutes:
         self.ca = ca
 
     def routes(self) -> list[Route]:
-        one = rf"/api/v1/services/(?P<service_id>{UUID})"
+        one = rf"/api/v1/services/(?P<service_id>{ID_OR_PREFIX})"
         return [
             route("GET", r"/api/v1/services", self.list_services, admin=True),
             route("GET", one, self.get_service, admin=True),
@@ -81,10 +82,10 @@ class ServiceRoutes:
         return {"services": out}
 
     def get_service(self, request: Any, service_id: str) -> dict:
-        return self.describe(self.directory.require(service_id))
+        return self.describe(self.directory.resolve(service_id))
 
     def put_service(self, request: Any, service_id: str) -> Any:
-        service = self.directory.require(service_id)
+        service = self.directory.resolve(service_id)
         body = json_body(request, {"cert_lifetime_hours", "ping_interval_seconds", "friendly_name"})
         changes: dict[str, Any] = {}
         if "cert_lifetime_hours" in body:
@@ -101,10 +102,13 @@ class ServiceRoutes:
         return self.directory.update(service.id, changes, said_by(request)).addCallback(self.describe)
 
     def deactivate(self, request: Any, service_id: str) -> Any:
-        return self.directory.deactivate(service_id, said_by(request)).addCallback(self.describe)
+        return self.directory.deactivate(self.directory.resolve(service_id).id, said_by(request)).addCallback(
+            self.describe)
 
     def approve(self, request: Any, service_id: str) -> Any:
-        return self.directory.approve(service_id, said_by(request)).addCallback(self.describe)
+        return self.directory.approve(self.directory.resolve(service_id).id, said_by(request)).addCallback(
+            self.describe)
 
     def reject(self, request: Any, service_id: str) -> Any:
-        return self.directory.reject(service_id, said_by(request)).addCallback(self.describe)
+        return self.directory.reject(self.directory.resolve(service_id).id, said_by(request)).addCallback(
+            self.describe)
