@@ -147,7 +147,10 @@ class CommandTests(TestCase):
         self.assertEqual(status["pki"]["active_ca"]["generation"], 1)
         # an untrusted peer claiming an identity: the doctor names it and says what to do
         yield request_json(c, "GET", "/api/v1/whoami", token=None, headers={"X-SSL-Client-Cert": "forged"})
-        out, _, _ = yield ctl("doctor")
+        out, _, code = yield ctl("doctor")
+        self.assertEqual(code, 0, "a warning is not a failure")
+        _, _, strict = yield ctl("doctor", "--strict")
+        self.assertEqual(strict, 1, "issue 37, item 6: with --strict a warning is")
         self.assertIn("trusted proxies:       127.0.0.2/32, 10.0.0.0/8", out)
         self.assertIn("WARNING  untrusted_sender: 127.0.0.1: 127.0.0.1 sends client-certificate headers", out)
         self.assertIn("add 127.0.0.1/32 to the trusted proxies", out)

@@ -439,9 +439,13 @@ def network_set(api: Api, output: str, trusted_proxies: tuple[str, ...], no_trus
 
 
 @cli.command()
+@click.option("--strict", is_flag=True, help="exit 1 when there is any finding, warnings included (without it: 1 "
+                                             "only for an error)")
 @with_api
-def doctor(api: Api, output: str) -> None:
-    """The proxy doctor: what each peer sent lately, what was decided, and advice; the overview's warnings."""
+def doctor(api: Api, output: str, strict: bool) -> None:
+    """The proxy doctor: what each peer sent lately, what was decided, and advice; the overview's warnings.
+    Exit status 0 when nothing is wrong or only warnings were found (a warning is worth reading, not an outage),
+    1 when there is an error finding, or a warning with --strict (an `info` finding never changes it)."""
     d = api.get("/api/v1/diagnostics/identity")
     banners = api.get("/api/v1/overview").get("banners", [])
     data = dict(d, banners=banners)
@@ -470,6 +474,9 @@ def doctor(api: Api, output: str) -> None:
                 Column("last seen", lambda p: p.get("last_seen"))])]
         return "\n".join(lines)
     emit(output, data, human)
+    severities = [b.get("severity") for b in banners] + [a.get("severity") for p in d["peers"] for a in p["advice"]]
+    if "error" in severities or (strict and "warning" in severities):
+        raise click.exceptions.Exit(REFUSED)
 
 
 # -- shell completion ------------------------------------------------------------------------------
@@ -518,7 +525,8 @@ def connection_options_first(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = connection_options_first(list(sys.argv[1:] if argv is None else argv))
     try:
-        cli.main(args=argv, prog_name="uptrakitctl", standalone_mode=False)
+        # (without standalone mode click returns a raised Exit's status instead of raising it)
+        returned = cli.main(args=argv, prog_name="uptrakitctl", standalone_mode=False)
     except CtlError as e:
         click.echo(f"uptrakitctl: error: {e}", err=True)
         return e.status
@@ -530,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE
     except click.exceptions.Exit as e:
         return int(e.exit_code)
-    return 0
+    return returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
 
 
 def run() -> None:
