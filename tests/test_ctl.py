@@ -291,3 +291,61 @@ class TerminalTests(TestCase):
         self.assertEqual(code, 0, seen)
         self.assertIn(b"\r[########################] 0/0 renewed  lagging controllers: none", seen)
         self.assertIn(b"rotation to generation 2 complete", seen)
+
+
+class BreakGlassTests(TestCase):
+    """Issue 37, item 4: after a restore there was no admin token and no way to make one without the API."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_an_admin_token_made_from_the_data_dir_works_after_a_sighup_and_is_audited(self):
+        import os
+        import pwd
+
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from .helpers import require_program
+        from .test_tap import start_daemon, workdir
+        curl = require_program("curl", "apt-get install curl")
+        cwd, port = workdir(self)
+        daemon = start_daemon(self, "--https-listen", f"tcp:{port}:interface=127.0.0.1", cwd=cwd)
+        yield daemon.wait_for(b"HTTPS listening on", 30)
+        data = Path(cwd) / "uptrakit-data"
+        (data / "admin.token").unlink()   # as after a restore: no token file left
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "tokens", "admin", "create", "--name",
+                                   "break-glass", "--data-dir", str(data), env=dict(env(), LOGNAME="mallory"))
+        self.assertEqual(code, 0, err)
+        token = out.decode().splitlines()[0]
+        self.assertTrue(token.startswith("upt_admin_"), out)
+        self.assertIn(b"after a SIGHUP", out)
+
+        def whoami_as_admin():
+            return run(curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(data / "pki" / "ca.crt"),
+                       "-H", f"Authorization: Bearer {token}", f"https://localhost:{port}/api/v1/services")
+        out, _, _ = yield whoami_as_admin()
+        self.assertEqual(out, b"401", "not known before the SIGHUP")
+        daemon.transport.signalProcess("HUP")
+        for _ in range(50):
+            out, _, _ = yield whoami_as_admin()
+            if out == b"200":
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(out, b"200")
+        out, _, _ = yield run(curl, "-sS", "--cacert", str(data / "pki" / "ca.crt"), "-H",
+                              f"Authorization: Bearer {token}",
+                              f"https://localhost:{port}/api/v1/audit?action=admin_token.created")
+        (entry,) = [e for e in json.loads(out)["entries"] if e["details"]["name"] == "break-glass"]
+        self.assertEqual(entry["actor"], {"kind": "local", "command": "uptrakitctl tokens admin create",
+                                          "user": pwd.getpwuid(os.getuid()).pw_name, "uid": os.getuid(),
+                                          "claimed_login": "mallory"})
+        # without write access it is refused, and nothing is written
+        other = Path(self.mktemp())
+        other.mkdir()
+        _, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "tokens", "admin", "create", "--name", "x",
+                                 "--data-dir", str(other), env=env())
+        self.assertEqual(code, 2)
+        self.assertIn(b"holds no uptrakit.sqlite3", err)
+        daemon.transport.signalProcess("TERM")
+        yield daemon.ended

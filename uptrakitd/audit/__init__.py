@@ -71,6 +71,22 @@ def with_entry(operation: Callable[..., Any], controller_id: str, action: str, o
     return together
 
 
+def local_actor(command: str) -> dict[str, Any]:
+    """Who ran a local command (uptrakitd-keys, uptrakitctl with the data dir): the real user and uid, and the
+    login name the environment claims only as a claim (LOGNAME and USER are the caller's to set)."""
+    import pwd
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    actor: dict[str, Any] = {"kind": "local", "command": command, "user": user, "uid": uid}
+    claimed = os.environ.get("LOGNAME") or os.environ.get("USER")
+    if claimed and claimed != user:
+        actor["claimed_login"] = claimed
+    return actor
+
+
 def request_id_of(raw: bytes | None) -> str | None:
     """The client's X-Request-Id when it is a plain token (anything else is not recorded)."""
     text = raw.decode("latin-1") if raw else None

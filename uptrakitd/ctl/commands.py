@@ -4,6 +4,7 @@ tools, with nested commands, prompts, environment defaults and bash/zsh completi
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from functools import wraps
 from typing import Any, Callable
 from urllib.parse import quote, urlencode
@@ -359,11 +360,26 @@ ADMIN_COLUMNS = [Column("id", lambda t: t["id"]), Column("name", lambda t: t["na
 @admin_tokens.command("create")
 @click.option("--name", required=True)
 @click.option("--role", type=click.Choice(["admin", "read"]), default="admin", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="break-glass, without the API: write the token into this data dir's database (needs write "
+                   "access; audited as a local actor; a running daemon knows it after a SIGHUP)")
+@click.option("--database", metavar="URL", help="break-glass, without the API: into the controllers' PostgreSQL "
+                                                "(every controller knows it within seconds)")
 @with_api
-def admin_create(api: Api, output: str, name: str, role: str) -> None:
-    """Make an admin (or read-only) token; it is shown once."""
-    answer = api.request("POST", "/api/v1/admin-tokens", {"name": name, "permissions": [role]})
-    emit(output, answer, lambda t: f"{t['token']}\n(admin token {t['id']} '{t['name']}', role {role}: shown once)")
+def admin_create(api: Api, output: str, name: str, role: str, data_dir: Path | None, database: str | None) -> None:
+    """Make an admin (or read-only) token; it is shown once. With --data-dir or --database it is written into
+    the database directly, for when no admin token is left (after a restore: a backup leaves admin.token out)."""
+    if data_dir is not None and database is not None:
+        raise CtlError("give --data-dir or --database, not both", USAGE)
+    if data_dir is not None or database is not None:
+        from .local import create_admin_token
+        answer = create_admin_token(data_dir, database, name, role)
+        after = (" (a running daemon knows it after a SIGHUP: systemctl reload uptrakitd)"
+                 if data_dir is not None else "")
+    else:
+        answer, after = api.request("POST", "/api/v1/admin-tokens", {"name": name, "permissions": [role]}), ""
+    emit(output, answer,
+         lambda t: f"{t['token']}\n(admin token {t['id']} '{t['name']}', role {role}: shown once){after}")
 
 
 @admin_tokens.command("list")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..audit import with_entry
+from ..audit import local_actor, with_entry
 from uptrakitd.process.datadir_lock import DataDirInUse, DataDirLock
 from ..store import open_database, sqlite_path, transaction
 from ..store import ca_generations
@@ -47,9 +47,7 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
     conn = open_database(data_dir)
     # on the audit trail, in the transaction of each change: who ran the command where (the daemon is stopped)
     controller = f"{socket.gethostname()}-uptrakitd-keys"
-    actor: dict[str, Any] = {"kind": "local", "command": "uptrakitd-keys seal", "user": _user(), "uid": os.getuid()}
-    if _claimed_login() is not None:
-        actor["claimed_login"] = _claimed_login()
+    actor = local_actor("uptrakitd-keys seal")
     try:
         clear = [row for row in transaction(conn, ca_generations.load_all)
                  if not row["external"] and row["key_file"]]
@@ -101,22 +99,6 @@ def _schema(data_dir: Path) -> int | None:
 
 def _object(generation: int) -> dict[str, str]:
     return {"kind": "ca_generation", "id": str(generation)}
-
-
-def _user() -> str:
-    """Who ran the command, by its real uid (LOGNAME and USER are the caller's to set: getpass trusts them)."""
-    import pwd
-    uid = os.getuid()
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _claimed_login() -> str | None:
-    """The login name the environment claims, recorded as a claim only when it differs from the real user."""
-    claimed = os.environ.get("LOGNAME") or os.environ.get("USER")
-    return claimed if claimed and claimed != _user() else None
 
 
 def _clear_key(files: PkiFiles, row: Any) -> Any:

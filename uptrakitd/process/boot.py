@@ -419,7 +419,9 @@ def _admin_token(conn: store_mod.Connection, data_dir: Path, reached: Any, contr
     path = data_dir / "admin.token"
     if store_mod.transaction(conn, stored_tokens.active_admin_tokens):
         if not path.exists():
-            log.info("admin token file {path} is gone; the stored admin token(s) still work", path=str(path))
+            log.info("admin token file {path} is gone; the stored admin token(s) still work. With none at hand: "
+                     "uptrakitctl tokens admin create --name break-glass --data-dir {data_dir} (or --database), "
+                     "then SIGHUP", path=str(path), data_dir=str(data_dir))
         return path
     token = "upt_admin_" + secrets.token_urlsafe(32)
     atomic_write(path, (token + "\n").encode(), mode=0o600)

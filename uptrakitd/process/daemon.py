@@ -241,7 +241,7 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
         metrics.connections_open.labels(what).set_function(lambda: guard.open)
         return guard
 
-    SignalHandlers(reactor, d.reloader.reload, handle_term=handle_sigterm).setServiceParent(d)
+    SignalHandlers(reactor, partial(_reload, d), handle_term=handle_sigterm).setServiceParent(d)
     if manage_gc:   # process-wide: only the real daemon process (a test process runs several daemons)
         d.full_collections = collections = FullCollections(reactor, metrics.registry)
         Hooks("garbage collection", start=collections.start, stop=collections.stop).setServiceParent(d)
@@ -291,6 +291,13 @@ def _services(d: Daemon, booted: Booted, cluster: Cluster, reactor: Any, run_blo
     Hooks("systemd", start=lambda: reactor.callWhenRunning(systemd.ready), stop=systemd.stopping).setServiceParent(d)
     if systemd.watchdog_seconds:
         PeriodicJob("systemd watchdog", systemd.watchdog_seconds / 2, systemd.watchdog, reactor).setServiceParent(d)
+
+
+def _reload(d: Daemon) -> Any:
+    """SIGHUP: the config file, and the admin tokens (a break-glass `uptrakitctl tokens admin create --data-dir`
+    wrote one into the database)."""
+    d.admin_tokens.reload().addErrback(lambda f: log.failure("SIGHUP: could not re-read the admin tokens", f))
+    return d.reloader.reload()
 
 
 def _warm(crls: CrlPublisher, rebuild: bool) -> None:
