@@ -39,3 +39,37 @@ class ClusterCtlTests(TestCase):
                          (True, 3, 3, []))
         for agent in agents:
             self.assertIn("G2", agent.state.certificate().issuer.rfc4514_string())
+
+
+class BreakGlassPostgresqlTests(TestCase):
+    """Issue 37, item 4 with PostgreSQL: `uptrakitctl tokens admin create --database` writes a token every
+    controller knows within seconds (through the change log), with no API."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_a_token_written_into_the_database_works_on_every_controller(self) -> Any:
+        import sys
+
+        from ..helpers import env, request_json, run
+        from .postgres import PostgresCluster, kek_file
+        cluster = PostgresCluster()
+        self.addCleanup(cluster.destroy)
+        db, kek = cluster.new_database(), kek_file(self)
+        a = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        b = yield start_controller(self, database=db, ca_key_encryption_key_file=kek)
+        out, err, code = yield run(sys.executable, "-m", "uptrakitd.ctl", "tokens", "admin", "create", "--name",
+                                   "break-glass", "--role", "read", "--database", db, env=env())
+        self.assertEqual(code, 0, err)
+        token = out.decode().splitlines()[0]
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        for c in (a, b):
+            for _ in range(150):
+                status, _ = yield request_json(c, "GET", "/api/v1/services", token=token)
+                if status == 200:
+                    break
+                yield deferLater(reactor, 0.1, lambda: None)
+            self.assertEqual(status, 200)
+            status, _ = yield request_json(c, "POST", "/api/v1/settings/rotate-ca", token=token)
+            self.assertEqual(status, 403, "a read token")
