@@ -160,3 +160,36 @@ class SealCommandTests(TestCase):
         self.assertIn(b"is in use by another uptrakitd", err)
         with self.assertRaises(SealError):
             seal_data_dir(Path(self.mktemp()), path)
+
+
+class KekOwnerTests(TestCase):
+    """Issue 37, item 1: ca-keys.md made a root-owned KEK; the seal removed the clear keys, and the daemon
+    (another user) then could not start: a restart loop with its keys already gone."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_the_seal_refuses_a_kek_the_daemons_user_cannot_read_and_changes_nothing(self):
+        import os
+        c = yield start_controller(self)
+        yield c.stopService()
+        data_dir = c.settings.data_dir
+        os.chown(data_dir, 65534, 65534)   # the daemon's account owns its data dir
+        self.addCleanup(os.chown, data_dir, 0, 0)
+        path = kek(self)                   # root's, mode 0600
+        before = sorted(p.name for p in (data_dir / "pki").iterdir())
+        with self.assertRaises(SealError) as refused:
+            seal_data_dir(data_dir, path)
+        self.assertIn("could not read it", str(refused.exception))
+        self.assertIn(f"chown nobody {path}", str(refused.exception))
+        self.assertEqual(sorted(p.name for p in (data_dir / "pki").iterdir()), before, "nothing changed")
+        os.chown(path, 65534, 65534)
+        self.assertEqual(seal_data_dir(data_dir, path), [1])
+
+    def test_a_start_that_cannot_read_the_kek_names_the_user_it_runs_as(self):
+        import pwd
+        missing = Path(self.mktemp())
+        with self.assertRaises(StartupError) as refused:
+            boot(build_settings({"data_dir": self.mktemp(), "https_listen": "tcp:0:interface=127.0.0.1",
+                                 "ca_key_encryption_key_file": str(missing)}))
+        self.assertIn(f"uptrakitd runs as user {pwd.getpwuid(os.getuid()).pw_name}", str(refused.exception))

@@ -38,6 +38,7 @@ def seal_data_dir(data_dir: Path, kek_file: Path, fault: Callable[[str], None] =
         keys = SealedKeys(load_keks(kek_file))
     except KeyStoreError as e:
         raise SealError(str(e)) from None
+    _readable_by_the_daemon(kek_file, data_dir)
     lock = DataDirLock(data_dir)
     try:
         lock.acquire()
@@ -99,6 +100,23 @@ def _schema(data_dir: Path) -> int | None:
 
 def _object(generation: int) -> dict[str, str]:
     return {"kind": "ca_generation", "id": str(generation)}
+
+
+def _readable_by_the_daemon(kek_file: Path, data_dir: Path) -> None:
+    """SealError unless the daemon (the data dir's owner) can read the KEK: once the clear files are gone, a
+    daemon that cannot read it cannot start (under systemd: a restart loop). Checked before anything changes."""
+    import pwd
+    owner = data_dir.stat().st_uid
+    kek_owner = os.stat(kek_file).st_uid
+    if owner in (0, kek_owner):
+        return   # (load_keks already refused a file readable by others: only its owner, or root, reads it)
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    raise SealError(f"{kek_file} is owned by uid {kek_owner}, mode 0600: the daemon, which runs as {name} (the "
+                    f"owner of {data_dir}), could not read it and would not start once the clear keys are gone. "
+                    f"Nothing was changed. Fix: chown {name} {kek_file}")
 
 
 def _clear_key(files: PkiFiles, row: Any) -> Any:

@@ -222,7 +222,14 @@ def _ca_keys(settings: Settings, files: PkiFiles, token: Any = None) -> Any:
         try:
             older = SealedKeys(load_keks(settings.ca_key_encryption_key_file), None if settings.database else files)
         except KeyStoreError as e:
-            raise StartupError(str(e)) from None
+            import pwd
+            try:
+                user = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:
+                user = str(os.getuid())
+            # (under systemd the user is the unit's User=, not the one who made the file)
+            raise StartupError(f"{e} (uptrakitd runs as user {user}: the file must be readable by it, e.g. "
+                               f"chown {user} {settings.ca_key_encryption_key_file})") from None
     if token is None:
         return older
     from uptrakitd.pki.pkcs11 import Pkcs11Keys, Pkcs11Uri
