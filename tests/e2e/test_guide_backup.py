@@ -31,7 +31,7 @@ class BackupGuideTests(TestCase):
         (work / "etc").mkdir(mode=0o700)
         key_file = kek(self).rename(work / "etc" / "kek")   # the guide's backup key is the KEK
         keeper = work / "keeper.token"
-        guide = Guide("backup", {"BACKUP_FILE": "-", "CONTROLLER_PORT": port, "ADMIN_TOKEN_FILE": keeper,
+        guide = Guide("backup", {"BACKUP_FILE": "-", "CONTROLLER_URL": f"https://localhost:{port}", "ADMIN_TOKEN_FILE": keeper,
                                  "DATABASE_URL": "-", "NEW_DATABASE_URL": "-", "PG_BACKUP_FILE": "-"},
                       paths, {"chown": "exit 0"}, work)
         data = Path(guide.paths["/var/lib/uptrakitd"])

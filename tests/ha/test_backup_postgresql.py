@@ -45,7 +45,7 @@ class PostgresqlBackupTests(TestCase):
         (work / "etc").mkdir(mode=0o700)
         shutil.copy(kek, work / "etc" / "kek")   # the guide's backup key is the controllers' KEK
         guide = Guide("backup", {"DATABASE_URL": db, "NEW_DATABASE_URL": fresh, "PG_BACKUP_FILE": archive,
-                                 "BACKUP_FILE": "-", "CONTROLLER_PORT": "-", "ADMIN_TOKEN_FILE": "-"},
+                                 "BACKUP_FILE": "-", "CONTROLLER_URL": "-", "ADMIN_TOKEN_FILE": "-"},
                       dict(standard_paths(work), **{"/etc/uptrakitd": work / "etc"}), {}, work)
         _, out = yield guide.run("pg-backup")   # while a runs
         self.assertIn("its CA keys are sealed", out)

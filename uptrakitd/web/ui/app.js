@@ -341,11 +341,12 @@ async function loadTokens() {
   for (const t of admins.slice().reverse()) {
     const mine = session && t.id === session.id;
     const actions = el("td", {class: "actions"});
-    if (!t.revoked_at) actions.append(actionButton("Delete", async () => {
-      if (!await ask(mine ? "Delete your own token?" : `Delete admin token ${t.name}?`, mine ? "You are signed in with it: you will be signed out." : "Whoever uses it is refused from now on.", "Delete")) return null;
-      await api("DELETE", `/api/v1/admin-tokens/${t.id}`); forgetShownTokens(t.id); return `Deleted admin token ${t.name}`; }, "action danger"));
+    // (one word with uptrakitctl tokens admin revoke and the audit trail's admin_token.revoked)
+    if (!t.revoked_at) actions.append(actionButton("Revoke", async () => {
+      if (!await ask(mine ? "Revoke your own token?" : `Revoke admin token ${t.name}?`, mine ? "You are signed in with it: you will be signed out." : "Whoever uses it is refused from now on.", "Revoke")) return null;
+      await api("DELETE", `/api/v1/admin-tokens/${t.id}`); forgetShownTokens(t.id); return `Revoked admin token ${t.name}`; }, "action danger"));
     adminRows.push(el("tr", {"data-key": t.id}, td(t.name + (mine ? " (you)" : "")), td(t.permissions.includes("admin") ? "admin" : "read"),
-      td(when(t.created_at)), td(t.revoked_at ? "deleted" : "active"), actions));
+      td(when(t.created_at)), td(t.revoked_at ? "revoked" : "active"), actions));
   }
   fill(ab, adminRows);
 }
