@@ -206,8 +206,8 @@ class AuditTrail:
             return None
         return int(kept["seq"]), str(kept["hash"])
 
-    def _keep_anchor(self, seq: int, digest: str) -> None:
-        self.anchor = (seq, digest)
+    def _write_anchor(self, seq: int, digest: str) -> None:
+        """The anchor file, written and synced (in a thread: never on the reactor)."""
         if self.anchor_file is None:
             return
         partial = self.anchor_file.with_name(self.anchor_file.name + ".partial")
@@ -256,7 +256,8 @@ class AuditTrail:
         yield self.record("audit.checkpoint", {"kind": "audit", "id": str(seq)},
                           {"sequence": seq, "hash": digest, "ca_generation": generation,
                            "signature": base64.b64encode(signature).decode("ascii")})
-        self._keep_anchor(seq, digest)
+        self.anchor = (seq, digest)
+        yield self.run_blocking(self._write_anchor, seq, digest)
         return seq   # the sequence number the new checkpoint vouches for
 
 
