@@ -500,6 +500,19 @@ class RewrittenChainTests(TestCase):
             "SELECT count(*) AS n FROM audit_log WHERE action = 'audit.checkpoint'").fetchone()["n"])
         self.assertEqual(count, 0)
 
+    @inlineCallbacks
+    def test_an_anchor_file_someone_else_wrote_stops_checkpoints_but_not_the_start(self):
+        c = yield start_controller(self)
+        yield c.stopService()
+        for garbage in ('["not", "mine"]', '{"database": "sqlite", "seq": "1"}', "{"):
+            (c.settings.data_dir / "audit-anchor.json").write_text(garbage)
+            lines = log_lines(self)
+            again = yield start_controller(self, tmp=self.mktemp(), data_dir=str(c.settings.data_dir))
+            signed = yield again.audit.checkpoint_if_due(force=True)
+            self.assertIsNone(signed, garbage)
+            self.assertTrue(any("cannot read" in line and "audit-anchor.json" in line for line in lines), garbage)
+            yield again.stopService()
+
 
 class SettingsAtStartTests(TestCase):
     """Issue 32, item 7: on main ac6af64 a restart with --force-settings-override and --trusted-proxy 0.0.0.0/0

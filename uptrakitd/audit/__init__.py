@@ -194,17 +194,23 @@ class AuditTrail:
             return None
         try:
             kept = json.loads(self.anchor_file.read_text("utf-8"))
+            if not isinstance(kept, dict):
+                raise ValueError("not a JSON object")
+            if kept.get("database") != self.database:
+                log.info("audit: {file} is for another database (a restore or a new one): a new anchor starts "
+                         "with the next checkpoint", file=str(self.anchor_file))
+                return None
+            seq, digest = kept["seq"], kept["hash"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1 or not isinstance(digest, str):
+                raise ValueError("no sequence number and hash")
+            return seq, digest
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError) as e:
+            # (anything else in that file is not what this controller wrote: refuse to sign, never crash)
             log.error("audit: cannot read {file} ({error}): checkpoints are signed only once it is readable "
                       "or removed", file=str(self.anchor_file), error=str(e))
             return (-1, "")
-        if kept.get("database") != self.database:
-            log.info("audit: {file} is for another database (a restore or a new one): a new anchor starts with "
-                     "the next checkpoint", file=str(self.anchor_file))
-            return None
-        return int(kept["seq"]), str(kept["hash"])
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         """The anchor file, written and synced (in a thread: never on the reactor)."""
